@@ -1,0 +1,281 @@
+"""The daemon: state dir, memmap engine, model, FUSE loop; and the mount bookkeeping that
+`vnvdimm umount` and a crashed daemon's successor rely on."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vnvdimm.topology.config import ConfigError, TopologyConfig
+from vnvdimm.topology.platform import Platform, StateDir, build_system, provision
+
+log = logging.getLogger("vnvdimm")
+
+
+class MountError(RuntimeError):
+    """Why a mount cannot happen, in words for the user."""
+
+
+# ---------------------------------------------------------------- mount bookkeeping
+
+
+def runtime_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or ("/run" if os.geteuid() == 0 else f"/tmp/vnvdimm-{os.getuid()}")
+    path = Path(base) / "vnvdimm"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def mount_record(mountpoint: Path) -> Path:
+    key = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
+    return runtime_dir() / f"mount-{key}.json"
+
+
+def fuse_mounts() -> dict[str, str]:
+    """Mount points of FUSE file systems in this mount namespace -> fs type."""
+    out = {}
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[2].startswith("fuse"):
+                out[parts[1].replace("\\040", " ")] = parts[2]
+    return out
+
+
+def is_dead_mount(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == 107  # ENOTCONN: "Transport endpoint is not connected"
+    return False
+
+
+def lazy_unmount(path: Path) -> None:
+    if shutil.which("fusermount3"):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False, capture_output=True)
+    if str(path) in fuse_mounts():
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse) or run with --device /dev/fuse")
+    if shutil.which("fusermount3") is None:
+        raise MountError("fusermount3 not found: install the fuse3 package (apt-get install fuse3)")
+    if is_dead_mount(mountpoint):
+        print(f"vnvdimm: {mountpoint}: cleaning up the mount of a daemon that died", file=sys.stderr)
+        lazy_unmount(mountpoint)
+    if not mountpoint.is_dir():
+        raise MountError(f"{mountpoint}: not a directory")
+    if str(mountpoint) in fuse_mounts() or os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint}: already a mount point (busy); unmount it first")
+
+
+class StateLock:
+    """An flock on the state dir: one daemon per state dir; released by the kernel on death."""
+
+    def __init__(self, state: StateDir) -> None:
+        self.path = state.path / "lock"
+        self.fd = -1
+
+    def acquire(self) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise MountError(f"{self.path.parent}: state dir in use by vnvdimm pid {holder}") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def update_pid(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+
+# ---------------------------------------------------------------- the daemon
+
+
+@dataclass
+class MountOptions:
+    mountpoint: Path
+    state_dir: Path
+    config: TopologyConfig | None
+    foreground: bool = False
+    allow_other: bool = False
+    verbose: int = 0
+    workers: int | None = None
+
+
+def prepare(opts: MountOptions) -> tuple[StateDir, Platform, StateLock]:
+    """Everything that can fail with a clear message, before daemonizing."""
+    check_mountpoint(opts.mountpoint)
+    state = StateDir(opts.state_dir)
+    try:
+        state.path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MountError(f"{state.path}: cannot create the state dir: {e.strerror}") from None
+    lock = StateLock(state)
+    lock.acquire()
+    platform, provision_config = state.open(opts.config)
+    if provision_config is not None:
+        provision(platform, state, provision_config)
+    return state, platform, lock
+
+
+def setup_logging(state: StateDir, verbose: int, foreground: bool) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
+    handlers: list[logging.Handler] = [logging.FileHandler(state.path / "vnvdimm.log")]
+    if foreground:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    logging.basicConfig(level=level, handlers=handlers, force=True,
+                        format="%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s")
+    logging.getLogger("mfusepy").setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
+
+
+def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock, ready_fd: int | None) -> int:
+    """The daemon proper: returns when the file system is unmounted."""
+    from vnvdimm.fuse.ops import VnvdimmOperations, serve
+    from vnvdimm.memmap import MemmapEngine
+    from vnvdimm.model.system import MemmapSettings, System
+    from vnvdimm.sysfs.tree import Tree
+
+    lock.update_pid()
+    setup_logging(state, opts.verbose, opts.foreground)
+    workers = opts.workers if opts.workers is not None else platform.memmap_workers
+    engine = MemmapEngine(workers=workers)
+    engine.start()  # fork the workers now, before any thread exists
+    record = mount_record(opts.mountpoint)
+    system = System(engine, MemmapSettings(platform.memmap_mode, platform.ns_per_page))
+    try:
+        build_system(platform, state, system)
+        tree = Tree(system)
+
+        def ready() -> None:
+            # The loop answers once init ran; make sure a lookup goes through, then tell the parent.
+            for _ in range(200):
+                try:
+                    os.stat(opts.mountpoint / "sys" / "bus" / "nd")
+                    break
+                except OSError:
+                    time.sleep(0.01)
+            record.write_text(json.dumps({"pid": os.getpid(), "state_dir": str(state.path),
+                                          "mountpoint": str(opts.mountpoint)}))
+            log.info("mounted %s (state %s)", opts.mountpoint, state.path)
+            if ready_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.write(ready_fd, b"ok\n")
+                    os.close(ready_fd)
+
+        ops = VnvdimmOperations(tree, on_ready=ready)
+        serve(ops, str(opts.mountpoint), allow_other=opts.allow_other, debug=opts.verbose >= 3)
+        log.info("unmounted %s", opts.mountpoint)
+        return 0
+    finally:
+        system.shutdown()
+        engine.close()
+        for bus in system.buses:
+            for region in bus.regions:
+                with contextlib.suppress(OSError):
+                    region.media.fsync()
+                    region.media.close()
+        with contextlib.suppress(FileNotFoundError):
+            record.unlink()
+
+
+def mount(opts: MountOptions) -> int:
+    try:
+        state, platform, lock = prepare(opts)
+    except (MountError, ConfigError) as e:
+        print(f"vnvdimm: {e}", file=sys.stderr)
+        return 1
+    if opts.foreground:
+        return run(opts, state, platform, lock, None)
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(rfd)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        code = 1
+        try:
+            code = run(opts, state, platform, lock, wfd)
+        except BaseException as e:  # reported through the pipe and the log
+            log.exception("daemon failed")
+            with contextlib.suppress(OSError):
+                os.write(wfd, f"error: {e}\n".encode())
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    answer, status = _wait_ready(rfd, pid)
+    if answer.startswith("ok"):
+        return 0
+    message = answer.strip() or f"daemon exited with status {status}"
+    print(f"vnvdimm: mount of {opts.mountpoint} failed: {message} (see {state.path / 'vnvdimm.log'})",
+          file=sys.stderr)
+    return 1
+
+
+def _wait_ready(rfd: int, pid: int) -> tuple[str, int | None]:
+    """The daemon's first line on the pipe, or its exit status if it died first. (Its worker
+    processes inherit the pipe, so EOF cannot be the signal.)"""
+    import select
+
+    buf = b""
+    try:
+        while b"\n" not in buf:
+            ready, _, _ = select.select([rfd], [], [], 0.1)
+            if ready:
+                chunk = os.read(rfd, 4096)
+                if not chunk:
+                    break
+                buf += chunk
+                continue
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return buf.decode(errors="replace"), os.waitstatus_to_exitcode(status)
+    finally:
+        os.close(rfd)
+    return buf.decode(errors="replace"), None
+
+
+def umount(mountpoint: Path, timeout: float = 10.0) -> int:
+    record = mount_record(mountpoint)
+    pid = None
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
+        pid = int(json.loads(record.read_text())["pid"])
+    if str(mountpoint) not in fuse_mounts():
+        print(f"vnvdimm: {mountpoint}: not mounted", file=sys.stderr)
+        return 1
+    res = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if res.returncode != 0:
+        print(f"vnvdimm: {mountpoint}: {res.stderr.strip() or 'unmount failed'}", file=sys.stderr)
+        return 1
+    if pid is not None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.02)
+        else:
+            print(f"vnvdimm: daemon {pid} did not exit in {timeout:.0f} s; killing it", file=sys.stderr)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return 0

@@ -1,0 +1,263 @@
+"""The FUSE adapter: the only module that imports the binding (mfusepy, libfuse 3).
+
+Paths map to tree nodes; attribute files are direct_io (content made per read, st_size
+4096, as kernfs); device files use the page cache (so mmap works and each fault becomes a
+read that may block on memmap init) and drop it whenever the device behind a name changed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import mfusepy as fuse
+
+from vnvdimm.model.disk import DataPath
+from vnvdimm.sysfs.kernfs import PAGE_SIZE, KAttr, KBin, KDir, KLink, OpenAttr
+from vnvdimm.sysfs.tree import KChar, KDevFile, Tree
+
+log = logging.getLogger("vnvdimm.fuse")
+
+POLLIN, POLLPRI, POLLOUT, POLLERR, POLLRDNORM, POLLWRNORM = 0x1, 0x2, 0x4, 0x8, 0x40, 0x100
+DEFAULT_POLLMASK = POLLIN | POLLOUT | POLLRDNORM | POLLWRNORM
+
+_libfuse = fuse._libfuse
+_libfuse.fuse_notify_poll.argtypes = [ctypes.c_void_p]
+_libfuse.fuse_pollhandle_destroy.argtypes = [ctypes.c_void_p]
+
+
+class OpenDevice:
+    __slots__ = ("data", "path")
+
+    def __init__(self, path: str, data: DataPath) -> None:
+        self.path = path
+        self.data = data
+
+
+class VnvdimmOperations(fuse.Operations):
+    use_ns = True
+
+    def __init__(self, tree: Tree, on_ready: Callable[[], None] | None = None) -> None:
+        self.tree = tree
+        self.on_ready = on_ready
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.mounted_ns = time.time_ns()
+        self._handles: dict[int, OpenAttr | OpenDevice | KBin] = {}
+        self._next_fh = 1
+        self._fh_lock = threading.Lock()
+        self._last_serial: dict[str, int] = {}
+
+    # ------------------------------------------------------------ helpers
+
+    def _node(self, path: str):  # type: ignore[no-untyped-def]
+        node = self.tree.lookup(path)
+        if node is None:
+            raise fuse.FuseOSError(errno.ENOENT)
+        return node
+
+    def _new_fh(self, obj: OpenAttr | OpenDevice | KBin) -> int:
+        with self._fh_lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = obj
+        return fh
+
+    # ------------------------------------------------------------ lifecycle
+
+    def init_with_config(self, conn_info: Any, config_3: Any) -> None:
+        if self.on_ready is not None:
+            threading.Thread(target=self.on_ready, name="vnvdimm-ready", daemon=True).start()
+
+    # ------------------------------------------------------------ metadata
+
+    def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
+        node = self._node(path)
+        t = self.mounted_ns
+        st: dict[str, Any] = {"st_atime": t, "st_mtime": t, "st_ctime": t, "st_nlink": 1, "st_uid": 0, "st_gid": 0}
+        if isinstance(node, KDir):
+            st["st_mode"] = stat.S_IFDIR | node.mode
+            st["st_nlink"] = 2
+            st["st_size"] = 0
+        elif isinstance(node, KAttr):
+            st["st_mode"] = stat.S_IFREG | node.mode
+            st["st_size"] = PAGE_SIZE
+        elif isinstance(node, KBin):
+            st["st_mode"] = stat.S_IFREG | node.mode
+            st["st_size"] = node.size()
+        elif isinstance(node, KLink):
+            st["st_mode"] = stat.S_IFLNK | 0o777
+            st["st_size"] = len(node.target)
+        elif isinstance(node, KChar):
+            st["st_mode"] = stat.S_IFCHR | node.mode
+            st["st_rdev"] = os.makedev(*node.rdev)
+            st["st_size"] = 0
+        elif isinstance(node, KDevFile):
+            st["st_mode"] = stat.S_IFREG | node.mode
+            st["st_size"] = node.data.size if node.data is not None else 0
+            st["st_uid"], st["st_gid"] = self.uid, self.gid
+            if node.rdev is not None:
+                st["st_rdev"] = os.makedev(*node.rdev)
+            if node.data is not None:
+                # A different device behind the same name looks like a changed file.
+                st["st_mtime"] = st["st_ctime"] = t + node.data.serial
+        return st
+
+    def readdir(self, path: str, fh: int) -> list[str]:
+        node = self._node(path)
+        if not isinstance(node, KDir):
+            raise fuse.FuseOSError(errno.ENOTDIR)
+        return [".", "..", *node.children]
+
+    def readlink(self, path: str) -> str:
+        node = self._node(path)
+        if not isinstance(node, KLink):
+            raise fuse.FuseOSError(errno.EINVAL)
+        return node.target
+
+    def statfs(self, path: str) -> dict[str, int]:
+        return {"f_bsize": PAGE_SIZE, "f_frsize": PAGE_SIZE, "f_namemax": 255}
+
+    def truncate(self, path: str, length: int, fh: Any = None) -> int:
+        # `echo x > attr` opens with O_TRUNC: sysfs ignores it, and so do block devices.
+        node = self._node(path)
+        if isinstance(node, KDir):
+            raise fuse.FuseOSError(errno.EISDIR)
+        return 0
+
+    def utimens(self, path: str, times: Any = None) -> int:
+        self._node(path)
+        return 0
+
+    def chmod(self, path: str, mode: int) -> int:
+        raise fuse.FuseOSError(errno.EPERM)
+
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        raise fuse.FuseOSError(errno.EPERM)
+
+    # ------------------------------------------------------------ open / release
+
+    def open(self, path: str, fi: Any) -> int:
+        node = self._node(path)
+        flags = fi.flags
+        wants_write = (flags & os.O_ACCMODE) != os.O_RDONLY
+        wants_read = (flags & os.O_ACCMODE) != os.O_WRONLY
+        if isinstance(node, KAttr):
+            attr = node.attr
+            if wants_write and (attr.store is None or not attr.mode & 0o222):
+                raise fuse.FuseOSError(errno.EACCES)
+            if wants_read and (attr.show is None or not attr.mode & 0o444):
+                raise fuse.FuseOSError(errno.EACCES)
+            fi.direct_io = 1
+            fi.fh = self._new_fh(OpenAttr(path, node, self.tree.events.count(path)))
+        elif isinstance(node, KBin):
+            if wants_write:
+                raise fuse.FuseOSError(errno.EACCES)
+            fi.direct_io = 1
+            fi.fh = self._new_fh(node)
+        elif isinstance(node, KDevFile):
+            data = node.data
+            if data is None or data.closed:
+                raise fuse.FuseOSError(errno.ENXIO)
+            if wants_write and data.read_only():
+                raise fuse.FuseOSError(errno.EACCES)
+            # Keep the page cache across opens only while the same device is behind the name.
+            fi.keep_cache = 1 if self._last_serial.get(path) == data.serial else 0
+            self._last_serial[path] = data.serial
+            if flags & os.O_DIRECT:
+                fi.direct_io = 1
+            fi.fh = self._new_fh(OpenDevice(path, data))
+        elif isinstance(node, KDir):
+            raise fuse.FuseOSError(errno.EISDIR)
+        else:
+            raise fuse.FuseOSError(errno.ENXIO)
+        return 0
+
+    def release(self, path: str, fh: Any) -> int:
+        with self._fh_lock:
+            self._handles.pop(fh.fh, None)
+        return 0
+
+    def _handle(self, fh: Any) -> OpenAttr | OpenDevice | KBin:
+        obj = self._handles.get(fh.fh)
+        if obj is None:
+            raise fuse.FuseOSError(errno.EBADF)
+        return obj
+
+    # ------------------------------------------------------------ data
+
+    def read(self, path: str, size: int, offset: int, fh: Any) -> bytes:
+        obj = self._handle(fh)
+        if isinstance(obj, OpenDevice):
+            return obj.data.read(size, offset)
+        if isinstance(obj, OpenAttr):
+            return obj.read(size, offset, self.tree.events)
+        return obj.read(size, offset)
+
+    def write(self, path: str, data: bytes, offset: int, fh: Any) -> int:
+        obj = self._handle(fh)
+        if isinstance(obj, OpenDevice):
+            return obj.data.write(data, offset)
+        if isinstance(obj, OpenAttr):
+            n = obj.node.store(data)
+            log.debug("store %s <- %r", path, data[:64])
+            return n
+        raise fuse.FuseOSError(errno.EACCES)
+
+    def fsync(self, path: str, datasync: int, fh: Any) -> int:
+        obj = self._handle(fh)
+        if isinstance(obj, OpenDevice):
+            obj.data.fsync()
+        return 0
+
+    def flush(self, path: str, fh: Any) -> int:
+        return 0
+
+    # ------------------------------------------------------------ poll
+
+    def poll(self, path: str, fh: Any, ph: Any, reventsp: Any) -> int:
+        obj = self._handle(fh)
+        if not isinstance(obj, OpenAttr):
+            reventsp[0] = DEFAULT_POLLMASK
+            if ph:
+                _libfuse.fuse_pollhandle_destroy(ph)
+            return 0
+        handle = ph
+
+        def wake() -> None:
+            _libfuse.fuse_notify_poll(handle)
+            _libfuse.fuse_pollhandle_destroy(handle)
+
+        if handle:
+            changed = self.tree.events.wait(obj.path, obj.event, wake)
+            if changed:
+                _libfuse.fuse_pollhandle_destroy(handle)
+        else:
+            changed = self.tree.events.count(obj.path) != obj.event
+        reventsp[0] = DEFAULT_POLLMASK | (POLLERR | POLLPRI if changed else 0)
+        return 0
+
+
+def serve(ops: VnvdimmOperations, mountpoint: str, *, allow_other: bool = False, debug: bool = False) -> None:
+    """Run the multithreaded FUSE loop until the file system is unmounted."""
+    options: dict[str, Any] = {
+        "foreground": True,
+        "fsname": "vnvdimm",
+        "subtype": "vnvdimm",
+        "dev": True,
+        "default_permissions": True,
+        "attr_timeout": 0,
+        "entry_timeout": 0,
+        "negative_timeout": 0,
+    }
+    if allow_other:
+        options["allow_other"] = True
+    if debug:
+        options["debug"] = True
+    fuse.FUSE(ops, mountpoint, raw_fi=True, **options)

@@ -1,0 +1,92 @@
+"""The nvdimm bus (drivers/nvdimm/bus.c, core.c) and its control device ndctlN."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from vnvdimm.model.base import Attr, Device, Entry, Group, Link, ro
+from vnvdimm.model.system import NDCTL_MAJOR
+
+if TYPE_CHECKING:
+    from vnvdimm.model.dimm import Nvdimm
+    from vnvdimm.model.region import Region
+    from vnvdimm.model.system import System
+
+# The bus commands an NFIT provider advertises (ND_CMD_ARS_CAP..ND_CMD_CLEAR_ERROR). e820 has none.
+NFIT_BUS_COMMANDS = ("ars_cap", "ars_start", "ars_status", "clear_error")
+
+
+class NvdimmBus(Device):
+    bus_name = "nd"  # the bus device itself sits on the nd bus and binds to nd_bus
+    devtype = "nvdimm_bus"
+
+    def __init__(self, system: System, bus_id: int, provider: str, platform_path: str,
+                 commands: Iterable[str] = (), nfit: bool = False) -> None:
+        super().__init__(system, f"ndbus{bus_id}", None)
+        self.id = bus_id
+        self.provider = provider
+        self.platform_path = platform_path  # e.g. "platform/e820_pmem"
+        self.commands = tuple(commands)
+        self.nfit = nfit
+        self.dimms: list[Nvdimm] = []
+        self.regions: list[Region] = []
+        self.ctl = NdCtl(system, self)
+
+    @property
+    def sysfs_dir(self) -> str:
+        return f"/devices/{self.platform_path}/{self.name}"
+
+    def entries(self) -> list[Entry]:
+        out: list[Entry] = [
+            ro("provider", lambda: f"{self.provider}\n"),
+            ro("commands", lambda: "".join(f"{c} " for c in self.commands) + "\n"),
+            Attr("wait_probe", 0o444, show=self._wait_probe, blocking=True),
+        ]
+        if self.nfit:
+            out.append(Group("nfit", [
+                ro("revision", lambda: "1\n"),
+                ro("dsm_mask", lambda: "0x3bf\n"),
+                Attr("scrub", 0o644, show=lambda: "0\n", store=self._scrub_store),
+                Attr("hw_error_scrub", 0o644, show=lambda: "1\n", store=lambda buf: None),
+            ]))
+        return super().entries() + out
+
+    def _wait_probe(self) -> str:
+        # Probes run synchronously inside the store that triggers them, so once the model
+        # lock can be taken every pending probe has finished (nd_synchronize()).
+        with self.system.lock:
+            pass
+        return "1\n"
+
+    def _scrub_store(self, buf: bytes) -> None:
+        from vnvdimm.model.base import kstrtoull
+
+        kstrtoull(buf)  # an ARS run completes at once: there are no media errors to find
+
+    def children(self) -> Iterable[Device]:
+        yield self.ctl
+        yield from self.dimms
+        yield from self.regions
+
+    def shutdown(self) -> None:
+        for region in self.regions:
+            if region.driver is not None:
+                self.system.driver_detach(region)
+
+
+class NdCtl(Device):
+    """The bus's control character device (/dev/ndctlN, class nd)."""
+
+    def __init__(self, system: System, bus: NvdimmBus) -> None:
+        super().__init__(system, f"ndctl{bus.id}", bus)
+        self.devt = (NDCTL_MAJOR, system.minors[NDCTL_MAJOR].get())
+
+    def entries(self) -> list[Entry]:
+        return [
+            ro("dev", lambda: f"{self.devt[0]}:{self.devt[1]}\n"),
+            Attr("uevent", 0o644, show=lambda: f"MAJOR={self.devt[0]}\nMINOR={self.devt[1]}\nDEVNAME={self.name}\n",
+                 store=lambda buf: None),
+            Link("device", self.parent) if self.parent else Link("device", "/devices"),
+            Link("subsystem", "/class/nd"),
+        ]

@@ -1,0 +1,76 @@
+"""Device-dax (drivers/dax/bus.c, device.c, pmem.c): the static dax_region of an nd dax
+device and its single device-dax instance on the dax bus."""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from vnvdimm.model.base import Device, Entry, Group, fail, kstrtoull, ro, rw
+from vnvdimm.model.system import DAX_MAJOR
+
+if TYPE_CHECKING:
+    from vnvdimm.model.disk import DataPath
+    from vnvdimm.model.personality import Dax
+
+
+class DaxRegion:
+    """alloc_dax_region(..., IORESOURCE_DAX_STATIC): shown as the `dax_region/` group."""
+
+    def __init__(self, region_id: int, start: int, size: int, align: int) -> None:
+        self.id = region_id
+        self.start = start
+        self.size = size
+        self.align = align
+
+    def group(self) -> Group:
+        return Group("dax_region", [
+            ro("id", lambda: f"{self.id}\n"),
+            ro("size", lambda: f"{self.size}\n"),
+            ro("align", lambda: f"{self.align}\n"),
+            ro("available_size", lambda: "0\n"),  # a static region is wholly taken by its instance
+        ])
+
+
+class DevDax(Device):
+    """daxR.M: named after the namespace id, bound to device_dax (or kmem)."""
+
+    bus_name = "dax"
+
+    def __init__(self, nd_dax: Dax, instance_id: int, region: DaxRegion, data: DataPath) -> None:
+        super().__init__(nd_dax.system, f"dax{region.id}.{instance_id}", nd_dax)
+        self.nd_dax = nd_dax
+        self.region = region
+        self.data = data
+        self.devt = (DAX_MAJOR, nd_dax.system.minors[DAX_MAJOR].get())
+        self.align = region.align
+
+    def entries(self) -> list[Entry]:
+        r = self.region
+        return [
+            ro("modalias", lambda: "dax:t0*\n"),
+            ro("dev", lambda: f"{self.devt[0]}:{self.devt[1]}\n"),
+            ro("uevent", lambda: f"MAJOR={self.devt[0]}\nMINOR={self.devt[1]}\nDEVNAME={self.name}\n"),
+            ro("size", lambda: f"{r.size}\n"),
+            rw("align", lambda: f"{self.align}\n", self._align_store),
+            ro("target_node", lambda: f"{self.nd_dax.region.target_node}\n"),
+            ro("numa_node", lambda: f"{self.nd_dax.region.numa_node}\n"),
+            ro("resource", lambda: f"{r.start:#x}\n", mode=0o400),
+            Group("mapping0", [
+                ro("start", lambda: f"{r.start:#x}\n", mode=0o400),
+                ro("end", lambda: f"{r.start + r.size - 1:#x}\n", mode=0o400),
+                ro("page_offset", lambda: "0x0\n", mode=0o400),
+            ]),
+        ]
+
+    def _align_store(self, buf: bytes) -> None:
+        if self.driver is not None:
+            raise fail(errno.EBUSY, f"{self.name} is active")
+        align = kstrtoull(buf)
+        if align not in (4096, 2 << 20, 1 << 30) or self.region.size % align or align > self.region.align:
+            raise fail(errno.EINVAL, f"unsupported alignment {align}")
+        self.align = align
+
+    def close(self) -> None:
+        self.data.closed = True
+        self.system.minors[DAX_MAJOR].put(self.devt[1])

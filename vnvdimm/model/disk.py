@@ -1,0 +1,147 @@
+"""Block disks (pmemN, pmemNs) and the data paths behind every device file.
+
+A `DataPath` maps device-file offsets onto the region's media and, for pfn/dax devices,
+knows which memmap pages an access touches: before any byte is returned or stored, those
+pages are initialized (the series' memmap_sync at the first fault, done per align block).
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from vnvdimm.model.base import PAGE_SIZE, Device, Entry, Link, fail, ro
+from vnvdimm.model.system import BLKEXT_MAJOR
+
+if TYPE_CHECKING:
+    from vnvdimm.memmap import MemmapJob
+    from vnvdimm.model.media import Media
+    from vnvdimm.model.system import System
+
+# Extents: (device offset, media offset, length), sorted, contiguous in device space.
+Mapper = Callable[[int, int], Iterator[tuple[int, int]]]
+
+
+class DataPath:
+    """The bytes of one device file: a linear window of the media, or a mapper (BTT)."""
+
+    _serial = 0
+    _serial_lock = threading.Lock()
+
+    def __init__(self, media: Media, size: int, media_offset: int = 0, mapper: Mapper | None = None,
+                 job: MemmapJob | None = None, first_data_page: int = 0, read_only: Callable[[], bool] | None = None
+                 ) -> None:
+        self.media = media
+        self.size = size
+        self.media_offset = media_offset
+        self.mapper = mapper
+        self.job = job
+        self.first_data_page = first_data_page
+        self.read_only = read_only or (lambda: False)
+        self.closed = False
+        with DataPath._serial_lock:
+            DataPath._serial += 1
+            self.serial = DataPath._serial  # a new path means new contents: page caches must drop
+
+    def _extents(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        if self.mapper is None:
+            yield self.media_offset + offset, length
+        else:
+            yield from self.mapper(offset, length)
+
+    def _sync(self, offset: int, length: int) -> None:
+        job = self.job
+        if job is None or length <= 0:
+            return
+        first = self.first_data_page + offset // PAGE_SIZE
+        last = self.first_data_page + (offset + length - 1) // PAGE_SIZE
+        job.sync_range(first, last - first + 1)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise fail(errno.ENXIO, "device is gone")
+
+    def read(self, size: int, offset: int) -> bytes:
+        self._check_open()
+        if offset >= self.size or size <= 0:
+            return b""
+        size = min(size, self.size - offset)
+        self._sync(offset, size)
+        parts = [self.media.pread(n, moff) for moff, n in self._extents(offset, size)]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def write(self, data: bytes, offset: int) -> int:
+        self._check_open()
+        if self.read_only():
+            raise fail(errno.EROFS, "read-only")
+        if offset >= self.size:
+            raise fail(errno.ENOSPC, "write past the end of the device")
+        data = data[: self.size - offset]
+        self._sync(offset, len(data))
+        view = memoryview(data)
+        done = 0
+        for moff, n in self._extents(offset, len(data)):
+            self.media.pwrite(view[done: done + n], moff)
+            done += n
+        return done
+
+    def fsync(self) -> None:
+        self._check_open()
+        self.media.fsync()
+
+
+class Disk(Device):
+    """A gendisk (class block) living in its parent's `block/` directory."""
+
+    subdir = "block"
+
+    def __init__(self, system: System, name: str, parent: Device, data: DataPath) -> None:
+        super().__init__(system, name, parent)
+        self.data = data
+        self.devt = (BLKEXT_MAJOR, system.minors[BLKEXT_MAJOR].get())
+        self.badblocks: list[tuple[int, int]] = []
+
+    def entries(self) -> list[Entry]:
+        from vnvdimm.model.base import Group
+
+        sectors = self.data.size // 512
+        return [
+            ro("dev", lambda: f"{self.devt[0]}:{self.devt[1]}\n"),
+            ro("size", lambda: f"{sectors}\n"),
+            ro("ro", lambda: "1\n" if self.data.read_only() else "0\n"),
+            ro("removable", lambda: "0\n"),
+            ro("range", lambda: "1\n"),
+            ro("ext_range", lambda: "256\n"),
+            ro("capability", lambda: "0\n"),
+            ro("alignment_offset", lambda: "0\n"),
+            ro("discard_alignment", lambda: "0\n"),
+            ro("badblocks", lambda: "".join(f"{s} {n}\n" for s, n in self.badblocks)),
+            ro("uevent", lambda: f"MAJOR={self.devt[0]}\nMINOR={self.devt[1]}\nDEVNAME={self.name}\nDEVTYPE=disk\n"),
+            Group("queue", [
+                ro("logical_block_size", lambda: f"{self.logical_block_size}\n"),
+                ro("physical_block_size", lambda: f"{max(self.logical_block_size, 4096)}\n"),
+                ro("hw_sector_size", lambda: f"{self.logical_block_size}\n"),
+                ro("rotational", lambda: "0\n"),
+                ro("dax", lambda: "1\n" if self.dax else "0\n"),
+            ]),
+            Group("holders", []),
+            Group("slaves", []),
+            Link("subsystem", "/class/block"),
+            Link("device", self.parent) if self.parent else Link("device", "/devices"),
+        ]
+
+    @property
+    def logical_block_size(self) -> int:
+        return getattr(self.parent, "lbasize", 512) or 512
+
+    @property
+    def dax(self) -> bool:
+        from vnvdimm.model.personality import Pfn
+
+        return isinstance(self.parent, Pfn)
+
+    def close(self) -> None:
+        self.data.closed = True
+        self.system.minors[BLKEXT_MAJOR].put(self.devt[1])

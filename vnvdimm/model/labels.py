@@ -1,0 +1,110 @@
+"""Namespace labels, kept the way the kernel keeps them: per DIMM, outside the data media.
+
+A real DIMM holds its labels in its label storage area; vnvdimm keeps one JSON file per DIMM
+in the state dir, written atomically (temp file, fsync, rename, fsync dir), so a killed
+daemon leaves either the old or the new set, never a torn one. Each pmem namespace has one
+label on every DIMM of its interleave set (position, nlabel, isetcookie, dpa, rawsize).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid as uuidlib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class NamespaceLabel:
+    """A namespace as the region sees it, rebuilt from its per-DIMM labels."""
+
+    uuid: uuidlib.UUID
+    name: str
+    offset: int  # in region space
+    size: int
+    lbasize: int
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+class DimmLabels:
+    """The label area of one DIMM."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> list[dict[str, object]]:
+        try:
+            doc = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{self.path}: unreadable label area: {e}") from e
+        labels = doc.get("labels", []) if isinstance(doc, dict) else None
+        if not isinstance(labels, list):
+            raise ValueError(f"{self.path}: 'labels' is not a list")
+        return [lab for lab in labels if isinstance(lab, dict)]
+
+    def write(self, labels: list[dict[str, object]]) -> None:
+        doc = {"version": "1.1", "labels": labels}
+        write_atomically(self.path, json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n")
+
+
+class InterleaveLabels:
+    """The labels of one interleave set: what `Region` loads at probe and saves on change."""
+
+    def __init__(self, dimms: list[tuple[DimmLabels, int]], isetcookie: int) -> None:
+        self.dimms = dimms  # (label area, dpa of the region's mapping on that DIMM)
+        self.isetcookie = isetcookie
+
+    def load(self) -> list[NamespaceLabel]:
+        ways = len(self.dimms)
+        found: dict[str, list[dict[str, object]]] = {}
+        for area, _dpa in self.dimms:
+            for lab in area.read():
+                if lab.get("isetcookie") == self.isetcookie:
+                    found.setdefault(str(lab.get("uuid")), []).append(lab)
+        out: list[NamespaceLabel] = []
+        for uuid_text, labs in found.items():
+            if len(labs) != ways:
+                continue  # an incomplete set: the kernel ignores it too
+            first = labs[0]
+            try:
+                _, dpa0 = self.dimms[0]
+                out.append(NamespaceLabel(
+                    uuid=uuidlib.UUID(uuid_text),
+                    name=str(first.get("name", "")),
+                    offset=(int(first["dpa"]) - dpa0) * ways,  # type: ignore[call-overload]
+                    size=int(first["rawsize"]) * ways,  # type: ignore[call-overload]
+                    lbasize=int(first.get("lbasize", 512)),  # type: ignore[call-overload]
+                ))
+            except (KeyError, ValueError, TypeError):
+                continue
+        return sorted(out, key=lambda lab: lab.offset)
+
+    def save(self, namespaces: list[NamespaceLabel]) -> None:
+        ways = len(self.dimms)
+        for position, (area, dpa) in enumerate(self.dimms):
+            keep = [lab for lab in area.read() if lab.get("isetcookie") != self.isetcookie]
+            for slot, ns in enumerate(namespaces):
+                keep.append({
+                    "uuid": str(ns.uuid), "name": ns.name, "isetcookie": self.isetcookie,
+                    "position": position, "nlabel": ways, "slot": slot,
+                    "dpa": dpa + ns.offset // ways, "rawsize": ns.size // ways, "lbasize": ns.lbasize,
+                })
+            area.write(keep)

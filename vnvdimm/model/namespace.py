@@ -1,0 +1,193 @@
+"""Namespaces (drivers/nvdimm/namespace_devs.c): IO namespaces of label-less regions and
+labelled pmem namespaces, with the claim attributes of claim.c."""
+
+from __future__ import annotations
+
+import errno
+import uuid as uuidlib
+from typing import TYPE_CHECKING
+
+from vnvdimm.model.base import (
+    NULL_UUID,
+    SZ_16M,
+    Device,
+    Entry,
+    cstring,
+    fail,
+    kstrtobool,
+    kstrtoull,
+    parse_uuid,
+    ro,
+    rw,
+    sysfs_streq,
+)
+
+if TYPE_CHECKING:
+    from vnvdimm.model.disk import Disk
+    from vnvdimm.model.personality import Personality
+    from vnvdimm.model.region import Region
+
+ND_DEVICE_NAMESPACE_IO = 4
+ND_DEVICE_NAMESPACE_PMEM = 5
+NSLABEL_NAME_LEN = 64
+PMEM_LBASIZES = (512, 4096)
+
+CLAIM_CLASSES = ("", "btt", "pfn", "dax")
+
+
+class Namespace(Device):
+    bus_name = "nd"
+
+    def __init__(self, region: Region, ns_id: int, offset: int, size: int) -> None:
+        super().__init__(region.system, f"namespace{region.id}.{ns_id}", region)
+        self.region = region
+        self.id = ns_id
+        self.offset = offset  # from the region's start (and its media's offset 0)
+        self.size = size
+        self.claim: Personality | None = None
+        self.claim_class = ""
+        self.force_raw = False
+        self.disk: Disk | None = None
+        self.uuid: uuidlib.UUID | None = None
+        self.alt_name = ""
+        self.lbasize = 512
+
+    # -- geometry
+    @property
+    def start(self) -> int:
+        return self.region.start + self.offset
+
+    @property
+    def parent_uuid(self) -> uuidlib.UUID:
+        """nd_dev_to_uuid(): what an info block records as its parent."""
+        return self.uuid or NULL_UUID
+
+    def disk_name(self, suffix: str = "") -> str:
+        """nvdimm_namespace_disk_name(): pmem<region>[.<ns id>] (+ 's' under a BTT)."""
+        if isinstance(self, NamespacePmem) and self.id:
+            return f"pmem{self.region.id}.{self.id}{suffix}"
+        return f"pmem{self.region.id}{suffix}"
+
+    def read_info_block(self) -> bytes:
+        from vnvdimm.model.infoblock import INFO_BLOCK_OFFSET, INFO_BLOCK_SIZE
+
+        return self.region.media.pread(INFO_BLOCK_SIZE, self.offset + INFO_BLOCK_OFFSET)
+
+    def write_media(self, data: bytes, offset: int) -> None:
+        self.region.media.pwrite(data, self.offset + offset)
+
+    # -- sysfs
+    def mode_name(self) -> str:
+        from vnvdimm.model.personality import Btt, Dax, Pfn
+
+        claim = self.claim
+        if isinstance(claim, Btt):
+            return "safe"
+        if isinstance(claim, Dax):
+            return "dax"
+        if isinstance(claim, Pfn):
+            return "memory"
+        if claim is None and self.region.pagemap and not self.force_raw:
+            return "memory"  # pmem_should_map_pages(): a legacy e820 namespace maps its pages
+        return "raw"
+
+    def entries(self) -> list[Entry]:
+        return [
+            *super().entries(),
+            ro("nstype", lambda: f"{self.nd_type}\n"),
+            ro("mode", lambda: f"{self.mode_name()}\n"),
+            ro("holder", lambda: f"{self.claim.name if self.claim else ''}\n"),
+            rw("holder_class", lambda: f"{self.claim_class}\n", self._holder_class_store),
+            rw("force_raw", lambda: f"{int(self.force_raw)}\n", self._force_raw_store),
+            ro("resource", lambda: f"{self.start:#x}\n", mode=0o400),
+            ro("numa_node", lambda: f"{self.region.numa_node}\n"),
+            ro("target_node", lambda: f"{self.region.target_node}\n"),
+        ]
+
+    def _busy(self) -> None:
+        if self.driver is not None or self.claim is not None:
+            raise fail(errno.EBUSY, f"{self.name} is active or claimed")
+
+    def _holder_class_store(self, buf: bytes) -> None:
+        self._busy()
+        for cls in CLAIM_CLASSES:
+            if sysfs_streq(buf, cls):
+                self.claim_class = cls
+                self.system.changed()
+                return
+        raise fail(errno.EINVAL, "holder_class must be btt, pfn, dax or empty")
+
+    def _force_raw_store(self, buf: bytes) -> None:
+        self.force_raw = kstrtobool(buf)
+        self.system.changed()
+
+    def capacity(self) -> int:
+        return self.size
+
+    def after_probe(self) -> None:
+        self.region.advance_seeds(self)
+
+
+class NamespaceIo(Namespace):
+    """A label-less namespace covering its whole region (e820, or NFIT without labels)."""
+
+    nd_type = ND_DEVICE_NAMESPACE_IO
+    devtype = "nd_namespace_io"
+
+    def entries(self) -> list[Entry]:
+        return [*super().entries(), ro("size", lambda: f"{self.size}\n")]
+
+
+class NamespacePmem(Namespace):
+    """A labelled namespace of an interleave set: created and deleted through its attributes."""
+
+    nd_type = ND_DEVICE_NAMESPACE_PMEM
+    devtype = "nd_namespace_pmem"
+
+    def entries(self) -> list[Entry]:
+        return [
+            *super().entries(),
+            rw("size", lambda: f"{self.size}\n", self._size_store),
+            rw("uuid", lambda: f"{self.uuid}\n" if self.uuid else "\n", self._uuid_store),
+            rw("alt_name", lambda: f"{self.alt_name}\n", self._alt_name_store),
+            rw("sector_size", self._sector_size_show, self._sector_size_store),
+        ]
+
+    def _sector_size_show(self) -> str:
+        return "".join(f"[{s}] " if s == self.lbasize else f"{s} " for s in PMEM_LBASIZES) + "\n"
+
+    def _sector_size_store(self, buf: bytes) -> None:
+        self._busy()
+        size = kstrtoull(buf)
+        if size not in PMEM_LBASIZES:
+            raise fail(errno.EINVAL, f"unsupported sector size {size}")
+        self.lbasize = size
+        self.region.update_labels(self)
+
+    def _uuid_store(self, buf: bytes) -> None:
+        self._busy()
+        new = parse_uuid(buf)
+        if any(ns is not self and ns.uuid == new for ns in self.region.namespaces):
+            raise fail(errno.EINVAL, "uuid already in use by another namespace")
+        self.uuid = new
+        self.region.update_labels(self)
+
+    def _alt_name_store(self, buf: bytes) -> None:
+        self._busy()
+        name = cstring(buf).decode("utf-8", "replace").rstrip("\n")
+        if len(name.encode()) >= NSLABEL_NAME_LEN:
+            raise fail(errno.EINVAL, "alt_name longer than 63 bytes")
+        self.alt_name = name
+        self.region.update_labels(self)
+
+    def _size_store(self, buf: bytes) -> None:
+        self._busy()
+        size = kstrtoull(buf)
+        region = self.region
+        if self.uuid is None:
+            raise fail(errno.ENXIO, "set uuid before size")
+        if size % region.align:
+            raise fail(errno.EINVAL, f"size not a multiple of the region align ({region.align:#x})")
+        if size and size < SZ_16M:
+            raise fail(errno.EINVAL, "namespaces are at least 16 MiB")
+        region.resize_namespace(self, size)

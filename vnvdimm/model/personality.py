@@ -1,0 +1,442 @@
+"""Namespace personalities: pfn (fsdax), nd dax (devdax) and btt (sector) devices
+(pfn_devs.c, dax_devs.c, btt_devs.c, claim.c), and their memmap_state attribute (the seed
+series' "Publish page structure init state / control")."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+import uuid as uuidlib
+from typing import TYPE_CHECKING
+
+from vnvdimm.model.base import (
+    PAGE_SIZE,
+    SZ_1G,
+    SZ_2M,
+    SZ_16M,
+    Attr,
+    BinAttr,
+    Device,
+    Entry,
+    Group,
+    fail,
+    kstrtoull,
+    parse_uuid,
+    ro,
+    rw,
+    strim,
+    sysfs_streq,
+)
+from vnvdimm.model.infoblock import (
+    DAX_SIG,
+    PFN_MODE_NONE,
+    PFN_MODE_PMEM,
+    PFN_MODE_RAM,
+    PFN_SIG,
+    PfnGeometry,
+    PfnInfo,
+    pfn_geometry,
+)
+
+if TYPE_CHECKING:
+    from vnvdimm.memmap import MemmapJob
+    from vnvdimm.model.dax import DaxRegion, DevDax
+    from vnvdimm.model.disk import Disk
+    from vnvdimm.model.namespace import Namespace
+    from vnvdimm.model.region import Region
+
+log = logging.getLogger("vnvdimm.model")
+
+ND_DEVICE_DAX_PMEM = 7
+PFN_MODES = {"none": PFN_MODE_NONE, "ram": PFN_MODE_RAM, "pmem": PFN_MODE_PMEM}
+PFN_MODE_NAMES = {v: k for k, v in PFN_MODES.items()}
+SUPPORTED_ALIGNMENTS = (PAGE_SIZE, SZ_2M, SZ_1G)
+VMEMMAP_BASE = 0xFFFFEA0000000000
+PGMAP_BASE = 0xFFFF888100000000
+
+
+class Personality(Device):
+    """What pfn, dax and btt devices share: a claim on one namespace (claim.c)."""
+
+    bus_name = "nd"
+    claim_class = ""
+
+    def __init__(self, region: Region, prefix: str, dev_id: int) -> None:
+        super().__init__(region.system, f"{prefix}{region.id}.{dev_id}", region)
+        self.region = region
+        self.id = dev_id
+        self.ndns: Namespace | None = None
+        self.uuid: uuidlib.UUID | None = None
+        self.disk: Disk | None = None
+
+    @property
+    def nd_type(self) -> int:  # type: ignore[override]
+        return self.region.nstype
+
+    def _namespace_store(self, buf: bytes) -> None:
+        """nd_namespace_store()."""
+        if self.driver is not None:
+            raise fail(errno.EBUSY, f"{self.name} is active")
+        name = strim(buf)
+        if name and not name.startswith("namespace"):
+            raise fail(errno.EINVAL, f"{name!r} is not a namespace")
+        if not name:
+            self.detach_and_reset()
+            return
+        if self.ndns is not None:
+            raise fail(errno.EBUSY, f"{self.name} already claims {self.ndns.name}")
+        ndns = next((ns for ns in self.region.namespaces if ns.name == name), None)
+        if ndns is None:
+            raise fail(errno.ENODEV, f"{name} not found under {self.region.name}")
+        if ndns.claim_class not in ("", self.claim_class):
+            raise fail(errno.EBUSY, f"{ndns.name} is reserved for {ndns.claim_class}")
+        if ndns.capacity() < SZ_16M:
+            raise fail(errno.ENXIO, f"{ndns.name} is too small to host a {self.claim_class}")
+        if ndns.claim is not None:
+            raise fail(errno.EBUSY, f"{ndns.name} is already claimed by {ndns.claim.name}")
+        self.attach(ndns)
+
+    def attach(self, ndns: Namespace) -> None:
+        ndns.claim = self
+        self.ndns = ndns
+        self.system.changed()
+
+    def detach_and_reset(self) -> None:
+        """nd_detach_and_reset(): drop the claim; an idle non-seed device goes away."""
+        if self.ndns is not None:
+            self.ndns.claim = None
+            self.ndns = None
+        if not self.is_seed() and self.driver is None:
+            self.region.unregister_personality(self)
+        else:
+            self.reset()
+        self.system.changed()
+
+    def is_seed(self) -> bool:
+        return self in (self.region.pfn_seed, self.region.dax_seed, self.region.btt_seed)
+
+    def reset(self) -> None:
+        self.uuid = None
+
+    def _uuid_store(self, buf: bytes) -> None:
+        if self.driver is not None:
+            raise fail(errno.EBUSY, f"{self.name} is active")
+        self.uuid = parse_uuid(buf)
+
+    def _namespace_show(self) -> str:
+        return f"{self.ndns.name if self.ndns else ''}\n"
+
+    def after_probe(self) -> None:
+        self.region.advance_seeds(self)
+
+
+class Pfn(Personality):
+    """An nd_pfn device: fsdax, the namespace's pages get a memmap (in RAM or on the media)."""
+
+    devtype = "nd_pfn"
+    claim_class = "pfn"
+    signature = PFN_SIG
+    prefix = "pfn"
+
+    def __init__(self, region: Region, dev_id: int) -> None:
+        super().__init__(region, self.prefix, dev_id)
+        self.mode = PFN_MODE_NONE
+        self.align = SZ_2M  # nd_pfn_default_alignment(): PMD_SIZE with THP
+        self.geometry: PfnGeometry | None = None
+        self.job: MemmapJob | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.mode = PFN_MODE_NONE
+
+    # -- sysfs
+    def entries(self) -> list[Entry]:
+        return [
+            *super().entries(),
+            rw("mode", lambda: f"{PFN_MODE_NAMES[self.mode]}\n", self._mode_store),
+            rw("uuid", lambda: f"{self.uuid}\n" if self.uuid else "\n", self._uuid_store),
+            rw("namespace", self._namespace_show, self._namespace_store),
+            rw("align", lambda: f"{self.align}\n", self._align_store),
+            ro("resource", self._resource_show, mode=0o400),
+            ro("size", self._size_show),
+            ro("supported_alignments", lambda: "".join(f"{a} " for a in SUPPORTED_ALIGNMENTS) + "\n"),
+            ro("numa_node", lambda: f"{self.region.numa_node}\n"),
+            ro("target_node", lambda: f"{self.region.target_node}\n"),
+            Attr("memmap_state", 0o644, show=self._memmap_state_show, store=self._memmap_state_store,
+                 blocking=True),
+            self._memmap_group(),
+        ]
+
+    def _mode_store(self, buf: bytes) -> None:
+        if self.driver is not None:
+            raise fail(errno.EBUSY, f"{self.name} is active")
+        for name, mode in PFN_MODES.items():
+            if sysfs_streq(buf, name):
+                self.mode = mode
+                return
+        raise fail(errno.EINVAL, "mode must be none, ram or pmem")
+
+    def _align_store(self, buf: bytes) -> None:
+        """nd_size_select_store() over nd_pfn_supported_alignments()."""
+        if self.driver is not None:
+            raise fail(errno.EBUSY, f"{self.name} is active")
+        align = kstrtoull(buf)
+        if align not in SUPPORTED_ALIGNMENTS:
+            raise fail(errno.EINVAL, f"unsupported alignment {align}")
+        self.align = align
+
+    def _resource_show(self) -> str:
+        if self.driver is None or self.ndns is None or self.geometry is None:
+            raise fail(errno.ENXIO, "no address to convey while disabled")
+        return f"{self.ndns.start + self.geometry.dataoff:#x}\n"
+
+    def _size_show(self) -> str:
+        if self.driver is None or self.geometry is None:
+            raise fail(errno.ENXIO, "no size to convey while disabled")
+        return f"{self.geometry.data_size}\n"
+
+    # -- memmap ABI
+    def _memmap_state_show(self) -> str:
+        job = self.job
+        return "active\n" if job is not None and job.active else "idle\n"
+
+    def _memmap_state_store(self, buf: bytes) -> None:
+        if not sysfs_streq(buf, "sync"):
+            raise fail(errno.EINVAL, "memmap_state only accepts 'sync'")
+        job = self.job
+        if job is not None:
+            job.wait()
+
+    def _memmap_group(self) -> Group:
+        def stat(name: str, value: object) -> str:
+            job = self.job
+            return f"{getattr(job, name) if job is not None else value}\n"
+
+        def elapsed_us() -> str:
+            job = self.job
+            return f"{round(job.elapsed * 1e6) if job is not None else 0}\n"
+
+        def rate() -> str:
+            job = self.job
+            return f"{round(job.rate) if job is not None else 0}\n"
+
+        def ns_per_page_store(buf: bytes) -> None:
+            value = kstrtoull(buf)
+            if value > 10**9:
+                raise fail(errno.EINVAL, "ns_per_page above one second")
+            self.ns_per_page_override = value
+            if self.job is not None:
+                self.job.ns_per_page = value
+
+        def binary(kind: str) -> BinAttr:
+            record_size = 64 if kind == "raw_records" else 8
+
+            def size() -> int:
+                return self.ndns.size // PAGE_SIZE * record_size if self.ndns is not None else 0
+
+            def read(offset: int, count: int) -> bytes:
+                job = self.job
+                total = size()
+                if job is None or offset >= total:
+                    return b""
+                count = min(count, total - offset)
+                first = offset // record_size
+                last = (offset + count + record_size - 1) // record_size
+                data = getattr(job, kind)(first, last - first)
+                skip = offset - first * record_size
+                return data[skip: skip + count]
+
+            return BinAttr(kind.replace("raw_", ""), 0o400, size, read)
+
+        return Group("memmap", [
+            ro("pages_done", lambda: stat("pages_done", 0)),
+            ro("pages_total", lambda: stat("pages_total", 0)),
+            ro("elapsed_us", elapsed_us),
+            ro("pages_per_sec", rate),
+            ro("workers", lambda: f"{self.system.engine.workers if self.system.engine else 0}\n"),
+            ro("start_pfn", lambda: f"{self.ndns.start // PAGE_SIZE if self.ndns else 0:#x}\n"),
+            rw("ns_per_page", lambda: f"{self.effective_ns_per_page()}\n", ns_per_page_store),
+            binary("kpageflags"),
+            binary("kpagecount"),
+            binary("raw_records"),
+        ])
+
+    ns_per_page_override: int | None = None
+
+    def effective_ns_per_page(self) -> int:
+        if self.job is not None:
+            return int(self.job.ns_per_page)
+        if self.ns_per_page_override is not None:
+            return self.ns_per_page_override
+        return self.system.memmap.ns_per_page
+
+    # -- enable / disable (nvdimm_setup_pfn + devm_memremap_pages)
+    def setup(self) -> PfnGeometry:
+        """nd_pfn_init(): validate the info block on the media or write a new one."""
+        ndns = self.ndns
+        if ndns is None:
+            raise fail(errno.ENODEV, f"{self.name} has no namespace")
+        if ndns.driver is not None:
+            raise fail(errno.EBUSY, f"{ndns.name} is active, can't bind {self.name}")
+        block = ndns.read_info_block()
+        info = PfnInfo.unpack(block, self.signature)
+        if info is not None:
+            if info.parent_uuid != ndns.parent_uuid:
+                info = None
+            elif self.uuid is None:  # probed from the media: adopt its settings
+                self.uuid, self.mode, self.align = info.uuid, info.mode, info.align
+            elif info.uuid != self.uuid:
+                info = None  # a stale block of another personality: re-initialize
+            elif info.mode != self.mode or info.align != self.align:
+                raise fail(errno.EOPNOTSUPP, f"{self.name}: init failed, settings mismatch")
+        if info is not None:
+            geometry = PfnGeometry(info.dataoff, info.npfns, info.end_trunc)
+            if geometry.dataoff + geometry.data_size + geometry.end_trunc > ndns.size:
+                raise fail(errno.ENXIO, f"{self.name}: info block does not fit {ndns.name}")
+            return geometry
+        if self.uuid is None:
+            raise fail(errno.ENODEV, f"{self.name} has no uuid")
+        if self.mode == PFN_MODE_NONE:
+            raise fail(errno.ENXIO, f"{self.name}: mode not set")
+        if ndns.start % (2 << 20):
+            raise fail(errno.EINVAL, f"{ndns.name}: start {ndns.start:#x} misaligned to 0x200000")
+        geometry = pfn_geometry(ndns.start, ndns.size, self.mode, self.align)
+        if geometry is None:
+            raise fail(errno.ENXIO, f"{ndns.name}: unable to satisfy requested alignment")
+        info = PfnInfo(self.signature, self.uuid, ndns.parent_uuid, geometry.dataoff, geometry.npfns,
+                       self.mode, self.align, geometry.end_trunc)
+        from vnvdimm.model.infoblock import INFO_BLOCK_OFFSET
+
+        ndns.write_media(info.pack(), INFO_BLOCK_OFFSET)
+        return geometry
+
+    def start_memmap(self, geometry: PfnGeometry) -> None:
+        """devm_memremap_pages() with the series' async state: returns at once."""
+        engine = self.system.engine
+        ndns = self.ndns
+        assert ndns is not None
+        if engine is None:
+            return
+        from vnvdimm.memmap import DevStorage, JobSpec, MemStorage
+
+        npages = ndns.size // PAGE_SIZE
+        on_media = self.mode == PFN_MODE_PMEM
+        spec = JobSpec(
+            name=self.name,
+            first_pfn=ndns.start // PAGE_SIZE,
+            npages=npages,
+            reserve_pages=2 if on_media else 0,  # altmap->reserve: the 8 KiB info-block area
+            altmap_pages=geometry.dataoff // PAGE_SIZE if on_media else 0,
+            align_pages=max(1, self.align // PAGE_SIZE),
+            nid=self.region.numa_node,
+            pgmap=PGMAP_BASE + (ndns.start >> 12 << 6) % (1 << 32),
+            storage=(DevStorage(path=str(self.region.media.path), offset=ndns.offset + 8192) if on_media
+                     else MemStorage()),
+            ns_per_page=self.effective_ns_per_page(),
+            mode="async",
+        )
+        started = time.monotonic()
+        job = engine.create_job(spec)
+        self.job = job
+        log.info("%s: memmap of %d pages started (%s, %.1f ms)", self.name, npages,
+                 "map=dev" if on_media else "map=mem", (time.monotonic() - started) * 1e3)
+        job.subscribe(lambda _job: self.system.notify(self, "memmap_state"))
+        self.system.notify(self, "memmap_state")
+        if self.system.memmap.mode == "sync":
+            # The pre-series kernel: enabling returns only once every page is initialized.
+            # Wait after the store returns, outside the model lock.
+            self.system.defer(job.wait)
+
+    def stop_memmap(self) -> None:
+        job, self.job = self.job, None
+        if job is not None:
+            job.cancel()
+            self.system.notify(self, "memmap_state")
+
+    def data_path_args(self, geometry: PfnGeometry) -> dict[str, object]:
+        ndns = self.ndns
+        assert ndns is not None
+        return {
+            "media": self.region.media,
+            "size": geometry.data_size,
+            "media_offset": ndns.offset + geometry.dataoff,
+            "job": self.job,
+            "first_data_page": geometry.dataoff // PAGE_SIZE,
+            "read_only": lambda: self.region.read_only,
+        }
+
+
+class Dax(Pfn):
+    """An nd_dax device: devdax; the pfn attributes are re-used (to_nd_pfn_safe())."""
+
+    devtype = "nd_dax"
+    claim_class = "dax"
+    signature = DAX_SIG
+    prefix = "dax"
+
+    def __init__(self, region: Region, dev_id: int) -> None:
+        super().__init__(region, dev_id)
+        self.dax_region: DaxRegion | None = None
+        self.dev_dax: DevDax | None = None
+
+    @property
+    def nd_type(self) -> int:  # type: ignore[override]
+        return ND_DEVICE_DAX_PMEM
+
+    def entries(self) -> list[Entry]:
+        out = super().entries()
+        if self.dax_region is not None:
+            out.append(self.dax_region.group())
+        return out
+
+    def children(self):  # type: ignore[no-untyped-def]
+        if self.dev_dax is not None:
+            yield self.dev_dax
+
+
+BTT_SECTOR_SIZES = (512, 520, 528, 4096, 4104, 4160, 4224)
+
+
+class Btt(Personality):
+    """An nd_btt device: sector mode, block writes made atomic by the BTT on the media."""
+
+    devtype = "nd_btt"
+    claim_class = "btt"
+
+    def __init__(self, region: Region, dev_id: int) -> None:
+        super().__init__(region, "btt", dev_id)
+        self.lbasize = 0
+        self.size = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.lbasize = 0
+
+    def entries(self) -> list[Entry]:
+        return [
+            *super().entries(),
+            rw("sector_size", self._sector_size_show, self._sector_size_store),
+            rw("uuid", lambda: f"{self.uuid}\n" if self.uuid else "\n", self._uuid_store),
+            rw("namespace", self._namespace_show, self._namespace_store),
+            ro("size", self._size_show),
+            ro("log_zero_flags", lambda: "Y\n"),
+            ro("numa_node", lambda: f"{self.region.numa_node}\n"),
+            ro("target_node", lambda: f"{self.region.target_node}\n"),
+        ]
+
+    def _sector_size_show(self) -> str:
+        return "".join(f"[{s}] " if s == self.lbasize else f"{s} " for s in BTT_SECTOR_SIZES) + "\n"
+
+    def _sector_size_store(self, buf: bytes) -> None:
+        if self.driver is not None:
+            raise fail(errno.EBUSY, f"{self.name} is active")
+        size = kstrtoull(buf)
+        if size not in BTT_SECTOR_SIZES:
+            raise fail(errno.EINVAL, f"unsupported sector size {size}")
+        self.lbasize = size
+
+    def _size_show(self) -> str:
+        if self.driver is None:
+            raise fail(errno.ENXIO, "no size while disabled")
+        return f"{self.size}\n"

@@ -1,0 +1,314 @@
+"""Regions (drivers/nvdimm/region_devs.c, region.c): capacity, seeds and the namespaces,
+pfn/dax/btt devices that live below them."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vnvdimm.model.base import SZ_16M, Device, Entry, Group, Ida, fail, kstrtobool, kstrtoull, ro, rw
+from vnvdimm.model.namespace import (
+    ND_DEVICE_NAMESPACE_IO,
+    ND_DEVICE_NAMESPACE_PMEM,
+    Namespace,
+    NamespaceIo,
+    NamespacePmem,
+)
+from vnvdimm.model.personality import Btt, Dax, Personality, Pfn
+
+if TYPE_CHECKING:
+    from vnvdimm.model.bus import NvdimmBus
+    from vnvdimm.model.dimm import Nvdimm
+    from vnvdimm.model.labels import InterleaveLabels, NamespaceLabel
+    from vnvdimm.model.media import Media
+
+ND_DEVICE_REGION_PMEM = 2
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """mappingN: a DIMM's share of the interleave set."""
+
+    dimm: Nvdimm
+    dpa: int
+    length: int
+    position: int
+
+
+class Region(Device):
+    bus_name = "nd"
+    devtype = "nd_pmem"
+    nd_type = ND_DEVICE_REGION_PMEM
+
+    def __init__(self, bus: NvdimmBus, region_id: int, start: int, size: int, media: Media, *,
+                 numa_node: int = 0, target_node: int | None = None, mappings: Iterable[Mapping] = (),
+                 labels: InterleaveLabels | None = None, set_cookie: int = 0, pagemap: bool = False,
+                 persistence: str = "") -> None:
+        super().__init__(bus.system, f"region{region_id}", bus)
+        self.bus = bus
+        self.id = region_id
+        self.start = start
+        self.size = size
+        self.media = media
+        self.numa_node = numa_node
+        self.target_node = numa_node if target_node is None else target_node
+        self.mappings = list(mappings)
+        self.labels = labels
+        self.set_cookie = set_cookie
+        self.pagemap = pagemap  # ND_REGION_PAGEMAP: legacy namespaces map their pages (e820)
+        self.persistence = persistence
+        self.align = SZ_16M
+        self.read_only = False
+        self.badblocks: list[tuple[int, int]] = []
+        self.namespaces: list[Namespace] = []
+        self.personalities: list[Personality] = []
+        self.ns_ida, self.pfn_ida, self.dax_ida, self.btt_ida = Ida(), Ida(), Ida(), Ida()
+        self.ns_seed: Namespace | None = None
+        self.pfn_seed: Pfn | None = None
+        self.dax_seed: Dax | None = None
+        self.btt_seed: Btt | None = None
+
+    @property
+    def nstype(self) -> int:
+        return ND_DEVICE_NAMESPACE_PMEM if self.labels is not None else ND_DEVICE_NAMESPACE_IO
+
+    # ------------------------------------------------------------ sysfs
+
+    def entries(self) -> list[Entry]:
+        def seed(dev: Device | None) -> str:
+            return f"{dev.name}\n" if dev is not None else "\n"
+
+        out: list[Entry] = [
+            *super().entries(),
+            ro("size", lambda: f"{self.size}\n"),
+            rw("align", lambda: f"{self.align:#x}\n", self._align_store),
+            ro("nstype", lambda: f"{self.nstype}\n"),
+            ro("mappings", lambda: f"{len(self.mappings)}\n"),
+            ro("btt_seed", lambda: seed(self.btt_seed)),
+            ro("pfn_seed", lambda: seed(self.pfn_seed)),
+            ro("dax_seed", lambda: seed(self.dax_seed)),
+            ro("namespace_seed", lambda: seed(self.ns_seed)),
+            rw("read_only", lambda: f"{int(self.read_only)}\n", self._read_only_store),
+            ro("max_available_extent", lambda: f"{self.max_available_extent()}\n"),
+            ro("init_namespaces", self._init_namespaces),
+            ro("badblocks", self._badblocks_show),
+            ro("resource", lambda: f"{self.start:#x}\n", mode=0o400),
+            ro("numa_node", lambda: f"{self.numa_node}\n"),
+            ro("target_node", lambda: f"{self.target_node}\n"),
+        ]
+        if self.labels is not None:
+            out.append(ro("available_size", lambda: f"{self.available_size()}\n"))
+            out.append(ro("set_cookie", lambda: f"{self.set_cookie:#x}\n"))
+        if self.mappings:
+            out.append(ro("deep_flush", lambda: "0\n"))  # no flush hints: ADR persistence
+        if self.persistence:
+            out.append(ro("persistence_domain", lambda: f"{self.persistence}\n"))
+        for i, m in enumerate(self.mappings):
+            out.append(ro(f"mapping{i}", lambda m=m: f"{m.dimm.name},{m.dpa},{m.length},{m.position}\n"))
+        if self.bus.nfit:
+            out.append(Group("nfit", [ro("range_index", lambda: f"{self.id + 1}\n")]))
+        return out
+
+    def _align_store(self, buf: bytes) -> None:
+        value = kstrtoull(buf)
+        if self.driver is not None and any(ns.size for ns in self.namespaces if isinstance(ns, NamespacePmem)):
+            raise fail(errno.EBUSY, "align is fixed while namespaces exist")
+        ways = max(1, len(self.mappings))
+        if value == 0 or value % (4096 * ways) or self.size % value or value & (value - 1):
+            raise fail(errno.EINVAL, f"unsupported region align {value:#x}")
+        self.align = value
+
+    def _read_only_store(self, buf: bytes) -> None:
+        self.read_only = kstrtobool(buf)
+
+    def _init_namespaces(self) -> str:
+        if self.driver is None:
+            raise fail(errno.ENXIO, "region disabled")
+        real = [ns for ns in self.namespaces if ns.size]
+        return f"{sum(1 for ns in real if ns.driver or ns.claim)}/{len(real)}\n"
+
+    def _badblocks_show(self) -> str:
+        if self.driver is None:
+            raise fail(errno.ENXIO, "region disabled")
+        return "".join(f"{s} {n}\n" for s, n in self.badblocks)
+
+    # ------------------------------------------------------------ capacity (labelled regions)
+
+    def _extents(self, exclude: Namespace | None = None) -> list[tuple[int, int]]:
+        used = sorted((ns.offset, ns.size) for ns in self.namespaces if ns.size and ns is not exclude)
+        free, cursor = [], 0
+        for off, size in used:
+            if off > cursor:
+                free.append((cursor, off - cursor))
+            cursor = max(cursor, off + size)
+        if cursor < self.size:
+            free.append((cursor, self.size - cursor))
+        return free
+
+    def available_size(self) -> int:
+        if self.labels is None:
+            return 0
+        return sum(size for _, size in self._extents())
+
+    def max_available_extent(self) -> int:
+        if self.labels is None:
+            return 0
+        return max((size for _, size in self._extents()), default=0)
+
+    def resize_namespace(self, ns: NamespacePmem, size: int) -> None:
+        """__size_store(): grow in place, shrink, allocate (first fit) or free."""
+        if size == ns.size:
+            return
+        if size == 0:
+            ns.size = 0
+            ns.offset = 0
+            self.save_labels()
+            ns.uuid = None  # setting size zero == 'delete namespace'
+            if ns.id != 0 and ns is not self.ns_seed and ns.claim is None:
+                self.unregister_namespace(ns)
+            self.system.changed()
+            return
+        if ns.size and size < ns.size:
+            ns.size = size
+        elif ns.size:
+            grow = size - ns.size
+            end = ns.offset + ns.size
+            if not any(off == end and length >= grow for off, length in self._extents(exclude=ns)):
+                raise fail(errno.ENOSPC, f"no room to grow {ns.name} by {grow}")
+            ns.size = size
+        else:
+            extent = next(((off, length) for off, length in self._extents() if length >= size), None)
+            if extent is None:
+                raise fail(errno.ENOSPC, f"{size} bytes not available in {self.name}")
+            ns.offset, ns.size = extent[0], size
+        self.save_labels()
+        self.system.changed()
+
+    def update_labels(self, ns: Namespace) -> None:
+        if ns.size and ns.uuid is not None:
+            self.save_labels()
+
+    def save_labels(self) -> None:
+        if self.labels is None:
+            return
+        from vnvdimm.model.labels import NamespaceLabel
+
+        self.labels.save([NamespaceLabel(ns.uuid, ns.alt_name, ns.offset, ns.size, ns.lbasize)
+                          for ns in self.namespaces if ns.size and ns.uuid is not None])
+
+    # ------------------------------------------------------------ device registration
+
+    def children(self) -> Iterable[Device]:
+        yield from self.namespaces
+        yield from self.personalities
+
+    def _add_namespace(self, ns: Namespace) -> Namespace:
+        self.ns_ida.take(ns.id)
+        self.namespaces.append(ns)
+        self.system.changed()
+        return ns
+
+    def create_ns_seed(self) -> None:
+        if self.labels is None:
+            return
+        ns = NamespacePmem(self, self.ns_ida.get(), 0, 0)
+        self.ns_seed = self._add_namespace(ns)
+        self.system.device_add(ns)
+
+    def create_personality(self, kind: type[Personality]) -> Personality:
+        ida = {Pfn: self.pfn_ida, Dax: self.dax_ida, Btt: self.btt_ida}[kind]
+        dev = kind(self, ida.get())  # type: ignore[call-arg]
+        self.personalities.append(dev)
+        self.system.changed()
+        return dev
+
+    def create_seed(self, kind: type[Personality]) -> None:
+        dev = self.create_personality(kind)
+        if kind is Pfn:
+            self.pfn_seed = dev  # type: ignore[assignment]
+        elif kind is Dax:
+            self.dax_seed = dev  # type: ignore[assignment]
+        else:
+            self.btt_seed = dev  # type: ignore[assignment]
+        self.system.device_add(dev)
+
+    def advance_seeds(self, dev: Device) -> None:
+        """nd_region_advance_seeds(): a seed that got enabled is replaced by a fresh one."""
+        if dev is self.ns_seed:
+            self.create_ns_seed()
+            return
+        if not isinstance(dev, Personality):
+            return
+        for kind, current in ((Btt, self.btt_seed), (Dax, self.dax_seed), (Pfn, self.pfn_seed)):
+            if dev is current and type(dev) is kind:
+                self.create_seed(kind)
+        if dev.ndns is not None and dev.ndns is self.ns_seed:
+            self.create_ns_seed()
+
+    def unregister_personality(self, dev: Personality) -> None:
+        if dev.driver is not None:
+            self.system.driver_detach(dev)
+        if dev.ndns is not None:
+            dev.ndns.claim = None
+            dev.ndns = None
+        if dev in self.personalities:
+            self.personalities.remove(dev)
+            ida = self.dax_ida if isinstance(dev, Dax) else self.pfn_ida if isinstance(dev, Pfn) else self.btt_ida
+            ida.put(dev.id)
+        for attr in ("pfn_seed", "dax_seed", "btt_seed"):
+            if getattr(self, attr) is dev:
+                setattr(self, attr, None)
+        self.system.changed()
+
+    def unregister_namespace(self, ns: Namespace) -> None:
+        if ns.claim is not None:
+            self.unregister_personality(ns.claim)
+        if ns.driver is not None:
+            self.system.driver_detach(ns)
+        if ns in self.namespaces:
+            self.namespaces.remove(ns)
+            self.ns_ida.put(ns.id)
+        if self.ns_seed is ns:
+            self.ns_seed = None
+        self.system.changed()
+
+    # ------------------------------------------------------------ nd_region driver
+
+    def probe(self) -> None:
+        """nd_region_probe(): register namespaces and seeds, then let the namespaces probe
+        (which re-creates pfn/dax/btt personalities from their info blocks)."""
+        if self.labels is None:
+            new: list[Namespace] = [self._add_namespace(NamespaceIo(self, self.ns_ida.get(), 0, self.size))]
+        else:
+            new = []
+            for label in self._valid_labels():
+                ns = NamespacePmem(self, self.ns_ida.get(), label.offset, label.size)
+                ns.uuid, ns.alt_name, ns.lbasize = label.uuid, label.name, label.lbasize
+                new.append(self._add_namespace(ns))
+            self.create_ns_seed()
+        self.create_seed(Btt)
+        self.create_seed(Pfn)
+        self.create_seed(Dax)
+        for ns in new:
+            self.system.device_add(ns)
+
+    def _valid_labels(self) -> list[NamespaceLabel]:
+        assert self.labels is not None
+        out, end = [], 0
+        for label in self.labels.load():
+            if label.offset < end or label.offset + label.size > self.size or label.size % self.align:
+                continue  # overlapping or out of range: ignore it, as the kernel does a bad label
+            out.append(label)
+            end = label.offset + label.size
+        return out
+
+    def remove(self) -> None:
+        """nd_region_remove(): every child device is unregistered."""
+        for dev in list(self.personalities):
+            self.unregister_personality(dev)
+        for ns in list(self.namespaces):
+            self.unregister_namespace(ns)
+        self.ns_seed = self.pfn_seed = self.dax_seed = self.btt_seed = None
+        self.system.changed()

@@ -1,0 +1,131 @@
+"""kernfs semantics, independent of how the tree is served: nodes, show/store calls with
+the kernel's buffer rules, and sysfs_notify() event counters for poll().
+
+* An attribute's content is produced by show() when a reader reads at offset 0 and served
+  from that buffer for the rest of the open file (seq_file); st_size is always 4096.
+* A write is one store() of at most PAGE_SIZE bytes; the kernel hands the store everything
+  the writer sent (ndctl's trailing NUL included) and the write returns its full length.
+* Opening for write a file without a store, or for read one without a show, is EACCES.
+* poll() reports POLLPRI|POLLERR once the attribute was notified after the reader's last
+  read (or open), like kernfs_fop_poll().
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+from vnvdimm.model.base import Attr, BinAttr
+
+PAGE_SIZE = 4096
+
+
+class KNode:
+    __slots__ = ()
+
+
+@dataclass(slots=True)
+class KDir(KNode):
+    children: dict[str, KNode] = field(default_factory=dict)
+    mode: int = 0o755
+
+
+@dataclass(slots=True)
+class KAttr(KNode):
+    attr: Attr
+    lock: AbstractContextManager[object]
+
+    @property
+    def mode(self) -> int:
+        return self.attr.mode
+
+    def show(self) -> bytes:
+        if self.attr.show is None:
+            raise OSError(errno.EACCES, "attribute is write-only")
+        with nullcontext() if self.attr.blocking else self.lock:
+            text = self.attr.show()
+        data = text.encode("utf-8", "replace")
+        if len(data) > PAGE_SIZE:
+            data = data[:PAGE_SIZE]  # sysfs_emit() never writes past one page
+        return data
+
+    def store(self, data: bytes) -> int:
+        if self.attr.store is None:
+            raise OSError(errno.EACCES, "attribute is read-only")
+        if not data:
+            return 0
+        data = data[:PAGE_SIZE]
+        with nullcontext() if self.attr.blocking else self.lock:
+            self.attr.store(data)
+        return len(data)
+
+
+@dataclass(slots=True)
+class KBin(KNode):
+    attr: BinAttr
+    lock: AbstractContextManager[object]
+
+    @property
+    def mode(self) -> int:
+        return self.attr.mode
+
+    def size(self) -> int:
+        with self.lock:
+            return self.attr.size()
+
+    def read(self, size: int, offset: int) -> bytes:
+        with self.lock:
+            return self.attr.read(offset, size)
+
+
+@dataclass(slots=True)
+class KLink(KNode):
+    target: str
+
+
+class Events:
+    """sysfs_notify() counters and the pollers waiting on them, keyed by attribute path."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._waiters: dict[str, list[Callable[[], None]]] = {}
+
+    def count(self, path: str) -> int:
+        return self._counts.get(path, 0)
+
+    def notify(self, path: str) -> None:
+        with self._lock:
+            self._counts[path] = self._counts.get(path, 0) + 1
+            waiters = self._waiters.pop(path, [])
+        for wake in waiters:
+            wake()
+
+    def wait(self, path: str, seen: int, wake: Callable[[], None]) -> bool:
+        """Register `wake` unless the attribute already changed since `seen`; True if changed."""
+        with self._lock:
+            if self._counts.get(path, 0) != seen:
+                return True
+            self._waiters.setdefault(path, []).append(wake)
+            return False
+
+
+class OpenAttr:
+    """An open attribute file (struct kernfs_open_file)."""
+
+    __slots__ = ("buf", "event", "node", "path")
+
+    def __init__(self, path: str, node: KAttr, event: int) -> None:
+        self.path = path
+        self.node = node
+        self.buf: bytes | None = None
+        self.event = event
+
+    def read(self, size: int, offset: int, events: Events) -> bytes:
+        if offset == 0 or self.buf is None:
+            self.event = events.count(self.path)
+            self.buf = self.node.show()
+        return self.buf[offset: offset + size]

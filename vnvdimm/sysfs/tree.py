@@ -1,0 +1,244 @@
+"""The /sys and /dev views of the model, as the kernel lays them out.
+
+The tree is rebuilt from the model whenever the model's generation changes (a bind, an
+unbind, a claim...), and looked up by path in O(1) otherwise. Attribute *values* are never
+cached here: they are produced by the model's show() on every read.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import threading
+from dataclasses import dataclass
+
+from vnvdimm.model.base import Attr, BinAttr, Device, Group, Link
+from vnvdimm.model.bus import NdCtl, NvdimmBus
+from vnvdimm.model.dax import DevDax
+from vnvdimm.model.dimm import Nvdimm
+from vnvdimm.model.disk import DataPath, Disk
+from vnvdimm.model.drivers import BusDriver
+from vnvdimm.model.system import System
+from vnvdimm.sysfs.kernfs import Events, KAttr, KBin, KDir, KLink, KNode
+
+# Modules whose /sys/module/<name>/initstate reads "live": libkmod (daxctl) checks them
+# instead of loading anything (contract §6).
+MODULES = ("libnvdimm", "nd_pmem", "nd_btt", "nd_e820", "nfit", "dax", "dax_pmem", "device_dax", "kmem",
+           "dax_hmem")
+
+
+@dataclass(slots=True)
+class KChar(KNode):
+    """A character device node served as such (/dev/null...): opens go to the host driver."""
+
+    rdev: tuple[int, int]
+    mode: int = 0o666
+
+
+@dataclass(slots=True)
+class KDevFile(KNode):
+    """An emulated device file (pmem, dax, ndctl, nmem): a regular file whose bytes are the
+    device's. `data` None means the node exists but cannot be opened (ioctl-only devices)."""
+
+    data: DataPath | None
+    rdev: tuple[int, int] | None = None
+    mode: int = 0o600
+
+
+STANDARD_CHAR_NODES = {
+    "null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9),
+    "tty": (5, 0), "ptmx": (5, 2),
+}
+STANDARD_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
+                  "stderr": "/proc/self/fd/2"}
+
+
+class Snapshot:
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.nodes: dict[str, KNode] = {"/": KDir()}
+        self.notify_paths: dict[tuple[int, str], str] = {}
+
+    def add(self, path: str, node: KNode) -> KNode:
+        existing = self.nodes.get(path)
+        if existing is not None:
+            if isinstance(existing, KDir) and isinstance(node, KDir):
+                return existing
+            raise ValueError(f"duplicate sysfs path {path}")
+        parent_path, name = posixpath.split(path)
+        parent = self.nodes.get(parent_path)
+        if parent is None:
+            parent = self.add(parent_path, KDir())
+        assert isinstance(parent, KDir), parent_path
+        parent.children[name] = node
+        self.nodes[path] = node
+        return node
+
+    def dir(self, path: str) -> KDir:
+        node = self.add(path, KDir())
+        assert isinstance(node, KDir)
+        return node
+
+    def link(self, path: str, target: str) -> None:
+        """A relative symlink at `path` to the absolute tree path `target`."""
+        self.add(path, KLink(posixpath.relpath(target, posixpath.dirname(path))))
+
+
+class TreeBuilder:
+    def __init__(self, system: System) -> None:
+        self.system = system
+        self.lock = system.lock
+
+    # -- paths
+    def device_dir(self, dev: Device) -> str:
+        if isinstance(dev, NvdimmBus):
+            return "/sys" + dev.sysfs_dir
+        assert dev.parent is not None, dev
+        sub = getattr(dev, "subdir", None)
+        parent = self.device_dir(dev.parent)
+        return f"{parent}/{sub}/{dev.name}" if sub else f"{parent}/{dev.name}"
+
+    # -- build
+    def build(self) -> Snapshot:
+        s = Snapshot(self.system.generation)
+        for top in ("block", "bus", "class", "dev/char", "dev/block", "devices/system", "firmware", "fs", "kernel",
+                    "module", "class/nd", "class/block", "class/dax", "devices/virtual"):
+            s.dir(f"/sys/{top}")
+        self._system_dirs(s)
+        for bus_name, drivers in (("nd", self.system.nd_drivers), ("dax", self.system.dax_drivers)):
+            base = f"/sys/bus/{bus_name}"
+            s.dir(f"{base}/devices")
+            s.add(f"{base}/drivers_autoprobe", KAttr(Attr("drivers_autoprobe", 0o644, show=lambda: "1\n",
+                                                          store=lambda buf: None), self.lock))
+            s.add(f"{base}/uevent", KAttr(Attr("uevent", 0o200, store=lambda buf: None), self.lock))
+            for drv in drivers.values():
+                self._driver(s, f"{base}/drivers/{drv.name}", drv)  # type: ignore[arg-type]
+        for mod in MODULES:
+            s.add(f"/sys/module/{mod}/initstate", KAttr(Attr("initstate", 0o444, show=lambda: "live\n"), self.lock))
+            s.add(f"/sys/module/{mod}/refcnt", KAttr(Attr("refcnt", 0o444, show=lambda: "0\n"), self.lock))
+        for bus in self.system.buses:
+            self._platform_dirs(s, bus)
+            self._device(s, bus)
+        self._dev(s)
+        return s
+
+    def _system_dirs(self, s: Snapshot) -> None:
+        nodes = sorted({0} | {r.numa_node for b in self.system.buses for r in b.regions})
+        node_list = ",".join(map(str, nodes))
+        for name in ("online", "possible", "has_memory", "has_normal_memory", "has_cpu"):
+            s.add(f"/sys/devices/system/node/{name}",
+                  KAttr(Attr(name, 0o444, show=lambda node_list=node_list: f"{node_list}\n"), self.lock))
+        for n in nodes:
+            s.dir(f"/sys/devices/system/node/node{n}")
+        s.add("/sys/devices/system/memory/block_size_bytes",
+              KAttr(Attr("block_size_bytes", 0o444, show=lambda: "8000000\n"), self.lock))
+        s.add("/sys/devices/system/memory/auto_online_blocks",
+              KAttr(Attr("auto_online_blocks", 0o644, show=lambda: "offline\n", store=lambda buf: None), self.lock))
+
+    def _platform_dirs(self, s: Snapshot, bus: NvdimmBus) -> None:
+        path = "/sys/devices"
+        for part in bus.platform_path.split("/"):
+            path = f"{path}/{part}"
+            s.dir(path)
+            s.add(f"{path}/uevent", KAttr(Attr("uevent", 0o644, show=lambda: "", store=lambda buf: None),
+                                          self.lock))
+        modalias = "platform:e820_pmem" if bus.provider == "e820" else "acpi:ACPI0012:"
+        s.add(f"{path}/modalias", KAttr(Attr("modalias", 0o444, show=lambda: f"{modalias}\n"), self.lock))
+
+    def _driver(self, s: Snapshot, path: str, drv: BusDriver) -> None:
+        s.dir(path)
+        for entry in drv.entries():
+            assert isinstance(entry, Attr)
+            s.add(f"{path}/{entry.name}", KAttr(entry, self.lock))
+        s.link(f"{path}/module", f"/sys/module/{drv.module}")
+        for dev in drv.bound_devices():
+            s.link(f"{path}/{dev.name}", self.device_dir(dev))
+
+    def _entries(self, s: Snapshot, path: str, dev: Device, entries: list) -> None:  # type: ignore[type-arg]
+        for entry in entries:
+            if isinstance(entry, Attr):
+                s.add(f"{path}/{entry.name}", KAttr(entry, self.lock))
+                s.notify_paths[(id(dev), entry.name)] = f"{path}/{entry.name}"
+            elif isinstance(entry, BinAttr):
+                s.add(f"{path}/{entry.name}", KBin(entry, self.lock))
+            elif isinstance(entry, Group):
+                s.dir(f"{path}/{entry.name}")
+                self._entries(s, f"{path}/{entry.name}", dev, entry.entries)
+            elif isinstance(entry, Link):
+                target = entry.target if isinstance(entry.target, str) else None
+                target_path = "/sys" + target if target else self.device_dir(entry.target)  # type: ignore[arg-type]
+                s.link(f"{path}/{entry.name}", target_path)
+
+    def _device(self, s: Snapshot, dev: Device) -> None:
+        path = self.device_dir(dev)
+        s.dir(path)
+        self._entries(s, path, dev, dev.entries())
+        if dev.bus_name is not None:
+            s.link(f"{path}/subsystem", f"/sys/bus/{dev.bus_name}")
+            s.link(f"/sys/bus/{dev.bus_name}/devices/{dev.name}", path)
+        if dev.driver is not None:
+            s.link(f"{path}/driver", f"/sys/bus/{dev.driver.bus_name}/drivers/{dev.driver.name}")
+        devt = getattr(dev, "devt", None)
+        if devt is not None:
+            kind = "block" if isinstance(dev, Disk) else "char"
+            s.link(f"/sys/dev/{kind}/{devt[0]}:{devt[1]}", path)
+        if isinstance(dev, Disk):
+            s.link(f"/sys/block/{dev.name}", path)
+            s.link(f"/sys/class/block/{dev.name}", path)
+        if isinstance(dev, NdCtl):
+            s.link(f"/sys/class/nd/{dev.name}", path)
+        for child in dev.children():
+            self._device(s, child)
+        disk = getattr(dev, "disk", None)
+        if isinstance(disk, Disk):
+            self._device(s, disk)
+
+    def _dev(self, s: Snapshot) -> None:
+        s.dir("/dev")
+        for name, rdev in STANDARD_CHAR_NODES.items():
+            s.add(f"/dev/{name}", KChar(rdev))
+        for name, target in STANDARD_LINKS.items():
+            s.add(f"/dev/{name}", KLink(target))
+        s.dir("/dev/pts")
+        s.dir("/dev/shm")
+        for dev in self.system.all_devices():
+            if isinstance(dev, NdCtl | Nvdimm):
+                s.add(f"/dev/{dev.name}", KDevFile(None, dev.devt))
+            elif isinstance(dev, DevDax) and dev.driver is not None and dev.driver.name == "device_dax":
+                s.add(f"/dev/{dev.name}", KDevFile(dev.data, dev.devt))
+            disk = getattr(dev, "disk", None)
+            if isinstance(disk, Disk):
+                s.add(f"/dev/{disk.name}", KDevFile(disk.data, disk.devt))
+
+
+class Tree:
+    """The live view: a snapshot rebuilt when the model changed, and the poll events."""
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+        self.builder = TreeBuilder(system)
+        self.events = Events()
+        self._snapshot: Snapshot | None = None
+        self._build_lock = threading.Lock()
+        system.subscribe(self._on_notify)
+
+    def snapshot(self) -> Snapshot:
+        snap = self._snapshot
+        if snap is not None and snap.generation == self.system.generation:
+            return snap
+        with self.system.lock, self._build_lock:
+            snap = self._snapshot
+            if snap is None or snap.generation != self.system.generation:
+                snap = self._snapshot = self.builder.build()
+            return snap
+
+    def lookup(self, path: str) -> KNode | None:
+        return self.snapshot().nodes.get(path)
+
+    def _on_notify(self, dev: Device, attr: str) -> None:
+        # Called from engine threads too: never take the model lock here (a job being
+        # cancelled under the model lock may be waiting for this very thread).
+        snap = self._snapshot
+        path = snap.notify_paths.get((id(dev), attr)) if snap is not None else None
+        if path is not None:
+            self.events.notify(path)
+

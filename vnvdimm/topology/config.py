@@ -1,0 +1,239 @@
+"""The topology config file (TOML): parsing and validation with messages that name the
+file, the key and what is wrong. See DESIGN.md §3 for the public keys."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODES = ("raw", "fsdax", "devdax", "sector")
+MAPS = ("mem", "dev")
+ALIGNS = (4096, 2 << 20, 1 << 30)
+SECTOR_SIZES = (512, 520, 528, 4096, 4104, 4160, 4224)
+MIN_REGION = 32 << 20
+REGION_GRANULE = 16 << 20
+
+
+class ConfigError(ValueError):
+    """A config (or state dir) that cannot be used; the message says where and why."""
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+def parse_size(value: object) -> int:
+    """'8G', '512M', '2MiB', '4k' or a plain number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("a size, not a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"a size like '8G', not {type(value).__name__}")
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtTpP]?)(?:i?[bB])?\s*", value)
+    if not m:
+        raise ValueError(f"{value!r} is not a size like '8G' or '512M'")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def format_size(size: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if size and size % _UNITS[unit.lower()] == 0:
+            return f"{size // _UNITS[unit.lower()]}{unit}"
+    return str(size)
+
+
+@dataclass(frozen=True)
+class NamespaceConfig:
+    mode: str = "raw"
+    map: str = "dev"
+    align: int = 2 << 20
+    sector_size: int = 4096
+    size: int = 0  # nfit only
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    size: int
+    numa_node: int = 0
+    dimms: tuple[int, ...] = ()
+    namespaces: tuple[NamespaceConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class MemmapConfig:
+    mode: str = "async"
+    workers: int | None = None
+    ns_per_page: int = 0
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    template: str
+    regions: tuple[RegionConfig, ...]
+    dimms: tuple[int, ...] = ()
+    memmap: MemmapConfig = field(default_factory=MemmapConfig)
+    source: str = "<built-in default>"
+
+
+DEFAULT_TOML = """\
+template = "e820"
+
+[[region]]
+size = "8G"
+numa_node = 0
+namespace = { mode = "fsdax", map = "dev", align = "2M" }
+
+[[region]]
+size = "8G"
+numa_node = 0
+namespace = { mode = "devdax", map = "mem", align = "2M" }
+"""
+
+
+def default_config() -> TopologyConfig:
+    return parse_config(tomllib.loads(DEFAULT_TOML), "<built-in default>")
+
+
+def load_config(path: str | os.PathLike[str]) -> TopologyConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file: {e.strerror}") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return parse_config(doc, str(p))
+
+
+class _Checker:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}: {message}")
+
+    def table(self, value: object, key: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a table, not {type(value).__name__}")
+        return value
+
+    def unknown(self, table: dict[str, Any], allowed: set[str], key: str) -> None:
+        extra = sorted(set(table) - allowed)
+        if extra:
+            prefix = f"{key}." if key else ""
+            raise self.fail(f"{prefix}{extra[0]}", f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+
+    def size(self, value: object, key: str) -> int:
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise self.fail(key, str(e)) from None
+
+    def int_(self, value: object, key: str, lo: int = 0, hi: int = 1 << 62) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise self.fail(key, f"must be an integer from {lo} to {hi}, not {value!r}")
+        return value
+
+    def choice(self, value: object, key: str, choices: tuple[str, ...]) -> str:
+        if value not in choices:
+            raise self.fail(key, f"must be one of {', '.join(choices)}, not {value!r}")
+        return str(value)
+
+    def namespace(self, value: object, key: str, nfit: bool) -> NamespaceConfig:
+        t = self.table(value, key)
+        allowed = {"mode", "map", "align", "sector_size", "name"} | ({"size"} if nfit else set())
+        self.unknown(t, allowed, key)
+        mode = self.choice(t.get("mode", "raw"), f"{key}.mode", MODES)
+        nsmap = self.choice(t.get("map", "dev"), f"{key}.map", MAPS)
+        align = self.size(t.get("align", "2M"), f"{key}.align")
+        if align not in ALIGNS:
+            raise self.fail(f"{key}.align", "must be 4K, 2M or 1G")
+        sector = self.int_(t.get("sector_size", 4096), f"{key}.sector_size", 0)
+        if sector not in SECTOR_SIZES:
+            raise self.fail(f"{key}.sector_size", f"must be one of {', '.join(map(str, SECTOR_SIZES))}")
+        size = self.size(t["size"], f"{key}.size") if "size" in t else 0
+        if nfit and (size == 0 or size % REGION_GRANULE):
+            raise self.fail(f"{key}.size", "must be a non-zero multiple of 16M")
+        name = t.get("name", "")
+        if not isinstance(name, str) or len(name.encode()) > 63:
+            raise self.fail(f"{key}.name", "must be a string of at most 63 bytes")
+        return NamespaceConfig(mode, nsmap, align, sector, size, name)
+
+
+def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
+    c = _Checker(source)
+    c.unknown(doc, {"template", "memmap", "region", "dimm"}, "")
+    template = c.choice(doc.get("template", "e820"), "template", ("e820", "nfit"))
+    nfit = template == "nfit"
+
+    mm = c.table(doc.get("memmap", {}), "memmap")
+    c.unknown(mm, {"mode", "workers", "ns_per_page"}, "memmap")
+    memmap = MemmapConfig(
+        mode=c.choice(mm.get("mode", "async"), "memmap.mode", ("async", "sync")),
+        workers=c.int_(mm["workers"], "memmap.workers", 0, 256) if "workers" in mm else None,
+        ns_per_page=c.int_(mm.get("ns_per_page", 0), "memmap.ns_per_page", 0, 10**9),
+    )
+
+    dimms: list[int] = []
+    raw_dimms = doc.get("dimm", [])
+    if not isinstance(raw_dimms, list):
+        raise c.fail("dimm", "must be an array of tables ([[dimm]])")
+    if raw_dimms and not nfit:
+        raise c.fail("dimm", "DIMMs exist only with template = \"nfit\"")
+    for i, d in enumerate(raw_dimms):
+        t = c.table(d, f"dimm[{i}]")
+        c.unknown(t, {"size"}, f"dimm[{i}]")
+        size = c.size(t.get("size"), f"dimm[{i}].size")
+        if size < MIN_REGION or size % REGION_GRANULE:
+            raise c.fail(f"dimm[{i}].size", "must be a multiple of 16M and at least 32M")
+        dimms.append(size)
+
+    raw_regions = doc.get("region", [])
+    if not isinstance(raw_regions, list) or not raw_regions:
+        raise c.fail("region", "at least one [[region]] is needed")
+    regions: list[RegionConfig] = []
+    used = [0] * len(dimms)
+    for i, r in enumerate(raw_regions):
+        key = f"region[{i}]"
+        t = c.table(r, key)
+        if nfit:
+            c.unknown(t, {"size", "numa_node", "dimms", "namespaces"}, key)
+            members = t.get("dimms", list(range(len(dimms))))
+            if not isinstance(members, list) or not members or any(
+                    isinstance(m, bool) or not isinstance(m, int) or not 0 <= m < len(dimms) for m in members):
+                raise c.fail(f"{key}.dimms", f"must list DIMM indexes from 0 to {len(dimms) - 1}")
+            if len(set(members)) != len(members):
+                raise c.fail(f"{key}.dimms", "lists a DIMM twice")
+            free = min(dimms[m] - used[m] for m in members)
+            share = c.size(t["size"], f"{key}.size") // len(members) if "size" in t else free
+            if share <= 0 or share > free or share % REGION_GRANULE:
+                raise c.fail(f"{key}.size",
+                             f"each DIMM's share must be a multiple of 16M and fit ({format_size(free)} free)")
+            for m in members:
+                used[m] += share
+            size = share * len(members)
+            raw_ns = t.get("namespaces", [])
+            if not isinstance(raw_ns, list):
+                raise c.fail(f"{key}.namespaces", "must be an array of tables")
+            nss = tuple(c.namespace(n, f"{key}.namespaces[{j}]", True) for j, n in enumerate(raw_ns))
+            if sum(n.size for n in nss) > size:
+                raise c.fail(f"{key}.namespaces", f"need more than the region's {format_size(size)}")
+            regions.append(RegionConfig(size, c.int_(t.get("numa_node", 0), f"{key}.numa_node", 0, 1023),
+                                        tuple(members), nss))
+        else:
+            c.unknown(t, {"size", "numa_node", "namespace"}, key)
+            size = c.size(t.get("size"), f"{key}.size")
+            if size < MIN_REGION or size % REGION_GRANULE:
+                raise c.fail(f"{key}.size", "must be a multiple of 16M and at least 32M")
+            ns = c.namespace(t.get("namespace", {}), f"{key}.namespace", False)
+            regions.append(RegionConfig(size, c.int_(t.get("numa_node", 0), f"{key}.numa_node", 0, 1023), (), (ns,)))
+    return TopologyConfig(template, tuple(regions), tuple(dimms), memmap, source)
