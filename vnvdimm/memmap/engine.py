@@ -151,7 +151,7 @@ class MemmapJob:
         nb = g.nblocks
         self._state = np.zeros(nb, dtype=np.uint8)
         # Blocks lying wholly in the reserve have nothing to initialize.
-        full_reserve_blocks = min(g.reserve_pages // A, nb)
+        full_reserve_blocks = nb if g.reserve_pages >= g.npages else g.reserve_pages // A
         self._state[:full_reserve_blocks] = DONE
         self._blocks_left = nb - full_reserve_blocks
         self._cursor = full_reserve_blocks

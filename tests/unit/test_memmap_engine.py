@@ -1,0 +1,454 @@
+"""The memmap engine: jobs, foreground sync, cancel, worker crashes (real worker processes)."""
+
+from __future__ import annotations
+
+import errno
+import glob
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+from vnvdimm.memmap import (
+    PAGE_DTYPE,
+    DevStorage,
+    JobCancelled,
+    JobSpec,
+    MemmapEngine,
+    MemmapJob,
+    MemStorage,
+    init_page_reference,
+)
+from vnvdimm.memmap import page as P
+from vnvdimm.memmap.engine import DONE, FG, PENDING, WORKER_BASE
+
+PGMAP = 0xFFFF888123400000
+FIRST_PFN = 0x340000
+
+
+def memfds() -> set[str]:
+    out = set()
+    for fd in glob.glob("/proc/self/fd/*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if "vnvdimm-memmap" in target:
+            out.add(f"{os.path.basename(fd)}:{target}")
+    return out
+
+
+def children() -> set[int]:
+    pids: set[int] = set()
+    for f in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+        with open(f) as fh:
+            pids.update(int(p) for p in fh.read().split())
+    return pids
+
+
+@pytest.fixture
+def make_engine() -> Iterator:
+    engines: list[MemmapEngine] = []
+
+    def make(workers: int, **kw: object) -> MemmapEngine:
+        eng = MemmapEngine(workers, debug=True, **kw)
+        engines.append(eng)
+        eng.start()
+        return eng
+
+    try:
+        yield make
+    finally:
+        for eng in engines:
+            eng.close()
+
+
+def spec(npages: int, **kw: object) -> JobSpec:
+    args: dict = dict(name="t", first_pfn=FIRST_PFN, npages=npages, align_pages=512, pgmap=PGMAP)
+    args.update(kw)
+    return JobSpec(**args)
+
+
+def check_records(job: MemmapJob, expected_records: Callable[..., np.ndarray], *, full: bool = True,
+                  sample: int = 0) -> None:
+    """Every initialized page equals the reference; reserve pages are untouched zeros."""
+    g = job.geom
+    recs = np.frombuffer(job.raw_records(0, g.npages), dtype=PAGE_DTYPE)
+    r = g.reserve_pages
+    assert recs[:r].tobytes() == bytes(64 * r)
+    a = max(g.altmap_pages, r)
+    exp_alt = expected_records(g.first_pfn + r, a - r, nid=g.nid, pgmap=g.pgmap, has_pgmap=False)
+    exp_pg = expected_records(g.first_pfn + a, g.npages - a, nid=g.nid, pgmap=g.pgmap, has_pgmap=True)
+    if full:
+        assert recs[r:a].tobytes() == exp_alt.tobytes()
+        assert recs[a:].tobytes() == exp_pg.tobytes()
+    rng = random.Random(1)
+    for i in [rng.randrange(r, g.npages) for _ in range(sample)]:
+        ref = init_page_reference(g.first_pfn + i, nid=g.nid, pgmap=g.pgmap, has_pgmap=i >= a)
+        assert recs[i].tobytes() == ref.tobytes(), i
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_async_job_goes_idle_with_correct_records(make_engine, workers: int, expected_records) -> None:
+    eng = make_engine(workers)
+    ev = threading.Event()
+    job = eng.create_job(spec(3 * 32768 + 1000, nid=1))
+    job.subscribe(lambda j: ev.set())
+    assert job.pages_total == 3 * 32768 + 1000
+    assert job.wait(30)
+    assert not job.active and job.pages_done == job.pages_total
+    assert ev.wait(5)
+    check_records(job, expected_records, sample=50)
+    assert (job.debug_init_counts() == 1).all()
+    assert (job.block_states() == DONE).all()
+    assert job.rate > 0 and job.elapsed > 0
+    el = job.elapsed
+    time.sleep(0.01)
+    assert job.elapsed == el  # frozen when done
+    assert job.sections_populated == job.sections_total == 4
+    mt = job.pageblock_migratetype(0, 10**6)
+    assert (mt == P.MIGRATE_MOVABLE).all()
+    flags = np.frombuffer(job.kpageflags(0, 8), "<u8")
+    assert (flags == 1 << P.KPF_RESERVED).all()
+    assert np.frombuffer(job.kpagecount(0, 8), "<u8").tolist() == [0] * 8
+    # a subscriber of an idle job is called at once
+    called: list[MemmapJob] = []
+    job.subscribe(called.append)
+    assert called == [job]
+
+
+@pytest.mark.timeout(120)
+def test_big_job_checksum(make_engine, expected_records) -> None:
+    """4 GiB of pmem = 1 Mi pages: full comparison with an independently built array + samples."""
+    eng = make_engine(2)
+    job = eng.create_job(spec(1 << 20))
+    assert job.wait(60)
+    check_records(job, expected_records, full=True, sample=300)
+    assert (job.debug_init_counts() == 1).all()
+    assert job.workers_used == 2
+    job.release()
+    with pytest.raises(JobCancelled):
+        job.raw_records(0, 1)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dev_storage_reserve_and_altmap(make_engine, tmp_path, workers: int, expected_records) -> None:
+    npages = 4 * 32768
+    altmap = npages * 64 // 4096 + 2  # the memmap's own pages
+    media = tmp_path / "region0.media"
+    ns_offset = 1 << 20
+    with open(media, "wb") as f:
+        f.truncate(ns_offset + 8192 + npages * 64 + (8 << 20))
+        f.seek(ns_offset + 8192)
+        f.write(b"\xee" * 128)  # the reserve's records: must stay as they were
+    eng = make_engine(workers)
+    job = eng.create_job(spec(npages, first_pfn=FIRST_PFN + 2, reserve_pages=2, altmap_pages=altmap,
+                              align_pages=512, storage=DevStorage(str(media), ns_offset + 8192)))
+    assert job.pages_total == npages - 2
+    assert job.wait(30)
+    recs = np.frombuffer(job.raw_records(0, npages), dtype=PAGE_DTYPE)
+    assert recs[:2].tobytes() == b"\xee" * 128
+    assert not job.initialized(0, 2).any() and job.initialized(2, npages).all()
+    flags = np.frombuffer(job.kpageflags(0, 4), "<u8")
+    assert flags.tolist() == [1 << P.KPF_NOPAGE] * 2 + [1 << P.KPF_RESERVED] * 2
+    # altmap pages: no pgmap, lru self pointers; the rest: pgmap
+    assert (recs["pgmap"][2:altmap] != PGMAP).all()
+    assert (recs["pgmap"][altmap:] == PGMAP).all()
+    g = job.geom
+    exp = expected_records(g.first_pfn + 2, altmap - 2, nid=0, pgmap=PGMAP, has_pgmap=False)
+    assert recs[2:altmap].tobytes() == exp.tobytes()
+    exp = expected_records(g.first_pfn + altmap, npages - altmap, nid=0, pgmap=PGMAP, has_pgmap=True)
+    assert recs[altmap:].tobytes() == exp.tobytes()
+    job.release()
+    # the records persist in the media file
+    with open(media, "rb") as f:
+        f.seek(ns_offset + 8192 + 64 * altmap)
+        assert f.read(64) == exp[0].tobytes()
+
+
+@pytest.mark.timeout(30)
+def test_create_is_constant_time_and_views_never_initialize(make_engine) -> None:
+    eng = make_engine(0)
+    eng.pause_background()
+    t0 = time.perf_counter()
+    job = eng.create_job(spec(16 << 20))  # 64 GiB of pmem, 1 GiB of records
+    assert time.perf_counter() - t0 < 0.5
+    assert job.active
+    flags = np.frombuffer(job.kpageflags(1000, 600), "<u8")
+    assert (flags == 1 << P.KPF_NOPAGE).all()
+    assert job.raw_records(1000, 2) == bytes(128)
+    assert not job.initialized(0, 5000).any()
+    assert job.pages_done == 0 and job.active
+    assert not job.wait(0.05)
+    job.cancel()
+    assert not job.active
+
+
+@pytest.mark.timeout(60)
+def test_sync_range_initializes_exactly_the_covering_blocks(make_engine, expected_records) -> None:
+    eng = make_engine(0)
+    eng.pause_background()  # nothing but the foreground initializes
+    npages = 8 * 32768
+    job = eng.create_job(spec(npages, align_pages=512, reserve_pages=0))
+    rng = random.Random(7)
+    expected_blocks: set[int] = set()
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        r = random.Random(seed)
+        try:
+            for _ in range(20):
+                first = r.randrange(npages)
+                n = r.choice([1, 1, 7, 512, 600, 2000])
+                job.sync_range(first, n)
+                assert job.initialized(first, min(n, npages - first)).all()
+                with lock:
+                    expected_blocks.update(range(first // 512, (min(first + n, npages) - 1) // 512 + 1))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(rng.random(),)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    st = job.block_states()
+    assert set(np.flatnonzero(st == DONE).tolist()) == expected_blocks
+    assert set(np.unique(st).tolist()) <= {DONE, PENDING}
+    assert (job.debug_init_counts()[sorted(expected_blocks)] == 1).all()
+    assert job.pages_done == len(expected_blocks) * 512
+    # the initialized blocks hold correct records, the others are still empty
+    recs = np.frombuffer(job.raw_records(0, npages), dtype=PAGE_DTYPE)
+    exp = expected_records(FIRST_PFN, npages, nid=0, pgmap=PGMAP, has_pgmap=True)
+    init = job.initialized(0, npages)
+    assert recs[init].tobytes() == exp[init].tobytes()
+    assert not recs[~init].tobytes().strip(b"\0")
+    # already initialized: the fast path, no lock, no scan
+    t0 = time.perf_counter()
+    b = min(expected_blocks)
+    for _ in range(1000):
+        job.sync_range(b * 512, 1)
+    assert time.perf_counter() - t0 < 0.5
+    # pages in the reserve / beyond the end are ignored
+    job.sync_range(npages, 10)
+    eng.resume_background()
+    assert job.wait(30)
+    assert (job.debug_init_counts() == 1).all()
+    check_records(job, expected_records)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_exactly_once_under_concurrent_foreground_and_workers(make_engine, workers: int, expected_records) -> None:
+    eng = make_engine(workers)
+    npages = 16 * 32768
+    job = eng.create_job(spec(npages, ns_per_page=5000))  # ~2.6 s of worker time in all
+    errors: list[BaseException] = []
+
+    def fg(seed: int) -> None:
+        r = random.Random(seed)
+        try:
+            while job.active:
+                first = r.randrange(npages)
+                job.sync_range(first, 4096)
+                assert job.initialized(first, 4096).all()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=fg, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    assert job.wait(100)
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    counts = job.debug_init_counts()
+    assert (counts == 1).all(), np.unique(counts)
+    st_owned = job._owners_used
+    assert FG in st_owned and any(o >= WORKER_BASE for o in st_owned)
+    check_records(job, expected_records, full=True)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cancel_mid_job(make_engine, workers: int) -> None:
+    shm_before = set(os.listdir("/dev/shm"))
+    fds_before = memfds()
+    eng = make_engine(workers)
+    job = eng.create_job(spec(8 << 20, ns_per_page=50))  # 32 GiB: ~0.2 s per worker-section
+    time.sleep(0.3)
+    assert job.active and job.pages_done > 0
+    assert len(memfds()) > len(fds_before)  # (the memfd, and mmap's internal dup of it)
+    t0 = time.perf_counter()
+    job.cancel()
+    assert time.perf_counter() - t0 < 1.0
+    assert not job.active and job.cancelled
+    st = job.block_states()
+    assert set(np.unique(st).tolist()) <= {DONE, PENDING}  # nothing left claimed
+    assert memfds() == fds_before
+    assert set(os.listdir("/dev/shm")) == shm_before
+    with pytest.raises(JobCancelled):
+        job.sync_range(0, 1)
+    job.cancel()  # idempotent
+    # the pool is free again: a new job runs at full speed
+    t0 = time.perf_counter()
+    job2 = eng.create_job(spec(1 << 18))
+    assert job2.wait(10)
+    assert time.perf_counter() - t0 < 5
+
+
+@pytest.mark.timeout(60)
+def test_cancel_wakes_sync_waiters(make_engine) -> None:
+    eng = make_engine(1)
+    job = eng.create_job(spec(4 * 32768, ns_per_page=20000))  # a worker run lasts ~10 ms/512 pages
+    deadline = time.monotonic() + 10
+    held = np.array([], dtype=np.int64)
+    while time.monotonic() < deadline:
+        held = np.flatnonzero(job.block_states() == WORKER_BASE)
+        if held.size:
+            break
+        time.sleep(0.001)
+    assert held.size
+    result: list[BaseException | None] = []
+
+    def waiter() -> None:
+        try:
+            job.sync_range(int(held[-1]) * 512, 1)
+            result.append(None)
+        except BaseException as e:
+            result.append(e)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.05)
+    job.cancel()
+    t.join(5)
+    assert len(result) == 1
+    # Either the worker finished the block first, or the waiter saw the cancel.
+    if result[0] is not None:
+        assert isinstance(result[0], JobCancelled)
+        assert result[0].errno == errno.ENXIO
+
+
+@pytest.mark.timeout(120)
+def test_worker_sigkill_is_recovered(make_engine, expected_records) -> None:
+    eng = make_engine(2)
+    pids = eng.worker_pids()
+    assert len(pids) == 2
+    job = eng.create_job(spec(1 << 20, ns_per_page=2000))  # ~1 s per worker: still running
+    time.sleep(0.2)
+    assert job.active
+    os.kill(pids[0], signal.SIGKILL)
+    assert job.wait(60)
+    assert not job.cancelled and job.pages_done == job.pages_total
+    assert (job.debug_init_counts() == 1).all()
+    check_records(job, expected_records, full=True)
+    new = eng.worker_pids()
+    assert len(new) == 2 and pids[0] not in new and pids[1] in new
+    assert eng.replacements == 1
+    assert pids[0] not in children()  # reaped
+    # the replacement works
+    job2 = eng.create_job(spec(1 << 18))
+    assert job2.wait(30)
+    assert len(job2._owners_used) == 2 or job2.workers_used >= 1
+
+
+@pytest.mark.timeout(60)
+def test_sync_mode_and_ns_floor(make_engine, expected_records) -> None:
+    eng = make_engine(0)
+    t0 = time.perf_counter()
+    job = eng.create_job(spec(1 << 16, mode="sync", ns_per_page=1000))  # >= 65 ms
+    dt = time.perf_counter() - t0
+    assert not job.active and job.pages_done == 1 << 16
+    # The floor is per initializer: here the caller and the background thread share the job.
+    assert dt >= (1 << 16) * 1000e-9 / 2
+    check_records(job, expected_records)
+    eng2 = make_engine(2)
+    job = eng2.create_job(spec(1 << 18, mode="sync"))
+    assert not job.active
+    check_records(job, expected_records)
+
+
+@pytest.mark.timeout(60)
+def test_ns_per_page_settable(make_engine) -> None:
+    eng = make_engine(1)
+    job = eng.create_job(spec(1 << 18, ns_per_page=1_000_000))  # would take 262 s
+    time.sleep(0.05)
+    job.ns_per_page = 0  # next runs go at full speed
+    assert job.wait(30)
+
+
+@pytest.mark.timeout(60)
+def test_close_leaves_nothing(make_engine) -> None:
+    before = children()
+    shm_before = set(os.listdir("/dev/shm"))
+    fds_before = memfds()
+    eng = MemmapEngine(2)
+    try:
+        eng.start()
+        pids = set(eng.worker_pids())
+        assert pids <= children()
+        jobs = [eng.create_job(spec(1 << 20, ns_per_page=100, name=f"j{i}")) for i in range(3)]
+        done = eng.create_job(spec(1 << 12, name="small"))
+        assert done.wait(10)
+        cancelled = threading.Event()
+        jobs[0].subscribe(lambda j: cancelled.set())
+        time.sleep(0.1)
+    finally:
+        t0 = time.perf_counter()
+        eng.close()
+    assert time.perf_counter() - t0 < 5
+    assert cancelled.wait(5)
+    assert all(j.cancelled for j in jobs)
+    assert children() == before
+    assert memfds() == fds_before
+    assert set(os.listdir("/dev/shm")) == shm_before
+    eng.close()  # idempotent
+
+
+def test_spec_validation(make_engine) -> None:
+    eng = make_engine(0)
+    with pytest.raises(ValueError):
+        eng.create_job(spec(10, mode="fast"))
+    with pytest.raises(ValueError):
+        eng.create_job(spec(10, reserve_pages=11))
+    with pytest.raises(ValueError):
+        eng.create_job(spec(10, align_pages=0))
+    with pytest.raises(ValueError):
+        eng.create_job(spec(10, storage=DevStorage("/nonexistent", 4095)))
+    job = eng.create_job(spec(2, reserve_pages=2, storage=MemStorage()))  # nothing to do
+    assert not job.active and job.pages_total == 0
+    assert JobCancelled().errno == errno.ENXIO
+    assert isinstance(JobCancelled(), OSError)
+
+
+@pytest.mark.timeout(60)
+def test_align_variants(make_engine, expected_records) -> None:
+    eng = make_engine(2)
+    for align in (1, 16, 262144):
+        job = eng.create_job(spec(300000 if align != 262144 else 2 * 262144 + 100, align_pages=align,
+                                  reserve_pages=2, altmap_pages=5000, name=f"a{align}"))
+        assert job.wait(30)
+        check_records(job, expected_records)
+        assert (job.debug_init_counts()[job.geom.reserve_pages // align:] == 1).all()
+        job.release()
+
+
+@pytest.mark.timeout(60)
+def test_foreground_cost_is_one_block(make_engine) -> None:
+    eng = make_engine(0)
+    eng.pause_background()
+    job = eng.create_job(spec(16 << 20, align_pages=512))  # 64 GiB
+    job.sync_range(12345678, 1)
+    assert job.pages_done == 512
+    assert int(np.count_nonzero(job.block_states() != PENDING)) == 1
+    assert FG in job._owners_used
