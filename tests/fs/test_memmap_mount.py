@@ -1,0 +1,202 @@
+"""The memmap ABI on a real mount: memmap_state, sync, poll, the binary views, and device
+files whose reads, writes and mmap faults wait for (and initialize) the pages they touch."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import random
+import select
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vnvdimm.memmap import PAGE_DTYPE, init_page_reference
+
+KPF_NOPAGE = 1 << 20
+KPF_RESERVED = 1 << 32
+
+# 256 MiB regions; a memmap slow enough (100 us/page/worker -> ~3 s) to be seen active.
+SLOW = """\
+template = "e820"
+[memmap]
+workers = 2
+ns_per_page = {ns}
+[[region]]
+size = "256M"
+namespace = {{ mode = "fsdax", map = "dev", align = "2M" }}
+[[region]]
+size = "256M"
+namespace = {{ mode = "devdax", map = "mem", align = "2M" }}
+"""
+
+PFN = "sys/bus/nd/devices/pfn0.1"
+DAX = "sys/bus/nd/devices/dax1.1"
+
+
+def read_u64s(path: Path, first: int, count: int) -> list[int]:
+    with open(path, "rb") as f:
+        f.seek(first * 8)
+        data = f.read(count * 8)
+    return list(struct.unpack(f"<{len(data) // 8}Q", data))
+
+
+def wait_idle(mnt, rel: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while mnt.read(f"{rel}/memmap_state") != "idle\n":
+        assert time.monotonic() < deadline, f"{rel} still active after {timeout} s"
+        time.sleep(0.05)
+
+
+def test_state_goes_active_then_idle_and_sync_waits(make_mount) -> None:  # type: ignore[no-untyped-def]
+    mnt = make_mount(SLOW.format(ns=100_000))
+    assert mnt.read(f"{PFN}/memmap_state") == "active\n"
+    total = int(mnt.read(f"{PFN}/memmap/pages_total"))
+    assert total == 256 * 256 - 2  # every page but the 8 KiB altmap reserve
+    done_before = int(mnt.read(f"{PFN}/memmap/pages_done"))
+    assert done_before < total
+    # Speed it up, then `echo sync` must return only once everything is initialized.
+    mnt.write(f"{PFN}/memmap/ns_per_page", b"0\n")
+    t0 = time.monotonic()
+    assert mnt.write(f"{PFN}/memmap_state", b"sync\0") == 5
+    assert time.monotonic() - t0 < 30
+    assert mnt.read(f"{PFN}/memmap_state") == "idle\n"
+    assert int(mnt.read(f"{PFN}/memmap/pages_done")) == total
+    assert int(mnt.read(f"{PFN}/memmap/elapsed_us")) > 0
+    # Writing sync while idle succeeds at once; seeds are idle too.
+    assert mnt.write(f"{PFN}/memmap_state", b"sync\n") == 5
+    assert mnt.read("sys/bus/nd/devices/pfn0.0/memmap_state") == "idle\n"
+    assert mnt.write("sys/bus/nd/devices/pfn0.0/memmap_state", b"sync") == 4
+
+
+@pytest.mark.parametrize("bad", [b"", b"SYNC", b" sync", b"sync\n\n", b"syncX", b"idle\n", b"active"])
+def test_bad_writes_are_einval_and_change_nothing(mnt, bad: bytes) -> None:  # type: ignore[no-untyped-def]
+    before = mnt.read(f"{PFN}/memmap_state")
+    if not bad:
+        assert mnt.write(f"{PFN}/memmap_state", bad) == 0  # kernfs: an empty write stores nothing
+    else:
+        with pytest.raises(OSError) as e:
+            mnt.write(f"{PFN}/memmap_state", bad)
+        assert e.value.errno == errno.EINVAL
+    assert mnt.read(f"{PFN}/memmap_state") in (before, "idle\n")
+
+
+def test_mode_is_0644_everywhere(mnt) -> None:  # type: ignore[no-untyped-def]
+    for dev in ("pfn0.0", "pfn0.1", "dax0.0", "dax1.0", "dax1.1", "pfn1.0"):
+        st = os.stat(mnt.path(f"sys/bus/nd/devices/{dev}/memmap_state"))
+        assert st.st_mode & 0o777 == 0o644
+        assert st.st_size == 4096
+    assert not os.path.exists(mnt.path("sys/bus/nd/devices/btt0.0/memmap_state"))
+    assert not os.path.exists(mnt.path("sys/bus/nd/devices/namespace0.0/memmap_state"))
+
+
+def test_poll_wakes_on_transition(make_mount) -> None:  # type: ignore[no-untyped-def]
+    mnt = make_mount(SLOW.format(ns=20_000))
+    fd = os.open(mnt.path(f"{DAX}/memmap_state"), os.O_RDONLY)
+    try:
+        assert os.pread(fd, 64, 0) == b"active\n"
+        p = select.poll()
+        p.register(fd, select.POLLPRI | select.POLLERR)
+        t0 = time.monotonic()
+        events = p.poll(60_000)
+        assert events, "poll timed out"
+        assert events[0][1] & (select.POLLPRI | select.POLLERR)
+        assert os.pread(fd, 64, 0) == b"idle\n"
+        assert time.monotonic() - t0 < 60
+        # After reading the new value, poll blocks again (nothing changed since).
+        assert p.poll(200) == []
+    finally:
+        os.close(fd)
+
+
+def test_cold_reads_and_writes_initialize_their_pages(make_mount) -> None:  # type: ignore[no-untyped-def]
+    mnt = make_mount(SLOW.format(ns=100_000))
+    dev = mnt.path("dev/pmem0")
+    size = os.stat(dev).st_size
+    start_pfn = int(mnt.read(f"{PFN}/memmap/start_pfn"), 16)
+    kpf = mnt.path(f"{PFN}/memmap/kpageflags")
+    resource = int(mnt.read(f"{PFN}/resource"), 16)
+    first_data_page = resource // 4096 - start_pfn
+    rng = random.Random(7)
+    fd = os.open(dev, os.O_RDWR)
+    try:
+        for _ in range(8):
+            off = rng.randrange(0, size - 4096) // 512 * 512
+            pattern = rng.randbytes(4096)
+            assert os.pwrite(fd, pattern, off) == 4096
+            page = first_data_page + off // 4096
+            block0 = page // 512 * 512
+            flags = read_u64s(kpf, block0, 512)
+            assert all(not f & KPF_NOPAGE and f & KPF_RESERVED for f in flags), "covering block not initialized"
+            assert os.pread(fd, 4096, off) == pattern
+        assert mnt.read(f"{PFN}/memmap_state") == "active\n"
+    finally:
+        os.close(fd)
+    mnt.write(f"{PFN}/memmap/ns_per_page", b"0")
+    wait_idle(mnt, PFN)
+
+
+def test_mmap_faults_wait_for_their_pages(make_mount) -> None:  # type: ignore[no-untyped-def]
+    mnt = make_mount(SLOW.format(ns=100_000))
+    dev = mnt.path("dev/dax1.0")
+    size = os.stat(dev).st_size
+    with open(dev, "r+b") as f:
+        f.seek(size - 4096)
+        f.write(b"tail" * 1024)
+        f.flush()
+        os.fsync(f.fileno())
+        m = mmap.mmap(f.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ)
+        try:
+            assert m[size - 4096: size - 4092] == b"tail"
+            assert m[12345 * 4096: 12345 * 4096 + 8] == b"\0" * 8
+        finally:
+            m.close()
+    start_pfn = int(mnt.read(f"{DAX}/memmap/start_pfn"), 16)
+    resource = int(mnt.read(f"{DAX}/resource"), 16)
+    page = resource // 4096 - start_pfn + 12345
+    flags = read_u64s(mnt.path(f"{DAX}/memmap/kpageflags"), page // 512 * 512, 512)
+    assert not any(f & KPF_NOPAGE for f in flags)
+
+
+def test_records_equal_the_reference_and_altmap_pages_have_no_pgmap(make_mount) -> None:  # type: ignore[no-untyped-def]
+    mnt = make_mount(SLOW.format(ns=0))
+    wait_idle(mnt, PFN)
+    raw = mnt.path(f"{PFN}/memmap/records").read_bytes()
+    records = np.frombuffer(raw, dtype=PAGE_DTYPE)
+    npages = 256 * 256
+    assert len(records) == npages
+    start_pfn = int(mnt.read(f"{PFN}/memmap/start_pfn"), 16)
+    data_page = int(mnt.read(f"{PFN}/resource"), 16) // 4096 - start_pfn
+    pgmap = int(records[data_page]["lru_next"])
+    flags = np.frombuffer(mnt.path(f"{PFN}/memmap/kpageflags").read_bytes(), dtype="<u8")
+    assert (flags[:2] & KPF_NOPAGE).all()  # the altmap reserve is never initialized
+    assert not (flags[2:] & KPF_NOPAGE).any()
+    # Every record (this namespace is small enough to check them all) against the reference.
+    expected = np.zeros(npages, dtype=PAGE_DTYPE)
+    for page in range(2, npages):
+        expected[page] = init_page_reference(start_pfn + page, nid=0, pgmap=pgmap, has_pgmap=page >= data_page)
+    differ = np.nonzero(records[2:].view("V64") != expected[2:].view("V64"))[0]
+    assert differ.size == 0, f"{differ.size} records differ from the reference, first: page {differ[0] + 2}"
+    # The pages holding the memmap itself (before the data offset) carry no pgmap.
+    assert (records[2:data_page]["lru_next"] != pgmap).all()
+    assert (records[data_page:]["lru_next"] == pgmap).all()
+
+
+def test_unbind_cancels_promptly_and_leaves_no_segment(make_mount) -> None:  # type: ignore[no-untyped-def]
+    shm_before = set(os.listdir("/dev/shm"))
+    mnt = make_mount(SLOW.format(ns=1_000_000))
+    assert mnt.read(f"{DAX}/memmap_state") == "active\n"
+    t0 = time.monotonic()
+    mnt.write("sys/bus/nd/drivers/dax_pmem/unbind", b"dax1.1\0")
+    assert time.monotonic() - t0 < 1.0
+    assert mnt.read(f"{DAX}/memmap_state") == "idle\n"
+    assert not os.path.exists(mnt.path("dev/dax1.0"))
+    assert set(os.listdir("/dev/shm")) <= shm_before
+    t0 = time.monotonic()
+    mnt.umount()
+    assert time.monotonic() - t0 < 5.0
+    assert set(os.listdir("/dev/shm")) <= shm_before
