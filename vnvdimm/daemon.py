@@ -13,12 +13,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vnvdimm.topology.config import ConfigError, TopologyConfig
 from vnvdimm.topology.platform import Platform, StateDir, build_system, provision
+
+if TYPE_CHECKING:
+    from vnvdimm.model.system import System
 
 log = logging.getLogger("vnvdimm")
 
@@ -157,11 +162,16 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
     workers = opts.workers if opts.workers is not None else platform.memmap_workers
     engine = MemmapEngine(workers=workers)
     engine.start()  # fork the workers now, before any thread exists
+    # Termination signals are taken by a thread of ours, not by libfuse's handlers: blocked
+    # readers must be woken (their jobs cancelled) before the loop may stop its threads.
+    signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING_SIGNALS)
     record = mount_record(opts.mountpoint)
     system = System(engine, MemmapSettings(platform.memmap_mode, platform.ns_per_page))
     try:
         build_system(platform, state, system)
         tree = Tree(system)
+        teardown = Teardown(system, opts.mountpoint)
+        threading.Thread(target=teardown.on_signals, name="vnvdimm-signals", daemon=True).start()
 
         def ready() -> None:
             # The loop answers once init ran; make sure a lookup goes through, then tell the parent.
@@ -179,7 +189,11 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
                     os.write(ready_fd, b"ok\n")
                     os.close(ready_fd)
 
-        ops = VnvdimmOperations(tree, on_ready=ready)
+        def on_ready() -> None:
+            ready()
+            teardown.watch_mount()
+
+        ops = VnvdimmOperations(tree, on_ready=on_ready)
         serve(ops, str(opts.mountpoint), allow_other=opts.allow_other, debug=opts.verbose >= 3)
         log.info("unmounted %s", opts.mountpoint)
         return 0
@@ -193,6 +207,49 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
                     region.media.close()
         with contextlib.suppress(FileNotFoundError):
             record.unlink()
+
+
+TERMINATING_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+class Teardown:
+    """Stopping the daemon cleanly whatever the trigger (SIGTERM/SIGINT/SIGHUP, `umount`,
+    `fusermount3 -u [-z]`): first every job is cancelled and every device closed, so readers
+    blocked on a cold device get an error instead of waiting, then the mount goes away and
+    the FUSE loop ends once the kernel drops the connection."""
+
+    def __init__(self, system: System, mountpoint: Path) -> None:
+        self.system = system
+        self.mountpoint = mountpoint
+        self._done = threading.Event()
+
+    def quiesce(self, why: str) -> None:
+        if self._done.is_set():
+            return
+        self._done.set()
+        log.info("stopping: %s", why)
+        self.system.shutdown()
+
+    def on_signals(self) -> None:
+        signum = signal.sigwait(TERMINATING_SIGNALS)
+        self.quiesce(f"signal {signal.Signals(signum).name}")
+        lazy_unmount(self.mountpoint)
+
+    def watch_mount(self) -> None:
+        """Wake on every mount-table change (poll on /proc/self/mounts) until ours is gone."""
+        import select
+
+        with open("/proc/self/mounts", "rb") as f:
+            p = select.poll()
+            p.register(f, select.POLLERR | select.POLLPRI)
+            while not self._done.is_set():
+                f.seek(0)
+                mounted = any(line.split()[1].decode(errors="replace") == str(self.mountpoint)
+                              for line in f.read().splitlines() if len(line.split()) > 1)
+                if not mounted:
+                    self.quiesce("unmounted")
+                    return
+                p.poll(1000)
 
 
 def mount(opts: MountOptions) -> int:
@@ -254,6 +311,15 @@ def _wait_ready(rfd: int, pid: int) -> tuple[str, int | None]:
     return buf.decode(errors="replace"), None
 
 
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting for its parent to reap it has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][:1] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
 def umount(mountpoint: Path, timeout: float = 10.0) -> int:
     record = mount_record(mountpoint)
     pid = None
@@ -264,17 +330,18 @@ def umount(mountpoint: Path, timeout: float = 10.0) -> int:
         return 1
     res = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if res.returncode != 0:
+        # Busy (open files, readers blocked on a cold device): detach it. The daemon sees its
+        # mount go, cancels every memmap job and closes every device, so blocked readers get
+        # an error, their files close, and the kernel releases the connection.
+        res = subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, text=True)
+    if res.returncode != 0:
         print(f"vnvdimm: {mountpoint}: {res.stderr.strip() or 'unmount failed'}", file=sys.stderr)
         return 1
     if pid is not None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.02)
-        else:
+        while time.monotonic() < deadline and process_alive(pid):
+            time.sleep(0.01)
+        if process_alive(pid):
             print(f"vnvdimm: daemon {pid} did not exit in {timeout:.0f} s; killing it", file=sys.stderr)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
