@@ -13,6 +13,8 @@ the kernel's buffer rules, and sysfs_notify() event counters for poll().
 from __future__ import annotations
 
 import errno
+import logging
+import re
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -21,6 +23,11 @@ from dataclasses import dataclass, field
 from vnvdimm.model.base import Attr, BinAttr
 
 PAGE_SIZE = 4096
+
+log = logging.getLogger("vnvdimm.sysfs")
+
+# The path component that names a device (the rest of a path is its attribute).
+_DEVICE_NAME = re.compile(r"^(ndbus|ndctl|nmem|region|namespace|pfn|dax|btt|pmem)\d")
 
 
 class KNode:
@@ -37,6 +44,7 @@ class KDir(KNode):
 class KAttr(KNode):
     attr: Attr
     lock: AbstractContextManager[object]
+    path: str = ""  # set when the node is placed in a tree (for the log)
 
     @property
     def mode(self) -> int:
@@ -58,9 +66,27 @@ class KAttr(KNode):
         if not data:
             return 0
         data = data[:PAGE_SIZE]
-        with nullcontext() if self.attr.blocking else self.lock:
-            self.attr.store(data)
+        try:
+            with nullcontext() if self.attr.blocking else self.lock:
+                self.attr.store(data)
+        except OSError as e:
+            log_refused_store(self.path or self.attr.name, data, e)
+            raise
         return len(data)
+
+
+def log_refused_store(path: str, data: bytes, exc: OSError) -> None:
+    """Every store the model refuses is logged with its device, attribute and reason."""
+    parts = path.strip("/").split("/")
+    at = next((i for i in range(len(parts) - 2, -1, -1) if _DEVICE_NAME.match(parts[i])), len(parts) - 2)
+    device = parts[at] if at >= 0 else ""
+    attribute = "/".join(parts[at + 1:])
+    code = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else "?"
+    reason = exc.strerror or str(exc)
+    if code not in reason:
+        reason = f"{reason} ({code})"
+    value = data.rstrip(b"\0\n")[:64].decode("latin-1")
+    log.info("store refused: device %s, attribute %s, value %r: %s [%s]", device, attribute, value, reason, path)
 
 
 @dataclass(slots=True)

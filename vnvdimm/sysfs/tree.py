@@ -71,6 +71,8 @@ class Snapshot:
         assert isinstance(parent, KDir), parent_path
         parent.children[name] = node
         self.nodes[path] = node
+        if isinstance(node, KAttr):
+            node.path = path
         return node
 
     def dir(self, path: str) -> KDir:
