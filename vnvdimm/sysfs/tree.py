@@ -117,6 +117,7 @@ class TreeBuilder:
         for mod in MODULES:
             s.add(f"/sys/module/{mod}/initstate", KAttr(Attr("initstate", 0o444, show=lambda: "live\n"), self.lock))
             s.add(f"/sys/module/{mod}/refcnt", KAttr(Attr("refcnt", 0o444, show=lambda: "0\n"), self.lock))
+        self._devfile_rdev(s)
         for bus in self.system.buses:
             self._platform_dirs(s, bus)
             self._device(s, bus)
@@ -135,6 +136,19 @@ class TreeBuilder:
               KAttr(Attr("block_size_bytes", 0o444, show=lambda: "8000000\n"), self.lock))
         s.add("/sys/devices/system/memory/auto_online_blocks",
               KAttr(Attr("auto_online_blocks", 0o644, show=lambda: "offline\n", store=lambda buf: None), self.lock))
+
+    def _devfile_rdev(self, s: Snapshot) -> None:
+        """vnvdimm's device files are regular files, so stat() reports st_rdev 0:0 for them
+        (FUSE keeps i_rdev for device nodes only). daxctl resolves /sys/dev/char/<rdev>/subsystem
+        to pick its device model; this entry makes that lookup succeed quietly and land outside
+        /sys/bus/dax, i.e. on the "dax-class" model it would pick anyway (see README limits)."""
+        path = "/sys/devices/virtual/vnvdimm/devfile"
+        s.add(f"{path}/uevent", KAttr(Attr("uevent", 0o644, show=lambda: "DEVNAME=vnvdimm-devfile\n",
+                                          store=lambda buf: None), self.lock))
+        s.dir("/sys/class/vnvdimm")
+        s.link(f"{path}/subsystem", "/sys/class/vnvdimm")
+        s.link("/sys/class/vnvdimm/devfile", path)
+        s.link("/sys/dev/char/0:0", path)
 
     def _platform_dirs(self, s: Snapshot, bus: NvdimmBus) -> None:
         path = "/sys/devices"
