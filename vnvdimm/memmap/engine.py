@@ -128,7 +128,11 @@ class MemmapJob:
         )
         g = self.geom
         self._ns_per_page = float(spec.ns_per_page)
+        # Two conditions on the engine lock: _cond wakes sync_range waiters at every completed
+        # run; _idle_cond wakes wait() only at the end, so a waiter of the whole job (sync mode,
+        # `echo sync > memmap_state`) is not woken (a cross-CPU wakeup) for every run.
         self._cond = threading.Condition(engine._lock)
+        self._idle_cond = threading.Condition(engine._lock)
         self._cancel_evt = threading.Event()
         self._released = threading.Event()
         self._subs: list[Callable[[MemmapJob], None]] = []
@@ -311,7 +315,7 @@ class MemmapJob:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job is idle (done or cancelled): True, or False on timeout."""
         with self._engine._lock:
-            return self._cond.wait_for(lambda: not self.active, timeout)
+            return self._idle_cond.wait_for(lambda: not self.active, timeout)
 
     def cancel(self) -> None:
         """Stop all work on the job and free its storage. Prompt and idempotent."""
@@ -786,6 +790,7 @@ class MemmapEngine:
                 with contextlib.suppress(ValueError):
                     self._rr.remove(job)
                 job._cond.notify_all()
+                job._idle_cond.notify_all()
                 if job._disp_ref:
                     self._cmds.append(("cancel", job))
                     self._wake()
@@ -834,6 +839,7 @@ class MemmapEngine:
         job._notified = True
         subs, job._subs = job._subs, []
         job._cond.notify_all()
+        job._idle_cond.notify_all()
         for cb in subs:
             self._service_q.put(lambda cb=cb: cb(job))
 

@@ -1,0 +1,317 @@
+#!/usr/bin/env python3
+"""Benchmark of the memmap init engine, as ratios against baselines measured in the same run.
+
+    python bench/memmap_bench.py [--quick] [--json OUT] [--reps N]
+
+Prints a table: median [min-max] over repetitions, the baseline, the ratio and the target.
+The host is shared and noisy: only ratios taken in one run mean anything.
+
+Figures:
+1. create_job latency, async vs sync mode (map=mem), at 1/16/64 GiB of pmem (quick: 0.25/1/4).
+   Async must stay flat, sync grows with the size.
+2. Full-init throughput (pages/s) with all workers and with one, vs the fill rate of fresh
+   shared memory (a memfd) of the same byte count by as many processes: the physical limit
+   here, since fresh shared memory is bound by page faults.
+3. First 4 KiB sync_range on a cold job at a random offset (a fresh job each time, workers busy
+   with it), p50/p99, at 4 and 64 GiB (quick: 1 and 16 GiB).
+4. The naive per-page, per-field pure-Python loop (ns/page), the "before" baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vnvdimm.memmap import PAGE_DTYPE, JobSpec, MemmapEngine, init_range, init_range_naive
+
+GIB_PAGES = (1 << 30) // 4096
+PGMAP = 0xFFFF888123400000
+
+# A helper process that fills a slice of a memfd when asked (the baseline "physical limit").
+# Spawned (not forked: the benchmark has threads) and kept for the whole run, numpy imported.
+_FILLER = r"""
+import mmap, os, sys, time
+import numpy as np
+for line in sys.stdin:
+    path, off, length = line.split()
+    off, length = int(off), int(length)
+    fd = os.open(path, os.O_RDWR)
+    m = mmap.mmap(fd, length, offset=off)
+    os.close(fd)
+    a = np.frombuffer(m, dtype=np.uint64)
+    t0 = time.perf_counter()
+    a.fill(0x0123456789ABCDEF)
+    dt = time.perf_counter() - t0
+    del a
+    m.close()
+    sys.stdout.write(f"{dt}\n")
+    sys.stdout.flush()
+"""
+
+
+class Fillers:
+    def __init__(self, n: int) -> None:
+        self.procs = [
+            subprocess.Popen([sys.executable, "-c", _FILLER], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, bufsize=1)
+            for _ in range(n)
+        ]
+
+    def fill(self, nbytes: int, nprocs: int) -> float:
+        """Wall time for ``nprocs`` processes to fill a fresh memfd of ``nbytes`` (split evenly)."""
+        fd = os.memfd_create("bench-fill", os.MFD_CLOEXEC)
+        os.ftruncate(fd, nbytes)
+        path = f"/proc/{os.getpid()}/fd/{fd}"
+        share = -(-nbytes // nprocs // mmap.PAGESIZE) * mmap.PAGESIZE
+        t0 = time.perf_counter()
+        used = []
+        for i, p in enumerate(self.procs[:nprocs]):
+            off = i * share
+            length = min(share, nbytes - off)
+            if length <= 0:
+                break
+            assert p.stdin is not None
+            p.stdin.write(f"{path} {off} {length}\n")
+            used.append(p)
+        for p in used:
+            assert p.stdout is not None
+            p.stdout.readline()
+        dt = time.perf_counter() - t0
+        os.close(fd)
+        return dt
+
+    def close(self) -> None:
+        for p in self.procs:
+            assert p.stdin is not None
+            p.stdin.close()
+        for p in self.procs:
+            p.wait(10)
+
+
+@dataclass
+class Row:
+    name: str
+    unit: str
+    samples: list[float]
+    baseline: str = ""
+    ratio: float | None = None
+    target: str = ""
+    ok: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def fmt(self) -> str:
+        lo, hi = min(self.samples), max(self.samples)
+        return f"{_num(self.median)} [{_num(lo)}-{_num(hi)}] {self.unit}"
+
+
+def _num(x: float) -> str:
+    if x == 0:
+        return "0"
+    if abs(x) >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def spec(npages: int, mode: str = "async", name: str = "bench") -> JobSpec:
+    return JobSpec(name=name, first_pfn=0x340000, npages=npages, align_pages=512, pgmap=PGMAP, mode=mode)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    r = fn()
+    return time.perf_counter() - t0, r
+
+
+def bench_create(eng: MemmapEngine, sizes_gib: list[float], reps: int, sync_reps: int) -> list[Row]:
+    rows = []
+    base_async: float | None = None
+    base_sync: float | None = None
+    for gib in sizes_gib:
+        npages = int(gib * GIB_PAGES)
+        a_samples, s_samples = [], []
+        for _ in range(reps):
+            dt, job = timed(lambda npages=npages: eng.create_job(spec(npages)))
+            a_samples.append(dt * 1e3)
+            job.cancel()
+        for _ in range(sync_reps):
+            dt, job = timed(lambda npages=npages: eng.create_job(spec(npages, mode="sync")))
+            s_samples.append(dt * 1e3)
+            job.release()
+        a = Row(f"create_job async {gib:g} GiB", "ms", a_samples)
+        s = Row(f"create_job sync  {gib:g} GiB", "ms", s_samples)
+        if base_async is None:
+            base_async, base_sync = a.median, s.median
+            a.baseline = s.baseline = "(smallest size)"
+        else:
+            assert base_sync is not None
+            a.ratio = a.median / base_async
+            a.baseline = f"async {sizes_gib[0]:g} GiB"
+            a.target = "flat (<= 2x)"
+            a.ok = a.ratio <= 2.0
+            s.ratio = s.median / base_sync
+            s.baseline = f"sync {sizes_gib[0]:g} GiB"
+            s.target = f"~linear ({gib / sizes_gib[0]:g}x)"
+        s.extra["async_over_sync"] = a.median / s.median
+        rows += [a, s]
+    return rows
+
+
+def bench_throughput(engines: dict[int, MemmapEngine], fillers: Fillers, npages: int, reps: int,
+                     ncpu: int) -> list[Row]:
+    nbytes = npages * 64
+    fill1, filln = [], []
+    rates: dict[int, list[float]] = {w: [] for w in engines}
+    for _ in range(reps):
+        fill1.append(npages / fillers.fill(nbytes, 1))
+        filln.append(npages / fillers.fill(nbytes, ncpu))
+        for w, eng in engines.items():
+            t0 = time.perf_counter()
+            job = eng.create_job(spec(npages))
+            job.wait()
+            rates[w].append(npages / (time.perf_counter() - t0))
+            job.release()
+    rows = [
+        Row(f"fill fresh memfd, 1 proc ({nbytes >> 20} MiB)", "rec/s", fill1, baseline="(baseline)"),
+        Row(f"fill fresh memfd, {ncpu} procs", "rec/s", filln, baseline="(baseline)"),
+    ]
+    f1, fn = statistics.median(fill1), statistics.median(filln)
+    for w in sorted(rates):
+        r = Row(f"full init, workers={w} ({npages / GIB_PAGES:g} GiB)", "pages/s", rates[w])
+        fill = fn if w >= ncpu else f1
+        r.baseline = f"fill, {ncpu if w >= ncpu else 1} proc(s)"
+        r.ratio = r.median / fill
+        if w == max(rates):
+            r.target = ">= 0.8x"
+            r.ok = r.ratio >= 0.8
+        rows.append(r)
+    if 1 in rates and 2 in rates:
+        speedups = [b / a for a, b in zip(rates[1], rates[2], strict=True)]
+        rows.append(Row("full init speedup workers=2 / workers=1", "x", speedups,
+                        baseline="workers=1", ratio=statistics.median(speedups), target=">= 1.7x",
+                        ok=statistics.median(speedups) >= 1.7))
+    return rows
+
+
+def bench_first_access(eng: MemmapEngine, sizes_gib: list[float], samples: int) -> list[Row]:
+    rows = []
+    rng = random.Random(42)
+    p50s: dict[float, float] = {}
+    for gib in sizes_gib:
+        npages = int(gib * GIB_PAGES)
+        lat = []
+        for _ in range(samples):
+            job = eng.create_job(spec(npages))
+            page = rng.randrange(npages)
+            t0 = time.perf_counter()
+            job.sync_range(page, 1)
+            lat.append((time.perf_counter() - t0) * 1e3)
+            job.cancel()
+        arr = np.array(lat)
+        p50, p99 = float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+        p50s[gib] = p50
+        r = Row(f"first 4K sync_range p50, {gib:g} GiB", "ms", lat, target="<= 5 ms", ok=p50 <= 5)
+        r.extra.update(p50=p50, p99=p99)
+        r99 = Row(f"first 4K sync_range p99, {gib:g} GiB", "ms", [p99], target="<= 20 ms", ok=p99 <= 20)
+        rows += [r, r99]
+    small, big = sizes_gib[0], sizes_gib[-1]
+    ratio = p50s[big] / p50s[small]
+    rows.append(Row(f"first 4K p50 {big:g} GiB / {small:g} GiB", "x", [ratio], ratio=ratio,
+                    baseline=f"{small:g} GiB", target="<= 2x", ok=ratio <= 2))
+    return rows
+
+
+def bench_naive(reps: int, npages: int) -> list[Row]:
+    naive, fast_warm = [], []
+    for _ in range(reps):
+        rec = np.zeros(npages, dtype=PAGE_DTYPE)
+        dt, _ = timed(lambda rec=rec: init_range_naive(rec, 0x340000, nid=0, pgmap=PGMAP, has_pgmap=True))
+        naive.append(dt / npages * 1e9)
+        big = np.zeros(1 << 20, dtype=PAGE_DTYPE)
+        big.view(np.uint8)[:] = 1  # faulted in: the pure cost of the initializer
+        dt, _ = timed(lambda big=big: init_range(big, 0x340000, nid=0, pgmap=PGMAP, has_pgmap=True))
+        fast_warm.append(dt / len(big) * 1e9)
+    n = Row(f"naive pure-Python loop ({npages} pages)", "ns/page", naive, baseline="(before)")
+    f = Row("init_range, memory faulted in (1 Mi pages)", "ns/page", fast_warm, baseline="naive loop")
+    f.ratio = n.median / f.median
+    f.extra["speedup_vs_naive"] = f.ratio
+    return [n, f]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
+    ap.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    ap.add_argument("--reps", type=int, default=0, help="repetitions (default: 5, quick: 3)")
+    args = ap.parse_args()
+    quick = args.quick
+    reps = args.reps or (3 if quick else 5)
+    ncpu = os.cpu_count() or 1
+
+    # Engines first: their workers fork before this process has any thread.
+    eng_all = MemmapEngine(None)
+    eng_all.start()
+    eng_1 = MemmapEngine(1)
+    eng_1.start()
+    fillers = Fillers(ncpu)
+    rows: list[Row] = []
+    t_start = time.perf_counter()
+    try:
+        sizes = [0.25, 1, 4] if quick else [1, 16, 64]
+        rows += bench_create(eng_all, sizes, reps=reps, sync_reps=reps if quick else 3)
+        npages = (1 << 20) if quick else (4 << 20)
+        engines = {1: eng_1, ncpu: eng_all}
+        rows += bench_throughput(engines, fillers, npages, reps, ncpu)
+        rows += bench_first_access(eng_all, [1, 16] if quick else [4, 64], 30 if quick else 100)
+        rows += bench_naive(3 if quick else 5, 2000 if quick else 10000)
+    finally:
+        fillers.close()
+        eng_1.close()
+        eng_all.close()
+    total = time.perf_counter() - t_start
+
+    print(f"\nvnvdimm memmap benchmark ({'quick' if quick else 'full'}; {ncpu} CPUs, workers={ncpu}; "
+          f"{reps} reps; {total:.0f} s)\n")
+    w0 = max(len(r.name) for r in rows)
+    head = f"{'metric':<{w0}}  {'median [min-max]':<34} {'baseline':<22} {'ratio':>7}  {'target':<16} ok"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ratio = f"{r.ratio:.2f}x" if r.ratio is not None else ""
+        ok = "" if r.ok is None else ("yes" if r.ok else "NO")
+        print(f"{r.name:<{w0}}  {r.fmt():<34} {r.baseline:<22} {ratio:>7}  {r.target:<16} {ok}")
+        if "p99" in r.extra:
+            print(f"{'':<{w0}}  (p50 {r.extra['p50']:.2f} ms, p99 {r.extra['p99']:.2f} ms, "
+                  f"n={len(r.samples)})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"quick": quick, "cpus": ncpu, "reps": reps, "seconds": total,
+                       "rows": [{"name": r.name, "unit": r.unit, "median": r.median,
+                                 "min": min(r.samples), "max": max(r.samples),
+                                 "baseline": r.baseline, "ratio": r.ratio, "target": r.target,
+                                 "ok": r.ok, **r.extra} for r in rows]}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
