@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from vnvdimm.model import badblocks
 from vnvdimm.model.base import PAGE_SIZE, Device, Entry, Link, fail, ro
 from vnvdimm.model.system import BLKEXT_MAJOR
 
@@ -68,8 +69,10 @@ class DataPath:
         if offset >= self.size or size <= 0:
             return b""
         size = min(size, self.size - offset)
+        extents = list(self._extents(offset, size))
+        badblocks.check_read(self.media, extents)
         self._sync(offset, size)
-        parts = [self.media.pread(n, moff) for moff, n in self._extents(offset, size)]
+        parts = [self.media.pread(n, moff) for moff, n in extents]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write(self, data: bytes, offset: int) -> int:
@@ -79,12 +82,15 @@ class DataPath:
         if offset >= self.size:
             raise fail(errno.ENOSPC, "write past the end of the device")
         data = data[: self.size - offset]
+        extents = list(self._extents(offset, len(data)))
+        badblocks.check_write(self.media, extents)
         self._sync(offset, len(data))
         view = memoryview(data)
         done = 0
-        for moff, n in self._extents(offset, len(data)):
+        for moff, n in extents:
             self.media.pwrite(view[done: done + n], moff)
             done += n
+        badblocks.clear_written(self.media, extents)
         return done
 
     def fsync(self) -> None:
@@ -117,7 +123,7 @@ class Disk(Device):
             ro("capability", lambda: "0\n"),
             ro("alignment_offset", lambda: "0\n"),
             ro("discard_alignment", lambda: "0\n"),
-            ro("badblocks", lambda: "".join(f"{s} {n}\n" for s, n in self.badblocks)),
+            *([ro("badblocks", lambda: badblocks.disk_show(self))] if badblocks.disk_has_badblocks(self) else []),
             ro("uevent", lambda: f"MAJOR={self.devt[0]}\nMINOR={self.devt[1]}\nDEVNAME={self.name}\nDEVTYPE=disk\n"),
             Group("queue", [
                 ro("logical_block_size", lambda: f"{self.logical_block_size}\n"),
