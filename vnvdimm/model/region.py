@@ -132,7 +132,9 @@ class Region(Device):
     def _badblocks_show(self) -> str:
         if self.driver is None:
             raise fail(errno.ENXIO, "region disabled")
-        return "".join(f"{s} {n}\n" for s, n in self.badblocks)
+        from vnvdimm.model import badblocks
+
+        return badblocks.region_show(self)
 
     # ------------------------------------------------------------ capacity (labelled regions)
 
