@@ -50,7 +50,9 @@ class NvdimmBus(Device):
                 Attr("scrub", 0o644, show=lambda: "0\n", store=self._scrub_store),
                 Attr("hw_error_scrub", 0o644, show=lambda: "1\n", store=lambda buf: None),
             ]))
-        return super().entries() + out
+        from vnvdimm.model.badblocks import bus_entries
+
+        return super().entries() + out + bus_entries(self)
 
     def _wait_probe(self) -> str:
         # Probes run synchronously inside the store that triggers them, so once the model
