@@ -10,6 +10,7 @@ import time
 import uuid as uuidlib
 from typing import TYPE_CHECKING
 
+from vnvdimm.model import memmap_pause
 from vnvdimm.model.base import (
     PAGE_SIZE,
     SZ_1G,
@@ -257,6 +258,7 @@ class Pfn(Personality):
             ro("workers", lambda: f"{self.system.engine.workers if self.system.engine else 0}\n"),
             ro("start_pfn", lambda: f"{self.ndns.start // PAGE_SIZE if self.ndns else 0:#x}\n"),
             rw("ns_per_page", lambda: f"{self.effective_ns_per_page()}\n", ns_per_page_store),
+            rw("pause_at", lambda: memmap_pause.show(self), lambda buf: memmap_pause.store(self, buf)),
             binary("kpageflags"),
             binary("kpagecount"),
             binary("raw_records"),
