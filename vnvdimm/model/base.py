@@ -7,6 +7,7 @@ Errors are raised as OSError(errno) at the point where the kernel would return -
 from __future__ import annotations
 
 import errno
+import re
 import uuid as uuidlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -111,72 +112,160 @@ def streq_text(buf: bytes) -> str:
     return text.decode("latin-1")
 
 
+# isspace() of lib/ctype.c: \t \n \v \f \r, space, and 0xa0 (NBSP in latin-1).
+KERNEL_SPACE = " \t\n\v\f\r\xa0"
+
+
 def strim(buf: bytes) -> str:
-    """strim(): the C string with leading and trailing whitespace removed."""
-    return cstring(buf).decode("latin-1").strip(" \t\n\r\v\f")
+    """strim()'s result: the C string with leading and trailing isspace() removed."""
+    return cstring(buf).decode("latin-1").strip(KERNEL_SPACE)
+
+
+def rstrim(buf: bytes) -> str:
+    """strim() called for its side effect only (its return value ignored, as
+    nd_namespace_store() does): trailing whitespace goes, leading whitespace stays."""
+    return cstring(buf).decode("latin-1").rstrip(KERNEL_SPACE)
+
+
+_U64 = 1 << 64
+
+
+def _parse_integer(s: bytes, base: int) -> tuple[int, int, bool]:
+    """_parse_integer(): (value, digits read, overflowed) of the longest digit prefix."""
+    value, n, overflow = 0, 0, False
+    for c in s:
+        if 0x30 <= c <= 0x39:
+            d = c - 0x30
+        elif 0x61 <= (c | 0x20) <= 0x66:
+            d = (c | 0x20) - 0x61 + 10
+        else:
+            break
+        if d >= base:
+            break
+        value = value * base + d
+        if value >= _U64:
+            overflow = True
+            value &= _U64 - 1
+        n += 1
+    return value, n, overflow
+
+
+def _kstrtoull(s: bytes, base: int) -> int:
+    if base == 0:
+        if s[:1] == b"0":
+            base = 16 if s[1:2] in (b"x", b"X") and s[2:3] and s[2:3] in b"0123456789abcdefABCDEF" else 8
+        else:
+            base = 10
+    if base == 16 and s[:1] == b"0" and s[1:2] in (b"x", b"X"):
+        s = s[2:]
+    value, n, overflow = _parse_integer(s, base)
+    if overflow:
+        raise fail(errno.ERANGE, "number out of range")
+    if n == 0:
+        raise fail(errno.EINVAL, "not a number")
+    rest = s[n:]
+    if rest[:1] == b"\n":
+        rest = rest[1:]
+    if rest:
+        raise fail(errno.EINVAL, "garbage after the number")
+    return value
 
 
 def kstrtoull(buf: bytes, base: int = 0) -> int:
-    """kstrtoull(): an unsigned integer, optionally followed by one newline; 0x/0 prefixes
-    when base is 0. Anything else is EINVAL, overflow is ERANGE."""
-    text = cstring(buf)
-    if text.endswith(b"\n"):
-        text = text[:-1]
-    if text.startswith(b"+"):
-        text = text[1:]
-    if not text:
-        raise fail(errno.EINVAL, "empty number")
-    try:
-        s = text.decode("ascii")
-    except UnicodeDecodeError:
-        raise fail(errno.EINVAL, "not a number") from None
-    if base == 0:
-        if s[:2].lower() == "0x":
-            base, s = 16, s[2:]
-        elif len(s) > 1 and s[0] == "0":
-            base, s = 8, s[1:]
-        else:
-            base = 10
-    digits = "0123456789abcdef"[:base]
-    if not s or any(c not in digits for c in s.lower()):
-        raise fail(errno.EINVAL, f"not a base-{base} number")
-    value = int(s, base)
-    if value >= 1 << 64:
+    """kstrtoull() on the C string: an optional '+', digits (0x/0 prefixes pick the base when
+    base is 0), at most one newline. EINVAL for anything else; ERANGE as soon as the digits
+    overflow 64 bits (even if garbage follows them, as _parse_integer() reports it first)."""
+    s = cstring(buf)
+    if s[:1] == b"+":
+        s = s[1:]
+    return _kstrtoull(s, base)
+
+
+def kstrtol(buf: bytes, base: int = 0) -> int:
+    """kstrtol() (kstrtoll() on 64-bit): kstrtoull() with an optional '-' and a signed range."""
+    s = cstring(buf)
+    if s[:1] == b"-":
+        value = _kstrtoull(s[1:], base)
+        if value > 1 << 63:
+            raise fail(errno.ERANGE, "number out of range")
+        return -value
+    value = kstrtoull(s, base)
+    if value >= 1 << 63:
         raise fail(errno.ERANGE, "number out of range")
     return value
 
 
 def kstrtobool(buf: bytes) -> bool:
-    """kstrtobool(): y/Y/1/n/N/0 on the first character, or on/off."""
+    """kstrtobool(): the first character y/Y/t/T/1 or n/N/f/F/0, or o/O followed by n/N or
+    f/F (on/off). Everything after that is ignored."""
     text = cstring(buf)
-    if not text:
-        raise fail(errno.EINVAL, "empty boolean")
-    first = text[:1]
-    if first in (b"y", b"Y", b"1"):
+    first, second = text[:1], text[1:2]
+    if first and first in b"yYtT1":
         return True
-    if first in (b"n", b"N", b"0"):
+    if first and first in b"nNfF0":
         return False
-    if first in (b"o", b"O") and len(text) > 1:
-        if text[1:2] in (b"n", b"N"):
+    if first and first in b"oO" and second:
+        if second in b"nN":
             return True
-        if text[1:2] in (b"f", b"F"):
+        if second in b"fF":
             return False
     raise fail(errno.EINVAL, "not a boolean")
 
 
+_HEX = b"0123456789abcdefABCDEF"
+
+
 def parse_uuid(buf: bytes) -> uuidlib.UUID:
-    """nd_uuid_parse(): 16 hex byte pairs, optionally separated by '-' or ':', then at most a
-    newline. (The kernel ignores trailing garbage; we refuse it so a typo changes nothing.)"""
-    text = cstring(buf)
-    if text.endswith(b"\n"):
-        text = text[:-1]
-    hexdigits = text.replace(b"-", b"").replace(b":", b"")
-    try:
-        if len(hexdigits) != 32:
-            raise ValueError
-        return uuidlib.UUID(hex=hexdigits.decode("ascii"))
-    except (ValueError, UnicodeDecodeError):
-        raise fail(errno.EINVAL, "malformed uuid") from None
+    """nd_uuid_parse(): 16 pairs of hex digits, each optionally followed by one separator
+    ('-', ':', newline or NUL). Whatever follows the 16th pair is ignored, as in the kernel."""
+    s = buf + b"\0"  # kernfs NUL-terminates the buffer
+    out = bytearray()
+    i = 0
+    for _ in range(16):
+        pair = s[i:i + 2]
+        if len(pair) != 2 or pair[0] not in _HEX or pair[1] not in _HEX:
+            raise fail(errno.EINVAL, "malformed uuid")
+        out.append(int(pair, 16))
+        i += 2
+        if s[i:i + 1] and s[i] in b"-:\n\0":
+            i += 1
+    return uuidlib.UUID(bytes=bytes(out))
+
+
+UEVENT_ACTIONS = ("add", "remove", "change", "move", "online", "offline", "bind", "unbind")
+_ALNUM = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_UUID_TEXT = re.compile(rb"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def synth_uevent(buf: bytes) -> str:
+    """kobject_synth_uevent(): what a write to a `uevent` attribute accepts. An action name
+    (one trailing newline or NUL dropped), optionally followed by ' <uuid>' and ' KEY=VALUE'
+    words of alphanumerics. Returns the action; EINVAL otherwise. (No udev listens here, so
+    accepting is all a synthetic event does.)"""
+    count = len(buf)
+    if count and buf[count - 1] in b"\n\0":
+        count -= 1
+    if not count:
+        raise fail(errno.EINVAL, "unknown uevent action string")
+    space = buf.find(b" ", 0, count)
+    first = buf[:space] if space >= 0 else buf[:count]
+    action = next((a for a in UEVENT_ACTIONS if a.encode() == first), None)
+    if action is None:
+        raise fail(errno.EINVAL, "unknown uevent action string")
+    if space < 0:
+        return action
+    args = buf[space + 1:]  # kobject_action_args() gets the original length
+    if args and args[-1] in b"\n\0":
+        args = args[:-1]
+    if len(args) < 36 or not _UUID_TEXT.match(args):
+        raise fail(errno.EINVAL, "incorrect uevent action arguments")
+    rest = args[36:]
+    while rest:
+        m = re.match(rb" ([0-9a-zA-Z]+)=([0-9a-zA-Z]+)", rest)
+        if m is None:
+            raise fail(errno.EINVAL, "incorrect uevent action arguments")
+        rest = rest[m.end():]
+    return action
 
 
 NULL_UUID = uuidlib.UUID(int=0)
@@ -227,8 +316,7 @@ class Device:
 
     def _uevent_store(self, buf: bytes) -> None:
         # Writing an action ("add", "change") to uevent synthesizes an event; there is no udev here.
-        if strim(buf) not in ("add", "remove", "change", "move", "online", "offline", "bind", "unbind", ""):
-            raise fail(errno.EINVAL, "unknown uevent action")
+        synth_uevent(buf)
 
     def children(self) -> Iterable[Device]:
         return ()
