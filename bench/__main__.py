@@ -1,0 +1,57 @@
+"""python -m bench [--quick] [--json OUT] [--only NAME...]
+
+Mounts its own platforms in temp dirs, measures every figure of issue 5 against a baseline
+taken in the same run, prints a table and writes JSON (default bench/results/<time>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import figures
+from bench.common import REPO, Figure, table
+
+SUITES = ("mount", "attr", "devfile", "ndctl", "scale")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CI smoke: small sizes, few repetitions (seconds)")
+    ap.add_argument("--json", type=Path, help="where to write the results")
+    ap.add_argument("--only", nargs="+", choices=SUITES, help="run only these suites")
+    args = ap.parse_args(argv)
+    q = args.quick
+    plan = {
+        "mount": lambda: figures.mount_time(2 if q else 5),
+        "attr": lambda: figures.attribute_latency(300 if q else 3000),
+        "devfile": lambda: figures.device_files("512M" if q else "4G"),
+        "ndctl": lambda: figures.ndctl_list(2 if q else 7),
+        "scale": lambda: figures.scale(16 if q else 256),
+    }
+    results: list[Figure] = []
+    started = time.perf_counter()
+    for name in args.only or SUITES:
+        t0 = time.perf_counter()
+        results += plan[name]()
+        print(f"[{name}: {time.perf_counter() - t0:.1f} s]", file=sys.stderr, flush=True)
+    print(table(results))
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    doc = {"commit": commit, "quick": q, "seconds": time.perf_counter() - started,
+           "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+           "figures": [f.to_dict() for f in results]}
+    out = args.json or REPO / "bench" / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if q else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"\nresults: {out} ({doc['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Shared benchmark plumbing: statistics, mounts in temp dirs that are always cleaned up,
+the trivial-FUSE baseline, and the result table."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WITH_VNVDIMM = REPO / "mountscripts" / "with-vnvdimm"
+VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
+
+
+@dataclass
+class Figure:
+    """One measured figure, its baseline from the same run, and the target on the ratio."""
+
+    name: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    baseline_name: str = ""
+    lo: float | None = None
+    hi: float | None = None
+    target: str = ""  # e.g. "<= 1.5x", ">= 0.2x", "<= 0.5 s"
+    met: bool | None = None
+    note: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline in (None, 0):
+            return None
+        return self.value / self.baseline  # type: ignore[operator]
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["ratio"] = self.ratio
+        return d
+
+
+def median_minmax(samples: list[float]) -> tuple[float, float, float]:
+    return statistics.median(samples), min(samples), max(samples)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def check(value: float, op: str, bound: float) -> bool:
+    return value <= bound if op == "<=" else value >= bound
+
+
+# ---------------------------------------------------------------- mounts
+
+
+def fuse_mounted(path: Path) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == str(path) for line in f if len(line.split()) > 1)
+
+
+class BenchMount:
+    """A vnvdimm mount in a temp dir: `with BenchMount(toml) as m:` ... always unmounted."""
+
+    def __init__(self, config_text: str | None, workers: int | None = None) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="vnvdimm-bench-"))
+        self.root = self.tmp / "mnt"
+        self.state = self.tmp / "state"
+        self.root.mkdir()
+        self.config: Path | None = None
+        if config_text is not None:
+            self.config = self.tmp / "topology.toml"
+            self.config.write_text(config_text)
+        self.workers = workers
+        self.mount_seconds = 0.0
+
+    def mount(self) -> float:
+        args = [*VNVDIMM, "mount", str(self.root), "--state-dir", str(self.state)]
+        if self.config is not None:
+            args += ["--config", str(self.config)]
+        if self.workers is not None:
+            args += ["--workers", str(self.workers)]
+        t0 = time.perf_counter()
+        res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        self.mount_seconds = time.perf_counter() - t0
+        if res.returncode != 0:
+            raise RuntimeError(f"vnvdimm mount failed: {res.stderr}")
+        return self.mount_seconds
+
+    def daemon_pid(self) -> int:
+        return int((self.state / "lock").read_text().split()[0])
+
+    def umount(self) -> None:
+        if fuse_mounted(self.root):
+            subprocess.run([*VNVDIMM, "umount", str(self.root)], capture_output=True, timeout=120)
+        if fuse_mounted(self.root):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.root)], capture_output=True)
+
+    def __enter__(self) -> BenchMount:
+        self.mount()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.umount()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def sys(self, rel: str) -> Path:
+        return self.root / "sys" / rel.lstrip("/")
+
+    def wait_all_idle(self, timeout: float = 600) -> float:
+        """Seconds until every memmap_state under the mount reads idle."""
+        t0 = time.perf_counter()
+        states = list((self.root / "sys" / "bus" / "nd" / "devices").glob("*/memmap_state"))
+        while True:
+            if all(p.read_text() == "idle\n" for p in states):
+                return time.perf_counter() - t0
+            if time.perf_counter() - t0 > timeout:
+                raise TimeoutError("memmap still active")
+            time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def trivial_fs(root: Path) -> Iterator[float]:
+    """Mount bench/trivialfs.py at `root`; yields the seconds from spawn to answering."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "trivialfs.py"), str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not fuse_mounted(root):
+            if proc.poll() is not None:
+                raise RuntimeError("trivialfs did not mount")
+            time.sleep(0.001)
+        os.stat(root / "x")
+        yield time.perf_counter() - t0
+    finally:
+        subprocess.run(["fusermount3", "-u", str(root)], capture_output=True)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def repeat(n: int, fn: Callable[[], float]) -> list[float]:
+    return [fn() for _ in range(n)]
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def table(figures: list[Figure]) -> str:
+    rows = [("figure", "value", "baseline", "ratio", "target", "met")]
+    for f in figures:
+        rng = f" ({f.lo:.3g}–{f.hi:.3g})" if f.lo is not None and f.hi is not None else ""
+        base = f"{f.baseline:.3g} {f.unit} {f.baseline_name}".strip() if f.baseline is not None else "–"
+        ratio = f"{f.ratio:.2f}x" if f.ratio is not None else "–"
+        met = {True: "yes", False: "NO", None: "–"}[f.met]
+        rows.append((f.name, f"{f.value:.3g} {f.unit}{rng}", base, ratio, f.target or "–", met))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    notes = [f"- {f.name}: {f.note}" for f in figures if f.note]
+    return "\n".join(lines + (["", *notes] if notes else []))
