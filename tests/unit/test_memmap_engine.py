@@ -452,3 +452,85 @@ def test_foreground_cost_is_one_block(make_engine) -> None:
     assert job.pages_done == 512
     assert int(np.count_nonzero(job.block_states() != PENDING)) == 1
     assert FG in job._owners_used
+
+
+def _wait_for_worker_block(job: MemmapJob, owner: int, timeout: float = 10) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        held = np.flatnonzero(job.block_states() == owner)
+        if held.size:
+            return int(held[-1])
+        time.sleep(0.001)
+    raise AssertionError("no block claimed by the worker")
+
+
+@pytest.mark.timeout(60)
+def test_sync_range_takes_over_blocks_of_a_dead_worker(make_engine, expected_records) -> None:
+    eng = make_engine(1)
+    job = eng.create_job(spec(4 * 32768, ns_per_page=20000))  # a run: ~10 ms per 512 pages
+    b = _wait_for_worker_block(job, WORKER_BASE)
+    eng.pause_background()  # only the foreground may initialize the block again
+    pid = eng.worker_pids()[0]
+    done = threading.Event()
+
+    def waiter() -> None:
+        job.sync_range(b * 512, 1)
+        done.set()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    os.kill(pid, signal.SIGKILL)
+    assert done.wait(10)
+    t.join()
+    assert job.initialized(b * 512, 512).all()
+    recs = job.records(b * 512, 512)
+    assert recs.tobytes() == expected_records(FIRST_PFN + b * 512, 512, nid=0, pgmap=PGMAP,
+                                              has_pgmap=True).tobytes()
+    assert (job.debug_init_counts() <= 1).all()
+    job.ns_per_page = 0
+    eng.resume_background()
+    assert job.wait(30)
+    assert (job.debug_init_counts() == 1).all()
+
+
+@pytest.mark.timeout(60)
+def test_no_replacement_possible_falls_back_to_a_thread(make_engine, expected_records) -> None:
+    eng = make_engine(1)
+
+    def cannot_start(slot: int, fork: bool) -> None:
+        raise OSError(errno.EMFILE, "no more processes for you")
+
+    eng._start_worker = cannot_start  # type: ignore[method-assign]
+    job = eng.create_job(spec(1 << 18, ns_per_page=2000))
+    _wait_for_worker_block(job, WORKER_BASE)
+    os.kill(eng.worker_pids()[0], signal.SIGKILL)
+    job.ns_per_page = 0
+    assert job.wait(30)
+    assert not job.cancelled
+    check_records(job, expected_records)
+
+
+@pytest.mark.timeout(60)
+def test_forked_workers_do_not_run_the_parents_signal_handlers(make_engine, tmp_path) -> None:
+    marker = tmp_path / "handler-ran"
+
+    def handler(signum: int, frame: object) -> None:
+        marker.write_text(str(os.getpid()))
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        eng = make_engine(1)  # forks now, with the handler installed
+        pid = eng.worker_pids()[0]
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while pid in eng.worker_pids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pid not in eng.worker_pids()  # died of SIGTERM (default action)
+        assert not marker.exists()
+        deadline = time.monotonic() + 10
+        while len(eng.worker_pids()) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        job = eng.create_job(spec(1 << 16))
+        assert job.wait(30)
+    finally:
+        signal.signal(signal.SIGTERM, old)

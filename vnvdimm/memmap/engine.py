@@ -64,8 +64,12 @@ RUNS_IN_FLIGHT = 2  # runs queued per worker: one being initialized, one waiting
 RUN_TARGET_S = 0.010  # with an ns_per_page floor, size runs to ~10 ms so progress stays visible
 ACK_TIMEOUT_S = 0.8  # a worker that does not acknowledge a cancel in this time is killed
 REAP_TIMEOUT_S = 2.0
+MAX_RESTARTS = 8  # replacements allowed per RESTART_WINDOW_S before a slot is left empty
+RESTART_WINDOW_S = 30
 MSG_MAX = 1 << 16
 
+_FORK_BLOCKED_SIGNALS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2,
+                         signal.SIGCHLD, signal.SIGALRM}
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -292,25 +296,33 @@ class MemmapJob:
         if (st[b0:b1] == DONE).all():  # O(blocks covered), no lock
             return
         eng = self._engine
-        with eng._lock:
-            if self._cancelled:
-                raise JobCancelled()
-            seg = st[b0:b1]
-            mine = np.flatnonzero(seg == PENDING)
-            if mine.size:
-                seg[mine] = FG
-                self._users += 1
-        if mine.size:
-            mine += b0
-            # Contiguous runs of the blocks we claimed.
-            breaks = np.flatnonzero(np.diff(mine) != 1) + 1
-            runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(mine, breaks)]
-            eng._init_in_engine(self, runs, FG, raise_errors=True)
-        with eng._lock:
-            while not (st[b0:b1] == DONE).all():
+        # A run we initialize is completed section by section, so that the waiters on its first
+        # blocks (other threads, other accesses) do not wait for all of it.
+        max_blocks = max(1, PAGES_PER_SECTION // A)
+        while True:
+            with eng._lock:
                 if self._cancelled:
                     raise JobCancelled()
-                self._cond.wait()
+                seg = st[b0:b1]
+                if (seg == DONE).all():
+                    return
+                mine = np.flatnonzero(seg == PENDING)
+                if mine.size:
+                    seg[mine] = FG
+                    self._users += 1
+                else:
+                    # Everything left is held by a worker (or another thread): wait for any
+                    # progress, then look again (a block given back by a dead worker is PENDING
+                    # again, and then we take it ourselves).
+                    self._cond.wait()
+                    continue
+            mine += b0
+            breaks = np.flatnonzero(np.diff(mine) != 1) + 1
+            runs = []
+            for r in np.split(mine, breaks):
+                first, end = int(r[0]), int(r[-1]) + 1
+                runs += [(x, min(x + max_blocks, end)) for x in range(first, end, max_blocks)]
+            eng._init_in_engine(self, runs, FG, raise_errors=True)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job is idle (done or cancelled): True, or False on timeout."""
@@ -481,6 +493,7 @@ class MemmapEngine:
         self._service_thread: threading.Thread | None = None
         self._dispatcher: threading.Thread | None = None
         self.replacements = 0  # workers restarted after a crash
+        self._restarts: list[float] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -688,6 +701,8 @@ class MemmapEngine:
         """Give claimed blocks back (their initializer gave up): PENDING again, never left claimed."""
         seg = job._state[b0:b1]
         seg[seg == owner] = PENDING
+        # A sync_range waiting for these blocks takes them over itself.
+        job._cond.notify_all()
         if job._cancelled or job._done:
             return
         job._cursor = min(job._cursor, b0)
@@ -873,6 +888,9 @@ class MemmapEngine:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         if fork:
             others = [w.sock for w in self._workers if w is not None and not w.dead]
+            # Signals stay blocked across the fork until the child has reset the handlers it
+            # inherited (worker_main), so none of the engine process' handlers can run there.
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED_SIGNALS)
             pid = os.fork()
             if pid == 0:  # the child
                 code = 0
@@ -884,7 +902,7 @@ class MemmapEngine:
                             os.close(s.detach())
                     from .worker import worker_main
 
-                    worker_main(child.detach())
+                    worker_main(child.detach(), unblock=old_mask)
                 except BaseException:
                     import traceback
 
@@ -892,6 +910,7 @@ class MemmapEngine:
                     code = 1
                 finally:
                     os._exit(code)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             child.close()
             return _Worker(slot, pid, parent, None)
         fd = child.fileno()
@@ -1128,11 +1147,29 @@ class MemmapEngine:
             return
         log.warning("memmap worker %d (pid %d) died; %d runs re-queued; starting a replacement",
                     w.slot, w.pid, len(lost))
-        # Threads exist now: a replacement is spawned (fork+exec), never forked.
-        nw = self._start_worker(w.slot, fork=False)
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S]
+        nw: _Worker | None = None
+        if len(self._restarts) < MAX_RESTARTS:
+            self._restarts.append(now)
+            try:
+                # Threads exist now: a replacement is spawned (fork+exec), never forked.
+                nw = self._start_worker(w.slot, fork=False)
+            except Exception:
+                log.exception("memmap: cannot start a replacement worker")
+        else:
+            log.error("memmap: workers keep dying (%d in %d s): slot %d stays empty",
+                      len(self._restarts), RESTART_WINDOW_S, w.slot)
         self._workers[w.slot] = nw
-        self.replacements += 1
-        sel.register(nw.sock, selectors.EVENT_READ, nw)
+        if nw is not None:
+            self.replacements += 1
+            sel.register(nw.sock, selectors.EVENT_READ, nw)
+        elif not self._live_workers() and not self._threads:
+            # No pool left: finish the work in this process rather than hang the waiters.
+            log.error("memmap: no worker left; continuing with an in-process background thread")
+            t = threading.Thread(target=self._bg_loop, name="memmap-bg", daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def _check_ack_timeouts(self) -> None:
         now = time.monotonic()

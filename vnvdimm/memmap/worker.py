@@ -24,6 +24,7 @@ Worker -> engine::
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import pickle
 import select
@@ -31,6 +32,7 @@ import signal
 import socket
 import sys
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 from .page import TemplateCache
@@ -180,10 +182,24 @@ class Worker:
             self._detach(jid)
 
 
-def worker_main(fd: int) -> None:
-    """Entry point of a worker (forked or spawned), serving the engine on socket ``fd``."""
+def worker_main(fd: int, unblock: Iterable[signal.Signals] | None = None) -> None:
+    """Entry point of a worker (forked or spawned), serving the engine on socket ``fd``.
+
+    ``unblock``: the signal mask to restore once the inherited handlers are reset (a forked
+    worker is started with signals blocked).
+    """
+    # A forked worker inherits the engine process' Python signal handlers and wakeup fd (e.g. a
+    # daemon's SIGTERM handler that unmounts): none of that must run here.
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD,
+                signal.SIGALRM):
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_DFL)
     # Ctrl-C goes to the whole process group; the engine decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if unblock is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblock)
     sock = socket.socket(fileno=fd)
     worker = Worker(sock)
     try:
