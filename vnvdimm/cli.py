@@ -1,4 +1,4 @@
-"""vnvdimm command line: mount, umount (status and wait live in their own issue)."""
+"""vnvdimm command line: mount, umount, status, wait, inject-error."""
 
 from __future__ import annotations
 
@@ -26,6 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("umount", help="unmount MNT and wait for its daemon to exit")
     p.add_argument("mountpoint", metavar="MNT", type=Path)
 
+    add_tool_commands(sub)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOL_COMMANDS:
+        # Options may follow the devices (`wait MNT dax1.0 --timeout 5`).
+        tool_args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
+        return TOOL_COMMANDS[argv[0]](tool_args)
     args = parser.parse_args(argv)
     from vnvdimm import daemon
 
@@ -50,6 +57,69 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "umount":
         return daemon.umount(args.mountpoint.resolve())
     return 2
+
+
+def add_tool_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("status", help="the platform as a tree, with memmap progress bars",
+                       description="Show buses, regions and namespaces (mode, size, device file) and a progress "
+                                   "bar for each memmap being initialized. MNT may also be a sysfs root "
+                                   "(e.g. / under with-vnvdimm).")
+    p.add_argument("mountpoint", metavar="MNT")
+    p.add_argument("--json", action="store_true", help="machine-readable output (JSON lines with --watch)")
+    p.add_argument("-w", "--watch", action="store_true",
+                   help="keep redrawing (in place on a terminal) until interrupted")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S",
+                   help="seconds between snapshots when --watch is not on a terminal (default 1)")
+
+    p = sub.add_parser("wait", help="block until memmaps are idle (poll() on memmap_state)",
+                       description="Wait until the memmap of every named device (default: every pfn/dax device) "
+                                   "reads idle. DEVICE is a device file (pmem0, dax1.0, /dev/pmem0), a namespace "
+                                   "or a pfn/dax device. A progress bar is drawn on stderr when it is a terminal. "
+                                   "Exit status: 0 idle, 1 timeout, 2 usage error.")
+    p.add_argument("mountpoint", metavar="MNT")
+    p.add_argument("devices", metavar="DEVICE", nargs="*")
+    p.add_argument("-t", "--timeout", type=float, metavar="S", help="give up after S seconds (exit 1)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar even on a terminal")
+
+    p = sub.add_parser("inject-error", help="inject (or remove) media errors in a namespace",
+                       description="Like ndctl inject-error: BLOCK and COUNT are 512-byte blocks from the start of "
+                                   "the namespace's data (after the info block and memmap of fsdax/devdax). Bad "
+                                   "blocks show in regionN/badblocks and the block device's badblocks, reads of "
+                                   "them fail with EIO, and a write of whole bad blocks clears them.")
+    p.add_argument("mountpoint", metavar="MNT")
+    p.add_argument("namespace", metavar="NAMESPACE")
+    p.add_argument("-B", "--block", type=_number, help="first 512-byte block")
+    p.add_argument("-n", "--count", type=_number, default=1, help="number of blocks (default 1)")
+    p.add_argument("--uninject", action="store_true", help="remove the errors instead")
+    p.add_argument("--status", action="store_true", help="list the namespace's bad blocks (JSON)")
+
+
+def _number(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _status(args: argparse.Namespace) -> int:
+    from vnvdimm import status
+
+    return status.run(args.mountpoint, as_json=args.json, watch=args.watch, interval=args.interval)
+
+
+def _wait(args: argparse.Namespace) -> int:
+    from vnvdimm import wait
+
+    return wait.run(args.mountpoint, args.devices, args.timeout, quiet=args.quiet)
+
+
+def _inject(args: argparse.Namespace) -> int:
+    from vnvdimm import inject
+
+    return inject.run(args.mountpoint, args.namespace, args.block, args.count, args.uninject, args.status)
+
+
+TOOL_COMMANDS = {"status": _status, "wait": _wait, "inject-error": _inject}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,101 @@
+"""`vnvdimm inject-error`: media errors through the bus's `vnvdimm/inject_error` control.
+
+This is what ``ndctl inject-error`` does with the ACPI error-injection DSMs (which are ioctls,
+out of reach of a file system): BLOCK and COUNT are 512-byte blocks counted as ndctl counts
+them, from the data area of an fsdax/devdax namespace, from the namespace start otherwise.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from vnvdimm.status import NotAMount, Root, read_attr, read_int
+
+SECTOR = 512
+
+
+class InjectError(RuntimeError):
+    pass
+
+
+def namespace_dir(root: Root, namespace: str) -> Path:
+    if not namespace.startswith("namespace") or "/" in namespace:
+        raise InjectError(f"{namespace}: not a namespace name (namespaceR.N)")
+    path = root.nd_devices / namespace
+    if not os.path.lexists(path):
+        raise InjectError(f"{namespace}: no such namespace")
+    return Path(os.path.realpath(path))
+
+
+def control_file(ns_dir: Path, name: str) -> Path:
+    bus_dir = ns_dir.parent.parent  # namespace -> region -> bus
+    return bus_dir / "vnvdimm" / name
+
+
+def request(root: Root, namespace: str, block: int, count: int, uninject: bool = False) -> None:
+    if block < 0 or count < 1:
+        raise InjectError("--block must be >= 0 and --count >= 1")
+    ns_dir = namespace_dir(root, namespace)
+    path = control_file(ns_dir, "uninject_error" if uninject else "inject_error")
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as e:
+        raise InjectError(f"{path}: {e.strerror}") from None
+    try:
+        os.write(fd, f"{namespace} {block} {count}\n".encode())
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            raise InjectError(f"{namespace}: blocks {block}..{block + count - 1} are out of range") from None
+        raise InjectError(f"{namespace}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def namespace_badblocks(root: Root, namespace: str) -> list[dict[str, int]]:
+    """The namespace's bad blocks as `ndctl inject-error --status` lists them (block, count),
+    from the region's badblocks over the namespace's injection window."""
+    ns_dir = namespace_dir(root, namespace)
+    region_dir = ns_dir.parent
+    holder = read_attr(ns_dir / "holder")
+    window = ns_dir
+    if holder and holder.startswith(("pfn", "dax")) and os.path.islink(region_dir / holder / "driver"):
+        window = region_dir / holder
+    begin = read_int(window / "resource")
+    size = read_int(window / "size")
+    region_begin = read_int(region_dir / "resource")
+    if begin is None or size is None or region_begin is None:
+        raise InjectError(f"{namespace}: cannot read its resource and size (are you root?)")
+    first, nblocks = (begin - region_begin) // SECTOR, size // SECTOR
+    out = []
+    for line in (read_attr(region_dir / "badblocks") or "").splitlines():
+        start, count = (int(x) for x in line.split()[:2])
+        lo, hi = max(start, first), min(start + count, first + nblocks)
+        if lo < hi:
+            if out and out[-1]["block"] + out[-1]["count"] == lo - first:
+                out[-1]["count"] += hi - lo  # badblocks_show() splits long ranges: join them back
+            else:
+                out.append({"block": lo - first, "count": hi - lo})
+    return out
+
+
+def run(mountpoint: str, namespace: str, block: int | None, count: int, uninject: bool, status: bool) -> int:
+    try:
+        root = Root.of(mountpoint)
+        if status:
+            doc: dict[str, Any] = {"dev": namespace, "badblocks": namespace_badblocks(root, namespace)}
+            print(json.dumps(doc, indent=2))
+            return 0
+        if block is None:
+            raise InjectError("--block is required (or --status)")
+        request(root, namespace, block, count, uninject)
+    except (NotAMount, InjectError) as e:
+        print(f"vnvdimm: {e}", file=sys.stderr)
+        return 1
+    verb = "uninjected" if uninject else "injected"
+    print(f"{verb} {count} bad block(s) at block {block} of {namespace}", file=sys.stderr)
+    return 0
