@@ -152,7 +152,7 @@ def setup_logging(state: StateDir, verbose: int, foreground: bool) -> None:
 
 def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock, ready_fd: int | None) -> int:
     """The daemon proper: returns when the file system is unmounted."""
-    from vnvdimm.fuse.ops import VnvdimmOperations, serve
+    from vnvdimm.fuse.ops import VnvdimmOperations, raise_readahead, serve
     from vnvdimm.memmap import MemmapEngine
     from vnvdimm.model.system import MemmapSettings, System
     from vnvdimm.sysfs.tree import Tree
@@ -181,6 +181,7 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
                     break
                 except OSError:
                     time.sleep(0.01)
+            raise_readahead(str(opts.mountpoint))
             record.write_text(json.dumps({"pid": os.getpid(), "state_dir": str(state.path),
                                           "mountpoint": str(opts.mountpoint)}))
             log.info("mounted %s (state %s)", opts.mountpoint, state.path)

@@ -64,18 +64,26 @@ class DataPath:
         if self.closed:
             raise fail(errno.ENXIO, "device is gone")
 
-    def read(self, size: int, offset: int) -> bytes:
+    def readinto(self, buf: memoryview, offset: int) -> int:
+        """Read into `buf` (the FUSE reply buffer: no intermediate copy); returns the length."""
         self._check_open()
-        if offset >= self.size or size <= 0:
-            return b""
-        size = min(size, self.size - offset)
+        size = min(len(buf), self.size - offset)
+        if size <= 0:
+            return 0
         extents = list(self._extents(offset, size))
         badblocks.check_read(self.media, extents)
         self._sync(offset, size)
-        parts = [self.media.pread(n, moff) for moff, n in extents]
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        done = 0
+        for moff, n in extents:
+            done += self.media.preadinto(buf[done: done + n], moff)
+        return done
 
-    def write(self, data: bytes, offset: int) -> int:
+    def read(self, size: int, offset: int) -> bytes:
+        buf = bytearray(max(0, min(size, self.size - offset)))
+        n = self.readinto(memoryview(buf), offset) if buf else 0
+        return bytes(buf[:n])
+
+    def write(self, data: bytes | memoryview, offset: int) -> int:
         self._check_open()
         if self.read_only():
             raise fail(errno.EROFS, "read-only")

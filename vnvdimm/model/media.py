@@ -42,6 +42,9 @@ class Media:
     def pread(self, size: int, offset: int) -> bytes:
         return os.pread(self.fd, size, offset)
 
+    def preadinto(self, buf: memoryview, offset: int) -> int:
+        return os.preadv(self.fd, [buf], offset)
+
     def pwrite(self, data: bytes | memoryview, offset: int) -> int:
         return os.pwrite(self.fd, data, offset)
 
