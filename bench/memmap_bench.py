@@ -263,10 +263,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON")
-    ap.add_argument("--reps", type=int, default=0, help="repetitions (default: 5, quick: 3)")
+    ap.add_argument("--reps", type=int, default=0, help="repetitions (default: 9, quick: 3)")
     args = ap.parse_args()
     quick = args.quick
-    reps = args.reps or (3 if quick else 5)
+    reps = args.reps or (3 if quick else 9)
     ncpu = os.cpu_count() or 1
 
     # Engines first: their workers fork before this process has any thread.
@@ -283,7 +283,7 @@ def main() -> None:
         npages = (1 << 20) if quick else (4 << 20)
         engines = {1: eng_1, ncpu: eng_all}
         rows += bench_throughput(engines, fillers, npages, reps, ncpu)
-        rows += bench_first_access(eng_all, [1, 16] if quick else [4, 64], 30 if quick else 100)
+        rows += bench_first_access(eng_all, [1, 16] if quick else [4, 64], 30 if quick else 200)
         rows += bench_naive(3 if quick else 5, 2000 if quick else 10000)
     finally:
         fillers.close()

@@ -179,6 +179,7 @@ class MemmapJob:
         self._disp_ref = False
         self._attached: set[int] = set()  # worker slots holding a mapping
         self._acks: set[int] = set()  # worker slots that must acknowledge a cancel
+        self._detach_acks: set[int] = set()  # ... a detach (the job is done)
         self._cancel_time = 0.0
         if self._done:
             self._t_end = self._t0
@@ -658,8 +659,8 @@ class MemmapEngine:
         st = job._state
         nb = len(st)
         c = job._cursor
-        b0 = -1
-        while c < nb:
+        b0 = c if c < nb and st[c] == PENDING else -1  # the usual case: no scan
+        while b0 < 0 and c < nb:
             window = st[c : c + 4096]
             hit = np.flatnonzero(window == PENDING)
             if hit.size:
@@ -1015,13 +1016,14 @@ class MemmapEngine:
                 with self._lock:
                     job._users -= 1
                 continue
-            if cancel and self._send(w, ("cancel", job.id)):
+            # Done: no run of the job can be outstanding, the worker just unmaps ("detach").
+            # Either way its _users ref is dropped on the ack: the storage is released only
+            # once no worker maps it, so release() really frees the memory (and a worker does
+            # not pay for tearing down a big mapping in the middle of the next job).
+            if self._send(w, ("cancel" if cancel else "detach", job.id)):
                 with self._lock:
-                    job._acks.add(slot)  # its _users ref is dropped on the ack
+                    (job._acks if cancel else job._detach_acks).add(slot)
                 continue
-            if not cancel:
-                # Done: no run of the job can be outstanding; the worker just unmaps.
-                self._send(w, ("detach", job.id))
             with self._lock:
                 job._users -= 1
         with self._lock:
@@ -1075,14 +1077,15 @@ class MemmapEngine:
             for job in jobs:
                 self._attach(w, job)
             return
-        if kind == "cancelled":
+        if kind in ("cancelled", "detached"):
             with self._lock:
                 job = self._job_by_id(msg[1])
                 if job is None:
                     return
                 self._drop_outstanding_locked(w, job)
-                if w.slot in job._acks:
-                    job._acks.discard(w.slot)
+                acks = job._acks if kind == "cancelled" else job._detach_acks
+                if w.slot in acks:
+                    acks.discard(w.slot)
                     job._users -= 1
                 self._maybe_release_locked(job)
             return
@@ -1136,9 +1139,10 @@ class MemmapEngine:
                 if w.slot in job._attached:
                     job._attached.discard(w.slot)
                     job._users -= 1
-                if w.slot in job._acks:
-                    job._acks.discard(w.slot)
-                    job._users -= 1
+                for acks in (job._acks, job._detach_acks):
+                    if w.slot in acks:
+                        acks.discard(w.slot)
+                        job._users -= 1
                 self._maybe_release_locked(job)
             closing = self._closing
         w.sock.close()

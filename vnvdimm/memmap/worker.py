@@ -9,7 +9,7 @@ with ``SCM_RIGHTS``). Engine -> worker::
     ("attach", jid, geometry)   + the job's memfd      map the job's storage (kept until detach)
     ("run", jid, rid, lo, hi, ns_per_page, populate)   initialize job pages [lo, hi)
     ("cancel", jid)                                    abandon the job's runs, unmap, then ack
-    ("detach", jid)                                    the job is done: unmap
+    ("detach", jid)                                    the job is done: unmap, then ack
     ("exit",)
 
 Worker -> engine::
@@ -18,6 +18,7 @@ Worker -> engine::
     ("done", jid, rid, populated_sections)
     ("abandoned", jid, rid)      the run was stopped by a cancel (or the job is unknown)
     ("cancelled", jid)           ack of "cancel": nothing of the job is mapped any more
+    ("detached", jid)            ack of "detach": same
     ("error", jid, rid, message) the run failed (e.g. ENOSPC in phase 1)
 """
 
@@ -170,6 +171,7 @@ class Worker:
                     self.send(("cancelled", msg[1]))
                 elif kind == "detach":
                     self._detach(msg[1])
+                    self.send(("detached", msg[1]))
                 elif kind == "exit":
                     return
             finally:
