@@ -31,8 +31,12 @@ Model
 * Phase 2, per ``align_pages`` block (a numpy uint8 per block: PENDING / claimed-by / DONE).
   Claims are made only in the engine process under one lock; a dispatcher thread hands each
   worker runs of up to a section, two in flight. ``sync_range`` claims the pending blocks it
-  covers, initializes them itself and waits for those a worker holds. A dead worker's runs are
-  re-queued and a replacement is spawned.
+  covers, initializes them itself and waits for those a worker holds (and takes over those a
+  dead worker gave back). A dead worker's runs are re-queued and a replacement is spawned
+  (fork+exec: threads exist by then); if none can be started, an in-process thread finishes.
+* Workers map a job's storage from its creation until it is done (or cancelled), then unmap
+  and acknowledge; the engine keeps its own mapping and the memfd until ``release()`` /
+  ``cancel()``, which return once the memory is really freed.
 * ``ns_per_page``: a floor on the time any initialization takes (emulates a slow platform).
 * ``mode="sync"``: ``create_job`` returns when the job is done (the pre-series kernel).
 

@@ -18,6 +18,7 @@ Concurrency model (why it is safe):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import itertools
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -467,6 +469,18 @@ class _Worker:
             time.sleep(0.002)
 
 
+_live_engines: weakref.WeakSet[MemmapEngine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    # A program that forgot close(): its workers would exit on EOF anyway, but close() also
+    # reaps them and frees the storage in order.
+    for eng in list(_live_engines):
+        with contextlib.suppress(Exception):
+            eng.close()
+
+
 class MemmapEngine:
     """A pool of worker processes shared by every job (the kernel's async domain)."""
 
@@ -514,6 +528,7 @@ class MemmapEngine:
             if self._closed:
                 raise RuntimeError("engine is closed")
             self._started = True
+        _live_engines.add(self)
         # Fork is fast (ms) but only safe before any other thread exists; otherwise spawn.
         can_fork = threading.active_count() == 1
         for slot in range(self._nworkers):
