@@ -268,6 +268,11 @@ def synth_uevent(buf: bytes) -> str:
     return action
 
 
+def uevent_store(buf: bytes) -> None:
+    """The store of every `uevent` attribute (devices, drivers, buses): kobject_synth_uevent()."""
+    synth_uevent(buf)
+
+
 NULL_UUID = uuidlib.UUID(int=0)
 
 
@@ -316,7 +321,7 @@ class Device:
 
     def _uevent_store(self, buf: bytes) -> None:
         # Writing an action ("add", "change") to uevent synthesizes an event; there is no udev here.
-        synth_uevent(buf)
+        uevent_store(buf)
 
     def children(self) -> Iterable[Device]:
         return ()

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from vnvdimm.model import badblocks
-from vnvdimm.model.base import PAGE_SIZE, Device, Entry, Link, fail, ro
+from vnvdimm.model.base import PAGE_SIZE, Device, Entry, Link, fail, ro, rw, uevent_store
 from vnvdimm.model.system import BLKEXT_MAJOR
 
 if TYPE_CHECKING:
@@ -132,7 +132,8 @@ class Disk(Device):
             ro("alignment_offset", lambda: "0\n"),
             ro("discard_alignment", lambda: "0\n"),
             *([ro("badblocks", lambda: badblocks.disk_show(self))] if badblocks.disk_has_badblocks(self) else []),
-            ro("uevent", lambda: f"MAJOR={self.devt[0]}\nMINOR={self.devt[1]}\nDEVNAME={self.name}\nDEVTYPE=disk\n"),
+            rw("uevent", lambda: f"MAJOR={self.devt[0]}\nMINOR={self.devt[1]}\nDEVNAME={self.name}\nDEVTYPE=disk\n",
+               uevent_store),
             Group("queue", [
                 ro("logical_block_size", lambda: f"{self.logical_block_size}\n"),
                 ro("physical_block_size", lambda: f"{max(self.logical_block_size, 4096)}\n"),

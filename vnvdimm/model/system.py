@@ -78,6 +78,7 @@ class System:
         self.nd_drivers: dict[str, Driver] = {}
         self.dax_drivers: dict[str, Driver] = {}
         self.region_ida = Ida()
+        self.autoprobe = {"nd": True, "dax": True}  # /sys/bus/<bus>/drivers_autoprobe
         self.minors = {NDCTL_MAJOR: Ida(), NMEM_MAJOR: Ida(), DAX_MAJOR: Ida(), BLKEXT_MAJOR: Ida()}
         self._notifiers: list[Notifier] = []
 
@@ -135,7 +136,7 @@ class System:
     def device_add(self, dev: Device) -> None:
         """device_add() + bus_probe_device(): a new device is tried against its bus's drivers."""
         self.changed()
-        if dev.bus_name is None:
+        if dev.bus_name is None or not self.autoprobe.get(dev.bus_name, True):
             return
         for drv in self.drivers_of(dev.bus_name).values():
             if drv.matches(dev):

@@ -11,7 +11,7 @@ import posixpath
 import threading
 from dataclasses import dataclass
 
-from vnvdimm.model.base import Attr, BinAttr, Device, Group, Link
+from vnvdimm.model.base import Attr, BinAttr, Device, Group, Link, uevent_store
 from vnvdimm.model.bus import NdCtl, NvdimmBus
 from vnvdimm.model.dax import DevDax
 from vnvdimm.model.dimm import Nvdimm
@@ -109,9 +109,10 @@ class TreeBuilder:
         for bus_name, drivers in (("nd", self.system.nd_drivers), ("dax", self.system.dax_drivers)):
             base = f"/sys/bus/{bus_name}"
             s.dir(f"{base}/devices")
-            s.add(f"{base}/drivers_autoprobe", KAttr(Attr("drivers_autoprobe", 0o644, show=lambda: "1\n",
-                                                          store=lambda buf: None), self.lock))
-            s.add(f"{base}/uevent", KAttr(Attr("uevent", 0o200, store=lambda buf: None), self.lock))
+            s.add(f"{base}/drivers_autoprobe", KAttr(Attr(
+                "drivers_autoprobe", 0o644, show=lambda bus_name=bus_name: self._autoprobe_show(bus_name),
+                store=lambda buf, bus_name=bus_name: self._autoprobe_store(bus_name, buf)), self.lock))
+            s.add(f"{base}/uevent", KAttr(Attr("uevent", 0o200, store=uevent_store), self.lock))
             for drv in drivers.values():
                 self._driver(s, f"{base}/drivers/{drv.name}", drv)  # type: ignore[arg-type]
         for mod in MODULES:
@@ -123,6 +124,13 @@ class TreeBuilder:
             self._device(s, bus)
         self._dev(s)
         return s
+
+    def _autoprobe_show(self, bus_name: str) -> str:
+        return f"{int(self.system.autoprobe[bus_name])}\n"
+
+    def _autoprobe_store(self, bus_name: str, buf: bytes) -> None:
+        # drivers_autoprobe_store(): '0' as the first byte turns it off, anything else on
+        self.system.autoprobe[bus_name] = buf[:1] != b"0"
 
     def _system_dirs(self, s: Snapshot) -> None:
         nodes = sorted({0} | {r.numa_node for b in self.system.buses for r in b.regions})
@@ -144,7 +152,7 @@ class TreeBuilder:
         /sys/bus/dax, i.e. on the "dax-class" model it would pick anyway (see README limits)."""
         path = "/sys/devices/virtual/vnvdimm/devfile"
         s.add(f"{path}/uevent", KAttr(Attr("uevent", 0o644, show=lambda: "DEVNAME=vnvdimm-devfile\n",
-                                          store=lambda buf: None), self.lock))
+                                          store=uevent_store), self.lock))
         s.dir("/sys/class/vnvdimm")
         s.link(f"{path}/subsystem", "/sys/class/vnvdimm")
         s.link("/sys/class/vnvdimm/devfile", path)
@@ -155,7 +163,7 @@ class TreeBuilder:
         for part in bus.platform_path.split("/"):
             path = f"{path}/{part}"
             s.dir(path)
-            s.add(f"{path}/uevent", KAttr(Attr("uevent", 0o644, show=lambda: "", store=lambda buf: None),
+            s.add(f"{path}/uevent", KAttr(Attr("uevent", 0o644, show=lambda: "", store=uevent_store),
                                           self.lock))
         modalias = "platform:e820_pmem" if bus.provider == "e820" else "acpi:ACPI0012:"
         s.add(f"{path}/modalias", KAttr(Attr("modalias", 0o444, show=lambda: f"{modalias}\n"), self.lock))
