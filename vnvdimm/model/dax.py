@@ -3,10 +3,9 @@ device and its single device-dax instance on the dax bus."""
 
 from __future__ import annotations
 
-import errno
 from typing import TYPE_CHECKING
 
-from vnvdimm.model.base import Device, Entry, Group, fail, kstrtoull, ro, rw
+from vnvdimm.model.base import Device, Entry, Group, ro, rw, uevent_store
 from vnvdimm.model.system import DAX_MAJOR
 
 if TYPE_CHECKING:
@@ -24,11 +23,12 @@ class DaxRegion:
         self.align = align
 
     def group(self) -> Group:
+        # dax_region_visible(): a static region hides available_size, create, seed and delete;
+        # its align is 0400 (dev_attr_region_align).
         return Group("dax_region", [
             ro("id", lambda: f"{self.id}\n"),
             ro("size", lambda: f"{self.size}\n"),
-            ro("align", lambda: f"{self.align}\n"),
-            ro("available_size", lambda: "0\n"),  # a static region is wholly taken by its instance
+            ro("align", lambda: f"{self.align}\n", mode=0o400),
         ])
 
 
@@ -50,9 +50,11 @@ class DevDax(Device):
         return [
             ro("modalias", lambda: "dax:t0*\n"),
             ro("dev", lambda: f"{self.devt[0]}:{self.devt[1]}\n"),
-            ro("uevent", lambda: f"MAJOR={self.devt[0]}\nMINOR={self.devt[1]}\nDEVNAME={self.name}\n"),
+            rw("uevent", lambda: f"MAJOR={self.devt[0]}\nMINOR={self.devt[1]}\nDEVNAME={self.name}\n",
+               uevent_store),
             ro("size", lambda: f"{r.size}\n"),
-            rw("align", lambda: f"{self.align}\n", self._align_store),
+            # dev_dax_visible(): size and align are 0444 on a static (nd pmem) dax region
+            ro("align", lambda: f"{self.align}\n"),
             ro("target_node", lambda: f"{self.nd_dax.region.target_node}\n"),
             ro("numa_node", lambda: f"{self.nd_dax.region.numa_node}\n"),
             ro("resource", lambda: f"{r.start:#x}\n", mode=0o400),
@@ -62,14 +64,6 @@ class DevDax(Device):
                 ro("page_offset", lambda: "0x0\n", mode=0o400),
             ]),
         ]
-
-    def _align_store(self, buf: bytes) -> None:
-        if self.driver is not None:
-            raise fail(errno.EBUSY, f"{self.name} is active")
-        align = kstrtoull(buf)
-        if align not in (4096, 2 << 20, 1 << 30) or self.region.size % align or align > self.region.align:
-            raise fail(errno.EINVAL, f"unsupported alignment {align}")
-        self.align = align
 
     def close(self) -> None:
         self.data.closed = True
