@@ -5,10 +5,23 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from vnvdimm.model.base import PAGE_SIZE, SZ_4K, Attr, Device, Driver, Entry, fail, streq_text
+from vnvdimm.model.base import (
+    PAGE_SIZE,
+    SZ_4K,
+    Attr,
+    Device,
+    Driver,
+    Entry,
+    cstring,
+    fail,
+    streq_text,
+    sysfs_streq,
+    uevent_store,
+)
 from vnvdimm.model.infoblock import (
     ARENA_MIN_SIZE,
     DAX_SIG,
@@ -36,7 +49,7 @@ class BusDriver(Driver):
         return [
             Attr("bind", 0o200, store=self._bind_store, blocking=True),
             Attr("unbind", 0o200, store=self._unbind_store, blocking=True),
-            Attr("uevent", 0o200, store=lambda buf: None),
+            Attr("uevent", 0o200, store=uevent_store),
         ]
 
     def _bind_store(self, buf: bytes) -> None:
@@ -309,7 +322,6 @@ class DaxBusDriver(BusDriver):
     def __init__(self, system: System, name: str) -> None:
         super().__init__(system, name, "dax")
         self.ids: set[str] = set()
-        self.excluded: set[str] = set()
 
     def entries(self) -> list[Entry]:
         return [*super().entries(),
@@ -317,28 +329,51 @@ class DaxBusDriver(BusDriver):
                 Attr("remove_id", 0o200, store=self._remove_id_store)]
 
     def _new_id_store(self, buf: bytes) -> None:
-        name = streq_text(buf)
-        if not name.startswith("dax"):
-            raise fail(errno.EINVAL, f"{name!r} is not a dax device")
-        self.ids.add(name)
-        self.excluded.discard(name)
+        """do_id_store(ID_ADD): remember the id, then driver_attach() (probe errors ignored)."""
+        name = dax_id(buf)
+        with self.system.lock:
+            self.ids.add(name)
+            for dev in list(self.system.bus_devices("dax")):
+                if dev.driver is None and self.matches(dev):
+                    try:
+                        self.system.driver_attach(self, dev)
+                    except OSError as e:
+                        log.debug("%s: probe by %s failed: %s", dev.name, self.name, e)
 
     def _remove_id_store(self, buf: bytes) -> None:
-        name = streq_text(buf)
-        self.ids.discard(name)
-        self.excluded.add(name)
+        """do_id_store(ID_REMOVE): forget the id (an unknown one is not an error)."""
+        name = dax_id(buf)
+        with self.system.lock:
+            self.ids.discard(name)
 
     def matches(self, dev: Device) -> bool:
+        """dax_bus_match(): an id from new_id, else the driver type (device_dax matches
+        every instance of a pmem region, kmem none)."""
         from vnvdimm.model.dax import DevDax
 
         if not isinstance(dev, DevDax):
             return False
-        if dev.name in self.ids:
-            return True
-        return self.default_match and dev.name not in self.excluded
+        return dev.name in self.ids or self.default_match
 
     def probe(self, dev: Device) -> None:
         pass
+
+
+def dax_id(buf: bytes) -> str:
+    """do_id_store(): sscanf(buf, "dax%d.%d") must find both numbers and the buffer must be
+    sysfs_streq() to their canonical "dax%d.%d" spelling; EINVAL otherwise."""
+    m = re.match(rb"dax[ \t\n\v\f\r]*([-+]?\d+)\.[ \t\n\v\f\r]*([-+]?\d+)", cstring(buf))
+    if m is None:
+        raise fail(errno.EINVAL, "not a dax device id")
+
+    def c_int(digits: bytes) -> int:
+        value = int(digits) & 0xFFFFFFFF  # %d into an int: wraps like the kernel's vsscanf
+        return value - (1 << 32) if value >= 1 << 31 else value
+
+    canonical = f"dax{c_int(m.group(1))}.{c_int(m.group(2))}"
+    if not sysfs_streq(buf, canonical):
+        raise fail(errno.EINVAL, f"{streq_text(buf)!r} is not spelled {canonical!r}")
+    return canonical
 
 
 class KmemDriver(DaxBusDriver):
