@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from vnvdimm.model.base import Attr, Device, Entry, Group, Link, ro
+from vnvdimm.model.base import Attr, Device, Entry, Group, Link, ro, uevent_store
 from vnvdimm.model.system import NDCTL_MAJOR
 
 if TYPE_CHECKING:
@@ -47,8 +48,9 @@ class NvdimmBus(Device):
             out.append(Group("nfit", [
                 ro("revision", lambda: "1\n"),
                 ro("dsm_mask", lambda: "0x3bf\n"),
-                Attr("scrub", 0o644, show=lambda: "0\n", store=self._scrub_store),
-                Attr("hw_error_scrub", 0o644, show=lambda: "1\n", store=lambda buf: None),
+                Attr("scrub", 0o644, show=lambda: f"{self.scrub_count}\n", store=self._scrub_store),
+                Attr("hw_error_scrub", 0o644, show=lambda: f"{self.hw_error_scrub}\n",
+                     store=self._hw_error_scrub_store),
             ]))
         from vnvdimm.model.badblocks import bus_entries
 
@@ -61,10 +63,26 @@ class NvdimmBus(Device):
             pass
         return "1\n"
 
-    def _scrub_store(self, buf: bytes) -> None:
-        from vnvdimm.model.base import kstrtoull
+    scrub_count = 0
+    hw_error_scrub = 1  # HW_ERROR_SCRUB_ON
 
-        kstrtoull(buf)  # an ARS run completes at once: there are no media errors to find
+    def _scrub_store(self, buf: bytes) -> None:
+        """acpi/nfit scrub_store(): kstrtol(), anything but 1 is EINVAL. An ARS run completes
+        at once here, so the count of completed scrubs goes up and nothing stays busy ('+')."""
+        from vnvdimm.model.base import fail, kstrtol
+
+        if kstrtol(buf) != 1:
+            raise fail(errno.EINVAL, "only 1 starts a scrub")
+        self.scrub_count += 1
+
+    def _hw_error_scrub_store(self, buf: bytes) -> None:
+        """acpi/nfit hw_error_scrub_store(): 0 (off) or 1 (on), EINVAL otherwise."""
+        from vnvdimm.model.base import fail, kstrtol
+
+        value = kstrtol(buf)
+        if value not in (0, 1):
+            raise fail(errno.EINVAL, "hw_error_scrub is 0 or 1")
+        self.hw_error_scrub = value
 
     def children(self) -> Iterable[Device]:
         yield self.ctl
@@ -88,7 +106,7 @@ class NdCtl(Device):
         return [
             ro("dev", lambda: f"{self.devt[0]}:{self.devt[1]}\n"),
             Attr("uevent", 0o644, show=lambda: f"MAJOR={self.devt[0]}\nMINOR={self.devt[1]}\nDEVNAME={self.name}\n",
-                 store=lambda buf: None),
+                 store=uevent_store),
             Link("device", self.parent) if self.parent else Link("device", "/devices"),
             Link("subsystem", "/class/nd"),
         ]
