@@ -9,16 +9,15 @@ from typing import TYPE_CHECKING
 
 from vnvdimm.model.base import (
     NULL_UUID,
-    SZ_16M,
     Device,
     Entry,
-    cstring,
     fail,
     kstrtobool,
     kstrtoull,
     parse_uuid,
     ro,
     rw,
+    strim,
     sysfs_streq,
 )
 
@@ -99,10 +98,15 @@ class Namespace(Device):
             ro("holder", lambda: f"{self.claim.name if self.claim else ''}\n"),
             rw("holder_class", lambda: f"{self.claim_class}\n", self._holder_class_store),
             rw("force_raw", lambda: f"{int(self.force_raw)}\n", self._force_raw_store),
-            ro("resource", lambda: f"{self.start:#x}\n", mode=0o400),
+            ro("resource", self._resource_show, mode=0o400),
             ro("numa_node", lambda: f"{self.region.numa_node}\n"),
             ro("target_node", lambda: f"{self.region.target_node}\n"),
         ]
+
+    def _resource_show(self) -> str:
+        if self.size == 0:
+            raise fail(errno.ENXIO, "no address to convey if the namespace has no allocation")
+        return f"{self.start:#x}\n"
 
     def _busy(self) -> None:
         if self.driver is not None or self.claim is not None:
@@ -151,6 +155,8 @@ class NamespacePmem(Namespace):
             rw("uuid", lambda: f"{self.uuid}\n" if self.uuid else "\n", self._uuid_store),
             rw("alt_name", lambda: f"{self.alt_name}\n", self._alt_name_store),
             rw("sector_size", self._sector_size_show, self._sector_size_store),
+            # one DPA allocation per DIMM of the interleave set once the namespace has one
+            ro("dpa_extents", lambda: f"{len(self.region.mappings) if self.size and self.uuid else 0}\n"),
         ]
 
     def _sector_size_show(self) -> str:
@@ -167,27 +173,44 @@ class NamespacePmem(Namespace):
     def _uuid_store(self, buf: bytes) -> None:
         self._busy()
         new = parse_uuid(buf)
-        if any(ns is not self and ns.uuid == new for ns in self.region.namespaces):
-            raise fail(errno.EINVAL, "uuid already in use by another namespace")
+        if not uuid_is_unique(self.region, new):
+            # nd_is_uuid_unique(): every namespace, btt and pfn of the bus (this namespace's
+            # current uuid included, so re-writing the same uuid is refused too).
+            raise fail(errno.EINVAL, "uuid already in use on this bus")
         self.uuid = new
         self.region.update_labels(self)
 
     def _alt_name_store(self, buf: bytes) -> None:
         self._busy()
-        name = cstring(buf).decode("utf-8", "replace").rstrip("\n")
-        if len(name.encode()) >= NSLABEL_NAME_LEN:
+        # __alt_name_store(): strim() the C string; the bytes are kept as they are (shown back
+        # byte for byte: surrogateescape round-trips non-UTF-8 bytes through str).
+        raw = strim(buf).encode("latin-1")
+        if len(raw) + 1 > NSLABEL_NAME_LEN:
             raise fail(errno.EINVAL, "alt_name longer than 63 bytes")
-        self.alt_name = name
+        self.alt_name = raw.decode("utf-8", "surrogateescape")
         self.region.update_labels(self)
 
     def _size_store(self, buf: bytes) -> None:
+        size = kstrtoull(buf)  # size_store() parses before it looks at the namespace
         self._busy()
-        size = kstrtoull(buf)
         region = self.region
         if self.uuid is None:
             raise fail(errno.ENXIO, "set uuid before size")
         if size % region.align:
             raise fail(errno.EINVAL, f"size not a multiple of the region align ({region.align:#x})")
-        if size and size < SZ_16M:
-            raise fail(errno.EINVAL, "namespaces are at least 16 MiB")
         region.resize_namespace(self, size)
+
+
+def uuid_is_unique(region: Region, new: uuidlib.UUID) -> bool:
+    """nd_is_uuid_unique(): no pmem namespace, btt or pfn (nd_dax devices are not looked at)
+    of any region of the bus has that uuid."""
+    from vnvdimm.model.personality import Btt, Dax, Pfn
+
+    for other in region.bus.regions:
+        for ns in other.namespaces:
+            if isinstance(ns, NamespacePmem) and ns.uuid == new:
+                return False
+        for dev in other.personalities:
+            if isinstance(dev, Btt | Pfn) and not isinstance(dev, Dax) and dev.uuid == new:
+                return False
+    return True
