@@ -25,8 +25,8 @@ from vnvdimm.model.base import (
     kstrtoull,
     parse_uuid,
     ro,
+    rstrim,
     rw,
-    strim,
     sysfs_streq,
 )
 from vnvdimm.model.infoblock import (
@@ -57,6 +57,20 @@ VMEMMAP_BASE = 0xFFFFEA0000000000
 PGMAP_BASE = 0xFFFF888100000000
 
 
+def c_strncmp_eq(buf: bytes, word: str, n: int) -> bool:
+    """strncmp(buf, word, n) == 0 for the NUL-terminated buffer a store receives."""
+    if n < 0:
+        n = len(buf) + 1  # size_t wrap-around: compare the whole strings
+    a = (buf + b"\0")[:n]
+    b = (word.encode() + b"\0")[:n]
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            return False
+        if x == 0:
+            return True
+    return True  # n bytes compared equal (b ends in its NUL before a could run past it)
+
+
 class Personality(Device):
     """What pfn, dax and btt devices share: a claim on one namespace (claim.c)."""
 
@@ -79,7 +93,7 @@ class Personality(Device):
         """nd_namespace_store()."""
         if self.driver is not None:
             raise fail(errno.EBUSY, f"{self.name} is active")
-        name = strim(buf)
+        name = rstrim(buf)  # kstrndup() + strim() with its result ignored: leading spaces stay
         if name and not name.startswith("namespace"):
             raise fail(errno.EINVAL, f"{name!r} is not a namespace")
         if not name:
@@ -170,11 +184,16 @@ class Pfn(Personality):
         ]
 
     def _mode_store(self, buf: bytes) -> None:
+        """pfn_devs.c mode_store(): strncmp(buf, "pmem\\n", len - 1) == 0 or
+        strncmp(buf, "pmem", len - 1) == 0, then ram, then none. Only the first len - 1 bytes
+        are compared (C strings: a NUL ends the comparison), so a prefix such as "p\\n", or
+        any single byte, selects pmem, as on a real kernel."""
         if self.driver is not None:
             raise fail(errno.EBUSY, f"{self.name} is active")
-        for name, mode in PFN_MODES.items():
-            if sysfs_streq(buf, name):
-                self.mode = mode
+        n = len(buf) - 1
+        for name in ("pmem", "ram", "none"):
+            if c_strncmp_eq(buf, name + "\n", n) or c_strncmp_eq(buf, name, n):
+                self.mode = PFN_MODES[name]
                 return
         raise fail(errno.EINVAL, "mode must be none, ram or pmem")
 
@@ -299,6 +318,8 @@ class Pfn(Personality):
             return geometry
         if self.uuid is None:
             raise fail(errno.ENODEV, f"{self.name} has no uuid")
+        if self.region.read_only:
+            raise fail(errno.ENXIO, f"{self.region.name} is read-only, unable to init metadata")
         if self.mode == PFN_MODE_NONE:
             raise fail(errno.ENXIO, f"{self.name}: mode not set")
         if ndns.start % (2 << 20):
