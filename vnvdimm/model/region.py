@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vnvdimm.model.base import SZ_16M, Device, Entry, Group, Ida, fail, kstrtobool, kstrtoull, ro, rw
+from vnvdimm.model.base import PAGE_SIZE, SZ_16M, Device, Entry, Group, Ida, fail, kstrtobool, kstrtoull, ro, rw
 from vnvdimm.model.namespace import (
     ND_DEVICE_NAMESPACE_IO,
     ND_DEVICE_NAMESPACE_PMEM,
@@ -25,6 +25,16 @@ if TYPE_CHECKING:
     from vnvdimm.model.media import Media
 
 ND_DEVICE_REGION_PMEM = 2
+
+
+def default_align(size: int, ways: int) -> int:
+    """region_devs.c default_align(): 16 MiB (MEMREMAP_COMPAT_ALIGN_MAX), a page for regions
+    smaller than that, times the interleave ways when they do not divide it."""
+    align = SZ_16M if size >= SZ_16M else PAGE_SIZE
+    ways = max(1, ways)
+    if align % ways:
+        align *= ways
+    return align
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,8 @@ class Region(Device):
         self.set_cookie = set_cookie
         self.pagemap = pagemap  # ND_REGION_PAGEMAP: legacy namespaces map their pages (e820)
         self.persistence = persistence
-        self.align = SZ_16M
+        self.align = default_align(size, len(self.mappings))
+        self.ns_active = self.ns_count = 0  # nd_region_data: what the last probe registered
         self.read_only = False
         self.badblocks: list[tuple[int, int]] = []
         self.namespaces: list[Namespace] = []
@@ -112,11 +123,13 @@ class Region(Device):
         return out
 
     def _align_store(self, buf: bytes) -> None:
+        """region_devs.c align_store(): the per-DIMM share must be a power of two of at least
+        a page, the value a multiple of the interleave ways and at most the region size.
+        (The kernel takes a new value at any time; allocations consult it when they happen.)"""
         value = kstrtoull(buf)
-        if self.driver is not None and any(ns.size for ns in self.namespaces if isinstance(ns, NamespacePmem)):
-            raise fail(errno.EBUSY, "align is fixed while namespaces exist")
         ways = max(1, len(self.mappings))
-        if value == 0 or value % (4096 * ways) or self.size % value or value & (value - 1):
+        dpa, remainder = divmod(value, ways)
+        if dpa == 0 or dpa & (dpa - 1) or dpa < PAGE_SIZE or value > self.size or remainder:
             raise fail(errno.EINVAL, f"unsupported region align {value:#x}")
         self.align = value
 
@@ -126,8 +139,7 @@ class Region(Device):
     def _init_namespaces(self) -> str:
         if self.driver is None:
             raise fail(errno.ENXIO, "region disabled")
-        real = [ns for ns in self.namespaces if ns.size]
-        return f"{sum(1 for ns in real if ns.driver or ns.claim)}/{len(real)}\n"
+        return f"{self.ns_active}/{self.ns_count}\n"
 
     def _badblocks_show(self) -> str:
         if self.driver is None:
@@ -289,7 +301,12 @@ class Region(Device):
                 ns = NamespacePmem(self, self.ns_ida.get(), label.offset, label.size)
                 ns.uuid, ns.alt_name, ns.lbasize = label.uuid, label.name, label.lbasize
                 new.append(self._add_namespace(ns))
-            self.create_ns_seed()
+            if not new:  # scan_labels(): publish a zero-sized namespace for userspace to configure
+                new.append(self._add_namespace(NamespacePmem(self, self.ns_ida.get(), 0, 0)))
+        # nd_region_register_namespaces(): the first namespace is the seed; once it (or the
+        # personality claiming it) probes, a labelled region plants a fresh zero-sized seed.
+        self.ns_seed = new[0]
+        self.ns_active = self.ns_count = len(new)
         self.create_seed(Btt)
         self.create_seed(Pfn)
         self.create_seed(Dax)
