@@ -117,13 +117,19 @@ class PfnInfo:
         (checksum,) = struct.unpack_from("<Q", block, INFO_BLOCK_SIZE - 8)
         if checksum != sb_checksum(block):
             return None
-        (sig, u, pu, _flags, major, minor, dataoff, npfns, mode, start_pad, end_trunc, align, _psz, _pss) = (
+        (sig, u, pu, _flags, _major, minor, dataoff, npfns, mode, start_pad, end_trunc, align, _psz, _pss) = (
             _PFN_HEAD.unpack_from(block)
         )
-        if major != 1 or mode not in (PFN_MODE_RAM, PFN_MODE_PMEM):
+        # nd_pfn_validate(): the major version is not looked at; fields a minor version did
+        # not have yet count as zero; a zero align means the largest power of 2 <= dataoff.
+        if mode not in (PFN_MODE_RAM, PFN_MODE_PMEM):
             return None
+        if minor < 1:
+            start_pad = end_trunc = 0
         if minor < 2:
-            align = 1 << 21  # pre-1.2 blocks did not record it; the kernel assumes HPAGE_SIZE
+            align = 0
+        if align == 0:
+            align = 1 << (dataoff.bit_length() - 1) if dataoff else 0
         return cls(sig, uuidlib.UUID(bytes=u), uuidlib.UUID(bytes=pu), dataoff, npfns, mode, align,
                    end_trunc, start_pad, minor)
 
