@@ -55,9 +55,11 @@ class KAttr(KNode):
             raise OSError(errno.EACCES, "attribute is write-only")
         with nullcontext() if self.attr.blocking else self.lock:
             text = self.attr.show()
-        data = text.encode("utf-8", "replace")
-        if len(data) > PAGE_SIZE:
-            data = data[:PAGE_SIZE]  # sysfs_emit() never writes past one page
+        # surrogateescape: bytes a store kept as they were (alt_name) come back byte for byte
+        data = text.encode("utf-8", "surrogateescape")
+        if len(data) >= PAGE_SIZE:
+            # sysfs_kf_seq_show(): "fill_read_buffer: ... returned bad count", PAGE_SIZE - 1 kept
+            data = data[:PAGE_SIZE - 1]
         return data
 
     def store(self, data: bytes) -> int:
