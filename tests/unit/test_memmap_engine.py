@@ -285,7 +285,9 @@ def test_cancel_mid_job(make_engine, workers: int) -> None:
     fds_before = memfds()
     eng = make_engine(workers)
     job = eng.create_job(spec(8 << 20, ns_per_page=500))  # >= 2 s of floor even with 2 workers
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while job.pages_done == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert job.active and job.pages_done > 0
     assert len(memfds()) > len(fds_before)  # (the memfd, and mmap's internal dup of it)
     t0 = time.perf_counter()
