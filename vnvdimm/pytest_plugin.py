@@ -1,0 +1,63 @@
+"""pytest plugin: emulated persistent memory for your tests (registered as `vnvdimm`).
+
+Fixtures:
+
+* ``vnvdimm_testbed``: a started :class:`vnvdimm.testbed.Testbed`, stopped after the test
+  (also when it fails). Its topology comes from the ``vnvdimm_topology`` marker (a dict,
+  TOML text or a TOML path; on the test, its class or module), else the small default
+  (two 256 MiB e820 regions: fsdax map=dev and devdax map=mem).
+* ``vnvdimm_testbed_factory``: ``factory(topology=None, **options) -> Testbed``, started;
+  every test bed it made is stopped after the test.
+
+Tests using them are skipped (not failed) where a test bed cannot run: not root, or no
+/dev/fuse.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "vnvdimm_topology(topology): the platform the vnvdimm_testbed fixture mounts "
+                   "(a dict in the config-file schema, TOML text, or a TOML file path)")
+
+
+def _skip_if_unsupported() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("vnvdimm test beds need root (FUSE mounts, mount namespaces)")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("vnvdimm test beds need /dev/fuse")
+
+
+@pytest.fixture
+def vnvdimm_testbed_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Any]]:
+    from vnvdimm.testbed import Testbed
+
+    made: list[Testbed] = []
+
+    def factory(topology: Any = None, **options: Any) -> Testbed:
+        _skip_if_unsupported()
+        options.setdefault("base_dir", tmp_path_factory.mktemp("vnvdimm"))
+        tb = Testbed(topology, **options)
+        made.append(tb)
+        return tb.start()
+
+    try:
+        yield factory
+    finally:
+        for tb in made:
+            tb.stop()
+
+
+@pytest.fixture
+def vnvdimm_testbed(request: pytest.FixtureRequest, vnvdimm_testbed_factory: Callable[..., Any]) -> Any:
+    marker = request.node.get_closest_marker("vnvdimm_topology")
+    topology = marker.args[0] if marker is not None and marker.args else None
+    options = dict(marker.kwargs) if marker is not None else {}
+    return vnvdimm_testbed_factory(topology, **options)
