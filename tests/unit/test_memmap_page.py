@@ -68,7 +68,7 @@ def test_independent_construction_matches_reference(expected_records) -> None:
                                                            has_pgmap=has).tobytes()
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=200, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
     first_pfn=st.one_of(
