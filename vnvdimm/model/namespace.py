@@ -177,6 +177,10 @@ class NamespacePmem(Namespace):
             # nd_is_uuid_unique(): every namespace, btt and pfn of the bus (this namespace's
             # current uuid included, so re-writing the same uuid is refused too).
             raise fail(errno.EINVAL, "uuid already in use on this bus")
+        if self.uuid is not None and self.region.labels is not None and not self.region.labels.load():
+            # namespace_update_uuid(): renaming needs the interleave set's labels (EBUSY
+            # while a DIMM of the set has none)
+            raise fail(errno.EBUSY, "no labels to rename the uuid in")
         self.uuid = new
         self.region.update_labels(self)
 
