@@ -152,7 +152,7 @@ def bench_create(eng: MemmapEngine, sizes_gib: list[float], reps: int, sync_reps
         npages = int(gib * GIB_PAGES)
         a_samples, s_samples = [], []
         # Async creates cost tens of microseconds: many samples, or the median is scheduler noise.
-        for _ in range(max(reps, 25)):
+        for _ in range(max(reps, 60)):
             dt, job = timed(lambda npages=npages: eng.create_job(spec(npages)))
             a_samples.append(dt * 1e3)
             job.cancel()
