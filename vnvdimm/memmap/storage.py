@@ -201,6 +201,19 @@ class Mapping:
         except OSError:
             pass  # old kernel (EINVAL): the first write faults the pages in instead
 
+    def drop_pages(self, lo: int, hi: int) -> None:
+        """map=dev: unmap the records of job pages [lo, hi) from this process once written.
+
+        They stay in the media file (the page cache writes them back); dropping the mapping
+        keeps the daemon's and the workers' resident size at the sections in flight instead
+        of the whole memmap, as the kernel's altmap costs no RAM either."""
+        if self._file_fd is None or self._rec_map is None:
+            return
+        start = _round_up(lo * RECORD_SIZE, PAGE_SIZE)
+        end = (hi * RECORD_SIZE) // PAGE_SIZE * PAGE_SIZE
+        if end > start:
+            self._rec_map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         self.words = np.zeros((0, 8), dtype=np.uint64)
         self.usemap = np.zeros(0, dtype=np.uint8)
@@ -259,6 +272,7 @@ def initialize_pages(
         owed = t0 + done * ns_per_page * 1e-9 - time.monotonic() if ns_per_page > 0 else 0.0
         if pause(max(owed, 0.0)):
             return False
+    m.drop_pages(lo, hi)
     if ns_per_page > 0:
         # The floor covers the whole run, including its last chunk.
         owed = t0 + done * ns_per_page * 1e-9 - time.monotonic()
