@@ -17,7 +17,7 @@ from pathlib import Path
 from bench import figures
 from bench.common import REPO, Figure, table
 
-SUITES = ("mount", "attr", "devfile", "ndctl", "scale")
+SUITES = ("mount", "attr", "devfile", "ndctl", "bind", "scale")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         "attr": lambda: figures.attribute_latency(300 if q else 3000),
         "devfile": lambda: figures.device_files("512M" if q else "4G"),
         "ndctl": lambda: figures.ndctl_list(2 if q else 7),
+        "bind": lambda: figures.bind_latency(("1G", "4G") if q else ("1G", "16G", "64G")),
         "scale": lambda: figures.scale(16 if q else 256),
     }
     results: list[Figure] = []
