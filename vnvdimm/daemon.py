@@ -247,19 +247,10 @@ class Teardown:
                 f.seek(0)
                 mounted = any(line.split()[1].decode(errors="replace") == str(self.mountpoint)
                               for line in f.read().splitlines() if len(line.split()) > 1)
-                if not mounted and not self._still_mounted():
+                if not mounted:
                     self.quiesce("unmounted")
                     return
                 p.poll(1000)
-
-    def _still_mounted(self) -> bool:
-        """A second look before tearing down: a read of /proc/self/mounts that takes several
-        read(2) calls can skip lines while other mounts come and go (seq_file positions), so
-        one missing line is not proof. A mount point's device differs from its parent's."""
-        try:
-            return os.stat(self.mountpoint).st_dev != os.stat(self.mountpoint.parent).st_dev
-        except OSError:
-            return False
 
 
 def mount(opts: MountOptions) -> int:
