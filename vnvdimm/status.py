@@ -312,26 +312,25 @@ def human_eta(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def memmap_renderable(mm: Memmap, bar_width: int = 30) -> Any:
+def memmap_renderable(mm: Memmap, bar_width: int = 24) -> Any:
     from rich.progress_bar import ProgressBar
     from rich.table import Table
     from rich.text import Text
 
-    grid = Table.grid(padding=(0, 1))
     if not mm.active:
         rate = human_rate(mm.pages_per_sec)
         return Text.assemble(("memmap ", "dim"), (mm.device, "bold"), " ", ("idle", "green"),
                              f"  {mm.pages_done}/{mm.pages_total} pages in {mm.elapsed_us / 1e6:.2f} s ({rate})")
-    grid.add_column(no_wrap=True)
-    grid.add_column(width=bar_width, no_wrap=True)
-    grid.add_column(no_wrap=True)
     label = Text.assemble(("memmap ", "dim"), (mm.device, "bold"), " ", ("active", "yellow"))
-    bar = ProgressBar(total=max(1, mm.pages_total), completed=mm.pages_done, width=bar_width)
-    detail = (f"{mm.fraction * 100:5.1f}%  {mm.pages_done}/{mm.pages_total} pages  "
-              f"{human_rate(mm.pages_per_sec)}  ETA {human_eta(mm.eta_s)}")
+    detail = Text(f"{mm.fraction * 100:5.1f}%  {mm.pages_done}/{mm.pages_total} pages  "
+                  f"{human_rate(mm.pages_per_sec)}  ETA {human_eta(mm.eta_s)}")
     if mm.pause_at is not None and mm.pause_at < 1000:
-        detail += f"  (pause_at {mm.pause_at / 10:g}%)"
-    grid.add_row(label, bar, detail)
+        detail.append(f" (pause at {mm.pause_at / 10:g}%)", "dim")
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True, min_width=len(label.plain))
+    grid.add_column(width=bar_width, no_wrap=True)
+    grid.add_column(overflow="fold")
+    grid.add_row(label, ProgressBar(total=max(1, mm.pages_total), completed=mm.pages_done, width=bar_width), detail)
     return grid
 
 

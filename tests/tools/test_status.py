@@ -1,0 +1,109 @@
+"""`vnvdimm status` on a real mount: the tree (text, on a terminal, JSON) and --watch."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+from tooltest import VNVDIMM, PtyRun, clean_env, hold_memmap, holder, release_memmap, strip_ansi
+
+
+def status(m, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VNVDIMM, "status", str(m.root), *args], capture_output=True, text=True, timeout=60,
+                          env=clean_env())
+
+
+def test_text_tree_without_a_terminal(mnt) -> None:
+    res = status(mnt)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "\x1b[" not in out  # plain text into a pipe: no escape codes
+    pfn, dax = holder(mnt, "namespace0.0"), holder(mnt, "namespace1.0")
+    lines = out.splitlines()
+    assert lines[0] == "ndbus0  provider e820"
+    assert re.search(r"region0  256\.0 MiB", out)
+    assert re.search(rf"namespace0\.0  fsdax map=dev  250\.0 MiB  {mnt.root}/dev/pmem0  \({pfn}\)", out)
+    assert re.search(rf"namespace1\.0  devdax map=mem  254\.0 MiB  {mnt.root}/dev/dax1\.0  \({dax}\)", out)
+    assert re.search(rf"memmap {pfn} idle  65534/65534 pages in", out)
+    assert re.search(rf"memmap {dax} idle  65536/65536 pages in", out)
+    # A tree: regions hang off the bus, namespaces off regions, memmaps off namespaces.
+    assert any(line.startswith("├── region0") for line in lines)
+    assert any(line.startswith("└── region1") for line in lines)
+
+
+def test_json_agrees_with_ndctl(mnt) -> None:
+    res = status(mnt, "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    (bus,) = doc["buses"]
+    assert (bus["dev"], bus["provider"]) == ("ndbus0", "e820")
+    namespaces = {ns["dev"]: ns for region in bus["regions"] for ns in region["namespaces"]}
+    ndctl = {ns["dev"]: ns for ns in mnt.ndctl("list", "-N")}
+    assert set(namespaces) == set(ndctl) == {"namespace0.0", "namespace1.0"}
+    for name, ns in namespaces.items():
+        for key in ("mode", "map", "size", "blockdev", "chardev"):
+            assert ns.get(key) == ndctl[name].get(key), (name, key)
+        assert ns["enabled"] is True
+        mm = ns["memmap"]
+        assert mm["state"] == "idle" and mm["pages_done"] == mm["pages_total"] > 0
+        assert mm["eta_s"] is None and mm["workers"] == 2
+    assert namespaces["namespace0.0"]["path"] == f"{mnt.root}/dev/pmem0"
+    assert namespaces["namespace1.0"]["path"] == f"{mnt.root}/dev/dax1.0"
+
+
+def test_progress_bar_on_a_terminal(slow_mnt) -> None:
+    pfn = holder(slow_mnt, "namespace0.0")
+    hold_memmap(slow_mnt, pfn, 400)
+    try:
+        run = PtyRun([*VNVDIMM, "status", str(slow_mnt.root)])
+        assert run.finish(60) == 0
+    finally:
+        release_memmap(slow_mnt, pfn)
+    raw = run.output
+    assert b"\x1b[" in raw  # colours on a terminal
+    text = strip_ansi(raw)
+    assert "━" in text  # rich's progress bar
+    line = next(line for line in text.splitlines() if f"memmap {pfn} active" in line)
+    m = re.search(r"(\d+\.\d)%\s+(\d+)/(\d+) pages\s+\S+ pages/s\s+ETA (\d+:\d\d|-:--)", line)
+    assert m, line
+    assert 40 <= float(m.group(1)) < 100 and int(m.group(3)) == 65534
+
+
+def test_watch_redraws_in_place_until_interrupted(slow_mnt) -> None:
+    pfn = holder(slow_mnt, "namespace0.0")
+    hold_memmap(slow_mnt, pfn, 300)
+    run = PtyRun([*VNVDIMM, "status", str(slow_mnt.root), "--watch"])
+    try:
+        run.read_until(b"active", 20)
+        assert f"memmap {pfn} active" in strip_ansi(run.output)
+        release_memmap(slow_mnt, pfn)
+        run.read_until(f"memmap {pfn} idle".encode(), 30)
+        run.read_for(0.6)
+    finally:
+        release_memmap(slow_mnt, pfn)
+        run.interrupt()
+    assert run.finish(20) == 0
+    text = strip_ansi(run.output)
+    assert f"memmap {pfn} idle" in text
+    # Redrawn in place: rich moves the cursor up over the previous frame.
+    assert run.output.count(b"\x1b[1A") > 10
+    assert "(Ctrl-C to quit)" in text
+
+
+def test_watch_json_lines_into_a_pipe(slow_mnt) -> None:
+    proc = subprocess.Popen([*VNVDIMM, "status", str(slow_mnt.root), "--watch", "--json", "--interval", "0.1"],
+                            stdout=subprocess.PIPE, text=True, env=clean_env())
+    try:
+        lines = [proc.stdout.readline() for _ in range(3)]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    docs = [json.loads(line) for line in lines]
+    assert all(d["buses"][0]["dev"] == "ndbus0" for d in docs)
+
+
+def test_not_a_mount(tmp_path) -> None:
+    res = subprocess.run([*VNVDIMM, "status", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2
+    assert "not a vnvdimm mount" in res.stderr
