@@ -1,0 +1,131 @@
+"""`ndctl create-namespace -e namespace0.0 -m MODE -f` from every mode to every mode, with the
+real Debian ndctl/daxctl in a private mount namespace.
+
+Running all 24 permutations of the four modes (96 reconfigurations, ~0.5 s each with the
+listings) costs ~50 s; every ordered pair of modes (a -> b, including a -> a) is covered by
+an Eulerian circuit of the complete directed graph with loops: 16 transitions in one
+sequence, from the provisioned fsdax namespace. After each: the JSON ndctl prints, `ndctl
+list -N`, `daxctl list`, the device files, and for fsdax/devdax a memmap_state that is
+`active` right after the enable (init slowed by ns_per_page) and `idle` after `sync`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import pytest
+from conftest import have_ndctl
+from mount_kit import E820_BUS, read, write
+
+pytestmark = [pytest.mark.ndctl, pytest.mark.skipif(not have_ndctl(), reason="needs ndctl and daxctl")]
+
+MODES = ("fsdax", "devdax", "sector", "raw")
+SLOW_E820 = """\
+template = "e820"
+[memmap]
+workers = 2
+ns_per_page = 10000
+[[region]]
+size = "256M"
+namespace = { mode = "fsdax", map = "dev", align = "2M" }
+[[region]]
+size = "256M"
+namespace = { mode = "devdax", map = "mem", align = "2M" }
+"""
+REGION = 268435456
+MAP_DEV = 262144000  # 256 MiB - roundup(8 KiB + 64 * npfns, 2 MiB)
+BTT_4096 = 267091968  # btt.c arena layout, 4 KiB sectors
+DAX1 = {"chardev": "dax1.0", "size": 266338304, "target_node": 0, "align": 2097152, "mode": "devdax"}
+
+
+def eulerian_sequence(start: str) -> list[str]:
+    """Hierholzer's algorithm on the complete digraph with loops over MODES."""
+    edges = {a: [b for b in MODES] for a in MODES}
+    stack, path = [start], []
+    while stack:
+        v = stack[-1]
+        if edges[v]:
+            stack.append(edges[v].pop())
+        else:
+            path.append(stack.pop())
+    return path[::-1]
+
+
+SEQUENCE = eulerian_sequence("fsdax")
+
+
+def test_the_sequence_covers_every_transition() -> None:
+    pairs = set(itertools.pairwise(SEQUENCE))
+    assert pairs == {(a, b) for a in MODES for b in MODES} and len(SEQUENCE) == 17
+
+
+def holder_path(mnt) -> str:  # type: ignore[no-untyped-def]
+    holder = read(mnt.sys / E820_BUS / "region0/namespace0.0/holder").decode().strip()
+    return f"{E820_BUS}/region0/{holder}" if holder else ""
+
+
+def expected_create(mode: str, previous: str, uuid: str | None) -> dict[str, object]:
+    ns: dict[str, object] = {"dev": "namespace0.0"}
+    if mode == "raw":  # an e820 namespace without a personality is legacy "memory": fsdax map=mem
+        return {**ns, "mode": "fsdax", "map": "mem", "size": REGION, "sector_size": 512, "blockdev": "pmem0"}
+    if mode == "sector":
+        return {**ns, "mode": "sector", "size": BTT_4096, "uuid": uuid, "sector_size": 4096, "blockdev": "pmem0s"}
+    if mode == "fsdax":
+        # ndctl keeps the namespace's own align when the mode stays the same: a legacy (raw)
+        # namespace is fsdax without a pfn, so it gets a page; otherwise the seed's 2 MiB
+        align = 4096 if previous == "raw" else 2097152
+        return {**ns, "mode": "fsdax", "map": "dev", "size": MAP_DEV, "uuid": uuid, "sector_size": 512,
+                "align": align, "blockdev": "pmem0"}
+    return {**ns, "mode": "devdax", "map": "dev", "size": MAP_DEV, "uuid": uuid,
+            "daxregion": {"id": 0, "size": MAP_DEV, "align": 2097152,
+                          "devices": [{"chardev": "dax0.0", "size": MAP_DEV, "target_node": 0, "align": 2097152,
+                                       "mode": "devdax"}]},
+            "align": 2097152}
+
+
+def expected_list(created: dict[str, object]) -> dict[str, object]:
+    if created["mode"] != "devdax":
+        return created
+    listed = {k: v for k, v in created.items() if k != "daxregion"}
+    listed["chardev"] = "dax0.0"
+    return {k: listed[k] for k in ("dev", "mode", "map", "size", "uuid", "chardev", "align")}
+
+
+DEVICE_FILE = {"fsdax": "pmem0", "raw": "pmem0", "sector": "pmem0s", "devdax": "dax0.0"}
+
+
+def test_create_namespace_in_every_order(make_mount) -> None:  # type: ignore[no-untyped-def]
+    mnt = make_mount(SLOW_E820)
+    previous = SEQUENCE[0]
+    for mode in SEQUENCE[1:]:
+        res = mnt.run("ndctl", "create-namespace", "-e", "namespace0.0", "-m", mode, "-f")
+        assert res.returncode == 0, f"{previous} -> {mode}: {res.stderr}"
+        created = json.loads(res.stdout)
+        holder = holder_path(mnt)
+        if mode in ("fsdax", "devdax"):
+            state = mnt.sys / holder / "memmap_state"
+            assert read(state) == b"active\n", f"{previous} -> {mode}"
+            assert write(state, b"sync\0") == 5
+            assert read(state) == b"idle\n"
+        uuid = read(mnt.sys / holder / "uuid").decode().strip() if holder else None
+        expected = expected_create(mode, previous, uuid)
+        assert created == expected, f"{previous} -> {mode}"
+        assert mnt.ndctl("list", "-N", "-n", "namespace0.0") == [expected_list(expected)]
+        daxes = mnt.run("daxctl", "list")
+        assert daxes.returncode == 0, daxes.stderr
+        devices = sorted(json.loads(daxes.stdout), key=lambda d: d["chardev"])
+        if mode == "devdax":
+            assert devices == [{"chardev": "dax0.0", "size": MAP_DEV, "target_node": 0, "align": 2097152,
+                                "mode": "devdax"}, DAX1]
+        else:
+            assert devices == [DAX1]
+        present = {n for n in os.listdir(mnt.dev) if n.startswith(("pmem", "dax"))}
+        assert present == {DEVICE_FILE[mode], "dax1.0"}, f"{previous} -> {mode}"
+        size = os.stat(mnt.dev / DEVICE_FILE[mode]).st_size
+        assert size == {"raw": REGION, "sector": BTT_4096}.get(mode, MAP_DEV)
+        # the namespace's own view
+        ns_mode = read(mnt.sys / E820_BUS / "region0/namespace0.0/mode").decode().strip()
+        assert ns_mode == {"fsdax": "memory", "raw": "memory", "sector": "safe", "devdax": "dax"}[mode]
+        previous = mode
