@@ -11,7 +11,10 @@ syncs (reads, writes and faults of the device files) still initialize the blocks
 and writing ``sync`` to ``memmap_state`` waits until the pause is lifted.
 
 The mark is the device's setting: it survives disable/enable (each new memmap job is held at
-the same point), like ``memmap/ns_per_page``.
+the same point), like ``memmap/ns_per_page``. A device created later (ndctl create-namespace,
+or enable-namespace re-creating a personality from its info block) starts without one; for
+those the bus-level ``ndbusN/vnvdimm/memmap_pause_at`` (0644, same format) sets a mark for
+every pfn/dax device of the platform: each device holds at the lower of the two marks.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING
 
-from vnvdimm.model.base import fail, kstrtoull
+from vnvdimm.model.base import Attr, fail, kstrtoull
 
 if TYPE_CHECKING:
     from vnvdimm.model.personality import Pfn
@@ -41,31 +44,48 @@ class PauseController:
     def __init__(self, system: System) -> None:
         self.system = system
         self.marks: weakref.WeakKeyDictionary[Pfn, int] = weakref.WeakKeyDictionary()
+        self.default_mark = NEVER  # the bus-level mark: every device's, unless its own is lower
         self.paused = False
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def set(self, dev: Pfn, permille: int) -> None:
+    def set(self, dev: Pfn | None, permille: int) -> None:
+        """Set a device's mark, or the default mark of every device (dev None)."""
         with self._lock:
-            if permille >= NEVER:
+            if dev is None:
+                self.default_mark = min(permille, NEVER)
+            elif permille >= NEVER:
                 self.marks.pop(dev, None)
             else:
                 self.marks[dev] = permille
-            if self.marks and self._thread is None:
+            if self._armed() and self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="memmap-pause", daemon=True)
                 self._thread.start()
         self._wake.set()
         self.evaluate()
 
+    def _armed(self) -> bool:
+        return bool(self.marks) or self.default_mark < NEVER
+
     def get(self, dev: Pfn) -> int:
         return self.marks.get(dev, NEVER)
+
+    def _marked(self) -> list[tuple[Pfn, int]]:
+        """Each device with a mark below NEVER, and its effective mark."""
+        if self.default_mark >= NEVER:
+            return list(self.marks.items())
+        from vnvdimm.model.personality import Pfn
+
+        with self.system.lock:  # the device lists change under the model lock only
+            devices = [d for d in self.system.all_devices() if isinstance(d, Pfn)]
+        return [(d, min(self.marks.get(d, NEVER), self.default_mark)) for d in devices]
 
     def evaluate(self) -> bool:
         """Pause or resume the pool as the marks say; True while some mark is still ahead."""
         engine = self.system.engine
         hold, pending = [], False
-        for dev, mark in list(self.marks.items()):
+        for dev, mark in self._marked():
             job = dev.job
             if job is None or not job.active:
                 continue
@@ -82,7 +102,7 @@ class PauseController:
                 else:
                     engine.resume_background()
                     log.info("memmap: background initialization resumed")
-            if not self.marks and not self.paused:
+            if not self._armed() and not self.paused:
                 self._thread = None
                 return False
         return pending
@@ -118,7 +138,17 @@ def show(dev: Pfn) -> str:
 
 
 def store(dev: Pfn, buf: bytes) -> None:
+    controller(dev.system).set(dev, _permille(buf))
+
+
+def _permille(buf: bytes) -> int:
     value = kstrtoull(buf, 10)
     if value > NEVER:
         raise fail(errno.EINVAL, "pause_at is a per-mille value, 0 to 1000")
-    controller(dev.system).set(dev, value)
+    return value
+
+
+def bus_attr(system: System) -> Attr:
+    """ndbusN/vnvdimm/memmap_pause_at: the mark of every pfn/dax device."""
+    return Attr("memmap_pause_at", 0o644, show=lambda: f"{controller(system).default_mark}\n",
+                store=lambda buf: controller(system).set(None, _permille(buf)))
