@@ -287,8 +287,12 @@ def _changed(region: Region) -> None:
 
 
 def bus_entries(bus: NvdimmBus) -> list[Entry]:
-    """The bus's `vnvdimm/` extension group: the error injection controls."""
+    """The bus's `vnvdimm/` extension group: the error injection controls, and the memmap
+    pause mark of every device (memmap_pause.py)."""
+    from vnvdimm.model import memmap_pause
+
     return [Group("vnvdimm", [
         Attr("inject_error", 0o200, store=lambda buf: _apply(bus, buf, inject=True)),
         Attr("uninject_error", 0o200, store=lambda buf: _apply(bus, buf, inject=False)),
+        memmap_pause.bus_attr(bus.system),
     ])]
