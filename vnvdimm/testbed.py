@@ -451,19 +451,33 @@ class Testbed:
         for d in self._memmap_devices(device):
             self.write(str(d.relative_to(self.root)) + "/memmap/ns_per_page", f"{int(ns_per_page)}\n")
 
-    def pause_memmap(self, device: str, at: float) -> None:
-        """Hold background memmap initialization once `device` has `at` (0..1) of its pages
-        done (memmap/pause_at; the pool is shared, so other devices' background init holds
-        too; reads of the device still initialize what they touch). :meth:`resume_memmap`
-        lifts it."""
+    def pause_memmap(self, device: str | None = None, at: float = 0.5) -> None:
+        """Hold background memmap initialization once `device` (None: any pfn/dax device,
+        including ones created later) has `at` (0..1) of its pages done: memmap/pause_at, or
+        the bus's vnvdimm/memmap_pause_at. The worker pool is shared, so other devices'
+        background init holds too; reads of a device still initialize what they touch.
+        :meth:`resume_memmap` lifts it."""
         if not 0 <= at <= 1:
             raise TestbedError("at is a fraction between 0 and 1")
+        value = f"{round(at * 1000)}\n"
+        if device is None:
+            for bus in self._bus_dirs():
+                self.write(str(bus.relative_to(self.root)) + "/vnvdimm/memmap_pause_at", value)
+            return
         d = self._device_dir(device)
-        self.write(str(d.relative_to(self.root)) + "/memmap/pause_at", f"{round(at * 1000)}\n")
+        self.write(str(d.relative_to(self.root)) + "/memmap/pause_at", value)
 
     def resume_memmap(self, device: str | None = None) -> None:
+        """Lift the pause of `device`, or every pause (None)."""
+        if device is None:
+            for bus in self._bus_dirs():
+                self.write(str(bus.relative_to(self.root)) + "/vnvdimm/memmap_pause_at", "1000\n")
         for d in self._memmap_devices(device):
             self.write(str(d.relative_to(self.root)) + "/memmap/pause_at", "1000\n")
+
+    def _bus_dirs(self) -> list[Path]:
+        devices = self.sys / "bus" / "nd" / "devices"
+        return [Path(os.path.realpath(devices / n)) for n in sorted(os.listdir(devices)) if n.startswith("ndbus")]
 
     def wait_memmap(self, *devices: str, timeout: float | None = 60) -> bool:
         """Until the named (default: all) memmaps are idle, by poll(); False on timeout."""
