@@ -136,10 +136,9 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    with contextlib.suppress(OSError):
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().split(") ", 1)[1].startswith("Z"):
-                return False
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+        if f.read().split(") ", 1)[1].startswith("Z"):
+            return False
     return True
 
 
@@ -183,15 +182,21 @@ def nfit_mnt(make_mount: Callable[..., Mount]) -> Mount:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the run if it left vnvdimm daemons or FUSE mounts of its own behind."""
-    leftovers = [m for m in fuse_mounts_under(Path("/tmp")) if "pytest" in m]
+    """Fail the run if it left vnvdimm daemons or FUSE mounts of its own behind. Only this
+    session's (under its basetemp): other test runs may be mounting at the same time, and
+    unmounting theirs would break them."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    base = factory.getbasetemp().resolve()
+    leftovers = fuse_mounts_under(base)
     daemons = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         with contextlib.suppress(OSError):
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if b"vnvdimm.cli" in b" ".join(cmd) and b"mount" in cmd and b"pytest" in b" ".join(cmd):
+            if b"vnvdimm.cli" in b" ".join(cmd) and b"mount" in cmd and str(base).encode() in b" ".join(cmd):
                 daemons.append(pid)
     if leftovers or daemons:
         for m in leftovers:
