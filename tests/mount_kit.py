@@ -5,8 +5,47 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+WITH_VNVDIMM = TESTS.parent / "mountscripts" / "with-vnvdimm"
+
+# The tests/conftest.py topology the mnt fixture mounts (test modules cannot import a conftest
+# by name: tests/unit has one of its own).
+SMALL_E820 = """\
+template = "e820"
+[memmap]
+workers = 2
+[[region]]
+size = "256M"
+namespace = { mode = "fsdax", map = "dev", align = "2M" }
+[[region]]
+size = "256M"
+namespace = { mode = "devdax", map = "mem", align = "2M" }
+"""
+
+
+def have_ndctl() -> bool:
+    return shutil.which("ndctl") is not None and shutil.which("daxctl") is not None
+
+
+def fuse_mounts_under(prefix: Path) -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [p[1] for p in (line.split() for line in f) if p[2].startswith("fuse") and p[1].startswith(str(prefix))]
+
+
+def root_conftest(config: pytest.Config) -> ModuleType:
+    """tests/conftest.py as pytest loaded it (for its Mount class)."""
+    for plugin in config.pluginmanager.get_plugins():
+        path = getattr(plugin, "__file__", None)
+        if path and Path(path).resolve() == TESTS / "conftest.py":
+            return plugin  # type: ignore[no-any-return]
+    raise LookupError("tests/conftest.py is not loaded")
 
 E820_BUS = "devices/platform/e820_pmem/ndbus0"
 NFIT_BUS = "devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0012:00/ndbus0"
@@ -95,11 +134,12 @@ def sync_memmaps(sys_root: Path) -> None:
 
 
 @contextlib.contextmanager
-def mounted(base: Path, config_text: str | None, *extra_args: str):  # type: ignore[no-untyped-def]
+def mounted(request: pytest.FixtureRequest, config_text: str | None, *extra_args: str):  # type: ignore[no-untyped-def]
     """A mount for a whole module (tests that only read, or that restore what they change):
-    the same Mount as the make_mount fixture, unmounted however the block exits."""
-    from conftest import Mount
-
+    the same Mount as the make_mount fixture, in a temp dir of this session, unmounted
+    however the block exits."""
+    Mount = root_conftest(request.config).Mount
+    base = request.getfixturevalue("tmp_path_factory").mktemp(request.module.__name__.rsplit(".", 1)[-1])
     base.mkdir(parents=True, exist_ok=True)
     root = base / "mnt"
     root.mkdir()

@@ -10,8 +10,7 @@ import subprocess
 import uuid
 
 import pytest
-from conftest import SMALL_E820
-from mount_kit import E820_BUS, diff, mounted, read, snapshot, sync_memmaps, write, write_errno
+from mount_kit import E820_BUS, SMALL_E820, diff, mounted, read, snapshot, sync_memmaps, write, write_errno
 
 pytestmark = pytest.mark.mount
 
@@ -20,8 +19,8 @@ R1 = f"{E820_BUS}/region1"
 
 
 @pytest.fixture(scope="module")
-def mnt(tmp_path_factory):  # type: ignore[no-untyped-def]
-    with mounted(tmp_path_factory.mktemp("errno"), SMALL_E820) as m:
+def mnt(request):  # type: ignore[no-untyped-def]
+    with mounted(request, SMALL_E820) as m:
         sync_memmaps(m.sys)
         yield m
 

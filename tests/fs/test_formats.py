@@ -11,16 +11,15 @@ import stat
 import uuid
 
 import pytest
-from conftest import SMALL_E820
-from mount_kit import E820_BUS, SKIP_CONTENT, mounted, read, read_errno
+from mount_kit import E820_BUS, SKIP_CONTENT, SMALL_E820, mounted, read, read_errno
 
 pytestmark = pytest.mark.mount
 
 
 @pytest.fixture(scope="module")
-def mnt(tmp_path_factory):  # type: ignore[no-untyped-def]
+def mnt(request):  # type: ignore[no-untyped-def]
     """One mount of the small e820 topology for the whole module: these tests only read."""
-    with mounted(tmp_path_factory.mktemp("formats"), SMALL_E820) as m:
+    with mounted(request, SMALL_E820) as m:
         yield m
 
 MULTILINE = {"uevent", "badblocks"}  # "KEY=value\n" lines, "sector count\n" lines

@@ -7,8 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import SMALL_E820, fuse_mounts_under
-from mount_kit import diff, snapshot, sync_memmaps
+from mount_kit import SMALL_E820, diff, fuse_mounts_under, snapshot, sync_memmaps
 
 pytestmark = pytest.mark.mount
 

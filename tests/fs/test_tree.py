@@ -7,8 +7,7 @@ import os
 import stat
 
 import pytest
-from conftest import SMALL_E820
-from mount_kit import E820_BUS, mounted
+from mount_kit import E820_BUS, SMALL_E820, mounted
 
 pytestmark = pytest.mark.mount
 
@@ -17,8 +16,8 @@ R1 = f"{E820_BUS}/region1"
 
 
 @pytest.fixture(scope="module")
-def mnt(tmp_path_factory):  # type: ignore[no-untyped-def]
-    with mounted(tmp_path_factory.mktemp("tree"), SMALL_E820) as m:
+def mnt(request):  # type: ignore[no-untyped-def]
+    with mounted(request, SMALL_E820) as m:
         yield m
 
 

@@ -9,8 +9,7 @@ import json
 import os
 
 import pytest
-from conftest import have_ndctl
-from mount_kit import E820_BUS, read
+from mount_kit import E820_BUS, have_ndctl, read
 
 pytestmark = [pytest.mark.ndctl, pytest.mark.skipif(not have_ndctl(), reason="needs ndctl and daxctl")]
 

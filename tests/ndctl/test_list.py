@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SMALL_E820, have_ndctl
-from mount_kit import E820_BUS, mounted, read
+from mount_kit import E820_BUS, SMALL_E820, have_ndctl, mounted, read
 
 pytestmark = [pytest.mark.ndctl, pytest.mark.skipif(not have_ndctl(), reason="needs ndctl and daxctl")]
 
@@ -18,8 +17,8 @@ DEVDAX_SIZE = 266338304  # roundup(8 KiB, 2 MiB): the memmap is in RAM
 
 
 @pytest.fixture(scope="module")
-def mnt(tmp_path_factory):  # type: ignore[no-untyped-def]
-    with mounted(tmp_path_factory.mktemp("list"), SMALL_E820) as m:
+def mnt(request):  # type: ignore[no-untyped-def]
+    with mounted(request, SMALL_E820) as m:
         yield m
 
 

@@ -57,8 +57,8 @@ NFIT_UUID = b"5e5e5e5e-0000-4000-8000-000000000001"
 
 
 @pytest.fixture(scope="module")
-def e820(tmp_path_factory):  # type: ignore[no-untyped-def]
-    with mounted(tmp_path_factory.mktemp("malformed"), E820) as m:
+def e820(request):  # type: ignore[no-untyped-def]
+    with mounted(request, E820) as m:
         write(m.sys / "bus/nd/drivers/nd_pmem/unbind", b"namespace2.0\0")  # idle and unclaimed
         sync_memmaps(m.sys)
         before = snapshot(m.sys)
@@ -67,8 +67,8 @@ def e820(tmp_path_factory):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def nfit(tmp_path_factory):  # type: ignore[no-untyped-def]
-    with mounted(tmp_path_factory.mktemp("malformed-nfit"), NFIT) as m:
+def nfit(request):  # type: ignore[no-untyped-def]
+    with mounted(request, NFIT) as m:
         write(m.sys / NFIT_BUS / "region0/namespace0.0/uuid", NFIT_UUID + b"\0")
         before = snapshot(m.sys)
         yield m

@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import have_ndctl
-from mount_kit import NFIT_BUS, read
+from mount_kit import NFIT_BUS, have_ndctl, read
 
 pytestmark = [pytest.mark.ndctl, pytest.mark.skipif(not have_ndctl(), reason="needs ndctl and daxctl")]
 

@@ -9,7 +9,7 @@ import json
 import os
 
 import pytest
-from conftest import have_ndctl
+from mount_kit import have_ndctl
 
 pytestmark = [pytest.mark.ndctl, pytest.mark.skipif(not have_ndctl(), reason="needs ndctl and daxctl")]
 

@@ -16,8 +16,7 @@ import json
 import os
 
 import pytest
-from conftest import have_ndctl
-from mount_kit import E820_BUS, read, write
+from mount_kit import E820_BUS, have_ndctl, read, write
 
 pytestmark = [pytest.mark.ndctl, pytest.mark.skipif(not have_ndctl(), reason="needs ndctl and daxctl")]
 

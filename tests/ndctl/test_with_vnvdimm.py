@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from conftest import WITH_VNVDIMM, have_ndctl
+from mount_kit import WITH_VNVDIMM, have_ndctl
 
 pytestmark = [pytest.mark.ndctl]
 
