@@ -317,8 +317,10 @@ class Region(Device):
         assert self.labels is not None
         out, end = [], 0
         for label in self.labels.load():
-            if label.offset < end or label.offset + label.size > self.size or label.size % self.align:
-                continue  # overlapping or out of range: ignore it, as the kernel does a bad label
+            # overlapping or out of the interleave set: ignore it, as the kernel does a bad label
+            # (select_pmem_id()); the region align is not looked at, it only rules allocations
+            if label.offset < end or label.offset + label.size > self.size:
+                continue
             out.append(label)
             end = label.offset + label.size
         return out
