@@ -104,6 +104,8 @@ def busy(buf: bytes) -> K.Verdict:
     return K.Err(errno.EBUSY)
 
 
+ND_DEVICES = ["ndbus0", *(f"region{i}" for i in range(4)), *(f"namespace{i}.0" for i in range(4)),
+              *(f"{kind}{i}.0" for kind in ("btt", "pfn", "dax") for i in range(4)), "pfn0.1", "dax1.1", "btt3.1"]
 BIND = {"namespace2.0": K.Ok(), "namespace0.0": K.Err(errno.ENXIO), "namespace1.0": K.Err(errno.ENXIO),
         "namespace3.0": K.Err(errno.ENXIO), "pfn0.1": K.Err(errno.EBUSY), "btt3.1": K.Err(errno.EBUSY)}
 UNBIND = {"pfn0.1": K.Ok(), "btt3.1": K.Ok()}
@@ -155,6 +157,8 @@ E820_CASES: dict[str, tuple[Callable[[bytes], K.Verdict], list[bytes], str]] = {
     "bus/dax/drivers/device_dax/bind": (lambda b: K.device_name(b, {"dax1.0": K.Err(errno.EBUSY)},
                                                                 K.Err(errno.ENODEV)), [b"dax1.0"], "bus/dax"),
     "bus/nd/uevent": (K.uevent, [b"add"], "bus/nd"),
+    "bus/nd/drivers_probe": (lambda b: K.device_name(b, {n: K.Ok() for n in ND_DEVICES}, K.Err(errno.ENODEV)),
+                             NAMES, "bus/nd"),
 }
 N = f"{NFIT_BUS}/region0"
 NFIT_CASES: dict[str, tuple[Callable[[bytes], K.Verdict], list[bytes], str]] = {

@@ -273,3 +273,14 @@ def test_nfit_scrub_attributes(m: Machine) -> None:
     assert m.read("ndbus0/nfit/hw_error_scrub") == "0\n"
     assert m.errno_of("ndbus0/nfit/hw_error_scrub", "2") == errno.EINVAL
     assert m.read("ndbus0/nfit/hw_error_scrub") == "0\n"
+
+
+def test_a_new_region_align_does_not_drop_namespaces_at_the_next_probe(m: Machine) -> None:
+    ns = create(m, 1, 32 * M, "kept")
+    uuid_before = m.read(f"{ns}/uuid")
+    m.write("region1/align", "0x4000000")  # 64 MiB: larger than the namespace
+    m.write("drivers/nd_region/unbind", "region1")
+    m.write("drivers/nd_region/bind", "region1")  # scan_labels() does not look at the align
+    assert m.read(f"{ns}/uuid") == uuid_before
+    assert m.read(f"{ns}/size") == f"{32 * M}\n"
+    assert m.read(f"{ns}/alt_name") == "kept\n"

@@ -177,3 +177,39 @@ def test_rebuilt_when_the_model_changes_and_values_are_never_cached(tmp_path: Pa
         assert f"{BUS}/region2/namespace2.0/driver" not in second.nodes
         assert "/dev/pmem2" not in second.nodes
         assert isinstance(second.nodes[f"{BUS}/region2/pfn2.0/memmap/kpageflags"], KBin)
+
+
+def test_a_device_dax_node_outlives_its_driver(tmp_path: Path) -> None:
+    # devm_create_dev_dax() adds the device (and devtmpfs its node) when the nd dax device
+    # probes; device_dax only adds the cdev: unbound, the node stays and opens fail (ENXIO)
+    with machine(tmp_path) as m:
+        t = Tree(m.sys)
+        m.write("dax/drivers/device_dax/unbind", "dax1.0")
+        node = t.lookup("/dev/dax1.0")
+        assert isinstance(node, KDevFile) and node.data is None and node.rdev == (242, 0)
+        m.write("dax/drivers/device_dax/bind", "dax1.0")
+        node = t.lookup("/dev/dax1.0")
+        assert isinstance(node, KDevFile) and node.data is not None
+        m.write("drivers/dax_pmem/unbind", "dax1.1")  # the instance goes away with its nd dax device
+        assert t.lookup("/dev/dax1.0") is None
+
+
+def test_drivers_probe(tmp_path: Path) -> None:
+    # bus.c drivers_probe_store(): ENODEV for an unknown device, else a rescan (probe
+    # failures are not the writer's error)
+    with machine(tmp_path) as m:
+        t = Tree(m.sys)
+        probe = t.lookup("/sys/bus/nd/drivers_probe")
+        assert isinstance(probe, KAttr) and probe.mode == 0o200
+        m.write("drivers/nd_pmem/unbind", "namespace2.0")
+        assert probe.store(b"namespace2.0\n") == 13
+        assert m.dev("namespace2.0").driver is not None
+        assert probe.store(b"pfn2.0") == 6  # nothing binds a bare seed: still not an error
+        assert m.dev("pfn2.0").driver is None
+        with pytest.raises(OSError) as e:
+            probe.store(b"nosuch")
+        assert e.value.errno == 19
+        dax_probe = t.lookup("/sys/bus/dax/drivers_probe")
+        m.write("dax/drivers/device_dax/unbind", "dax1.0")
+        assert isinstance(dax_probe, KAttr) and dax_probe.store(b"dax1.0") == 6
+        assert m.devdax("dax1.0").driver is not None

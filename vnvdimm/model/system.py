@@ -181,6 +181,24 @@ class System:
             raise fail(errno.ENODEV, f"{buf!r} is not bound to {drv.name}")
         self.driver_detach(dev)
 
+    def rescan(self, bus_name: str, buf: bytes) -> None:
+        """drivers_probe_store(): ENODEV unless the named device is on the bus; then
+        bus_rescan_devices_helper(): an unbound device is offered to the drivers that match
+        it (a probe that refuses is not the writer's error)."""
+        with self.lock:
+            dev = self.find_device(bus_name, buf)
+            if dev is None:
+                raise fail(errno.ENODEV, f"no device {streq_text(buf)!r} on the {bus_name} bus")
+            if dev.driver is not None:
+                return
+            for drv in self.drivers_of(bus_name).values():
+                if drv.matches(dev):
+                    try:
+                        self.driver_attach(drv, dev)
+                        return
+                    except OSError as e:
+                        log.debug("%s: probe by %s failed: %s", dev.name, drv.name, e)
+
     # ------------------------------------------------------------ lifetime
 
     def shutdown(self) -> None:

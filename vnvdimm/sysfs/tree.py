@@ -113,6 +113,9 @@ class TreeBuilder:
                 "drivers_autoprobe", 0o644, show=lambda bus_name=bus_name: self._autoprobe_show(bus_name),
                 store=lambda buf, bus_name=bus_name: self._autoprobe_store(bus_name, buf)), self.lock))
             s.add(f"{base}/uevent", KAttr(Attr("uevent", 0o200, store=uevent_store), self.lock))
+            s.add(f"{base}/drivers_probe", KAttr(Attr(
+                "drivers_probe", 0o200, store=lambda buf, bus_name=bus_name: self.system.rescan(bus_name, buf),
+                blocking=True), self.lock))
             for drv in drivers.values():
                 self._driver(s, f"{base}/drivers/{drv.name}", drv)  # type: ignore[arg-type]
         for mod in MODULES:
@@ -227,8 +230,11 @@ class TreeBuilder:
         for dev in self.system.all_devices():
             if isinstance(dev, NdCtl | Nvdimm):
                 s.add(f"/dev/{dev.name}", KDevFile(None, dev.devt))
-            elif isinstance(dev, DevDax) and dev.driver is not None and dev.driver.name == "device_dax":
-                s.add(f"/dev/{dev.name}", KDevFile(dev.data, dev.devt))
+            elif isinstance(dev, DevDax):
+                # the node exists as long as the instance does (devtmpfs at device_add()); only
+                # device_dax adds the cdev behind it, so without it opens fail (ENXIO)
+                bound = dev.driver is not None and dev.driver.name == "device_dax"
+                s.add(f"/dev/{dev.name}", KDevFile(dev.data if bound else None, dev.devt))
             disk = getattr(dev, "disk", None)
             if isinstance(disk, Disk):
                 s.add(f"/dev/{disk.name}", KDevFile(disk.data, disk.devt))
