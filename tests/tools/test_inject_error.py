@@ -48,7 +48,6 @@ def test_fsdax_bad_blocks_everywhere_the_kernel_shows_them(mnt) -> None:
 def test_reads_fail_with_eio_and_whole_sector_writes_clear(mnt) -> None:
     assert inject(mnt, "namespace0.0", "-B", "42", "-n", "8").returncode == 0
     fd = os.open(mnt.dev / "pmem0", os.O_RDWR | os.O_DIRECT)
-    buf = bytearray(4096)
     try:
         import mmap
 
@@ -67,9 +66,13 @@ def test_reads_fail_with_eio_and_whole_sector_writes_clear(mnt) -> None:
         finally:
             os.close(bfd)
         # A write that covers part of a bad sector cannot clear it: EIO, nothing written.
-        with pytest.raises(OSError) as e:
-            os.pwrite(os.open(mnt.dev / "pmem0", os.O_WRONLY), b"x" * 100, 43 * 512 + 10)
-        assert e.value.errno == errno.EIO
+        wfd = os.open(mnt.dev / "pmem0", os.O_WRONLY)
+        try:
+            with pytest.raises(OSError) as e:
+                os.pwrite(wfd, b"x" * 100, 43 * 512 + 10)
+            assert e.value.errno == errno.EIO
+        finally:
+            os.close(wfd)
         assert mnt.read("sys/block/pmem0/badblocks") == "42 8\n"
         # Whole sectors written: cleared (pmem_do_write clears poison), data readable.
         aligned[:1024] = b"A" * 1024
@@ -78,7 +81,6 @@ def test_reads_fail_with_eio_and_whole_sector_writes_clear(mnt) -> None:
         assert os.preadv(fd, [memoryview(aligned)[:1024]], 44 * 512) == 1024 and aligned[:1024] == b"A" * 1024
     finally:
         os.close(fd)
-    del buf
 
 
 def test_devdax_reads_fail_and_uninject_removes(mnt) -> None:

@@ -75,10 +75,10 @@ def test_watch_redraws_in_place_until_interrupted(slow_mnt) -> None:
     hold_memmap(slow_mnt, pfn, 300)
     run = PtyRun([*VNVDIMM, "status", str(slow_mnt.root), "--watch"])
     try:
-        run.read_until(b"active", 20)
+        run.read_until(f"memmap {pfn} active", 20)
         assert f"memmap {pfn} active" in strip_ansi(run.output)
         release_memmap(slow_mnt, pfn)
-        run.read_until(f"memmap {pfn} idle".encode(), 30)
+        run.read_until(f"memmap {pfn} idle", 30)
         run.read_for(0.6)
     finally:
         release_memmap(slow_mnt, pfn)

@@ -109,9 +109,14 @@ class PtyRun:
             self.output += chunk
         return self.output
 
-    def read_until(self, needle: bytes, timeout: float) -> bytes:
+    def read_until(self, needle: bytes | str, timeout: float) -> bytes:
+        """Until `needle` was printed (a str is looked for in the text without escape codes)."""
         deadline = time.monotonic() + timeout
-        while needle not in self.output and time.monotonic() < deadline:
+
+        def seen() -> bool:
+            return needle in (strip_ansi(self.output) if isinstance(needle, str) else self.output)
+
+        while not seen() and time.monotonic() < deadline:
             before = len(self.output)
             self.read_for(min(0.2, max(0.0, deadline - time.monotonic())))
             if len(self.output) == before and self.proc.poll() is not None:
