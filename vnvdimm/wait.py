@@ -254,6 +254,11 @@ def run(mountpoint: str, devices: list[str], timeout: float | None, quiet: bool 
             return 2
         raise
     if ok:
+        try:
+            os.stat(root.nd_devices)
+        except OSError:  # idle because the platform went away (unmounted): not a success
+            print(f"vnvdimm: {mountpoint}: the mount is gone", file=sys.stderr)
+            return 2
         return 0
     busy = []
     for target in targets if targets is not None else all_targets(root):
