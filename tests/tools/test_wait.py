@@ -140,3 +140,20 @@ def test_waits_for_every_memmap_by_default(slow_mnt) -> None:
     res = subprocess.run(wait_cmd(slow_mnt, "--timeout", "30"), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0
     assert memmap_progress(slow_mnt, pfn)[0] == memmap_progress(slow_mnt, dax)[0] == "idle"
+
+
+def test_a_vanished_mount_is_not_success(slow_mnt) -> None:
+    pfn = holder(slow_mnt, "namespace0.0")
+    hold_memmap(slow_mnt, pfn, 300)
+    proc = subprocess.Popen(wait_cmd(slow_mnt, "--timeout", "60"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=clean_env())
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(0.5)
+        slow_mnt.umount()
+        out, err = proc.communicate(timeout=30)
+        assert out == ""
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 2 and "the mount is gone" in err
