@@ -260,7 +260,24 @@ def read_namespace(root: Root, region_dir: Path, name: str) -> NamespaceInfo | N
     if instances:
         info.chardev = instances[0]
         info.path = str(root.dev / instances[0])
+        info.badblock_count = _window_badblocks(region_dir, dev_dir)
     return info
+
+
+def _window_badblocks(region_dir: Path, dev_dir: Path) -> int:
+    """Bad sectors of the region inside a device's [resource, resource + size) (a devdax
+    namespace has no block device to list them; ndctl computes them the same way). The
+    resource files are root-only: 0 when they cannot be read."""
+    begin, size, region_begin = read_int(dev_dir / "resource"), read_int(dev_dir / "size"), \
+        read_int(region_dir / "resource")
+    if begin is None or size is None or region_begin is None:
+        return 0
+    first, last = (begin - region_begin) // 512, (begin - region_begin + size) // 512
+    count = 0
+    for line in (read_attr(region_dir / "badblocks") or "").splitlines():
+        start, n = (int(x) for x in line.split()[:2])
+        count += max(0, min(start + n, last) - max(start, first))
+    return count
 
 
 def read_status(root: Root) -> Status:

@@ -90,6 +90,10 @@ def test_devdax_reads_fail_and_uninject_removes(mnt) -> None:
     assert mnt.read("sys/bus/nd/devices/region1/badblocks") == f"{base + 16} 512\n{base + 528} 488\n"
     (ns,) = mnt.ndctl("list", "-NM", "-n", "namespace1.0")
     assert ns["badblock_count"] == 1000
+    status = json.loads(subprocess.run([*VNVDIMM, "status", str(mnt.root), "--json"], capture_output=True,
+                                       text=True, timeout=60).stdout)
+    region1 = status["buses"][0]["regions"][1]
+    assert region1["badblock_count"] == region1["namespaces"][0]["badblock_count"] == 1000
     fd = os.open(mnt.dev / "dax1.0", os.O_RDONLY)
     try:
         with pytest.raises(OSError) as e:
