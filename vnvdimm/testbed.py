@@ -190,11 +190,14 @@ class Testbed:
     # -- building --------------------------------------------------------------------------------
     def add_region(self, size: str | int = "256M", mode: str = "fsdax", *, map: str | None = None,
                    align: str | int = "2M", numa_node: int = 0) -> Testbed:
-        """Add an e820 region with one namespace in `mode` (before :meth:`start`)."""
-        if self.started:
-            raise TestbedError("regions are part of the platform: add them before start()")
+        """Add an e820 region with one namespace in `mode`. On a started test bed this is a
+        reboot with one more region plugged in: the platform is unmounted and mounted again
+        with the new region after the others (their media, modes and data are kept; memmaps
+        start over and open files of the old mount are gone)."""
         if self.topology is None:
             raise TestbedError("add_region() needs the topology as a dict")
+        if self.topology.get("template", "e820") != "e820":
+            raise TestbedError("add_region() adds e820 regions; describe nfit regions in the topology")
         if mode not in MODES:
             raise TestbedError(f"mode must be one of {', '.join(MODES)}")
         ns: dict[str, Any] = {"mode": mode, "align": align}
@@ -202,7 +205,19 @@ class Testbed:
             ns["map"] = map
         self.topology.setdefault("template", "e820")
         self.topology.setdefault("region", []).append({"size": size, "numa_node": numa_node, "namespace": ns})
+        if self.started:
+            self._reboot()
         return self
+
+    def _reboot(self) -> None:
+        """Unmount and mount again with the current topology, keeping the state dir's media.
+        The platform record (what the firmware tables say) is rewritten from the topology;
+        regions already there keep their place, so their media still fit."""
+        assert self.dir is not None
+        self._unmount()
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_dir / "platform.json").unlink()
+        self._mount()
 
     @property
     def toml(self) -> str:
@@ -252,38 +267,49 @@ class Testbed:
         self.dir = Path(tempfile.mkdtemp(prefix="vnvdimm-testbed-", dir=self._base_dir))
         self._own_dir = True
         self.root.mkdir()
+        _LIVE.add(self)
+        try:
+            self._mount()
+        except BaseException:
+            self._cleanup_dir()
+            raise
+        return self
+
+    def _mount(self) -> None:
+        assert self.dir is not None
         config = self.dir / "topology.toml"
         config.write_text(self.toml)
         cmd = [sys.executable, "-m", "vnvdimm.cli", "mount", str(self.root), "--config", str(config),
                "--state-dir", str(self.state_dir), *(["-v"] * self.verbose)]
-        _LIVE.add(self)
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
-            self._cleanup_dir()
+            self.pid = None
             raise TestbedError(f"vnvdimm mount failed: {res.stderr.strip()}")
+        self.pid = -1
         with contextlib.suppress(OSError, ValueError, IndexError):
             self.pid = int((self.state_dir / "lock").read_text().split()[0])
-        if self.pid is None:
-            self.pid = -1
-        return self
+
+    def _unmount(self) -> None:
+        if self._mounted():
+            subprocess.run([sys.executable, "-m", "vnvdimm.cli", "umount", str(self.root)],
+                           capture_output=True, timeout=60)
+        if self._mounted():
+            subprocess.run(["fusermount3", "-u", "-z", str(self.root)], capture_output=True, timeout=30)
+        if self.pid and self.pid > 0:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and _alive(self.pid):
+                time.sleep(0.02)
+            if _alive(self.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)
+        self.pid = None
 
     def stop(self) -> None:
         """Unmount, make sure the daemon and its workers are gone, remove the files. Idempotent."""
         if self.dir is None:
             return
         try:
-            if self._mounted():
-                subprocess.run([sys.executable, "-m", "vnvdimm.cli", "umount", str(self.root)],
-                               capture_output=True, timeout=60)
-            if self._mounted():
-                subprocess.run(["fusermount3", "-u", "-z", str(self.root)], capture_output=True, timeout=30)
-            if self.pid and self.pid > 0:
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline and _alive(self.pid):
-                    time.sleep(0.02)
-                if _alive(self.pid):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(self.pid, signal.SIGKILL)
+            self._unmount()
         finally:
             self.pid = None
             _LIVE.discard(self)

@@ -67,8 +67,13 @@ def test_topologies_dict_toml_and_file(tmp_path) -> None:
         namespaces = {ns["dev"]: ns for ns in tb.ndctl("list", "-N")}
         assert namespaces["namespace0.0"]["mode"] == "sector"
         assert namespaces["namespace1.0"]["mode"] == "devdax"
-        with pytest.raises(TestbedError, match="before start"):
-            tb.add_region()
+        # On a running test bed: a reboot with one more region; what was there stays.
+        tb.write("/dev/pmem0s", b"kept across the reboot".ljust(4096, b"\0"))
+        tb.add_region("256M", "fsdax")
+        namespaces = {ns["dev"]: ns for ns in tb.ndctl("list", "-N")}
+        assert [namespaces[f"namespace{i}.0"]["mode"] for i in range(3)] == ["sector", "devdax", "fsdax"]
+        with open(tb.path("/dev/pmem0s"), "rb") as f:
+            assert f.read(22) == b"kept across the reboot"
 
 
 def test_to_toml_round_trips() -> None:
