@@ -11,7 +11,7 @@ import stat
 import uuid
 
 import pytest
-from mount_kit import E820_BUS, SKIP_CONTENT, SMALL_E820, mounted, read, read_errno
+from mount_kit import E820_BUS, SKIP_CONTENT, SMALL_E820, mounted, read, read_errno, sync_memmaps
 
 pytestmark = pytest.mark.mount
 
@@ -20,6 +20,7 @@ pytestmark = pytest.mark.mount
 def mnt(request):  # type: ignore[no-untyped-def]
     """One mount of the small e820 topology for the whole module: these tests only read."""
     with mounted(request, SMALL_E820) as m:
+        sync_memmaps(m.sys)  # memmap_state reads idle once the init is done
         yield m
 
 MULTILINE = {"uevent", "badblocks"}  # "KEY=value\n" lines, "sector count\n" lines
