@@ -284,3 +284,30 @@ def test_a_new_region_align_does_not_drop_namespaces_at_the_next_probe(m: Machin
     assert m.read(f"{ns}/uuid") == uuid_before
     assert m.read(f"{ns}/size") == f"{32 * M}\n"
     assert m.read(f"{ns}/alt_name") == "kept\n"
+
+
+def test_btt_info_block_validation_follows_nd_btt_arena_is_valid(m: Machine) -> None:
+    """nd_btt_version()/nd_btt_arena_is_valid(): a null parent_uuid matches any namespace;
+    a v1.1 probe (info block at 4 KiB) wants version 1.1."""
+    import struct
+
+    from vnvdimm.model.infoblock import INFO_BLOCK_OFFSET, BttInfo, btt_arenas, sb_checksum
+
+    ns = create(m, 1, 64 * M)
+    m.write("drivers/nd_pmem/unbind", ns)
+    dev = m.dev(ns)
+    (arena,) = btt_arenas(64 * M - 4096, 4096)
+    block = BttInfo(uuid.uuid4(), uuid.UUID(int=0), arena).pack()
+    dev.write_media(block, INFO_BLOCK_OFFSET)  # type: ignore[attr-defined]
+    assert m.errno_of("drivers/nd_pmem/bind", ns) == errno.ENXIO  # found a btt: claimed
+    holder = m.read(f"{ns}/holder").strip()
+    assert holder.startswith("btt1.") and m.dev(holder).driver is not None
+    assert m.read(f"{holder}/sector_size").count("[4096]") == 1
+    m.write("drivers/nd_pmem/unbind", holder)
+    m.write(f"{holder}/namespace", "")
+    v2 = bytearray(block)
+    struct.pack_into("<HH", v2, 52, 2, 0)
+    v2[4088:] = struct.pack("<Q", sb_checksum(bytes(v2)))
+    dev.write_media(bytes(v2), INFO_BLOCK_OFFSET)  # type: ignore[attr-defined]
+    m.write("drivers/nd_pmem/bind", ns)  # not a v1.1 BTT: the namespace is raw
+    assert m.read(f"{ns}/holder") == "\n" and m.dev(ns).driver is not None

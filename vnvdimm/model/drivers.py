@@ -34,6 +34,7 @@ from vnvdimm.model.infoblock import (
 )
 
 if TYPE_CHECKING:
+    from vnvdimm.model.namespace import Namespace
     from vnvdimm.model.personality import Btt, Pfn
     from vnvdimm.model.system import System
 
@@ -178,7 +179,7 @@ def probe_namespace(ndns: object) -> None:
     if not ndns.force_raw:
         block = ndns.read_info_block()
         found: type[Btt] | type[Pfn] | None = None
-        if ndns.claim_class in ("", "btt") and BttInfo.unpack(block) is not None:
+        if ndns.claim_class in ("", "btt") and btt_info(block, ndns) is not None:
             found = Btt
         elif ndns.claim_class in ("", "pfn") and PfnInfo.unpack(block, PFN_SIG) is not None:
             found = Pfn
@@ -208,6 +209,19 @@ def attach_pfn(pfn: Pfn) -> None:
     pfn.disk = Disk(pfn.system, pfn.ndns.disk_name(), pfn, DataPath(**pfn.data_path_args(geometry)))  # type: ignore[arg-type]
 
 
+def btt_info(block: bytes, ndns: Namespace) -> dict[str, object] | None:
+    """nd_btt_version() for a v1.1 BTT (info block at 4 KiB): nd_btt_arena_is_valid()
+    (signature, checksum, a parent_uuid that is null or the namespace's) and version 1.1."""
+    from vnvdimm.model.base import NULL_UUID
+
+    info = BttInfo.unpack(block)
+    if info is None or (info["version_major"], info["version_minor"]) != (1, 1):
+        return None
+    if info["parent_uuid"] not in (NULL_UUID, ndns.parent_uuid):
+        return None
+    return info
+
+
 def attach_btt(btt: Btt) -> None:
     """nvdimm_namespace_attach_btt() + btt_init(): discover the arenas on the media or lay
     out new ones (info blocks, zeroed map, initial log)."""
@@ -218,8 +232,8 @@ def attach_btt(btt: Btt) -> None:
     assert ndns is not None
     initial_offset = SZ_4K  # BTT v1.1: the arena starts after the first 4 KiB
     block = ndns.read_info_block()
-    info = BttInfo.unpack(block)
-    if info is not None and info["parent_uuid"] == ndns.parent_uuid:
+    info = btt_info(block, ndns)
+    if info is not None:
         if btt.uuid is None:
             btt.uuid = info["uuid"]  # type: ignore[assignment]
             btt.lbasize = int(info["external_lbasize"])  # type: ignore[call-overload]
