@@ -1,0 +1,88 @@
+"""Fixtures of the reliability suite (issue 6): the figures every test reports (runs, writes
+tried, faults injected, bytes verified), written to ``<basetemp>/reliability-figures.json``
+and printed in the terminal summary, and the /dev/shm leak check."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from reliability_kit import STRESS_SECONDS
+
+# ---------------------------------------------------------------- figures
+
+
+class Figures:
+    """Counters per test, saved as JSON after every update (a crashed run keeps its numbers)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.tests: dict[str, dict[str, float]] = {}
+
+    def add(self, test: str, **counts: float) -> None:
+        with self.lock:
+            entry = self.tests.setdefault(test, {})
+            for key, value in counts.items():
+                entry[key] = entry.get(key, 0) + value
+            self.save()
+
+    def totals(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for entry in self.tests.values():
+            for key, value in entry.items():
+                out[key] = out.get(key, 0) + value
+        return out
+
+    def save(self) -> None:
+        doc = {"stress_seconds": STRESS_SECONDS, "totals": self.totals(), "tests": self.tests}
+        self.path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
+_FIGURES: list[Figures] = []
+
+
+@pytest.fixture(scope="session")
+def figures_store(tmp_path_factory: pytest.TempPathFactory) -> Figures:
+    f = Figures(tmp_path_factory.getbasetemp() / "reliability-figures.json")
+    _FIGURES.append(f)
+    return f
+
+
+class TestFigures:
+    """`figures.add(writes=..., faults=..., bytes_verified=...)` for the current test."""
+
+    def __init__(self, store: Figures, name: str) -> None:
+        self.store = store
+        self.name = name
+        store.add(name, runs=1)
+
+    def add(self, **counts: float) -> None:
+        self.store.add(self.name, **counts)
+
+
+@pytest.fixture
+def figures(figures_store: Figures, request: pytest.FixtureRequest) -> TestFigures:
+    return TestFigures(figures_store, request.node.nodeid.split("tests/reliability/", 1)[-1])
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for f in _FIGURES:
+        if f.tests:
+            totals = ", ".join(f"{k} {int(v) if float(v).is_integer() else round(v, 3)}"
+                               for k, v in sorted(f.totals().items()))
+            terminalreporter.write_line(f"vnvdimm reliability figures ({f.path}): {totals}")
+
+
+@pytest.fixture
+def shm_unchanged() -> Iterator[None]:
+    """/dev/shm holds the same names after the test as before (no leaked segment)."""
+    before = set(os.listdir("/dev/shm"))
+    yield
+    leaked = {n for n in set(os.listdir("/dev/shm")) - before if "vnvdimm" in n or "memmap" in n}
+    assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
