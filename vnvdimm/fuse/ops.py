@@ -259,6 +259,10 @@ MOUNT_OPTIONS: dict[str, Any] = {
     "attr_timeout": 0,
     "entry_timeout": 1.0,
     "negative_timeout": 0,
+    # Every request that waits (a read of a cold range, `echo sync`, wait_probe) holds one
+    # loop thread until it returns; libfuse's default of 10 threads let ten such waiters
+    # stall every other request of the mount, sysfs reads included.
+    "max_threads": 1024,
 }
 
 
