@@ -160,11 +160,16 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
     lock.update_pid()
     setup_logging(state, opts.verbose, opts.foreground)
     workers = opts.workers if opts.workers is not None else platform.memmap_workers
+    # Termination signals are taken by a thread of ours, not by libfuse's handlers: blocked
+    # readers must be woken (their jobs cancelled) before the loop may stop its threads. So
+    # they are blocked before the first thread exists (the engine's start threads, and every
+    # thread inherits the mask of its creator): a process signal is delivered to any thread
+    # that does not block it, and libfuse's handler run there stopped the loop with every
+    # blocked reader still waiting, leaving the mount hung. (Forked workers inherit the mask
+    # too: they exit when the daemon tells them or dies, not on SIGTERM.)
+    signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING_SIGNALS)
     engine = MemmapEngine(workers=workers)
     engine.start()  # fork the workers now, before any thread exists
-    # Termination signals are taken by a thread of ours, not by libfuse's handlers: blocked
-    # readers must be woken (their jobs cancelled) before the loop may stop its threads.
-    signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING_SIGNALS)
     record = mount_record(opts.mountpoint)
     system = System(engine, MemmapSettings(platform.memmap_mode, platform.ns_per_page))
     try:
