@@ -18,18 +18,25 @@ from reliability_kit import STRESS_SECONDS
 
 
 class Figures:
-    """Counters per test, saved as JSON after every update (a crashed run keeps its numbers)."""
+    """Counters per test (summed over the run) and other facts (worst latencies...), saved as
+    JSON after every update, so an interrupted run keeps its numbers."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock = threading.Lock()
         self.tests: dict[str, dict[str, float]] = {}
+        self.facts: dict[str, dict[str, Any]] = {}
 
     def add(self, test: str, **counts: float) -> None:
         with self.lock:
             entry = self.tests.setdefault(test, {})
             for key, value in counts.items():
                 entry[key] = entry.get(key, 0) + value
+            self.save()
+
+    def note(self, test: str, **facts: Any) -> None:
+        with self.lock:
+            self.facts.setdefault(test, {}).update(facts)
             self.save()
 
     def totals(self) -> dict[str, float]:
@@ -40,7 +47,7 @@ class Figures:
         return out
 
     def save(self) -> None:
-        doc = {"stress_seconds": STRESS_SECONDS, "totals": self.totals(), "tests": self.tests}
+        doc = {"stress_seconds": STRESS_SECONDS, "totals": self.totals(), "tests": self.tests, "facts": self.facts}
         self.path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
@@ -64,6 +71,9 @@ class TestFigures:
 
     def add(self, **counts: float) -> None:
         self.store.add(self.name, **counts)
+
+    def note(self, **facts: Any) -> None:
+        self.store.note(self.name, **facts)
 
 
 @pytest.fixture
