@@ -175,8 +175,13 @@ class VnvdimmOperations(fuse.Operations):
             if wants_write and data.read_only():
                 raise fuse.FuseOSError(errno.EACCES)
             # Keep the page cache across opens only while the same device is behind the name.
-            fi.keep_cache = 1 if self._last_serial.get(path) == data.serial else 0
-            self._last_serial[path] = data.serial
+            # A name never opened has nothing cached: dropping its (empty) cache would make
+            # this open wait for every read in flight through an open that came just before
+            # (the kernel's invalidation waits on their locked pages: a cold block each).
+            with self._fh_lock:
+                last = self._last_serial.get(path)
+                fi.keep_cache = 1 if last is None or last == data.serial else 0
+                self._last_serial[path] = data.serial
             if flags & os.O_DIRECT:
                 fi.direct_io = 1
             fi.fh = self._new_fh(OpenDevice(path, data))
