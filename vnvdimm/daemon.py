@@ -234,6 +234,12 @@ class Teardown:
             return
         self._done.set()
         log.info("stopping: %s", why)
+        # Every memmap job is cancelled at once (closing the engine), then the devices go.
+        # Cancelling job after job (each device's unbind) waited, for each job, until every
+        # worker had left it, and a worker in the middle of a run of another job only
+        # answered at the end of that run (or when killed, 0.8 s later).
+        if self.system.engine is not None:
+            self.system.engine.close()
         self.system.shutdown()
 
     def on_signals(self) -> None:

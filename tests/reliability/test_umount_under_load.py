@@ -53,12 +53,14 @@ def start_blocked(m) -> list[tuple[str, subprocess.Popen[str]]]:  # type: ignore
         jobs.append((f"sync {dev}", [str(m.path(f"{dev}/memmap_state")), "0", "s"]))
     procs = [(name, subprocess.Popen([sys.executable, "-c", READER, *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)) for name, args in jobs]
+    t0 = time.monotonic()
     for name, p in procs:
         assert p.stdout is not None
         assert p.stdout.readline() == "ready\n", f"{name}: {p.stderr.read() if p.stderr else ''}"
+    started = time.monotonic() - t0
     time.sleep(0.5)
-    running = [name for name, p in procs if p.poll() is None]
-    assert len(running) == len(procs), f"not all blocked: {[(n, p.returncode) for n, p in procs]}"
+    done = [(n, p.returncode, p.stdout.readline() if p.stdout else "") for n, p in procs if p.poll() is not None]
+    assert not done, f"not all blocked ({started:.2f} s to start them): {done}"
     return procs
 
 
@@ -111,3 +113,60 @@ def test_unmount_with_blocked_readers(make_mount, figures, shm_unchanged, how: s
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+HOLDER = r"""
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 4096)
+os.preadv(fd, [buf], 0)
+print("ready", flush=True)
+while sys.stdin.readline() == "read\n":
+    try:
+        os.preadv(fd, [buf], 0)
+        print("read ok", flush=True)
+    except OSError as e:
+        print(f"errno {e.errno}", flush=True)
+os.close(fd)
+"""
+
+
+def test_lazy_unmount_with_an_idle_open_file(make_mount, figures) -> None:  # type: ignore[no-untyped-def]
+    """A process keeps a device file open (not blocked) across `fusermount3 -u -z`: the
+    devices are closed at once (its next read fails), the daemon serves the connection
+    until the file is closed (lazy unmount semantics), then it and its workers exit."""
+    m = make_mount(e820(*SMALL))
+    daemon = m.pid
+    workers = children(daemon)
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(m.path("dev/pmem0"))], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        assert p.stdout.readline() == "ready\n"
+        res = subprocess.run(["fusermount3", "-u", str(m.root)], capture_output=True, text=True, timeout=30)
+        assert res.returncode != 0 and "busy" in res.stderr.lower(), res
+        t0 = time.monotonic()
+        res = subprocess.run(["fusermount3", "-u", "-z", str(m.root)], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0 and time.monotonic() - t0 < 1.0, res
+
+        def read_fails() -> bool:
+            p.stdin.write("read\n")  # type: ignore[union-attr]
+            p.stdin.flush()  # type: ignore[union-attr]
+            answer = p.stdout.readline()  # type: ignore[union-attr]
+            assert answer in ("read ok\n", f"errno {errno.ENXIO}\n"), answer
+            return answer != "read ok\n"
+
+        wait_for(read_fails, 2, "the device to be closed after the unmount", interval=0.02)
+        assert alive(daemon)
+        t0 = time.monotonic()
+        p.stdin.write("close\n")
+        p.stdin.flush()
+        p.wait(timeout=5)
+        wait_for(lambda: not alive(daemon) and not any(alive(w) for w in workers), 5,
+                 "the daemon and its workers to exit once the file is closed")
+        figures.add(faults=1)
+        figures.note(exit_after_close_ms=round((time.monotonic() - t0) * 1e3))
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
