@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import fcntl
 import hashlib
 import json
@@ -170,6 +171,10 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
     signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING_SIGNALS)
     engine = MemmapEngine(workers=workers)
     engine.start()  # fork the workers now, before any thread exists
+    # `kill -USR1 <daemon>` writes the stack of every thread into the log: what a hung call
+    # waits on. (After the fork: the workers keep the default action.)
+    stacks = open(state.path / "vnvdimm.log", "a")  # noqa: SIM115 - for the life of the daemon
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     record = mount_record(opts.mountpoint)
     system = System(engine, MemmapSettings(platform.memmap_mode, platform.ns_per_page))
     try:

@@ -552,3 +552,17 @@ def test_sixteen_threads(make_mount, figures) -> None:  # type: ignore[no-untype
     figures.note(worst_call_ms={k: round(v * 1e3, 1) for k, v in s.worst.items()}, calls=s.counts)
     for kind in ("dev-write", "dev-read", "bind", "unbind", "sync", "attr-read", "attr-store"):
         assert s.counts.get(kind, 0) > 0, f"no {kind} call ran: {s.counts}"
+
+
+def test_sigusr1_dumps_the_daemon_threads(make_mount) -> None:  # type: ignore[no-untyped-def]
+    """What the watchdog above relies on to report a hang: SIGUSR1 makes the daemon write the
+    stack of every thread into its log, and it keeps serving."""
+    m = make_mount(e820(*SMALL))
+    os.kill(m.pid, 10)
+    log = m.state_dir / "vnvdimm.log"
+    deadline = time.monotonic() + 5
+    while "_dispatch_loop" not in log.read_text():
+        assert time.monotonic() < deadline, "no thread dump in the log"
+        time.sleep(0.05)
+    assert alive(m.pid) and len(children(m.pid)) == 2
+    assert m.read(f"{PFN}/mode") == "pmem\n"
