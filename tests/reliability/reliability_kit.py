@@ -20,6 +20,7 @@ import numpy as np
 
 from vnvdimm.memmap import PAGE_DTYPE, init_page_reference
 
+WITH_VNVDIMM = Path(__file__).resolve().parents[2] / "mountscripts" / "with-vnvdimm"
 STRESS_SECONDS = float(os.environ.get("VNVDIMM_STRESS_SECONDS", "8"))
 
 
