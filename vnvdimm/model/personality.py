@@ -15,6 +15,7 @@ from vnvdimm.model.base import (
     PAGE_SIZE,
     SZ_1G,
     SZ_2M,
+    SZ_8K,
     SZ_16M,
     Attr,
     BinAttr,
@@ -31,6 +32,7 @@ from vnvdimm.model.base import (
 )
 from vnvdimm.model.infoblock import (
     DAX_SIG,
+    MAX_STRUCT_PAGE_SIZE,
     PFN_MODE_NONE,
     PFN_MODE_PMEM,
     PFN_MODE_RAM,
@@ -313,6 +315,18 @@ class Pfn(Personality):
                 raise fail(errno.EOPNOTSUPP, f"{self.name}: init failed, settings mismatch")
         if info is not None:
             geometry = PfnGeometry(info.dataoff, info.npfns, info.end_trunc)
+            # nd_pfn_validate() and __nvdimm_setup_pfn(): the data must start inside the
+            # namespace, page and align aligned, after the 8 KiB info block area and, for
+            # map=dev, after the memmap that area holds (the altmap runs out: ENOMEM).
+            # Else the device's data would overlay the info block or the memmap.
+            offset = info.dataoff
+            if offset >= ndns.size or offset % PAGE_SIZE or (
+                    info.align and (ndns.start + offset + info.start_pad) % info.align):
+                raise fail(errno.EOPNOTSUPP, f"{self.name}: bad offset {offset:#x}, align {info.align:#x}")
+            if offset < SZ_8K:
+                raise fail(errno.EINVAL, f"{self.name}: data offset {offset:#x} inside the info block area")
+            if info.mode == PFN_MODE_PMEM and offset - SZ_8K < ndns.size // PAGE_SIZE * MAX_STRUCT_PAGE_SIZE:
+                raise fail(errno.ENOMEM, f"{self.name}: {offset:#x} leaves no room for the memmap")
             if geometry.dataoff + geometry.data_size + geometry.end_trunc > ndns.size:
                 raise fail(errno.ENXIO, f"{self.name}: info block does not fit {ndns.name}")
             return geometry
