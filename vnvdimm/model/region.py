@@ -321,6 +321,8 @@ class Region(Device):
             # (select_pmem_id()); the region align is not looked at, it only rules allocations
             if label.offset < end or label.offset + label.size > self.size:
                 continue
+            if label.offset < 0 or label.size <= 0:  # dpa and rawsize are u64, a namespace has pages
+                continue
             out.append(label)
             end = label.offset + label.size
         return out
