@@ -135,10 +135,68 @@ def prepare(opts: MountOptions) -> tuple[StateDir, Platform, StateLock]:
         raise MountError(f"{state.path}: cannot create the state dir: {e.strerror}") from None
     lock = StateLock(state)
     lock.acquire()
-    platform, provision_config = state.open(opts.config)
+    try:
+        if state.platform_path.exists():  # checked on its own before a config is held against it
+            check_platform(state.open(None)[0], state.platform_path)
+        platform, provision_config = state.open(opts.config)
+    except UnicodeDecodeError:
+        raise MountError(f"{state.platform_path}: damaged platform record (not text); "
+                         "move it away to start afresh") from None
+    check_platform(platform, state.platform_path)
     if provision_config is not None:
         provision(platform, state, provision_config)
     return state, platform, lock
+
+
+SZ_16M = 16 << 20
+
+
+def check_platform(platform: Platform, path: Path) -> None:
+    """A platform record that parses as JSON but cannot describe a machine (damaged, or edited
+    by hand) is refused here, naming the file, instead of failing somewhere in the daemon."""
+
+    def bad(what: str) -> MountError:
+        return MountError(f"{path}: damaged platform record ({what}); move it away to start afresh")
+
+    def count(value: object, what: str, hi: int = 1 << 62) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
+            raise bad(f"{what} = {value!r}")
+        return value
+
+    if platform.template not in ("e820", "nfit"):
+        raise bad(f"template = {platform.template!r}")
+    nfit = platform.template == "nfit"
+    if not isinstance(platform.regions, tuple) or not platform.regions:
+        raise bad("no region")
+    for i, d in enumerate(platform.dimms):
+        if count(d.size, f"dimm[{i}].size") < 2 * SZ_16M or d.size % SZ_16M:
+            raise bad(f"dimm[{i}].size = {d.size!r}")
+        for name in ("handle", "phys_id", "serial"):
+            count(getattr(d, name), f"dimm[{i}].{name}", (1 << 32) - 1)
+    used = [0] * len(platform.dimms)
+    end = 0
+    for i, r in enumerate(platform.regions):
+        start, size = count(r.start, f"region[{i}].start"), count(r.size, f"region[{i}].size")
+        if size < 2 * SZ_16M or size % SZ_16M or start % SZ_16M or start < end:
+            raise bad(f"region[{i}] at {start:#x}, size {size:#x}")
+        end = start + size
+        count(r.numa_node, f"region[{i}].numa_node", 1023)
+        count(r.set_cookie, f"region[{i}].set_cookie", (1 << 64) - 1)
+        if not isinstance(r.dimms, tuple) or bool(r.dimms) != nfit:
+            raise bad(f"region[{i}].dimms = {r.dimms!r}")
+        for member in r.dimms:
+            if not isinstance(member, tuple) or len(member) != 2:
+                raise bad(f"region[{i}].dimms = {r.dimms!r}")
+            d, dpa = count(member[0], f"region[{i}] dimm", len(used) - 1), count(member[1], f"region[{i}] dpa")
+            share = size // len(r.dimms)
+            if dpa < used[d] or dpa + share > platform.dimms[d].size:
+                raise bad(f"region[{i}] overlaps another on dimm {d}")
+            used[d] = dpa + share
+    if platform.memmap_mode not in ("async", "sync"):
+        raise bad(f"memmap_mode = {platform.memmap_mode!r}")
+    if platform.memmap_workers is not None:
+        count(platform.memmap_workers, "memmap_workers", 251)
+    count(platform.ns_per_page, "ns_per_page", 10**9)
 
 
 def setup_logging(state: StateDir, verbose: int, foreground: bool) -> None:
