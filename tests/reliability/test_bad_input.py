@@ -44,7 +44,7 @@ from vnvdimm.topology.platform import StateDir, build_system, provision
 # The errno values the kernel's store functions return for bad input (and vnvdimm's model
 # raises at the same decision points).
 DOCUMENTED = {errno.EINVAL, errno.EBUSY, errno.ENXIO, errno.ENODEV, errno.EACCES, errno.ERANGE, errno.ENOSPC,
-              errno.EOPNOTSUPP, errno.EPERM, errno.EEXIST}
+              errno.EOPNOTSUPP, errno.EPERM, errno.EEXIST, errno.ENOMEM}
 
 MODEL_WRITES = 10_000
 

@@ -233,7 +233,7 @@ def test_every_damaged_or_forged_info_block_on_the_model(state, figures) -> None
         finally:
             machine.close()
         assert media.read_bytes() == before, f"{name}: the probe changed the media"
-        figures.add(faults=1, bytes_verified=len(before))
+        figures.add(damaged_states=1, bytes_verified=len(before))
     media.write_bytes(original)
 
 
@@ -252,7 +252,7 @@ def test_damaged_btt_and_dax_info_blocks_on_the_model(state, figures) -> None:  
             finally:
                 machine.close()
             assert (m.state_dir / f"region{region}.media").read_bytes() == before
-            figures.add(faults=1)
+            figures.add(damaged_states=1)
         put_info_block(m, good, region)
         del ns
 
@@ -285,7 +285,7 @@ def test_damaged_info_block_through_the_mount(state, figures, name: str) -> None
     log_clean(m)
     after = {p.name: p.read_bytes() for p in sorted(m.state_dir.glob("*.media"))}
     assert after == before, [n for n in after if after[n] != before[n]]
-    figures.add(faults=1, bytes_verified=sum(len(b) for b in after.values()))
+    figures.add(damaged_states=1, bytes_verified=sum(len(b) for b in after.values()))
     del region0
 
 
@@ -316,7 +316,7 @@ def test_missing_or_resized_media_is_a_clear_error(state, figures, damage: str) 
         clear_error(m, res, "region1.media")
         assert media.stat().st_size == size
     assert {n: d for n, d in digests(m.state_dir).items() if n != media.name} == others
-    figures.add(faults=1)
+    figures.add(damaged_states=1)
 
 
 # ---------------------------------------------------------------- platform.json
@@ -348,7 +348,7 @@ def test_damaged_platform_record_is_a_clear_error(state, figures, name: str) -> 
         clear_error(m, res)
         assert "platform" in res.stderr or "does not match" in res.stderr, res.stderr
     assert {p.name: digest(p) for p in m.state_dir.glob("*.media")} == media
-    figures.add(faults=1)
+    figures.add(damaged_states=1)
 
 
 def platform_docs() -> st.SearchStrategy[object]:
@@ -386,11 +386,12 @@ def platform_docs() -> st.SearchStrategy[object]:
 @settings(max_examples=300, deadline=None, database=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 @given(doc=platform_docs())
-def test_platform_record_fuzz(tmp_path_factory, doc: object) -> None:  # type: ignore[no-untyped-def]
+def test_platform_record_fuzz(tmp_path_factory, figures, doc: object) -> None:  # type: ignore[no-untyped-def]
     """Whatever platform.json holds: the mount's preparation refuses it with a message naming
     the file, or the machine boots (media of the right size or a clear media error)."""
     from vnvdimm import daemon
 
+    figures.add(fuzz_cases=1)
     base = tmp_path_factory.mktemp("platform")
     (base / "mnt").mkdir()
     state = base / "state"
@@ -473,9 +474,10 @@ def label_docs(valid: dict) -> st.SearchStrategy[bytes]:  # type: ignore[type-ar
 @settings(max_examples=300, deadline=None, database=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 @given(data=st.data())
-def test_label_file_fuzz(nfit_state, data) -> None:  # type: ignore[no-untyped-def]
+def test_label_file_fuzz(nfit_state, figures, data) -> None:  # type: ignore[no-untyped-def]
     """Whatever a DIMM's label file holds: a clear error naming it, or a machine whose
     namespaces are consistent; the probe never writes the media or the labels."""
+    figures.add(fuzz_cases=1)
     area = nfit_state.label_path(0)
     valid_text = area.read_bytes() if not hasattr(test_label_file_fuzz, "valid") else test_label_file_fuzz.valid
     test_label_file_fuzz.valid = valid_text  # type: ignore[attr-defined]
@@ -525,8 +527,9 @@ def config_texts() -> st.SearchStrategy[str]:
 @settings(max_examples=500, deadline=None, database=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 @given(text=config_texts())
-def test_config_fuzz(tmp_path_factory, text: str) -> None:  # type: ignore[no-untyped-def]
+def test_config_fuzz(tmp_path_factory, figures, text: str) -> None:  # type: ignore[no-untyped-def]
     """Any config text: a TopologyConfig, or a ConfigError naming the file; nothing else."""
+    figures.add(fuzz_cases=1)
     path = tmp_path_factory.getbasetemp() / "fuzz.toml"
     path.write_text(text)
     try:
@@ -554,4 +557,4 @@ def test_bad_config_file_through_the_cli(make_mount, figures, content) -> None: 
     res = m.mount()
     clear_error(m, res, str(config))
     assert not m.state_dir.exists() or not list(m.state_dir.glob("*.media"))
-    figures.add(faults=1)
+    figures.add(damaged_states=1)
