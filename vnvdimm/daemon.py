@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import faulthandler
 import fcntl
 import hashlib
@@ -63,7 +64,9 @@ def is_dead_mount(path: Path) -> bool:
     try:
         os.stat(path)
     except OSError as e:
-        return e.errno == 107  # ENOTCONN: "Transport endpoint is not connected"
+        # ENOTCONN: "Transport endpoint is not connected"; ECONNABORTED: the same, seen by a
+        # request that was in flight while the daemon was dying (a mount right after a kill).
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False
 
 

@@ -191,3 +191,16 @@ def test_kill_during_write_stream(make_mount, figures, shm_unchanged, how: str) 
         verified += w.check(m.path(dev).read_bytes())
     figures.add(writes=sum(w.writes for w in writers), fsyncs=sum(w.fsyncs for w in writers),
                 bytes_verified=verified)
+
+
+@pytest.mark.parametrize("code", [errno.ENOTCONN, errno.ECONNABORTED])
+def test_a_dying_mount_counts_as_dead(monkeypatch, tmp_path, code: int) -> None:  # type: ignore[no-untyped-def]
+    """A mount point stat'ed while its daemon is being killed answers ECONNABORTED (the request
+    was in flight), once it is dead ENOTCONN: both are cleaned up by the next mount."""
+    from vnvdimm import daemon
+
+    def stat(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(daemon.os, "stat", stat)
+    assert daemon.is_dead_mount(tmp_path)
