@@ -558,3 +558,18 @@ def test_bad_config_file_through_the_cli(make_mount, figures, content) -> None: 
     clear_error(m, res, str(config))
     assert not m.state_dir.exists() or not list(m.state_dir.glob("*.media"))
     figures.add(damaged_states=1)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00garbage", b""])
+def test_garbage_label_file_through_the_mount(make_mount, figures, content: bytes) -> None:  # type: ignore[no-untyped-def]
+    m = make_mount(NFIT.replace('template = "nfit"', 'template = "nfit"\n[memmap]\nworkers = 2'))
+    m.umount()
+    media = {p.name: digest(p) for p in m.state_dir.glob("*.media")}
+    label = m.state_dir / "labels" / "nmem0.json"
+    label.write_bytes(content)
+    m.config = None
+    res = m.mount()
+    clear_error(m, res, str(label))
+    assert label.read_bytes() == content, "the damaged label area was rewritten"
+    assert {p.name: digest(p) for p in m.state_dir.glob("*.media")} == media
+    figures.add(damaged_states=1)
