@@ -64,7 +64,7 @@ def start_blocked(m) -> list[tuple[str, subprocess.Popen[str]]]:  # type: ignore
     return procs
 
 
-@pytest.mark.parametrize("how", ["vnvdimm-umount", "fusermount3", "sigterm"])
+@pytest.mark.parametrize("how", ["vnvdimm-umount", "fusermount3", "sigterm", "sigint", "sighup"])
 def test_unmount_with_blocked_readers(make_mount, figures, shm_unchanged, how: str) -> None:  # type: ignore[no-untyped-def]
     m = make_mount(e820(*SMALL, ns_per_page=NS_PER_PAGE))
     daemon = m.pid
@@ -86,7 +86,7 @@ def test_unmount_with_blocked_readers(make_mount, figures, shm_unchanged, how: s
                                  timeout=30)
             assert res.returncode == 0, res.stderr
         else:
-            os.kill(daemon, signal.SIGTERM)
+            os.kill(daemon, {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sighup": signal.SIGHUP}[how])
         took = time.monotonic() - t0
         assert took < 1.0, f"{how} took {took:.2f} s"
         figures.add(faults=1)
