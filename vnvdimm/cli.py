@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return daemon.mount(opts)
     if args.command == "umount":
-        return daemon.umount(args.mountpoint.resolve())
+        # Resolve the parent only: stat()ing the mount point itself would hang on a stuck daemon.
+        return daemon.umount(args.mountpoint.absolute().parent.resolve() / args.mountpoint.name)
     return 2
 
 

@@ -541,10 +541,7 @@ def test_config_fuzz(tmp_path_factory, figures, text: str) -> None:  # type: ign
 
 
 @pytest.mark.parametrize("content", [
-    pytest.param(b"\xff\xfe garbage", marks=pytest.mark.xfail(
-        strict=True, reason="load_config() (topology/config.py, called by cli.py) lets the UnicodeDecodeError of "
-        "a config that is not text escape as a traceback; outside the files this suite may fix")),
-    b"template = ", b"[[region]]\nsize = -1\n",
+    b"\xff\xfe garbage", b"template = ", b"[[region]]\nsize = -1\n",
                                      b"template = \"e820\"\n[[region]]\nsize = \"7M\"\n", None, "directory"])
 def test_bad_config_file_through_the_cli(make_mount, figures, content) -> None:  # type: ignore[no-untyped-def]
     m = make_mount(None, mount=False)

@@ -104,9 +104,11 @@ def default_config() -> TopologyConfig:
 def load_config(path: str | os.PathLike[str]) -> TopologyConfig:
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{p}: cannot read the config file: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: not UTF-8 text (byte {e.start})") from None
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
