@@ -188,8 +188,8 @@ def device_files(size_label: str) -> list[Figure]:
         _stream(dev, size, 1 << 20, 1, True, data)
         fresh = _pread_fresh(media, media_off, size)
         out.append(Figure(f"reference: pread of the media into fresh memory, 1 MiB x 1 ({size_label})", fresh,
-                          "GB/s", note="a first pass through the page cache must populate fresh pages as well; "
-                          "this is that limit on this machine"))
+                          "GB/s", note="the same bytes read into fresh anonymous memory (every 4 KiB page "
+                          "faulted in by the copy): fresh memory is slow on this VM (balloon)"))
         for req in (128 << 10, 1 << 20):
             for threads in (1, 2):
                 label = f"{req >> 10} KiB x {threads}"
