@@ -134,23 +134,21 @@ def attribute_latency(n: int) -> list[Figure]:
 # ---------------------------------------------------------------- device files
 
 
-def _stream(path: Path, size: int, req: int, threads: int, write: bool, reps_data: bytes) -> float:
-    """GB/s of `threads` streams each covering 1/threads of [0, size) with `req`-byte requests."""
+def _stream(path: Path, size: int, req: int, threads: int, write: bool, data: bytes, offset: int = 0) -> float:
+    """GB/s of `threads` streams, each covering 1/threads of [offset, offset + size) of `path`
+    with `req`-byte requests (a device file at offset 0, or the same bytes of its media)."""
     share = size // threads // req * req
 
     def run(k: int) -> None:
         fd = os.open(path, os.O_RDWR if write else os.O_RDONLY)
         try:
-            off, end = k * share, (k + 1) * share
-            if write:
-                while off < end:
-                    os.pwrite(fd, reps_data[:req], off)
-                    off += req
-            else:
-                while off < end:
-                    if not os.pread(fd, req, off):
-                        raise OSError("short read")
-                    off += req
+            off, end = offset + k * share, offset + (k + 1) * share
+            while off < end:
+                if write:
+                    os.pwrite(fd, data[:req], off)
+                elif not os.pread(fd, req, off):
+                    raise OSError("short read")
+                off += req
         finally:
             os.close(fd)
 
@@ -193,11 +191,11 @@ def device_files(size_label: str) -> list[Figure]:
         for req in (128 << 10, 1 << 20):
             for threads in (1, 2):
                 label = f"{req >> 10} KiB x {threads}"
-                base_read = _stream_media(media, media_off, size, req, threads, False, data)
+                base_read = _stream(media, size, req, threads, False, data, media_off)
                 _drop_fuse_cache(dev)
                 first = _stream(dev, size, req, threads, False, data)
                 again = _stream(dev, size, req, threads, False, data)
-                base_write = _stream_media(media, media_off, size, req, threads, True, data)
+                base_write = _stream(media, size, req, threads, True, data, media_off)
                 wr = _stream(dev, size, req, threads, True, data)
                 out.append(Figure(f"device read {size_label}, {label}, first pass", first, "GB/s", base_read,
                                   "pread of the media file", target=">= 0.2x", met=check(first / base_read, ">=", 0.2)))
@@ -226,31 +224,6 @@ def _pread_fresh(media: Path, offset: int, size: int) -> float:
     finally:
         buf.close()
         os.close(fd)
-
-
-def _stream_media(media: Path, offset: int, size: int, req: int, threads: int, write: bool, data: bytes) -> float:
-    share = size // threads // req * req
-
-    def run(k: int) -> None:
-        fd = os.open(media, os.O_RDWR)
-        try:
-            off, end = k * share, (k + 1) * share
-            while off < end:
-                if write:
-                    os.pwrite(fd, data[:req], offset + off)
-                else:
-                    os.pread(fd, req, offset + off)
-                off += req
-        finally:
-            os.close(fd)
-
-    t0 = time.perf_counter()
-    ts = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    return share * threads / (time.perf_counter() - t0) / 1e9
 
 
 # ---------------------------------------------------------------- ndctl

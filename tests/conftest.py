@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,22 +14,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from mount_kit import SMALL_E820, WITH_VNVDIMM, fuse_mounts_under
 
 REPO = Path(__file__).resolve().parent.parent
-WITH_VNVDIMM = REPO / "mountscripts" / "with-vnvdimm"
 VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
 
-SMALL_E820 = """\
-template = "e820"
-[memmap]
-workers = 2
-[[region]]
-size = "256M"
-namespace = { mode = "fsdax", map = "dev", align = "2M" }
-[[region]]
-size = "256M"
-namespace = { mode = "devdax", map = "mem", align = "2M" }
-"""
 
 SMALL_NFIT = """\
 template = "nfit"
@@ -50,16 +38,6 @@ namespaces = [ { size = "256M", mode = "fsdax", map = "dev" } ]
 [[region]]
 dimms = [2, 3]
 """
-
-
-def fuse_mounts_under(prefix: Path) -> list[str]:
-    out = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if parts[2].startswith("fuse") and parts[1].startswith(str(prefix)):
-                out.append(parts[1])
-    return out
 
 
 class Mount:
@@ -203,7 +181,3 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             subprocess.run(["fusermount3", "-u", "-z", m], capture_output=True)
         print(f"\nvnvdimm tests left behind: mounts {leftovers}, daemons {daemons}", file=sys.stderr)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
-def have_ndctl() -> bool:
-    return shutil.which("ndctl") is not None and shutil.which("daxctl") is not None
