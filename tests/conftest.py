@@ -6,15 +6,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from mount_kit import SMALL_E820, WITH_VNVDIMM, fuse_mounts_under
+
+from vnvdimm.daemon import stop_mount
 
 REPO = Path(__file__).resolve().parent.parent
 VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
@@ -63,18 +63,8 @@ class Mount:
         return res
 
     def umount(self) -> None:
-        if self.is_mounted():
-            subprocess.run([*VNVDIMM, "umount", str(self.root)], capture_output=True, timeout=60)
-        if self.is_mounted():
-            subprocess.run(["fusermount3", "-u", "-z", str(self.root)], capture_output=True)
-        if self.pid is not None:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and pid_alive(self.pid):
-                time.sleep(0.02)
-            if pid_alive(self.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.pid, signal.SIGKILL)
-            self.pid = None
+        stop_mount(self.root, self.pid)
+        self.pid = None
 
     def is_mounted(self) -> bool:
         return str(self.root) in fuse_mounts_under(self.root)
@@ -107,17 +97,6 @@ class Mount:
         res = self.run("ndctl", *args)
         assert res.returncode == 0, f"ndctl {' '.join(args)}: rc {res.returncode}: {res.stderr}"
         return json.loads(res.stdout) if res.stdout.strip() else None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
-        if f.read().split(") ", 1)[1].startswith("Z"):
-            return False
-    return True
 
 
 @pytest.fixture

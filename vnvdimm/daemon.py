@@ -394,8 +394,27 @@ def process_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(") ", 1)[1][:1] not in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError, IndexError):
+    except (OSError, IndexError):
         return False
+
+
+def stop_mount(mountpoint: Path, pid: int | None, timeout: float = 10.0) -> None:
+    """Make sure a mount and its daemon are gone, whatever state they are in: `umount`, then a
+    lazy detach if it is still there, then SIGKILL of the daemon's process group (its workers)
+    if it has not exited within `timeout`. For test beds and test fixtures."""
+    if str(mountpoint) in fuse_mounts():
+        subprocess.run([sys.executable, "-m", "vnvdimm.cli", "umount", str(mountpoint)],
+                       capture_output=True, timeout=60)
+    if str(mountpoint) in fuse_mounts():
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, timeout=30)
+    if pid is None or pid <= 0:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process_alive(pid):
+        time.sleep(0.02)
+    if process_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 def umount(mountpoint: Path, timeout: float = 10.0) -> int:

@@ -44,6 +44,7 @@ from typing import Any
 
 from vnvdimm import status as status_mod
 from vnvdimm import wait as wait_mod
+from vnvdimm.daemon import stop_mount
 
 WITH_VNVDIMM = Path(__file__).resolve().parent.parent / "mountscripts" / "with-vnvdimm"
 
@@ -290,18 +291,7 @@ class Testbed:
             self.pid = int((self.state_dir / "lock").read_text().split()[0])
 
     def _unmount(self) -> None:
-        if self._mounted():
-            subprocess.run([sys.executable, "-m", "vnvdimm.cli", "umount", str(self.root)],
-                           capture_output=True, timeout=60)
-        if self._mounted():
-            subprocess.run(["fusermount3", "-u", "-z", str(self.root)], capture_output=True, timeout=30)
-        if self.pid and self.pid > 0:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and _alive(self.pid):
-                time.sleep(0.02)
-            if _alive(self.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.pid, signal.SIGKILL)
+        stop_mount(self.root, self.pid)
         self.pid = None
 
     def stop(self) -> None:
@@ -534,14 +524,3 @@ class Testbed:
         from vnvdimm import inject
 
         return inject.namespace_badblocks(status_mod.Root.of(self.root), namespace)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
-        if f.read().split(") ", 1)[1].startswith("Z"):
-            return False
-    return True

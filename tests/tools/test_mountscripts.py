@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from tooltest import SCRIPTS, SLOW_E820, clean_env, hold_memmap, holder, memmap_progress, release_memmap
 
+from vnvdimm.daemon import process_alive
+
 WAIT = SCRIPTS / "vnvdimm-wait-memmap"
 HELPER = SCRIPTS / "mount.fuse.vnvdimm"
 UNIT = SCRIPTS / "vnvdimm@.service"
@@ -47,19 +49,11 @@ def fuse_mounted(path: Path) -> str | None:
     return None
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][:1] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def wait_gone(pid: int, timeout: float = 15) -> bool:
     deadline = time.monotonic() + timeout
-    while pid_alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return not pid_alive(pid)
+    return not process_alive(pid)
 
 
 @pytest.mark.parametrize("script", [WAIT, HELPER, INSTALL, WITH])
@@ -144,7 +138,7 @@ def test_mount_t_fuse_vnvdimm(sbin_helper, tmp_path) -> None:
         assert res.returncode == 0, res.stderr
         assert fuse_mounted(mnt) == "fuse.vnvdimm"
         pid = int((state / "lock").read_text().split()[0])
-        assert pid_alive(pid)
+        assert process_alive(pid)
         assert (mnt / "sys/bus/nd/devices/pfn0.1/memmap/workers").read_text() == "1\n"
         res = sh(WITH, mnt, "--", "ndctl", "list", "-N")
         assert res.returncode == 0 and '"blockdev":"pmem0"' in res.stdout
@@ -236,7 +230,7 @@ def test_systemd_unit_runs_as_a_forking_service(tmp_path) -> None:
         assert (mnt / "sys/bus/nd/devices/ndbus0").exists()
         (pidfile,) = expand(service["PIDFile"][0])
         pid = int(Path(pidfile).read_text().split()[0])
-        assert pid_alive(pid)
+        assert process_alive(pid)
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         assert b"vnvdimm.cli" in cmdline and b"mount" in cmdline
         assert os.getsid(pid) == pid  # the daemon runs in its own session, as a forking service must
