@@ -426,8 +426,11 @@ def test_random_writes_on_the_model(figures) -> None:  # type: ignore[no-untyped
     rounds = 0
     while (stats.writes < MODEL_WRITES or REQUIRED - set(stats.coverage)) and rounds < 5:
         rounds += 1
+        # A fixed seed per round: reproducible, yet each round explores other sequences (a
+        # derandomized run would repeat the same ones, so a state it misses stays missed).
+        BadInput._hypothesis_internal_use_seed = rounds  # type: ignore[attr-defined]
         run_state_machine_as_test(BadInput, settings=settings(
-            max_examples=40, stateful_step_count=60, deadline=None, database=None, derandomize=True,
+            max_examples=40, stateful_step_count=60, deadline=None, database=None,
             suppress_health_check=list(HealthCheck), print_blob=True))
     figures.add(writes=stats.writes, refused=sum(stats.refused.values()), accepted=stats.accepted,
                 reboots=stats.reboots, invariant_checks=stats.steps)
