@@ -1,8 +1,16 @@
-"""What the kernel's store functions do with a buffer, written here independently of vnvdimm
-(regular expressions over the C string the store sees), for the fuzz tests: each oracle
-returns OK (with the value that will show) or the errno. Sources: lib/kstrtox.c,
-lib/string.c, drivers/nvdimm/{core,claim,pfn_devs,namespace_devs,region_devs}.c,
-drivers/dax/bus.c, lib/kobject_uevent.c."""
+"""What the kernel does, written here independently of vnvdimm, for the tests to compare
+against:
+
+* what the store functions do with a buffer (regular expressions over the C string the store
+  sees): each oracle returns OK (with the value that will show) or the errno. Sources:
+  lib/kstrtox.c, lib/string.c, drivers/nvdimm/{core,claim,pfn_devs,namespace_devs,region_devs}.c,
+  drivers/dax/bus.c, lib/kobject_uevent.c;
+* the ``struct page`` records memmap_init_one() leaves and what /proc/kpageflags shows of them
+  (include/linux/mm_types.h, page-flags-layout.h, poison.h, fs/proc/page.c, x86_64 4.18);
+* the pfn/dax info block (drivers/nvdimm/pfn.h ``struct nd_pfn_sb``, pfn_devs.c
+  nd_pfn_validate()) and the BTT info block (btt.h ``struct btt_sb``, btt.c), decoded from
+  their byte offsets.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ import errno
 import re
 from dataclasses import dataclass
 
+import numpy as np
 from hypothesis import strategies as st
 
 U64 = 1 << 64
@@ -201,3 +210,75 @@ def inputs(words: list[bytes]) -> st.SearchStrategy[bytes]:
     # (an empty write never reaches a store: kernfs returns 0 for it)
     return st.one_of(raw, raw.map(lambda b: b + b"\n"), raw.map(lambda b: b + b"\0"),
                      near(words).filter(len))
+
+
+# ---------------------------------------------------------------- struct page (x86_64, 4.18)
+
+# struct page is 64 bytes: flags @0, lru (next @8, prev @16; ZONE_DEVICE overlays pgmap on
+# lru.next and hmm_data on lru.prev), mapping @24, index @32, private @40, _mapcount @48 (s32),
+# _refcount @52 (s32), mem_cgroup @56.
+STRUCT_PAGE = np.dtype({"names": ["flags", "lru_next", "lru_prev", "mapping", "index", "private",
+                                  "mapcount", "refcount", "mem_cgroup"],
+                        "formats": ["<u8", "<u8", "<u8", "<u8", "<u8", "<u8", "<i4", "<i4", "<u8"],
+                        "offsets": [0, 8, 16, 24, 32, 40, 48, 52, 56], "itemsize": 64})
+# page-flags-layout.h with SECTION_IN_PAGE_FLAGS, MAX_PHYSMEM_BITS 46, SECTION_SIZE_BITS 27,
+# NODES_SHIFT 6, MAX_NR_ZONES 5: | section (19) | node (6) | zone (3) | ... | flags |
+SECTION_SHIFT_IN_FLAGS, NODE_SHIFT_IN_FLAGS, ZONE_SHIFT_IN_FLAGS = 45, 39, 36
+PFN_SECTION_SHIFT = 27 - 12
+ZONE_DEVICE = 4  # DMA, DMA32, NORMAL, MOVABLE, DEVICE
+PG_RESERVED = 11
+LIST_POISON2 = 0xDEAD000000000000 + 0x200  # POISON_POINTER_DELTA + 0x200
+VMEMMAP_START = 0xFFFFEA0000000000  # x86_64 vmemmap_base without KASLR
+KPF_NOPAGE, KPF_RESERVED = 20, 32
+# The address of a device's struct dev_pagemap is the emulator's choice (there is no kernel
+# heap): vnvdimm places it at this direct-map base plus the device's start pfn times 64, modulo
+# 4 GiB.
+PGMAP_BASE = 0xFFFF888100000000
+
+
+def device_pgmap(start_pfn: int) -> int:
+    return PGMAP_BASE + (start_pfn << 6) % (1 << 32)
+
+
+def page_records(first_pfn: int, n: int, *, nid: int, pgmap: int, has_pgmap: bool) -> np.ndarray:
+    """What memmap_init_one() leaves in the records of pfns [first_pfn, first_pfn + n):
+    mm_zero_struct_page(), set_page_links(ZONE_DEVICE, nid, pfn), init_page_count() (1),
+    page_mapcount_reset() (-1), INIT_LIST_HEAD(&page->lru) (both words point at the record's
+    own lru field), SetPageReserved(); then, for a page the device's pgmap describes (not the
+    altmap pages that hold the memmap itself), page->pgmap and lru.prev = LIST_POISON2."""
+    pfn = np.arange(first_pfn, first_pfn + n, dtype=np.uint64)
+    out = np.zeros(n, dtype=STRUCT_PAGE)
+    out["flags"] = ((pfn >> np.uint64(PFN_SECTION_SHIFT)) << np.uint64(SECTION_SHIFT_IN_FLAGS)) \
+        | np.uint64(nid << NODE_SHIFT_IN_FLAGS | ZONE_DEVICE << ZONE_SHIFT_IN_FLAGS | 1 << PG_RESERVED)
+    out["refcount"] = 1
+    out["mapcount"] = -1
+    if has_pgmap:
+        out["lru_next"] = pgmap
+        out["lru_prev"] = LIST_POISON2
+    else:
+        own_lru = np.uint64(VMEMMAP_START) + pfn * np.uint64(64) + np.uint64(8)
+        out["lru_next"] = own_lru
+        out["lru_prev"] = own_lru
+    return out
+
+
+def device_memmap(start_pfn: int, npages: int, *, nid: int, on_media: bool, data_page: int) -> np.ndarray:
+    """The records of a whole pfn/dax device once its memmap is initialized. map=dev
+    (``on_media``): the first two pages (the 8 KiB info-block area, altmap->reserve) are never
+    initialized (zero here) and the pages up to the data (``data_page``) hold the memmap
+    itself, so they are altmap pages without a pgmap. map=mem: every page has the pgmap."""
+    pgmap = device_pgmap(start_pfn)
+    out = np.zeros(npages, dtype=STRUCT_PAGE)
+    reserve = 2 if on_media else 0
+    split = max(reserve, min(data_page, npages)) if on_media else reserve
+    out[reserve:split] = page_records(start_pfn + reserve, split - reserve, nid=nid, pgmap=pgmap, has_pgmap=False)
+    out[split:] = page_records(start_pfn + split, npages - split, nid=nid, pgmap=pgmap, has_pgmap=True)
+    return out
+
+
+def kpageflags_of_initialized(records: np.ndarray) -> np.ndarray:
+    """stable_page_flags() of records as memmap_init_one() leaves them: PG_reserved is copied
+    to KPF_RESERVED; _mapcount -1 is not mapped, no other flag is set."""
+    out = np.zeros(len(records), dtype=np.uint64)
+    out[(records["flags"] & np.uint64(1 << PG_RESERVED)) != 0] |= np.uint64(1 << KPF_RESERVED)
+    return out

@@ -6,28 +6,24 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+import kernel_oracle as K
+import numpy as np
 import pytest
+from topologies import SMALL_E820  # noqa: F401 (tests take it from here too)
 
 TESTS = Path(__file__).resolve().parent
+# The users the tests created (name -> uid), for the leak check: each must be gone after its
+# test, and hold no keys.
+TEST_USERS: dict[str, int] = {}
 WITH_VNVDIMM = TESTS.parent / "mountscripts" / "with-vnvdimm"
-
-# The tests/conftest.py topology the mnt fixture mounts (test modules cannot import a conftest
-# by name: tests/unit has one of its own).
-SMALL_E820 = """\
-template = "e820"
-[memmap]
-workers = 2
-[[region]]
-size = "256M"
-namespace = { mode = "fsdax", map = "dev", align = "2M" }
-[[region]]
-size = "256M"
-namespace = { mode = "devdax", map = "mem", align = "2M" }
-"""
 
 
 def have_ndctl() -> bool:
@@ -154,3 +150,167 @@ def mounted(request: pytest.FixtureRequest, config_text: str | None, *extra_args
         yield m
     finally:
         m.umount()
+
+
+# ---------------------------------------------------------------- the memmap_state invariant
+
+
+def _device_dir(root: Path | str, dev: str) -> Path:
+    """`dev` as a directory of the mount at root: a name ("pfn0.1"), a path relative to the
+    mount ("sys/bus/nd/devices/pfn0.1") or an absolute path."""
+    path = Path(dev)
+    if path.is_absolute():
+        return path
+    if "/" not in dev:
+        return Path(root) / "sys" / "bus" / "nd" / "devices" / dev
+    return Path(root) / dev.lstrip("/")
+
+
+def _view(d: Path, name: str, dtype: object) -> np.ndarray:
+    with open(d / "memmap" / name, "rb") as f:
+        return np.frombuffer(f.read(), dtype=dtype)  # type: ignore[call-overload,no-any-return]
+
+
+def expected_memmap(d: Path) -> np.ndarray:
+    """The records the device at d must hold once its memmap is initialized, from its sysfs
+    geometry and the kernel's formulas (kernel_oracle), not from vnvdimm's initializer."""
+    start_pfn = int((d / "memmap" / "start_pfn").read_text(), 16)
+    npages = int((d / "memmap" / "kpageflags").stat().st_size) // 8
+    on_media = (d / "mode").read_text().strip() == "pmem"
+    data_page = int((d / "resource").read_text(), 16) // 4096 - start_pfn
+    nid = int((d / "numa_node").read_text())
+    return K.device_memmap(start_pfn, npages, nid=nid, on_media=on_media, data_page=data_page)
+
+
+def memmap_state(root: Path | str, dev: str) -> str:
+    """memmap_state of a pfn/dax device ("active" or "idle", without the newline), checked
+    against what it promises at that moment:
+
+    * ``idle``: every page record of the device is initialized (no KPF_NOPAGE in kpageflags
+      past the reserve), ``pages_done == pages_total``, and the records equal the kernel's
+      (kernel_oracle, computed here from the device's geometry).
+    * ``active``: progress and kpageflags read *before* the state show pages still to go.
+      Initialization only moves forward while the device stays enabled, and vnvdimm marks
+      pages initialized together with its progress count, so a device that showed every page
+      done before reading ``active`` has an ``idle`` that came too late.
+
+    Every test that reads memmap_state reads it through here (the test must not unbind or
+    rebind the device at the same time)."""
+    d = _device_dir(root, dev)
+    done_before = int((d / "memmap" / "pages_done").read_text())
+    total_before = int((d / "memmap" / "pages_total").read_text())
+    flags_before = _view(d, "kpageflags", "<u8")
+    state = (d / "memmap_state").read_text()
+    assert state in ("active\n", "idle\n"), f"{d.name}: memmap_state reads {state!r}"
+    state = state.strip()
+    if total_before == 0 and state == "idle" and not flags_before.size:
+        return state  # not enabled: no memmap
+    reserve = 2 if (d / "mode").read_text().strip() == "pmem" else 0
+    nopage = np.uint64(1 << K.KPF_NOPAGE)
+    if state == "active" and total_before == 0:
+        return memmap_state(root, dev)  # enabled while we looked: look again
+    if state == "active":
+        missing = int(((flags_before[reserve:] & nopage) != 0).sum())
+        assert done_before < total_before, \
+            f"{d.name}: memmap_state active after pages_done read {done_before} of {total_before}"
+        assert missing > 0, f"{d.name}: memmap_state active after kpageflags showed every page initialized"
+        return state
+    done = int((d / "memmap" / "pages_done").read_text())
+    total = int((d / "memmap" / "pages_total").read_text())
+    assert total > 0 and done == total, f"{d.name}: memmap_state idle at pages_done {done} of {total}"
+    flags = _view(d, "kpageflags", "<u8")
+    missing = np.nonzero((flags[reserve:] & nopage) != 0)[0]
+    assert missing.size == 0, (f"{d.name}: memmap_state idle with {missing.size} of {flags.size - reserve} pages "
+                               f"not initialized (KPF_NOPAGE), first page {missing[0] + reserve}")
+    records = _view(d, "records", K.STRUCT_PAGE)
+    want = expected_memmap(d)
+    assert records.size == want.size == flags.size, (d.name, records.size, want.size, flags.size)
+    differ = np.nonzero(records[reserve:].view("V64") != want[reserve:].view("V64"))[0]
+    assert differ.size == 0, (f"{d.name}: memmap_state idle, {differ.size} of {records.size - reserve} records "
+                              f"differ from the kernel's, first page {differ[0] + reserve}")
+    want_flags = K.kpageflags_of_initialized(want[reserve:])
+    bad_flags = np.nonzero(flags[reserve:] != want_flags)[0]
+    assert bad_flags.size == 0, \
+        f"{d.name}: kpageflags of page {bad_flags[0] + reserve} is {int(flags[reserve + bad_flags[0]]):#x}"
+    return state
+
+
+# ---------------------------------------------------------------- processes
+
+
+def alive(pid: int) -> bool:
+    """True while pid runs (a zombie has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][:1] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of pid (every thread's children)."""
+    out: list[int] = []
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                out += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    return sorted(c for c in set(out) if alive(c))
+
+
+def process_group(pgid: int) -> list[int]:
+    """Live processes whose process group is pgid (the daemon and its workers)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(") ", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                out.append(int(entry))
+    return sorted(out)
+
+
+def kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.01,
+             report: Callable[[], str] | None = None) -> Any:
+    """pred()'s first truthy value, or fail after timeout seconds (with report() if given)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = f": {report()}" if report else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+def memfds(pids: list[int]) -> dict[str, set[int]]:
+    """The memfds the processes hold, by name (without the "memfd:" prefix): as an open file
+    descriptor (/proc/PID/fd) or as a mapping (/proc/PID/maps: a mapping outlives its fd).
+    Values: the pids holding it."""
+    out: dict[str, set[int]] = {}
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("/memfd:"):
+                        out.setdefault(target[len("/memfd:"):].removesuffix(" (deleted)"), set()).add(pid)
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError), \
+                open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/memfd:"):
+                    name = fields[5].strip()[len("/memfd:"):].removesuffix(" (deleted)")
+                    out.setdefault(name, set()).add(pid)
+    return out
+
+
+def daemon_tree(pid: int | None) -> list[int]:
+    """A mount's daemon and its live children (the memmap workers)."""
+    return [] if pid is None or not alive(pid) else [pid, *children(pid)]
