@@ -96,3 +96,29 @@ def test_nfit_remount(nfit_mnt) -> None:  # type: ignore[no-untyped-def]
     mnt.remount()
     assert listing(mnt) == before
     check_patterns(mnt, written)
+
+
+def test_non_default_settings_survive_a_remount(nfit_mnt) -> None:  # type: ignore[no-untyped-def]
+    """Each setting that differs from its default (name, size, pfn/dax align, map=mem for
+    fsdax, a 512-byte sector) is what ndctl shows after a remount: it came back from the
+    labels and info blocks, not from defaults."""
+    mnt = nfit_mnt
+    created = {
+        "dax-4k": ["-s", "64M", "-m", "devdax", "-a", "4K"],
+        "fs-mem-4k": ["-s", "96M", "-m", "fsdax", "-M", "mem", "-a", "4K"],
+        "sector-512": ["-s", "48M", "-m", "sector", "-l", "512"],
+    }
+    for name, args in created.items():
+        res = mnt.run("ndctl", "create-namespace", "-r", "region1", "-n", name, *args)
+        assert res.returncode == 0, res.stderr
+
+    def settings() -> dict[str, dict[str, object]]:
+        keys = ("mode", "map", "size", "align", "sector_size", "uuid")
+        listed = mnt.ndctl("list", "-N", "-r", "region1")
+        return {ns["name"]: {k: ns.get(k) for k in keys} for ns in listed}
+
+    before = settings()
+    assert before["dax-4k"]["align"] == before["fs-mem-4k"]["align"] == 4096, before
+    assert before["fs-mem-4k"]["map"] == "mem" and before["sector-512"]["sector_size"] == 512, before
+    mnt.remount()
+    assert settings() == before

@@ -14,7 +14,6 @@ t = max(ns_per_page, the native cost of a page):
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
@@ -24,7 +23,8 @@ import threading
 import time
 
 import numpy as np
-from reliability_kit import DAX, PFN, SMALL, alive, e820, wait_for
+from mount_kit import memmap_state
+from reliability_kit import DAX, PFN, SMALL, e820, wait_for
 
 KPF_NOPAGE = 1 << 20
 
@@ -46,33 +46,61 @@ def timed(fn, *args):  # type: ignore[no-untyped-def]
     return time.monotonic() - t0, out
 
 
+def nopage(m, dev: str) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Per page of dev's memmap: True while not initialized (KPF_NOPAGE)."""
+    return (np.frombuffer(m.path(f"{dev}/memmap/kpageflags").read_bytes(), dtype="<u8") & KPF_NOPAGE) != 0
+
+
 def test_cold_reads_wait_for_their_blocks_only(make_mount, figures) -> None:  # type: ignore[no-untyped-def]
-    # 0.2 ms/page: a block takes 0.1 s, the whole 256 MiB memmap ~6.5 s on 2 workers.
-    ns = 200_000
+    """A read of a cold range returns once the block it covers is initialized (it waited
+    for it: the block is done when the read returns) and initializes nothing else: the
+    background init is held, so every page that changes state is the read's doing."""
+    ns = 200_000  # 0.2 ms/page: a block takes 0.1 s
     m = make_mount(e820("256M fsdax dev", "256M devdax mem", ns_per_page=ns))
-    block_s = 512 * ns * 1e-9
-    bound = 3 * block_s + 0.5  # documented worst case, plus scheduling slack on 2 busy cores
+    m.write(f"{PFN}/memmap/pause_at", b"1\n")  # the pool is shared: both memmaps hold
+    wait_for(lambda: int(m.read(f"{PFN}/memmap/pages_done")) > 0, 30, "the memmap to reach its mark")
+    # Runs already handed out finish: wait until nothing moves any more.
+    masks = {dev: nopage(m, dev) for dev in (PFN, DAX)}
+
+    def settled() -> bool:
+        now = {dev: nopage(m, dev) for dev in (PFN, DAX)}
+        same = all((now[d] == masks[d]).all() for d in now)
+        masks.update(now)
+        return same
+
+    wait_for(settled, 30, "the held memmaps to stand still", interval=0.5)
     rng = random.Random(3)
     worst = 0.0
-    for dev in ("dev/pmem0", "dev/dax1.0"):
-        size = os.stat(m.path(dev)).st_size
-        fd = os.open(m.path(dev), os.O_RDONLY | os.O_DIRECT)
+    for dev, devfile in ((PFN, "dev/pmem0"), (DAX, "dev/dax1.0")):
+        data_page = int(m.read(f"{dev}/resource"), 16) // 4096 - int(m.read(f"{dev}/memmap/start_pfn"), 16)
+        size = os.stat(m.path(devfile)).st_size
+        fd = os.open(m.path(devfile), os.O_RDONLY | os.O_DIRECT)
         try:
-            for i in range(12):
-                # Offsets near the start race the workers (wait for their run); others are cold.
-                off = (rng.randrange(0, 8) if i % 3 == 0 else rng.randrange(0, size // 4096 - 1)) * 4096
+            for _ in range(12):
+                before = nopage(m, dev)
+                cold = [b for b in range((data_page + 511) // 512, len(before) // 512)
+                        if before[b * 512:(b + 1) * 512].all()]
+                assert cold, f"{dev}: no cold block left"
+                block = rng.choice(cold)
+                page = block * 512 + rng.randrange(512)
                 buf = bytearray(4096)
-                took, n = timed(os.preadv, fd, [buf], off)
-                assert n == 4096
+                took, n = timed(os.preadv, fd, [buf], (page - data_page) * 4096)
+                assert n == 4096 and buf == bytes(4096)
                 worst = max(worst, took)
-                assert took < bound, f"{dev}: cold read at {off} took {took:.3f} s (bound {bound:.2f} s)"
+                after = nopage(m, dev)
+                assert not after[block * 512:(block + 1) * 512].any(), \
+                    f"{dev}: read of page {page} returned before its block was initialized"
+                changed = np.flatnonzero(before != after)
+                assert set(changed.tolist()) <= set(range(block * 512, (block + 1) * 512)), \
+                    f"{dev}: read of page {page} initialized pages outside its block: {changed[:8]}"
+                assert size > (page - data_page) * 4096
         finally:
             os.close(fd)
-    # The reads waited for their blocks, not for the memmap.
-    assert m.read(f"{PFN}/memmap_state") == "active\n"
-    assert m.read(f"{DAX}/memmap_state") == "active\n"
+        # The reads waited for their blocks, not for the memmap.
+        assert memmap_state(m.root, dev) == "active"
+    m.write(f"{PFN}/memmap/pause_at", b"1000\n")
     figures.add(blocking_calls=24)
-    figures.note(worst_cold_read_ms=round(worst * 1e3, 1), bound_ms=round(bound * 1e3))
+    figures.note(worst_cold_read_ms=round(worst * 1e3, 1))
 
 
 def test_waiters_do_not_stall_the_mount(make_mount, figures) -> None:  # type: ignore[no-untyped-def]
@@ -100,8 +128,9 @@ def test_waiters_do_not_stall_the_mount(make_mount, figures) -> None:  # type: i
                 worst = max(worst, took)
             took, _v = timed(os.listdir, m.path("sys/bus/nd/devices"))
             worst = max(worst, took)
-        assert worst < 0.5, f"a sysfs access took {worst:.3f} s while callers were blocked"
-        assert m.read(f"{PFN}/memmap_state") == "active\n"
+        # (the blocked callers wait 10 s each: an access queued behind them takes that long)
+        assert worst < 5, f"a sysfs access took {worst:.3f} s while callers were blocked"
+        assert memmap_state(m.root, PFN) == "active"
         figures.add(blocking_calls=len(procs))
         figures.note(worst_sysfs_access_ms=round(worst * 1e3, 1))
     finally:
@@ -121,19 +150,19 @@ def test_sync_and_wait_probe_are_bounded(make_mount, figures) -> None:  # type: 
     bus = "sys/devices/platform/e820_pmem/ndbus0"
     # wait_probe answers at once while memmaps are active...
     took, v = timed(m.read, f"{bus}/wait_probe")
-    assert v == "1\n" and took < 0.5
+    assert v == "1\n" and memmap_state(m.root, PFN) == "active", f"wait_probe took {took:.2f} s"
     # ...and `echo sync` returns when the memmap is done, within pages_left x t / workers.
     done, total = int(m.read(f"{PFN}/memmap/pages_done")), int(m.read(f"{PFN}/memmap/pages_total"))
     expect = (total - done) * ns * 1e-9 / 2
     took, n = timed(m.write, f"{PFN}/memmap_state", b"sync\n")
-    assert n == 5 and m.read(f"{PFN}/memmap_state") == "idle\n"
+    assert n == 5 and memmap_state(m.root, PFN) == "idle"
     assert took < 2 * expect + 1.0, f"sync took {took:.2f} s, expected about {expect:.2f} s"
     # A sync waiting on a memmap that will take hours returns promptly when the device is
     # disabled (its job cancelled), and so does a reader of a cold block.
     m.write(f"{DAX}/memmap/ns_per_page", b"1000000000")  # 1 s per page
     m.write("sys/bus/nd/drivers/dax_pmem/unbind", b"dax1.1\0")
     m.write("sys/bus/nd/drivers/dax_pmem/bind", b"dax1.1\0")
-    assert m.read(f"{DAX}/memmap_state") == "active\n"
+    assert memmap_state(m.root, DAX) == "active"
     results: dict[str, object] = {}
 
     def sync() -> None:
@@ -148,12 +177,13 @@ def test_sync_and_wait_probe_are_bounded(make_mount, figures) -> None:  # type: 
     assert t.is_alive()
     # wait_probe is not held up by the waiting sync either.
     took, v = timed(m.read, f"{bus}/wait_probe")
-    assert took < 0.5
+    assert v == "1\n" and t.is_alive() and took < 10, f"wait_probe took {took:.2f} s"
     t0 = time.monotonic()
     m.write("sys/bus/nd/drivers/dax_pmem/unbind", b"dax1.1\0")
     t.join(5)
     assert not t.is_alive(), "sync still blocked after the device was disabled"
-    assert time.monotonic() - t0 < 1.0
+    took = time.monotonic() - t0
+    assert took < 10, f"the disable took {took:.2f} s to release the sync (its memmap had hours to go)"
     assert results["sync"] in (4, 6), results  # returns (the job is over), or ENXIO
     figures.add(blocking_calls=4)
 
@@ -168,15 +198,15 @@ def test_sync_mode_bind_does_not_hold_wait_probe(make_mount, figures) -> None:  
     t = threading.Thread(target=m.write, args=("sys/bus/nd/drivers/dax_pmem/bind", b"dax1.1\0"), daemon=True)
     t0 = time.monotonic()
     t.start()
-    wait_for(lambda: m.read(f"{DAX}/memmap_state") == "active\n", 5, "the sync-mode memmap to start")
+    wait_for(lambda: memmap_state(m.root, DAX) == "active", 5, "the sync-mode memmap to start")
     took, v = timed(m.read, f"{bus}/wait_probe")
-    assert v == "1\n" and took < 0.5, f"wait_probe took {took:.2f} s"
+    assert v == "1\n" and t.is_alive(), f"wait_probe took {took:.2f} s, the bind returned"
     took, _ = timed(m.write, f"{PFN}/memmap/ns_per_page", b"0")
-    assert took < 0.5
+    assert t.is_alive(), f"a store took {took:.2f} s, until the bind returned"
     assert t.is_alive(), "the sync-mode bind returned before its memmap was done"
     t.join(30)
     assert not t.is_alive()
-    assert m.read(f"{DAX}/memmap_state") == "idle\n"
+    assert memmap_state(m.root, DAX) == "idle"
     assert time.monotonic() - t0 > 0.5
     figures.add(blocking_calls=3)
 
@@ -236,8 +266,9 @@ def test_killed_reader_leaves_nothing_stuck(make_mount, figures) -> None:  # typ
         finally:
             os.close(fd)
     assert fuse_waiting(m) == 0
-    with contextlib.suppress(Exception):
-        assert all(not alive(p.pid) for p in procs.values())
+    # The readers died of the kill, before reading anything.
+    assert {dev: p.returncode for dev, p in procs.items()} == {dev: -signal.SIGKILL for dev in procs}
+    assert all(p.stdout is not None and p.stdout.read() == "" for p in procs.values())
 
 
 OPENER = r"""
@@ -265,7 +296,7 @@ def test_open_does_not_wait_for_reads_in_flight(make_mount, figures) -> None:  #
             line = p.stdout.readline()
             assert line.startswith("opened "), line
             worst = max(worst, float(line.split()[1]))
-        assert worst < 1.0, f"an open took {worst:.2f} s"
+        assert worst < 5, f"an open took {worst:.2f} s (the reads in flight take 10 s)"
         assert all(p.poll() is None for p in procs)
         figures.add(blocking_calls=len(procs))
         figures.note(worst_open_ms=round(worst * 1e3, 1))

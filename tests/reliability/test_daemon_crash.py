@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from mount_kit import memmap_state
 from reliability_kit import DAX, PFN, alive, check_records, children, e820, kill_group, wait_for
 
 DEAD = "cleaning up the mount of a daemon that died"
@@ -72,8 +73,8 @@ def test_kill_during_memmap_init(make_mount, figures, shm_unchanged) -> None:  #
             os.fsync(fd)
         finally:
             os.close(fd)
-    assert m.read(f"{PFN}/memmap_state") == "active\n"
-    assert m.read(f"{DAX}/memmap_state") == "active\n"
+    assert memmap_state(m.root, PFN) == "active"
+    assert memmap_state(m.root, DAX) == "active"
     assert int(m.read(f"{PFN}/memmap/pages_done")) < int(m.read(f"{PFN}/memmap/pages_total"))
     crash(m, "group")
     figures.add(faults=1)

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from mount_kit import memmap_state
 from reliability_kit import DAX, PFN, SMALL, alive, children, e820, wait_for
 
 # 20 ms per page: one 2 MiB block takes 10 s to initialize, a whole memmap hours.
@@ -71,7 +72,7 @@ def test_unmount_with_blocked_readers(make_mount, figures, shm_unchanged, how: s
     workers = children(daemon)
     assert len(workers) == 2
     procs = start_blocked(m)
-    assert m.read(f"{PFN}/memmap_state") == "active\n"
+    assert memmap_state(m.root, PFN) == "active"
     try:
         t0 = time.monotonic()
         if how == "vnvdimm-umount":
@@ -88,7 +89,7 @@ def test_unmount_with_blocked_readers(make_mount, figures, shm_unchanged, how: s
         else:
             os.kill(daemon, {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sighup": signal.SIGHUP}[how])
         took = time.monotonic() - t0
-        assert took < 1.0, f"{how} took {took:.2f} s"
+        assert took < 10, f"{how} took {took:.2f} s"  # (the blocked callers wait for hours)
         figures.add(faults=1)
         # Every blocked caller returns, readers and writers with an error.
         results = {}
@@ -147,7 +148,8 @@ def test_lazy_unmount_with_an_idle_open_file(make_mount, figures) -> None:  # ty
         assert res.returncode != 0 and "busy" in res.stderr.lower(), res
         t0 = time.monotonic()
         res = subprocess.run(["fusermount3", "-u", "-z", str(m.root)], capture_output=True, text=True, timeout=30)
-        assert res.returncode == 0 and time.monotonic() - t0 < 1.0, res
+        took = time.monotonic() - t0
+        assert res.returncode == 0 and took < 10, (res, f"took {took:.2f} s")
 
         def read_fails() -> bool:
             p.stdin.write("read\n")  # type: ignore[union-attr]

@@ -10,6 +10,7 @@ import re
 import signal
 import time
 
+from mount_kit import memmap_state
 from reliability_kit import DAX, PFN, SMALL, alive, check_records, children, e820, wait_for
 
 WORKERS = 2
@@ -25,8 +26,8 @@ def pages(m, dev: str) -> tuple[int, int]:  # type: ignore[no-untyped-def]
 def test_sigkill_workers_mid_job(make_mount, figures, shm_unchanged) -> None:  # type: ignore[no-untyped-def]
     m = make_mount(e820(*SMALL, workers=WORKERS, ns_per_page=NS_PER_PAGE))
     original = wait_for(lambda: (c := children(m.pid)) and len(c) == WORKERS and c, 10, "the worker pool")
-    assert m.read(f"{PFN}/memmap_state") == "active\n"
-    assert m.read(f"{DAX}/memmap_state") == "active\n"
+    assert memmap_state(m.root, PFN) == "active"
+    assert memmap_state(m.root, DAX) == "active"
     killed: list[int] = []
     for i in range(3):
         # Progress first (the job is really under way), then kill one worker while the job
@@ -54,7 +55,7 @@ def test_sigkill_workers_mid_job(make_mount, figures, shm_unchanged) -> None:  #
     t0 = time.monotonic()
     for dev in (PFN, DAX):
         assert m.write(f"{dev}/memmap_state", b"sync\n") == 5
-        assert m.read(f"{dev}/memmap_state") == "idle\n"
+        assert memmap_state(m.root, dev) == "idle"
         done, total = pages(m, dev)
         assert done == total, f"{dev}: {done}/{total} pages after sync"
     assert time.monotonic() - t0 < 30

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from mount_kit import memmap_state
 from tooltest import SCRIPTS, SLOW_E820, clean_env, hold_memmap, holder, memmap_progress, release_memmap
 
 from vnvdimm.daemon import process_alive
@@ -79,8 +80,12 @@ def test_wait_memmap_script(slow_mnt) -> None:
         assert 0.6 <= time.monotonic() - t0 < 10
         assert res.stderr.strip() == f"vnvdimm-wait-memmap: timed out after 0.6 s; still active: {pfn}"
         # A dax device file resolves to its own memmap (held or not: the pool is shared), never pmem0's.
+        dax = holder(m, "namespace1.0")
+        dax_state = memmap_state(m.root, dax)  # held: cannot change until the release
         res = sh(WAIT, "--sysfs", m.sys, "--timeout", "0.2", "/dev/dax1.0")
-        assert res.returncode in (0, 1) and pfn not in res.stderr
+        assert pfn not in res.stderr
+        assert (res.returncode, dax in res.stderr) == ((1, True) if dax_state == "active" else (0, False)), \
+            (dax_state, res.returncode, res.stderr)
         # Inside the emulated namespace the default /sys is the emulated one.
         proc = subprocess.Popen([WITH, m.root, "--", WAIT, "--timeout", "30", "--interval", "0.05"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

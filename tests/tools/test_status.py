@@ -92,15 +92,43 @@ def test_watch_redraws_in_place_until_interrupted(slow_mnt) -> None:
 
 
 def test_watch_json_lines_into_a_pipe(slow_mnt) -> None:
+    """One JSON document per line, each a fresh snapshot: while the memmap is held its
+    progress reads active and stands still at the mark; once released the lines follow it to
+    idle, every page done; the last line is what `status --json` prints."""
+    pfn = holder(slow_mnt, "namespace0.0")
+    hold_memmap(slow_mnt, pfn, 300)
+
+    def memmap_of(doc: dict) -> dict:  # type: ignore[type-arg]
+        return doc["buses"][0]["regions"][0]["namespaces"][0]["memmap"]
+
     proc = subprocess.Popen([*VNVDIMM, "status", str(slow_mnt.root), "--watch", "--json", "--interval", "0.1"],
                             stdout=subprocess.PIPE, text=True, env=clean_env())
+    assert proc.stdout is not None
     try:
-        lines = [proc.stdout.readline() for _ in range(3)]
+        held = [json.loads(proc.stdout.readline()) for _ in range(3)]
+        assert [d["buses"][0]["dev"] for d in held] == ["ndbus0"] * 3
+        marks = [memmap_of(d) for d in held]
+        assert all(mm["device"] == pfn and mm["state"] == "active" and mm["pause_at"] == 300 for mm in marks), marks
+        assert all(300 * mm["pages_total"] <= 1000 * mm["pages_done"] < 1000 * mm["pages_total"] for mm in marks)
+        assert len({mm["elapsed_us"] for mm in marks}) == 3, "the lines are not fresh snapshots"
+        release_memmap(slow_mnt, pfn)
+        seen = []
+        for _ in range(600):  # 0.1 s apart: a minute at most
+            mm = memmap_of(json.loads(proc.stdout.readline()))
+            seen.append(mm["pages_done"])
+            if mm["state"] == "idle":
+                break
+        assert mm["state"] == "idle" and mm["pages_done"] == mm["pages_total"], (mm, seen[-5:])
+        assert seen == sorted(seen), "progress went backwards"
+        last = json.loads(proc.stdout.readline())
     finally:
+        release_memmap(slow_mnt, pfn)
         proc.terminate()
         proc.wait(10)
-    docs = [json.loads(line) for line in lines]
-    assert all(d["buses"][0]["dev"] == "ndbus0" for d in docs)
+    once = json.loads(status(slow_mnt, "--json").stdout)
+    # (elapsed and rate are frozen once idle; the other memmap may still be moving)
+    assert memmap_of(last) == memmap_of(once)
+    assert last["buses"][0]["regions"][0] == once["buses"][0]["regions"][0]
 
 
 def test_not_a_mount(tmp_path) -> None:

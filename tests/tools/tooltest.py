@@ -15,25 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mount_kit import memmap_state
+from topologies import SLOW_E820  # noqa: F401 (the tools tests take it from here)
+
 REPO = Path(__file__).resolve().parent.parent.parent
 VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
 SCRIPTS = REPO / "mountscripts"
-
-# Two 256 MiB regions (fsdax map=dev, devdax map=mem) whose memmaps take 20 us a page: about
-# 0.7 s each with both workers, long enough to watch.
-SLOW_E820 = """\
-template = "e820"
-[memmap]
-workers = 2
-ns_per_page = 20000
-[[region]]
-size = "256M"
-namespace = { mode = "fsdax", map = "dev", align = "2M" }
-[[region]]
-size = "256M"
-namespace = { mode = "devdax", map = "mem", align = "2M" }
-"""
-
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment without the knobs that change how rich draws (CI may set them)."""
@@ -59,9 +46,10 @@ def restart_memmap(m: Any, dev: str) -> None:
 
 
 def memmap_progress(m: Any, dev: str) -> tuple[str, int, int]:
+    """(memmap_state, pages_done, pages_total), the state read with its invariant checked."""
     d = nd_dir(m, dev)
-    return ((d / "memmap_state").read_text().strip(), int((d / "memmap" / "pages_done").read_text()),
-            int((d / "memmap" / "pages_total").read_text()))
+    state = memmap_state(m.root, dev)
+    return state, int((d / "memmap" / "pages_done").read_text()), int((d / "memmap" / "pages_total").read_text())
 
 
 def hold_memmap(m: Any, dev: str, permille: int = 300, timeout: float = 30) -> None:

@@ -179,7 +179,8 @@ def test_create_is_constant_time_and_views_never_initialize(make_engine) -> None
     eng.pause_background()
     t0 = time.perf_counter()
     job = eng.create_job(spec(16 << 20))  # 64 GiB of pmem, 1 GiB of records
-    assert time.perf_counter() - t0 < 0.5
+    took = time.perf_counter() - t0  # (initializing them would take 10+ s here)
+    assert took < 5, f"create_job took {took:.2f} s"
     assert job.active
     flags = np.frombuffer(job.kpageflags(1000, 600), "<u8")
     assert (flags == 1 << P.KPF_NOPAGE).all()
@@ -237,7 +238,8 @@ def test_sync_range_initializes_exactly_the_covering_blocks(make_engine, expecte
     b = min(expected_blocks)
     for _ in range(1000):
         job.sync_range(b * 512, 1)
-    assert time.perf_counter() - t0 < 0.5
+    took = time.perf_counter() - t0
+    assert took < 5, f"1000 syncs of a done block took {took:.2f} s"
     # pages in the reserve / beyond the end are ignored
     job.sync_range(npages, 10)
     eng.resume_background()
@@ -284,7 +286,7 @@ def test_cancel_mid_job(make_engine, workers: int) -> None:
     shm_before = set(os.listdir("/dev/shm"))
     fds_before = memfds()
     eng = make_engine(workers)
-    job = eng.create_job(spec(8 << 20, ns_per_page=500))  # >= 2 s of floor even with 2 workers
+    job = eng.create_job(spec(8 << 20, ns_per_page=5000))  # >= 20 s of floor even with 2 workers
     deadline = time.monotonic() + 10
     while job.pages_done == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -292,7 +294,8 @@ def test_cancel_mid_job(make_engine, workers: int) -> None:
     assert len(memfds()) > len(fds_before)  # (the memfd, and mmap's internal dup of it)
     t0 = time.perf_counter()
     job.cancel()
-    assert time.perf_counter() - t0 < 1.0
+    took = time.perf_counter() - t0
+    assert took < 10, f"cancel took {took:.2f} s (the job had 20 s to go)"
     assert not job.active and job.cancelled
     st = job.block_states()
     assert set(np.unique(st).tolist()) <= {DONE, PENDING}  # nothing left claimed
@@ -311,7 +314,9 @@ def test_cancel_mid_job(make_engine, workers: int) -> None:
 @pytest.mark.timeout(60)
 def test_cancel_wakes_sync_waiters(make_engine) -> None:
     eng = make_engine(1)
-    job = eng.create_job(spec(4 * 32768, ns_per_page=20000))  # a worker run lasts ~10 ms/512 pages
+    # 20 ms a page: a worker run (one 512-page block) lasts 10 s, so the block the waiter
+    # needs cannot be done before the cancel; the waiter must be woken by the cancel itself.
+    job = eng.create_job(spec(4 * 32768, ns_per_page=20_000_000))
     deadline = time.monotonic() + 10
     held = np.array([], dtype=np.int64)
     while time.monotonic() < deadline:
@@ -331,14 +336,13 @@ def test_cancel_wakes_sync_waiters(make_engine) -> None:
 
     t = threading.Thread(target=waiter)
     t.start()
-    time.sleep(0.05)
+    t.join(0.2)
+    assert t.is_alive() and not result, f"the waiter returned before the cancel: {result}"
     job.cancel()
     t.join(5)
-    assert len(result) == 1
-    # Either the worker finished the block first, or the waiter saw the cancel.
-    if result[0] is not None:
-        assert isinstance(result[0], JobCancelled)
-        assert result[0].errno == errno.ENXIO
+    assert not t.is_alive(), "the waiter was not woken by the cancel"
+    assert len(result) == 1 and isinstance(result[0], JobCancelled), result
+    assert result[0].errno == errno.ENXIO
 
 
 @pytest.mark.timeout(120)
@@ -347,8 +351,10 @@ def test_worker_sigkill_is_recovered(make_engine, expected_records) -> None:
     pids = eng.worker_pids()
     assert len(pids) == 2
     job = eng.create_job(spec(1 << 20, ns_per_page=2000))  # ~1 s per worker: still running
-    time.sleep(0.2)
-    assert job.active
+    deadline = time.monotonic() + 30
+    while job.pages_done == 0 and time.monotonic() < deadline:  # under way, with most to go
+        time.sleep(0.001)
+    assert job.active and 0 < job.pages_done < job.pages_total // 2, job
     os.kill(pids[0], signal.SIGKILL)
     assert job.wait(60)
     assert not job.cancelled and job.pages_done == job.pages_total
@@ -359,9 +365,12 @@ def test_worker_sigkill_is_recovered(make_engine, expected_records) -> None:
     assert eng.replacements == 1
     assert pids[0] not in children()  # reaped
     # the replacement works
-    job2 = eng.create_job(spec(1 << 18))
+    # the replacement works: a job long enough for both slots to take runs is done by both
+    # (the replacement took the dead worker's slot)
+    job2 = eng.create_job(spec(1 << 18, ns_per_page=2000))
     assert job2.wait(30)
-    assert len(job2._owners_used) == 2 or job2.workers_used >= 1
+    assert job2.workers_used == 2, job2
+    check_records(job2, expected_records, full=True)
 
 
 @pytest.mark.timeout(60)
