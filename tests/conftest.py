@@ -1,18 +1,24 @@
-"""Shared fixtures: real FUSE mounts in temp dirs that are always unmounted, and a check
-that the suite leaves no mount, daemon or shared-memory segment behind."""
+"""Shared fixtures: real FUSE mounts in temp dirs that are always unmounted; a watchdog that
+ends a test whose requests through a mount hang (dumping the daemon's stacks, then killing
+it: the blocked callers get ENOTCONN); and a leak check after every test (mounts, daemons,
+memfds, loop devices, child processes, users' keys)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from mount_kit import SMALL_E820, WITH_VNVDIMM, fuse_mounts_under
+from mount_kit import TEST_USERS, WITH_VNVDIMM, alive, children, fuse_mounts_under, memfds
+from topologies import SMALL_E820, SMALL_NFIT
 
 from vnvdimm.daemon import stop_mount
 
@@ -20,24 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
 
 
-SMALL_NFIT = """\
-template = "nfit"
-[memmap]
-workers = 2
-[[dimm]]
-size = "512M"
-[[dimm]]
-size = "512M"
-[[dimm]]
-size = "512M"
-[[dimm]]
-size = "512M"
-[[region]]
-dimms = [0, 1]
-namespaces = [ { size = "256M", mode = "fsdax", map = "dev" } ]
-[[region]]
-dimms = [2, 3]
-"""
+# Every mount a test made and has not unmounted yet: what the watchdog looks after.
+LIVE_MOUNTS: list[Mount] = []
 
 
 class Mount:
@@ -60,11 +50,14 @@ class Mount:
         res = subprocess.run(args, capture_output=True, text=True, timeout=120)
         if res.returncode == 0:
             self.pid = int((self.state_dir / "lock").read_text().split()[0])
+            LIVE_MOUNTS.append(self)
         return res
 
     def umount(self) -> None:
         stop_mount(self.root, self.pid)
         self.pid = None
+        if self in LIVE_MOUNTS:
+            LIVE_MOUNTS.remove(self)
 
     def is_mounted(self) -> bool:
         return str(self.root) in fuse_mounts_under(self.root)
@@ -160,3 +153,148 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             subprocess.run(["fusermount3", "-u", "-z", m], capture_output=True)
         print(f"\nvnvdimm tests left behind: mounts {leftovers}, daemons {daemons}", file=sys.stderr)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# ---------------------------------------------------------------- the watchdog
+
+WATCHDOG_S = float(os.environ.get("VNVDIMM_TEST_WATCHDOG", "240"))  # below pytest-timeout's 300
+
+
+class Watchdog:
+    """A thread outside the test's own calls (pytest-timeout's signal cannot end a call
+    blocked in a FUSE request: the kernel waits for the daemon's answer). Past `bound`
+    seconds it dumps the stacks of every live mount's daemon (SIGUSR1: the daemon writes
+    them to vnvdimm.log), kills the daemon and its workers (the kernel then answers every
+    request of the mount with ENOTCONN, which releases the blocked caller) and keeps what
+    it saw for the test's report."""
+
+    def __init__(self, bound: float, name: str) -> None:
+        self.bound = bound
+        self.name = name
+        self.report: list[str] = []
+        self.killed: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"watchdog {name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        if self._stop.wait(self.bound):
+            return
+        self.report.append(f"watchdog: {self.name} still running after {self.bound:g} s")
+        for m in list(LIVE_MOUNTS):
+            pid = m.pid
+            if pid is None or not alive(pid):
+                continue
+            log = m.state_dir / "vnvdimm.log"
+            size = log.stat().st_size if log.exists() else 0
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and (log.stat().st_size if log.exists() else 0) == size:
+                time.sleep(0.05)
+            time.sleep(0.2)  # (the dump is written thread by thread)
+            stacks = log.read_bytes()[size:].decode(errors="replace") if log.exists() else ""
+            workers = children(pid)
+            for victim in (pid, *workers):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim, signal.SIGKILL)
+            self.killed.append(pid)
+            self.report.append(f"mount {m.root}: daemon {pid} (workers {workers}) killed after dumping its "
+                               f"stacks:\n{stacks[-6000:]}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture(autouse=True)
+def watchdog(request: pytest.FixtureRequest) -> Iterator[Watchdog]:
+    """Bounds the test (``@pytest.mark.watchdog(seconds)``, default VNVDIMM_TEST_WATCHDOG or
+    240 s): see Watchdog. A test it had to end fails with the daemon's stacks."""
+    marker = request.node.get_closest_marker("watchdog")
+    dog = Watchdog(float(marker.args[0]) if marker else WATCHDOG_S, request.node.nodeid)
+    yield dog
+    dog.stop()
+    if dog.report:
+        pytest.fail("\n".join(dog.report), pytrace=False)
+
+
+# ---------------------------------------------------------------- leak checks
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        for child in children(todo.pop()):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _daemons_under(base: Path) -> list[int]:
+    """Live vnvdimm daemons (and workers) whose command line names a path under base."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"vnvdimm" in cmd and str(base).encode() in cmd and alive(int(pid)):
+                out.append(int(pid))
+    return sorted(out)
+
+
+def _loop_devices_under(base: Path) -> list[str]:
+    """Loop devices whose backing file is under base (/sys/block/loopN/loop/backing_file)."""
+    out = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            if backing.read_text().startswith(str(base)):
+                out.append(backing.parent.parent.name)
+    return sorted(out)
+
+
+def _test_users() -> list[str]:
+    """Users the tests created that still exist, and those of them holding keys."""
+    with open("/etc/passwd") as f:
+        existing = {line.split(":", 1)[0] for line in f}
+    with contextlib.suppress(OSError), open("/proc/key-users") as f:
+        key_uids = {int(line.split(":")[0]) for line in f}
+    return sorted([f"user {n}" for n in TEST_USERS if n in existing]
+                  + [f"keys of uid {uid} ({n})" for n, uid in TEST_USERS.items() if uid in key_uids])
+
+
+def _leak_state(base: Path) -> dict[str, object]:
+    return {
+        "FUSE mounts": sorted(fuse_mounts_under(base)),
+        "vnvdimm daemons and workers": _daemons_under(base),
+        "memfds of this process": sorted(memfds([os.getpid()])),
+        "loop devices": _loop_devices_under(base),
+        "child processes": sorted(p for p in _descendants(os.getpid())),
+        "test users and their keys": _test_users(),
+    }
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The test (with its own fixtures' teardown) leaves no new mount, daemon, memfd, loop
+    device, child process or key-holding user. Mounts and daemons of wider-scoped fixtures
+    exist before and after alike; memfds are checked in this process (the engine's unit
+    tests run it here; a daemon's go with its process, checked above)."""
+    base = tmp_path_factory.getbasetemp().resolve()
+    before = _leak_state(base)
+    yield
+    after = _leak_state(base)
+    for _ in range(50):  # processes being reaped, a lazy unmount finishing
+        leaked = {k: sorted(set(after[k]) - set(before[k])) for k in after  # type: ignore[call-overload]
+                  if set(after[k]) - set(before[k])}  # type: ignore[call-overload]
+        if not leaked:
+            return
+        time.sleep(0.1)
+        after = _leak_state(base)
+    for pid in leaked.get("vnvdimm daemons and workers", []) + leaked.get("child processes", []):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for m in leaked.get("FUSE mounts", []):
+        subprocess.run(["fusermount3", "-u", "-z", m], capture_output=True)
+    pytest.fail(f"{request.node.nodeid} left behind: {leaked}", pytrace=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import secrets
 import shutil
 import stat
@@ -16,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from mount_kit import TEST_USERS
 from reliability_kit import SMALL, e820
 
 PFN = "sys/bus/nd/devices/pfn0.1"
@@ -52,6 +54,7 @@ def other_user():  # type: ignore[no-untyped-def]
                          capture_output=True, text=True)
     if res.returncode != 0:
         pytest.skip(f"useradd failed: {res.stderr.strip()}")
+    TEST_USERS[name] = pwd.getpwnam(name).pw_uid
     try:
         yield name
     finally:

@@ -1,0 +1,39 @@
+"""The watchdog (tests/conftest.py): a test hung in a request through a mount fails within
+its bound instead of freezing the run; the daemon's stacks are in the failure, the daemon
+is killed (which releases the blocked caller: ECONNABORTED, ENOTCONN after) and nothing is left behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mount_kit import alive, fuse_mounts_under
+
+CASES = Path(__file__).resolve().parent / "watchdog_cases"
+
+
+def test_a_hung_echo_sync_fails_its_test_within_its_bound(tmp_path: Path) -> None:
+    bound = 8
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "--basetemp",
+                          str(tmp_path / "inner"), "--timeout", "600", str(CASES / "hung_sync.py")],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HUNG_SYNC_BOUND": str(bound)}, cwd=CASES.parents[2])
+    took = time.monotonic() - t0
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out[-3000:]
+    assert took < bound + 60, f"the hung test took {took:.1f} s (bound {bound} s)"
+    daemon = int(re.search(r"daemon (\d+)", out).group(1))  # type: ignore[union-attr]
+    # Failed by the watchdog, with what it saw: the daemon's stacks (the thread waiting in
+    # the sync), and the caller released with ENOTCONN.
+    assert f"still running after {bound} s" in out, out[-3000:]
+    assert f"daemon {daemon} (workers" in out and "killed after dumping its stacks" in out, out[-3000:]
+    assert re.search(r"Thread 0x[0-9a-f]+", out) and "_memmap_state_store" in out, out[-3000:]
+    # (a request in flight when the connection dies ends with ECONNABORTED, later ones ENOTCONN)
+    assert "ConnectionAbortedError" in out or "Transport endpoint is not connected" in out, out[-3000:]
+    assert not alive(daemon)
+    assert fuse_mounts_under(tmp_path) == []
