@@ -1,7 +1,7 @@
-"""A machine for model-level tests: a state dir provisioned from a TOML config, booted into a
-`System` without a mount (and without a memmap engine), with attribute access by path the
-way kernfs does it (one store call per write, the model lock held unless the attribute
-blocks)."""
+"""The booted-machine helper of every test layer: a state dir (provisioned from a TOML config,
+or an existing one), booted into a `System` without a mount (and without a memmap engine),
+with attribute access by path the way kernfs does it (one store call per write, the model
+lock held unless the attribute blocks)."""
 
 from __future__ import annotations
 
@@ -11,26 +11,14 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
+from topologies import four_modes
+
 from vnvdimm.model.base import Attr, BinAttr, Device, Group
 from vnvdimm.model.system import System
 from vnvdimm.topology.config import parse_config
 from vnvdimm.topology.platform import StateDir, build_system, provision
 
-E820_FOUR = """\
-template = "e820"
-[[region]]
-size = "64M"
-namespace = { mode = "fsdax", map = "dev", align = "2M" }
-[[region]]
-size = "64M"
-namespace = { mode = "devdax", map = "mem", align = "2M" }
-[[region]]
-size = "64M"
-namespace = { mode = "raw" }
-[[region]]
-size = "64M"
-namespace = { mode = "sector", sector_size = 4096 }
-"""
+E820_FOUR = four_modes()
 
 NFIT_TWO = """\
 template = "nfit"
@@ -53,7 +41,7 @@ dimms = [2, 3]
 class Machine:
     """A state dir and the System booted from it (boot again to see what persisted)."""
 
-    def __init__(self, state_dir: Path, config_text: str | None) -> None:
+    def __init__(self, state_dir: Path, config_text: str | None = None) -> None:
         self.state = StateDir(state_dir)
         config = parse_config(tomllib.loads(config_text), "test.toml") if config_text else None
         self.platform, provision_config = self.state.open(config)

@@ -20,28 +20,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mount_kit import E820_BUS, NFIT_BUS, diff, mounted, snapshot, sync_memmaps, write
+from topologies import four_modes
 
 pytestmark = pytest.mark.ndctl
 
 EXAMPLES = 300
 M = 1 << 20
-E820 = """\
-template = "e820"
-[memmap]
-workers = 1
-[[region]]
-size = "64M"
-namespace = { mode = "fsdax", map = "dev", align = "2M" }
-[[region]]
-size = "64M"
-namespace = { mode = "devdax", map = "mem", align = "2M" }
-[[region]]
-size = "64M"
-namespace = { mode = "raw" }
-[[region]]
-size = "64M"
-namespace = { mode = "sector", sector_size = 4096 }
-"""
+E820 = four_modes(workers=1)
 NFIT = """\
 template = "nfit"
 [memmap]

@@ -20,22 +20,12 @@ import os
 
 import pytest
 from mount_kit import E820_BUS, have_ndctl, read, write
+from topologies import e820
 
 pytestmark = [pytest.mark.ndctl, pytest.mark.skipif(not have_ndctl(), reason="needs ndctl and daxctl")]
 
 MODES = ("fsdax", "devdax", "sector", "raw")
-SLOW_E820 = """\
-template = "e820"
-[memmap]
-workers = 2
-ns_per_page = 2000
-[[region]]
-size = "256M"
-namespace = { mode = "fsdax", map = "dev", align = "2M" }
-[[region]]
-size = "256M"
-namespace = { mode = "devdax", map = "mem", align = "2M" }
-"""
+SLOW_E820 = e820("256M fsdax dev", "256M devdax mem", ns_per_page=2000)
 REGION = 268435456
 MAP_DEV = 262144000  # 256 MiB - roundup(8 KiB + 64 * npfns, 2 MiB)
 BTT_4096 = 267091968  # btt.c arena layout, 4 KiB sectors

@@ -19,7 +19,6 @@ import shutil
 import stat
 import subprocess
 import tempfile
-import tomllib
 import uuid
 import weakref
 from collections import Counter
@@ -30,7 +29,9 @@ import sysfs_invariants
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
+from model_kit import Machine
 from reliability_kit import WITH_VNVDIMM, alive
+from topologies import four_modes
 
 from vnvdimm.model.namespace import Namespace, NamespacePmem
 from vnvdimm.model.personality import Btt, Dax, Personality, Pfn
@@ -38,8 +39,6 @@ from vnvdimm.model.region import Region
 from vnvdimm.model.system import System
 from vnvdimm.sysfs.kernfs import PAGE_SIZE, KAttr
 from vnvdimm.sysfs.tree import Tree
-from vnvdimm.topology.config import parse_config
-from vnvdimm.topology.platform import StateDir, build_system, provision
 
 # The errno values the kernel's store functions return for bad input (and vnvdimm's model
 # raises at the same decision points).
@@ -48,21 +47,7 @@ DOCUMENTED = {errno.EINVAL, errno.EBUSY, errno.ENXIO, errno.ENODEV, errno.EACCES
 
 MODEL_WRITES = 10_000
 
-E820 = """\
-template = "e820"
-[[region]]
-size = "64M"
-namespace = { mode = "fsdax", map = "dev", align = "2M" }
-[[region]]
-size = "64M"
-namespace = { mode = "devdax", map = "mem", align = "2M" }
-[[region]]
-size = "64M"
-namespace = { mode = "raw" }
-[[region]]
-size = "64M"
-namespace = { mode = "sector", sector_size = 4096 }
-"""
+E820 = four_modes()
 
 NFIT = """\
 template = "nfit"
@@ -238,27 +223,18 @@ class BadInput(RuleBasedStateMachine):
 
     @initialize(topology=st.sampled_from(sorted(TOPOLOGIES)))
     def boot_fresh(self, topology: str) -> None:
-        self.state = StateDir(self.dir / "state")
-        config = parse_config(tomllib.loads(TOPOLOGIES[topology]), f"{topology}.toml")
-        self.platform, provision_config = self.state.open(config)
-        assert provision_config is not None
-        provision(self.platform, self.state, provision_config)
+        self.machine = Machine(self.dir / "state", TOPOLOGIES[topology])
+        self.state = self.machine.state
         self.boot()
         self.check("at boot")
 
     def boot(self) -> None:
         self._by_dir_generation = -1
-        self.system = System()
-        build_system(self.platform, self.state, self.system)
+        self.system = self.machine.boot()
         self.tree = Tree(self.system)
 
     def shutdown(self) -> None:
-        if self.system is None:
-            return
-        self.system.shutdown()
-        for bus in self.system.buses:
-            for region in bus.regions:
-                region.media.close()
+        self.machine.shutdown()
         self.system = None
 
     def devices_by_dir(self) -> dict[str, object]:

@@ -17,6 +17,7 @@ import pytest
 import sysfs_invariants
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from model_kit import Machine
 from reliability_kit import alive
 
 from vnvdimm.model.infoblock import DAX_SIG, INFO_BLOCK_OFFSET, PFN_SIG, PfnGeometry, PfnInfo, sb_checksum
@@ -181,31 +182,23 @@ FORGERIES = {
 # ---------------------------------------------------------------- on the model (every case)
 
 
-class Machine:
-    """The state dir of `state`, booted without a mount and without a memmap engine: nothing
-    but the probe itself can touch the media."""
+def problems(machine: Machine) -> list[str]:
+    return sysfs_invariants.check(sysfs_invariants.TreeView(Tree(machine.sys)), machine.state.media_path)
 
-    def __init__(self, state_dir: Path) -> None:
-        self.state = StateDir(state_dir)
-        self.platform, _ = self.state.open(None)
-        self.system = System()
-        build_system(self.platform, self.state, self.system)
-        self.tree = Tree(self.system)
 
-    def close(self) -> None:
-        self.system.shutdown()
-        for region in self.system.buses[0].regions:
-            region.media.close()
+def pfn_enabled(machine: Machine) -> PfnGeometry | None:
+    for p in machine.sys.buses[0].regions[0].personalities:
+        if p.driver is not None and isinstance(p, Pfn):
+            return p.geometry
+    return None
 
-    def problems(self) -> list[str]:
-        return sysfs_invariants.check(sysfs_invariants.TreeView(self.tree), self.state.media_path)
 
-    def pfn_enabled(self) -> PfnGeometry | None:
-        region = self.system.buses[0].regions[0]
-        for p in region.personalities:
-            if p.driver is not None and isinstance(p, Pfn):
-                return p.geometry
-        return None
+def booted(state_dir: Path) -> Machine:
+    """The state dir booted without a mount and without a memmap engine: nothing but the
+    probe itself can touch the media."""
+    machine = Machine(state_dir)
+    machine.boot()
+    return machine
 
 
 def test_every_damaged_or_forged_info_block_on_the_model(state, figures) -> None:  # type: ignore[no-untyped-def]
@@ -219,10 +212,10 @@ def test_every_damaged_or_forged_info_block_on_the_model(state, figures) -> None
     for name, block in cases.items():
         put_info_block(m, block)
         before = media.read_bytes()
-        machine = Machine(m.state_dir)
+        machine = booted(m.state_dir)
         try:
-            assert not machine.problems(), (name, machine.problems())
-            geometry = machine.pfn_enabled()
+            assert not problems(machine), (name, problems(machine))
+            geometry = pfn_enabled(machine)
             ns = machine.system.buses[0].regions[0].namespaces[0]
             if geometry is None:
                 assert ns.claim is None and ns.driver is not None, f"{name}: namespace0.0 is not raw"
@@ -231,7 +224,7 @@ def test_every_damaged_or_forged_info_block_on_the_model(state, figures) -> None
                 assert geometry.dataoff % 4096 == 0 and geometry.dataoff >= 8192 + npages * 64, (name, geometry)
                 assert geometry.dataoff + geometry.data_size <= ns.size, (name, geometry)
         finally:
-            machine.close()
+            machine.shutdown()
         assert media.read_bytes() == before, f"{name}: the probe changed the media"
         figures.add(damaged_states=1, bytes_verified=len(before))
     media.write_bytes(original)
@@ -244,13 +237,13 @@ def test_damaged_btt_and_dax_info_blocks_on_the_model(state, figures) -> None:  
         for name, damage in CORRUPTIONS.items():
             put_info_block(m, damage(good), region)
             before = (m.state_dir / f"region{region}.media").read_bytes()
-            machine = Machine(m.state_dir)
+            machine = booted(m.state_dir)
             try:
-                assert not machine.problems(), (region, name, machine.problems())
+                assert not problems(machine), (region, name, problems(machine))
                 namespace = machine.system.buses[0].regions[region].namespaces[0]
                 assert namespace.claim is None or namespace.claim.driver is not None, (region, name)
             finally:
-                machine.close()
+                machine.shutdown()
             assert (m.state_dir / f"region{region}.media").read_bytes() == before
             figures.add(damaged_states=1)
         put_info_block(m, good, region)
