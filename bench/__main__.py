@@ -1,7 +1,9 @@
-"""python -m bench [--quick] [--json OUT] [--only NAME...]
+"""python -m bench [--quick] [--check] [--json OUT] [--only NAME...]
 
-Mounts its own platforms in temp dirs, measures every figure of issue 5 against a baseline
-taken in the same run, prints a table and writes JSON (default bench/results/<time>.json).
+Mounts its own platforms in temp dirs, measures every figure (median and spread over
+repetitions) against a baseline taken in the same run, prints a table and writes JSON
+(default bench/results/<time>.json). With --check, exits 1 listing the figures that missed
+their target (a gate for those who want one; CI only prints).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench import figures
-from bench.common import REPO, Figure, table
+from bench.common import REPO, Figure, missed, table, untargeted
 
 SUITES = ("mount", "attr", "devfile", "ndctl", "bind", "scale")
 
@@ -25,15 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="CI smoke: small sizes, few repetitions (seconds)")
     ap.add_argument("--json", type=Path, help="where to write the results")
     ap.add_argument("--only", nargs="+", choices=SUITES, help="run only these suites")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a figure misses its target (listing them)")
     args = ap.parse_args(argv)
     q = args.quick
     plan = {
-        "mount": lambda: figures.mount_time(2 if q else 5),
+        "mount": lambda: figures.mount_time(3 if q else 5),
         "attr": lambda: figures.attribute_latency(300 if q else 3000),
-        "devfile": lambda: figures.device_files("512M" if q else "4G"),
-        "ndctl": lambda: figures.ndctl_list(2 if q else 7),
-        "bind": lambda: figures.bind_latency(("1G", "4G") if q else ("1G", "16G", "64G")),
-        "scale": lambda: figures.scale(16 if q else 256),
+        "devfile": lambda: figures.device_files("512M" if q else "4G", 3 if q else 5),
+        "ndctl": lambda: figures.ndctl_list(3 if q else 7),
+        "bind": lambda: figures.bind_latency(("1G", "4G") if q else ("1G", "16G", "64G"), 3 if q else 5),
+        "scale": lambda: figures.scale(16 if q else 256, 2 if q else 3),
     }
     results: list[Figure] = []
     started = time.perf_counter()
@@ -51,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"\nresults: {out} ({doc['seconds']:.0f} s)")
+    assert not untargeted(results), [f.name for f in untargeted(results)]
+    if args.check and missed(results):
+        print("\nfigures that missed their target:", file=sys.stderr)
+        for f in missed(results):
+            ratio = f" ({f.ratio:.2f}x)" if f.ratio is not None else ""
+            print(f"  {f.name}: {f.value:.3g} {f.unit}{ratio}, target {f.target}", file=sys.stderr)
+        return 1
     return 0
 
 

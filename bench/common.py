@@ -31,10 +31,14 @@ class Figure:
     baseline_name: str = ""
     lo: float | None = None
     hi: float | None = None
-    target: str = ""  # e.g. "<= 1.5x", ">= 0.2x", "<= 0.5 s"
+    target: str = ""  # "<= 1.5x" / ">= 0.2x" (on the ratio), "<= 0.5 s" (on the value), "reference"
     met: bool | None = None
     note: str = ""
     extra: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.met is None and self.target:
+            self.met = evaluate(self.target, self.value, self.ratio)
 
     @property
     def ratio(self) -> float | None:
@@ -59,6 +63,32 @@ def percentile(samples: list[float], q: float) -> float:
 
 def check(value: float, op: str, bound: float) -> bool:
     return value <= bound if op == "<=" else value >= bound
+
+
+def evaluate(target: str, value: float, ratio: float | None) -> bool | None:
+    """Whether a figure meets its target: "OP Nx" bounds the ratio to the same-run baseline,
+    "OP N UNIT" the value itself; "reference" (a baseline shown for context) has none."""
+    if target == "reference":
+        return None
+    op, bound, *_unit = target.split()
+    if bound.endswith("x"):
+        return None if ratio is None else check(ratio, op, float(bound[:-1]))
+    return check(value, op, float(bound))
+
+
+def missed(figures: list[Figure]) -> list[Figure]:
+    """The figures that have a target and miss it."""
+    return [f for f in figures if f.met is False]
+
+
+def untargeted(figures: list[Figure]) -> list[Figure]:
+    """Figures without a target (every figure needs one, or "reference")."""
+    return [f for f in figures if not f.target]
+
+
+def spread(samples: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of repeated measurements."""
+    return median_minmax(samples)
 
 
 # ---------------------------------------------------------------- mounts

@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import WITH_VNVDIMM, BenchMount, Figure, check, median_minmax, percentile, trivial_fs
+from bench.common import WITH_VNVDIMM, BenchMount, Figure, median_minmax, percentile, trivial_fs
 
 E820_4x64 = """\
 template = "e820"
@@ -76,7 +76,10 @@ def mount_time(reps: int) -> list[Figure]:
         for kind, samples in (("first mount (provisions media)", first), ("mount", again)):
             med, lo, hi = median_minmax(samples)
             out.append(Figure(f"mount time, {label}, {kind}", med, "s", b_med, "trivial FUSE fs", lo, hi,
-                              "<= 0.5 s", check(med, "<=", 0.5)))
+                              "<= 5x", note="" if med <= 0.5 else f"{med:.2f} s: above the 0.5 s a user waits for"))
+    small, big = out[1], out[3]
+    out.append(Figure("mount time, 4 x 64 GiB vs default (flat in size)", big.value, "s", small.value,
+                      "mount, default", big.lo, big.hi, "<= 1.5x"))
     return out
 
 
@@ -119,15 +122,15 @@ def attribute_latency(n: int) -> list[Figure]:
                 med, lo, hi = median_minmax(ours)
                 fmed = median_minmax(floor)[0]
                 out.append(Figure(f"attribute read, {label}, median", med, "us", fmed, "trivial FUSE fs, same depth",
-                                  target="<= 1.5x", met=check(med / fmed, "<=", 1.5),
+                                  lo, hi, target="<= 1.5x",
                                   extra={"p99": percentile(ours, 0.99), "floor_p99": percentile(floor, 0.99)}))
                 p99, fp99 = percentile(ours, 0.99), percentile(floor, 0.99)
                 out.append(Figure(f"attribute read, {label}, p99", p99, "us", fp99, "trivial FUSE fs, same depth",
-                                  target="<= 1.5x", met=check(p99 / fp99, "<=", 1.5)))
+                                  target="<= 1.5x", note=f"p99 of {len(ours)} reads"))
     real = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if real.exists():
         med, lo, hi = median_minmax(_latency(real, n))
-        out.append(Figure("attribute read, real sysfs (reference)", med, "us", lo=lo, hi=hi))
+        out.append(Figure("attribute read, real sysfs (reference)", med, "us", lo=lo, hi=hi, target="reference"))
     return out
 
 
@@ -171,7 +174,9 @@ def _drop_fuse_cache(path: Path) -> None:
         os.close(fd)
 
 
-def device_files(size_label: str) -> list[Figure]:
+def device_files(size_label: str, reps: int) -> list[Figure]:
+    """Each figure: the median (and min-max) of `reps` passes, each pass measuring the
+    baseline right before the device (so drift of the host hits both alike)."""
     out = []
     with BenchMount(_devdax(size_label)) as m:
         m.wait_all_idle()
@@ -184,27 +189,37 @@ def device_files(size_label: str) -> list[Figure]:
         data = os.urandom(1 << 20)
         # Fill the device once (also makes the media file's pages exist in the host page cache).
         _stream(dev, size, 1 << 20, 1, True, data)
-        fresh = _pread_fresh(media, media_off, size)
-        out.append(Figure(f"reference: pread of the media into fresh memory, 1 MiB x 1 ({size_label})", fresh,
-                          "GB/s", note="the same bytes read into fresh anonymous memory (every 4 KiB page "
+        fresh = [_pread_fresh(media, media_off, size) for _ in range(reps)]
+        out.append(Figure(f"reference: pread of the media into fresh memory, 1 MiB x 1 ({size_label})",
+                          *_med(fresh, "GB/s"), target="reference",
+                          note="the same bytes read into fresh anonymous memory (every 4 KiB page "
                           "faulted in by the copy): fresh memory is slow on this VM (balloon)"))
         for req in (128 << 10, 1 << 20):
             for threads in (1, 2):
                 label = f"{req >> 10} KiB x {threads}"
-                base_read = _stream(media, size, req, threads, False, data, media_off)
-                _drop_fuse_cache(dev)
-                first = _stream(dev, size, req, threads, False, data)
-                again = _stream(dev, size, req, threads, False, data)
-                base_write = _stream(media, size, req, threads, True, data, media_off)
-                wr = _stream(dev, size, req, threads, True, data)
-                out.append(Figure(f"device read {size_label}, {label}, first pass", first, "GB/s", base_read,
-                                  "pread of the media file", target=">= 0.2x", met=check(first / base_read, ">=", 0.2)))
-                out.append(Figure(f"device read {size_label}, {label}, re-read", again, "GB/s", base_read,
-                                  "pread of the media file", target=">= 0.75x",
-                                  met=check(again / base_read, ">=", 0.75)))
-                out.append(Figure(f"device write {size_label}, {label}", wr, "GB/s", base_write,
-                                  "pwrite of the media file", target=">= 0.2x", met=check(wr / base_write, ">=", 0.2)))
+                got: dict[str, list[float]] = {k: [] for k in ("base_read", "first", "again", "base_write", "wr")}
+                for _ in range(reps):
+                    got["base_read"].append(_stream(media, size, req, threads, False, data, media_off))
+                    _drop_fuse_cache(dev)
+                    got["first"].append(_stream(dev, size, req, threads, False, data))
+                    got["again"].append(_stream(dev, size, req, threads, False, data))
+                    got["base_write"].append(_stream(media, size, req, threads, True, data, media_off))
+                    got["wr"].append(_stream(dev, size, req, threads, True, data))
+                base_read = median_minmax(got["base_read"])[0]
+                base_write = median_minmax(got["base_write"])[0]
+                for key, what, base, base_name, target in (
+                        ("first", "read", base_read, "pread of the media file", ">= 0.2x"),
+                        ("again", "re-read", base_read, "pread of the media file", ">= 0.75x"),
+                        ("wr", "write", base_write, "pwrite of the media file", ">= 0.2x")):
+                    med, lo, hi = median_minmax(got[key])
+                    name = f"device {what} {size_label}, {label}" + (", first pass" if key == "first" else "")
+                    out.append(Figure(name, med, "GB/s", base, base_name, lo, hi, target))
     return out
+
+
+def _med(samples: list[float], unit: str) -> tuple[float, str, None, str, float, float]:
+    med, lo, hi = median_minmax(samples)
+    return med, unit, None, "", lo, hi
 
 
 def _pread_fresh(media: Path, offset: int, size: int) -> float:
@@ -244,8 +259,10 @@ def ndctl_list(reps: int) -> list[Figure]:
             base = [timed("true") for _ in range(reps)]
             runs = [timed("ndctl", "list", "-BDRNiv") for _ in range(reps)]
             med, lo, hi = median_minmax(runs)
+            # (the baseline is the wrapper's own cost: no same-run ndctl on a real bus exists
+            # here to compare with, so the target is on the value a user waits for)
             out.append(Figure(f"with-vnvdimm ndctl list -BDRNiv, {label}", med, "s", median_minmax(base)[0],
-                              "with-vnvdimm true", lo, hi, "<= 0.5 s", check(med, "<=", 0.5)))
+                              "with-vnvdimm true", lo, hi, "<= 0.5 s"))
     return out
 
 
@@ -306,7 +323,7 @@ def _fresh_fill_seconds(nbytes: int) -> float:
         os.close(fd)
 
 
-def bind_latency(sizes: tuple[str, ...]) -> list[Figure]:
+def bind_latency(sizes: tuple[str, ...], reps: int) -> list[Figure]:
     """Enabling a devdax namespace (the dax_pmem bind store) in async vs sync memmap mode."""
     out = []
     for size in sizes:
@@ -318,7 +335,7 @@ def bind_latency(sizes: tuple[str, ...]) -> list[Figure]:
                 unbind = m.sys("bus/nd/drivers/dax_pmem/unbind")
                 bind = m.sys("bus/nd/drivers/dax_pmem/bind")
                 samples = []
-                for _ in range(3):
+                for _ in range(reps):
                     unbind.write_bytes(b"dax0.1\0")
                     t0 = time.perf_counter()
                     bind.write_bytes(b"dax0.1\0")
@@ -327,12 +344,14 @@ def bind_latency(sizes: tuple[str, ...]) -> list[Figure]:
                 results[mode] = median_minmax(samples)
         a, s = results["async"], results["sync"]
         out.append(Figure(f"bind latency {size}, async", a[0] * 1e3, "ms", s[0] * 1e3, "sync mode (pre-series)",
-                          a[1] * 1e3, a[2] * 1e3))
+                          a[1] * 1e3, a[2] * 1e3, "<= 0.5x",
+                          extra={"sync_lo_ms": s[1] * 1e3, "sync_hi_ms": s[2] * 1e3}))
     first, last = out[0], out[-1]
     out.append(Figure(f"bind latency async, {sizes[-1]} vs {sizes[0]} (flat)", last.value, "ms", first.value,
-                      f"async at {sizes[0]}", target="<= 2x", met=check(last.value / first.value, "<=", 2.0)))
+                      f"async at {sizes[0]}", last.lo, last.hi, target="<= 2x"))
     out.append(Figure(f"bind latency sync, {sizes[-1]} vs {sizes[0]} (grows with size)", last.baseline or 0, "ms",
-                      first.baseline, f"sync at {sizes[0]}"))
+                      first.baseline, f"sync at {sizes[0]}", target=">= 2x",
+                      note="the baseline's own sanity: the pre-series bind initializes every page"))
     return out
 
 
@@ -342,42 +361,53 @@ def _max_elapsed(m: BenchMount) -> float:
     return max(int(p.read_text()) for p in devices.glob("*/memmap/elapsed_us")) / 1e6
 
 
-def scale(total_gib: int) -> list[Figure]:
-    """Four devdax namespaces enabled at once. Timing and memory are measured in separate
-    mounts: sampling PSS walks the page tables of every process, which slows the very page
-    faults the init is bound by."""
+def scale(total_gib: int, reps: int) -> list[Figure]:
+    """`reps` mounts timed until every memmap is idle (the engine's own start-to-done time),
+    then `reps` more sampling the PSS (sampling slows the faults it measures)."""
     out = []
     per = total_gib // 4
     record_bytes = total_gib * (1 << 30) // 4096 * 64
+    times: dict[str, list[float]] = {}
     for nsmap in ("mem", "dev"):
         toml = E820_4x64.replace("64G", f"{per}G").replace("{map}", nsmap)
         m = BenchMount(toml)
+        engine_times, to_idle, peaks = [], [], []
         try:
             m.mount()  # provisions: info blocks only, no memmap (nothing is served yet)
             m.umount()
-            t0 = time.perf_counter()
-            m.mount()
-            mounted = time.perf_counter() - t0
-            m.wait_all_idle()
-            to_idle = time.perf_counter() - t0
-            engine_time = _max_elapsed(m)
-            m.umount()
-            peak = 0
-            m.mount()
-            pid = m.daemon_pid()
-            states = list((m.root / "sys" / "bus" / "nd" / "devices").glob("*/memmap_state"))
-            while not all(p.read_text() == "idle\n" for p in states):
-                peak = max(peak, _pss_of_tree(pid))
-                time.sleep(0.05)
-            peak = max(peak, _pss_of_tree(pid))
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                m.mount()
+                m.wait_all_idle()
+                to_idle.append(time.perf_counter() - t0)
+                engine_times.append(_max_elapsed(m))
+                m.umount()
+            for _ in range(reps):
+                peak = 0
+                m.mount()
+                pid = m.daemon_pid()
+                states = list((m.root / "sys" / "bus" / "nd" / "devices").glob("*/memmap_state"))
+                while not all(p.read_text() == "idle\n" for p in states):
+                    peak = max(peak, _pss_of_tree(pid))
+                    time.sleep(0.05)
+                peaks.append(max(peak, _pss_of_tree(pid)))
+                m.umount()
         finally:
             m.__exit__()
-        fill = _fresh_fill_seconds(record_bytes) if nsmap == "mem" else None
+        times[nsmap] = engine_times
         label = f"scale: 4 namespaces, {total_gib} GiB map={nsmap}"
-        out.append(Figure(f"{label}, memmap init until all idle", engine_time, "s", fill,
-                          f"fresh memfd fill of {record_bytes >> 20} MiB" if fill else "",
-                          note=f"mount command to all idle: {to_idle:.2f} s, of which the mount {mounted:.2f} s"))
+        med, lo, hi = median_minmax(engine_times)
+        note = f"mount command to all idle: median {median_minmax(to_idle)[0]:.2f} s"
+        if nsmap == "mem":
+            fill = median_minmax([_fresh_fill_seconds(record_bytes) for _ in range(reps)])[0]
+            out.append(Figure(f"{label}, memmap init until all idle", med, "s", fill,
+                              f"fresh memfd fill of {record_bytes >> 20} MiB", lo, hi, "<= 3x", note=note))
+        else:
+            mem = median_minmax(times["mem"])[0]
+            out.append(Figure(f"{label}, memmap init until all idle", med, "s", mem, "the same, map=mem", lo, hi,
+                              "<= 2x", note=note + "; map=dev writes the records to the media file"))
         bound = 1.2 if nsmap == "mem" else 0.25
-        out.append(Figure(f"scale: peak PSS daemon+workers, map={nsmap}", peak / 2**20, "MiB", record_bytes / 2**20,
-                          "memmap bytes", target=f"<= {bound}x", met=check(peak / record_bytes, "<=", bound)))
+        med, lo, hi = median_minmax([p / 2**20 for p in peaks])
+        out.append(Figure(f"scale: peak PSS daemon+workers, map={nsmap}", med, "MiB", record_bytes / 2**20,
+                          "memmap bytes", lo, hi, target=f"<= {bound}x"))
     return out

@@ -162,9 +162,16 @@ def bench_create(eng: MemmapEngine, sizes_gib: list[float], reps: int, sync_reps
             job.release()
         a = Row(f"create_job async {gib:g} GiB", "ms", a_samples)
         s = Row(f"create_job sync  {gib:g} GiB", "ms", s_samples)
+        # async against sync at the same size: the point of the series
+        a.extra["async_over_sync"] = a.median / s.median
         if base_async is None:
             base_async, base_sync = a.median, s.median
-            a.baseline = s.baseline = "(smallest size)"
+            a.baseline = f"sync {gib:g} GiB"
+            a.ratio = a.median / s.median
+            a.target = "<= 0.5x"
+            a.ok = a.ratio <= 0.5
+            s.baseline = "(baseline)"
+            s.target = "reference"
         else:
             assert base_sync is not None
             a.ratio = a.median / base_async
@@ -173,8 +180,8 @@ def bench_create(eng: MemmapEngine, sizes_gib: list[float], reps: int, sync_reps
             a.ok = a.ratio <= 2.0
             s.ratio = s.median / base_sync
             s.baseline = f"sync {sizes_gib[0]:g} GiB"
-            s.target = f"~linear ({gib / sizes_gib[0]:g}x)"
-        s.extra["async_over_sync"] = a.median / s.median
+            s.target = f">= {gib / sizes_gib[0] / 2:g}x (about linear)"
+            s.ok = s.ratio >= gib / sizes_gib[0] / 2
         rows += [a, s]
     return rows
 
@@ -194,8 +201,9 @@ def bench_throughput(engines: dict[int, MemmapEngine], fillers: Fillers, npages:
             rates[w].append(npages / (time.perf_counter() - t0))
             job.release()
     rows = [
-        Row(f"fill fresh memfd, 1 proc ({nbytes >> 20} MiB)", "rec/s", fill1, baseline="(baseline)"),
-        Row(f"fill fresh memfd, {ncpu} procs", "rec/s", filln, baseline="(baseline)"),
+        Row(f"fill fresh memfd, 1 proc ({nbytes >> 20} MiB)", "rec/s", fill1, baseline="(baseline)",
+            target="reference"),
+        Row(f"fill fresh memfd, {ncpu} procs", "rec/s", filln, baseline="(baseline)", target="reference"),
     ]
     f1, fn = statistics.median(fill1), statistics.median(filln)
     for w in sorted(rates):
@@ -203,15 +211,18 @@ def bench_throughput(engines: dict[int, MemmapEngine], fillers: Fillers, npages:
         fill = fn if w >= ncpu else f1
         r.baseline = f"fill, {ncpu if w >= ncpu else 1} proc(s)"
         r.ratio = r.median / fill
-        if w == max(rates):
-            r.target = ">= 0.8x"
-            r.ok = r.ratio >= 0.8
+        r.target = ">= 0.8x"
+        r.ok = r.ratio >= 0.8
         rows.append(r)
-    if 1 in rates and 2 in rates:
-        speedups = [b / a for a, b in zip(rates[1], rates[2], strict=True)]
-        rows.append(Row("full init speedup workers=2 / workers=1", "x", speedups,
-                        baseline="workers=1", ratio=statistics.median(speedups), target=">= 1.7x",
-                        ok=statistics.median(speedups) >= 1.7))
+    if ncpu >= 2 and 1 in rates and ncpu in rates:
+        # The speedup of ncpu workers over one, against what ncpu processes filling fresh
+        # shared memory get over one on this machine in the same run (its physical limit).
+        speedups = [b / a for a, b in zip(rates[1], rates[ncpu], strict=True)]
+        fill_scaling = statistics.median([n / o for o, n in zip(fill1, filln, strict=True)])
+        ratio = statistics.median(speedups) / fill_scaling
+        rows.append(Row(f"full init speedup workers={ncpu} / workers=1", "x", speedups,
+                        baseline=f"fill scaling {fill_scaling:.2f}x", ratio=ratio, target=">= 0.85x",
+                        ok=ratio >= 0.85))
     return rows
 
 
@@ -253,9 +264,11 @@ def bench_naive(reps: int, npages: int) -> list[Row]:
         big.view(np.uint8)[:] = 1  # faulted in: the pure cost of the initializer
         dt, _ = timed(lambda big=big: init_range(big, 0x340000, nid=0, pgmap=PGMAP, has_pgmap=True))
         fast_warm.append(dt / len(big) * 1e9)
-    n = Row(f"naive pure-Python loop ({npages} pages)", "ns/page", naive, baseline="(before)")
-    f = Row("init_range, memory faulted in (1 Mi pages)", "ns/page", fast_warm, baseline="naive loop")
+    n = Row(f"naive pure-Python loop ({npages} pages)", "ns/page", naive, baseline="(before)", target="reference")
+    f = Row("init_range, memory faulted in (1 Mi pages)", "ns/page", fast_warm, baseline="naive loop",
+            target=">= 100x (speedup)")
     f.ratio = n.median / f.median
+    f.ok = f.ratio >= 100
     f.extra["speedup_vs_naive"] = f.ratio
     return [n, f]
 
@@ -265,6 +278,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     ap.add_argument("--reps", type=int, default=0, help="repetitions (default: 9, quick: 3)")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a figure misses its target (listing them)")
     args = ap.parse_args()
     quick = args.quick
     reps = args.reps or (3 if quick else 9)
@@ -312,6 +326,13 @@ def main() -> None:
                                  "min": min(r.samples), "max": max(r.samples),
                                  "baseline": r.baseline, "ratio": r.ratio, "target": r.target,
                                  "ok": r.ok, **r.extra} for r in rows]}, f, indent=2)
+    assert all(r.target for r in rows), [r.name for r in rows if not r.target]
+    if args.check and any(r.ok is False for r in rows):
+        print("\nfigures that missed their target:", file=sys.stderr)
+        for r in rows:
+            if r.ok is False:
+                print(f"  {r.name}: {r.fmt()}, target {r.target}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
