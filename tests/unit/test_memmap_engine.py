@@ -266,6 +266,12 @@ def test_exactly_once_under_concurrent_foreground_and_workers(make_engine, worke
         except BaseException as e:
             errors.append(e)
 
+    # Workers first (on a loaded machine six foreground threads could otherwise take every
+    # block before a worker process is scheduled): both kinds then race for the rest.
+    deadline = time.monotonic() + 30
+    while job.workers_used == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert job.workers_used >= 1 and job.active, job
     threads = [threading.Thread(target=fg, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
