@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -314,3 +315,14 @@ def memfds(pids: list[int]) -> dict[str, set[int]]:
 def daemon_tree(pid: int | None) -> list[int]:
     """A mount's daemon and its live children (the memmap workers)."""
     return [] if pid is None or not alive(pid) else [pid, *children(pid)]
+
+
+def fuse_waiting(m: Any) -> int:
+    """Requests of this mount the daemon has not answered yet (fusectl's `waiting`, read in a
+    private mount namespace so the host is left as it is)."""
+    conn = os.stat(m.root).st_dev
+    res = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                          "mount -t fusectl none /sys/fs/fuse/connections && "
+                          f"cat /sys/fs/fuse/connections/{conn}/waiting"], capture_output=True, text=True, timeout=10)
+    assert res.returncode == 0, res.stderr
+    return int(res.stdout)

@@ -9,6 +9,7 @@ import os
 import random
 import select
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -60,12 +61,28 @@ def test_state_goes_active_then_idle_and_sync_waits(make_mount) -> None:  # type
     assert total == 256 * 256 - 2  # every page but the 8 KiB altmap reserve
     done_before = int(mnt.read(f"{PFN}/memmap/pages_done"))
     assert done_before < total
-    # Speed it up, then `echo sync` must return only once everything is initialized.
+    # Held at half way, `echo sync` waits (it cannot return before the memmap is done)...
+    mnt.write(f"{PFN}/memmap/pause_at", b"500\n")
+    wait_for(lambda: int(mnt.read(f"{PFN}/memmap/pages_done")) * 2 >= total, 60, "the pause mark")
+    result: list[object] = []
+
+    def sync() -> None:
+        try:
+            result.append(mnt.write(f"{PFN}/memmap_state", b"sync\0"))
+            result.append(memmap_state(mnt.root, PFN))
+        except BaseException as e:  # (reported below)
+            result.append(e)
+
+    t = threading.Thread(target=sync, daemon=True)
+    t.start()
+    t.join(2)
+    assert t.is_alive(), f"sync returned while the memmap was held: {result}"
+    assert memmap_state(mnt.root, PFN) == "active"
+    # ...and returns once it is, with every page initialized.
     mnt.write(f"{PFN}/memmap/ns_per_page", b"0\n")
-    t0 = time.monotonic()
-    assert mnt.write(f"{PFN}/memmap_state", b"sync\0") == 5
-    assert time.monotonic() - t0 < 30
-    assert memmap_state(mnt.root, PFN) == "idle"
+    mnt.write(f"{PFN}/memmap/pause_at", b"1000\n")
+    t.join(60)
+    assert not t.is_alive() and result == [5, "idle"], result
     assert int(mnt.read(f"{PFN}/memmap/pages_done")) == total
     assert int(mnt.read(f"{PFN}/memmap/elapsed_us")) > 0
     # Writing sync while idle succeeds at once; seeds are idle too.

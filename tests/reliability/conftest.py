@@ -4,6 +4,7 @@ and printed in the terminal summary, and the /dev/shm leak check."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mount_kit import daemon_tree, memfds, wait_for
 from reliability_kit import STRESS_SECONDS
 
 # ---------------------------------------------------------------- figures
@@ -91,12 +93,31 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 @pytest.fixture
-def shm_unchanged() -> Iterator[None]:
-    """/dev/shm holds no new segment of vnvdimm's or of Python's multiprocessing after the test
-    (the engine keeps its records in memfds, which cannot outlive their processes; other
-    names may come and go with other test runs on the machine)."""
+def shm_unchanged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """/dev/shm holds no new segment of vnvdimm's or of Python's multiprocessing after the test,
+    and no process of this session (this one, its vnvdimm daemons and their workers) holds a
+    memfd it did not hold before: the engine keeps its records in memfds, which /dev/shm
+    never shows (other names may come and go with other test runs on the machine)."""
+    base = str(tmp_path_factory.getbasetemp().resolve())
+
+    daemons = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+                if b"vnvdimm" in cmd and base.encode() in cmd:
+                    daemons.append(int(entry))
+
+    def session_memfds() -> set[str]:
+        # This process and the daemons (with their workers) that were there before the test
+        # (a wider-scoped mount's): those the test started must be gone (the leak check).
+        return set(memfds([os.getpid(), *(p for d in daemons for p in daemon_tree(d))]))
+
     before = set(os.listdir("/dev/shm"))
+    fds_before = session_memfds()
     yield
     ours = re.compile(r"(vnvdimm|memmap|psm_|sem\.mp-|mp-)")
     leaked = {n for n in set(os.listdir("/dev/shm")) - before if ours.search(n)}
     assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
+    wait_for(lambda: not session_memfds() - fds_before, 10, "memfds to be released",
+             report=lambda: f"memfds left behind: {sorted(session_memfds() - fds_before)}")

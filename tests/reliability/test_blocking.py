@@ -23,21 +23,10 @@ import threading
 import time
 
 import numpy as np
-from mount_kit import memmap_state
+from mount_kit import fuse_waiting, memmap_state
 from reliability_kit import DAX, PFN, SMALL, e820, wait_for
 
 KPF_NOPAGE = 1 << 20
-
-
-def fuse_waiting(m) -> int:  # type: ignore[no-untyped-def]
-    """Requests of this mount the daemon has not answered yet (fusectl's `waiting`, read in a
-    private mount namespace so the host is left as it is)."""
-    conn = os.stat(m.root).st_dev
-    res = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                          "mount -t fusectl none /sys/fs/fuse/connections && "
-                          f"cat /sys/fs/fuse/connections/{conn}/waiting"], capture_output=True, text=True, timeout=10)
-    assert res.returncode == 0, res.stderr
-    return int(res.stdout)
 
 
 def timed(fn, *args):  # type: ignore[no-untyped-def]
@@ -118,7 +107,9 @@ def test_waiters_do_not_stall_the_mount(make_mount, figures) -> None:  # type: i
         procs.append(subprocess.Popen(["sh", "-c", f"echo sync > {m.path(dev)}/memmap_state"],
                                       stderr=subprocess.DEVNULL))
     try:
-        time.sleep(1.0)
+        # Every caller is blocked in the daemon (fusectl counts their requests)...
+        wait_for(lambda: fuse_waiting(m) >= len(procs), 60, "every caller to be waiting in the daemon",
+                 interval=0.2, report=lambda: f"{fuse_waiting(m)} requests waiting, {len(procs)} callers")
         assert all(p.poll() is None for p in procs), "a waiter returned: the blocks were not cold"
         worst = 0.0
         for _ in range(20):
@@ -173,7 +164,7 @@ def test_sync_and_wait_probe_are_bounded(make_mount, figures) -> None:  # type: 
 
     t = threading.Thread(target=sync, daemon=True)
     t.start()
-    time.sleep(0.3)
+    wait_for(lambda: fuse_waiting(m) >= 1, 60, "the sync to wait in the daemon", interval=0.1)
     assert t.is_alive()
     # wait_probe is not held up by the waiting sync either.
     took, v = timed(m.read, f"{bus}/wait_probe")
@@ -235,9 +226,8 @@ def test_killed_reader_leaves_nothing_stuck(make_mount, figures) -> None:  # typ
                              text=True)
         assert p.stdout is not None and p.stdout.readline() == "ready\n"
         procs[dev] = p
-    time.sleep(0.5)
+    wait_for(lambda: fuse_waiting(m) >= 2, 60, "both reads to wait in the daemon", interval=0.1)
     assert all(p.poll() is None for p in procs.values()), "a read returned before the kill"
-    assert fuse_waiting(m) >= 2
     t0 = time.monotonic()
     for p in procs.values():
         p.send_signal(signal.SIGKILL)

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from mount_kit import memmap_state
+from mount_kit import fuse_waiting, memmap_state
 from reliability_kit import DAX, PFN, SMALL, alive, children, e820, wait_for
 
 # 20 ms per page: one 2 MiB block takes 10 s to initialize, a whole memmap hours.
@@ -59,7 +59,9 @@ def start_blocked(m) -> list[tuple[str, subprocess.Popen[str]]]:  # type: ignore
         assert p.stdout is not None
         assert p.stdout.readline() == "ready\n", f"{name}: {p.stderr.read() if p.stderr else ''}"
     started = time.monotonic() - t0
-    time.sleep(0.5)
+    # Blocked in the daemon: fusectl counts their requests.
+    wait_for(lambda: fuse_waiting(m) >= len(procs), 60, "every caller to wait in the daemon", interval=0.1,
+             report=lambda: f"{fuse_waiting(m)} requests waiting, {len(procs)} callers")
     done = [(n, p.returncode, p.stdout.readline() if p.stdout else "") for n, p in procs if p.poll() is not None]
     assert not done, f"not all blocked ({started:.2f} s to start them): {done}"
     return procs
