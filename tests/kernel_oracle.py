@@ -282,3 +282,68 @@ def kpageflags_of_initialized(records: np.ndarray) -> np.ndarray:
     out = np.zeros(len(records), dtype=np.uint64)
     out[(records["flags"] & np.uint64(1 << PG_RESERVED)) != 0] |= np.uint64(1 << KPF_RESERVED)
     return out
+
+
+# ---------------------------------------------------------------- info blocks (nd_pfn_sb, btt_sb)
+
+PFN_SIGNATURE = b"NVDIMM_PFN_INFO\0"
+DAX_SIGNATURE = b"NVDIMM_DAX_INFO\0"
+BTT_SIGNATURE = b"BTT_ARENA_INFO\0\0"
+SB_SIZE = 4096
+
+
+def fletcher64(block: bytes) -> int:
+    """nd_fletcher64(addr, len, le=true): a u32 running sum and a u64 sum of those sums over
+    the little-endian 32-bit words; (hi << 32 | lo) in 64 bits."""
+    words = np.frombuffer(block, dtype="<u4").astype(np.uint64)
+    lo = np.cumsum(words) & np.uint64(0xFFFFFFFF)  # lo32 wraps at every step
+    hi = int(lo.sum(dtype=np.uint64))  # hi32 += lo32 (u64: wraps at 2^64 like numpy)
+    return ((hi << 32) | int(lo[-1])) & (U64 - 1)
+
+
+def sb_checksum_ok(block: bytes) -> bool:
+    """nd_sb_checksum(): the checksum field (the last 8 bytes) zeroed, fletcher64 of the 4 KiB."""
+    stored = int.from_bytes(block[SB_SIZE - 8:SB_SIZE], "little")
+    return stored == fletcher64(block[:SB_SIZE - 8] + bytes(8))
+
+
+def _u(block: bytes, offset: int, size: int) -> int:
+    return int.from_bytes(block[offset:offset + size], "little")
+
+
+def decode_pfn_sb(block: bytes, signature: bytes) -> dict[str, object] | None:
+    """struct nd_pfn_sb (drivers/nvdimm/pfn.h), as nd_pfn_validate() first checks it:
+    signature, checksum; the fields at their offsets, with the defaults older minor versions
+    imply (start_pad/end_trunc 0 before 1, align 0 before 2, page size 4K and struct page 64
+    before 4)."""
+    import uuid as uuidlib
+
+    if len(block) != SB_SIZE or block[:16] != signature or not sb_checksum_ok(block):
+        return None
+    minor = _u(block, 54, 2)
+    return {
+        "uuid": uuidlib.UUID(bytes=block[16:32]), "parent_uuid": uuidlib.UUID(bytes=block[32:48]),
+        "flags": _u(block, 48, 4), "version_major": _u(block, 52, 2), "version_minor": minor,
+        "dataoff": _u(block, 56, 8), "npfns": _u(block, 64, 8), "mode": _u(block, 72, 4),
+        "start_pad": _u(block, 76, 4) if minor >= 1 else 0, "end_trunc": _u(block, 80, 4) if minor >= 1 else 0,
+        "align": _u(block, 84, 4) if minor >= 2 else 0,
+        "page_size": _u(block, 88, 4) if minor >= 4 else 4096,
+        "page_struct_size": _u(block, 92, 2) if minor >= 4 else 64,
+    }
+
+
+def decode_btt_sb(block: bytes) -> dict[str, object] | None:
+    """struct btt_sb (drivers/nvdimm/btt.h), as btt.c's valid_info_block() checks it:
+    signature, checksum; the fields at their offsets (offsets relative to the arena)."""
+    import uuid as uuidlib
+
+    if len(block) != SB_SIZE or block[:16] != BTT_SIGNATURE or not sb_checksum_ok(block):
+        return None
+    return {
+        "uuid": uuidlib.UUID(bytes=block[16:32]), "parent_uuid": uuidlib.UUID(bytes=block[32:48]),
+        "flags": _u(block, 48, 4), "version_major": _u(block, 52, 2), "version_minor": _u(block, 54, 2),
+        "external_lbasize": _u(block, 56, 4), "external_nlba": _u(block, 60, 4),
+        "internal_lbasize": _u(block, 64, 4), "internal_nlba": _u(block, 68, 4), "nfree": _u(block, 72, 4),
+        "infosize": _u(block, 76, 4), "nextoff": _u(block, 80, 8), "dataoff": _u(block, 88, 8),
+        "mapoff": _u(block, 96, 8), "logoff": _u(block, 104, 8), "info2off": _u(block, 112, 8),
+    }

@@ -26,17 +26,21 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from vnvdimm.model.infoblock import DAX_SIG, INFO_BLOCK_OFFSET, INFO_BLOCK_SIZE, PFN_SIG, BttInfo, PfnInfo
+import kernel_oracle as K
+
+# Where a namespace's info block lives (SZ_4K into it: the first 4 KiB are left alone) and its size.
+INFO_BLOCK_OFFSET, INFO_BLOCK_SIZE = 4096, 4096
 
 
 @functools.lru_cache(maxsize=4096)
-def pfn_info(block: bytes, signature: bytes) -> PfnInfo | None:
-    return PfnInfo.unpack(block, signature)
+def pfn_info(block: bytes, signature: bytes) -> dict[str, object] | None:
+    """The block as the kernel validates it (kernel_oracle, not vnvdimm's own unpacker)."""
+    return K.decode_pfn_sb(block, signature)
 
 
 @functools.lru_cache(maxsize=4096)
 def btt_info(block: bytes) -> dict[str, object] | None:
-    return BttInfo.unpack(block)
+    return K.decode_btt_sb(block)
 
 
 PERSONALITY = re.compile(r"(pfn|dax|btt)(\d+)\.(\d+)")
@@ -279,18 +283,25 @@ def check(view: View, media: Callable[[int], Path] | None = None) -> list[str]:
                 elif str(info["uuid"]) != dev_uuid:
                     bad(f"{dev}: BTT info block uuid {info['uuid']} != {dev_uuid}")
                 continue
-            pinfo = pfn_info(block, PFN_SIG if kind == "pfn" else DAX_SIG)
+            pinfo = pfn_info(block, K.PFN_SIGNATURE if kind == "pfn" else K.DAX_SIGNATURE)
             if pinfo is None:
                 bad(f"{dev} is enabled but its namespace holds no valid {kind} info block")
                 continue
             resource = number(f"{pdir}/resource")
             mode = text(f"{pdir}/mode")
-            if str(pinfo.uuid) != dev_uuid or (pinfo.mode == 2) != (mode == "pmem"):
-                bad(f"{dev}: info block ({pinfo.uuid}, mode {pinfo.mode}) != device ({dev_uuid}, {mode})")
-            if resource is not None and pinfo.dataoff != resource - ns_start:
-                bad(f"{dev}: info block data offset {pinfo.dataoff:#x} != resource - namespace start")
-            if pinfo.dataoff + size > ns_size:
-                bad(f"{dev}: data [{pinfo.dataoff:#x}, +{size:#x}) beyond {ns}")
+            dataoff = int(pinfo["dataoff"])  # type: ignore[call-overload]
+            if str(pinfo["uuid"]) != dev_uuid or (pinfo["mode"] == 2) != (mode == "pmem"):
+                bad(f"{dev}: info block ({pinfo['uuid']}, mode {pinfo['mode']}) != device ({dev_uuid}, {mode})")
+            if resource is not None and dataoff != resource - ns_start:
+                bad(f"{dev}: info block data offset {dataoff:#x} != resource - namespace start")
+            if dataoff + size > ns_size:
+                bad(f"{dev}: data [{dataoff:#x}, +{size:#x}) beyond {ns}")
+            # nd_pfn_validate(): an align of 0 (older blocks) means 1 << ilog2(dataoff).
+            align = int(pinfo["align"]) or 1 << (dataoff.bit_length() - 1)  # type: ignore[call-overload]
+            if align != number(f"{pdir}/align"):
+                bad(f"{dev}: info block align {align} != device align {number(f'{pdir}/align')}")
+            if int(pinfo["page_struct_size"]) < 64:  # type: ignore[call-overload]
+                bad(f"{dev}: enabled with a struct page size of {pinfo['page_struct_size']} < 64")
             with_uuid = uuid.UUID(dev_uuid) if dev_uuid else None
             if with_uuid is None:
                 bad(f"{dev} is enabled without a uuid")

@@ -4,9 +4,11 @@ here from the kernel's definitions."""
 
 from __future__ import annotations
 
+import random
 import struct
 import uuid
 
+import kernel_oracle as K
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -240,3 +242,43 @@ def test_btt_log_init() -> None:
         lba, old, new, seq = struct.unpack_from("<IIII", log, lane * 64)
         assert (lba, old, new, seq) == (lane, a.external_nlba + lane, a.external_nlba + lane, 1)
         assert log[lane * 64 + 16: lane * 64 + 64] == bytes(48)
+
+
+# ---------------------------------------------------------------- against the kernel's layouts
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_checksum_is_the_kernels_fletcher64(seed: int) -> None:
+    block = random.Random(seed).randbytes(4096)
+    assert sb_checksum(block) == K.fletcher64(block[:4088] + bytes(8))
+
+
+@pytest.mark.parametrize("sig,kernel_sig", [(PFN_SIG, K.PFN_SIGNATURE), (DAX_SIG, K.DAX_SIGNATURE)])
+@pytest.mark.parametrize("mode,align", [(PFN_MODE_PMEM, 2 * M), (PFN_MODE_RAM, 4096), (PFN_MODE_PMEM, G)])
+def test_pfn_blocks_read_back_as_the_kernel_lays_them_out(sig: bytes, kernel_sig: bytes, mode: int,
+                                                          align: int) -> None:
+    """struct nd_pfn_sb decoded from its byte offsets (kernel_oracle): what vnvdimm writes is
+    what nd_pfn_validate() reads."""
+    info = PfnInfo(sig, U1, U2, dataoff=0x4200000, npfns=1031680, mode=mode, align=align, end_trunc=8192)
+    got = K.decode_pfn_sb(info.pack(), kernel_sig)
+    assert got is not None
+    assert (got["uuid"], got["parent_uuid"], got["dataoff"], got["npfns"], got["mode"], got["align"],
+            got["end_trunc"], got["start_pad"]) == (U1, U2, 0x4200000, 1031680, mode, align, 8192, 0)
+    assert (got["version_major"], got["page_size"], got["page_struct_size"]) == (1, 4096, 64)
+    assert K.decode_pfn_sb(info.pack(), K.BTT_SIGNATURE) is None
+
+
+@pytest.mark.parametrize("lbasize", [512, 4096])
+def test_btt_blocks_read_back_as_the_kernel_lays_them_out(lbasize: int) -> None:
+    arena = btt_arenas(600 * M, lbasize)[0]
+    got = K.decode_btt_sb(BttInfo(U1, U2, arena).pack())
+    assert got is not None
+    assert (got["uuid"], got["parent_uuid"], got["external_lbasize"], got["external_nlba"],
+            got["internal_lbasize"], got["internal_nlba"], got["nfree"], got["infosize"]) == \
+        (U1, U2, lbasize, arena.external_nlba, arena.internal_lbasize, arena.internal_nlba, 256, 4096)
+    # btt.c: the offsets in the block are relative to the arena's info block
+    assert (got["dataoff"], got["mapoff"], got["logoff"], got["info2off"]) == \
+        (arena.dataoff - arena.offset, arena.mapoff - arena.offset, arena.logoff - arena.offset,
+         arena.info2off - arena.offset)
+    # internal_nlba: (available - one page) / (internal lbasize + 4-byte map entry), nfree reserved
+    assert got["external_nlba"] == got["internal_nlba"] - 256
