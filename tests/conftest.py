@@ -157,7 +157,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 # ---------------------------------------------------------------- the watchdog
 
-WATCHDOG_S = float(os.environ.get("VNVDIMM_TEST_WATCHDOG", "240"))  # below pytest-timeout's 300
+WATCHDOG_S = os.environ.get("VNVDIMM_TEST_WATCHDOG")  # seconds; default: the test's timeout - 20 s
 
 
 class Watchdog:
@@ -209,10 +209,19 @@ class Watchdog:
 
 @pytest.fixture(autouse=True)
 def watchdog(request: pytest.FixtureRequest) -> Iterator[Watchdog]:
-    """Bounds the test (``@pytest.mark.watchdog(seconds)``, default VNVDIMM_TEST_WATCHDOG or
-    240 s): see Watchdog. A test it had to end fails with the daemon's stacks."""
+    """Bounds the test (``@pytest.mark.watchdog(seconds)``, else VNVDIMM_TEST_WATCHDOG, else 20 s
+    before the test's pytest-timeout): see Watchdog. A test it had to end fails with the
+    daemon's stacks."""
     marker = request.node.get_closest_marker("watchdog")
-    dog = Watchdog(float(marker.args[0]) if marker else WATCHDOG_S, request.node.nodeid)
+    if marker:
+        bound = float(marker.args[0])
+    elif WATCHDOG_S:
+        bound = float(WATCHDOG_S)
+    else:
+        timeout = request.node.get_closest_marker("timeout")
+        limit = float(timeout.args[0]) if timeout else float(request.config.getini("timeout") or 300)
+        bound = max(limit - 20, limit / 2)
+    dog = Watchdog(bound, request.node.nodeid)
     yield dog
     dog.stop()
     if dog.report:
