@@ -179,13 +179,16 @@ def hold_background(mnt) -> None:  # type: ignore[no-untyped-def]
     wait_for(lambda: int(mnt.read(f"{PFN}/memmap/pages_done")) > 0, 30, "the memmap to reach its mark")
     masks = {rel: nopage(mnt, rel) for rel in (PFN, DAX)}
 
+    stable: list[bool] = []
+
     def settled() -> bool:
         now = {rel: nopage(mnt, rel) for rel in (PFN, DAX)}
         same = all((now[rel] == masks[rel]).all() for rel in now)
         masks.update(now)
-        return same
+        stable.append(same)
+        return stable[-2:] == [True, True]  # (a run in flight on a loaded machine may be slow)
 
-    wait_for(settled, 30, "the held memmaps to stand still", interval=0.5)
+    wait_for(settled, 30, "the held memmaps to stand still", interval=1.0)
 
 
 def test_mmap_faults_wait_for_their_pages(make_mount) -> None:  # type: ignore[no-untyped-def]

@@ -51,13 +51,16 @@ def test_cold_reads_wait_for_their_blocks_only(make_mount, figures) -> None:  # 
     # Runs already handed out finish: wait until nothing moves any more.
     masks = {dev: nopage(m, dev) for dev in (PFN, DAX)}
 
+    stable: list[bool] = []
+
     def settled() -> bool:
         now = {dev: nopage(m, dev) for dev in (PFN, DAX)}
         same = all((now[d] == masks[d]).all() for d in now)
         masks.update(now)
-        return same
+        stable.append(same)
+        return stable[-2:] == [True, True]  # (a run in flight on a loaded machine may be slow)
 
-    wait_for(settled, 30, "the held memmaps to stand still", interval=0.5)
+    wait_for(settled, 30, "the held memmaps to stand still", interval=1.0)
     rng = random.Random(3)
     worst = 0.0
     for dev, devfile in ((PFN, "dev/pmem0"), (DAX, "dev/dax1.0")):
