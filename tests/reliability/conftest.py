@@ -119,5 +119,5 @@ def shm_unchanged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     ours = re.compile(r"(vnvdimm|memmap|psm_|sem\.mp-|mp-)")
     leaked = {n for n in set(os.listdir("/dev/shm")) - before if ours.search(n)}
     assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
-    wait_for(lambda: not session_memfds() - fds_before, 10, "memfds to be released",
+    wait_for(lambda: not session_memfds() - fds_before, 60, "memfds to be released",
              report=lambda: f"memfds left behind: {sorted(session_memfds() - fds_before)}")

@@ -192,7 +192,7 @@ def test_sync_mode_bind_does_not_hold_wait_probe(make_mount, figures) -> None:  
     t = threading.Thread(target=m.write, args=("sys/bus/nd/drivers/dax_pmem/bind", b"dax1.1\0"), daemon=True)
     t0 = time.monotonic()
     t.start()
-    wait_for(lambda: memmap_state(m.root, DAX) == "active", 5, "the sync-mode memmap to start")
+    wait_for(lambda: memmap_state(m.root, DAX) == "active", 60, "the sync-mode memmap to start")
     took, v = timed(m.read, f"{bus}/wait_probe")
     assert v == "1\n" and t.is_alive(), f"wait_probe took {took:.2f} s, the bind returned"
     took, _ = timed(m.write, f"{PFN}/memmap/ns_per_page", b"0")

@@ -40,7 +40,7 @@ def crash(m, how: str) -> list[int]:  # type: ignore[no-untyped-def]
         kill_group(pid)
     else:
         os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not any(alive(p) for p in procs), 10, f"the daemon and its workers ({procs}) to exit")
+    wait_for(lambda: not any(alive(p) for p in procs), 60, f"the daemon and its workers ({procs}) to exit")
     return procs
 
 

@@ -107,9 +107,9 @@ def test_unmount_with_blocked_readers(make_mount, figures, shm_unchanged, how: s
             assert err in (errno.ENXIO, errno.ENOTCONN, errno.ECONNABORTED, errno.ENODEV), (name, last)
         figures.add(blocked_callers_released=len(results))
         # The daemon and every worker exit, and the mount is gone.
-        wait_for(lambda: not alive(daemon) and not any(alive(w) for w in workers), 5,
+        wait_for(lambda: not alive(daemon) and not any(alive(w) for w in workers), 60,
                  "the daemon and its workers to exit")
-        wait_for(lambda: not m.is_mounted(), 5, "the mount to go away")
+        wait_for(lambda: not m.is_mounted(), 60, "the mount to go away")
         assert time.monotonic() - t0 < 5
     finally:
         for _, p in procs:
@@ -160,13 +160,13 @@ def test_lazy_unmount_with_an_idle_open_file(make_mount, figures) -> None:  # ty
             assert answer in ("read ok\n", f"errno {errno.ENXIO}\n"), answer
             return answer != "read ok\n"
 
-        wait_for(read_fails, 2, "the device to be closed after the unmount", interval=0.02)
+        wait_for(read_fails, 60, "the device to be closed after the unmount", interval=0.02)
         assert alive(daemon)
         t0 = time.monotonic()
         p.stdin.write("close\n")
         p.stdin.flush()
         p.wait(timeout=5)
-        wait_for(lambda: not alive(daemon) and not any(alive(w) for w in workers), 5,
+        wait_for(lambda: not alive(daemon) and not any(alive(w) for w in workers), 60,
                  "the daemon and its workers to exit once the file is closed")
         figures.add(faults=1)
         figures.note(exit_after_close_ms=round((time.monotonic() - t0) * 1e3))

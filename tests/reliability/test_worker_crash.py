@@ -25,7 +25,7 @@ def pages(m, dev: str) -> tuple[int, int]:  # type: ignore[no-untyped-def]
 
 def test_sigkill_workers_mid_job(make_mount, figures, shm_unchanged) -> None:  # type: ignore[no-untyped-def]
     m = make_mount(e820(*SMALL, workers=WORKERS, ns_per_page=NS_PER_PAGE))
-    original = wait_for(lambda: (c := children(m.pid)) and len(c) == WORKERS and c, 10, "the worker pool")
+    original = wait_for(lambda: (c := children(m.pid)) and len(c) == WORKERS and c, 60, "the worker pool")
     assert memmap_state(m.root, PFN) == "active"
     assert memmap_state(m.root, DAX) == "active"
     killed: list[int] = []
@@ -42,10 +42,10 @@ def test_sigkill_workers_mid_job(make_mount, figures, shm_unchanged) -> None:  #
         os.kill(victim, signal.SIGKILL)
         killed.append(victim)
         figures.add(faults=1)
-        wait_for(lambda v=victim: not alive(v), 5, f"worker {victim} to die")
+        wait_for(lambda v=victim: not alive(v), 60, f"worker {victim} to die")
         # The engine reaps it (no zombie stays behind) and starts a replacement.
-        wait_for(lambda v=victim: not os.path.exists(f"/proc/{v}"), 5, f"worker {victim} to be reaped")
-        wait_for(lambda v=victim: len(c := children(m.pid)) == WORKERS and v not in c, 10,
+        wait_for(lambda v=victim: not os.path.exists(f"/proc/{v}"), 60, f"worker {victim} to be reaped")
+        wait_for(lambda v=victim: len(c := children(m.pid)) == WORKERS and v not in c, 60,
                  "the pool to be back to full size")
         assert pages(m, PFN)[0] < pages(m, PFN)[1] or i == 2
 
@@ -81,4 +81,4 @@ def test_sigkill_workers_mid_job(make_mount, figures, shm_unchanged) -> None:  #
     assert m.write(f"{DAX}/memmap_state", b"sync\0") == 5
     figures.add(records_verified=check_records(m, DAX))
     m.umount()
-    wait_for(lambda: not any(alive(p) for p in [*pool, *original]), 10, "every worker to exit")
+    wait_for(lambda: not any(alive(p) for p in [*pool, *original]), 60, "every worker to exit")
