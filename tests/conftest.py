@@ -286,12 +286,13 @@ def _test_users() -> list[str]:
     return sorted(f"user {n}" for n in TEST_USERS if n in existing)
 
 
-def _leak_state(base: Path) -> dict[str, object]:
+def _leak_state(base: Path, own: Path | None) -> dict[str, object]:
     return {
         "FUSE mounts": sorted(fuse_mounts_under(base)),
         "vnvdimm daemons and workers": _daemons_under(base),
         "memfds of this process": sorted(memfds([os.getpid()])),
-        "loop devices": _loop_devices_under(base),
+        # (only the test's own: a wider-scoped mount may attach loop devices on first use)
+        "loop devices": _loop_devices_under(own) if own is not None else [],
         "child processes": sorted(p for p in _descendants(os.getpid())),
         "test users": _test_users(),
     }
@@ -304,7 +305,8 @@ def no_leaks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     exist before and after alike; memfds are checked in this process (the engine's unit
     tests run it here; a daemon's go with its process, checked above)."""
     base = tmp_path_factory.getbasetemp().resolve()
-    before = _leak_state(base)
+    own = request.getfixturevalue("tmp_path").resolve() if "tmp_path" in request.fixturenames else None
+    before = _leak_state(base, own)
     keys_before = _key_counts()
     yield
 
@@ -314,7 +316,7 @@ def no_leaks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         return [f"{name}: {n} new keys" for name, n in grown.items() if n > PER_UID_KEYRINGS]
 
     for _ in range(50):  # processes being reaped, a lazy unmount finishing, keys being dropped
-        after = _leak_state(base)
+        after = _leak_state(base, own)
         leaked = {k: sorted(set(after[k]) - set(before[k])) for k in after  # type: ignore[call-overload]
                   if set(after[k]) - set(before[k])}  # type: ignore[call-overload]
         if keys := new_keys():
