@@ -9,6 +9,7 @@ from vnvdimm.model.system import NMEM_MAJOR
 
 if TYPE_CHECKING:
     from vnvdimm.model.bus import NvdimmBus
+    from vnvdimm.model.label_area import LabelArea
     from vnvdimm.model.system import System
 
 ND_DEVICE_DIMM = 1
@@ -31,6 +32,8 @@ class Nvdimm(Device):
         # Label-area commands (get_size get_data set_data) and smart are ioctl-only: advertising
         # them would make ndctl try ioctls that a file system cannot answer (contract §6).
         self.commands: tuple[str, ...] = ()
+        # The label storage area (size, max_xfer, read, write), on DIMMs of labelled platforms.
+        self.label_area: LabelArea | None = None
 
     def entries(self) -> list[Entry]:
         vendor, device, rev = 0x8089, 0x0979, 0x0001

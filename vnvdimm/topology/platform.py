@@ -3,7 +3,8 @@
 State dir layout:
     platform.json        the platform as created (template, regions, DIMMs, memmap defaults)
     region<N>.media      sparse media of region N (its SPA range, byte for byte)
-    labels/nmem<N>.json  the label area of DIMM N (nfit)
+    labels/nmem<N>.json  the namespaces of DIMM N (nfit)
+    labels/nmem<N>.lsa   the label storage area of DIMM N, raw bytes (nfit)
     lock                 flock'ed by the daemon that serves this state dir
     vnvdimm.log          the daemon's log
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from vnvdimm.model.base import SZ_1G, Attr, Device, align_up
 from vnvdimm.model.bus import NFIT_BUS_COMMANDS, NvdimmBus
 from vnvdimm.model.dimm import Nvdimm
+from vnvdimm.model.label_area import NFIT_TEST_LABEL_SIZE, NFIT_TEST_MAX_XFER, LabelArea
 from vnvdimm.model.labels import DimmLabels, InterleaveLabels, write_atomically
 from vnvdimm.model.media import Media
 from vnvdimm.model.region import Mapping, Region
@@ -123,6 +125,16 @@ class StateDir:
     def label_path(self, dimm: int) -> Path:
         return self.path / "labels" / f"nmem{dimm}.json"
 
+    def label_area_path(self, dimm: int) -> Path:
+        return self.path / "labels" / f"nmem{dimm}.lsa"
+
+    def label_area(self, dimm: int, size: int, max_xfer: int, fill: bytes = b"") -> LabelArea:
+        """DIMM `dimm`'s label storage area, created (`fill`, then zeroes) on first use."""
+        path = self.label_area_path(dimm)
+        if not path.exists():
+            return LabelArea.create(path, size, max_xfer, fill)
+        return LabelArea(path, size, max_xfer)
+
     @property
     def platform_path(self) -> Path:
         return self.path / PLATFORM_FILE
@@ -168,7 +180,10 @@ def build_system(platform: Platform, state: StateDir, system: System) -> None:
         bus = NvdimmBus(system, 0, "e820", "platform/e820_pmem")
     system.buses.append(bus)
     for i, d in enumerate(platform.dimms):
-        bus.dimms.append(Nvdimm(system, bus, i, d.size, d.handle, d.phys_id, d.serial))
+        dimm = Nvdimm(system, bus, i, d.size, d.handle, d.phys_id, d.serial)
+        if nfit:
+            dimm.label_area = state.label_area(i, NFIT_TEST_LABEL_SIZE, NFIT_TEST_MAX_XFER)
+        bus.dimms.append(dimm)
     for i, r in enumerate(platform.regions):
         media_path = state.media_path(i)
         try:
@@ -228,6 +243,9 @@ def provision(platform: Platform, state: StateDir, config: TopologyConfig) -> li
         for region in system.buses[0].regions:
             region.media.fsync()
             region.media.close()
+        for dimm in system.buses[0].dimms:
+            if dimm.label_area is not None:
+                dimm.label_area.close()
     return created
 
 
