@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_kit import NFIT_TWO, Machine
 
-from tests.unit.model_kit import NFIT_TWO, Machine
 from vnvdimm.model.label_area import NFIT_TEST_LABEL_SIZE, NFIT_TEST_MAX_XFER, LabelArea, nfit_test_fill
 
 SIZE = 8192

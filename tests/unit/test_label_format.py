@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from label_image import ImageLabel, geometry, image, read_image
 
-from tests.unit.label_image import ImageLabel, geometry, image, read_image
 from vnvdimm.model.label_area import NFIT_TEST_LABEL_SIZE, nfit_test_fill
 from vnvdimm.model.label_format import (
     CLAIM_CLASS_GUIDS,
@@ -226,7 +226,8 @@ op = st.one_of(
 )
 
 
-def apply(labels: InterleaveSetLabels, state: dict[int, ScannedNamespace], step: tuple) -> None:  # type: ignore[type-arg]
+def apply(labels: InterleaveSetLabels, state: dict[int, ScannedNamespace], step: tuple) -> bool:  # type: ignore[type-arg]
+    """Perform `step`; whether it wrote labels."""
     kind, i = step[0], step[1]
     if kind == "set":
         _, _, pages, name, lbasize, claim = step
@@ -239,6 +240,9 @@ def apply(labels: InterleaveSetLabels, state: dict[int, ScannedNamespace], step:
         old = state[i]
         state[i] = ScannedNamespace(uuidlib.uuid4(), old.name, old.offset, old.size, old.lbasize, old.claim_class)
         labels.update(state[i], old_uuid=old.uuid)
+    else:
+        return False
+    return True
 
 
 def expected(state: dict[int, ScannedNamespace], label_size: int) -> list[ScannedNamespace]:
@@ -276,8 +280,9 @@ def test_damage_to_one_index_block(steps: list[tuple], which: str, at: int, xor:
     state: dict[int, ScannedNamespace] = {}
     before: list[ScannedNamespace] = []
     for step in steps:
-        before = expected(state, 256)
-        apply(labels, state, step)
+        previous = expected(state, 256)
+        if apply(labels, state, step):
+            before = previous
     current = DimmLabelData(area).ns_current
     block = current if which == "current" else 1 - current
     area.data[block * 256 + at] ^= xor

@@ -9,11 +9,11 @@ with one 64 MiB fsdax (map=mem) namespace named "first"; region1 (nmem2+nmem3) i
 from __future__ import annotations
 
 import errno
-import json
 import uuid
 from pathlib import Path
 
 import pytest
+from label_image import read_image
 from model_kit import NFIT_TWO, Machine, machine
 
 M = 1 << 20
@@ -78,7 +78,7 @@ def test_region_and_dimm_attributes(m: Machine) -> None:
     assert [m.read(f"nmem{i}/dev") for i in range(4)] == [f"241:{i}\n" for i in range(4)]
     # no ioctl-only commands (contract section 6): no smart, no label-area commands
     assert [m.read(f"nmem{i}/commands") for i in range(4)] == ["\n"] * 4
-    assert m.read("nmem0/nfit/handle") == "0x0\n"
+    assert m.read("nmem0/nfit/handle") == "0\n"  # printf("%#x", 0)
     assert m.read("nmem1/nfit/handle") == "0x1\n"
     assert m.read("nmem0/nfit/phys_id") == "0x10\n"
     assert m.read("nmem0/state") == "active\n"
@@ -127,17 +127,20 @@ def test_create_enable_and_reboot(tmp_path: Path) -> None:
         m.shutdown()
 
 
-def test_labels_are_per_dimm_files(m: Machine) -> None:
+def test_labels_are_in_each_dimms_label_area(m: Machine) -> None:
+    """The labels are the kernel's bytes in each DIMM's label storage area (labels/nmemN.lsa),
+    read back here by an independent reader of the format."""
     create(m, 1, 32 * M, "mine")
     state = m.state.path
-    docs = [json.loads((state / "labels" / f"nmem{i}.json").read_text()) for i in (2, 3)]
-    labels = [[lab for lab in d["labels"] if lab["name"] == "mine"] for d in docs]
+    images = [read_image((state / "labels" / f"nmem{i}.lsa").read_bytes()) for i in (2, 3)]
+    labels = [[lab for lab in found if lab.name == b"mine"] for _, _, _, found in images]
     assert [len(x) for x in labels] == [1, 1]
     (a,), (b,) = labels
-    assert a["uuid"] == b["uuid"] == m.read("namespace1.0/uuid").strip()
-    assert (a["position"], b["position"]) == (0, 1)
-    assert a["rawsize"] == b["rawsize"] == 16 * M  # each DIMM holds half of the interleave
-    assert a["isetcookie"] == b["isetcookie"] == int(m.read("region1/set_cookie"), 16)
+    assert str(a.uuid) == str(b.uuid) == m.read("namespace1.0/uuid").strip()
+    assert (a.position, b.position) == (0, 1) and a.nlabel == b.nlabel == 2
+    assert a.rawsize == b.rawsize == 16 * M  # each DIMM holds half of the interleave
+    assert a.cookie == b.cookie == int(m.read("region1/set_cookie"), 16)
+    assert [size for size, _, _, _ in images] == [256, 256]  # blank DIMMs get v1.2 labels, as the kernel's
     assert not list((state / "labels").glob(".*.tmp"))
 
 

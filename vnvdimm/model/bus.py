@@ -11,6 +11,7 @@ from vnvdimm.model.system import NDCTL_MAJOR
 
 if TYPE_CHECKING:
     from vnvdimm.model.dimm import Nvdimm
+    from vnvdimm.model.nfit_test_dimm import NfitTestDimm
     from vnvdimm.model.region import Region
     from vnvdimm.model.system import System
 
@@ -32,6 +33,7 @@ class NvdimmBus(Device):
         self.nfit = nfit
         self.dimms: list[Nvdimm] = []
         self.regions: list[Region] = []
+        self.test_dimms: list[NfitTestDimm] = []  # nfit_test's test_dimmN beside the bus
         self.ctl = NdCtl(system, self)
 
     @property

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vnvdimm.model.base import Device, Entry, Group, ro
+from vnvdimm.model.base import Device, Entry, Group, fail, ro
+from vnvdimm.model.label_format import DimmLabelData
 from vnvdimm.model.system import NMEM_MAJOR
 
 if TYPE_CHECKING:
@@ -14,6 +17,39 @@ if TYPE_CHECKING:
 
 ND_DEVICE_DIMM = 1
 
+# ACPI NFIT memory-device state flags, and the words acpi/nfit's flags_show() prints for them
+NFIT_MEM_FLAG_WORDS = ((1 << 0, "save_fail"), (1 << 1, "restore_fail"), (1 << 2, "flush_fail"),
+                       (1 << 3, "not_armed"), (1 << 4, "smart_event"), (1 << 6, "map_fail"),
+                       (1 << 5, "smart_notify"))
+ACPI_NFIT_MEM_NOT_ARMED = 1 << 3
+
+
+def c_hex(value: int) -> str:
+    """printf("%#x"): no 0x prefix for zero."""
+    return f"{value:#x}" if value else "0"
+
+
+@dataclass(frozen=True)
+class NfitIdentity:
+    """What the NFIT says about a DIMM beyond its handle: the control region's fields as
+    acpi/nfit shows them (be16/be32_to_cpu of the table values), the interface format code and
+    the memory-device state flags (the OR of the DIMM's memory-device entries)."""
+
+    vendor: int = 0x8089
+    device: int = 0x0979
+    revision: int = 0x0001
+    subsystem_vendor: int | None = None  # None: same as vendor/device/revision
+    subsystem_device: int | None = None
+    subsystem_revision: int | None = None
+    mfg_location: int = 0xA2
+    mfg_date: int = 0x1740
+    format: int = 0x0301
+    flags: int = 0
+
+    @property
+    def armed(self) -> bool:
+        return not self.flags & ACPI_NFIT_MEM_NOT_ARMED
+
 
 class Nvdimm(Device):
     bus_name = "nd"
@@ -21,46 +57,72 @@ class Nvdimm(Device):
     nd_type = ND_DEVICE_DIMM
 
     def __init__(self, system: System, bus: NvdimmBus, dimm_id: int, size: int, handle: int, phys_id: int,
-                 serial: int) -> None:
+                 serial: int, identity: NfitIdentity | None = None) -> None:
         super().__init__(system, f"nmem{dimm_id}", bus)
         self.id = dimm_id
         self.size = size
         self.handle = handle
         self.phys_id = phys_id
         self.serial = serial
+        self.identity = identity or NfitIdentity()
         self.devt = (NMEM_MAJOR, system.minors[NMEM_MAJOR].get())
         # Label-area commands (get_size get_data set_data) and smart are ioctl-only: advertising
         # them would make ndctl try ioctls that a file system cannot answer (contract §6).
         self.commands: tuple[str, ...] = ()
         # The label storage area (size, max_xfer, read, write), on DIMMs of labelled platforms.
         self.label_area: LabelArea | None = None
+        # nvdimm_drvdata: the label area as the nvdimm driver read it at probe (None unbound)
+        self.label_data: DimmLabelData | None = None
+        self.labeling = False
+
+    def probe(self) -> None:
+        """nvdimm_probe(): read and validate the label area (nd_label_data_init())."""
+        self.label_data = DimmLabelData(self.label_area) if self.label_area is not None else None
+        # NDD_LABELING (nvdimm_set_labeling()): the probe found a valid namespace index; set
+        # at probe only, so labels initialized later show after the next enable
+        self.labeling = self.label_data is not None and self.label_data.ns_current >= 0
+
+    def remove(self) -> None:
+        self.label_data = None
+
+    def _available_slots(self) -> str:
+        """available_slots_show(): free label slots, less the one an update needs."""
+        if self.label_data is None:
+            raise fail(errno.ENXIO, f"{self.name} is not enabled")
+        return f"{max(self.label_data.nfree() - 1, 0)}\n"
+
+    def _nfit_flags(self) -> str:
+        return "".join(f"{word} " for bit, word in NFIT_MEM_FLAG_WORDS if self.identity.flags & bit) + "\n"
 
     def entries(self) -> list[Entry]:
-        vendor, device, rev = 0x8089, 0x0979, 0x0001
+        ident = self.identity
+        sub_vendor = ident.vendor if ident.subsystem_vendor is None else ident.subsystem_vendor
+        sub_device = ident.device if ident.subsystem_device is None else ident.subsystem_device
+        sub_rev = ident.revision if ident.subsystem_revision is None else ident.subsystem_revision
         nfit = Group("nfit", [
-            ro("handle", lambda: f"{self.handle:#x}\n"),
-            ro("phys_id", lambda: f"{self.phys_id:#x}\n"),
-            ro("vendor", lambda: f"0x{vendor:04x}\n"),
-            ro("device", lambda: f"0x{device:04x}\n"),
-            ro("rev_id", lambda: f"0x{rev:04x}\n"),
-            ro("subsystem_vendor", lambda: f"0x{vendor:04x}\n"),
-            ro("subsystem_device", lambda: f"0x{device:04x}\n"),
-            ro("subsystem_rev_id", lambda: f"0x{rev:04x}\n"),
-            ro("format", lambda: "0x0301\n"),
+            ro("handle", lambda: f"{c_hex(self.handle)}\n"),
+            ro("phys_id", lambda: f"{c_hex(self.phys_id)}\n"),
+            ro("vendor", lambda: f"0x{ident.vendor:04x}\n"),
+            ro("device", lambda: f"0x{ident.device:04x}\n"),
+            ro("rev_id", lambda: f"0x{ident.revision:04x}\n"),
+            ro("subsystem_vendor", lambda: f"0x{sub_vendor:04x}\n"),
+            ro("subsystem_device", lambda: f"0x{sub_device:04x}\n"),
+            ro("subsystem_rev_id", lambda: f"0x{sub_rev:04x}\n"),
+            ro("format", lambda: f"0x{ident.format:04x}\n"),
             ro("formats", lambda: "1\n"),
             ro("serial", lambda: f"0x{self.serial:08x}\n"),
             ro("family", lambda: "0\n"),
             ro("dsm_mask", lambda: "0x0\n"),
-            ro("flags", lambda: "\n"),
-            ro("id", lambda: f"{vendor:04x}-{0xa2:02x}-{0x1740:04x}-{self.serial:08x}\n"),
+            ro("flags", self._nfit_flags),
+            ro("id", lambda: f"{ident.vendor:04x}-{ident.mfg_location:02x}-{ident.mfg_date:04x}-{self.serial:08x}\n"),
             ro("dirty_shutdown", lambda: "0\n"),
         ])
         return [*super().entries(),
             ro("dev", lambda: f"{self.devt[0]}:{self.devt[1]}\n"),
             ro("commands", lambda: "".join(f"{c} " for c in self.commands) + "\n"),
             ro("state", lambda: "active\n" if self._busy() else "idle\n"),
-            ro("flags", lambda: "\n"),
-            ro("available_slots", lambda: "254\n"),
+            ro("flags", lambda: "label \n" if self.labeling else "\n"),
+            ro("available_slots", self._available_slots),
             ro("security", lambda: "disabled\n"),
             ro("frozen", lambda: "0\n"),
             nfit,

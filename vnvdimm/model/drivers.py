@@ -85,10 +85,16 @@ class NvdimmDriver(BusDriver):
         return isinstance(dev, Nvdimm)
 
     def probe(self, dev: Device) -> None:
-        pass
+        from vnvdimm.model.dimm import Nvdimm
+
+        assert isinstance(dev, Nvdimm)
+        dev.probe()
 
     def remove(self, dev: Device) -> None:
-        pass
+        from vnvdimm.model.dimm import Nvdimm
+
+        assert isinstance(dev, Nvdimm)
+        dev.remove()
 
 
 class NdRegionDriver(BusDriver):

@@ -118,6 +118,8 @@ class Namespace(Device):
             if sysfs_streq(buf, cls):
                 self.claim_class = cls
                 self.system.changed()
+                # holder_class_store(): the claim class is recorded in the labels (v1.2)
+                self.region.update_labels(self)
                 return
         raise fail(errno.EINVAL, "holder_class must be btt, pfn, dax or empty")
 
@@ -177,12 +179,13 @@ class NamespacePmem(Namespace):
             # nd_is_uuid_unique(): every namespace, btt and pfn of the bus (this namespace's
             # current uuid included, so re-writing the same uuid is refused too).
             raise fail(errno.EINVAL, "uuid already in use on this bus")
-        if self.uuid is not None and self.region.labels is not None and not self.region.labels.load():
+        if self.uuid is not None and self.region.iset is not None and not self.region.labels_in_use():
             # namespace_update_uuid(): renaming needs the interleave set's labels (EBUSY
             # while a DIMM of the set has none)
             raise fail(errno.EBUSY, "no labels to rename the uuid in")
-        self.uuid = new
-        self.region.update_labels(self)
+        old, self.uuid = self.uuid, new
+        # the labels of the old uuid are reaped when the new ones are written
+        self.region.update_labels(self, old_uuid=old)
 
     def _alt_name_store(self, buf: bytes) -> None:
         self._busy()

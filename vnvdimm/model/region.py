@@ -4,11 +4,13 @@ pfn/dax/btt devices that live below them."""
 from __future__ import annotations
 
 import errno
+import uuid as uuidlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vnvdimm.model.base import PAGE_SIZE, SZ_16M, Device, Entry, Group, Ida, fail, kstrtobool, kstrtoull, ro, rw
+from vnvdimm.model.label_format import InterleaveSet, InterleaveSetLabels, LabelMapping, ScannedNamespace
 from vnvdimm.model.namespace import (
     ND_DEVICE_NAMESPACE_IO,
     ND_DEVICE_NAMESPACE_PMEM,
@@ -21,7 +23,6 @@ from vnvdimm.model.personality import Btt, Dax, Personality, Pfn
 if TYPE_CHECKING:
     from vnvdimm.model.bus import NvdimmBus
     from vnvdimm.model.dimm import Nvdimm
-    from vnvdimm.model.labels import InterleaveLabels, NamespaceLabel
     from vnvdimm.model.media import Media
 
 ND_DEVICE_REGION_PMEM = 2
@@ -54,8 +55,8 @@ class Region(Device):
 
     def __init__(self, bus: NvdimmBus, region_id: int, start: int, size: int, media: Media, *,
                  numa_node: int = 0, target_node: int | None = None, mappings: Iterable[Mapping] = (),
-                 labels: InterleaveLabels | None = None, set_cookie: int = 0, pagemap: bool = False,
-                 persistence: str = "") -> None:
+                 iset: InterleaveSet | None = None, pagemap: bool = False, persistence: str = "",
+                 range_index: int | None = None, flush_hints: bool = False) -> None:
         super().__init__(bus.system, f"region{region_id}", bus)
         self.bus = bus
         self.id = region_id
@@ -65,13 +66,18 @@ class Region(Device):
         self.numa_node = numa_node
         self.target_node = numa_node if target_node is None else target_node
         self.mappings = list(mappings)
-        self.labels = labels
-        self.set_cookie = set_cookie
+        # A labelled PM region: its interleave set's cookies; the labels of its DIMMs are
+        # read when it probes (init_active_labels()) and written when a namespace changes.
+        self.iset = iset if self.mappings else None
+        self.labels: InterleaveSetLabels | None = None
+        self.range_index = region_id + 1 if range_index is None else range_index
+        self.flush_hints = flush_hints
         self.pagemap = pagemap  # ND_REGION_PAGEMAP: legacy namespaces map their pages (e820)
         self.persistence = persistence
         self.align = default_align(size, len(self.mappings))
         self.ns_active = self.ns_count = 0  # nd_region_data: what the last probe registered
-        self.read_only = False
+        # nd_region_create(): a DIMM that is not armed makes the region read-only
+        self.read_only = any(not m.dimm.identity.armed for m in self.mappings)
         self.badblocks: list[tuple[int, int]] = []
         self.namespaces: list[Namespace] = []
         self.personalities: list[Personality] = []
@@ -83,7 +89,7 @@ class Region(Device):
 
     @property
     def nstype(self) -> int:
-        return ND_DEVICE_NAMESPACE_PMEM if self.labels is not None else ND_DEVICE_NAMESPACE_IO
+        return ND_DEVICE_NAMESPACE_PMEM if self.iset is not None else ND_DEVICE_NAMESPACE_IO
 
     # ------------------------------------------------------------ sysfs
 
@@ -109,17 +115,17 @@ class Region(Device):
             ro("numa_node", lambda: f"{self.numa_node}\n"),
             ro("target_node", lambda: f"{self.target_node}\n"),
         ]
-        if self.labels is not None:
+        if self.iset is not None:
             out.append(ro("available_size", lambda: f"{self.available_size()}\n"))
-            out.append(ro("set_cookie", lambda: f"{self.set_cookie:#x}\n"))
-        if self.mappings:
-            out.append(ro("deep_flush", lambda: "0\n"))  # no flush hints: ADR persistence
+            out.append(ro("set_cookie", self._set_cookie_show))
+        if self.mappings:  # nvdimm_has_flush(): 1 with flush hints, 0 without (ADR)
+            out.append(ro("deep_flush", lambda: f"{int(self.flush_hints)}\n"))
         if self.persistence:
             out.append(ro("persistence_domain", lambda: f"{self.persistence}\n"))
         for i, m in enumerate(self.mappings):
             out.append(ro(f"mapping{i}", lambda m=m: f"{m.dimm.name},{m.dpa},{m.length},{m.position}\n"))
         if self.bus.nfit:
-            out.append(Group("nfit", [ro("range_index", lambda: f"{self.id + 1}\n")]))
+            out.append(Group("nfit", [ro("range_index", lambda: f"{self.range_index}\n")]))
         return out
 
     def _align_store(self, buf: bytes) -> None:
@@ -132,6 +138,15 @@ class Region(Device):
         if dpa == 0 or dpa & (dpa - 1) or dpa < PAGE_SIZE or value > self.size or remainder:
             raise fail(errno.EINVAL, f"unsupported region align {value:#x}")
         self.align = value
+
+    def _set_cookie_show(self) -> str:
+        """set_cookie_show(): the cookie of the label version of the first DIMM's current index
+        (v1.2's when it has none); ENXIO while that DIMM is disabled."""
+        assert self.iset is not None
+        data = self.mappings[0].dimm.label_data
+        if data is None:
+            raise fail(errno.ENXIO, f"{self.mappings[0].dimm.name} is disabled")
+        return f"{InterleaveSetLabels([], self.iset).cookie(data.index(data.ns_current)):#x}\n"
 
     def _read_only_store(self, buf: bytes) -> None:
         self.read_only = kstrtobool(buf)
@@ -162,12 +177,12 @@ class Region(Device):
         return free
 
     def available_size(self) -> int:
-        if self.labels is None:
+        if self.iset is None:
             return 0
         return sum(size for _, size in self._extents())
 
     def max_available_extent(self) -> int:
-        if self.labels is None:
+        if self.iset is None:
             return 0
         return max((size for _, size in self._extents()), default=0)
 
@@ -176,9 +191,11 @@ class Region(Device):
         if size == ns.size:
             return
         if size == 0:
+            old = ns.uuid
             ns.size = 0
             ns.offset = 0
-            self.save_labels()
+            if old is not None:
+                self.write_labels(ns, delete=old)
             ns.uuid = None  # setting size zero == 'delete namespace'
             if ns.id != 0 and ns is not self.ns_seed and ns.claim is None:
                 self.unregister_namespace(ns)
@@ -197,20 +214,34 @@ class Region(Device):
             if extent is None:
                 raise fail(errno.ENOSPC, f"{size} bytes not available in {self.name}")
             ns.offset, ns.size = extent[0], size
-        self.save_labels()
         self.system.changed()
+        self.write_labels(ns)
 
-    def update_labels(self, ns: Namespace) -> None:
+    def update_labels(self, ns: Namespace, old_uuid: uuidlib.UUID | None = None) -> None:
+        """nd_namespace_label_update() after a uuid, name, sector size or claim class change:
+        only a namespace with an allocation has labels to write."""
         if ns.size and ns.uuid is not None:
-            self.save_labels()
+            self.write_labels(ns, rename_from=old_uuid)
 
-    def save_labels(self) -> None:
+    def labels_in_use(self) -> bool:
+        """Whether the DIMMs of the set track labels of this region's namespaces."""
+        return any(ns.size and ns.uuid is not None for ns in self.namespaces)
+
+    def write_labels(self, ns: Namespace, *, delete: uuidlib.UUID | None = None,
+                     rename_from: uuidlib.UUID | None = None) -> None:
+        """nd_pmem_namespace_label_update(): the namespace's labels on every DIMM of the set
+        (or their deletion)."""
         if self.labels is None:
             return
-        from vnvdimm.model.labels import NamespaceLabel
-
-        self.labels.save([NamespaceLabel(ns.uuid, ns.alt_name, ns.offset, ns.size, ns.lbasize)
-                          for ns in self.namespaces if ns.size and ns.uuid is not None])
+        if delete is not None:
+            self.labels.delete(delete)
+            return
+        assert ns.uuid is not None
+        claim = ns.claim_class
+        if claim == "btt" and any(m.dimm.label_size >= 256 for m in self.labels.mappings):
+            claim = "btt2"  # btt_claim_class(): v1.2 labels name the BTT2 format
+        self.labels.update(ScannedNamespace(ns.uuid, ns.alt_name.encode("utf-8", "surrogateescape"), ns.offset,
+                                            ns.size, ns.lbasize, claim), old_uuid=rename_from)
 
     # ------------------------------------------------------------ device registration
 
@@ -225,7 +256,7 @@ class Region(Device):
         return ns
 
     def create_ns_seed(self) -> None:
-        if self.labels is None:
+        if self.iset is None:
             return
         ns = NamespacePmem(self, self.ns_ida.get(), 0, 0)
         self.ns_seed = self._add_namespace(ns)
@@ -293,13 +324,16 @@ class Region(Device):
     def probe(self) -> None:
         """nd_region_probe(): register namespaces and seeds, then let the namespaces probe
         (which re-creates pfn/dax/btt personalities from their info blocks)."""
-        if self.labels is None:
+        if self.iset is None:
             new: list[Namespace] = [self._add_namespace(NamespaceIo(self, self.ns_ida.get(), 0, self.size))]
         else:
+            self.labels = self._active_labels()
             new = []
-            for label in self._valid_labels():
+            for label in self._valid_labels(self.labels.scan()):
                 ns = NamespacePmem(self, self.ns_ida.get(), label.offset, label.size)
-                ns.uuid, ns.alt_name, ns.lbasize = label.uuid, label.name, label.lbasize
+                ns.uuid, ns.lbasize = label.uuid, label.lbasize
+                ns.alt_name = label.name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                ns.claim_class = "btt" if label.claim_class == "btt2" else label.claim_class
                 new.append(self._add_namespace(ns))
             if not new:  # scan_labels(): publish a zero-sized namespace for userspace to configure
                 new.append(self._add_namespace(NamespacePmem(self, self.ns_ida.get(), 0, 0)))
@@ -313,15 +347,22 @@ class Region(Device):
         for ns in new:
             self.system.device_add(ns)
 
-    def _valid_labels(self) -> list[NamespaceLabel]:
-        assert self.labels is not None
+    def _active_labels(self) -> InterleaveSetLabels:
+        """init_active_labels(): every DIMM of the set must be enabled (its label data read)."""
+        assert self.iset is not None
+        mappings = []
+        for m in self.mappings:
+            if m.dimm.label_data is None:
+                raise fail(errno.ENXIO, f"{m.dimm.name}: is disabled, failing probe")
+            mappings.append(LabelMapping(m.dimm.label_data, m.dpa, m.length))
+        return InterleaveSetLabels(mappings, self.iset)
+
+    def _valid_labels(self, scanned: list[ScannedNamespace]) -> list[ScannedNamespace]:
         out, end = [], 0
-        for label in self.labels.load():
-            # overlapping or out of the interleave set: ignore it, as the kernel does a bad label
-            # (select_pmem_id()); the region align is not looked at, it only rules allocations
-            if label.offset < end or label.offset + label.size > self.size:
-                continue
-            if label.offset < 0 or label.size <= 0:  # dpa and rawsize are u64, a namespace has pages
+        for label in scanned:
+            # overlapping DPA ranges: the kernel's DPA reservation at DIMM probe refuses them;
+            # the region align is not looked at, it only rules allocations
+            if label.offset < end or label.offset + label.size > self.size or label.size <= 0:
                 continue
             out.append(label)
             end = label.offset + label.size
@@ -334,4 +375,5 @@ class Region(Device):
         for ns in list(self.namespaces):
             self.unregister_namespace(ns)
         self.ns_seed = self.pfn_seed = self.dax_seed = self.btt_seed = None
+        self.labels = None
         self.system.changed()

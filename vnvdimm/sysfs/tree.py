@@ -165,11 +165,25 @@ class TreeBuilder:
         path = "/sys/devices"
         for part in bus.platform_path.split("/"):
             path = f"{path}/{part}"
+            if f"{path}/uevent" in s.nodes:  # shared with another bus's platform device
+                continue
             s.dir(path)
             s.add(f"{path}/uevent", KAttr(Attr("uevent", 0o644, show=lambda: "", store=uevent_store),
                                           self.lock))
-        modalias = "platform:e820_pmem" if bus.provider == "e820" else "acpi:ACPI0012:"
+        if bus.provider == "e820":
+            modalias = "platform:e820_pmem"
+        elif bus.platform_path.startswith("platform/"):  # a platform device: nfit_test.N
+            modalias = "platform:" + bus.platform_path.removeprefix("platform/").split(".")[0]
+        else:
+            modalias = "acpi:ACPI0012:"
         s.add(f"{path}/modalias", KAttr(Attr("modalias", 0o444, show=lambda: f"{modalias}\n"), self.lock))
+        for test_dimm in bus.test_dimms:  # the nfit_test_dimm class devices of the module
+            dimm_path = f"{path}/nfit_test_dimm/{test_dimm.name}"
+            for entry in test_dimm.entries():
+                assert isinstance(entry, Attr)
+                s.add(f"{dimm_path}/{entry.name}", KAttr(entry, self.lock))
+            s.link(f"{dimm_path}/subsystem", "/sys/class/nfit_test_dimm")
+            s.link(f"/sys/class/nfit_test_dimm/{test_dimm.name}", dimm_path)
 
     def _driver(self, s: Snapshot, path: str, drv: BusDriver) -> None:
         s.dir(path)

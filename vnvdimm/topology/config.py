@@ -174,7 +174,7 @@ class _Checker:
 def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
     c = _Checker(source)
     c.unknown(doc, {"template", "memmap", "region", "dimm"}, "")
-    template = c.choice(doc.get("template", "e820"), "template", ("e820", "nfit"))
+    template = c.choice(doc.get("template", "e820"), "template", ("e820", "nfit", "nfit_test"))
     nfit = template == "nfit"
 
     mm = c.table(doc.get("memmap", {}), "memmap")
@@ -184,6 +184,13 @@ def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
         workers=c.int_(mm["workers"], "memmap.workers", 0, 256) if "workers" in mm else None,
         ns_per_page=c.int_(mm.get("ns_per_page", 0), "memmap.ns_per_page", 0, 10**9),
     )
+
+    if template == "nfit_test":
+        # the platform of the kernel's nfit_test module: its tables say what is there
+        for key in ("region", "dimm"):
+            if key in doc:
+                raise c.fail(key, "template = \"nfit_test\" has the module's fixed DIMMs and regions")
+        return TopologyConfig(template, (), (), memmap, source)
 
     dimms: list[int] = []
     raw_dimms = doc.get("dimm", [])

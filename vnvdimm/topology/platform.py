@@ -16,22 +16,25 @@ is brought back from the media and labels, exactly as a kernel finds it at boot.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
 import uuid as uuidlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from vnvdimm.model.base import SZ_1G, Attr, Device, align_up
 from vnvdimm.model.bus import NFIT_BUS_COMMANDS, NvdimmBus
-from vnvdimm.model.dimm import Nvdimm
+from vnvdimm.model.dimm import NfitIdentity, Nvdimm
 from vnvdimm.model.label_area import NFIT_TEST_LABEL_SIZE, NFIT_TEST_MAX_XFER, LabelArea
+from vnvdimm.model.label_format import DimmLabelData, InterleaveSet, InterleaveSetLabels, LabelMapping, ScannedNamespace
 from vnvdimm.model.labels import DimmLabels, InterleaveLabels, write_atomically
 from vnvdimm.model.media import Media
+from vnvdimm.model.nfit_iset import DcrIdentity, SetMember, interleave_set
+from vnvdimm.model.nfit_test_dimm import NfitTestDimm
 from vnvdimm.model.region import Mapping, Region
 from vnvdimm.model.system import System
+from vnvdimm.topology import nfit_test
 from vnvdimm.topology.config import ConfigError, NamespaceConfig, TopologyConfig, default_config, format_size
 
 log = logging.getLogger("vnvdimm.topology")
@@ -46,11 +49,45 @@ def default_state_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class BusRecord:
+    """An nvdimm bus and the platform device that provides it."""
+
+    provider: str  # the bus's `provider` ("e820", "ACPI.NFIT", "nfit_test.0")
+    platform_path: str  # its parent under /sys/devices ("platform/nfit_test.0")
+    nfit: bool  # an ACPI NFIT bus: nfit/ attribute groups, commands, labelled PM regions
+    module: str = ""  # the module whose loading creates it (reloadable: "nfit_test")
+    test_dimms: tuple[int, ...] = ()  # nfit_test_dimm class devices (test_dimmN) under it
+
+
+E820_BUS = BusRecord("e820", "platform/e820_pmem", False)
+ACPI_NFIT_BUS = BusRecord("ACPI.NFIT", "LNXSYSTM:00/LNXSYBUS:00/ACPI0012:00", True)
+
+
+@dataclass(frozen=True)
 class DimmRecord:
+    """A DIMM as the NFIT describes it: memory-device entry and control region, the latter
+    with the values its sysfs attributes show (big-endian table fields as the kernel prints
+    them)."""
+
     size: int
     handle: int
     phys_id: int
     serial: int
+    bus: int = 0
+    vendor: int = 0x8089
+    device: int = 0x0979
+    revision: int = 0x0001
+    mfg_location: int = 0xA2
+    mfg_date: int = 0x1740
+    format: int = 0x0301
+    flags: int = 0  # ACPI_NFIT_MEM_*: the OR of every memory-device entry of this DIMM
+    label_fill: str = ""  # initial content of the label area (nfit_test: "label<i>")
+
+    @property
+    def dcr(self) -> DcrIdentity:
+        """The raw control-region fields (what interleave-set cookies are made of)."""
+        return DcrIdentity(vendor_id=swab16(self.vendor), serial_number=swab32(self.serial),
+                           manufacturing_date=swab16(self.mfg_date), manufacturing_location=self.mfg_location)
 
 
 @dataclass(frozen=True)
@@ -59,7 +96,51 @@ class RegionRecord:
     size: int
     numa_node: int
     dimms: tuple[tuple[int, int], ...] = ()  # (dimm index, dpa)
-    set_cookie: int = 0
+    set_cookie: int = 0  # cookie1 (v1.1 labels)
+    bus: int = 0
+    cookie2: int = 0  # v1.2 labels
+    altcookie: int = 0  # v1.1 labels of kernels before 4.11
+    range_index: int = -1  # the SPA range's index in the NFIT (-1: region id + 1)
+    region_offsets: tuple[int, ...] = ()  # per member, from its memory-device entry
+    flush_hints: bool = False
+    persistence: str | None = None  # None: the template's default
+    json_label_cookie: int = 0  # the isetcookie of labels/nmemN.json files (state dirs of old)
+
+
+def swab16(value: int) -> int:
+    return int.from_bytes((value & 0xFFFF).to_bytes(2, "little"), "big")
+
+
+def swab32(value: int) -> int:
+    return int.from_bytes((value & 0xFFFF_FFFF).to_bytes(4, "little"), "big")
+
+
+def with_cookies(region: RegionRecord, dimms: tuple[DimmRecord, ...]) -> RegionRecord:
+    """The region with the cookies acpi_nfit_init_interleave_set() computes for it."""
+    if not region.dimms:
+        return region
+    offsets = region.region_offsets or tuple(pos << 8 for pos in range(len(region.dimms)))
+    iset, _ = interleave_set([SetMember(off, dimms[d].dcr) for (d, _), off in zip(region.dimms, offsets, strict=True)])
+    return replace(region, set_cookie=iset.cookie1, cookie2=iset.cookie2, altcookie=iset.altcookie,
+                   region_offsets=offsets)
+
+
+def nfit_test_platform() -> tuple[tuple[BusRecord, ...], tuple[DimmRecord, ...], tuple[RegionRecord, ...]]:
+    """The buses, DIMMs and regions of the nfit_test module."""
+    buses = tuple(BusRecord(name, f"platform/{name}", True, nfit_test.MODULE, nfit_test.TEST_DIMM_DEVICES[i])
+                  for i, name in enumerate(nfit_test.BUSES))
+    dimms = tuple(DimmRecord(size=nfit_test.DIMM_SIZE, handle=nfit_test.HANDLES[d.index], phys_id=d.phys_id,
+                             serial=nfit_test.serial(nfit_test.HANDLES[d.index]), bus=d.bus, vendor=nfit_test.VENDOR,
+                             device=nfit_test.DEVICE, revision=nfit_test.REVISION,
+                             mfg_location=nfit_test.MFG_LOCATION, mfg_date=nfit_test.MFG_DATE, format=d.format,
+                             flags=d.flags, label_fill=f"label{d.label_index}")
+                  for d in nfit_test.DIMMS)
+    index_of = {d.index: i for i, d in enumerate(nfit_test.DIMMS)}
+    regions = tuple(with_cookies(RegionRecord(
+        start=r.start, size=r.size, numa_node=0, dimms=tuple((index_of[t], dpa) for t, dpa, _ in r.members),
+        bus=r.bus, range_index=r.range_index, region_offsets=tuple(off for _, _, off in r.members),
+        flush_hints=r.flush_hints, persistence=r.persistence), dimms) for r in nfit_test.REGIONS)
+    return buses, dimms, regions
 
 
 @dataclass(frozen=True)
@@ -70,9 +151,22 @@ class Platform:
     memmap_mode: str = "async"
     memmap_workers: int | None = None
     ns_per_page: int = 0
+    buses: tuple[BusRecord, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.buses:  # records written before buses were recorded: one bus per template
+            object.__setattr__(self, "buses", (ACPI_NFIT_BUS if self.template == "nfit" else E820_BUS,))
+
+    @property
+    def labelled(self) -> bool:
+        return self.template in ("nfit", "nfit_test")
 
     @classmethod
     def from_config(cls, cfg: TopologyConfig) -> Platform:
+        mm = (cfg.memmap.mode, cfg.memmap.workers, cfg.memmap.ns_per_page)
+        if cfg.template == "nfit_test":
+            buses, nt_dimms, nt_regions = nfit_test_platform()
+            return cls(cfg.template, nt_regions, nt_dimms, *mm, buses=buses)
         dimms = tuple(DimmRecord(size, handle=((i // 4) << 8) | ((i // 2 % 2) << 4) | (i % 2), phys_id=0x10 + i,
                                  serial=0x1000 + i) for i, size in enumerate(cfg.dimms))
         used = [0] * len(dimms)
@@ -82,13 +176,9 @@ class Platform:
             for d in r.dimms:
                 members.append((d, used[d]))
                 used[d] += r.size // len(r.dimms)
-            cookie = 0
-            if members:
-                digest = hashlib.sha256(repr((members, [dimms[d].serial for d, _ in members])).encode()).digest()
-                cookie = int.from_bytes(digest[:8], "little") & ~0xFFFF
-            regions.append(RegionRecord(start, r.size, r.numa_node, tuple(members), cookie))
+            regions.append(with_cookies(RegionRecord(start, r.size, r.numa_node, tuple(members)), dimms))
             start = align_up(start + r.size, SZ_1G)
-        return cls(cfg.template, tuple(regions), dimms, cfg.memmap.mode, cfg.memmap.workers, cfg.memmap.ns_per_page)
+        return cls(cfg.template, tuple(regions), dimms, *mm)
 
     def shape(self) -> tuple[object, ...]:
         """What a config must agree with to be used on existing media."""
@@ -101,16 +191,25 @@ class Platform:
     def from_json(cls, text: str, source: str) -> Platform:
         try:
             doc = json.loads(text)
-            return cls(
-                template=doc["template"],
-                regions=tuple(RegionRecord(r["start"], r["size"], r["numa_node"],
-                                           tuple(tuple(m) for m in r.get("dimms", ())),  # type: ignore[misc]
-                                           r.get("set_cookie", 0)) for r in doc["regions"]),
-                dimms=tuple(DimmRecord(**d) for d in doc.get("dimms", ())),
-                memmap_mode=doc.get("memmap_mode", "async"),
-                memmap_workers=doc.get("memmap_workers"),
-                ns_per_page=doc.get("ns_per_page", 0),
-            )
+            mm = (doc.get("memmap_mode", "async"), doc.get("memmap_workers"), doc.get("ns_per_page", 0))
+            if doc["template"] == "nfit_test":
+                # the module's tables are fixed: only the run-time settings come from the record
+                buses, nt_dimms, nt_regions = nfit_test_platform()
+                return cls("nfit_test", nt_regions, nt_dimms, *mm, buses=buses)
+            dimms = tuple(DimmRecord(**d) for d in doc.get("dimms", ()))
+            regions = []
+            for r in doc["regions"]:
+                fields = dict(r)
+                fields["dimms"] = tuple(tuple(m) for m in r.get("dimms", ()))
+                fields["region_offsets"] = tuple(r.get("region_offsets", ()))
+                record = RegionRecord(**fields)
+                if "cookie2" not in r:  # written before the NFIT cookies: compute them, and keep
+                    # the cookie the JSON label files of that time carry (to migrate them)
+                    record = replace(with_cookies(record, dimms), json_label_cookie=record.set_cookie)
+                regions.append(record)
+            buses = tuple(BusRecord(**{**b, "test_dimms": tuple(b.get("test_dimms", ()))})
+                          for b in doc.get("buses", ()))
+            return cls(doc["template"], tuple(regions), dimms, *mm, buses=buses)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{source}: damaged platform record ({e!r}); move it away to start afresh") from None
 
@@ -173,18 +272,28 @@ def describe(p: Platform) -> str:
 
 def build_system(platform: Platform, state: StateDir, system: System) -> None:
     """Plug the platform into `system` and let the drivers probe it, as at boot."""
-    nfit = platform.template == "nfit"
-    if nfit:
-        bus = NvdimmBus(system, 0, "ACPI.NFIT", "LNXSYSTM:00/LNXSYBUS:00/ACPI0012:00", NFIT_BUS_COMMANDS, nfit=True)
-    else:
-        bus = NvdimmBus(system, 0, "e820", "platform/e820_pmem")
-    system.buses.append(bus)
+    buses = [NvdimmBus(system, i, b.provider, b.platform_path, NFIT_BUS_COMMANDS if b.nfit else (), nfit=b.nfit)
+             for i, b in enumerate(platform.buses)]
+    for bus, record in zip(buses, platform.buses, strict=True):
+        bus.test_dimms = [NfitTestDimm(bus, index, nfit_test.HANDLES[index]) for index in record.test_dimms]
+    system.buses.extend(buses)
+    dimms = []
     for i, d in enumerate(platform.dimms):
-        dimm = Nvdimm(system, bus, i, d.size, d.handle, d.phys_id, d.serial)
-        if nfit:
-            dimm.label_area = state.label_area(i, NFIT_TEST_LABEL_SIZE, NFIT_TEST_MAX_XFER)
+        bus = buses[d.bus]
+        dimm = Nvdimm(system, bus, i, d.size, d.handle, d.phys_id, d.serial, NfitIdentity(
+            vendor=d.vendor, device=d.device, revision=d.revision, mfg_location=d.mfg_location, mfg_date=d.mfg_date,
+            format=d.format, flags=d.flags, **({"subsystem_vendor": 0, "subsystem_device": 0, "subsystem_revision": 0}
+                                               if d.label_fill else {})))
+        if platform.labelled:
+            fill = d.label_fill.encode() + b"\0" if d.label_fill else b""
+            dimm.label_area = state.label_area(i, NFIT_TEST_LABEL_SIZE, NFIT_TEST_MAX_XFER, fill)
         bus.dimms.append(dimm)
+        dimms.append(dimm)
+    if platform.labelled:
+        migrate_json_labels(platform, state, dimms)
     for i, r in enumerate(platform.regions):
+        bus = buses[r.bus]
+        nfit = platform.buses[r.bus].nfit
         media_path = state.media_path(i)
         try:
             media = Media(media_path, r.size)
@@ -193,23 +302,48 @@ def build_system(platform: Platform, state: StateDir, system: System) -> None:
                               f"has {format_size(r.size)} of pmem") from None
         except OSError as e:
             raise ConfigError(f"{media_path}: {e.strerror}") from None
-        labels = None
-        mappings = []
-        if nfit:
-            ways = len(r.dimms)
-            for pos, (d, dpa) in enumerate(r.dimms):
-                mappings.append(Mapping(bus.dimms[d], dpa, r.size // ways, pos))
-            labels = InterleaveLabels([(DimmLabels(state.label_path(d)), dpa) for d, dpa in r.dimms], r.set_cookie)
+        ways = len(r.dimms)
+        mappings = [Mapping(dimms[d], dpa, r.size // ways, pos) for pos, (d, dpa) in enumerate(r.dimms)]
+        iset = InterleaveSet(r.set_cookie, r.cookie2, r.altcookie) if r.dimms and platform.labelled else None
+        persistence = r.persistence if r.persistence is not None else "memory_controller" if nfit else ""
         system.region_ida.take(i)
         bus.regions.append(Region(bus, i, r.start, r.size, media, numa_node=r.numa_node, mappings=mappings,
-                                  labels=labels, set_cookie=r.set_cookie, pagemap=not nfit,
-                                  persistence="memory_controller" if nfit else ""))
+                                  iset=iset, pagemap=not nfit, persistence=persistence,
+                                  range_index=r.range_index if r.range_index >= 0 else None,
+                                  flush_hints=r.flush_hints))
     with system.lock:
-        system.device_add(bus)
-        for dimm in bus.dimms:
-            system.device_add(dimm)
-        for region in bus.regions:
-            system.device_add(region)
+        for bus in buses:
+            system.device_add(bus)
+            for dimm in bus.dimms:
+                system.device_add(dimm)
+            for region in bus.regions:
+                system.device_add(region)
+
+
+def migrate_json_labels(platform: Platform, state: StateDir, dimms: list[Nvdimm]) -> None:
+    """State dirs of vnvdimm before label areas kept each DIMM's namespaces as JSON
+    (labels/nmemN.json). Their namespaces are written into the label areas as the kernel
+    writes labels, then the JSON files are kept as nmemN.json.migrated."""
+    paths = [state.label_path(i) for i in range(len(dimms))]
+    if not any(p.exists() for p in paths):
+        return
+    data = {i: DimmLabelData(d.label_area) for i, d in enumerate(dimms) if d.label_area is not None}
+    for r in platform.regions:
+        if not r.dimms:
+            continue
+        old = InterleaveLabels([(DimmLabels(paths[d]), dpa) for d, dpa in r.dimms], r.json_label_cookie).load()
+        if not old:
+            continue
+        share = r.size // len(r.dimms)
+        labels = InterleaveSetLabels([LabelMapping(data[d], dpa, share) for d, dpa in r.dimms],
+                                     InterleaveSet(r.set_cookie, r.cookie2, r.altcookie))
+        for ns in old:
+            labels.update(ScannedNamespace(ns.uuid, ns.name.encode("utf-8", "surrogateescape"), ns.offset, ns.size,
+                                           ns.lbasize, ""))
+            log.info("migrated namespace %s (%s) into the label areas", ns.uuid, format_size(ns.size))
+    for p in paths:
+        if p.exists():
+            os.replace(p, p.with_name(p.name + ".migrated"))
 
 
 def provision(platform: Platform, state: StateDir, config: TopologyConfig) -> list[int]:
@@ -225,13 +359,15 @@ def provision(platform: Platform, state: StateDir, config: TopologyConfig) -> li
         return []
     system = System()  # the "installer" boot: no memmap engine, nothing served
     build_system(platform, state, system)
+    regions = [r for bus in system.buses for r in bus.regions]
     try:
         with system.lock:
-            bus = system.buses[0]
             for i in created:
-                region = bus.regions[i]
+                region = regions[i]
+                if i >= len(config.regions):
+                    continue  # a template's region (nfit_test): fresh media, nothing on it
                 rcfg = config.regions[i]
-                if region.labels is None:
+                if region.iset is None:
                     apply_mode(region.namespaces[0], rcfg.namespaces[0])
                 else:
                     for nscfg in rcfg.namespaces:
@@ -240,12 +376,13 @@ def provision(platform: Platform, state: StateDir, config: TopologyConfig) -> li
                 log.info("provisioned %s (%s)", region.name, format_size(region.size))
     finally:
         system.shutdown()
-        for region in system.buses[0].regions:
+        for region in regions:
             region.media.fsync()
             region.media.close()
-        for dimm in system.buses[0].dimms:
-            if dimm.label_area is not None:
-                dimm.label_area.close()
+        for bus in system.buses:
+            for dimm in bus.dimms:
+                if dimm.label_area is not None:
+                    dimm.label_area.close()
     return created
 
 
