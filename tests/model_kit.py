@@ -16,6 +16,7 @@ from topologies import four_modes
 from vnvdimm.model.base import Attr, BinAttr, Device, Group
 from vnvdimm.model.system import System
 from vnvdimm.topology.config import parse_config
+from vnvdimm.topology.modules import PlatformModules
 from vnvdimm.topology.platform import StateDir, build_system, provision
 
 E820_FOUR = four_modes()
@@ -53,6 +54,7 @@ class Machine:
         self.shutdown()
         self.system = System()
         build_system(self.platform, self.state, self.system)
+        self.system.modules = PlatformModules(self.platform, self.state, self.system)
         return self.system
 
     def shutdown(self) -> None:

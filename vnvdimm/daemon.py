@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vnvdimm.topology.config import ConfigError, TopologyConfig
+from vnvdimm.topology.modules import PlatformModules
 from vnvdimm.topology.platform import Platform, StateDir, build_system, provision
 
 if TYPE_CHECKING:
@@ -242,6 +243,7 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
     system = System(engine, MemmapSettings(platform.memmap_mode, platform.ns_per_page))
     try:
         build_system(platform, state, system)
+        system.modules = PlatformModules(platform, state, system)
         tree = Tree(system)
         teardown = Teardown(system, opts.mountpoint)
         threading.Thread(target=teardown.on_signals, name="vnvdimm-signals", daemon=True).start()

@@ -9,7 +9,7 @@ import errno
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from vnvdimm.model.base import Device, Driver, Ida, fail, streq_text
 
@@ -27,6 +27,15 @@ DAX_MAJOR = 242
 BLKEXT_MAJOR = 259
 
 Notifier = Callable[[Device, str], None]
+
+
+class ModuleControl(Protocol):
+    """The modules that provide some of the platform's buses (nfit_test): what modprobe
+    loads and removes."""
+
+    def names(self) -> list[str]: ...
+    def loaded(self, name: str) -> bool: ...
+    def store(self, buf: bytes) -> None: ...
 
 
 class MemmapSettings:
@@ -81,6 +90,7 @@ class System:
         self.autoprobe = {"nd": True, "dax": True}  # /sys/bus/<bus>/drivers_autoprobe
         self.minors = {NDCTL_MAJOR: Ida(), NMEM_MAJOR: Ida(), DAX_MAJOR: Ida(), BLKEXT_MAJOR: Ida()}
         self._notifiers: list[Notifier] = []
+        self.modules: ModuleControl | None = None
 
         from vnvdimm.model import drivers
 
@@ -200,6 +210,13 @@ class System:
                         log.debug("%s: probe by %s failed: %s", dev.name, drv.name, e)
 
     # ------------------------------------------------------------ lifetime
+
+    def release(self, bus: NvdimmBus) -> None:
+        """Give back the device numbers of a bus that goes away (its ndctl and nmem devices)."""
+        self.driver_detach(bus)
+        self.minors[NDCTL_MAJOR].put(bus.ctl.devt[1])
+        for dimm in bus.dimms:
+            self.minors[NMEM_MAJOR].put(dimm.devt[1])  # type: ignore[attr-defined]
 
     def shutdown(self) -> None:
         """Unbind everything, deepest first: jobs are cancelled, disks closed, media closed."""

@@ -118,9 +118,15 @@ class TreeBuilder:
                 blocking=True), self.lock))
             for drv in drivers.values():
                 self._driver(s, f"{base}/drivers/{drv.name}", drv)  # type: ignore[arg-type]
-        for mod in MODULES:
+        modules = self.system.modules
+        loaded = [name for name in modules.names() if modules.loaded(name)] if modules is not None else []
+        for mod in (*MODULES, *loaded):
             s.add(f"/sys/module/{mod}/initstate", KAttr(Attr("initstate", 0o444, show=lambda: "live\n"), self.lock))
             s.add(f"/sys/module/{mod}/refcnt", KAttr(Attr("refcnt", 0o444, show=lambda: "0\n"), self.lock))
+        if modules is not None:  # vnvdimm extension: what the modprobe shim talks to
+            s.add("/sys/module/vnvdimm/modules", KAttr(Attr(
+                "modules", 0o444, show=lambda: "".join(f"{n}\n" for n in modules.names())), self.lock))
+            s.add("/sys/module/vnvdimm/modprobe", KAttr(Attr("modprobe", 0o200, store=modules.store), self.lock))
         self._devfile_rdev(s)
         for bus in self.system.buses:
             self._platform_dirs(s, bus)

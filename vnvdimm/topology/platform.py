@@ -270,15 +270,22 @@ def describe(p: Platform) -> str:
 # ---------------------------------------------------------------- building the machine
 
 
-def build_system(platform: Platform, state: StateDir, system: System) -> None:
-    """Plug the platform into `system` and let the drivers probe it, as at boot."""
-    buses = [NvdimmBus(system, i, b.provider, b.platform_path, NFIT_BUS_COMMANDS if b.nfit else (), nfit=b.nfit)
-             for i, b in enumerate(platform.buses)]
-    for bus, record in zip(buses, platform.buses, strict=True):
-        bus.test_dimms = [NfitTestDimm(bus, index, nfit_test.HANDLES[index]) for index in record.test_dimms]
-    system.buses.extend(buses)
-    dimms = []
+def build_system(platform: Platform, state: StateDir, system: System, only: set[int] | None = None,
+                 fresh: bool = False) -> None:
+    """Plug the platform into `system` and let the drivers probe it, as at boot. `only`: the
+    indexes of the buses to plug (a module load); `fresh`: their label areas and media start
+    over, as the memory a module allocates anew."""
+    wanted = set(range(len(platform.buses))) if only is None else only
+    buses = {i: NvdimmBus(system, i, b.provider, b.platform_path, NFIT_BUS_COMMANDS if b.nfit else (), nfit=b.nfit)
+             for i, b in enumerate(platform.buses) if i in wanted}
+    for i, bus in buses.items():
+        bus.test_dimms = [NfitTestDimm(bus, index, nfit_test.HANDLES[index]) for index in platform.buses[i].test_dimms]
+    system.buses.extend(buses.values())
+    system.buses.sort(key=lambda bus: bus.id)
+    dimms: dict[int, Nvdimm] = {}
     for i, d in enumerate(platform.dimms):
+        if d.bus not in buses:
+            continue
         bus = buses[d.bus]
         dimm = Nvdimm(system, bus, i, d.size, d.handle, d.phys_id, d.serial, NfitIdentity(
             vendor=d.vendor, device=d.device, revision=d.revision, mfg_location=d.mfg_location, mfg_date=d.mfg_date,
@@ -287,11 +294,15 @@ def build_system(platform: Platform, state: StateDir, system: System) -> None:
         if platform.labelled:
             fill = d.label_fill.encode() + b"\0" if d.label_fill else b""
             dimm.label_area = state.label_area(i, NFIT_TEST_LABEL_SIZE, NFIT_TEST_MAX_XFER, fill)
+            if fresh:
+                dimm.label_area.reset(fill)
         bus.dimms.append(dimm)
-        dimms.append(dimm)
-    if platform.labelled:
-        migrate_json_labels(platform, state, dimms)
+        dimms[i] = dimm
+    if platform.labelled and only is None:
+        migrate_json_labels(platform, state, list(dimms.values()))
     for i, r in enumerate(platform.regions):
+        if r.bus not in buses:
+            continue
         bus = buses[r.bus]
         nfit = platform.buses[r.bus].nfit
         media_path = state.media_path(i)
@@ -302,6 +313,8 @@ def build_system(platform: Platform, state: StateDir, system: System) -> None:
                               f"has {format_size(r.size)} of pmem") from None
         except OSError as e:
             raise ConfigError(f"{media_path}: {e.strerror}") from None
+        if fresh:
+            media.zero(0, r.size)
         ways = len(r.dimms)
         mappings = [Mapping(dimms[d], dpa, r.size // ways, pos) for pos, (d, dpa) in enumerate(r.dimms)]
         iset = InterleaveSet(r.set_cookie, r.cookie2, r.altcookie) if r.dimms and platform.labelled else None
@@ -312,7 +325,7 @@ def build_system(platform: Platform, state: StateDir, system: System) -> None:
                                   range_index=r.range_index if r.range_index >= 0 else None,
                                   flush_hints=r.flush_hints))
     with system.lock:
-        for bus in buses:
+        for bus in buses.values():
             system.device_add(bus)
             for dimm in bus.dimms:
                 system.device_add(dimm)

@@ -1,0 +1,134 @@
+"""template = "nfit_test": the kernel's nfit_test module's two buses as ndctl lists them,
+field by field (values from tools/testing/nvdimm/test/nfit.c and acpi/nfit), namespaces made
+through sysfs written as labels, the nfit_test_dimm class, and modprobe / modprobe -r of the
+module resetting the platform without touching the host."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mount_kit import have_ndctl
+
+pytestmark = [pytest.mark.ndctl, pytest.mark.skipif(not have_ndctl(), reason="needs ndctl and daxctl")]
+
+M = 1 << 20
+NFIT_TEST = 'template = "nfit_test"\n[memmap]\nworkers = 1\n'
+
+
+@pytest.fixture
+def nt(make_mount):  # type: ignore[no-untyped-def]
+    return make_mount(NFIT_TEST)
+
+
+def by(items: list[dict[str, object]], key: str) -> dict[object, dict[str, object]]:
+    return {item[key]: item for item in items}
+
+
+def test_ndctl_lists_both_buses_as_the_kernel_module_makes_them(nt) -> None:  # type: ignore[no-untyped-def]
+    buses = by(nt.ndctl("list", "-BDRNiv"), "provider")
+    assert set(buses) == {"nfit_test.0", "nfit_test.1"}
+    b0, b1 = buses["nfit_test.0"], buses["nfit_test.1"]
+    assert (b0["dev"], b1["dev"]) == ("ndbus0", "ndbus1")
+
+    # DIMMs: handle NFIT_DIMM_HANDLE(), ids vendor-location-date-serial with serial ~handle
+    # (big-endian as acpi/nfit prints it), memory-device flags of nfit_test.1's DIMMs
+    assert by(b0["dimms"], "dev") == {  # type: ignore[arg-type]
+        "nmem0": {"dev": "nmem0", "id": "cdab-0a-07e0-ffffffff", "handle": 0x0, "phys_id": 0, "security": "disabled"},
+        "nmem1": {"dev": "nmem1", "id": "cdab-0a-07e0-feffffff", "handle": 0x1, "phys_id": 1, "security": "disabled"},
+        "nmem2": {"dev": "nmem2", "id": "cdab-0a-07e0-fffeffff", "handle": 0x100, "phys_id": 2,
+                  "security": "disabled"},
+        "nmem3": {"dev": "nmem3", "id": "cdab-0a-07e0-fefeffff", "handle": 0x101, "phys_id": 3,
+                  "security": "disabled"},
+    }
+    assert by(b1["dimms"], "dev") == {  # type: ignore[arg-type]
+        "nmem4": {"dev": "nmem4", "id": "cdab-0a-07e0-fffffeff", "handle": 0x10000, "phys_id": 0,
+                  "flag_failed_save": True, "flag_failed_arm": True, "flag_failed_restore": True,
+                  "flag_failed_flush": True, "flag_smart_event": True, "security": "disabled"},
+        "nmem5": {"dev": "nmem5", "id": "cdab-0a-07e0-fefffeff", "handle": 0x10001, "phys_id": 0,
+                  "flag_failed_map": True, "security": "disabled"},
+    }
+
+    seed = {"mode": "raw", "size": 0, "uuid": "00000000-0000-0000-0000-000000000000", "sector_size": 512,
+            "state": "disabled", "numa_node": 0, "target_node": 0}
+    r0 = by(b0["regions"], "dev")  # type: ignore[arg-type]
+    assert r0["region0"] == {
+        "dev": "region0", "size": 32 * M, "align": 16 * M, "available_size": 32 * M, "max_available_extent": 32 * M,
+        "type": "pmem", "numa_node": 0, "target_node": 0,
+        "iset_id": 0x40E62F0CC00F58AC,  # cookie2 of spa0 (no label index yet: v1.2's)
+        "mappings": [{"dimm": "nmem1", "offset": 0, "length": 16 * M, "position": 1},
+                     {"dimm": "nmem0", "offset": 0, "length": 16 * M, "position": 0}],
+        "persistence_domain": "memory_controller",
+        "namespaces": [{"dev": "namespace0.0", **seed}]}
+    assert r0["region1"] == {
+        "dev": "region1", "size": 64 * M, "align": 16 * M, "available_size": 64 * M, "max_available_extent": 64 * M,
+        "type": "pmem", "numa_node": 0, "target_node": 0, "iset_id": 0xA76C6907811FAE57,
+        "mappings": [{"dimm": f"nmem{i}", "offset": 16 * M, "length": 16 * M, "position": i} for i in (3, 2, 1, 0)],
+        "persistence_domain": "memory_controller",
+        "namespaces": [{"dev": "namespace1.0", **seed}]}
+    r1 = by(b1["regions"], "dev")  # type: ignore[arg-type]
+    assert r1["region2"] == {
+        "dev": "region2", "size": 32 * M, "align": 16 * M, "available_size": 32 * M, "max_available_extent": 32 * M,
+        "type": "pmem", "numa_node": 0, "target_node": 0, "iset_id": 0xE03B0A7BE006ABD6,
+        "mappings": [{"dimm": "nmem4", "offset": 0, "length": 32 * M, "position": 0}],
+        "persistence_domain": "unknown",
+        "namespaces": [{"dev": "namespace2.0", **seed}]}
+    assert r1["region3"] == {  # the virtual CD: no DIMM, no labels, one IO namespace
+        "dev": "region3", "size": 4 * M, "align": 4096, "available_size": 0, "max_available_extent": 0,
+        "type": "pmem", "numa_node": 0, "target_node": 0, "persistence_domain": "unknown",
+        "namespaces": [{"dev": "namespace3.0", "mode": "raw", "size": 4 * M, "sector_size": 512,
+                        "blockdev": "pmem3", "numa_node": 0, "target_node": 0}]}
+    assert nt.read("sys/bus/nd/devices/region2/read_only") == "1\n"  # nmem4 is not armed
+    assert nt.read("sys/bus/nd/devices/nmem5/nfit/flags") == "map_fail \n"
+    assert nt.read("sys/bus/nd/devices/nmem0/nfit/flags") == "smart_notify \n"
+
+
+def test_the_nfit_test_dimm_class(nt) -> None:  # type: ignore[no-untyped-def]
+    base = "sys/devices/platform/nfit_test.{}/nfit_test_dimm/test_dimm{}"
+    handles = {0: "0", 1: "0x1", 2: "0x100", 3: "0x101", 4: "0x1000", 5: "0x10000", 6: "0x10001"}
+    for n, handle in handles.items():
+        assert nt.read(base.format(0 if n < 5 else 1, n) + "/handle") == handle + "\n"
+    assert sorted(p.name for p in nt.path("sys/class/nfit_test_dimm").iterdir()) == [f"test_dimm{n}" for n in range(7)]
+    knob = base.format(0, 0)
+    nt.write(f"{knob}/fail_cmd", b"0x20")  # fail ND_CMD_GET_CONFIG_DATA (5)
+    nt.write(f"{knob}/fail_cmd_code", b"-5")
+    assert (nt.read(f"{knob}/fail_cmd"), nt.read(f"{knob}/fail_cmd_code")) == ("0x20\n", "-5\n")
+    assert nt.path(f"{knob}/lock_dimm").stat().st_mode & 0o777 == 0o200
+
+
+def label_area(nt, dimm: int) -> bytes:  # type: ignore[no-untyped-def]
+    return Path(nt.state_dir, "labels", f"nmem{dimm}.lsa").read_bytes()
+
+
+def test_namespaces_are_labels_and_modprobe_reloads_the_module(nt) -> None:  # type: ignore[no-untyped-def]
+    assert label_area(nt, 1)[:7] == b"label1\0"  # nfit_test's initial fill: no index
+    res = nt.run("ndctl", "create-namespace", "-b", "nfit_test.0", "-r", "region1", "-s", "32M", "-m", "fsdax")
+    assert res.returncode == 0, res.stderr
+    uuid = json.loads(res.stdout)["uuid"]
+    assert label_area(nt, 1)[:16] == b"NAMESPACE_INDEX\0"
+    res = nt.run("sh", "-c", "ndctl disable-region region1 && ndctl enable-region region1")
+    assert res.returncode == 0, res.stderr
+    assert [ns["uuid"] for ns in nt.ndctl("list", "-N", "-r", "region1")] == [uuid]  # type: ignore[union-attr]
+
+    # modprobe -r: the buses are gone, the host untouched; modprobe: back, as allocated anew
+    res = nt.run("sh", "-c", "modprobe -r nfit_test && ls /sys/bus/nd/devices && test ! -e /sys/module/nfit_test")
+    assert (res.returncode, res.stdout) == (0, ""), res.stderr
+    res = nt.run("sh", "-c", "modprobe nfit_test && modprobe nfit_test && cat /sys/module/nfit_test/initstate")
+    assert (res.returncode, res.stdout) == (0, "live\n"), res.stderr
+    assert [ns["dev"] for ns in nt.ndctl("list", "-N")] == ["namespace3.0"]  # type: ignore[union-attr]
+    assert [label_area(nt, d)[:7] for d in range(4)] == [f"label{d}\0".encode() for d in range(4)]
+    assert len(nt.ndctl("list", "-D")) == 6  # type: ignore[arg-type]
+
+
+def test_other_modules(nt) -> None:  # type: ignore[no-untyped-def]
+    res = nt.run("sh", "-c", "modprobe nd_pmem && modinfo -F name nd_pmem && modinfo nfit_test >/dev/null")
+    assert (res.returncode, res.stdout) == (0, "nd_pmem\n"), res.stderr
+    res = nt.run("modprobe", "-r", "nd_pmem")
+    assert res.returncode == 1 and "in use" in res.stderr
+    res = nt.run("modprobe", "no_such_module")
+    assert res.returncode == 1 and "not found" in res.stderr
+    res = nt.run("modinfo", "no_such_module")
+    assert res.returncode == 1 and "not found" in res.stderr
+    res = nt.run("sh", "-c", "journalctl -k -r --since -2s; echo rc=$?")
+    assert res.stdout == "rc=0\n"
