@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from vnvdimm.model.base import fail
+from vnvdimm.model.infoblock import fletcher64
 
 NSINDEX_SIGNATURE = b"NAMESPACE_INDEX\0"
 NSINDEX_ALIGN = 256
@@ -69,15 +70,6 @@ CLAIM_CLASS_GUIDS = {
 }
 # The ACPI NFIT SPA range type of persistent memory: what a PM region's labels carry as type_guid.
 UUID_PERSISTENT_MEMORY = uuidlib.UUID("66f0d379-b4f3-4074-ac43-0d3318b78cdb")
-
-
-def fletcher64(data: bytes | bytearray | memoryview) -> int:
-    """nd_fletcher64(): 32-bit words, a 32-bit running sum and a 64-bit sum of sums."""
-    lo = hi = 0
-    for (word,) in struct.iter_unpack("<I", bytes(data[: len(data) // 4 * 4])):
-        lo = (lo + word) & 0xFFFF_FFFF
-        hi = (hi + lo) & 0xFFFF_FFFF_FFFF_FFFF
-    return ((hi << 32) | lo) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 def nd_inc_seq(seq: int) -> int:
@@ -176,7 +168,7 @@ class Label:
         if label_size >= 256:
             LABEL_V12_TAIL.pack_into(out, LABEL_V11.size, self.type_guid.bytes_le, self.abstraction_guid.bytes_le,
                                      bytes(88), 0)
-            struct.pack_into("<Q", out, LABEL_CHECKSUM_OFFSET, fletcher64(out))
+            struct.pack_into("<Q", out, LABEL_CHECKSUM_OFFSET, fletcher64(bytes(out)))
         return bytes(out)
 
     @property
@@ -203,7 +195,7 @@ def label_checksum_ok(raw: bytes | bytearray, label_size: int) -> bool:
     saved = struct.unpack_from("<Q", raw, LABEL_CHECKSUM_OFFSET)[0]
     zeroed = bytearray(raw[:label_size])
     zeroed[LABEL_CHECKSUM_OFFSET:LABEL_CHECKSUM_OFFSET + 8] = bytes(8)
-    return fletcher64(zeroed) == saved
+    return fletcher64(bytes(zeroed)) == saved
 
 
 def validate_index(data: bytes | bytearray, config_size: int, label_size: int) -> int:
@@ -226,7 +218,7 @@ def validate_index(data: bytes | bytearray, config_size: int, label_size: int) -
         if size != label_size:
             continue
         raw[INDEX_CHECKSUM_OFFSET:INDEX_CHECKSUM_OFFSET + 8] = bytes(8)
-        if fletcher64(raw) != block.checksum:
+        if fletcher64(bytes(raw)) != block.checksum:
             continue
         if block.seq & NSINDEX_SEQ_MASK == 0:
             continue
@@ -406,7 +398,7 @@ class DimmLabelData:
             for bit in range(nslot, nfree):
                 bitmap[bit // 8] &= ~(1 << (bit % 8)) & 0xFF
             block[INDEX_HEADER.size:INDEX_HEADER.size + len(bitmap)] = bitmap
-        struct.pack_into("<Q", block, INDEX_CHECKSUM_OFFSET, fletcher64(block))
+        struct.pack_into("<Q", block, INDEX_CHECKSUM_OFFSET, fletcher64(bytes(block)))
         self.area.write(start, bytes(block))
         self.data[start:start + isize] = block
         if init:

@@ -23,7 +23,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vnvdimm.model.label_format import UUID_PERSISTENT_MEMORY, InterleaveSet, fletcher64
+from vnvdimm.model.infoblock import fletcher64
+from vnvdimm.model.label_format import UUID_PERSISTENT_MEMORY, InterleaveSet
 
 SET_INFO = struct.Struct("<QII")  # struct nfit_set_info
 SET_INFO2 = struct.Struct("<QIHHB31s")  # struct nfit_set_info2

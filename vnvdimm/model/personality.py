@@ -33,6 +33,7 @@ from vnvdimm.model.base import (
 from vnvdimm.model.infoblock import (
     DAX_SIG,
     MAX_STRUCT_PAGE_SIZE,
+    MEMREMAP_COMPAT_ALIGN,
     PFN_MODE_NONE,
     PFN_MODE_PMEM,
     PFN_MODE_RAM,
@@ -323,6 +324,13 @@ class Pfn(Personality):
             if offset >= ndns.size or offset % PAGE_SIZE or (
                     info.align and (ndns.start + offset + info.start_pad) % info.align):
                 raise fail(errno.EOPNOTSUPP, f"{self.name}: bad offset {offset:#x}, align {info.align:#x}")
+            # the data range, after the info block's padding and truncation, must start and
+            # end on memremap_compat_align() (SUBSECTION_SIZE on x86): a block written for
+            # another placement of the namespace is refused
+            if (ndns.start + info.start_pad) % MEMREMAP_COMPAT_ALIGN:
+                raise fail(errno.EOPNOTSUPP, f"{self.name}: resource start misaligned")
+            if (ndns.start + ndns.size - info.end_trunc) % MEMREMAP_COMPAT_ALIGN:
+                raise fail(errno.EOPNOTSUPP, f"{self.name}: resource end misaligned")
             if offset < SZ_8K:
                 raise fail(errno.EINVAL, f"{self.name}: data offset {offset:#x} inside the info block area")
             if info.mode == PFN_MODE_PMEM and offset - SZ_8K < ndns.size // PAGE_SIZE * MAX_STRUCT_PAGE_SIZE:
