@@ -132,3 +132,10 @@ def test_other_modules(nt) -> None:  # type: ignore[no-untyped-def]
     assert res.returncode == 1 and "not found" in res.stderr
     res = nt.run("sh", "-c", "journalctl -k -r --since -2s; echo rc=$?")
     assert res.stdout == "rc=0\n"
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/hugepages").is_dir(), reason="the host has no hugepages in sysfs")
+def test_host_sysfs_shows_through_where_vnvdimm_has_nothing_to_say(nt) -> None:  # type: ignore[no-untyped-def]
+    host = sorted(p.name for p in Path("/sys/kernel/mm/hugepages").iterdir())
+    res = nt.run("sh", "-c", "ls /sys/kernel/mm/hugepages && ls /sys/bus/nd/devices/ndbus1 >/dev/null")
+    assert (res.returncode, res.stdout.split()) == (0, host), res.stderr

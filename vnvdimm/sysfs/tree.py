@@ -26,6 +26,12 @@ MODULES = ("libnvdimm", "nd_pmem", "nd_btt", "nd_e820", "nfit", "dax", "dax_pmem
            "dax_hmem")
 
 
+# Directories of the host's /sys that with-vnvdimm mounts over the emulated tree's empty ones
+# (vnvdimm has nothing to say there: hugepages, cgroups, cpus, firmware, ...).
+HOST_SYSFS_DIRS = ("kernel/mm", "kernel/security", "kernel/debug", "kernel/tracing", "fs", "firmware", "power",
+                   "hypervisor", "devices/system/cpu")
+
+
 @dataclass(slots=True)
 class KChar(KNode):
     """A character device node served as such (/dev/null...): opens go to the host driver."""
@@ -106,6 +112,8 @@ class TreeBuilder:
                     "module", "class/nd", "class/block", "class/dax", "devices/virtual"):
             s.dir(f"/sys/{top}")
         self._system_dirs(s)
+        for host_dir in HOST_SYSFS_DIRS:
+            s.dir(f"/sys/{host_dir}")
         for bus_name, drivers in (("nd", self.system.nd_drivers), ("dax", self.system.dax_drivers)):
             base = f"/sys/bus/{bus_name}"
             s.dir(f"{base}/devices")
