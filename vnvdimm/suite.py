@@ -34,11 +34,12 @@ STATUSES = ("PASS", "SKIP", "SETUP-FAIL", "FAIL", "TIMEOUT", "ERROR")
 
 NFIT_TEST: dict[str, Any] = {"template": "nfit_test", "memmap": {"workers": 1}}
 # align.sh and sub-section.sh want an ACPI.NFIT bus with an empty, 1 GiB-aligned, labelled
-# region large enough for two 1 GiB namespaces (the media is sparse).
+# region large enough for two 1 GiB namespaces (the media is sparse), not interleaved (align.sh
+# sets the region align to 4 KiB, which a 2-way set refuses).
 ACPI_NFIT: dict[str, Any] = {
     "template": "nfit", "memmap": {"workers": 1},
-    "dimm": [{"size": "4G"}, {"size": "4G"}],
-    "region": [{"dimms": [0, 1], "size": "8G"}],
+    "dimm": [{"size": "8G"}],
+    "region": [{"dimms": [0]}],
 }
 E820: dict[str, Any] = {
     "template": "e820", "memmap": {"workers": 1},

@@ -289,6 +289,7 @@ class Device:
     bus_name: str | None = None  # "nd" or "dax": gives the subsystem link and /sys/bus/<bus>/devices
     devtype: str | None = None  # the kernel's device_type name, shown in `devtype`
     nd_type: int | None = None  # ND_DEVICE_* for modalias "nd:t%d"
+    probe_errno: int | None = None  # the errno of its last failed probe (set by the driver core)
 
     def __init__(self, system: System, name: str, parent: Device | None) -> None:
         self.system = system

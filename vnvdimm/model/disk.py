@@ -8,12 +8,13 @@ pages are initialized (the series' memmap_sync at the first fault, done per alig
 from __future__ import annotations
 
 import errno
+import re
 import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from vnvdimm.model import badblocks
-from vnvdimm.model.base import PAGE_SIZE, Device, Entry, Link, fail, ro, rw, uevent_store
+from vnvdimm.model.base import PAGE_SIZE, Device, Entry, Link, cstring, fail, ro, rw, uevent_store
 from vnvdimm.model.system import BLKEXT_MAJOR
 
 if TYPE_CHECKING:
@@ -131,7 +132,8 @@ class Disk(Device):
             ro("capability", lambda: "0\n"),
             ro("alignment_offset", lambda: "0\n"),
             ro("discard_alignment", lambda: "0\n"),
-            *([ro("badblocks", lambda: badblocks.disk_show(self))] if badblocks.disk_has_badblocks(self) else []),
+            *([rw("badblocks", lambda: badblocks.disk_show(self), self._badblocks_store)]
+              if badblocks.disk_has_badblocks(self) else []),
             rw("uevent", lambda: f"MAJOR={self.devt[0]}\nMINOR={self.devt[1]}\nDEVNAME={self.name}\nDEVTYPE=disk\n",
                uevent_store),
             Group("queue", [
@@ -146,6 +148,23 @@ class Disk(Device):
             Link("subsystem", "/class/block"),
             Link("device", self.parent) if self.parent else Link("device", "/devices"),
         ]
+
+    def _badblocks_store(self, buf: bytes) -> None:
+        """disk_badblocks_store() -> badblocks_store(): "SECTOR COUNT" (sscanf "%llu %d%c",
+        a third character only if it is a newline), COUNT > 0; the sectors, relative to the
+        disk, become bad (reads of them fail with EIO until a write clears them). Sectors past
+        the disk's end are not kept: no I/O through this disk reaches them."""
+        match = re.fullmatch(rb"\s*(\d+)\s+([-+]?\d+)(\n.*)?", cstring(buf), re.S)
+        if match is None:
+            raise fail(errno.EINVAL, "badblocks: write SECTOR COUNT")
+        sector, count = int(match.group(1)), int(match.group(2))
+        if count <= 0 or count >= 1 << 31 or sector >= 1 << 64:
+            raise fail(errno.EINVAL, f"badblocks: bad count {count}")
+        sectors = self.data.size // badblocks.SECTOR
+        if sector < sectors:
+            first = self.data.media_offset // badblocks.SECTOR + sector
+            badblocks.of(self.data.media).set(first, min(count, sectors - sector))
+            self.system.notify(self, "badblocks")
 
     @property
     def logical_block_size(self) -> int:

@@ -196,7 +196,12 @@ def probe_namespace(ndns: object) -> None:
             dev.attach(ndns)
             region.system.device_add(dev)
             if dev.driver is None:  # the info block did not validate: nd_detach_and_reset()
+                refused = dev.probe_errno
                 dev.detach_and_reset()
+                if refused == errno.EOPNOTSUPP:
+                    # nd_pmem_probe(): a pfn/dax block that is there but cannot be used (bad
+                    # offset, misaligned data range, settings mismatch) fails the namespace
+                    raise fail(errno.EOPNOTSUPP, f"{ndns.name}: {dev.name} found on the media is unusable")
             else:
                 raise fail(errno.ENXIO, f"{ndns.name} is claimed by {dev.name} found on the media")
     ndns.disk = Disk(region.system, ndns.disk_name(), ndns,

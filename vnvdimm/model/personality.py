@@ -10,11 +10,12 @@ import time
 import uuid as uuidlib
 from typing import TYPE_CHECKING
 
-from vnvdimm.model import memmap_pause
+from vnvdimm.model import badblocks, memmap_pause
 from vnvdimm.model.base import (
     PAGE_SIZE,
     SZ_1G,
     SZ_2M,
+    SZ_4K,
     SZ_8K,
     SZ_16M,
     Attr,
@@ -32,6 +33,7 @@ from vnvdimm.model.base import (
 )
 from vnvdimm.model.infoblock import (
     DAX_SIG,
+    INFO_BLOCK_SIZE,
     MAX_STRUCT_PAGE_SIZE,
     MEMREMAP_COMPAT_ALIGN,
     PFN_MODE_NONE,
@@ -337,6 +339,8 @@ class Pfn(Personality):
                 raise fail(errno.ENOMEM, f"{self.name}: {offset:#x} leaves no room for the memmap")
             if geometry.dataoff + geometry.data_size + geometry.end_trunc > ndns.size:
                 raise fail(errno.ENXIO, f"{self.name}: info block does not fit {ndns.name}")
+            if info.mode == PFN_MODE_PMEM:
+                self.clear_memmap_errors(info.dataoff)
             return geometry
         if self.uuid is None:
             raise fail(errno.ENODEV, f"{self.name} has no uuid")
@@ -355,6 +359,22 @@ class Pfn(Personality):
 
         ndns.write_media(info.pack(), INFO_BLOCK_OFFSET)
         return geometry
+
+    def clear_memmap_errors(self, dataoff: int) -> None:
+        """nd_pfn_clear_memmap_errors(): media errors between the info block and the data
+        (where the memmap of a map=dev device lives) are cleared by writing zeroes over them, so
+        that the memmap can be initialized there."""
+        ndns = self.ndns
+        assert ndns is not None
+        media = self.region.media
+        meta_start = (SZ_4K + INFO_BLOCK_SIZE) // badblocks.SECTOR
+        first = ndns.offset // badblocks.SECTOR + meta_start
+        bb = badblocks.of(media)
+        for start, count in bb.within(first, dataoff // badblocks.SECTOR - meta_start):
+            media.pwrite(bytes(count * badblocks.SECTOR), (first + start) * badblocks.SECTOR)
+            bb.clear(first + start, count)
+            log.info("%s: cleared %d bad sectors of the memmap area at sector %d", self.name, count,
+                     meta_start + start)
 
     def start_memmap(self, geometry: PfnGeometry) -> None:
         """devm_memremap_pages() with the series' async state: returns at once."""

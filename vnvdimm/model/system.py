@@ -153,6 +153,7 @@ class System:
                 try:
                     self.driver_attach(drv, dev)
                 except OSError as e:
+                    dev.probe_errno = e.errno
                     log.debug("%s: probe by %s failed: %s", dev.name, drv.name, e)
                 return
 

@@ -210,7 +210,7 @@ class Platform:
             buses = tuple(BusRecord(**{**b, "test_dimms": tuple(b.get("test_dimms", ()))})
                           for b in doc.get("buses", ()))
             return cls(doc["template"], tuple(regions), dimms, *mm, buses=buses)
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"{source}: damaged platform record ({e!r}); move it away to start afresh") from None
 
 
