@@ -9,7 +9,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vnvdimm.model.base import PAGE_SIZE, SZ_16M, Device, Entry, Group, Ida, fail, kstrtobool, kstrtoull, ro, rw
+from vnvdimm.model.base import (
+    PAGE_SIZE,
+    SZ_16M,
+    Device,
+    Entry,
+    Group,
+    Ida,
+    align_down,
+    align_up,
+    fail,
+    kstrtobool,
+    kstrtoull,
+    ro,
+    rw,
+)
 from vnvdimm.model.label_format import InterleaveSet, InterleaveSetLabels, LabelMapping, ScannedNamespace
 from vnvdimm.model.namespace import (
     ND_DEVICE_NAMESPACE_IO,
@@ -166,14 +180,23 @@ class Region(Device):
     # ------------------------------------------------------------ capacity (labelled regions)
 
     def _extents(self, exclude: Namespace | None = None) -> list[tuple[int, int]]:
+        """The free extents, trimmed to the region align (space_valid(): a DPA allocation
+        starts and ends on align / ways, i.e. on align in region space)."""
         used = sorted((ns.offset, ns.size) for ns in self.namespaces if ns.size and ns is not exclude)
-        free, cursor = [], 0
+        free: list[tuple[int, int]] = []
+
+        def add(lo: int, hi: int) -> None:
+            lo, hi = align_up(lo, self.align), align_down(hi, self.align)
+            if hi > lo:
+                free.append((lo, hi - lo))
+
+        cursor = 0
         for off, size in used:
             if off > cursor:
-                free.append((cursor, off - cursor))
+                add(cursor, off)
             cursor = max(cursor, off + size)
         if cursor < self.size:
-            free.append((cursor, self.size - cursor))
+            add(cursor, self.size)
         return free
 
     def available_size(self) -> int:
