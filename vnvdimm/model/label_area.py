@@ -15,13 +15,13 @@ or not done, none torn by the page cache.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import threading
 from pathlib import Path
 
 from vnvdimm.model.base import fail
+from vnvdimm.model.labels import write_atomically
 
 # tools/testing/nvdimm/test/nfit.c: LABEL_SIZE (SZ_128K) and the 4 KiB max_xfer its
 # GET_CONFIG_SIZE answers with.
@@ -101,23 +101,4 @@ def write_fresh(path: Path, size: int, fill: bytes) -> None:
     """Create `path` as a `size`-byte area holding `fill` then zeroes, atomically and durably."""
     if len(fill) > size:
         raise ValueError(f"{path}: fill of {len(fill)} bytes does not fit a {size}-byte area")
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        try:
-            view = memoryview(fill + bytes(size - len(fill)))
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    write_atomically(path, fill + bytes(size - len(fill)))
