@@ -131,7 +131,7 @@ class TreeBuilder:
         for mod in (*MODULES, *loaded):
             s.add(f"/sys/module/{mod}/initstate", KAttr(Attr("initstate", 0o444, show=lambda: "live\n"), self.lock))
             s.add(f"/sys/module/{mod}/refcnt", KAttr(Attr("refcnt", 0o444, show=lambda: "0\n"), self.lock))
-        if modules is not None:  # vnvdimm extension: what the modprobe shim talks to
+        if modules is not None and modules.names():  # vnvdimm extension: what the modprobe shim talks to
             s.add("/sys/module/vnvdimm/modules", KAttr(Attr(
                 "modules", 0o444, show=lambda: "".join(f"{n}\n" for n in modules.names())), self.lock))
             s.add("/sys/module/vnvdimm/modprobe", KAttr(Attr("modprobe", 0o200, store=modules.store), self.lock))
