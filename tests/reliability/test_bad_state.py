@@ -451,48 +451,38 @@ def nfit_state(tmp_path_factory):  # type: ignore[no-untyped-def]
     return state
 
 
-def label_docs(valid: dict) -> st.SearchStrategy[bytes]:  # type: ignore[type-arg]
-    scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**65), 2**65), st.text(max_size=40),
-                        st.sampled_from([0, 512, 4096, 16 << 20, 32 << 20, 64 << 20, 1 << 40]))
-    labels = valid["labels"]
-    keys = sorted({k for lab in labels for k in lab})
+def label_area_damage(valid: bytes) -> st.SearchStrategy[bytes]:
+    """A DIMM's label area as a crash, a bad disk or a hand edit could leave it: bytes flipped
+    in the index blocks and the first labels, a prefix overwritten, the file cut or grown."""
 
-    def mutate(i: int, key: str, value: object, op: int) -> bytes:
-        doc = json.loads(json.dumps(valid))
-        lab = doc["labels"][i % len(labels)]
-        if op == 0:
-            lab[key] = value
-        elif op == 1:
-            lab.pop(key, None)
-        elif op == 2:
-            doc["labels"].append(dict(lab))  # a duplicate
-        else:
-            doc["labels"] = value
-        return json.dumps(doc).encode()
+    def flip(changes: list[tuple[int, int]]) -> bytes:
+        out = bytearray(valid)
+        for at, xor in changes:
+            out[at] ^= xor
+        return bytes(out)
 
     return st.one_of(
-        st.binary(max_size=200),
-        st.text(max_size=200).map(str.encode),
-        st.builds(mutate, st.integers(0, 9), st.sampled_from(keys), scalars, st.integers(0, 3)),
-        st.builds(lambda a, b: json.dumps(valid).encode()[:a] + b, st.integers(0, 400), st.binary(max_size=8)),
+        st.lists(st.tuples(st.integers(0, 2047), st.integers(1, 255)), min_size=1, max_size=8).map(flip),
+        st.binary(min_size=1, max_size=600).map(lambda head: head + valid[len(head):]),
+        st.integers(0, len(valid) + 4096).map(lambda n: (valid + bytes(4096))[:n]),
     )
 
 
 @settings(max_examples=300, deadline=None, database=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 @given(data=st.data())
-def test_label_file_fuzz(nfit_state, figures, data) -> None:  # type: ignore[no-untyped-def]
-    """Whatever a DIMM's label file holds: a clear error naming it, or a machine whose
-    namespaces are consistent; the probe never writes the media or the labels."""
+def test_label_area_fuzz(nfit_state, figures, data) -> None:  # type: ignore[no-untyped-def]
+    """Whatever a DIMM's label area holds: a clear error naming it, or a machine whose
+    namespaces are consistent; the probe never writes the media or the label areas."""
     figures.add(fuzz_cases=1)
-    area = nfit_state.label_path(0)
-    valid_text = area.read_bytes() if not hasattr(test_label_file_fuzz, "valid") else test_label_file_fuzz.valid
-    test_label_file_fuzz.valid = valid_text  # type: ignore[attr-defined]
-    doc = data.draw(label_docs(json.loads(valid_text)))
-    area.write_bytes(doc)
+    area = nfit_state.label_area_path(0)
+    valid = area.read_bytes() if not hasattr(test_label_area_fuzz, "valid") else test_label_area_fuzz.valid
+    test_label_area_fuzz.valid = valid  # type: ignore[attr-defined]
+    damaged = data.draw(label_area_damage(valid))
+    area.write_bytes(damaged)
     # (Any write to a media file moves its mtime: cheaper than hashing it for every example.)
     media = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in nfit_state.path.glob("*.media")}
-    other = nfit_state.label_path(1).read_bytes()
+    other = nfit_state.label_area_path(1).read_bytes()
     system = System()
     try:
         try:
@@ -503,12 +493,16 @@ def test_label_file_fuzz(nfit_state, figures, data) -> None:  # type: ignore[no-
         problems = sysfs_invariants.check(sysfs_invariants.TreeView(Tree(system)), nfit_state.media_path)
         assert not problems, problems
         system.shutdown()
-        for region in system.buses[0].regions:
-            region.media.close()
-        assert area.read_bytes() == doc and nfit_state.label_path(1).read_bytes() == other
+        for bus in system.buses:
+            for region in bus.regions:
+                region.media.close()
+            for dimm in bus.dimms:
+                if dimm.label_area is not None:
+                    dimm.label_area.close()
+        assert area.read_bytes() == damaged and nfit_state.label_area_path(1).read_bytes() == other
         assert {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in nfit_state.path.glob("*.media")} == media
     finally:
-        area.write_bytes(valid_text)
+        area.write_bytes(valid)
 
 
 # ---------------------------------------------------------------- config files
