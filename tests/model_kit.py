@@ -64,6 +64,9 @@ class Machine:
         for bus in self.system.buses:
             for region in bus.regions:
                 region.media.close()
+            for dimm in bus.dimms:
+                if dimm.label_area is not None:
+                    dimm.label_area.close()
         self.system = None
 
     # -- lookup

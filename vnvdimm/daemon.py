@@ -281,6 +281,9 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
                 with contextlib.suppress(OSError):
                     region.media.fsync()
                     region.media.close()
+            for dimm in bus.dimms:
+                if dimm.label_area is not None:
+                    dimm.label_area.close()
         with contextlib.suppress(FileNotFoundError):
             record.unlink()
 

@@ -493,15 +493,15 @@ def test_label_area_fuzz(nfit_state, figures, data) -> None:  # type: ignore[no-
         problems = sysfs_invariants.check(sysfs_invariants.TreeView(Tree(system)), nfit_state.media_path)
         assert not problems, problems
         system.shutdown()
+        assert area.read_bytes() == damaged and nfit_state.label_area_path(1).read_bytes() == other
+        assert {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in nfit_state.path.glob("*.media")} == media
+    finally:
         for bus in system.buses:
             for region in bus.regions:
                 region.media.close()
             for dimm in bus.dimms:
                 if dimm.label_area is not None:
                     dimm.label_area.close()
-        assert area.read_bytes() == damaged and nfit_state.label_area_path(1).read_bytes() == other
-        assert {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in nfit_state.path.glob("*.media")} == media
-    finally:
         area.write_bytes(valid)
 
 

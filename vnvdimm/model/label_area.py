@@ -52,6 +52,7 @@ class LabelArea:
                 raise ValueError(f"{path}: label area has {actual} bytes, the DIMM has {size}")
         except BaseException:
             os.close(self._fd)
+            self._fd = -1
             raise
 
     @classmethod
@@ -95,6 +96,12 @@ class LabelArea:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+    def __del__(self) -> None:
+        # an area dropped without close() (a failed boot) does not keep its descriptor
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def write_fresh(path: Path, size: int, fill: bytes) -> None:
