@@ -3,10 +3,16 @@
 Paths map to tree nodes; attribute files are direct_io (content made per read, st_size
 4096, as kernfs); device files use the page cache (so mmap works and each fault becomes a
 read that may block on memmap init) and drop it whenever the device behind a name changed.
+
+The kernel caches lookups, attributes and symlink targets for long (a path walk through
+/sys/bus/nd/devices/X costs no request at all); the tree's change feed names every path
+whose cached answer went stale, and each is invalidated before the write that changed the
+tree returns (see `_invalidate`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -14,24 +20,27 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mfusepy as fuse
 
 from vnvdimm.model.disk import DataPath
-from vnvdimm.sysfs.kernfs import PAGE_SIZE, KAttr, KBin, KDir, KLink, OpenAttr
+from vnvdimm.sysfs.kernfs import PAGE_SIZE, KAttr, KBin, KDir, KLink, KNode, OpenAttr
 from vnvdimm.sysfs.tree import KChar, KDevFile, Tree
 
 log = logging.getLogger("vnvdimm.fuse")
 
 FUSE_CAP_AUTO_INVAL_DATA = 1 << 12
+FUSE_CAP_CACHE_SYMLINKS = 1 << 23
 POLLIN, POLLPRI, POLLOUT, POLLERR, POLLRDNORM, POLLWRNORM = 0x1, 0x2, 0x4, 0x8, 0x40, 0x100
 DEFAULT_POLLMASK = POLLIN | POLLOUT | POLLRDNORM | POLLWRNORM
 
 _libfuse = fuse._libfuse
 _libfuse.fuse_notify_poll.argtypes = [ctypes.c_void_p]
 _libfuse.fuse_pollhandle_destroy.argtypes = [ctypes.c_void_p]
+_libfuse.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_libfuse.fuse_invalidate_path.restype = ctypes.c_int
 
 
 class OpenDevice:
@@ -54,6 +63,13 @@ class VnvdimmOperations(fuse.Operations):
         self._next_fh = 1
         self._fh_lock = threading.Lock()
         self._last_serial: dict[str, int] = {}
+        # libfuse's struct fuse, between init and destroy (the lock is held across every call
+        # that uses it: destroy() frees it once we return)
+        self._fuse: int | None = None
+        self._fuse_lock = threading.Lock()
+        self.mountpoint: str | None = None
+        # path -> generation of the tree the last successful lookup/getattr answered from
+        self._answered: dict[str, int] = {}
 
     # ------------------------------------------------------------ helpers
 
@@ -74,18 +90,74 @@ class VnvdimmOperations(fuse.Operations):
 
     def init_with_config(self, conn_info: Any, config_3: Any) -> None:
         if conn_info is not None:
-            # With attr_timeout 0, auto_inval_data would cost a GETATTR round trip on every
-            # read(2) of a device file, even from the page cache. Device files keep their
-            # cache only while the same device is behind the name (see open()), so the
-            # kernel need not second-guess it.
+            # Device files keep their cache only while the same device is behind the name
+            # (see open()), and their attributes change only with the device (invalidated):
+            # auto_inval_data would only add GETATTR round trips.
             conn_info.want &= ~FUSE_CAP_AUTO_INVAL_DATA
+            # Symlink targets in the page cache: following /sys/bus/nd/devices/X costs no
+            # READLINK; a retargeted or vanished link has its page dropped (_invalidate).
+            conn_info.want |= conn_info.capable & FUSE_CAP_CACHE_SYMLINKS
+        with self._fuse_lock:
+            self._fuse = _libfuse.fuse_get_context().contents.fuse
+        self.tree.changes.connect(self._invalidate)
         if self.on_ready is not None:
             threading.Thread(target=self.on_ready, name="vnvdimm-ready", daemon=True).start()
+
+    def destroy(self, path: str) -> None:
+        # libfuse frees its struct fuse after this returns: no invalidation may run after it.
+        self.tree.changes.disconnect()
+        with self._fuse_lock:
+            self._fuse = None
+
+    def _invalidate(self, paths: Sequence[str]) -> None:
+        """The change feed's sink (its own thread, never a request handler: the kernel may
+        wait for pages locked by requests in flight).
+
+        fuse_invalidate_path() drops the cached attributes (the next access asks again:
+        ENOENT for a path that vanished) and cached contents (a symlink's target, a device
+        file's pages) of a path the kernel has an inode for. Entries themselves are never
+        dropped: invalidating a dentry detaches the mounts on it, and with-vnvdimm mounts the
+        host's /dev/pts and /dev/shm on ours.
+
+        A lookup answered from the tree before the change may not have reached the kernel
+        yet: its inode does not exist, the invalidation finds nothing (ENOENT), and the
+        answer would be cached once it arrives. For each such path answered from an older
+        tree, an lstat() through the mount waits for that lookup (the kernel lets one lookup
+        of a name run at a time) and the path is invalidated again."""
+        late = [path for path in paths if self._invalidate_path(path) == -errno.ENOENT]
+        if not late or self.mountpoint is None:
+            return
+        current = self.tree.snapshot().generation
+        for path in late:
+            answered = self._answered.get(path)
+            if answered is None or answered >= current:
+                continue
+            with contextlib.suppress(OSError):
+                os.lstat(self.mountpoint + path)
+            self._invalidate_path(path)
+
+    def _invalidate_path(self, path: str) -> int:
+        with self._fuse_lock:
+            if self._fuse is None:
+                return 0
+            return int(_libfuse.fuse_invalidate_path(self._fuse, path.encode("utf-8", "surrogateescape")))
 
     # ------------------------------------------------------------ metadata
 
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
-        node = self._node(path)
+        while True:
+            snap = self.tree.snapshot()
+            node = snap.nodes.get(path)
+            if node is None:
+                raise fuse.FuseOSError(errno.ENOENT)
+            st = self._stat(node)
+            # Recorded before the tree is looked at again: a change that replaced this tree
+            # after that look sees the record (see _invalidate); one before it, we answer from.
+            self._answered[path] = snap.generation
+            if self.tree.snapshot() is snap:
+                return st
+
+    def _stat(self, node: KNode) -> dict[str, Any]:
         t = self.mounted_ns
         st: dict[str, Any] = {"st_atime": t, "st_mtime": t, "st_ctime": t, "st_nlink": 1, "st_uid": 0, "st_gid": 0}
         if isinstance(node, KDir):
@@ -217,7 +289,7 @@ class VnvdimmOperations(fuse.Operations):
         if isinstance(obj, OpenDevice):
             return obj.data.write(data, offset)
         if isinstance(obj, OpenAttr):
-            n = obj.node.store(data)
+            n = self.tree.store(obj.node, data)
             log.debug("store %s <- %r", path, data[:64])
             return n
         raise fuse.FuseOSError(errno.EACCES)
@@ -253,16 +325,16 @@ class VnvdimmOperations(fuse.Operations):
         return 0
 
 
-# The kernel re-asks attributes on every access (attr_timeout 0: values, sizes and modes are
-# live) and never caches a missing name (negative_timeout 0: a device that appears is seen at
-# once). Names that exist may be cached for a second: every access still revalidates the
-# attributes (default_permissions needs them for each path component), and a vanished entry
-# answers ENOENT to that revalidation. That halves the requests of a path walk.
+# Names and attributes are cached by the kernel for an hour: every change of the tree is
+# invalidated explicitly (VnvdimmOperations._invalidate), the timeout only bounds how long a
+# missed one could last. A missing name is never cached (negative_timeout 0: a device that
+# appears is seen at once; there is no node to invalidate for a name that does not exist).
+CACHE_TIMEOUT_S = 3600.0
 MOUNT_OPTIONS: dict[str, Any] = {
     "dev": True,
     "default_permissions": True,
-    "attr_timeout": 0,
-    "entry_timeout": 1.0,
+    "attr_timeout": CACHE_TIMEOUT_S,
+    "entry_timeout": CACHE_TIMEOUT_S,
     "negative_timeout": 0,
     # Every request that waits (a read of a cold range, `echo sync`, wait_probe) holds one
     # loop thread until it returns; libfuse's default of 10 threads let ten such waiters
@@ -285,6 +357,11 @@ class _Fuse(fuse.FUSE):
 
     def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         obj = self.operations._handles.get(fip.contents.fh)
+        if isinstance(obj, OpenAttr):
+            # The hot path of every sysfs read: straight into the kernel's buffer.
+            data = obj.read(size, offset, self.operations.tree.events)
+            ctypes.memmove(buf, data, len(data))
+            return len(data)
         if isinstance(obj, OpenDevice):
             return obj.data.readinto(self._view(buf, size), offset)
         return super().read(path, buf, size, offset, fip)
@@ -318,4 +395,5 @@ def serve(ops: VnvdimmOperations, mountpoint: str, *, allow_other: bool = False,
         options["allow_other"] = True
     if debug:
         options["debug"] = True
+    ops.mountpoint = os.path.abspath(mountpoint)
     _Fuse(ops, mountpoint, raw_fi=True, **options)

@@ -3,12 +3,17 @@
 The tree is rebuilt from the model whenever the model's generation changes (a bind, an
 unbind, a claim...), and looked up by path in O(1) otherwise. Attribute *values* are never
 cached here: they are produced by the model's show() on every read.
+
+Every rebuild is compared with the tree it replaces: each path that vanished, or whose kind,
+mode, size, link target or device changed, is published on the tree's change feed, so that a
+server letting its clients cache lookups and attributes can invalidate exactly those.
 """
 
 from __future__ import annotations
 
 import posixpath
 import threading
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from vnvdimm.model.base import Attr, BinAttr, Device, Group, Link, uevent_store
@@ -18,6 +23,7 @@ from vnvdimm.model.dimm import Nvdimm
 from vnvdimm.model.disk import DataPath, Disk
 from vnvdimm.model.drivers import BusDriver
 from vnvdimm.model.system import System
+from vnvdimm.sysfs.changes import ChangeFeed
 from vnvdimm.sysfs.kernfs import Events, KAttr, KBin, KDir, KLink, KNode
 
 # Modules whose /sys/module/<name>/initstate reads "live": libkmod (daxctl) checks them
@@ -58,11 +64,43 @@ STANDARD_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "
                   "stderr": "/proc/self/fd/2"}
 
 
+def cached_identity(node: KNode) -> Hashable:
+    """Everything about a node a client may cache between two requests (what stat() and
+    readlink() answer, not attribute contents): two nodes with the same identity can be
+    served from the same cache entry. Called with the model lock held."""
+    if isinstance(node, KDir):
+        return ("dir", node.mode)
+    if isinstance(node, KAttr):
+        return ("attr", node.mode)
+    if isinstance(node, KBin):
+        return ("bin", node.mode, node.attr.size())
+    if isinstance(node, KLink):
+        return ("link", node.target)
+    if isinstance(node, KDevFile):
+        data = node.data
+        return ("devfile", node.mode, node.rdev, None if data is None else (data.serial, data.size))
+    if isinstance(node, KChar):
+        return ("chr", node.mode, node.rdev)
+    raise TypeError(node)
+
+
 class Snapshot:
     def __init__(self, generation: int) -> None:
         self.generation = generation
         self.nodes: dict[str, KNode] = {"/": KDir()}
         self.notify_paths: dict[tuple[int, str], str] = {}
+        # What was served from this snapshot, taken when it was built (a bin attribute's
+        # size is read live from the model: asked later, an old node answers today's size).
+        self.identities: dict[str, Hashable] = {}
+
+    def seal(self) -> None:
+        """Record the identities once every node is in (model lock held)."""
+        self.identities = {path: cached_identity(node) for path, node in self.nodes.items()}
+
+    def stale_since(self, before: Snapshot) -> list[str]:
+        """Paths of `before` that vanished or changed identity in this snapshot."""
+        now = self.identities
+        return [path for path, ident in before.identities.items() if now.get(path) != ident]
 
     def add(self, path: str, node: KNode) -> KNode:
         existing = self.nodes.get(path)
@@ -140,6 +178,7 @@ class TreeBuilder:
             self._platform_dirs(s, bus)
             self._device(s, bus)
         self._dev(s)
+        s.seal()
         return s
 
     def _autoprobe_show(self, bus_name: str) -> str:
@@ -269,12 +308,14 @@ class TreeBuilder:
 
 
 class Tree:
-    """The live view: a snapshot rebuilt when the model changed, and the poll events."""
+    """The live view: a snapshot rebuilt when the model changed, the poll events, and the
+    change feed of paths whose cached metadata went stale."""
 
     def __init__(self, system: System) -> None:
         self.system = system
         self.builder = TreeBuilder(system)
         self.events = Events()
+        self.changes = ChangeFeed()
         self._snapshot: Snapshot | None = None
         self._build_lock = threading.Lock()
         system.subscribe(self._on_notify)
@@ -286,11 +327,27 @@ class Tree:
         with self.system.lock, self._build_lock:
             snap = self._snapshot
             if snap is None or snap.generation != self.system.generation:
-                snap = self._snapshot = self.builder.build()
+                before, snap = snap, self.builder.build()
+                self._snapshot = snap
+                if before is not None:
+                    # Published under the build lock: batches reach the feed in the order
+                    # the snapshots replaced each other, none skipped.
+                    self.changes.publish(snap.stale_since(before))
             return snap
 
     def lookup(self, path: str) -> KNode | None:
         return self.snapshot().nodes.get(path)
+
+    def store(self, node: KAttr, data: bytes) -> int:
+        """A write to an attribute: the store, then (like a kernfs store, which returns once
+        the devices it added or removed are in sysfs) the tree brought up to date and every
+        stale path delivered to the change feed's sink before the writer is answered."""
+        try:
+            return node.store(data)
+        finally:
+            if self._snapshot is None or self._snapshot.generation != self.system.generation:
+                self.snapshot()
+            self.changes.flush()
 
     def _on_notify(self, dev: Device, attr: str) -> None:
         # Called from engine threads too: never take the model lock here (a job being
