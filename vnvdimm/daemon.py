@@ -63,7 +63,9 @@ def fuse_mounts() -> dict[str, str]:
 
 def is_dead_mount(path: Path) -> bool:
     try:
-        os.stat(path)
+        # statfs, not stat: the kernel answers stat() from its attribute cache even when the
+        # daemon is gone; statfs always asks the daemon.
+        os.statvfs(path)
     except OSError as e:
         # ENOTCONN: "Transport endpoint is not connected"; ECONNABORTED: the same, seen by a
         # request that was in flight while the daemon was dying (a mount right after a kill).

@@ -447,7 +447,7 @@ class GoneError(RuntimeError):
 
 def _read_checked(root: Root) -> Status:
     try:
-        os.stat(root.nd_devices)
+        os.statvfs(root.nd_devices)  # reaches the daemon (stat() may be answered from the cache)
     except OSError as e:
         what = "the mount is gone" if e.errno in (errno.ENOTCONN, errno.ENOENT) else e.strerror
         raise GoneError(f"{root.sys}: {what}") from None

@@ -255,7 +255,7 @@ def run(mountpoint: str, devices: list[str], timeout: float | None, quiet: bool 
         raise
     if ok:
         try:
-            os.stat(root.nd_devices)
+            os.statvfs(root.nd_devices)  # reaches the daemon (stat() may be answered from the cache)
         except OSError:  # idle because the platform went away (unmounted): not a success
             print(f"vnvdimm: {mountpoint}: the mount is gone", file=sys.stderr)
             return 2
