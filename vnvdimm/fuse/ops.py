@@ -3,6 +3,8 @@
 Paths map to tree nodes; attribute files are direct_io (content made per read, st_size
 4096, as kernfs); device files use the page cache (so mmap works and each fault becomes a
 read that may block on memmap init) and drop it whenever the device behind a name changed.
+Reads and writes are libfuse buffers: a device file's bytes move between the kernel and the
+media file in libfuse (splice), never through Python.
 
 The kernel caches lookups, attributes and symlink targets for long (a path walk through
 /sys/bus/nd/devices/X costs no request at all); the tree's change feed names every path
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import logging
 import os
 import stat
@@ -33,6 +36,7 @@ log = logging.getLogger("vnvdimm.fuse")
 
 FUSE_CAP_AUTO_INVAL_DATA = 1 << 12
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23
+FUSE_CAP_SPLICE_WRITE = 1 << 7
 POLLIN, POLLPRI, POLLOUT, POLLERR, POLLRDNORM, POLLWRNORM = 0x1, 0x2, 0x4, 0x8, 0x40, 0x100
 DEFAULT_POLLMASK = POLLIN | POLLOUT | POLLRDNORM | POLLWRNORM
 
@@ -41,6 +45,55 @@ _libfuse.fuse_notify_poll.argtypes = [ctypes.c_void_p]
 _libfuse.fuse_pollhandle_destroy.argtypes = [ctypes.c_void_p]
 _libfuse.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _libfuse.fuse_invalidate_path.restype = ctypes.c_int
+_libfuse.fuse_buf_size.argtypes = [ctypes.c_void_p]
+_libfuse.fuse_buf_size.restype = ctypes.c_size_t
+_libfuse.fuse_buf_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+_libfuse.fuse_buf_copy.restype = ctypes.c_ssize_t
+_libc = ctypes.CDLL(None)
+_libc.malloc.argtypes = [ctypes.c_size_t]
+_libc.malloc.restype = ctypes.c_void_p
+
+# struct fuse_buf and struct fuse_bufvec of libfuse 3 (fuse_common.h), declared here: the
+# binding's fuse_bufvec has a pointer where libfuse has an inline array of buffers.
+FUSE_BUF_IS_FD = 1 << 1
+FUSE_BUF_FD_SEEK = 1 << 2
+
+
+class FuseBuf(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p),
+                ("fd", ctypes.c_int), ("pos", ctypes.c_int64)]
+
+
+@functools.cache
+def bufvec_type(count: int) -> type[ctypes.Structure]:
+    """struct fuse_bufvec with `count` buffers (libfuse declares buf[1] and allocates more)."""
+    return type(f"FuseBufvec{count}", (ctypes.Structure,), {"_fields_": [
+        ("count", ctypes.c_size_t), ("idx", ctypes.c_size_t), ("off", ctypes.c_size_t), ("buf", FuseBuf * count)]})
+
+
+def file_bufvec(fd: int, extents: Sequence[tuple[int, int]], address: int | None = None) -> ctypes.Structure:
+    """A bufvec of the byte ranges (offset, length) of a file: libfuse moves them with
+    splice()/pread()/pwrite() itself. At `address` (malloc()ed memory) if given."""
+    cls = bufvec_type(max(1, len(extents)))
+    vec = cls() if address is None else cls.from_address(address)
+    vec.count, vec.idx, vec.off = len(extents), 0, 0
+    for buf, (pos, length) in zip(vec.buf, extents, strict=False):
+        buf.size, buf.flags, buf.mem, buf.fd, buf.pos = length, FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK, None, fd, pos
+    return vec
+
+
+def memory_bufvec(data: bytes) -> int:
+    """A malloc()ed bufvec holding a malloc()ed copy of `data` (libfuse frees both)."""
+    cls = bufvec_type(1)
+    address = _libc.malloc(ctypes.sizeof(cls))
+    mem = _libc.malloc(max(1, len(data)))
+    if not address or not mem:
+        raise MemoryError
+    ctypes.memmove(mem, data, len(data))
+    vec = cls.from_address(address)
+    vec.count, vec.idx, vec.off = 1, 0, 0
+    vec.buf[0].size, vec.buf[0].flags, vec.buf[0].mem, vec.buf[0].fd, vec.buf[0].pos = len(data), 0, mem, -1, 0
+    return address
 
 
 class OpenDevice:
@@ -97,6 +150,8 @@ class VnvdimmOperations(fuse.Operations):
             # Symlink targets in the page cache: following /sys/bus/nd/devices/X costs no
             # READLINK; a retargeted or vanished link has its page dropped (_invalidate).
             conn_info.want |= conn_info.capable & FUSE_CAP_CACHE_SYMLINKS
+            # Device-file reads answered by splicing the media file's pages into the reply.
+            conn_info.want |= conn_info.capable & FUSE_CAP_SPLICE_WRITE
         with self._fuse_lock:
             self._fuse = _libfuse.fuse_get_context().contents.fuse
         self.tree.changes.connect(self._invalidate)
@@ -294,6 +349,57 @@ class VnvdimmOperations(fuse.Operations):
             return n
         raise fuse.FuseOSError(errno.EACCES)
 
+    def read_buf(self, path: str, bufpp: Any, size: int, offset: int, fh: Any) -> int:
+        """Every read: answered with a libfuse buffer (struct fuse_bufvec), not Python bytes."""
+        obj = self._handles.get(fh.fh)
+        if isinstance(obj, OpenDevice):
+            # The checks (and the memmap wait) here; the bytes are spliced by libfuse from
+            # the media file's page cache into the reply once we return, GIL-free.
+            data = obj.data
+            extents = data.read_extents(offset, size)
+            address = _libc.malloc(ctypes.sizeof(bufvec_type(max(1, len(extents)))))
+            if not address:
+                raise MemoryError
+            file_bufvec(data.media.fd, extents, address)
+        elif isinstance(obj, OpenAttr):
+            address = memory_bufvec(obj.read(size, offset, self.tree.events))
+        elif isinstance(obj, KBin):
+            address = memory_bufvec(obj.read(size, offset))
+        else:
+            raise fuse.FuseOSError(errno.EBADF)
+        ctypes.cast(bufpp, ctypes.POINTER(ctypes.c_void_p))[0] = address
+        return 0
+
+    def write_buf(self, path: str, bufp: Any, offset: int, fh: Any) -> int:
+        """Every write: taken from libfuse's buffer (a pipe when the kernel spliced it)."""
+        src = ctypes.cast(bufp, ctypes.c_void_p).value
+        size = _libfuse.fuse_buf_size(src)
+        obj = self._handles.get(fh.fh)
+        if isinstance(obj, OpenDevice):
+            # The request's bytes go from libfuse's buffer (a pipe when spliced) straight
+            # into the media file, GIL-free.
+            data = obj.data
+            extents = data.write_extents(offset, size)
+            done = _libfuse.fuse_buf_copy(ctypes.byref(file_bufvec(data.media.fd, extents)), src, 0)
+            if done < 0:
+                raise fuse.FuseOSError(-done)
+            written, left = [], done
+            for moff, n in extents:
+                if left <= 0:
+                    break
+                written.append((moff, min(n, left)))
+                left -= n
+            data.written(written)
+            return int(done)
+        mem = ctypes.create_string_buffer(size)
+        vec = bufvec_type(1)()
+        vec.count = 1
+        vec.buf[0].size, vec.buf[0].mem = size, ctypes.addressof(mem)
+        got = _libfuse.fuse_buf_copy(ctypes.byref(vec), src, 0)
+        if got < 0:
+            raise fuse.FuseOSError(-got)
+        return self.write(path, mem.raw[:got], offset, fh)
+
     def fsync(self, path: str, datasync: int, fh: Any) -> int:
         obj = self._handle(fh)
         if isinstance(obj, OpenDevice):
@@ -343,36 +449,6 @@ MOUNT_OPTIONS: dict[str, Any] = {
 }
 
 
-class _Fuse(fuse.FUSE):
-    """mfusepy's FUSE with device-file reads and writes straight between the kernel's buffer
-    and the media file (preadv/pwritev on a view of it): one copy fewer each way than
-    returning or receiving Python bytes."""
-
-    operations: VnvdimmOperations
-
-    @staticmethod
-    def _view(buf: Any, size: int) -> memoryview:
-        address = ctypes.cast(buf, ctypes.c_void_p).value
-        return memoryview((ctypes.c_char * size).from_address(address)).cast("B")  # type: ignore[arg-type]
-
-    def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-        obj = self.operations._handles.get(fip.contents.fh)
-        if isinstance(obj, OpenAttr):
-            # The hot path of every sysfs read: straight into the kernel's buffer.
-            data = obj.read(size, offset, self.operations.tree.events)
-            ctypes.memmove(buf, data, len(data))
-            return len(data)
-        if isinstance(obj, OpenDevice):
-            return obj.data.readinto(self._view(buf, size), offset)
-        return super().read(path, buf, size, offset, fip)
-
-    def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-        obj = self.operations._handles.get(fip.contents.fh)
-        if isinstance(obj, OpenDevice):
-            return obj.data.write(self._view(buf, size), offset)
-        return super().write(path, buf, size, offset, fip)
-
-
 READ_AHEAD_KB = 1024  # one FUSE request can carry 1 MiB (max_pages 256); the default window is 128 KiB
 
 
@@ -396,4 +472,4 @@ def serve(ops: VnvdimmOperations, mountpoint: str, *, allow_other: bool = False,
     if debug:
         options["debug"] = True
     ops.mountpoint = os.path.abspath(mountpoint)
-    _Fuse(ops, mountpoint, raw_fi=True, **options)
+    fuse.FUSE(ops, mountpoint, raw_fi=True, **options)

@@ -65,17 +65,23 @@ class DataPath:
         if self.closed:
             raise fail(errno.ENXIO, "device is gone")
 
-    def readinto(self, buf: memoryview, offset: int) -> int:
-        """Read into `buf` (the FUSE reply buffer: no intermediate copy); returns the length."""
+    def read_extents(self, offset: int, size: int) -> list[tuple[int, int]]:
+        """Where the bytes of a read of `size` at `offset` are on the media, as (media offset,
+        length) extents, once the read may proceed: ENXIO if the device is gone, EIO if a
+        bad sector is touched, the memmap pages covered initialized. Empty at the end."""
         self._check_open()
-        size = min(len(buf), self.size - offset)
+        size = min(size, self.size - offset)
         if size <= 0:
-            return 0
+            return []
         extents = list(self._extents(offset, size))
         badblocks.check_read(self.media, extents)
         self._sync(offset, size)
+        return extents
+
+    def readinto(self, buf: memoryview, offset: int) -> int:
+        """Read into `buf` (the FUSE reply buffer: no intermediate copy); returns the length."""
         done = 0
-        for moff, n in extents:
+        for moff, n in self.read_extents(offset, len(buf)):
             done += self.media.preadinto(buf[done: done + n], moff)
         return done
 
@@ -84,22 +90,34 @@ class DataPath:
         n = self.readinto(memoryview(buf), offset) if buf else 0
         return bytes(buf[:n])
 
-    def write(self, data: bytes | memoryview, offset: int) -> int:
+    def write_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Where a write of `length` bytes at `offset` goes on the media (cut at the end of the
+        device), once it may proceed: ENXIO if the device is gone, EROFS, ENOSPC at or past
+        the end, EIO if it covers part of a bad sector, the memmap pages covered
+        initialized. Call written() with the extents once the bytes are on the media."""
         self._check_open()
         if self.read_only():
             raise fail(errno.EROFS, "read-only")
         if offset >= self.size:
             raise fail(errno.ENOSPC, "write past the end of the device")
-        data = data[: self.size - offset]
-        extents = list(self._extents(offset, len(data)))
+        length = min(length, self.size - offset)
+        extents = list(self._extents(offset, length))
         badblocks.check_write(self.media, extents)
-        self._sync(offset, len(data))
+        self._sync(offset, length)
+        return extents
+
+    def written(self, extents: list[tuple[int, int]]) -> None:
+        """The bytes of these extents were written: whole bad sectors they cover are good again."""
+        badblocks.clear_written(self.media, extents)
+
+    def write(self, data: bytes | memoryview, offset: int) -> int:
+        extents = self.write_extents(offset, len(data))
         view = memoryview(data)
         done = 0
         for moff, n in extents:
             self.media.pwrite(view[done: done + n], moff)
             done += n
-        badblocks.clear_written(self.media, extents)
+        self.written(extents)
         return done
 
     def fsync(self) -> None:
