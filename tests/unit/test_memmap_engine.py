@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
@@ -25,7 +26,8 @@ from vnvdimm.memmap import (
     init_page_reference,
 )
 from vnvdimm.memmap import page as P
-from vnvdimm.memmap.engine import DONE, FG, PENDING, WORKER_BASE
+from vnvdimm.memmap.blockmap import BG, DONE, FG, PENDING, WORKER_BASE
+from vnvdimm.memmap.storage import PageFloor
 
 PGMAP = 0xFFFF888123400000
 FIRST_PFN = 0x340000
@@ -282,7 +284,7 @@ def test_exactly_once_under_concurrent_foreground_and_workers(make_engine, worke
     assert not errors, errors
     counts = job.debug_init_counts()
     assert (counts == 1).all(), np.unique(counts)
-    st_owned = job._owners_used
+    st_owned = job.owners_used
     assert FG in st_owned and any(o >= WORKER_BASE for o in st_owned)
     check_records(job, expected_records, full=True)
 
@@ -469,7 +471,7 @@ def test_foreground_cost_is_one_block(make_engine) -> None:
     job.sync_range(12345678, 1)
     assert job.pages_done == 512
     assert int(np.count_nonzero(job.block_states() != PENDING)) == 1
-    assert FG in job._owners_used
+    assert FG in job.owners_used
 
 
 def _wait_for_worker_block(job: MemmapJob, owner: int, timeout: float = 10) -> int:
@@ -518,7 +520,7 @@ def test_no_replacement_possible_falls_back_to_a_thread(make_engine, expected_re
     def cannot_start(slot: int, fork: bool) -> None:
         raise OSError(errno.EMFILE, "no more processes for you")
 
-    eng._start_worker = cannot_start  # type: ignore[method-assign]
+    eng.pool.start_worker = cannot_start  # type: ignore[method-assign]
     job = eng.create_job(spec(1 << 18, ns_per_page=2000))
     _wait_for_worker_block(job, WORKER_BASE)
     os.kill(eng.worker_pids()[0], signal.SIGKILL)
@@ -552,3 +554,133 @@ def test_forked_workers_do_not_run_the_parents_signal_handlers(make_engine, tmp_
         assert job.wait(30)
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _wait_for_claim(job: MemmapJob, timeout: float = 20) -> None:
+    """Until some initializer holds a block (a run is in flight)."""
+    deadline = time.monotonic() + timeout
+    while not ((job.block_states() > DONE).any()):
+        assert time.monotonic() < deadline, "no run started"
+        time.sleep(0.005)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_new_ns_per_page_reaches_runs_in_flight(make_engine, workers: int, expected_records) -> None:
+    """A run sleeping for a huge floor picks up a new value at once (one block = one run of
+    3300 s at the old value)."""
+    eng = make_engine(workers)
+    job = eng.create_job(spec(2 * 32768, align_pages=32768, ns_per_page=100_000_000))
+    _wait_for_claim(job)
+    assert job.pages_done == 0
+    t0 = time.monotonic()
+    job.ns_per_page = 0
+    assert job.wait(60), f"still active {time.monotonic() - t0:.1f} s after ns_per_page = 0"
+    assert (job.debug_init_counts() == 1).all()
+    check_records(job, expected_records)
+
+
+def test_page_floor_follows_the_current_rate() -> None:
+    rate = [1e9]
+    floor = PageFloor(lambda: rate[0])
+    floor.add(1000)
+    assert 990 < floor.owed() <= 1000  # seconds, at 1 s per page
+    rate[0] = 1e6
+    assert 0.9 < floor.owed() <= 1.0  # what is left, at the new rate
+    rate[0] = 0
+    assert floor.owed() == 0
+    rate[0] = 1e9
+    assert floor.owed() == 0  # the debt was cancelled, not just hidden
+
+
+def _stop(pid: int) -> None:
+    os.kill(pid, signal.SIGSTOP)
+
+
+def _cont(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.timeout(120)
+def test_stalled_worker_runs_are_handed_to_the_other(make_engine, expected_records) -> None:
+    eng = make_engine(2, stall_timeout=1.0)
+    pids = eng.worker_pids()
+    job = eng.create_job(spec(4 * 32768, ns_per_page=20000))  # ~2.6 s of floor on one worker
+    _wait_for_worker_block(job, WORKER_BASE)
+    _stop(pids[0])
+    try:
+        t0 = time.monotonic()
+        assert job.wait(60), f"not idle {time.monotonic() - t0:.1f} s after stopping a worker"
+        assert not job.cancelled and job.pages_done == job.pages_total
+        assert eng.handoffs >= 1
+        assert (job.debug_init_counts() == 1).all()
+        check_records(job, expected_records)
+        assert eng.worker_pids() == pids  # stopped, not killed: nothing asked for that
+    finally:
+        _cont(pids[0])
+    # Resumed, its late reports change nothing; it serves the next job.
+    job2 = eng.create_job(spec(1 << 18, name="after"))
+    assert job2.wait(30)
+    assert (job.debug_init_counts() == 1).all()
+    check_records(job, expected_records)
+    check_records(job2, expected_records)
+    fds = memfds()
+    job.release()
+    assert len(memfds()) < len(fds)
+    assert eng.worker_pids() == pids and eng.replacements == 0
+
+
+@pytest.mark.timeout(120)
+def test_release_kills_a_stopped_worker_that_still_maps_the_job(make_engine, expected_records) -> None:
+    fds_before = memfds()
+    eng = make_engine(2, stall_timeout=1.0)
+    pids = eng.worker_pids()
+    job = eng.create_job(spec(2 * 32768, ns_per_page=20000))
+    _wait_for_worker_block(job, WORKER_BASE)
+    _stop(pids[0])
+    try:
+        assert job.wait(60)
+        check_records(job, expected_records)
+        t0 = time.monotonic()
+        job.release()  # waits until no process maps the storage: the stopped one is killed
+        assert time.monotonic() - t0 < 10
+        assert memfds() == fds_before
+        deadline = time.monotonic() + 10
+        while eng.replacements < 1 or len(eng.worker_pids()) < 2:
+            assert time.monotonic() < deadline, "no replacement for the killed worker"
+            time.sleep(0.01)
+        assert pids[0] not in eng.worker_pids() and pids[0] not in children()
+    finally:
+        _cont(pids[0])
+    job2 = eng.create_job(spec(1 << 16, name="after"))
+    assert job2.wait(30)
+    check_records(job2, expected_records)
+
+
+@pytest.mark.timeout(120)
+def test_single_stalled_worker_is_rescued_in_process(make_engine, expected_records) -> None:
+    eng = make_engine(1, stall_timeout=1.0)
+    pid = eng.worker_pids()[0]
+    job = eng.create_job(spec(2 * 32768, ns_per_page=20000))
+    _wait_for_worker_block(job, WORKER_BASE)
+    _stop(pid)
+    try:
+        assert job.wait(60)
+        assert BG in job.owners_used
+        assert (job.debug_init_counts() == 1).all()
+        check_records(job, expected_records)
+    finally:
+        _cont(pid)
+    job2 = eng.create_job(spec(1 << 16, name="after"))
+    assert job2.wait(30)
+
+
+@pytest.mark.timeout(120)
+def test_a_slow_run_is_not_taken_for_a_stall(make_engine) -> None:
+    """One block of 32768 pages at 150 us/page: a single 5 s run, with heartbeats."""
+    eng = make_engine(1, stall_timeout=2.0)
+    job = eng.create_job(spec(32768, align_pages=32768, ns_per_page=150_000))
+    assert job.wait(60)
+    assert eng.handoffs == 0
+    assert job.owners_used == {WORKER_BASE}

@@ -1,9 +1,9 @@
-"""vnvdimm.memmap - the memmap init engine (DESIGN.md §4-§5).
+"""vnvdimm.memmap - the memmap init engine.
 
-Emulates the 2018 "asynchronous + multithreaded memmap init" series as its authors meant it
-(memmap-rfc.md; not its two posted bugs): a device's ``struct page`` records are initialized in
-the background by a pool of worker processes, and any access to a page that is not initialized
-yet initializes the block covering it in the foreground. No FUSE, sysfs or model import here.
+Emulates the 2018 "asynchronous + multithreaded memmap init" patch series as its authors meant it
+(not its two posted bugs): a device's ``struct page`` records are initialized in the background
+by a pool of worker processes, and any access to a page that is not initialized yet initializes
+the block covering it in the foreground. No FUSE, sysfs or model import here.
 
 Usage::
 
@@ -14,6 +14,14 @@ Usage::
                                     storage=MemStorage() | DevStorage(path, offset)))
     job.sync_range(page, n)               # before touching pages [page, page+n)
     job.wait(); job.release(); engine.close()
+
+Rooms
+-----
+``engine`` (the facade: jobs, threads, shutdown) - ``job`` (one device's memmap, foreground sync,
+cancel/release) - ``blockmap`` (block states and sections, pure) - ``lease`` (the storage and who
+uses it) - ``dispatch`` (run queue, dispatcher thread, watchdogs) - ``pool`` (worker processes) -
+``protocol`` (the messages) - ``worker`` (the worker process) - ``storage`` (geometry, mappings, the
+chunk loop) - ``page`` (the record and its initializers).
 
 Model
 -----
@@ -28,25 +36,30 @@ Model
   ``create_job`` is O(1) in the device size.
 * Phase 1 (vmemmap population), per 128 MiB section (2 MiB of records): the first initializer to
   reach a section makes its storage exist (fallocate + ``MADV_POPULATE_WRITE``).
-* Phase 2, per ``align_pages`` block (a numpy uint8 per block: PENDING / claimed-by / DONE).
-  Claims are made only in the engine process under one lock; a dispatcher thread hands each
-  worker runs of up to a section, two in flight. ``sync_range`` claims the pending blocks it
-  covers, initializes them itself and waits for those a worker holds (and takes over those a
-  dead worker gave back). A dead worker's runs are re-queued and a replacement is spawned
-  (fork+exec: threads exist by then); if none can be started, an in-process thread finishes.
+* Phase 2, per ``align_pages`` block (PENDING / claimed-by / DONE). Claims are made only in the
+  engine process, under the job's lock; a dispatcher thread hands each worker runs of up to a
+  section, two in flight. ``sync_range`` claims the pending blocks it covers, initializes them
+  itself and waits for those a worker holds (and takes over those given back). A dead worker's
+  runs are re-queued and a replacement is spawned (fork+exec: threads exist by then); a worker
+  that makes no progress (stopped, swapped out) has its runs handed to the others; while no
+  worker makes progress, an in-process thread initializes.
 * Workers map a job's storage from its creation until it is done (or cancelled), then unmap
   and acknowledge; the engine keeps its own mapping and the memfd until ``release()`` /
-  ``cancel()``, which return once the memory is really freed.
-* ``ns_per_page``: a floor on the time any initialization takes (emulates a slow platform).
+  ``cancel()``, which return once the memory is really freed (a worker that does not
+  acknowledge by then is killed: released storage is never written).
+* ``ns_per_page``: a floor on the time any initialization takes (emulates a slow platform). A
+  new value applies at once, to the runs in flight too.
 * ``mode="sync"``: ``create_job`` returns when the job is done (the pre-series kernel).
 
-API beyond the brief: ``job.release()``, ``job.records()``, ``job.block_states()``,
-``job.workers_used``, ``job.sections_populated``/``sections_total``, ``job.error``,
-``job.debug_init_counts()`` (``MemmapEngine(debug=True)``), ``engine.pause_background()`` /
-``resume_background()`` (tests), ``engine.worker_pids()``, ``engine.replacements``.
+API beyond the kernel's: ``job.release()``, ``job.records()``, ``job.block_states()``,
+``job.workers_used``, ``job.owners_used``, ``job.sections_populated``/``sections_total``,
+``job.error``, ``job.debug_init_counts()`` (``MemmapEngine(debug=True)``),
+``engine.pause_background()`` / ``resume_background()`` (tests), ``engine.worker_pids()``,
+``engine.replacements``, ``engine.handoffs``, ``MemmapEngine(stall_timeout=...)``.
 """
 
-from .engine import JobCancelled, JobSpec, MemmapEngine, MemmapJob
+from .engine import MemmapEngine
+from .job import JobCancelled, JobSpec, MemmapJob
 from .page import PAGE_DTYPE, init_page_reference, init_range, init_range_naive
 from .storage import DevStorage, MemStorage
 

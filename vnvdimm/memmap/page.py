@@ -3,12 +3,13 @@
 Three initializers of the same thing, from slow-and-obvious to fast:
 
 * :func:`init_page_reference` - one record, field by field, in the order of
-  ``memmap_init_one`` (memmap-rfc.md §4.1). The tests' oracle.
+  ``memmap_init_one()`` of the 2018 series (the per-page init it split out of
+  ``memmap_init_zone()``). The tests' oracle.
 * :func:`init_range_naive` - the same per-page, per-field loop over a range, in pure Python:
   the "before" baseline of the benchmark.
 * :func:`init_range` - the engine's vectorized initializer. Fresh storage here is bound by page
   faults, so the only thing worth optimizing is the number of passes over the memory: each chunk
-  is one broadcast copy of a prebuilt template (measurements.md: 5-8 ns/page faulted in for a
+  is one broadcast copy of a prebuilt template (measured on x86_64: 5-8 ns/page faulted in for a
   template copy, vs 20+ for per-field assignment; 2.5 here with a 512-record template), plus a
   column write for the few fields that vary per page (the ``lru`` self-pointers, only on the
   pages that hold the memmap itself).
@@ -173,7 +174,7 @@ def record_address(pfn: int, vmemmap_base: int = VMEMMAP_BASE) -> int:
 def init_page_reference(
     pfn: int, *, nid: int, pgmap: int, has_pgmap: bool, vmemmap_base: int = VMEMMAP_BASE
 ) -> np.ndarray:
-    """One record, initialized as ``memmap_init_one()`` does (memmap-rfc.md §4.1), step by step.
+    """One record, initialized as the series' ``memmap_init_one()`` does, step by step.
 
     Returns a 0-d array of :data:`PAGE_DTYPE` (``.tobytes()`` gives the 64 bytes).
     The pageblock migratetype is not part of the record (it lives in the usemap).
@@ -315,18 +316,23 @@ def init_range(
         tmpl = cache.get(nid=nid, pgmap=pgmap, has_pgmap=has_pgmap, section=section,
                          vmemmap_base=vmemmap_base)
         dst = words[done : done + take]
+        # Every byte of dst is written once, with its final value: a second initializer of the
+        # same records (a stalled worker resuming work handed to another) writes what is
+        # already there, so a reader never sees a record change after it was initialized.
+        out = dst if has_pgmap else np.empty((take, 8), dtype=np.uint64)
         full = take - take % TEMPLATE_PAGES
         if full:
-            np.copyto(dst[:full].reshape(-1, TEMPLATE_PAGES, 8), tmpl)
+            np.copyto(out[:full].reshape(-1, TEMPLATE_PAGES, 8), tmpl)
         if take > full:
-            np.copyto(dst[full:], tmpl[: take - full])
+            np.copyto(out[full:], tmpl[: take - full])
         if not has_pgmap:
             # INIT_LIST_HEAD: both lru words point at the record's own lru field.
             lru = np.arange(pfn, pfn + take, dtype=np.uint64)
             lru *= np.uint64(RECORD_SIZE)
             lru += np.uint64((vmemmap_base + LRU_OFFSET) & 0xFFFFFFFFFFFFFFFF)
-            dst[:, _W_LRU_NEXT] = lru
-            dst[:, _W_LRU_PREV] = lru
+            out[:, _W_LRU_NEXT] = lru
+            out[:, _W_LRU_PREV] = lru
+            np.copyto(dst, out)
         done += take
     if usemap is not None and n:
         base_pb = usemap_first_pfn >> PAGEBLOCK_ORDER

@@ -10,6 +10,10 @@ same bytes as the engine:
   ``offset``; the usemap (pageblock migratetypes) is not part of the altmap in the kernel either
   (it hangs off ``mem_section``), so it gets a small memfd of its own.
 
+Both memfd layouts end with one control page shared by every process mapping the job: word 0
+is the job's ``ns_per_page`` (a float64), read by the initializers between chunks, so a new value
+reaches runs already in flight without a message.
+
 Phase 1 (vmemmap population) of a section = make its record bytes really exist (fallocate for a
 file, then ``MADV_POPULATE_WRITE`` in the populating process' mapping), section by section.
 """
@@ -41,6 +45,9 @@ MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+; n
 # applies the ns_per_page floor. 8192 records = 512 KiB: ~0.1-0.3 ms of work, so a cancel is seen
 # within a fraction of a millisecond while the per-chunk Python overhead stays ~1% of the copy.
 CHUNK_PAGES = 8192
+# Longest sleep for the ns_per_page floor before the floor is looked at again (a new value
+# applies within this time, also to a run that is sleeping).
+FLOOR_SLICE_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -124,8 +131,13 @@ class Geometry:
         return _round_up(max(self.npageblocks, 1), PAGE_SIZE)
 
     @property
-    def memfd_size(self) -> int:
+    def control_offset(self) -> int:
+        """Offset of the control page in the memfd (after the records and the usemap)."""
         return self.memfd_rec_span + self.usemap_span
+
+    @property
+    def memfd_size(self) -> int:
+        return self.control_offset + PAGE_SIZE
 
 
 def create_memfd(geom: Geometry, name: str) -> int:
@@ -158,6 +170,7 @@ class Mapping:
                 self._maps.append(whole)
                 self._rec_map = whole
                 use_map, use_off = whole, geom.memfd_rec_span
+                ctl_map, ctl_off = whole, geom.control_offset
             else:
                 if geom.offset % mmap.ALLOCATIONGRANULARITY:
                     raise ValueError(f"DevStorage offset {geom.offset:#x} is not page aligned")
@@ -171,8 +184,10 @@ class Mapping:
                 if geom.npages:
                     self._rec_map = mmap.mmap(self._file_fd, geom.rec_bytes, offset=geom.offset)
                     self._maps.append(self._rec_map)
-                use_map, use_off = mmap.mmap(memfd, geom.usemap_span), 0
+                # [usemap | control] of the memfd
+                use_map, use_off = mmap.mmap(memfd, geom.usemap_span + PAGE_SIZE), 0
                 self._maps.append(use_map)
+                ctl_map, ctl_off = use_map, geom.usemap_span
         except BaseException:
             self.close()
             raise
@@ -183,7 +198,17 @@ class Mapping:
         else:
             self.words = np.zeros((0, 8), dtype=np.uint64)
         self.usemap = np.frombuffer(use_map, dtype=np.uint8, count=geom.npageblocks, offset=use_off)
+        self._control = np.frombuffer(ctl_map, dtype=np.float64, count=1, offset=ctl_off)
         self._rec_map_len = geom.memfd_rec_span if geom.path is None else geom.rec_bytes
+
+    @property
+    def ns_per_page(self) -> float:
+        """The job's floor, as every process mapping it sees it now."""
+        return float(self._control[0])
+
+    @ns_per_page.setter
+    def ns_per_page(self, value: float) -> None:
+        self._control[0] = value  # one aligned 8-byte store: never seen torn
 
     def populate_section(self, js: int) -> None:
         """Phase 1 for job-relative section ``js``: make its record bytes exist, in this mapping."""
@@ -217,6 +242,7 @@ class Mapping:
     def close(self) -> None:
         self.words = np.zeros((0, 8), dtype=np.uint64)
         self.usemap = np.zeros(0, dtype=np.uint8)
+        self._control = np.zeros(1, dtype=np.float64)
         self._rec_map = None
         for m in self._maps:
             try:
@@ -230,6 +256,35 @@ class Mapping:
             self._file_fd = None
 
 
+class PageFloor:
+    """The ``ns_per_page`` floor of one run, at the rate in force now.
+
+    The floor is a debt in pages: every initialized page adds one, and time pays it off at the
+    current rate (``elapsed / ns_per_page``, the initialization's own time included). Read
+    again at every look, a new rate applies at once to what is still owed: 0 cancels the debt,
+    a larger value makes what is left last longer.
+    """
+
+    def __init__(self, rate: Callable[[], float]) -> None:
+        self._rate = rate
+        self._debt = 0.0
+        self._t = time.monotonic()
+
+    def add(self, pages: int) -> None:
+        self._debt += pages
+
+    def owed(self) -> float:
+        """Seconds still owed at the current rate (0 when nothing is)."""
+        now = time.monotonic()
+        ns = self._rate()
+        if ns <= 0:
+            self._debt = 0.0
+        else:
+            self._debt = max(0.0, self._debt - (now - self._t) / (ns * 1e-9))
+        self._t = now
+        return self._debt * ns * 1e-9 if ns > 0 else 0.0
+
+
 def initialize_pages(
     m: Mapping,
     lo: int,
@@ -237,20 +292,19 @@ def initialize_pages(
     *,
     ensure_section: Callable[[int], None],
     pause: Callable[[float], bool],
-    ns_per_page: float = 0.0,
     cache: TemplateCache | None = None,
 ) -> bool:
     """Initialize job pages [lo, hi) (all outside the reserve) in chunks.
 
     Before the first write into a section, ``ensure_section(js)`` runs phase 1 for it if needed.
-    After every chunk, ``pause(t)`` is called with the time still owed to the ``ns_per_page``
-    floor (0 when none): it sleeps up to ``t`` and returns True if the work must stop (cancel);
-    then this returns False, with the chunks done so far initialized and the rest not.
+    After every chunk, ``pause(t)`` is called (at least once, then until the ``ns_per_page``
+    floor of :attr:`Mapping.ns_per_page` is paid, ``t`` at most :data:`FLOOR_SLICE_S`): it
+    sleeps up to ``t`` and returns True if the work must stop (cancel); then this returns
+    False, with the chunks done so far initialized and the rest not.
     """
     g = m.geom
     cache = cache if cache is not None else thread_cache()
-    t0 = time.monotonic()
-    done = 0
+    floor = PageFloor(lambda: m.ns_per_page)
     p = lo
     words = m.words
     current_section = -1
@@ -267,17 +321,14 @@ def initialize_pages(
         init_range(words[p:end], pfn, nid=g.nid, pgmap=g.pgmap, has_pgmap=has_pgmap,
                    vmemmap_base=g.vmemmap_base, usemap=m.usemap, usemap_first_pfn=g.first_pfn,
                    cache=cache)
-        done += end - p
+        floor.add(end - p)
         p = end
-        owed = t0 + done * ns_per_page * 1e-9 - time.monotonic() if ns_per_page > 0 else 0.0
-        if pause(max(owed, 0.0)):
-            return False
-    m.drop_pages(lo, hi)
-    if ns_per_page > 0:
-        # The floor covers the whole run, including its last chunk.
-        owed = t0 + done * ns_per_page * 1e-9 - time.monotonic()
-        while owed > 0:
-            if pause(owed):
+        owed = floor.owed()
+        while True:
+            if pause(min(owed, FLOOR_SLICE_S)):
                 return False
-            owed = t0 + done * ns_per_page * 1e-9 - time.monotonic()
+            owed = floor.owed()
+            if owed <= 0:
+                break
+    m.drop_pages(lo, hi)
     return True

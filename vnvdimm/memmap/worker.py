@@ -1,25 +1,14 @@
 """The worker process: initializes the runs of pages the engine hands it, nothing else.
 
 A worker never decides what to initialize: every claim is made in the engine process, so a
-worker that dies (even SIGKILL) only loses work the engine still knows is unfinished.
+worker that dies (even SIGKILL) only loses work the engine still knows is unfinished. The
+messages are those of :mod:`.protocol`.
 
-Protocol: pickled tuples over a ``SOCK_SEQPACKET`` socketpair (message boundaries kept, fds passed
-with ``SCM_RIGHTS``). Engine -> worker::
-
-    ("attach", jid, geometry)   + the job's memfd      map the job's storage (kept until detach)
-    ("run", jid, rid, lo, hi, ns_per_page, populate)   initialize job pages [lo, hi)
-    ("cancel", jid)                                    abandon the job's runs, unmap, then ack
-    ("detach", jid)                                    the job is done: unmap, then ack
-    ("exit",)
-
-Worker -> engine::
-
-    ("hello", pid)
-    ("done", jid, rid, populated_sections)
-    ("abandoned", jid, rid)      the run was stopped by a cancel (or the job is unknown)
-    ("cancelled", jid)           ack of "cancel": nothing of the job is mapped any more
-    ("detached", jid)            ack of "detach": same
-    ("error", jid, rid, message) the run failed (e.g. ENOSPC in phase 1)
+Between two chunks of a run (and while it sleeps for the ``ns_per_page`` floor, at most
+``FLOOR_SLICE_S`` at a time) the worker reads what the engine sent meanwhile: a cancel or a
+revoke stops the run in progress at once, an end of a job it is not running is acknowledged
+at once, and a :class:`~.protocol.Progress` goes out when the engine has not heard from it for
+``HEARTBEAT_S``, so a slow run is not taken for a stalled worker.
 """
 
 from __future__ import annotations
@@ -27,19 +16,20 @@ from __future__ import annotations
 import array
 import contextlib
 import os
-import pickle
 import select
 import signal
 import socket
 import sys
+import time
 from collections import deque
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
 
+from . import protocol
 from .page import TemplateCache
+from .protocol import Attach, Cancel, Detach, Exit, Revoke, Run
 from .storage import Geometry, Mapping, initialize_pages
 
-MSG_MAX = 1 << 16
+HEARTBEAT_S = 0.25  # well below the dispatcher's stall bound
 _FD_ARRAY = array.array("i")
 
 
@@ -60,20 +50,24 @@ class Worker:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.jobs: dict[int, _WorkerJob] = {}
-        self.inbox: deque[tuple[tuple[Any, ...], list[int]]] = deque()
+        self.inbox: deque[tuple[protocol.ToWorker, list[int]]] = deque()
         self.exiting = False
         self.cache = TemplateCache()
+        self.current: Run | None = None  # the run in progress
+        self.current_revoked = False
+        self.last_sent = time.monotonic()
 
     # -- transport -----------------------------------------------------------------------------
-    def send(self, msg: tuple[Any, ...]) -> None:
-        self.sock.send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+    def send(self, msg: protocol.FromWorker) -> None:
+        self.sock.send(protocol.encode(msg))
+        self.last_sent = time.monotonic()
 
     def _recv_one(self, block: bool) -> bool:
-        """Receive one message into the inbox. False on EOF (the engine is gone) or nothing ready."""
+        """Receive one message. False on EOF (the engine is gone) or nothing ready."""
         try:
             # (Not socket.recv_fds: in Python 3.11 it ignores its flags argument.)
             data, anc, _flags, _addr = self.sock.recvmsg(
-                MSG_MAX, socket.CMSG_SPACE(4 * _FD_ARRAY.itemsize), 0 if block else socket.MSG_DONTWAIT
+                protocol.MSG_MAX, socket.CMSG_SPACE(4 * _FD_ARRAY.itemsize), 0 if block else socket.MSG_DONTWAIT
             )
         except (BlockingIOError, InterruptedError):
             return False
@@ -89,42 +83,71 @@ class Worker:
                 os.close(fd)
             self.exiting = True
             return False
-        msg = pickle.loads(data)
-        if msg[0] == "cancel":
-            # Runs of a cancelled job still queued here are dropped at once, so the cancel does
-            # not wait behind them; the engine forgets their claims when it gets the ack.
-            jid = msg[1]
-            kept = deque(item for item in self.inbox if not (item[0][0] == "run" and item[0][1] == jid))
-            self.inbox = kept
+        msg = protocol.decode(data)
+        if isinstance(msg, Cancel | Detach):
+            self._end_job(msg)
+        elif isinstance(msg, Revoke):
+            revoked = set(msg.rids)
+            self._drop_queued(lambda m: isinstance(m, Run) and m.rid in revoked)
+            if self.current is not None and self.current.rid in revoked:
+                self.current_revoked = True
+        else:
+            if isinstance(msg, Exit):
+                self.exiting = True
+            self.inbox.append((msg, fds))
+        return True
+
+    def _drop_queued(self, match: Callable[[protocol.ToWorker], bool]) -> None:
+        kept: deque[tuple[protocol.ToWorker, list[int]]] = deque()
+        for item in self.inbox:
+            if match(item[0]):
+                for fd in item[1]:
+                    os.close(fd)
+            else:
+                kept.append(item)
+        self.inbox = kept
+
+    def _end_job(self, msg: Cancel | Detach) -> None:
+        """Drop everything queued for the job; unmap and acknowledge now, or, if a run of it is
+        in progress, stop that run and acknowledge when it has returned."""
+        jid = msg.jid
+        self._drop_queued(lambda m: isinstance(m, Attach | Run) and m.jid == jid)
+        if self.current is not None and self.current.jid == jid:
             job = self.jobs.get(jid)
             if job is not None:
                 job.cancelled = True
-        elif msg[0] == "exit":
-            self.exiting = True
-        self.inbox.append((msg, fds))
-        return True
+            self.inbox.append((msg, []))
+            return
+        self._acknowledge_end(msg)
+
+    def _acknowledge_end(self, msg: Cancel | Detach) -> None:
+        job = self.jobs.pop(msg.jid, None)
+        if job is not None:
+            job.close()
+        self.send(protocol.Cancelled(msg.jid) if isinstance(msg, Cancel) else protocol.Detached(msg.jid))
 
     def _drain(self) -> None:
         while not self.exiting and self._recv_one(block=False):
             pass
 
     def _pause(self, job: _WorkerJob, timeout: float) -> bool:
-        """Sleep up to ``timeout`` (woken early by a message); True if the job must stop."""
-        if timeout > 0 and not self.inbox:
-            try:
+        """Sleep up to ``timeout`` (woken early by a message); True if the run must stop."""
+        if timeout > 0:
+            with contextlib.suppress(InterruptedError):
                 select.select([self.sock], [], [], timeout)
-            except InterruptedError:
-                pass
         self._drain()
-        return job.cancelled or self.exiting
+        run = self.current
+        if run is not None and time.monotonic() - self.last_sent >= HEARTBEAT_S:
+            self.send(protocol.Progress(run.jid, run.rid))
+        return job.cancelled or self.current_revoked or self.exiting
 
     # -- work ----------------------------------------------------------------------------------
-    def _run(self, jid: int, rid: int, lo: int, hi: int, ns_per_page: float, populate: list[int]) -> None:
-        job = self.jobs.get(jid)
+    def _run(self, run: Run) -> None:
+        job = self.jobs.get(run.jid)
         if job is None or job.cancelled:
-            self.send(("abandoned", jid, rid))
+            self.send(protocol.RunAbandoned(run.jid, run.rid))
             return
-        need = set(populate)
+        need = set(run.populate)
         newly: list[int] = []
 
         def ensure_section(js: int) -> None:
@@ -133,22 +156,20 @@ class Worker:
                 job.populated.add(js)
                 newly.append(js)
 
+        self.current, self.current_revoked = run, False
         try:
-            ok = initialize_pages(job.mapping, lo, hi, ensure_section=ensure_section,
-                                  pause=lambda t: self._pause(job, t), ns_per_page=ns_per_page,
-                                  cache=self.cache)
+            ok = initialize_pages(job.mapping, run.lo, run.hi, ensure_section=ensure_section,
+                                  pause=lambda t: self._pause(job, t), cache=self.cache)
         except Exception as exc:  # report, keep serving other jobs
-            self.send(("error", jid, rid, f"{type(exc).__name__}: {exc}"))
+            self.send(protocol.RunFailed(run.jid, run.rid, f"{type(exc).__name__}: {exc}"))
             return
-        self.send(("done", jid, rid, newly) if ok else ("abandoned", jid, rid))
-
-    def _detach(self, jid: int) -> None:
-        job = self.jobs.pop(jid, None)
-        if job is not None:
-            job.close()
+        finally:
+            self.current = None
+        self.send(protocol.RunDone(run.jid, run.rid, tuple(newly)) if ok
+                  else protocol.RunAbandoned(run.jid, run.rid))
 
     def serve(self) -> None:
-        self.send(("hello", os.getpid()))
+        self.send(protocol.Hello(os.getpid()))
         while True:
             if not self.inbox:
                 if self.exiting:
@@ -156,23 +177,17 @@ class Worker:
                 self._recv_one(block=True)  # a message, or EOF (sets exiting)
                 continue
             msg, fds = self.inbox.popleft()
-            kind = msg[0]
             try:
-                if kind == "attach":
-                    jid, geom = msg[1], msg[2]
+                if isinstance(msg, Attach):
                     try:
-                        self.jobs[jid] = _WorkerJob(geom, fds[0])
+                        self.jobs[msg.jid] = _WorkerJob(msg.geometry, fds[0])
                     except Exception as exc:
-                        self.send(("error", jid, -1, f"attach: {type(exc).__name__}: {exc}"))
-                elif kind == "run":
-                    self._run(*msg[1:])
-                elif kind == "cancel":
-                    self._detach(msg[1])
-                    self.send(("cancelled", msg[1]))
-                elif kind == "detach":
-                    self._detach(msg[1])
-                    self.send(("detached", msg[1]))
-                elif kind == "exit":
+                        self.send(protocol.AttachFailed(msg.jid, f"attach: {type(exc).__name__}: {exc}"))
+                elif isinstance(msg, Run):
+                    self._run(msg)
+                elif isinstance(msg, Cancel | Detach):
+                    self._acknowledge_end(msg)  # (one whose run was in progress when it came)
+                elif isinstance(msg, Exit):
                     return
             finally:
                 # The mapping holds the memory; the fd itself is not needed after attach.
@@ -180,8 +195,9 @@ class Worker:
                     os.close(fd)
 
     def shutdown(self) -> None:
-        for jid in list(self.jobs):
-            self._detach(jid)
+        for job in self.jobs.values():
+            job.close()
+        self.jobs.clear()
 
 
 def worker_main(fd: int, unblock: Iterable[signal.Signals] | None = None) -> None:
