@@ -31,16 +31,23 @@ def test_reserve_blocks_start_done_and_pages_exclude_the_reserve() -> None:
     assert not bm.initialized(0, 600).any()
 
 
-def test_claim_next_stays_in_one_section_and_respects_the_run_size() -> None:
-    # first pfn 100 pages before a section boundary, align 1: the first run stops there
-    g = geometry(npages=3 * P.PAGES_PER_SECTION, align=1, first_pfn=P.PAGES_PER_SECTION - 100)
+def test_claim_next_ends_runs_at_section_boundaries_and_respects_the_run_size() -> None:
+    # first pfn 100 pages before a section boundary, align 1
+    sec = P.PAGES_PER_SECTION
+    g = geometry(npages=5 * sec, align=1, first_pfn=sec - 100)
     bm = BlockMap(g)
-    assert bm.claim_next(FG, 10**9) == (0, 100)
+    assert bm.claim_next(FG, 1000) == (0, 100)  # a small run stops at the boundary
     assert bm.claim_next(FG, 1000) == (100, 1100)
-    assert bm.claim_next(BG, 10**9) == (1100, 100 + P.PAGES_PER_SECTION)
+    assert bm.claim_next(BG, 2 * sec) == (1100, 100 + 2 * sec)  # a big one ends on one
+    assert bm.claim_next(BG, 10**9) == (100 + 2 * sec, 5 * sec)  # the end of the job
     # a block bigger than a section is still one run
-    big = BlockMap(geometry(npages=4 * P.PAGES_PER_SECTION, align=2 * P.PAGES_PER_SECTION))
+    big = BlockMap(geometry(npages=4 * sec, align=2 * sec))
     assert big.claim_next(FG, 1) == (0, 1)
+    # a run stops at the first block someone holds
+    bm = BlockMap(geometry(npages=64 * 512, align=512))
+    bm.claim_pending_in(10, 11, FG, 1)
+    assert bm.claim_next(BG, 10**9) == (0, 10)
+    assert bm.claim_next(BG, 10**9) == (11, 64)
 
 
 def test_complete_is_idempotent_and_refuses_blocks_held_by_others() -> None:
@@ -91,8 +98,11 @@ class BlockMapMachine(RuleBasedStateMachine):
         assert self.model.index(PENDING) == b0  # block order
         a = self.g.align_pages
         assert b1 - b0 <= max(1, max_pages // a)
-        sections = {(self.g.first_pfn + b * a) >> P.PFN_SECTION_SHIFT for b in range(b0, b1)}
-        assert len(sections) == 1 or b1 - b0 == 1
+        first_section = (self.g.first_pfn + b0 * a) >> P.PFN_SECTION_SHIFT
+        end_pfn = self.g.first_pfn + b1 * a
+        # one block, or within the first section, or ending on a section boundary (or the job's end)
+        assert (b1 - b0 == 1 or (end_pfn - 1) >> P.PFN_SECTION_SHIFT == first_section
+                or end_pfn % P.PAGES_PER_SECTION == 0 or b1 == len(self.model))
         self.model[b0:b1] = [owner] * (b1 - b0)
         self.held[owner].append(r)
 

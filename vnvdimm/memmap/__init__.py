@@ -37,8 +37,8 @@ Model
 * Phase 1 (vmemmap population), per 128 MiB section (2 MiB of records): the first initializer to
   reach a section makes its storage exist (fallocate + ``MADV_POPULATE_WRITE``).
 * Phase 2, per ``align_pages`` block (PENDING / claimed-by / DONE). Claims are made only in the
-  engine process, under the job's lock; a dispatcher thread hands each worker runs of up to a
-  section, two in flight. ``sync_range`` claims the pending blocks it covers, initializes them
+  engine process, under the job's lock; a dispatcher thread hands each worker runs of a few
+  sections, two in flight. ``sync_range`` claims the pending blocks it covers, initializes them
   itself and waits for those a worker holds (and takes over those given back). A dead worker's
   runs are re-queued and a replacement is spawned (fork+exec: threads exist by then); a worker
   that makes no progress (stopped, swapped out) has its runs handed to the others; while no

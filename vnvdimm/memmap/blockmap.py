@@ -119,9 +119,9 @@ class BlockMap:
 
     # -- transitions -------------------------------------------------------------------------------
     def claim_next(self, owner: int, max_pages: int) -> tuple[int, int] | None:
-        """Claim the next run of PENDING blocks in block order: within one section (unless a
-        block is bigger), at most ``max_pages`` (at least one block), stopping at the first
-        block that is not PENDING."""
+        """Claim the next run of PENDING blocks in block order: at least one block, at most
+        ``max_pages`` (rounded down to blocks), ending at a section boundary when it reaches
+        past its first section, and stopping at the first block that is not PENDING."""
         st = self._state
         nb = len(st)
         c = self._cursor
@@ -138,12 +138,18 @@ class BlockMap:
             return None
         g = self.geom
         a = g.align_pages
-        first_pfn_of_block = g.first_pfn + b0 * a
-        section_end = (((first_pfn_of_block >> PFN_SECTION_SHIFT) + 1) << PFN_SECTION_SHIFT) - g.first_pfn
-        limit = min(nb, b0 + max(1, max_pages // a), max(b0 + 1, section_end // a))
+        start_pfn = g.first_pfn + b0 * a
+        end_pfn = start_pfn + max(max_pages, a)
+        section_end = end_pfn >> PFN_SECTION_SHIFT << PFN_SECTION_SHIFT
+        if section_end > start_pfn:
+            end_pfn = section_end  # whole sections: phase 1 and the templates go by section
+        limit = min(nb, max(b0 + 1, (end_pfn - g.first_pfn) // a))
         seg = st[b0:limit]
-        stop = np.flatnonzero(seg != PENDING)
-        b1 = b0 + (int(stop[0]) if stop.size else len(seg))
+        if (seg == PENDING).all():
+            b1 = limit  # the usual case
+        else:
+            stop = np.flatnonzero(seg != PENDING)
+            b1 = b0 + (int(stop[0]) if stop.size else len(seg))
         st[b0:b1] = owner
         self._cursor = b1
         return b0, b1
@@ -170,8 +176,6 @@ class BlockMap:
         """
         seg = self._state[b0:b1]
         mine = seg == owner
-        if not (mine | (seg == DONE)).all():
-            raise ClaimError(f"blocks [{b0}, {b1}) completed by {owner} but held by {np.unique(seg).tolist()}")
         if mine.all():  # the usual case: the whole run
             seg[:] = DONE
             if self._completions is not None:
@@ -179,6 +183,8 @@ class BlockMap:
             lo, hi = self.pages_of(b0, b1)
             pages, nblocks = max(0, hi - lo), b1 - b0
         else:
+            if not (mine | (seg == DONE)).all():
+                raise ClaimError(f"blocks [{b0}, {b1}) completed by {owner} but held by {np.unique(seg).tolist()}")
             idx = np.flatnonzero(mine) + b0
             if not idx.size:
                 return 0

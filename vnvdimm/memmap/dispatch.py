@@ -223,7 +223,9 @@ class Dispatcher:
             while True:
                 # (This loop runs once per completed run: ~0.3 ms apart with 2 workers, on CPUs the
                 # workers need, so it does little when nothing is due.)
-                for key, _ev in sel.select(self._timeout()):
+                due = self._next_deadline()
+                timeout = None if due is None else max(0.0, due - time.monotonic()) + 0.01
+                for key, _ev in sel.select(timeout):
                     if key.data is None:
                         with contextlib.suppress(BlockingIOError):
                             while os.read(self._wake_r, 4096):
@@ -233,8 +235,9 @@ class Dispatcher:
                 if self._cmds and self._process_cmds(sel):
                     return
                 now = time.monotonic()
-                self._check_acks(now)
-                self._check_stalls(now)
+                if due is not None and now >= due:
+                    self._check_acks(now)
+                    self._check_stalls(now)
                 self._fill(now)
         except Exception:
             log.exception("memmap dispatcher crashed")
@@ -242,14 +245,12 @@ class Dispatcher:
         finally:
             sel.close()
 
-    def _timeout(self) -> float | None:
-        """Seconds until the next deadline (a kill, a stall), None when nothing is due."""
+    def _next_deadline(self) -> float | None:
+        """When the next kill or stall is due (monotonic time), None when nothing is."""
         deadlines = [dl for t in self._tracked.values() for dl in t.acks.values() if dl is not None]
         deadlines += [r.heard_at + self.stall_timeout for r in self._runs.values()
                       if r.outstanding and not r.stalled]
-        if not deadlines:
-            return None
-        return max(0.0, min(deadlines) - time.monotonic()) + 0.01
+        return min(deadlines, default=None)
 
     def _process_cmds(self, sel: selectors.BaseSelector) -> bool:
         """Run queued commands; True when told to stop (then the workers are stopped)."""
