@@ -48,7 +48,7 @@ def memfds() -> set[str]:
 def children() -> set[int]:
     pids: set[int] = set()
     for f in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
-        with open(f) as fh:
+        with contextlib.suppress(FileNotFoundError), open(f) as fh:  # (a thread may just have ended)
             pids.update(int(p) for p in fh.read().split())
     return pids
 
