@@ -172,13 +172,14 @@ class Dispatcher:
         self._tracked: dict[int, _Tracked] = {}
         self._runs: dict[WorkerHandle, _Runs] = {}
         self._run_ids = itertools.count(1)
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_r = self._wake_w = -1
         self._thread = threading.Thread(target=self._loop, name="memmap-dispatch", daemon=True)
         self._stopping = False
         self.handoffs = 0  # runs handed from a stalled worker to others
 
     # -- called from any thread ------------------------------------------------------------------
     def start(self) -> None:
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread.start()
 
     def add_job(self, job: MemmapJob) -> None:
@@ -199,8 +200,9 @@ class Dispatcher:
             self._thread.join(REAP_TIMEOUT_S * 2 + 1)
         self.pool.abandon()
         for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         self._wake_r = self._wake_w = -1
 
     def wake(self) -> None:
