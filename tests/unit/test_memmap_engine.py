@@ -6,6 +6,7 @@ import contextlib
 import errno
 import glob
 import os
+import pickle
 import random
 import signal
 import threading
@@ -24,6 +25,7 @@ from vnvdimm.memmap import (
     MemmapJob,
     MemStorage,
     init_page_reference,
+    protocol,
 )
 from vnvdimm.memmap import page as P
 from vnvdimm.memmap.blockmap import BG, DONE, FG, PENDING, WORKER_BASE
@@ -684,3 +686,16 @@ def test_a_slow_run_is_not_taken_for_a_stall(make_engine) -> None:
     assert job.wait(60)
     assert eng.handoffs == 0
     assert job.owners_used == {WORKER_BASE}
+
+
+def test_protocol_messages_round_trip_and_nothing_else_decodes() -> None:
+    g = spec(1000).geometry()
+    for msg in (protocol.Attach(1, g), protocol.Run(1, 7, 0, 512, (0,)), protocol.Revoke(1, (7, 8)),
+                protocol.Cancel(1), protocol.Detach(1), protocol.Exit(), protocol.Hello(42),
+                protocol.Progress(1, 7), protocol.RunDone(1, 7, ()), protocol.RunAbandoned(1, 7),
+                protocol.RunFailed(1, 7, "ENOSPC"), protocol.AttachFailed(1, "EMFILE"),
+                protocol.Cancelled(1), protocol.Detached(1)):
+        assert protocol.decode(protocol.encode(msg)) == msg
+        assert len(protocol.encode(msg)) < protocol.MSG_MAX
+    with pytest.raises(TypeError):
+        protocol.decode(pickle.dumps(("run", 1, 7, 0, 512, 0.0, [])))  # the old positional tuples
