@@ -173,7 +173,7 @@ class Dispatcher:
         self._runs: dict[WorkerHandle, _Runs] = {}
         self._run_ids = itertools.count(1)
         self._wake_r = self._wake_w = -1
-        self._thread = threading.Thread(target=self._loop, name="memmap-dispatch", daemon=True)
+        self._thread = threading.Thread(target=self._dispatch_loop, name="memmap-dispatch", daemon=True)
         self._stopping = False
         self.handoffs = 0  # runs handed from a stalled worker to others
 
@@ -215,7 +215,7 @@ class Dispatcher:
         self.wake()
 
     # -- the thread ----------------------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _dispatch_loop(self) -> None:
         sel = selectors.DefaultSelector()
         sel.register(self._wake_r, selectors.EVENT_READ, None)
         for w in self.pool.live():
