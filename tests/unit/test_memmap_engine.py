@@ -131,6 +131,10 @@ def test_async_job_goes_idle_with_correct_records(make_engine, workers: int, exp
 def test_big_job_checksum(make_engine, expected_records) -> None:
     """4 GiB of pmem = 1 Mi pages: full comparison with an independently built array + samples."""
     eng = make_engine(2)
+    deadline = time.monotonic() + 30
+    while eng.workers_ready() < 2:  # (a loaded host may not have run the second one yet)
+        assert time.monotonic() < deadline, "the workers never said hello"
+        time.sleep(0.01)
     job = eng.create_job(spec(1 << 20))
     assert job.wait(60)
     check_records(job, expected_records, full=True, sample=300)

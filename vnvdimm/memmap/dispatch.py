@@ -464,6 +464,10 @@ class Dispatcher:
         if not self._stopping and self.all_stalled():
             self._on_pool_stuck()
 
+    def ready_workers(self) -> int:
+        """Live workers that said hello (called from other threads too: a snapshot)."""
+        return sum(1 for w in self.pool.live() if (runs := self._runs.get(w)) is not None and runs.ready)
+
     def all_stalled(self) -> bool:
         """No live worker that makes progress (none left, or every one stalled)."""
         for w in self.pool.live():

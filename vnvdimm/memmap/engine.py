@@ -98,6 +98,10 @@ class MemmapEngine:
         """Runs handed from a stalled worker to others."""
         return self._dispatcher.handoffs if self._dispatcher is not None else 0
 
+    def workers_ready(self) -> int:
+        """Workers serving (they said hello): those a new job's runs can go to at once."""
+        return self._dispatcher.ready_workers() if self._dispatcher is not None else 0
+
     def worker_pids(self) -> list[int]:
         """Pids of the live worker processes (for tests and status)."""
         return self.pool.pids()
