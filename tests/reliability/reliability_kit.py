@@ -8,6 +8,7 @@ Durations: ``VNVDIMM_STRESS_SECONDS`` (default 8) scales the stress tests; the f
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,14 @@ def e820(*regions: str, workers: int = 2, ns_per_page: int = 0, mode: str = "asy
 SMALL = ("64M fsdax dev", "64M devdax mem")
 PFN = "sys/bus/nd/devices/pfn0.1"
 DAX = "sys/bus/nd/devices/dax1.1"
+
+
+def worker_in_run(pid: int) -> bool:
+    """A memmap worker inside a run: it sleeps for the ns_per_page floor in select (pselect6
+    on x86_64), where an idle (or still starting) worker waits in recvmsg, or runs Python."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/syscall") as f:
+        return f.read().split()[0] in ("23", "270")
+    return False
 
 
 # ---------------------------------------------------------------- memmap records

@@ -11,21 +11,11 @@ import re
 import signal
 import time
 
-from reliability_kit import DAX, PFN, SMALL, alive, check_records, children, e820, wait_for
+from reliability_kit import DAX, PFN, SMALL, alive, check_records, children, e820, wait_for, worker_in_run
 
 WORKERS = 2
 # 2 x 16384 pages at 100 us/page: ~1.6 s of floor per device on two workers, ~3.3 s on one.
 NS_PER_PAGE = 100_000
-
-
-SELECT_SYSCALLS = {"23", "270"}  # select, pselect6 (x86_64)
-
-
-def syscall(pid: int) -> str:
-    """The number of the system call pid is blocked in ("running" when it is not)."""
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/syscall") as f:
-        return f.read().split()[0]
-    return ""
 
 
 def pages(m, dev: str) -> tuple[int, int]:  # type: ignore[no-untyped-def]
@@ -89,7 +79,7 @@ def test_new_ns_per_page_applies_to_runs_in_flight(make_mount, figures, shm_unch
     # Both workers asleep inside a run: a worker waits for its next message in recvmsg, and
     # sleeps for the floor in select (pselect6 on x86_64).
     pool = wait_for(lambda: (c := children(m.pid)) and len(c) == WORKERS and c, 10, "the worker pool")
-    wait_for(lambda: all(syscall(p) in SELECT_SYSCALLS for p in pool), 30, "both workers inside a run")
+    wait_for(lambda: all(worker_in_run(p) for p in pool), 30, "both workers inside a run")
     for dev in (PFN, DAX):
         assert pages(m, dev)[0] == 0
         m.write(f"{dev}/memmap/ns_per_page", b"0\n")

@@ -11,7 +11,7 @@ import signal
 import time
 
 from mount_kit import memmap_state
-from reliability_kit import DAX, PFN, SMALL, alive, check_records, children, e820, wait_for
+from reliability_kit import DAX, PFN, SMALL, alive, check_records, children, e820, wait_for, worker_in_run
 
 WORKERS = 2
 # 16384 pages per device at 0.3 ms/page on 2 workers: each memmap takes ~5 s, so a kill
@@ -39,6 +39,8 @@ def test_sigkill_workers_mid_job(make_mount, figures, shm_unchanged) -> None:  #
         pool = children(m.pid)
         assert len(pool) == WORKERS, f"pool has {len(pool)} workers before kill {i}"
         victim = pool[i % WORKERS]
+        # (a replacement spawned for the last kill may still be starting: it holds no runs yet)
+        wait_for(lambda v=victim: worker_in_run(v), 60, f"worker {victim} to be inside a run")
         os.kill(victim, signal.SIGKILL)
         killed.append(victim)
         figures.add(faults=1)
