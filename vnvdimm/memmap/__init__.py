@@ -1,9 +1,9 @@
-"""vnvdimm.memmap - the memmap init engine.
+"""vnvdimm.memmap - the memmap init engine (docs/design.md, "Memmap initialization").
 
-Emulates the 2018 "asynchronous + multithreaded memmap init" patch series as its authors meant it
-(not its two posted bugs): a device's ``struct page`` records are initialized in the background
-by a pool of worker processes, and any access to a page that is not initialized yet initializes
-the block covering it in the foreground. No FUSE, sysfs or model import here.
+Emulates the 2018 "asynchronous + multithreaded memmap init" series as its authors meant it
+(docs/memmap-abi.md; not its two posted bugs): a device's ``struct page`` records are initialized in
+the background by a pool of worker processes, and any access to a page that is not initialized
+yet initializes the block covering it in the foreground. No FUSE, sysfs or model import here.
 
 Usage::
 
@@ -37,8 +37,8 @@ Model
 * Phase 1 (vmemmap population), per 128 MiB section (2 MiB of records): the first initializer to
   reach a section makes its storage exist (fallocate + ``MADV_POPULATE_WRITE``).
 * Phase 2, per ``align_pages`` block (PENDING / claimed-by / DONE). Claims are made only in the
-  engine process, under the job's lock; a dispatcher thread hands each worker runs of a few
-  sections, two in flight. ``sync_range`` claims the pending blocks it covers, initializes them
+  engine process, under the job's lock; a dispatcher thread hands each worker runs of up to a
+  section, two in flight. ``sync_range`` claims the pending blocks it covers, initializes them
   itself and waits for those a worker holds (and takes over those given back). A dead worker's
   runs are re-queued and a replacement is spawned (fork+exec: threads exist by then); a worker
   that makes no progress (stopped, swapped out) has its runs handed to the others; while no
@@ -51,11 +51,12 @@ Model
   new value applies at once, to the runs in flight too.
 * ``mode="sync"``: ``create_job`` returns when the job is done (the pre-series kernel).
 
-API beyond the kernel's: ``job.release()``, ``job.records()``, ``job.block_states()``,
-``job.workers_used``, ``job.owners_used``, ``job.sections_populated``/``sections_total``,
-``job.error``, ``job.debug_init_counts()`` (``MemmapEngine(debug=True)``),
-``engine.pause_background()`` / ``resume_background()`` (tests), ``engine.worker_pids()``,
-``engine.replacements``, ``engine.handoffs``, ``MemmapEngine(stall_timeout=...)``.
+API beyond what the model needs: ``job.release()``, ``job.records()``, ``job.block_states()``,
+``job.workers_used``, ``job.sections_populated``/``sections_total``, ``job.error``,
+``job.debug_init_counts()`` (``MemmapEngine(debug=True)``), ``engine.pause_background()`` /
+``resume_background()`` (tests), ``engine.worker_pids()``, ``engine.replacements``;
+``job.owners_used``, ``engine.handoffs``, ``engine.workers_ready()``,
+``MemmapEngine(stall_timeout=...)``.
 """
 
 from .engine import MemmapEngine

@@ -3,14 +3,13 @@
 Three initializers of the same thing, from slow-and-obvious to fast:
 
 * :func:`init_page_reference` - one record, field by field, in the order of
-  ``memmap_init_one()`` of the 2018 series (the per-page init it split out of
-  ``memmap_init_zone()``). The tests' oracle.
+  ``memmap_init_one`` (docs/memmap-abi.md, "A page record"). The tests' oracle.
 * :func:`init_range_naive` - the same per-page, per-field loop over a range, in pure Python:
   the "before" baseline of the benchmark.
 * :func:`init_range` - the engine's vectorized initializer. Fresh storage here is bound by page
   faults, so the only thing worth optimizing is the number of passes over the memory: each chunk
-  is one broadcast copy of a prebuilt template (measured on x86_64: 5-8 ns/page faulted in for a
-  template copy, vs 20+ for per-field assignment; 2.5 here with a 512-record template), plus a
+  is one broadcast copy of a prebuilt template (measured on a 2-vCPU guest: 5-8 ns/page faulted
+  in for a template copy, vs 20+ for per-field assignment; 2.5 here with a 512-record template), plus a
   column write for the few fields that vary per page (the ``lru`` self-pointers, only on the
   pages that hold the memmap itself).
 
@@ -174,7 +173,7 @@ def record_address(pfn: int, vmemmap_base: int = VMEMMAP_BASE) -> int:
 def init_page_reference(
     pfn: int, *, nid: int, pgmap: int, has_pgmap: bool, vmemmap_base: int = VMEMMAP_BASE
 ) -> np.ndarray:
-    """One record, initialized as the series' ``memmap_init_one()`` does, step by step.
+    """One record, initialized as ``memmap_init_one()`` does (docs/memmap-abi.md), step by step.
 
     Returns a 0-d array of :data:`PAGE_DTYPE` (``.tobytes()`` gives the 64 bytes).
     The pageblock migratetype is not part of the record (it lives in the usemap).
