@@ -6,26 +6,51 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 from mount_kit import alive, fuse_mounts_under
 
 CASES = Path(__file__).resolve().parent / "watchdog_cases"
 
 
+def daemons_under(base: Path) -> list[int]:
+    """vnvdimm daemons (and workers) whose command line names a path under base."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"vnvdimm.cli" in cmd and str(base).encode() in cmd:
+                out.append(int(entry))
+    return out
+
+
 def test_a_hung_echo_sync_fails_its_test_within_its_bound(tmp_path: Path) -> None:
     bound = 8
     t0 = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "--basetemp",
-                          str(tmp_path / "inner"), "--timeout", "600", str(CASES / "hung_sync.py")],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HUNG_SYNC_BOUND": str(bound)}, cwd=CASES.parents[2])
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "--basetemp",
+                             str(tmp_path / "inner"), "--timeout", "600", str(CASES / "hung_sync.py")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HUNG_SYNC_BOUND": str(bound)}, cwd=CASES.parents[2])
+    try:
+        out, _ = proc.communicate(timeout=bound + 120)
+    except subprocess.TimeoutExpired:
+        # Without the watchdog the inner test stays in the kernel's FUSE wait even past
+        # SIGKILL: only the death of its daemon releases it.
+        for daemon in daemons_under(tmp_path):
+            os.kill(daemon, signal.SIGKILL)
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"the hung test outlived its bound by 120 s: the watchdog did not end it\n{out[-3000:]}")
     took = time.monotonic() - t0
-    out = res.stdout + res.stderr
-    assert res.returncode == 1, out[-3000:]
+    assert proc.returncode == 1, out[-3000:]
     assert took < bound + 60, f"the hung test took {took:.1f} s (bound {bound} s)"
     daemon = int(re.search(r"daemon (\d+)", out).group(1))  # type: ignore[union-attr]
     # Failed by the watchdog, with what it saw: the daemon's stacks (the thread waiting in
