@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vnvdimm.fuse import fusermount
 from vnvdimm.topology.config import ConfigError, TopologyConfig
 from vnvdimm.topology.modules import PlatformModules
 from vnvdimm.topology.platform import Platform, StateDir, build_system, provision
@@ -80,18 +81,26 @@ def lazy_unmount(path: Path) -> None:
         subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
 
 
-def check_mountpoint(mountpoint: Path) -> None:
+def check_mountpoint(mountpoint: Path, allow_other: bool = False) -> None:
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse) or run with --device /dev/fuse")
-    if shutil.which("fusermount3") is None:
-        raise MountError("fusermount3 not found: install the fuse3 package (apt-get install fuse3)")
+    try:
+        fusermount.check_can_mount(allow_other)
+    except fusermount.FusermountError as e:
+        raise MountError(str(e)) from None
     if is_dead_mount(mountpoint):
         print(f"vnvdimm: {mountpoint}: cleaning up the mount of a daemon that died", file=sys.stderr)
         lazy_unmount(mountpoint)
+    if not os.path.lexists(mountpoint):
+        raise MountError(f"{mountpoint}: no such directory: create it first (mkdir -p {mountpoint})")
     if not mountpoint.is_dir():
-        raise MountError(f"{mountpoint}: not a directory")
+        raise MountError(f"{mountpoint}: not a directory: mount on a directory")
     if str(mountpoint) in fuse_mounts() or os.path.ismount(mountpoint):
         raise MountError(f"{mountpoint}: already a mount point (busy); unmount it first")
+    with contextlib.suppress(OSError), os.scandir(mountpoint) as entries:
+        if any(True for _ in entries):
+            print(f"vnvdimm: warning: {mountpoint} is not empty; its files are hidden while mounted",
+                  file=sys.stderr)
 
 
 class StateLock:
@@ -133,7 +142,7 @@ class MountOptions:
 
 def prepare(opts: MountOptions) -> tuple[StateDir, Platform, StateLock]:
     """Everything that can fail with a clear message, before daemonizing."""
-    check_mountpoint(opts.mountpoint)
+    check_mountpoint(opts.mountpoint, opts.allow_other)
     state = StateDir(opts.state_dir)
     try:
         state.path.mkdir(parents=True, exist_ok=True)
@@ -346,7 +355,11 @@ def mount(opts: MountOptions) -> int:
         print(f"vnvdimm: {e}", file=sys.stderr)
         return 1
     if opts.foreground:
-        return run(opts, state, platform, lock, None)
+        try:
+            return run(opts, state, platform, lock, None)
+        except fusermount.FusermountError as e:
+            print(f"vnvdimm: mount of {opts.mountpoint} failed: {e}", file=sys.stderr)
+            return 1
 
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -359,18 +372,22 @@ def mount(opts: MountOptions) -> int:
         code = 1
         try:
             code = run(opts, state, platform, lock, wfd)
+        except fusermount.FusermountError as e:  # the mount was refused: fusermount3's words
+            log.error("mount refused: %s", e)
+            with contextlib.suppress(OSError):
+                os.write(wfd, f"error: {e}\n".encode())
         except BaseException as e:  # reported through the pipe and the log
             log.exception("daemon failed")
             with contextlib.suppress(OSError):
-                os.write(wfd, f"error: {e}\n".encode())
+                os.write(wfd, f"error: {type(e).__name__}: {e}\n".encode())
         finally:
             os._exit(code)
     os.close(wfd)
     answer, status = _wait_ready(rfd, pid)
     if answer.startswith("ok"):
         return 0
-    message = answer.strip() or f"daemon exited with status {status}"
-    print(f"vnvdimm: mount of {opts.mountpoint} failed: {message} (see {state.path / 'vnvdimm.log'})",
+    message = answer.strip().removeprefix("error: ") or f"the daemon exited with status {status}"
+    print(f"vnvdimm: mount of {opts.mountpoint} failed: {message} (details in {state.path / 'vnvdimm.log'})",
           file=sys.stderr)
     return 1
 

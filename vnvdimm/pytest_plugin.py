@@ -9,13 +9,13 @@ Fixtures:
 * ``vnvdimm_testbed_factory``: ``factory(topology=None, **options) -> Testbed``, started;
   every test bed it made is stopped after the test.
 
-Tests using them are skipped (not failed) where a test bed cannot run: not root, or no
-/dev/fuse.
+Tests using them are skipped (not failed), with the reason, where a test bed cannot run:
+no /dev/fuse, or an ordinary user on a system that does not let users mount FUSE file systems
+or make user namespaces (see :func:`vnvdimm.testbed.unsupported_reason`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,10 +29,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _skip_if_unsupported() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("vnvdimm test beds need root (FUSE mounts, mount namespaces)")
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("vnvdimm test beds need /dev/fuse")
+    from vnvdimm.testbed import unsupported_reason
+
+    reason = unsupported_reason()
+    if reason is not None:
+        pytest.skip(f"vnvdimm test beds cannot run here: {reason}")
 
 
 @pytest.fixture

@@ -16,8 +16,10 @@ when the test fails; a test bed still running at interpreter exit is stopped the
         print(tb.ndctl("list", "-N"))
         assert tb.call(lambda: open("/sys/block/pmem0/device/memmap_state").read()) == "active\\n"
 
-It needs root (mount namespaces and FUSE mounts) and /dev/fuse. The pytest plugin
-(:mod:`vnvdimm.pytest_plugin`) wraps it in fixtures.
+It runs as root, or as an ordinary user where the system lets users mount FUSE file systems
+(/dev/fuse readable and writable by them, fusermount3 setuid root: a stock Debian or Ubuntu)
+and make user namespaces; :func:`unsupported_reason` says why not where it cannot run. The
+pytest plugin (:mod:`vnvdimm.pytest_plugin`) wraps it in fixtures.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from typing import Any
 from vnvdimm import status as status_mod
 from vnvdimm import wait as wait_mod
 from vnvdimm.daemon import stop_mount
+from vnvdimm.fuse import fusermount
 
 WITH_VNVDIMM = Path(__file__).resolve().parent.parent / "mountscripts" / "with-vnvdimm"
 
@@ -116,7 +119,7 @@ def to_toml(doc: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- mount namespace (for callables)
 
-_CLONE_NEWNS = 0x00020000
+_CLONE_NEWNS, _CLONE_NEWUSER = 0x00020000, 0x10000000
 _MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -130,15 +133,62 @@ def _mount(source: str | None, target: str, flags: int) -> None:
 
 def enter_namespace(root: Path) -> None:
     """In the calling process: a private mount namespace with root/sys over /sys and root/dev
-    over /dev (the host's /dev/pts and /dev/shm bound into it), as with-vnvdimm sets it up."""
-    if _libc.unshare(_CLONE_NEWNS) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"unshare(CLONE_NEWNS): {os.strerror(e)}")
+    over /dev (the host's /dev/pts and /dev/shm bound into it), as with-vnvdimm sets it up.
+    An ordinary user first gets a user namespace in which they are root (and, their mount
+    being nodev, the host's standard character devices bound over the emulated ones)."""
+    rootless = os.geteuid() != 0
+    if rootless:
+        uid, gid = os.geteuid(), os.getegid()
+        _unshare(_CLONE_NEWUSER | _CLONE_NEWNS, "unshare(CLONE_NEWUSER|CLONE_NEWNS)")
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    else:
+        _unshare(_CLONE_NEWNS, "unshare(CLONE_NEWNS)")
     _mount(None, "/", _MS_REC | _MS_PRIVATE)
     _mount("/dev/pts", str(root / "dev" / "pts"), _MS_BIND)
     _mount("/dev/shm", str(root / "dev" / "shm"), _MS_BIND)
+    if rootless:
+        for node in HOST_CHAR_NODES:
+            if os.path.exists(f"/dev/{node}") and os.path.lexists(root / "dev" / node):
+                _mount(f"/dev/{node}", str(root / "dev" / node), _MS_BIND)
     _mount(str(root / "dev"), "/dev", _MS_BIND | _MS_REC)
     _mount(str(root / "sys"), "/sys", _MS_BIND)
+
+
+HOST_CHAR_NODES = ("null", "zero", "full", "random", "urandom", "tty", "ptmx")
+
+
+def _unshare(flags: int, what: str) -> None:
+    if _libc.unshare(flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def unsupported_reason() -> str | None:
+    """Why a test bed cannot run for this user on this machine, or None if it can."""
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing (modprobe fuse, or run the container with --device /dev/fuse)"
+    try:
+        fusermount.check_can_mount(allow_other=False)
+    except fusermount.FusermountError as e:
+        return str(e)
+    if os.geteuid() == 0:
+        return None
+    try:
+        with open("/proc/sys/user/max_user_namespaces") as f:
+            if int(f.read()) == 0:
+                return "user namespaces are disabled (user.max_user_namespaces = 0): run as root"
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/proc/sys/kernel/unprivileged_userns_clone") as f:
+            if f.read().strip() == "0":
+                return ("unprivileged user namespaces are disabled (kernel.unprivileged_userns_clone = 0): "
+                        "run as root")
+    except OSError:
+        pass
+    return None
 
 
 # ---------------------------------------------------------------- the test bed
@@ -261,10 +311,9 @@ class Testbed:
     def start(self) -> Testbed:
         if self.started:
             return self
-        if os.geteuid() != 0:
-            raise TestbedError("a vnvdimm test bed needs root (FUSE mount and mount namespaces)")
-        if not os.path.exists("/dev/fuse"):
-            raise TestbedError("/dev/fuse is missing (modprobe fuse, or run the container with --device /dev/fuse)")
+        reason = unsupported_reason()
+        if reason is not None:
+            raise TestbedError(f"a vnvdimm test bed cannot run here: {reason}")
         self.dir = Path(tempfile.mkdtemp(prefix="vnvdimm-testbed-", dir=self._base_dir))
         self._own_dir = True
         self.root.mkdir()

@@ -28,6 +28,7 @@ from typing import Any
 
 import mfusepy as fuse
 
+from vnvdimm.fuse import fusermount
 from vnvdimm.model.disk import DataPath
 from vnvdimm.sysfs.kernfs import PAGE_SIZE, KAttr, KBin, KDir, KLink, KNode, OpenAttr
 from vnvdimm.sysfs.tree import KChar, KDevFile, Tree
@@ -110,7 +111,10 @@ class VnvdimmOperations(fuse.Operations):
     def __init__(self, tree: Tree, on_ready: Callable[[], None] | None = None) -> None:
         self.tree = tree
         self.on_ready = on_ready
-        self.uid, self.gid = os.getuid(), os.getgid()
+        # Everything belongs to the mounting user, as everything in sysfs and /dev belongs to
+        # root: root for a root mount, and for an ordinary user's mount the user, who is root
+        # inside with-vnvdimm's user namespace. The modes are the kernel's either way.
+        self.uid, self.gid = os.geteuid(), os.getegid()
         self.mounted_ns = time.time_ns()
         self._handles: dict[int, OpenAttr | OpenDevice | KBin] = {}
         self._next_fh = 1
@@ -214,7 +218,8 @@ class VnvdimmOperations(fuse.Operations):
 
     def _stat(self, node: KNode) -> dict[str, Any]:
         t = self.mounted_ns
-        st: dict[str, Any] = {"st_atime": t, "st_mtime": t, "st_ctime": t, "st_nlink": 1, "st_uid": 0, "st_gid": 0}
+        st: dict[str, Any] = {"st_atime": t, "st_mtime": t, "st_ctime": t, "st_nlink": 1,
+                               "st_uid": self.uid, "st_gid": self.gid}
         if isinstance(node, KDir):
             st["st_mode"] = stat.S_IFDIR | node.mode
             st["st_nlink"] = 2
@@ -235,7 +240,6 @@ class VnvdimmOperations(fuse.Operations):
         elif isinstance(node, KDevFile):
             st["st_mode"] = stat.S_IFREG | node.mode
             st["st_size"] = node.data.size if node.data is not None else 0
-            st["st_uid"], st["st_gid"] = self.uid, self.gid
             if node.rdev is not None:
                 st["st_rdev"] = os.makedev(*node.rdev)
             if node.data is not None:
@@ -431,14 +435,17 @@ class VnvdimmOperations(fuse.Operations):
         return 0
 
 
+# The kernel's side of the mount (given to fusermount3). `dev` lets the standard character
+# nodes (/dev/null...) work; only root may have it: an ordinary user's mount is nodev, and
+# with-vnvdimm binds the host's nodes over them instead.
+KERNEL_MOUNT_OPTIONS = ("fsname=vnvdimm", "subtype=vnvdimm", "default_permissions")
+# libfuse's side (the loop and its caches).
 # Names and attributes are cached by the kernel for an hour: every change of the tree is
 # invalidated explicitly (VnvdimmOperations._invalidate), the timeout only bounds how long a
 # missed one could last. A missing name is never cached (negative_timeout 0: a device that
 # appears is seen at once; there is no node to invalidate for a name that does not exist).
 CACHE_TIMEOUT_S = 3600.0
 MOUNT_OPTIONS: dict[str, Any] = {
-    "dev": True,
-    "default_permissions": True,
     "attr_timeout": CACHE_TIMEOUT_S,
     "entry_timeout": CACHE_TIMEOUT_S,
     "negative_timeout": 0,
@@ -465,11 +472,20 @@ def raise_readahead(mountpoint: str) -> None:
 
 
 def serve(ops: VnvdimmOperations, mountpoint: str, *, allow_other: bool = False, debug: bool = False) -> None:
-    """Run the multithreaded FUSE loop until the file system is unmounted."""
-    options: dict[str, Any] = {"foreground": True, "fsname": "vnvdimm", "subtype": "vnvdimm", **MOUNT_OPTIONS}
+    """Mount (through fusermount3: see fusermount.py) and run the multithreaded FUSE loop
+    until the file system is unmounted. A refused mount raises FusermountError."""
+    kernel_options = [*KERNEL_MOUNT_OPTIONS]
+    if os.geteuid() == 0:
+        kernel_options.append("dev")
     if allow_other:
-        options["allow_other"] = True
+        kernel_options.append("allow_other")
+    fd = fusermount.mount(mountpoint, kernel_options)
+    options: dict[str, Any] = {"foreground": True, **MOUNT_OPTIONS}
     if debug:
         options["debug"] = True
     ops.mountpoint = os.path.abspath(mountpoint)
-    fuse.FUSE(ops, mountpoint, raw_fi=True, **options)
+    try:
+        fuse.FUSE(ops, f"/dev/fd/{fd}", raw_fi=True, **options)
+    except BaseException:
+        fusermount.unmount(mountpoint)  # the loop never answered: no mount may stay behind
+        raise

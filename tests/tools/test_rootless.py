@@ -1,0 +1,247 @@
+"""An ordinary user (created by the test: no sudo, no fuse group, no user_allow_other) mounts,
+reads and writes attributes, runs ndctl through with-vnvdimm, uses status/wait/inject-error,
+the test bed and the pytest fixture; root sees nothing of the mount; --allow-other is refused
+with the reason.
+
+The user runs the package under test through PYTHONPATH with a Python it can execute (a
+copy of whatever it cannot read, e.g. a venv under /root): `pip install` into a venv of its
+own would need the package index, which a test must not. /dev/fuse is made usable by that
+user alone (an ACL, removed afterwards) where this machine does not give every user access as
+a stock system does (0666).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mount_kit import SMALL_E820, WITH_VNVDIMM, fuse_mounts_under
+
+# What `import vnvdimm` and the commands need, plus pytest for the fixture test.
+PACKAGES = ("vnvdimm", "mfusepy", "numpy", "rich", "markdown_it", "mdurl", "pygments", "pytest", "_pytest",
+            "pluggy", "iniconfig", "packaging", "pytest_timeout")
+
+_ACL_XATTR = "system.posix_acl_access"
+
+
+@dataclass
+class User:
+    name: str
+    uid: int
+    gid: int
+    home: Path
+    env: dict[str, str]
+    python: str
+
+    def run(self, *argv: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--",
+                               "env", "-i", *(f"{k}={v}" for k, v in self.env.items()), *argv],
+                              capture_output=True, text=True, timeout=timeout, cwd=cwd or self.home)
+
+    def vnvdimm(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return self.run(self.python, "-m", "vnvdimm.cli", *args, timeout=timeout)
+
+
+def _readable_by(user: User, path: Path) -> bool:
+    return user.run("test", "-r", str(path), timeout=30).returncode == 0
+
+
+def _package_root(name: str) -> Path:
+    module = importlib.import_module(name)
+    file = Path(module.__file__ or "")
+    return file.parent if file.name == "__init__.py" else file
+
+
+def _grant_dev_fuse(uid: int) -> Iterator[None]:
+    """Let `uid` open /dev/fuse for the duration (an ACL entry for that user only)."""
+    st = os.stat("/dev/fuse")
+    if st.st_mode & 0o006 == 0o006:
+        yield
+        return
+    entries = [(0x01, (st.st_mode >> 6) & 7, 0xFFFFFFFF), (0x02, 6, uid), (0x04, (st.st_mode >> 3) & 7, 0xFFFFFFFF),
+               (0x10, 6, 0xFFFFFFFF), (0x20, st.st_mode & 7, 0xFFFFFFFF)]
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    had = None
+    with contextlib.suppress(OSError):
+        had = os.getxattr("/dev/fuse", _ACL_XATTR)
+    os.setxattr("/dev/fuse", _ACL_XATTR, acl)
+    try:
+        yield
+    finally:
+        if had is not None:
+            os.setxattr("/dev/fuse", _ACL_XATTR, had)
+        else:
+            with contextlib.suppress(OSError):
+                os.removexattr("/dev/fuse", _ACL_XATTR)
+        os.chmod("/dev/fuse", stat.S_IMODE(st.st_mode))
+
+
+def _kill_processes_of(uid: int) -> None:
+    """The test user's processes (all started by this test), by pid."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{pid}").st_uid == uid:
+                    os.kill(int(pid), signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def user() -> Iterator[User]:
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("useradd", "userdel", "setpriv", "fusermount3")):
+        pytest.skip("needs root, useradd, setpriv and fusermount3 to create an unprivileged user")
+    home = Path(tempfile.mkdtemp(prefix="vnvdimm-rootless-"))
+    home.chmod(0o755)
+    name = f"vnvdimm-rl-{secrets.token_hex(4)}"
+    res = subprocess.run(["useradd", "--no-create-home", "--home-dir", str(home), "--shell", "/bin/sh",
+                          "--user-group", name], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    try:
+        pw = pwd.getpwnam(name)
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+        env = {"HOME": str(home), "USER": name, "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "LANG": "C.UTF-8", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+        u = User(name, pw.pw_uid, pw.pw_gid, home, env, "")
+        version = f"python{sys.version_info[0]}.{sys.version_info[1]}"  # the same ABI as the packages
+        candidates = (os.path.realpath(sys.executable), f"/usr/bin/{version}", f"/usr/local/bin/{version}")
+        usable = [p for p in candidates if os.path.exists(p) and u.run(p, "-c", "pass", timeout=30).returncode == 0]
+        assert usable, f"no {version} the user {name} can run among {candidates}"
+        u.python = usable[0]
+        # The packages where they are if the user can read them, else a copy it can.
+        copies = home / "site"
+        paths = []
+        for package in PACKAGES:
+            if importlib.util.find_spec(package) is None:
+                continue
+            root = _package_root(package)
+            if not _readable_by(u, root):
+                copies.mkdir(exist_ok=True)
+                target = copies / root.name
+                (shutil.copytree if root.is_dir() else shutil.copy2)(root, target)  # type: ignore[operator]
+                root = target
+            paths.append(str(root.parent))
+        subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", str(home)], check=True)
+        u.env["PYTHONPATH"] = ":".join(dict.fromkeys(paths))
+        assert u.run("id", "-u").stdout.strip() == str(pw.pw_uid)
+        with contextlib.contextmanager(_grant_dev_fuse)(pw.pw_uid):
+            yield u
+    finally:
+        for m in fuse_mounts_under(home):
+            subprocess.run(["umount", "-l", m], capture_output=True)
+        with contextlib.suppress(KeyError):
+            _kill_processes_of(pwd.getpwnam(name).pw_uid)
+        subprocess.run(["userdel", name], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def user_mount(user: User) -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="case-", dir=user.home))
+    (root / "mnt").mkdir()
+    (root / "topology.toml").write_text(SMALL_E820)
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(root)], check=True)
+    res = user.vnvdimm("mount", str(root / "mnt"), "--config", str(root / "topology.toml"),
+                       "--state-dir", str(root / "state"))
+    assert res.returncode == 0, res.stderr
+    try:
+        yield root / "mnt"
+    finally:
+        user.vnvdimm("umount", str(root / "mnt"))
+        if str(root / "mnt") in fuse_mounts_under(root):
+            subprocess.run(["umount", "-l", str(root / "mnt")], capture_output=True)
+
+
+def test_user_mounts_and_writes_what_root_may(user: User, user_mount: Path) -> None:
+    pfn = user_mount / "sys/bus/nd/devices/pfn0.1"
+    # The user owns everything, so the kernel's modes let them do what they let root do.
+    res = user.run("stat", "-c", "%u %a", str(pfn / "memmap_state"), str(pfn / "resource"),
+                   str(user_mount / "dev/pmem0"))
+    assert res.stdout.split("\n")[:3] == [f"{user.uid} 644", f"{user.uid} 400", f"{user.uid} 600"], res.stderr
+    res = user.run("sh", "-c", f"echo 20000 > {pfn}/memmap/ns_per_page && cat {pfn}/memmap/ns_per_page && "
+                               f"echo sync > {pfn}/memmap_state && cat {pfn}/memmap_state && cat {pfn}/resource")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:2] == ["20000", "idle"]
+    # What no one may write stays refused (0444), as for root on the kernel.
+    res = user.run("sh", "-c", f"echo 1 > {pfn}/size")
+    assert res.returncode != 0 and "Permission denied" in res.stderr
+    # Root, here just another user of the machine, sees nothing of it (no allow_other).
+    with pytest.raises(PermissionError):
+        os.stat(user_mount / "sys")
+
+
+def test_user_runs_ndctl_and_the_tools(user: User, user_mount: Path) -> None:
+    res = user.run(str(WITH_VNVDIMM), str(user_mount), "--", "sh", "-c",
+                   "id -u && echo x > /dev/null && ndctl create-namespace -e namespace1.0 -m fsdax -f")
+    assert res.returncode == 0, res.stderr
+    uid, created = res.stdout.split("\n", 1)
+    assert uid == "0"  # root inside the user namespace
+    assert json.loads(created)["mode"] == "fsdax"
+    res = user.run(str(WITH_VNVDIMM), str(user_mount), "--", "ndctl", "list", "-N")
+    assert {ns["dev"]: ns["mode"] for ns in json.loads(res.stdout)} == {"namespace0.0": "fsdax",
+                                                                         "namespace1.0": "fsdax"}
+    res = user.vnvdimm("wait", str(user_mount), "--timeout", "60")
+    assert res.returncode == 0, res.stderr
+    res = user.vnvdimm("inject-error", str(user_mount), "namespace0.0", "--block", "8", "--count", "2")
+    assert res.returncode == 0, res.stderr
+    res = user.vnvdimm("inject-error", str(user_mount), "namespace0.0", "--status")
+    assert json.loads(res.stdout)["badblocks"] == [{"block": 8, "count": 2}]
+    res = user.vnvdimm("status", str(user_mount), "--json")
+    assert res.returncode == 0 and "namespace1.0" in res.stdout, res.stderr
+
+
+def test_allow_other_is_refused_with_the_reason(user: User) -> None:
+    with open("/etc/fuse.conf") as f:
+        if any(line.strip() == "user_allow_other" for line in f):
+            pytest.skip("this machine's /etc/fuse.conf lets users mount with allow_other")
+    root = Path(tempfile.mkdtemp(prefix="case-", dir=user.home))
+    (root / "mnt").mkdir()
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(root)], check=True)
+    res = user.vnvdimm("mount", str(root / "mnt"), "--state-dir", str(root / "state"), "--allow-other")
+    assert res.returncode != 0
+    assert "user_allow_other" in res.stderr and "/etc/fuse.conf" in res.stderr and "Traceback" not in res.stderr
+    assert fuse_mounts_under(root) == [] and not (root / "state").exists()
+
+
+TESTBED_SCRIPT = """
+from vnvdimm.testbed import Testbed
+with Testbed({"memmap": {"workers": 2}, "region": [{"size": "64M", "namespace": {"mode": "fsdax"}}]}) as tb:
+    listed = tb.ndctl("list", "-N")
+    print((listed[0] if isinstance(listed, list) else listed)["mode"])
+    # Inside the bed's namespaces: the emulated /sys, and root (of the user namespace).
+    inside = tb.call(lambda: (open("/sys/bus/nd/devices/namespace0.0/holder").read(), __import__("os").getuid()))
+    print(inside == (tb.read("sys/bus/nd/devices/namespace0.0/holder"), 0), inside[0].strip())
+    root = tb.root
+print(root.exists())
+"""
+
+FIXTURE_TEST = """
+def test_uses_the_fixture(vnvdimm_testbed):
+    assert sorted(ns["mode"] for ns in vnvdimm_testbed.ndctl("list", "-N")) == ["devdax", "fsdax"]
+"""
+
+
+def test_user_runs_the_test_bed_and_the_fixture(user: User) -> None:
+    res = user.run(user.python, "-c", TESTBED_SCRIPT)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:3] == ["fsdax", "True pfn0.1", "False"]
+    case = Path(tempfile.mkdtemp(prefix="case-", dir=user.home))
+    (case / "test_fixture.py").write_text(FIXTURE_TEST)
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(case)], check=True)
+    res = user.run(user.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "vnvdimm.pytest_plugin",
+                   "-rs", "test_fixture.py", cwd=case)
+    assert res.returncode == 0 and "1 passed" in res.stdout and "skipped" not in res.stdout, res.stdout + res.stderr
