@@ -144,7 +144,9 @@ def user() -> Iterator[User]:
         for m in fuse_mounts_under(home):
             subprocess.run(["umount", "-l", m], capture_output=True)
         with contextlib.suppress(KeyError):
-            _kill_processes_of(pwd.getpwnam(name).pw_uid)
+            uid = pwd.getpwnam(name).pw_uid
+            _kill_processes_of(uid)
+            shutil.rmtree(f"/tmp/vnvdimm-{uid}", ignore_errors=True)  # its runtime dir (mount records)
         subprocess.run(["userdel", name], capture_output=True)
         shutil.rmtree(home, ignore_errors=True)
 
@@ -245,3 +247,15 @@ def test_user_runs_the_test_bed_and_the_fixture(user: User) -> None:
     res = user.run(user.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "vnvdimm.pytest_plugin",
                    "-rs", "test_fixture.py", cwd=case)
     assert res.returncode == 0 and "1 passed" in res.stdout and "skipped" not in res.stdout, res.stdout + res.stderr
+
+
+def test_a_refused_mount_says_why_in_fusermount3s_words(user: User) -> None:
+    """A mount point the user may not write: fusermount3's own reason reaches the user (it was
+    'error: 4'), with what to do, and nothing is left mounted."""
+    root = Path(tempfile.mkdtemp(prefix="case-", dir=user.home))
+    subprocess.run(["chown", f"{user.uid}:{user.gid}", str(root)], check=True)
+    (root / "mnt").mkdir(mode=0o755)  # root's
+    res = user.vnvdimm("mount", str(root / "mnt"), "--state-dir", str(root / "state"))
+    assert res.returncode != 0 and fuse_mounts_under(root) == []
+    assert "fusermount3: " in res.stderr and "mount on a directory you own" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and "error: 4" not in res.stderr

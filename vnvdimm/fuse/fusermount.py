@@ -97,7 +97,8 @@ def unmount(mountpoint: str) -> None:
 _HINTS = (
     ("user_allow_other", f"add a line 'user_allow_other' to {FUSE_CONF}, or mount without --allow-other"),
     ("/dev/fuse", "load the fuse module (modprobe fuse); in a container, pass --device /dev/fuse"),
-    ("not owned by user", "mount on a directory of your own"),
+    ("not owned by user", "mount on a directory you own"),
+    ("no write access", "mount on a directory you own"),
     ("permission denied", "mount on a directory you own and can write to"),
     ("too many fuse", f"raise mount_max in {FUSE_CONF}, or unmount some FUSE file systems"),
     ("operation not permitted", "FUSE mounts are not allowed here (a container without CAP_SYS_ADMIN, or a "
