@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from vnvdimm.model.nd import NdDeviceType
+
 if TYPE_CHECKING:
     from vnvdimm.model.system import System
 
@@ -288,7 +290,7 @@ class Device:
 
     bus_name: str | None = None  # "nd" or "dax": gives the subsystem link and /sys/bus/<bus>/devices
     devtype: str | None = None  # the kernel's device_type name, shown in `devtype`
-    nd_type: int | None = None  # ND_DEVICE_* for modalias "nd:t%d"
+    nd_type: NdDeviceType | None = None  # to_nd_device_type(): modalias "nd:t%d", what nd drivers match
     probe_errno: int | None = None  # the errno of its last failed probe (set by the driver core)
 
     def __init__(self, system: System, name: str, parent: Device | None) -> None:
@@ -334,16 +336,16 @@ class Device:
 
 
 class Driver:
-    """A device driver on a bus: `matches()` is the bus match; `probe()` / `remove()` as the
-    kernel's nd_device_driver callbacks. Probe raises OSError to refuse."""
+    """A device driver on a bus: `probe()` / `remove()` as the kernel's nd_device_driver
+    callbacks (probe raises OSError to refuse). `types` is the set of nd device types it
+    binds (the kernel's nd_device_driver.type), which the bus's match tests."""
+
+    types: frozenset[NdDeviceType] = frozenset()
 
     def __init__(self, system: System, name: str, bus_name: str) -> None:
         self.system = system
         self.name = name
         self.bus_name = bus_name
-
-    def matches(self, dev: Device) -> bool:
-        raise NotImplementedError
 
     def probe(self, dev: Device) -> None:
         raise NotImplementedError
@@ -353,6 +355,22 @@ class Driver:
 
     def __repr__(self) -> str:
         return f"<Driver {self.name}>"
+
+
+class BusType:
+    """A struct bus_type: how the driver core matches a device with a driver of the bus, and
+    how it probes. The buses' own rules (nvdimm_bus_match(), dax_bus_match()) live with their
+    drivers; the topology registers them on the System at boot."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def match(self, dev: Device, drv: Driver) -> bool:
+        raise NotImplementedError
+
+    def probe(self, drv: Driver, dev: Device) -> None:
+        """The bus's probe: the driver's, by default. Raises OSError to refuse."""
+        drv.probe(dev)
 
 
 class Ida:

@@ -6,8 +6,9 @@ import errno
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from vnvdimm.model.base import Attr, Device, Entry, Group, Link, ro, uevent_store
-from vnvdimm.model.system import NDCTL_MAJOR
+from vnvdimm.model.base import Attr, Device, Entry, Group, Link, fail, kstrtol, ro, uevent_store
+from vnvdimm.model.extensions import bus_extension_group
+from vnvdimm.model.nd import ND_BUS, NDCTL_MAJOR
 
 if TYPE_CHECKING:
     from vnvdimm.model.dimm import Nvdimm
@@ -20,7 +21,7 @@ NFIT_BUS_COMMANDS = ("ars_cap", "ars_start", "ars_status", "clear_error")
 
 
 class NvdimmBus(Device):
-    bus_name = "nd"  # the bus device itself sits on the nd bus and binds to nd_bus
+    bus_name = ND_BUS  # the bus device itself sits on the nd bus and binds to nd_bus
     devtype = "nvdimm_bus"
 
     def __init__(self, system: System, bus_id: int, provider: str, platform_path: str,
@@ -54,9 +55,7 @@ class NvdimmBus(Device):
                 Attr("hw_error_scrub", 0o644, show=lambda: f"{self.hw_error_scrub}\n",
                      store=self._hw_error_scrub_store),
             ]))
-        from vnvdimm.model.badblocks import bus_entries
-
-        return super().entries() + out + bus_entries(self)
+        return super().entries() + out + bus_extension_group(self)
 
     def _wait_probe(self) -> str:
         # Probes run synchronously inside the store that triggers them, so once the model
@@ -71,16 +70,12 @@ class NvdimmBus(Device):
     def _scrub_store(self, buf: bytes) -> None:
         """acpi/nfit scrub_store(): kstrtol(), anything but 1 is EINVAL. An ARS run completes
         at once here, so the count of completed scrubs goes up and nothing stays busy ('+')."""
-        from vnvdimm.model.base import fail, kstrtol
-
         if kstrtol(buf) != 1:
             raise fail(errno.EINVAL, "only 1 starts a scrub")
         self.scrub_count += 1
 
     def _hw_error_scrub_store(self, buf: bytes) -> None:
         """acpi/nfit hw_error_scrub_store(): 0 (off) or 1 (on), EINVAL otherwise."""
-        from vnvdimm.model.base import fail, kstrtol
-
         value = kstrtol(buf)
         if value not in (0, 1):
             raise fail(errno.EINVAL, "hw_error_scrub is 0 or 1")

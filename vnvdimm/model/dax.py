@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vnvdimm.model.base import Device, Entry, Group, ro, rw, uevent_store
-from vnvdimm.model.system import DAX_MAJOR
+from vnvdimm.model.nd import DAX_BUS, DAX_MAJOR
 
 if TYPE_CHECKING:
     from vnvdimm.model.disk import DataPath
@@ -35,7 +35,7 @@ class DaxRegion:
 class DevDax(Device):
     """daxR.M: named after the namespace id, bound to device_dax (or kmem)."""
 
-    bus_name = "dax"
+    bus_name = DAX_BUS
 
     def __init__(self, nd_dax: Dax, instance_id: int, region: DaxRegion, data: DataPath) -> None:
         super().__init__(nd_dax.system, f"dax{region.id}.{instance_id}", nd_dax)

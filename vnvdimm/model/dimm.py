@@ -8,14 +8,12 @@ from typing import TYPE_CHECKING
 
 from vnvdimm.model.base import Device, Entry, Group, fail, ro
 from vnvdimm.model.label_format import DimmLabelData
-from vnvdimm.model.system import NMEM_MAJOR
+from vnvdimm.model.nd import ND_BUS, NMEM_MAJOR, NdDeviceType
 
 if TYPE_CHECKING:
     from vnvdimm.model.bus import NvdimmBus
     from vnvdimm.model.label_area import LabelArea
     from vnvdimm.model.system import System
-
-ND_DEVICE_DIMM = 1
 
 # ACPI NFIT memory-device state flags, and the words acpi/nfit's flags_show() prints for them
 NFIT_MEM_FLAG_WORDS = ((1 << 0, "save_fail"), (1 << 1, "restore_fail"), (1 << 2, "flush_fail"),
@@ -52,9 +50,9 @@ class NfitIdentity:
 
 
 class Nvdimm(Device):
-    bus_name = "nd"
+    bus_name = ND_BUS
     devtype = "nvdimm"
-    nd_type = ND_DEVICE_DIMM
+    nd_type = NdDeviceType.DIMM
 
     def __init__(self, system: System, bus: NvdimmBus, dimm_id: int, size: int, handle: int, phys_id: int,
                  serial: int, identity: NfitIdentity | None = None) -> None:
@@ -67,7 +65,7 @@ class Nvdimm(Device):
         self.identity = identity or NfitIdentity()
         self.devt = (NMEM_MAJOR, system.minors[NMEM_MAJOR].get())
         # Label-area commands (get_size get_data set_data) and smart are ioctl-only: advertising
-        # them would make ndctl try ioctls that a file system cannot answer (contract §6).
+        # them would make ndctl try ioctls that a file system cannot answer.
         self.commands: tuple[str, ...] = ()
         # The label storage area (size, max_xfer, read, write), on DIMMs of labelled platforms.
         self.label_area: LabelArea | None = None

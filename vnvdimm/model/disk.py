@@ -13,9 +13,9 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from vnvdimm.model import badblocks
-from vnvdimm.model.base import PAGE_SIZE, Device, Entry, Link, cstring, fail, ro, rw, uevent_store
-from vnvdimm.model.system import BLKEXT_MAJOR
+from vnvdimm.model.badblocks import SECTOR, show
+from vnvdimm.model.base import PAGE_SIZE, Device, Entry, Group, Link, cstring, fail, ro, rw, uevent_store
+from vnvdimm.model.nd import BLKEXT_MAJOR
 
 if TYPE_CHECKING:
     from vnvdimm.memmap import MemmapJob
@@ -43,9 +43,15 @@ class DataPath:
         self.first_data_page = first_data_page
         self.read_only = read_only or (lambda: False)
         self.closed = False
+        self.serial = 0
+        self.contents_changed()  # a new path means new contents: page caches must drop
+
+    def contents_changed(self) -> None:
+        """The bytes behind this path changed other than by writing through it (media errors
+        injected): a new serial makes the page caches of its files drop."""
         with DataPath._serial_lock:
             DataPath._serial += 1
-            self.serial = DataPath._serial  # a new path means new contents: page caches must drop
+            self.serial = DataPath._serial
 
     def _extents(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
         if self.mapper is None:
@@ -74,7 +80,7 @@ class DataPath:
         if size <= 0:
             return []
         extents = list(self._extents(offset, size))
-        badblocks.check_read(self.media, extents)
+        self.media.badblocks.check_read(extents)
         self._sync(offset, size)
         return extents
 
@@ -102,13 +108,13 @@ class DataPath:
             raise fail(errno.ENOSPC, "write past the end of the device")
         length = min(length, self.size - offset)
         extents = list(self._extents(offset, length))
-        badblocks.check_write(self.media, extents)
+        self.media.badblocks.check_write(extents, self.media.path.name)
         self._sync(offset, length)
         return extents
 
     def written(self, extents: list[tuple[int, int]]) -> None:
         """The bytes of these extents were written: whole bad sectors they cover are good again."""
-        badblocks.clear_written(self.media, extents)
+        self.media.badblocks.clear_written(extents, self.media.path.name)
 
     def write(self, data: bytes | memoryview, offset: int) -> int:
         extents = self.write_extents(offset, len(data))
@@ -130,15 +136,13 @@ class Disk(Device):
 
     subdir = "block"
 
-    def __init__(self, system: System, name: str, parent: Device, data: DataPath) -> None:
+    def __init__(self, system: System, name: str, parent: Device, data: DataPath, dax: bool = False) -> None:
         super().__init__(system, name, parent)
         self.data = data
+        self.dax = dax  # the disk of an fsdax (pfn) device supports DAX
         self.devt = (BLKEXT_MAJOR, system.minors[BLKEXT_MAJOR].get())
-        self.badblocks: list[tuple[int, int]] = []
 
     def entries(self) -> list[Entry]:
-        from vnvdimm.model.base import Group
-
         sectors = self.data.size // 512
         return [
             ro("dev", lambda: f"{self.devt[0]}:{self.devt[1]}\n"),
@@ -150,8 +154,8 @@ class Disk(Device):
             ro("capability", lambda: "0\n"),
             ro("alignment_offset", lambda: "0\n"),
             ro("discard_alignment", lambda: "0\n"),
-            *([rw("badblocks", lambda: badblocks.disk_show(self), self._badblocks_store)]
-              if badblocks.disk_has_badblocks(self) else []),
+            # a BTT disk has no badblocks (disk->bb is NULL: the attribute is hidden)
+            *([rw("badblocks", self._badblocks_show, self._badblocks_store)] if self.data.mapper is None else []),
             rw("uevent", lambda: f"MAJOR={self.devt[0]}\nMINOR={self.devt[1]}\nDEVNAME={self.name}\nDEVTYPE=disk\n",
                uevent_store),
             Group("queue", [
@@ -178,21 +182,20 @@ class Disk(Device):
         sector, count = int(match.group(1)), int(match.group(2))
         if count <= 0 or count >= 1 << 31 or sector >= 1 << 64:
             raise fail(errno.EINVAL, f"badblocks: bad count {count}")
-        sectors = self.data.size // badblocks.SECTOR
+        sectors = self.data.size // SECTOR
         if sector < sectors:
-            first = self.data.media_offset // badblocks.SECTOR + sector
-            badblocks.of(self.data.media).set(first, min(count, sectors - sector))
+            first = self.data.media_offset // SECTOR + sector
+            self.data.media.badblocks.set(first, min(count, sectors - sector))
             self.system.notify(self, "badblocks")
 
     @property
     def logical_block_size(self) -> int:
         return getattr(self.parent, "lbasize", 512) or 512
 
-    @property
-    def dax(self) -> bool:
-        from vnvdimm.model.personality import Pfn
-
-        return isinstance(self.parent, Pfn)
+    def _badblocks_show(self) -> str:
+        """The region's bad sectors over the disk's data range, relative to its first byte."""
+        data = self.data
+        return show(data.media.badblocks.within(data.media_offset // SECTOR, data.size // SECTOR))
 
     def close(self) -> None:
         self.data.closed = True

@@ -1,5 +1,11 @@
-"""The drivers of the nd and dax buses, with the kernel's match and probe rules:
-nd_bus, nvdimm, nd_region, nd_pmem (pmem.c), dax_pmem (dax/pmem.c), device_dax, kmem."""
+"""The nd and dax buses' types and drivers, with the kernel's match and probe rules:
+nvdimm_bus_match() and nvdimm_bus_probe() (bus.c), dax_bus_match() (dax/bus.c), and the
+drivers nd_bus, nvdimm, nd_region (region.c), nd_pmem (pmem.c), dax_pmem (dax/pmem.c),
+device_dax and kmem. `register()` plugs them into a System, as module init does.
+
+Each nd driver declares the nd device types it binds (`types`); a device carries its type
+(`Device.nd_type`, to_nd_device_type()); the bus matches the two.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from vnvdimm.model.base import (
+    NULL_UUID,
     PAGE_SIZE,
     SZ_4K,
     Attr,
+    BusType,
     Device,
     Driver,
     Entry,
@@ -22,6 +30,10 @@ from vnvdimm.model.base import (
     sysfs_streq,
     uevent_store,
 )
+from vnvdimm.model.bus import NvdimmBus
+from vnvdimm.model.dax import DaxRegion, DevDax
+from vnvdimm.model.dimm import Nvdimm
+from vnvdimm.model.disk import DataPath, Disk
 from vnvdimm.model.infoblock import (
     ARENA_MIN_SIZE,
     DAX_SIG,
@@ -32,10 +44,12 @@ from vnvdimm.model.infoblock import (
     btt_arenas,
     btt_log_init,
 )
+from vnvdimm.model.namespace import Namespace, NamespaceIo, NamespacePmem
+from vnvdimm.model.nd import DAX_BUS, ND_BUS, NdDeviceType
+from vnvdimm.model.personality import Btt, Dax, Personality, Pfn
+from vnvdimm.model.region import Region
 
 if TYPE_CHECKING:
-    from vnvdimm.model.namespace import Namespace
-    from vnvdimm.model.personality import Btt, Pfn
     from vnvdimm.model.system import System
 
 log = logging.getLogger("vnvdimm.model")
@@ -68,69 +82,100 @@ class BusDriver(Driver):
 # ---------------------------------------------------------------- nd bus
 
 
-class NdBusDriver(BusDriver):
-    def matches(self, dev: Device) -> bool:
-        from vnvdimm.model.bus import NvdimmBus
+class NvdimmBusType(BusType):
+    """The nd bus (bus.c's nvdimm_bus_type)."""
 
-        return isinstance(dev, NvdimmBus)
+    def __init__(self) -> None:
+        super().__init__(ND_BUS)
+
+    def match(self, dev: Device, drv: Driver) -> bool:
+        """nvdimm_bus_match(): the bus device binds nd_bus only; any other device binds the
+        drivers whose type set holds its nd device type."""
+        if isinstance(dev, NvdimmBus):
+            return isinstance(drv, NdBusDriver)
+        return dev.nd_type is not None and dev.nd_type in drv.types
+
+    def probe(self, drv: Driver, dev: Device) -> None:
+        """nvdimm_bus_probe(): the driver's probe; once a device below a region probed, the
+        region replaces the seed it was (nd_region_advance_seeds())."""
+        drv.probe(dev)
+        if isinstance(dev.parent, Region):
+            dev.parent.advance_seeds(dev)
+
+
+class NdBusDriver(BusDriver):
+    """nd_bus: binds the bus device itself (the kernel creates the ndctl device here)."""
 
     def probe(self, dev: Device) -> None:
         pass
 
 
 class NvdimmDriver(BusDriver):
-    def matches(self, dev: Device) -> bool:
-        from vnvdimm.model.dimm import Nvdimm
-
-        return isinstance(dev, Nvdimm)
+    types = frozenset({NdDeviceType.DIMM})
 
     def probe(self, dev: Device) -> None:
-        from vnvdimm.model.dimm import Nvdimm
-
         assert isinstance(dev, Nvdimm)
         dev.probe()
 
     def remove(self, dev: Device) -> None:
-        from vnvdimm.model.dimm import Nvdimm
-
         assert isinstance(dev, Nvdimm)
         dev.remove()
 
 
 class NdRegionDriver(BusDriver):
-    def matches(self, dev: Device) -> bool:
-        from vnvdimm.model.region import Region
+    """nd_region (region.c)."""
 
-        return isinstance(dev, Region)
+    types = frozenset({NdDeviceType.REGION_PMEM, NdDeviceType.REGION_BLK})
 
     def probe(self, dev: Device) -> None:
-        from vnvdimm.model.region import Region
-
+        """nd_region_probe(): register namespaces and seeds, then let the namespaces probe
+        (which re-creates pfn/dax/btt personalities from their info blocks)."""
         assert isinstance(dev, Region)
-        dev.probe()
+        region = dev
+        if region.iset is None:
+            new: list[Namespace] = [region.add_namespace(NamespaceIo(region, region.ns_ida.get(), 0, region.size))]
+        else:
+            new = []
+            for label in region.valid_labels():
+                ns = NamespacePmem(region, region.ns_ida.get(), label.offset, label.size)
+                ns.uuid, ns.lbasize = label.uuid, label.lbasize
+                ns.alt_name = label.name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                # create_namespace_pmem(): the claim class of a v1.2 label (BTT2 shows as btt)
+                ns.claim_class = "btt" if label.claim_class == "btt2" else label.claim_class
+                new.append(region.add_namespace(ns))
+            if not new:  # scan_labels(): publish a zero-sized namespace for userspace to configure
+                new.append(region.add_namespace(NamespacePmem(region, region.ns_ida.get(), 0, 0)))
+        # nd_region_register_namespaces(): the first namespace is the seed; once it (or the
+        # personality claiming it) probes, a labelled region plants a fresh zero-sized seed.
+        region.ns_seed = new[0]
+        region.ns_active = region.ns_count = len(new)
+        region.create_seed(Btt)
+        region.create_seed(Pfn)
+        region.create_seed(Dax)
+        for ns in new:
+            region.system.device_add(ns)
 
     def remove(self, dev: Device) -> None:
-        from vnvdimm.model.region import Region
-
+        """nd_region_remove(): every child device is unregistered."""
         assert isinstance(dev, Region)
-        dev.remove()
+        region = dev
+        for child in list(region.personalities):
+            region.unregister_personality(child)
+        for ns in list(region.namespaces):
+            region.unregister_namespace(ns)
+        region.ns_seed = region.pfn_seed = region.dax_seed = region.btt_seed = None
+        region.labels = None
+        region.system.changed()
 
 
 class NdPmemDriver(BusDriver):
-    """nd_pmem: raw namespaces, pfn (fsdax) and btt (sector) devices."""
+    """nd_pmem: raw namespaces, pfn (fsdax) and btt (sector) devices (all of which carry
+    their region's namespace type)."""
 
     module = "nd_pmem"
-
-    def matches(self, dev: Device) -> bool:
-        from vnvdimm.model.namespace import Namespace
-        from vnvdimm.model.personality import Btt, Dax, Pfn
-
-        return isinstance(dev, Namespace | Btt) or (isinstance(dev, Pfn) and not isinstance(dev, Dax))
+    types = frozenset({NdDeviceType.NAMESPACE_IO, NdDeviceType.NAMESPACE_PMEM})
 
     def probe(self, dev: Device) -> None:
-        from vnvdimm.model.namespace import Namespace
-        from vnvdimm.model.personality import Btt
-
         if isinstance(dev, Btt):
             attach_btt(dev)
         elif isinstance(dev, Namespace):
@@ -139,12 +184,10 @@ class NdPmemDriver(BusDriver):
             attach_pfn(dev)  # type: ignore[arg-type]
 
     def remove(self, dev: Device) -> None:
-        from vnvdimm.model.personality import Pfn
-
-        disk = getattr(dev, "disk", None)
-        if disk is not None:
-            disk.close()
-            dev.disk = None  # type: ignore[attr-defined]
+        assert isinstance(dev, Namespace | Personality)
+        if dev.disk is not None:
+            dev.disk.close()
+            dev.disk = None
         if isinstance(dev, Pfn):
             dev.stop_memmap()
             dev.geometry = None
@@ -152,9 +195,6 @@ class NdPmemDriver(BusDriver):
 
 def common_probe(dev: Device) -> None:
     """nvdimm_namespace_common_probe()."""
-    from vnvdimm.model.namespace import Namespace, NamespacePmem
-    from vnvdimm.model.personality import Personality
-
     if isinstance(dev, Personality):
         ndns = dev.ndns
         if ndns is None:
@@ -172,14 +212,9 @@ def common_probe(dev: Device) -> None:
         raise fail(errno.ENODEV, f"{ndns.name} has no uuid")
 
 
-def probe_namespace(ndns: object) -> None:
+def probe_namespace(ndns: Namespace) -> None:
     """nd_pmem_probe() of a namespace: a personality found on the media claims it (and the
     probe answers ENXIO, as the kernel does); else the namespace is attached as a raw disk."""
-    from vnvdimm.model.disk import DataPath, Disk
-    from vnvdimm.model.namespace import Namespace
-    from vnvdimm.model.personality import Btt, Dax, Pfn
-
-    assert isinstance(ndns, Namespace)
     common_probe(ndns)
     region = ndns.region
     if not ndns.force_raw:
@@ -210,21 +245,18 @@ def probe_namespace(ndns: object) -> None:
 
 def attach_pfn(pfn: Pfn) -> None:
     """pmem_attach_disk() for a pfn device: info block, memmap, then the disk."""
-    from vnvdimm.model.disk import DataPath, Disk
-
     common_probe(pfn)
     geometry = pfn.setup()
     pfn.geometry = geometry
     pfn.start_memmap(geometry)
     assert pfn.ndns is not None
-    pfn.disk = Disk(pfn.system, pfn.ndns.disk_name(), pfn, DataPath(**pfn.data_path_args(geometry)))  # type: ignore[arg-type]
+    pfn.disk = Disk(pfn.system, pfn.ndns.disk_name(), pfn, DataPath(**pfn.data_path_args(geometry)),  # type: ignore[arg-type]
+                    dax=True)
 
 
 def btt_info(block: bytes, ndns: Namespace) -> dict[str, object] | None:
     """nd_btt_version() for a v1.1 BTT (info block at 4 KiB): nd_btt_arena_is_valid()
     (signature, checksum, a parent_uuid that is null or the namespace's) and version 1.1."""
-    from vnvdimm.model.base import NULL_UUID
-
     info = BttInfo.unpack(block)
     if info is None or (info["version_major"], info["version_minor"]) != (1, 1):
         return None
@@ -236,8 +268,6 @@ def btt_info(block: bytes, ndns: Namespace) -> dict[str, object] | None:
 def attach_btt(btt: Btt) -> None:
     """nvdimm_namespace_attach_btt() + btt_init(): discover the arenas on the media or lay
     out new ones (info blocks, zeroed map, initial log)."""
-    from vnvdimm.model.disk import DataPath, Disk
-
     common_probe(btt)
     ndns = btt.ndns
     assert ndns is not None
@@ -299,17 +329,9 @@ class DaxPmemDriver(BusDriver):
     """dax_pmem: an nd dax device becomes a static dax_region with one device-dax instance."""
 
     module = "dax_pmem"
-
-    def matches(self, dev: Device) -> bool:
-        from vnvdimm.model.personality import Dax
-
-        return isinstance(dev, Dax)
+    types = frozenset({NdDeviceType.DAX_PMEM})
 
     def probe(self, dev: Device) -> None:
-        from vnvdimm.model.dax import DaxRegion, DevDax
-        from vnvdimm.model.disk import DataPath
-        from vnvdimm.model.personality import Dax
-
         assert isinstance(dev, Dax)
         common_probe(dev)
         geometry = dev.setup()
@@ -322,8 +344,6 @@ class DaxPmemDriver(BusDriver):
         dev.system.device_add(dev.dev_dax)
 
     def remove(self, dev: Device) -> None:
-        from vnvdimm.model.personality import Dax
-
         assert isinstance(dev, Dax)
         if dev.dev_dax is not None:
             dev.system.driver_detach(dev.dev_dax)
@@ -338,6 +358,19 @@ class DaxPmemDriver(BusDriver):
 # ---------------------------------------------------------------- dax bus
 
 
+class DaxBusType(BusType):
+    """The dax bus (dax/bus.c)."""
+
+    def __init__(self) -> None:
+        super().__init__(DAX_BUS)
+
+    def match(self, dev: Device, drv: Driver) -> bool:
+        """dax_bus_match(): an id from the driver's new_id, else the driver's kind (device_dax
+        matches every instance of a static pmem region, kmem none)."""
+        assert isinstance(drv, DaxBusDriver)
+        return dev.name in drv.ids or drv.default_match
+
+
 class DaxBusDriver(BusDriver):
     """dax bus drivers match by their id list (new_id / remove_id) or by default."""
 
@@ -345,7 +378,7 @@ class DaxBusDriver(BusDriver):
     default_match = True
 
     def __init__(self, system: System, name: str) -> None:
-        super().__init__(system, name, "dax")
+        super().__init__(system, name, DAX_BUS)
         self.ids: set[str] = set()
 
     def entries(self) -> list[Entry]:
@@ -358,8 +391,8 @@ class DaxBusDriver(BusDriver):
         name = dax_id(buf)
         with self.system.lock:
             self.ids.add(name)
-            for dev in list(self.system.bus_devices("dax")):
-                if dev.driver is None and self.matches(dev):
+            for dev in list(self.system.bus_devices(DAX_BUS)):
+                if dev.driver is None and self.system.match(self, dev):
                     try:
                         self.system.driver_attach(self, dev)
                     except OSError as e:
@@ -370,15 +403,6 @@ class DaxBusDriver(BusDriver):
         name = dax_id(buf)
         with self.system.lock:
             self.ids.discard(name)
-
-    def matches(self, dev: Device) -> bool:
-        """dax_bus_match(): an id from new_id, else the driver type (device_dax matches
-        every instance of a pmem region, kmem none)."""
-        from vnvdimm.model.dax import DevDax
-
-        if not isinstance(dev, DevDax):
-            return False
-        return dev.name in self.ids or self.default_match
 
     def probe(self, dev: Device) -> None:
         pass
@@ -410,19 +434,21 @@ class KmemDriver(DaxBusDriver):
         raise fail(errno.EOPNOTSUPP, f"{dev.name}: system-ram (kmem) is not emulated")
 
 
-def nd_bus_drivers(system: System) -> list[BusDriver]:
-    # Listing order = readdir order of /sys/bus/nd/drivers, which is ndctl's bind order.
-    drivers: list[BusDriver] = [
-        NdBusDriver(system, "nd_bus", "nd"),
-        NvdimmDriver(system, "nvdimm", "nd"),
-        NdRegionDriver(system, "nd_region", "nd"),
-        NdPmemDriver(system, "nd_pmem", "nd"),
-        DaxPmemDriver(system, "dax_pmem", "nd"),
-    ]
-    drivers[2].module = "libnvdimm"
-    return drivers
-
-
-def dax_bus_drivers(system: System) -> list[BusDriver]:
-    return [DaxBusDriver(system, "device_dax"), KmemDriver(system, "kmem")]
+def register(system: System) -> None:
+    """Register the nd and dax buses and their drivers on `system` (once)."""
+    if ND_BUS in system.bus_types:
+        return
+    system.register_bus_type(NvdimmBusType())
+    system.register_bus_type(DaxBusType())
+    # Registration order = readdir order of /sys/bus/<bus>/drivers, which is ndctl's bind order.
+    for drv in (
+        NdBusDriver(system, "nd_bus", ND_BUS),
+        NvdimmDriver(system, "nvdimm", ND_BUS),
+        NdRegionDriver(system, "nd_region", ND_BUS),
+        NdPmemDriver(system, "nd_pmem", ND_BUS),
+        DaxPmemDriver(system, "dax_pmem", ND_BUS),
+        DaxBusDriver(system, "device_dax"),
+        KmemDriver(system, "kmem"),
+    ):
+        system.register_driver(drv)
 

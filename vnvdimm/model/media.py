@@ -14,6 +14,7 @@ import errno
 import os
 from pathlib import Path
 
+from vnvdimm.model.badblocks import BadBlocks
 from vnvdimm.model.base import fail
 
 
@@ -28,6 +29,7 @@ class Media:
         if actual != size:
             os.close(self.fd)
             raise fail(errno.EINVAL, f"{path}: media is {actual} bytes, the region is {size}")
+        self.badblocks = BadBlocks()  # the poison list of this SPA range
 
     @staticmethod
     def create(path: Path, size: int) -> None:

@@ -22,13 +22,12 @@ from __future__ import annotations
 import errno
 import logging
 import threading
-import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from vnvdimm.model.base import Attr, fail, kstrtoull
 
 if TYPE_CHECKING:
-    from vnvdimm.model.personality import Pfn
+    from vnvdimm.memmap import MemmapJob
     from vnvdimm.model.system import System
 
 log = logging.getLogger("vnvdimm.model")
@@ -38,27 +37,55 @@ TICK_ACTIVE_S = 0.001  # how often progress is compared with the marks while a m
 TICK_IDLE_S = 0.02
 
 
+class PausableDevice(Protocol):
+    """A pfn/dax device as the controller sees it: its running job and its own mark."""
+
+    name: str
+    job: MemmapJob | None
+    pause_mark: int
+
+
 class PauseController:
-    """Compares each marked device's progress with its mark and pauses/resumes the pool."""
+    """Compares each running device's progress with its mark and pauses/resumes the pool.
+
+    One per System (the pool is the System's). A device's mark is the device's own state
+    (`pause_mark`); the controller holds the bus-level default mark and the devices whose
+    memmap job is running."""
 
     def __init__(self, system: System) -> None:
         self.system = system
-        self.marks: weakref.WeakKeyDictionary[Pfn, int] = weakref.WeakKeyDictionary()
         self.default_mark = NEVER  # the bus-level mark: every device's, unless its own is lower
         self.paused = False
+        self._running: list[PausableDevice] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def set(self, dev: Pfn | None, permille: int) -> None:
-        """Set a device's mark, or the default mark of every device (dev None)."""
+    def set_default(self, permille: int) -> None:
         with self._lock:
-            if dev is None:
-                self.default_mark = min(permille, NEVER)
-            elif permille >= NEVER:
-                self.marks.pop(dev, None)
-            else:
-                self.marks[dev] = permille
+            self.default_mark = min(permille, NEVER)
+        self._rearm()
+
+    def mark_changed(self, dev: PausableDevice) -> None:
+        """A device's own mark was written."""
+        self._rearm()
+
+    def track(self, dev: PausableDevice) -> None:
+        """A device's memmap job started: its progress is now compared with its mark."""
+        with self._lock:
+            if dev not in self._running:
+                self._running.append(dev)
+        self._rearm()
+
+    def untrack(self, dev: PausableDevice) -> None:
+        """A device's memmap job was cancelled (disable): it holds the pool no more."""
+        with self._lock:
+            if dev in self._running:
+                self._running.remove(dev)
+        self._wake.set()
+
+    def _rearm(self) -> None:
+        with self._lock:
             if self._armed() and self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="memmap-pause", daemon=True)
                 self._thread.start()
@@ -66,20 +93,13 @@ class PauseController:
         self.evaluate()
 
     def _armed(self) -> bool:
-        return bool(self.marks) or self.default_mark < NEVER
+        return self.default_mark < NEVER or any(d.pause_mark < NEVER for d in self._running)
 
-    def get(self, dev: Pfn) -> int:
-        return self.marks.get(dev, NEVER)
-
-    def _marked(self) -> list[tuple[Pfn, int]]:
-        """Each device with a mark below NEVER, and its effective mark."""
-        if self.default_mark >= NEVER:
-            return list(self.marks.items())
-        from vnvdimm.model.personality import Pfn
-
-        with self.system.lock:  # the device lists change under the model lock only
-            devices = [d for d in self.system.all_devices() if isinstance(d, Pfn)]
-        return [(d, min(self.marks.get(d, NEVER), self.default_mark)) for d in devices]
+    def _marked(self) -> list[tuple[PausableDevice, int]]:
+        """Each running device with a mark below NEVER, and its effective mark."""
+        with self._lock:
+            running = list(self._running)
+        return [(d, mark) for d in running if (mark := min(d.pause_mark, self.default_mark)) < NEVER]
 
     def evaluate(self) -> bool:
         """Pause or resume the pool as the marks say; True while some mark is still ahead."""
@@ -120,35 +140,14 @@ class PauseController:
             self._wake.wait(TICK_ACTIVE_S if pending else TICK_IDLE_S)
             self._wake.clear()
 
-
-_CONTROLLERS: weakref.WeakKeyDictionary[System, PauseController] = weakref.WeakKeyDictionary()
-_CONTROLLERS_LOCK = threading.Lock()
-
-
-def controller(system: System) -> PauseController:
-    with _CONTROLLERS_LOCK:
-        ctl = _CONTROLLERS.get(system)
-        if ctl is None:
-            ctl = _CONTROLLERS[system] = PauseController(system)
-        return ctl
+    def bus_attr(self) -> Attr:
+        """ndbusN/vnvdimm/memmap_pause_at: the mark of every pfn/dax device."""
+        return Attr("memmap_pause_at", 0o644, show=lambda: f"{self.default_mark}\n",
+                    store=lambda buf: self.set_default(parse_permille(buf)))
 
 
-def show(dev: Pfn) -> str:
-    return f"{controller(dev.system).get(dev)}\n"
-
-
-def store(dev: Pfn, buf: bytes) -> None:
-    controller(dev.system).set(dev, _permille(buf))
-
-
-def _permille(buf: bytes) -> int:
+def parse_permille(buf: bytes) -> int:
     value = kstrtoull(buf, 10)
     if value > NEVER:
         raise fail(errno.EINVAL, "pause_at is a per-mille value, 0 to 1000")
     return value
-
-
-def bus_attr(system: System) -> Attr:
-    """ndbusN/vnvdimm/memmap_pause_at: the mark of every pfn/dax device."""
-    return Attr("memmap_pause_at", 0o644, show=lambda: f"{controller(system).default_mark}\n",
-                store=lambda buf: controller(system).set(None, _permille(buf)))

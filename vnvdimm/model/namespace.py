@@ -20,22 +20,20 @@ from vnvdimm.model.base import (
     strim,
     sysfs_streq,
 )
+from vnvdimm.model.infoblock import INFO_BLOCK_OFFSET, INFO_BLOCK_SIZE
+from vnvdimm.model.nd import CLAIM_BTT, CLAIM_CLASSES, CLAIM_MODE, CLAIM_PFN, ND_BUS, NdDeviceType
 
 if TYPE_CHECKING:
     from vnvdimm.model.disk import Disk
     from vnvdimm.model.personality import Personality
     from vnvdimm.model.region import Region
 
-ND_DEVICE_NAMESPACE_IO = 4
-ND_DEVICE_NAMESPACE_PMEM = 5
 NSLABEL_NAME_LEN = 64
 PMEM_LBASIZES = (512, 4096)
 
-CLAIM_CLASSES = ("", "btt", "pfn", "dax")
-
 
 class Namespace(Device):
-    bus_name = "nd"
+    bus_name = ND_BUS
 
     def __init__(self, region: Region, ns_id: int, offset: int, size: int) -> None:
         super().__init__(region.system, f"namespace{region.id}.{ns_id}", region)
@@ -68,8 +66,6 @@ class Namespace(Device):
         return f"pmem{self.region.id}{suffix}"
 
     def read_info_block(self) -> bytes:
-        from vnvdimm.model.infoblock import INFO_BLOCK_OFFSET, INFO_BLOCK_SIZE
-
         return self.region.media.pread(INFO_BLOCK_SIZE, self.offset + INFO_BLOCK_OFFSET)
 
     def write_media(self, data: bytes, offset: int) -> None:
@@ -77,16 +73,10 @@ class Namespace(Device):
 
     # -- sysfs
     def mode_name(self) -> str:
-        from vnvdimm.model.personality import Btt, Dax, Pfn
-
         claim = self.claim
-        if isinstance(claim, Btt):
-            return "safe"
-        if isinstance(claim, Dax):
-            return "dax"
-        if isinstance(claim, Pfn):
-            return "memory"
-        if claim is None and self.region.pagemap and not self.force_raw:
+        if claim is not None:
+            return CLAIM_MODE[claim.claim_class]
+        if self.region.pagemap and not self.force_raw:
             return "memory"  # pmem_should_map_pages(): a legacy e820 namespace maps its pages
         return "raw"
 
@@ -130,14 +120,11 @@ class Namespace(Device):
     def capacity(self) -> int:
         return self.size
 
-    def after_probe(self) -> None:
-        self.region.advance_seeds(self)
-
 
 class NamespaceIo(Namespace):
     """A label-less namespace covering its whole region (e820, or NFIT without labels)."""
 
-    nd_type = ND_DEVICE_NAMESPACE_IO
+    nd_type = NdDeviceType.NAMESPACE_IO
     devtype = "nd_namespace_io"
 
     def entries(self) -> list[Entry]:
@@ -147,7 +134,7 @@ class NamespaceIo(Namespace):
 class NamespacePmem(Namespace):
     """A labelled namespace of an interleave set: created and deleted through its attributes."""
 
-    nd_type = ND_DEVICE_NAMESPACE_PMEM
+    nd_type = NdDeviceType.NAMESPACE_PMEM
     devtype = "nd_namespace_pmem"
 
     def entries(self) -> list[Entry]:
@@ -211,13 +198,11 @@ class NamespacePmem(Namespace):
 def uuid_is_unique(region: Region, new: uuidlib.UUID) -> bool:
     """nd_is_uuid_unique(): no pmem namespace, btt or pfn (nd_dax devices are not looked at)
     of any region of the bus has that uuid."""
-    from vnvdimm.model.personality import Btt, Dax, Pfn
-
     for other in region.bus.regions:
         for ns in other.namespaces:
             if isinstance(ns, NamespacePmem) and ns.uuid == new:
                 return False
         for dev in other.personalities:
-            if isinstance(dev, Btt | Pfn) and not isinstance(dev, Dax) and dev.uuid == new:
+            if dev.claim_class in (CLAIM_BTT, CLAIM_PFN) and dev.uuid == new:
                 return False
     return True

@@ -10,7 +10,8 @@ import time
 import uuid as uuidlib
 from typing import TYPE_CHECKING
 
-from vnvdimm.model import badblocks, memmap_pause
+from vnvdimm.memmap import DevStorage, JobSpec, MemStorage
+from vnvdimm.model.badblocks import SECTOR
 from vnvdimm.model.base import (
     PAGE_SIZE,
     SZ_1G,
@@ -33,6 +34,7 @@ from vnvdimm.model.base import (
 )
 from vnvdimm.model.infoblock import (
     DAX_SIG,
+    INFO_BLOCK_OFFSET,
     INFO_BLOCK_SIZE,
     MAX_STRUCT_PAGE_SIZE,
     MEMREMAP_COMPAT_ALIGN,
@@ -44,6 +46,8 @@ from vnvdimm.model.infoblock import (
     PfnInfo,
     pfn_geometry,
 )
+from vnvdimm.model.memmap_pause import NEVER, parse_permille
+from vnvdimm.model.nd import CLAIM_BTT, CLAIM_DAX, CLAIM_PFN, ND_BUS, NdDeviceType
 
 if TYPE_CHECKING:
     from vnvdimm.memmap import MemmapJob
@@ -54,7 +58,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vnvdimm.model")
 
-ND_DEVICE_DAX_PMEM = 7
 PFN_MODES = {"none": PFN_MODE_NONE, "ram": PFN_MODE_RAM, "pmem": PFN_MODE_PMEM}
 PFN_MODE_NAMES = {v: k for k, v in PFN_MODES.items()}
 SUPPORTED_ALIGNMENTS = (PAGE_SIZE, SZ_2M, SZ_1G)
@@ -79,7 +82,7 @@ def c_strncmp_eq(buf: bytes, word: str, n: int) -> bool:
 class Personality(Device):
     """What pfn, dax and btt devices share: a claim on one namespace (claim.c)."""
 
-    bus_name = "nd"
+    bus_name = ND_BUS
     claim_class = ""
 
     def __init__(self, region: Region, prefix: str, dev_id: int) -> None:
@@ -91,7 +94,8 @@ class Personality(Device):
         self.disk: Disk | None = None
 
     @property
-    def nd_type(self) -> int:  # type: ignore[override]
+    def nd_type(self) -> NdDeviceType:  # type: ignore[override]
+        """to_nd_device_type() of a device below a region: the region's namespace type."""
         return self.region.nstype
 
     def _namespace_store(self, buf: bytes) -> None:
@@ -147,15 +151,12 @@ class Personality(Device):
     def _namespace_show(self) -> str:
         return f"{self.ndns.name if self.ndns else ''}\n"
 
-    def after_probe(self) -> None:
-        self.region.advance_seeds(self)
-
 
 class Pfn(Personality):
     """An nd_pfn device: fsdax, the namespace's pages get a memmap (in RAM or on the media)."""
 
     devtype = "nd_pfn"
-    claim_class = "pfn"
+    claim_class = CLAIM_PFN
     signature = PFN_SIG
     prefix = "pfn"
 
@@ -165,6 +166,7 @@ class Pfn(Personality):
         self.align = SZ_2M  # nd_pfn_default_alignment(): PMD_SIZE with THP
         self.geometry: PfnGeometry | None = None
         self.job: MemmapJob | None = None
+        self.pause_mark = NEVER  # memmap/pause_at: survives disable/enable, like ns_per_page
 
     def reset(self) -> None:
         super().reset()
@@ -282,11 +284,15 @@ class Pfn(Personality):
             ro("workers", lambda: f"{self.system.engine.workers if self.system.engine else 0}\n"),
             ro("start_pfn", lambda: f"{self.ndns.start // PAGE_SIZE if self.ndns else 0:#x}\n"),
             rw("ns_per_page", lambda: f"{self.effective_ns_per_page()}\n", ns_per_page_store),
-            rw("pause_at", lambda: memmap_pause.show(self), lambda buf: memmap_pause.store(self, buf)),
+            rw("pause_at", lambda: f"{self.pause_mark}\n", self._pause_at_store),
             binary("kpageflags"),
             binary("kpagecount"),
             binary("raw_records"),
         ])
+
+    def _pause_at_store(self, buf: bytes) -> None:
+        self.pause_mark = parse_permille(buf)
+        self.system.memmap_pause.mark_changed(self)
 
     ns_per_page_override: int | None = None
 
@@ -355,8 +361,6 @@ class Pfn(Personality):
             raise fail(errno.ENXIO, f"{ndns.name}: unable to satisfy requested alignment")
         info = PfnInfo(self.signature, self.uuid, ndns.parent_uuid, geometry.dataoff, geometry.npfns,
                        self.mode, self.align, geometry.end_trunc)
-        from vnvdimm.model.infoblock import INFO_BLOCK_OFFSET
-
         ndns.write_media(info.pack(), INFO_BLOCK_OFFSET)
         return geometry
 
@@ -367,11 +371,11 @@ class Pfn(Personality):
         ndns = self.ndns
         assert ndns is not None
         media = self.region.media
-        meta_start = (SZ_4K + INFO_BLOCK_SIZE) // badblocks.SECTOR
-        first = ndns.offset // badblocks.SECTOR + meta_start
-        bb = badblocks.of(media)
-        for start, count in bb.within(first, dataoff // badblocks.SECTOR - meta_start):
-            media.pwrite(bytes(count * badblocks.SECTOR), (first + start) * badblocks.SECTOR)
+        meta_start = (SZ_4K + INFO_BLOCK_SIZE) // SECTOR
+        first = ndns.offset // SECTOR + meta_start
+        bb = media.badblocks
+        for start, count in bb.within(first, dataoff // SECTOR - meta_start):
+            media.pwrite(bytes(count * SECTOR), (first + start) * SECTOR)
             bb.clear(first + start, count)
             log.info("%s: cleared %d bad sectors of the memmap area at sector %d", self.name, count,
                      meta_start + start)
@@ -383,8 +387,6 @@ class Pfn(Personality):
         assert ndns is not None
         if engine is None:
             return
-        from vnvdimm.memmap import DevStorage, JobSpec, MemStorage
-
         npages = ndns.size // PAGE_SIZE
         on_media = self.mode == PFN_MODE_PMEM
         spec = JobSpec(
@@ -408,6 +410,7 @@ class Pfn(Personality):
                  "map=dev" if on_media else "map=mem", (time.monotonic() - started) * 1e3)
         job.subscribe(lambda _job: self.system.notify(self, "memmap_state"))
         self.system.notify(self, "memmap_state")
+        self.system.memmap_pause.track(self)
         if self.system.memmap.mode == "sync":
             # The pre-series kernel: enabling returns only once every page is initialized.
             # Wait after the store returns, outside the model lock.
@@ -417,6 +420,7 @@ class Pfn(Personality):
         job, self.job = self.job, None
         if job is not None:
             job.cancel()
+            self.system.memmap_pause.untrack(self)
             self.system.notify(self, "memmap_state")
 
     def data_path_args(self, geometry: PfnGeometry) -> dict[str, object]:
@@ -436,7 +440,7 @@ class Dax(Pfn):
     """An nd_dax device: devdax; the pfn attributes are re-used (to_nd_pfn_safe())."""
 
     devtype = "nd_dax"
-    claim_class = "dax"
+    claim_class = CLAIM_DAX
     signature = DAX_SIG
     prefix = "dax"
 
@@ -446,8 +450,8 @@ class Dax(Pfn):
         self.dev_dax: DevDax | None = None
 
     @property
-    def nd_type(self) -> int:  # type: ignore[override]
-        return ND_DEVICE_DAX_PMEM
+    def nd_type(self) -> NdDeviceType:  # type: ignore[override]
+        return NdDeviceType.DAX_PMEM
 
     def entries(self) -> list[Entry]:
         out = super().entries()
@@ -467,7 +471,7 @@ class Btt(Personality):
     """An nd_btt device: sector mode, block writes made atomic by the BTT on the media."""
 
     devtype = "nd_btt"
-    claim_class = "btt"
+    claim_class = CLAIM_BTT
 
     def __init__(self, region: Region, dev_id: int) -> None:
         super().__init__(region, "btt", dev_id)

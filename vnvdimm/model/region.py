@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vnvdimm.model.badblocks import show as badblocks_show
 from vnvdimm.model.base import (
     PAGE_SIZE,
     SZ_16M,
@@ -25,21 +26,14 @@ from vnvdimm.model.base import (
     rw,
 )
 from vnvdimm.model.label_format import InterleaveSet, InterleaveSetLabels, LabelMapping, ScannedNamespace
-from vnvdimm.model.namespace import (
-    ND_DEVICE_NAMESPACE_IO,
-    ND_DEVICE_NAMESPACE_PMEM,
-    Namespace,
-    NamespaceIo,
-    NamespacePmem,
-)
+from vnvdimm.model.namespace import Namespace, NamespacePmem
+from vnvdimm.model.nd import ND_BUS, NdDeviceType
 from vnvdimm.model.personality import Btt, Dax, Personality, Pfn
 
 if TYPE_CHECKING:
     from vnvdimm.model.bus import NvdimmBus
     from vnvdimm.model.dimm import Nvdimm
     from vnvdimm.model.media import Media
-
-ND_DEVICE_REGION_PMEM = 2
 
 
 def default_align(size: int, ways: int) -> int:
@@ -63,9 +57,9 @@ class Mapping:
 
 
 class Region(Device):
-    bus_name = "nd"
+    bus_name = ND_BUS
     devtype = "nd_pmem"
-    nd_type = ND_DEVICE_REGION_PMEM
+    nd_type = NdDeviceType.REGION_PMEM
 
     def __init__(self, bus: NvdimmBus, region_id: int, start: int, size: int, media: Media, *,
                  numa_node: int = 0, target_node: int | None = None, mappings: Iterable[Mapping] = (),
@@ -92,7 +86,6 @@ class Region(Device):
         self.ns_active = self.ns_count = 0  # nd_region_data: what the last probe registered
         # nd_region_create(): a DIMM that is not armed makes the region read-only
         self.read_only = any(not m.dimm.identity.armed for m in self.mappings)
-        self.badblocks: list[tuple[int, int]] = []
         self.namespaces: list[Namespace] = []
         self.personalities: list[Personality] = []
         self.ns_ida, self.pfn_ida, self.dax_ida, self.btt_ida = Ida(), Ida(), Ida(), Ida()
@@ -102,8 +95,9 @@ class Region(Device):
         self.btt_seed: Btt | None = None
 
     @property
-    def nstype(self) -> int:
-        return ND_DEVICE_NAMESPACE_PMEM if self.iset is not None else ND_DEVICE_NAMESPACE_IO
+    def nstype(self) -> NdDeviceType:
+        """nd_region_to_nstype(): labelled regions host pmem namespaces, others one IO namespace."""
+        return NdDeviceType.NAMESPACE_PMEM if self.iset is not None else NdDeviceType.NAMESPACE_IO
 
     # ------------------------------------------------------------ sysfs
 
@@ -173,9 +167,7 @@ class Region(Device):
     def _badblocks_show(self) -> str:
         if self.driver is None:
             raise fail(errno.ENXIO, "region disabled")
-        from vnvdimm.model import badblocks
-
-        return badblocks.region_show(self)
+        return badblocks_show(self.media.badblocks.ranges())
 
     # ------------------------------------------------------------ capacity (labelled regions)
 
@@ -272,7 +264,7 @@ class Region(Device):
         yield from self.namespaces
         yield from self.personalities
 
-    def _add_namespace(self, ns: Namespace) -> Namespace:
+    def add_namespace(self, ns: Namespace) -> Namespace:
         self.ns_ida.take(ns.id)
         self.namespaces.append(ns)
         self.system.changed()
@@ -282,7 +274,7 @@ class Region(Device):
         if self.iset is None:
             return
         ns = NamespacePmem(self, self.ns_ida.get(), 0, 0)
-        self.ns_seed = self._add_namespace(ns)
+        self.ns_seed = self.add_namespace(ns)
         self.system.device_add(ns)
 
     def create_personality(self, kind: type[Personality]) -> Personality:
@@ -342,45 +334,17 @@ class Region(Device):
             self.ns_seed = None
         self.system.changed()
 
-    # ------------------------------------------------------------ nd_region driver
-
-    def probe(self) -> None:
-        """nd_region_probe(): register namespaces and seeds, then let the namespaces probe
-        (which re-creates pfn/dax/btt personalities from their info blocks)."""
-        if self.iset is None:
-            new: list[Namespace] = [self._add_namespace(NamespaceIo(self, self.ns_ida.get(), 0, self.size))]
-        else:
-            self.labels = self._active_labels()
-            new = []
-            for label in self._valid_labels(self.labels.scan()):
-                ns = NamespacePmem(self, self.ns_ida.get(), label.offset, label.size)
-                ns.uuid, ns.lbasize = label.uuid, label.lbasize
-                ns.alt_name = label.name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                ns.claim_class = "btt" if label.claim_class == "btt2" else label.claim_class
-                new.append(self._add_namespace(ns))
-            if not new:  # scan_labels(): publish a zero-sized namespace for userspace to configure
-                new.append(self._add_namespace(NamespacePmem(self, self.ns_ida.get(), 0, 0)))
-        # nd_region_register_namespaces(): the first namespace is the seed; once it (or the
-        # personality claiming it) probes, a labelled region plants a fresh zero-sized seed.
-        self.ns_seed = new[0]
-        self.ns_active = self.ns_count = len(new)
-        self.create_seed(Btt)
-        self.create_seed(Pfn)
-        self.create_seed(Dax)
-        for ns in new:
-            self.system.device_add(ns)
-
-    def _active_labels(self) -> InterleaveSetLabels:
-        """init_active_labels(): every DIMM of the set must be enabled (its label data read)."""
+    def valid_labels(self) -> list[ScannedNamespace]:
+        """init_active_labels() and scan_labels(): the namespaces the DIMMs' labels describe,
+        in region order. Every DIMM of the set must be enabled (its label data read)."""
         assert self.iset is not None
         mappings = []
         for m in self.mappings:
             if m.dimm.label_data is None:
                 raise fail(errno.ENXIO, f"{m.dimm.name}: is disabled, failing probe")
             mappings.append(LabelMapping(m.dimm.label_data, m.dpa, m.length))
-        return InterleaveSetLabels(mappings, self.iset)
-
-    def _valid_labels(self, scanned: list[ScannedNamespace]) -> list[ScannedNamespace]:
+        self.labels = InterleaveSetLabels(mappings, self.iset)
+        scanned = self.labels.scan()
         out, end = [], 0
         for label in scanned:
             # overlapping DPA ranges: the kernel's DPA reservation at DIMM probe refuses them;
@@ -390,13 +354,3 @@ class Region(Device):
             out.append(label)
             end = label.offset + label.size
         return out
-
-    def remove(self) -> None:
-        """nd_region_remove(): every child device is unregistered."""
-        for dev in list(self.personalities):
-            self.unregister_personality(dev)
-        for ns in list(self.namespaces):
-            self.unregister_namespace(ns)
-        self.ns_seed = self.pfn_seed = self.dax_seed = self.btt_seed = None
-        self.labels = None
-        self.system.changed()

@@ -1,6 +1,9 @@
 """The emulated machine: buses, the driver core (drivers/base/bus.c + dd.c) and the
 device-number allocators. One `System` per daemon; every model call runs under `lock`
 (the kernel's device_lock + nvdimm_bus_lock rolled into one).
+
+The System knows no driver: the topology registers the bus types and their drivers at boot
+(`vnvdimm.model.drivers.register()`), as module init does on a real kernel.
 """
 
 from __future__ import annotations
@@ -11,20 +14,15 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
-from vnvdimm.model.base import Device, Driver, Ida, fail, streq_text
+from vnvdimm.model.base import Attr, BusType, Device, Driver, Ida, fail, streq_text, uevent_store
+from vnvdimm.model.memmap_pause import PauseController
+from vnvdimm.model.nd import BLKEXT_MAJOR, DAX_BUS, DAX_MAJOR, ND_BUS, NDCTL_MAJOR, NMEM_MAJOR
 
 if TYPE_CHECKING:
     from vnvdimm.memmap import MemmapEngine
     from vnvdimm.model.bus import NvdimmBus
 
 log = logging.getLogger("vnvdimm.model")
-
-# Character/block majors. The kernel allocates the nd ones dynamically; these are the values
-# a typical x86_64 machine ends up with (the contract's examples use them).
-NDCTL_MAJOR = 240
-NMEM_MAJOR = 241
-DAX_MAJOR = 242
-BLKEXT_MAJOR = 259
 
 Notifier = Callable[[Device, str], None]
 
@@ -84,20 +82,34 @@ class System:
         self.engine = engine
         self.memmap = memmap or MemmapSettings()
         self.buses: list[NvdimmBus] = []
-        self.nd_drivers: dict[str, Driver] = {}
-        self.dax_drivers: dict[str, Driver] = {}
+        self.bus_types: dict[str, BusType] = {}
+        self.drivers: dict[str, dict[str, Driver]] = {}  # per bus, in registration (= readdir) order
+        self.autoprobe: dict[str, bool] = {}  # /sys/bus/<bus>/drivers_autoprobe
         self.region_ida = Ida()
-        self.autoprobe = {"nd": True, "dax": True}  # /sys/bus/<bus>/drivers_autoprobe
         self.minors = {NDCTL_MAJOR: Ida(), NMEM_MAJOR: Ida(), DAX_MAJOR: Ida(), BLKEXT_MAJOR: Ida()}
+        self.memmap_pause = PauseController(self)
         self._notifiers: list[Notifier] = []
         self.modules: ModuleControl | None = None
 
-        from vnvdimm.model import drivers
+    # ------------------------------------------------------------ registration (module init)
 
-        for drv in drivers.nd_bus_drivers(self):
-            self.nd_drivers[drv.name] = drv
-        for drv in drivers.dax_bus_drivers(self):
-            self.dax_drivers[drv.name] = drv
+    def register_bus_type(self, bus_type: BusType) -> None:
+        """bus_register(): the bus appears in /sys/bus with autoprobe on and no drivers."""
+        self.bus_types[bus_type.name] = bus_type
+        self.drivers.setdefault(bus_type.name, {})
+        self.autoprobe.setdefault(bus_type.name, True)
+
+    def register_driver(self, drv: Driver) -> None:
+        """driver_register() on a registered bus."""
+        self.drivers[drv.bus_name][drv.name] = drv
+
+    @property
+    def nd_drivers(self) -> dict[str, Driver]:
+        return self.drivers_of(ND_BUS)
+
+    @property
+    def dax_drivers(self) -> dict[str, Driver]:
+        return self.drivers_of(DAX_BUS)
 
     # ------------------------------------------------------------ change notification
 
@@ -139,9 +151,14 @@ class System:
         return None
 
     def drivers_of(self, bus_name: str) -> dict[str, Driver]:
-        return self.nd_drivers if bus_name == "nd" else self.dax_drivers
+        return self.drivers.get(bus_name, {})
 
     # ------------------------------------------------------------ driver core
+
+    def match(self, drv: Driver, dev: Device) -> bool:
+        """driver_match_device(): the device is on the driver's bus and the bus matches them."""
+        bus_type = self.bus_types.get(drv.bus_name)
+        return dev.bus_name == drv.bus_name and bus_type is not None and bus_type.match(dev, drv)
 
     def device_add(self, dev: Device) -> None:
         """device_add() + bus_probe_device(): a new device is tried against its bus's drivers."""
@@ -149,7 +166,7 @@ class System:
         if dev.bus_name is None or not self.autoprobe.get(dev.bus_name, True):
             return
         for drv in self.drivers_of(dev.bus_name).values():
-            if drv.matches(dev):
+            if self.match(drv, dev):
                 try:
                     self.driver_attach(drv, dev)
                 except OSError as e:
@@ -161,12 +178,9 @@ class System:
         """device_driver_attach(): EBUSY if bound; the probe's errno otherwise."""
         if dev.driver is not None:
             raise fail(errno.EBUSY, f"{dev.name} is already bound to {dev.driver.name}")
-        drv.probe(dev)
+        self.bus_types[drv.bus_name].probe(drv, dev)
         dev.driver = drv
         self.changed()
-        after_probe = getattr(dev, "after_probe", None)
-        if after_probe is not None:
-            after_probe()
         log.info("%s: bound to %s", dev.name, drv.name)
 
     def driver_detach(self, dev: Device) -> None:
@@ -181,7 +195,7 @@ class System:
     def bind(self, drv: Driver, buf: bytes) -> None:
         """bind_store(): ENODEV unless the named device exists on the bus and matches."""
         dev = self.find_device(drv.bus_name, buf)
-        if dev is None or not drv.matches(dev):
+        if dev is None or not self.match(drv, dev):
             raise fail(errno.ENODEV, f"{drv.name} does not match {buf!r}")
         self.driver_attach(drv, dev)
 
@@ -203,12 +217,26 @@ class System:
             if dev.driver is not None:
                 return
             for drv in self.drivers_of(bus_name).values():
-                if drv.matches(dev):
+                if self.match(drv, dev):
                     try:
                         self.driver_attach(drv, dev)
                         return
                     except OSError as e:
                         log.debug("%s: probe by %s failed: %s", dev.name, drv.name, e)
+
+    def bus_attrs(self, bus_name: str) -> list[Attr]:
+        """The driver-core attributes of /sys/bus/<bus>/ (bus.c's bus_attrs)."""
+
+        def autoprobe_store(buf: bytes) -> None:
+            # drivers_autoprobe_store(): '0' as the first byte turns it off, anything else on
+            self.autoprobe[bus_name] = buf[:1] != b"0"
+
+        return [
+            Attr("drivers_autoprobe", 0o644, show=lambda: f"{int(self.autoprobe[bus_name])}\n",
+                 store=autoprobe_store),
+            Attr("uevent", 0o200, store=uevent_store),
+            Attr("drivers_probe", 0o200, store=lambda buf: self.rescan(bus_name, buf), blocking=True),
+        ]
 
     # ------------------------------------------------------------ lifetime
 

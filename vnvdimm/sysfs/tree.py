@@ -27,7 +27,7 @@ from vnvdimm.sysfs.changes import ChangeFeed
 from vnvdimm.sysfs.kernfs import Events, KAttr, KBin, KDir, KLink, KNode
 
 # Modules whose /sys/module/<name>/initstate reads "live": libkmod (daxctl) checks them
-# instead of loading anything (contract §6).
+# instead of loading anything.
 MODULES = ("libnvdimm", "nd_pmem", "nd_btt", "nd_e820", "nfit", "dax", "dax_pmem", "device_dax", "kmem",
            "dax_hmem")
 
@@ -152,16 +152,11 @@ class TreeBuilder:
         self._system_dirs(s)
         for host_dir in HOST_SYSFS_DIRS:
             s.dir(f"/sys/{host_dir}")
-        for bus_name, drivers in (("nd", self.system.nd_drivers), ("dax", self.system.dax_drivers)):
+        for bus_name, drivers in self.system.drivers.items():
             base = f"/sys/bus/{bus_name}"
             s.dir(f"{base}/devices")
-            s.add(f"{base}/drivers_autoprobe", KAttr(Attr(
-                "drivers_autoprobe", 0o644, show=lambda bus_name=bus_name: self._autoprobe_show(bus_name),
-                store=lambda buf, bus_name=bus_name: self._autoprobe_store(bus_name, buf)), self.lock))
-            s.add(f"{base}/uevent", KAttr(Attr("uevent", 0o200, store=uevent_store), self.lock))
-            s.add(f"{base}/drivers_probe", KAttr(Attr(
-                "drivers_probe", 0o200, store=lambda buf, bus_name=bus_name: self.system.rescan(bus_name, buf),
-                blocking=True), self.lock))
+            for attr in self.system.bus_attrs(bus_name):
+                s.add(f"{base}/{attr.name}", KAttr(attr, self.lock))
             for drv in drivers.values():
                 self._driver(s, f"{base}/drivers/{drv.name}", drv)  # type: ignore[arg-type]
         modules = self.system.modules
@@ -180,13 +175,6 @@ class TreeBuilder:
         self._dev(s)
         s.seal()
         return s
-
-    def _autoprobe_show(self, bus_name: str) -> str:
-        return f"{int(self.system.autoprobe[bus_name])}\n"
-
-    def _autoprobe_store(self, bus_name: str, buf: bytes) -> None:
-        # drivers_autoprobe_store(): '0' as the first byte turns it off, anything else on
-        self.system.autoprobe[bus_name] = buf[:1] != b"0"
 
     def _system_dirs(self, s: Snapshot) -> None:
         nodes = sorted({0} | {r.numa_node for b in self.system.buses for r in b.regions})

@@ -23,6 +23,7 @@ import uuid as uuidlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from vnvdimm.model import drivers
 from vnvdimm.model.base import SZ_1G, Attr, Device, align_up
 from vnvdimm.model.bus import NFIT_BUS_COMMANDS, NvdimmBus
 from vnvdimm.model.dimm import NfitIdentity, Nvdimm
@@ -30,6 +31,7 @@ from vnvdimm.model.label_area import NFIT_TEST_LABEL_SIZE, NFIT_TEST_MAX_XFER, L
 from vnvdimm.model.label_format import DimmLabelData, InterleaveSet, InterleaveSetLabels, LabelMapping, ScannedNamespace
 from vnvdimm.model.labels import DimmLabels, InterleaveLabels, write_atomically
 from vnvdimm.model.media import Media
+from vnvdimm.model.namespace import Namespace
 from vnvdimm.model.nfit_iset import DcrIdentity, SetMember, interleave_set
 from vnvdimm.model.nfit_test_dimm import NfitTestDimm
 from vnvdimm.model.region import Mapping, Region
@@ -274,7 +276,8 @@ def build_system(platform: Platform, state: StateDir, system: System, only: set[
                  fresh: bool = False) -> None:
     """Plug the platform into `system` and let the drivers probe it, as at boot. `only`: the
     indexes of the buses to plug (a module load); `fresh`: their label areas and media start
-    over, as the memory a module allocates anew."""
+    over, as the memory a module allocates anew. The drivers are loaded first (once)."""
+    drivers.register(system)
     wanted = set(range(len(platform.buses))) if only is None else only
     buses = {i: NvdimmBus(system, i, b.provider, b.platform_path, NFIT_BUS_COMMANDS if b.nfit else (), nfit=b.nfit)
              for i, b in enumerate(platform.buses) if i in wanted}
@@ -422,8 +425,6 @@ def create_labelled_namespace(region: Region, cfg: NamespaceConfig) -> Device:
 def apply_mode(ns: Device, cfg: NamespaceConfig) -> None:
     """What `ndctl create-namespace -e <ns> -m <mode> -f` does, minus the info-block wipe
     (the media is fresh)."""
-    from vnvdimm.model.namespace import Namespace
-
     assert isinstance(ns, Namespace)
     if cfg.mode == "raw":
         return

@@ -1,0 +1,48 @@
+"""What every room of the device model shares, in the role of the kernel's nd.h and
+uapi/linux/ndctl.h: the nd device types, the bus names, the device numbers, and the names
+under which a namespace's claim is known.
+
+Modules low in the model (namespaces, disks, media errors) import these instead of the
+classes above them, so the imports of `vnvdimm.model` only run one way:
+
+    base, nd -> system, media, badblocks, infoblock, labels, memmap_pause
+             -> disk, dimm, namespace, personality, dax -> region -> bus -> drivers
+
+`vnvdimm.topology` sits above all of them: it registers the drivers and builds the buses.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class NdDeviceType(IntEnum):
+    """ND_DEVICE_* (uapi/linux/ndctl.h): what to_nd_device_type() answers for a device on
+    the nd bus, shown as its modalias `nd:t<N>`. A driver binds the set of these it declares
+    (ND_DRIVER_* = 1 << ND_DEVICE_*), tested by nvdimm_bus_match()."""
+
+    DIMM = 1
+    REGION_PMEM = 2
+    REGION_BLK = 3
+    NAMESPACE_IO = 4
+    NAMESPACE_PMEM = 5
+    NAMESPACE_BLK = 6
+    DAX_PMEM = 7
+
+
+ND_BUS = "nd"  # /sys/bus/nd: buses, DIMMs, regions, namespaces, pfn/dax/btt devices
+DAX_BUS = "dax"  # /sys/bus/dax: device-dax instances
+
+# Character/block majors. The kernel allocates the nd ones dynamically; these are the values
+# a typical x86_64 machine ends up with.
+NDCTL_MAJOR = 240
+NMEM_MAJOR = 241
+DAX_MAJOR = 242
+BLKEXT_MAJOR = 259
+
+# A namespace's claim class (holder_class) and what `mode` reports for a claim of that class.
+CLAIM_BTT = "btt"
+CLAIM_PFN = "pfn"
+CLAIM_DAX = "dax"
+CLAIM_CLASSES = ("", CLAIM_BTT, CLAIM_PFN, CLAIM_DAX)
+CLAIM_MODE = {CLAIM_BTT: "safe", CLAIM_DAX: "dax", CLAIM_PFN: "memory"}
