@@ -17,7 +17,8 @@ from vnvdimm.model.base import Attr, BinAttr, Device, Group
 from vnvdimm.model.system import System
 from vnvdimm.topology.config import parse_config
 from vnvdimm.topology.modules import PlatformModules
-from vnvdimm.topology.platform import StateDir, build_system, provision
+from vnvdimm.topology.platform import Machine as BootedMachine
+from vnvdimm.topology.platform import StateDir, boot, provision
 
 E820_FOUR = four_modes()
 
@@ -49,25 +50,20 @@ class Machine:
         if provision_config is not None:
             provision(self.platform, self.state, provision_config)
         self.system: System | None = None
+        self._booted: BootedMachine | None = None
 
     def boot(self) -> System:
         self.shutdown()
-        self.system = System()
-        build_system(self.platform, self.state, self.system)
+        self._booted = boot(self.platform, self.state)
+        self.system = self._booted.system
         self.system.modules = PlatformModules(self.platform, self.state, self.system)
         return self.system
 
     def shutdown(self) -> None:
-        if self.system is None:
+        if self._booted is None:
             return
-        self.system.shutdown()
-        for bus in self.system.buses:
-            for region in bus.regions:
-                region.media.close()
-            for dimm in bus.dimms:
-                if dimm.label_area is not None:
-                    dimm.label_area.close()
-        self.system = None
+        self._booted.close()
+        self._booted = self.system = None
 
     # -- lookup
     @property

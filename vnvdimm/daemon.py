@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from vnvdimm.fuse import fusermount
 from vnvdimm.topology.config import ConfigError, TopologyConfig
 from vnvdimm.topology.modules import PlatformModules
-from vnvdimm.topology.platform import Platform, StateDir, build_system, provision
+from vnvdimm.topology.platform import Platform, StateDir, boot, provision
 
 if TYPE_CHECKING:
     from vnvdimm.model.system import System
@@ -230,7 +230,7 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
     """The daemon proper: returns when the file system is unmounted."""
     from vnvdimm.fuse.ops import VnvdimmOperations, raise_readahead, serve
     from vnvdimm.memmap import MemmapEngine
-    from vnvdimm.model.system import MemmapSettings, System
+    from vnvdimm.model.system import MemmapSettings
     from vnvdimm.sysfs.tree import Tree
 
     lock.update_pid()
@@ -251,10 +251,10 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
     stacks = open(state.path / "vnvdimm.log", "a")  # noqa: SIM115 - for the life of the daemon
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     record = mount_record(opts.mountpoint)
-    system = System(engine, MemmapSettings(platform.memmap_mode, platform.ns_per_page))
+    machine = boot(platform, state, engine, MemmapSettings(platform.memmap_mode, platform.ns_per_page))
+    system = machine.system
+    system.modules = PlatformModules(platform, state, system)
     try:
-        build_system(platform, state, system)
-        system.modules = PlatformModules(platform, state, system)
         tree = Tree(system)
         teardown = Teardown(system, opts.mountpoint)
         threading.Thread(target=teardown.on_signals, name="vnvdimm-signals", daemon=True).start()
@@ -285,16 +285,7 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
         log.info("unmounted %s", opts.mountpoint)
         return 0
     finally:
-        system.shutdown()
-        engine.close()
-        for bus in system.buses:
-            for region in bus.regions:
-                with contextlib.suppress(OSError):
-                    region.media.fsync()
-                    region.media.close()
-            for dimm in bus.dimms:
-                if dimm.label_area is not None:
-                    dimm.label_area.close()
+        machine.close()
         with contextlib.suppress(FileNotFoundError):
             record.unlink()
 

@@ -23,10 +23,9 @@ from reliability_kit import alive
 
 from vnvdimm.model.infoblock import DAX_SIG, INFO_BLOCK_OFFSET, PFN_SIG, PfnGeometry, PfnInfo, sb_checksum
 from vnvdimm.model.personality import Pfn
-from vnvdimm.model.system import System
 from vnvdimm.sysfs.tree import Tree
 from vnvdimm.topology.config import ConfigError, load_config, parse_config
-from vnvdimm.topology.platform import Platform, StateDir, build_system, provision
+from vnvdimm.topology.platform import Platform, StateDir, boot, provision
 
 VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
 PLATFORM = """\
@@ -414,16 +413,13 @@ def test_platform_record_fuzz(tmp_path_factory, figures, doc: object) -> None:  
     for i, r in enumerate(platform.regions):
         with open(state / f"region{i}.media", "wb") as f:
             f.truncate(r.size)
-    system = System()
     try:
-        build_system(platform, StateDir(state), system)
+        machine = boot(platform, StateDir(state))
     except ConfigError as e:
         assert "media" in str(e) or "labels" in str(e), e
         return
-    try:
+    with machine as system:
         assert not sysfs_invariants.check(sysfs_invariants.TreeView(Tree(system)), StateDir(state).media_path)
-    finally:
-        system.shutdown()
 
 
 # ---------------------------------------------------------------- label files
@@ -483,25 +479,18 @@ def test_label_area_fuzz(nfit_state, figures, data) -> None:  # type: ignore[no-
     # (Any write to a media file moves its mtime: cheaper than hashing it for every example.)
     media = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in nfit_state.path.glob("*.media")}
     other = nfit_state.label_area_path(1).read_bytes()
-    system = System()
     try:
         try:
-            build_system(Platform.from_json(nfit_state.platform_path.read_text(), "x"), nfit_state, system)
+            machine = boot(Platform.from_json(nfit_state.platform_path.read_text(), "x"), nfit_state)
         except ValueError as e:
             assert str(area) in str(e), e
             return
-        problems = sysfs_invariants.check(sysfs_invariants.TreeView(Tree(system)), nfit_state.media_path)
-        assert not problems, problems
-        system.shutdown()
+        with machine as system:
+            problems = sysfs_invariants.check(sysfs_invariants.TreeView(Tree(system)), nfit_state.media_path)
+            assert not problems, problems
         assert area.read_bytes() == damaged and nfit_state.label_area_path(1).read_bytes() == other
         assert {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in nfit_state.path.glob("*.media")} == media
     finally:
-        for bus in system.buses:
-            for region in bus.regions:
-                region.media.close()
-            for dimm in bus.dimms:
-                if dimm.label_area is not None:
-                    dimm.label_area.close()
         area.write_bytes(valid)
 
 

@@ -15,6 +15,7 @@ is brought back from the media and labels, exactly as a kernel finds it at boot.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -22,6 +23,7 @@ import os
 import uuid as uuidlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vnvdimm.model import drivers
 from vnvdimm.model.base import SZ_1G, Attr, Device, align_up
@@ -35,9 +37,12 @@ from vnvdimm.model.namespace import Namespace
 from vnvdimm.model.nfit_iset import DcrIdentity, SetMember, interleave_set
 from vnvdimm.model.nfit_test_dimm import NfitTestDimm
 from vnvdimm.model.region import Mapping, Region
-from vnvdimm.model.system import System
+from vnvdimm.model.system import MemmapSettings, System
 from vnvdimm.topology import nfit_test
 from vnvdimm.topology.config import ConfigError, NamespaceConfig, TopologyConfig, default_config, format_size
+
+if TYPE_CHECKING:
+    from vnvdimm.memmap import MemmapEngine
 
 log = logging.getLogger("vnvdimm.topology")
 
@@ -362,6 +367,65 @@ def migrate_json_labels(platform: Platform, state: StateDir, dimms: list[Nvdimm]
             os.replace(p, p.with_name(p.name + ".migrated"))
 
 
+class Machine:
+    """A System booted from a platform, with the media it opened: what `boot()` returns.
+
+    `with boot(platform, state) as system: ...` stops the machine on exit; or keep the
+    Machine and call `close()`."""
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+        self._closed = False
+
+    def __enter__(self) -> System:
+        return self.system
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """power_off(), then close the media. Once; later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        power_off(self.system)
+        for bus in self.system.buses:
+            for region in bus.regions:
+                region.media.close()
+            for dimm in bus.dimms:
+                if dimm.label_area is not None:
+                    dimm.label_area.close()
+
+
+def boot(platform: Platform, state: StateDir, engine: MemmapEngine | None = None,
+         memmap: MemmapSettings | None = None) -> Machine:
+    """Boot a System from the platform: drivers loaded, buses, DIMMs and regions added and
+    probed. The Machine owns what the boot opened (and the engine, if one is given): closing
+    it cancels every memmap job, unbinds every device, syncs and closes the media. A boot that
+    fails closes what it opened before raising."""
+    machine = Machine(System(engine, memmap))
+    try:
+        build_system(platform, state, machine.system)
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
+def power_off(system: System) -> None:
+    """Stop every device and make the media durable, in the order that never waits long: the
+    engine first (every memmap job cancelled at once: cancelling job after job would wait, per
+    job, for workers busy elsewhere), then every device unbound, then every media file synced
+    (map=dev records included). Safe to call again."""
+    if system.engine is not None:
+        system.engine.close()
+    system.shutdown()
+    for bus in system.buses:
+        for region in bus.regions:
+            with contextlib.suppress(OSError):  # a media already closed
+                region.media.fsync()
+
+
 def provision(platform: Platform, state: StateDir, config: TopologyConfig) -> list[int]:
     """Create the media of regions that have none and format them as `config` says.
     Returns the indexes of the regions it created."""
@@ -373,32 +437,21 @@ def provision(platform: Platform, state: StateDir, config: TopologyConfig) -> li
             created.append(i)
     if not created:
         return []
-    system = System()  # the "installer" boot: no memmap engine, nothing served
-    build_system(platform, state, system)
-    regions = [r for bus in system.buses for r in bus.regions]
-    try:
-        with system.lock:
-            for i in created:
-                region = regions[i]
-                if i >= len(config.regions):
-                    continue  # a template's region (nfit_test): fresh media, nothing on it
-                rcfg = config.regions[i]
-                if region.iset is None:
-                    apply_mode(region.namespaces[0], rcfg.namespaces[0])
-                else:
-                    for nscfg in rcfg.namespaces:
-                        ns = create_labelled_namespace(region, nscfg)
-                        apply_mode(ns, nscfg)
-                log.info("provisioned %s (%s)", region.name, format_size(region.size))
-    finally:
-        system.shutdown()
-        for region in regions:
-            region.media.fsync()
-            region.media.close()
-        for bus in system.buses:
-            for dimm in bus.dimms:
-                if dimm.label_area is not None:
-                    dimm.label_area.close()
+    # the "installer" boot: no memmap engine, nothing served
+    with boot(platform, state) as system, system.lock:
+        regions = [r for bus in system.buses for r in bus.regions]
+        for i in created:
+            region = regions[i]
+            if i >= len(config.regions):
+                continue  # a template's region (nfit_test): fresh media, nothing on it
+            rcfg = config.regions[i]
+            if region.iset is None:
+                apply_mode(region.namespaces[0], rcfg.namespaces[0])
+            else:
+                for nscfg in rcfg.namespaces:
+                    ns = create_labelled_namespace(region, nscfg)
+                    apply_mode(ns, nscfg)
+            log.info("provisioned %s (%s)", region.name, format_size(region.size))
     return created
 
 
