@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vnvdimm.status import NotAMount, Root, read_attr, read_int
+from vnvdimm.client import NotAMount, Root, read_attr, read_int
 
 SECTOR = 512
 

@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vnvdimm import status as status_mod
+from vnvdimm import client
 from vnvdimm import wait as wait_mod
 from vnvdimm.daemon import stop_mount
 from vnvdimm.fuse import fusermount
@@ -466,19 +466,19 @@ class Testbed:
         raise answer[1]
 
     # -- the platform ----------------------------------------------------------------------------
-    def status(self) -> status_mod.Status:
+    def status(self) -> client.Status:
         """What `vnvdimm status --json` shows, as objects."""
-        return status_mod.read_status(status_mod.Root.of(self.root))
+        return client.read_status(client.Root.of(self.root))
 
     def _device_dir(self, device: str) -> Path:
         try:
-            return wait_mod.resolve(status_mod.Root.of(self.root), device).dev_dir
+            return wait_mod.resolve(client.Root.of(self.root), device).dev_dir
         except wait_mod.UnknownDevice as e:
             raise TestbedError(str(e)) from None
 
-    def memmap(self, device: str) -> status_mod.Memmap:
+    def memmap(self, device: str) -> client.Memmap:
         """The memmap of a device (pmem0, dax1.0, namespace0.0, pfn0.1...)."""
-        mm = status_mod.read_memmap(self._device_dir(device))
+        mm = client.read_memmap(self._device_dir(device))
         if mm is None:
             raise TestbedError(f"{device} has no memmap (raw or sector mode?)")
         return mm
@@ -486,7 +486,7 @@ class Testbed:
     def _memmap_devices(self, device: str | None) -> list[Path]:
         if device is not None:
             return [self._device_dir(device)]
-        root = status_mod.Root.of(self.root)
+        root = client.Root.of(self.root)
         return [t.dev_dir for t in wait_mod.all_targets(root)]
 
     def set_mode(self, namespace: str, mode: str, *, map: str | None = None, align: str | int | None = None,
@@ -546,7 +546,7 @@ class Testbed:
 
     def wait_memmap(self, *devices: str, timeout: float | None = 60) -> bool:
         """Until the named (default: all) memmaps are idle, by poll(); False on timeout."""
-        root = status_mod.Root.of(self.root)
+        root = client.Root.of(self.root)
         targets = [wait_mod.resolve(root, d) for d in devices] if devices else None
         return wait_mod.wait_idle(root, targets, timeout)
 
@@ -555,7 +555,7 @@ class Testbed:
         from vnvdimm import inject
 
         try:
-            inject.request(status_mod.Root.of(self.root), namespace, block, count)
+            inject.request(client.Root.of(self.root), namespace, block, count)
         except inject.InjectError as e:
             raise TestbedError(str(e)) from None
 
@@ -564,7 +564,7 @@ class Testbed:
         from vnvdimm import inject
 
         try:
-            inject.request(status_mod.Root.of(self.root), namespace, block, count, uninject=True)
+            inject.request(client.Root.of(self.root), namespace, block, count, uninject=True)
         except inject.InjectError as e:
             raise TestbedError(str(e)) from None
 
@@ -572,4 +572,4 @@ class Testbed:
         """The namespace's bad blocks: [{"block": B, "count": N}, ...]."""
         from vnvdimm import inject
 
-        return inject.namespace_badblocks(status_mod.Root.of(self.root), namespace)
+        return inject.namespace_badblocks(client.Root.of(self.root), namespace)

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vnvdimm.status import NotAMount, Root, read_attr, read_int
+from vnvdimm.client import NotAMount, Root, read_attr, read_int
+from vnvdimm.status import human_eta, human_rate
 
 POLL_EVENTS = select.POLLPRI | select.POLLERR
 REDRAW_S = 0.1
@@ -206,8 +207,6 @@ class ProgressView:
         self.progress.stop()
 
     def update(self, watch: StateWatch) -> None:
-        from vnvdimm.status import human_eta, human_rate
-
         for device, value in watch.state.items():
             fd = watch.by_device.get(device)
             target = watch.fds.get(fd) if fd is not None else None

@@ -14,7 +14,7 @@ from mount_kit import memmap_state
 from tooltest import VNVDIMM, PtyRun, clean_env, hold_memmap, holder, memmap_progress, release_memmap, strip_ansi
 
 from vnvdimm import wait as wait_mod
-from vnvdimm.status import Root
+from vnvdimm.client import Root
 
 
 def wait_cmd(m, *args: str) -> list[str]:
