@@ -1,4 +1,4 @@
-"""The product benchmarks of issue 5: every figure against a baseline measured in the same run."""
+"""The product benchmarks: every figure against a baseline measured in the same run."""
 
 from __future__ import annotations
 

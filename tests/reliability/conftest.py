@@ -1,4 +1,4 @@
-"""Fixtures of the reliability suite (issue 6): the figures every test reports (runs, writes
+"""Fixtures of the reliability suite: the figures every test reports (runs, writes
 tried, faults injected, bytes verified), written to ``<basetemp>/reliability-figures.json``
 and printed in the terminal summary, and the /dev/shm leak check."""
 

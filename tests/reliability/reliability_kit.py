@@ -1,4 +1,4 @@
-"""Helpers of the reliability suite (issue 6): process trees, bounded waits, small topologies
+"""Helpers of the reliability suite: process trees, bounded waits, small topologies
 and memmap record checks. (A module of its own: test modules cannot import a conftest by
 name, tests/unit has one too.)
 

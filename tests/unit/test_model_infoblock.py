@@ -139,7 +139,7 @@ def geometry_reference(start: int, size: int, mode: int, align: int) -> tuple[in
 
 
 @pytest.mark.parametrize("size,mode,expected", [
-    (4 * G, PFN_MODE_PMEM, 4225761280),  # ndctl-contract.md section 6
+    (4 * G, PFN_MODE_PMEM, 4225761280),  # docs/ndctl-abi.md, "Sizes that look real"
     (4 * G, PFN_MODE_RAM, 4292870144),
     (8 * G, PFN_MODE_PMEM, 8453619712),
     (256 * M, PFN_MODE_PMEM, 262144000),

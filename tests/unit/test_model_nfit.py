@@ -76,7 +76,7 @@ def test_region_and_dimm_attributes(m: Machine) -> None:
     assert cookie.startswith("0x") and int(cookie, 16) != 0 and cookie != m.read("region1/set_cookie")
     assert m.read("region0/nfit/range_index") == "1\n"
     assert [m.read(f"nmem{i}/dev") for i in range(4)] == [f"241:{i}\n" for i in range(4)]
-    # no ioctl-only commands (contract section 6): no smart, no label-area commands
+    # no ioctl-only commands (docs/ndctl-abi.md section 4): no smart, no label-area commands
     assert [m.read(f"nmem{i}/commands") for i in range(4)] == ["\n"] * 4
     assert m.read("nmem0/nfit/handle") == "0\n"  # printf("%#x", 0)
     assert m.read("nmem1/nfit/handle") == "0x1\n"

@@ -1,5 +1,5 @@
 """The topology config file (TOML): parsing and validation with messages that name the
-file, the key and what is wrong. See DESIGN.md §3 for the public keys."""
+file, the key and what is wrong. docs/config.md lists the public keys."""
 
 from __future__ import annotations
 
