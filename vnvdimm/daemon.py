@@ -209,11 +209,11 @@ def check_platform(platform: Platform, path: Path) -> None:
             if dpa < used[d] or dpa + share > platform.dimms[d].size:
                 raise bad(f"region[{i}] overlaps another on dimm {d}")
             used[d] = dpa + share
-    if platform.memmap_mode not in ("async", "sync"):
-        raise bad(f"memmap_mode = {platform.memmap_mode!r}")
-    if platform.memmap_workers is not None:
-        count(platform.memmap_workers, "memmap_workers", 251)
-    count(platform.ns_per_page, "ns_per_page", 10**9)
+    if platform.memmap.mode not in ("async", "sync"):
+        raise bad(f"memmap.mode = {platform.memmap.mode!r}")
+    if platform.memmap.workers is not None:
+        count(platform.memmap.workers, "memmap.workers", 251)
+    count(platform.memmap.ns_per_page, "memmap.ns_per_page", 10**9)
 
 
 def setup_logging(state: StateDir, verbose: int, foreground: bool) -> None:
@@ -230,12 +230,11 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
     """The daemon proper: returns when the file system is unmounted."""
     from vnvdimm.fuse.ops import VnvdimmOperations, raise_readahead, serve
     from vnvdimm.memmap import MemmapEngine
-    from vnvdimm.model.system import MemmapSettings
     from vnvdimm.sysfs.tree import Tree
 
     lock.update_pid()
     setup_logging(state, opts.verbose, opts.foreground)
-    workers = opts.workers if opts.workers is not None else platform.memmap_workers
+    workers = opts.workers if opts.workers is not None else platform.memmap.workers
     # Termination signals are taken by a thread of ours, not by libfuse's handlers: blocked
     # readers must be woken (their jobs cancelled) before the loop may stop its threads. So
     # they are blocked before the first thread exists (the engine's start threads, and every
@@ -251,7 +250,7 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
     stacks = open(state.path / "vnvdimm.log", "a")  # noqa: SIM115 - for the life of the daemon
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     record = mount_record(opts.mountpoint)
-    machine = boot(platform, state, engine, MemmapSettings(platform.memmap_mode, platform.ns_per_page))
+    machine = boot(platform, state, engine, platform.memmap)
     system = machine.system
     system.modules = PlatformModules(platform, state, system)
     try:

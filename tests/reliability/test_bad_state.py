@@ -380,7 +380,8 @@ def platform_docs() -> st.SearchStrategy[object]:
             node[f"{last}_extra"] = value
         return out
 
-    paths = [["template"], ["regions"], ["dimms"], ["memmap_mode"], ["memmap_workers"], ["ns_per_page"]]
+    paths = [["template"], ["regions"], ["dimms"], ["memmap"]]
+    paths += [["memmap", k] for k in ("mode", "workers", "ns_per_page")]
     for i in range(4):
         paths += [["regions", i], *[["regions", i, k] for k in ("start", "size", "numa_node", "dimms", "set_cookie")]]
     return st.one_of(

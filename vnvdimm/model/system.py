@@ -12,6 +12,7 @@ import errno
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from vnvdimm.model.base import Attr, BusType, Device, Driver, Ida, fail, streq_text, uevent_store
@@ -36,12 +37,18 @@ class ModuleControl(Protocol):
     def store(self, buf: bytes) -> None: ...
 
 
+@dataclass(frozen=True)
 class MemmapSettings:
-    """The [memmap] config section: how enabling a pfn/dax device initializes its memmap."""
+    """How enabling a pfn/dax device initializes its memmap: the one shape of the `[memmap]`
+    config table, of the platform record's `memmap` and of what the System runs with.
 
-    def __init__(self, mode: str = "async", ns_per_page: int = 0) -> None:
-        self.mode = mode
-        self.ns_per_page = ns_per_page
+    mode: "async" (enabling returns at once) or "sync" (enabling waits, as before the series);
+    workers: the engine's worker processes (None: one per CPU); ns_per_page: a floor on the
+    time one page init takes."""
+
+    mode: str = "async"
+    workers: int | None = None
+    ns_per_page: int = 0
 
 
 class ModelLock:

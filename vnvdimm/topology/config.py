@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vnvdimm.model.system import MemmapSettings
+
 MODES = ("raw", "fsdax", "devdax", "sector")
 MAPS = ("mem", "dev")
 ALIGNS = (4096, 2 << 20, 1 << 30)
@@ -67,18 +69,11 @@ class RegionConfig:
 
 
 @dataclass(frozen=True)
-class MemmapConfig:
-    mode: str = "async"
-    workers: int | None = None
-    ns_per_page: int = 0
-
-
-@dataclass(frozen=True)
 class TopologyConfig:
     template: str
     regions: tuple[RegionConfig, ...]
     dimms: tuple[int, ...] = ()
-    memmap: MemmapConfig = field(default_factory=MemmapConfig)
+    memmap: MemmapSettings = field(default_factory=MemmapSettings)
     source: str = "<built-in default>"
 
 
@@ -179,7 +174,7 @@ def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
 
     mm = c.table(doc.get("memmap", {}), "memmap")
     c.unknown(mm, {"mode", "workers", "ns_per_page"}, "memmap")
-    memmap = MemmapConfig(
+    memmap = MemmapSettings(
         mode=c.choice(mm.get("mode", "async"), "memmap.mode", ("async", "sync")),
         workers=c.int_(mm["workers"], "memmap.workers", 0, 256) if "workers" in mm else None,
         ns_per_page=c.int_(mm.get("ns_per_page", 0), "memmap.ns_per_page", 0, 10**9),

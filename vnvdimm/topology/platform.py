@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import uuid as uuidlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -155,9 +155,7 @@ class Platform:
     template: str
     regions: tuple[RegionRecord, ...]
     dimms: tuple[DimmRecord, ...] = ()
-    memmap_mode: str = "async"
-    memmap_workers: int | None = None
-    ns_per_page: int = 0
+    memmap: MemmapSettings = field(default_factory=MemmapSettings)  # run-time knobs: a config's win
     buses: tuple[BusRecord, ...] = ()
 
     def __post_init__(self) -> None:
@@ -170,10 +168,9 @@ class Platform:
 
     @classmethod
     def from_config(cls, cfg: TopologyConfig) -> Platform:
-        mm = (cfg.memmap.mode, cfg.memmap.workers, cfg.memmap.ns_per_page)
         if cfg.template == "nfit_test":
             buses, nt_dimms, nt_regions = nfit_test_platform()
-            return cls(cfg.template, nt_regions, nt_dimms, *mm, buses=buses)
+            return cls(cfg.template, nt_regions, nt_dimms, cfg.memmap, buses=buses)
         dimms = tuple(DimmRecord(size, handle=((i // 4) << 8) | ((i // 2 % 2) << 4) | (i % 2), phys_id=0x10 + i,
                                  serial=0x1000 + i) for i, size in enumerate(cfg.dimms))
         used = [0] * len(dimms)
@@ -185,7 +182,7 @@ class Platform:
                 used[d] += r.size // len(r.dimms)
             regions.append(with_cookies(RegionRecord(start, r.size, r.numa_node, tuple(members)), dimms))
             start = align_up(start + r.size, SZ_1G)
-        return cls(cfg.template, tuple(regions), dimms, *mm)
+        return cls(cfg.template, tuple(regions), dimms, cfg.memmap)
 
     def shape(self) -> tuple[object, ...]:
         """What a config must agree with to be used on existing media."""
@@ -198,11 +195,11 @@ class Platform:
     def from_json(cls, text: str, source: str) -> Platform:
         try:
             doc = json.loads(text)
-            mm = (doc.get("memmap_mode", "async"), doc.get("memmap_workers"), doc.get("ns_per_page", 0))
+            mm = memmap_record(doc)
             if doc["template"] == "nfit_test":
                 # the module's tables are fixed: only the run-time settings come from the record
                 buses, nt_dimms, nt_regions = nfit_test_platform()
-                return cls("nfit_test", nt_regions, nt_dimms, *mm, buses=buses)
+                return cls("nfit_test", nt_regions, nt_dimms, mm, buses=buses)
             dimms = tuple(DimmRecord(**d) for d in doc.get("dimms", ()))
             regions = []
             for r in doc["regions"]:
@@ -216,9 +213,22 @@ class Platform:
                 regions.append(record)
             buses = tuple(BusRecord(**{**b, "test_dimms": tuple(b.get("test_dimms", ()))})
                           for b in doc.get("buses", ()))
-            return cls(doc["template"], tuple(regions), dimms, *mm, buses=buses)
+            return cls(doc["template"], tuple(regions), dimms, mm, buses=buses)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"{source}: damaged platform record ({e!r}); move it away to start afresh") from None
+
+
+def memmap_record(doc: dict[str, object]) -> MemmapSettings:
+    """The memmap settings of a platform record: its "memmap" object. Records written before
+    it existed hold them as top-level keys, read as memmap_mode -> mode, memmap_workers ->
+    workers, ns_per_page -> ns_per_page."""
+    memmap = doc.get("memmap")
+    if memmap is None:
+        memmap = {"mode": doc.get("memmap_mode", "async"), "workers": doc.get("memmap_workers"),
+                  "ns_per_page": doc.get("ns_per_page", 0)}
+    if not isinstance(memmap, dict):
+        raise TypeError(f"memmap is {type(memmap).__name__}, not an object")
+    return MemmapSettings(**memmap)
 
 
 class StateDir:
