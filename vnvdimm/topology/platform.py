@@ -430,9 +430,14 @@ def power_off(system: System) -> None:
     if system.engine is not None:
         system.engine.close()
     system.shutdown()
+    sync_media(system)
+
+
+def sync_media(system: System) -> None:
+    """fsync every media file of the machine (one already closed is skipped)."""
     for bus in system.buses:
         for region in bus.regions:
-            with contextlib.suppress(OSError):  # a media already closed
+            with contextlib.suppress(OSError):
                 region.media.fsync()
 
 
