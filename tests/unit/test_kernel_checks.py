@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from model_kit import Machine
 
-from vnvdimm.model import badblocks
 from vnvdimm.model.infoblock import INFO_BLOCK_OFFSET, INFO_BLOCK_SIZE, PFN_SIG, PfnInfo, sb_checksum
 
 M = 1 << 20
@@ -75,7 +74,7 @@ def test_enabling_a_map_dev_pfn_clears_the_errors_of_its_memmap_area(fsdax: Mach
     region = fsdax.dev("region0")
     (pfn,) = [p for p in region.personalities if p.driver is not None]  # type: ignore[attr-defined]
     media, dataoff = region.media, pfn.geometry.dataoff  # type: ignore[attr-defined]
-    bb = badblocks.of(media)
+    bb = media.badblocks
     memmap_sector = (8192 + 4096) // 512  # inside the memmap, after the info block area
     data_sector = dataoff // 512 + 16  # in the data: not the memmap's to clear
     media.pwrite(b"\xee" * 512, memmap_sector * 512)
