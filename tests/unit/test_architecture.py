@@ -82,7 +82,11 @@ def imported_modules(mod: str, node: ast.Import | ast.ImportFrom, known: dict[st
             for _ in range(node.level - 1):
                 package = package.rpartition(".")[0]
             base = f"{package}.{base}" if base else package
-        targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        targets = [f"{base}.{alias.name}" for alias in node.names]
+        # `from pkg import submodule` needs only the submodule (the package's __init__ runs
+        # first in any case, as every submodule's parent); `from pkg import name` needs pkg.
+        if any(t not in known for t in targets):
+            targets.append(base)
     out = set()
     for target in targets:
         if not target.startswith("vnvdimm"):
