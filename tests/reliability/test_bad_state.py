@@ -97,7 +97,17 @@ def clear_error(m, res, *words: str) -> None:  # type: ignore[no-untyped-def]
     assert not m.is_mounted()
     lock = m.state_dir / "lock"
     if lock.exists() and lock.read_text().strip():
-        assert not alive(int(lock.read_text().split()[0])), "a daemon stayed behind"
+        pid = int(lock.read_text().split()[0])
+        # The lock keeps the pid of this state dir's last daemon, long gone: on a busy machine
+        # the kernel may have handed that pid to an unrelated process since.
+        assert not (alive(pid) and str(m.state_dir).encode() in cmdline(pid)), "a daemon stayed behind"
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def log_clean(m) -> None:  # type: ignore[no-untyped-def]
