@@ -87,6 +87,8 @@ class PfnInfo:
     end_trunc: int = 0
     start_pad: int = 0
     version_minor: int = 4
+    page_size: int = PAGE_SIZE
+    page_struct_size: int = MAX_STRUCT_PAGE_SIZE
 
     def pack(self) -> bytes:
         head = _PFN_HEAD.pack(
@@ -102,8 +104,8 @@ class PfnInfo:
             self.start_pad,
             self.end_trunc,
             self.align,
-            PAGE_SIZE,
-            MAX_STRUCT_PAGE_SIZE,
+            self.page_size,
+            self.page_struct_size,
         )
         block = head + b"\0" * (INFO_BLOCK_SIZE - 8 - len(head)) + b"\0" * 8
         return block[:-8] + struct.pack("<Q", sb_checksum(block))
@@ -117,9 +119,8 @@ class PfnInfo:
         (checksum,) = struct.unpack_from("<Q", block, INFO_BLOCK_SIZE - 8)
         if checksum != sb_checksum(block):
             return None
-        (sig, u, pu, _flags, _major, minor, dataoff, npfns, mode, start_pad, end_trunc, align, _psz, _pss) = (
-            _PFN_HEAD.unpack_from(block)
-        )
+        (sig, u, pu, _flags, _major, minor, dataoff, npfns, mode, start_pad, end_trunc, align, page_size,
+         page_struct_size) = _PFN_HEAD.unpack_from(block)
         # nd_pfn_validate(): the major version is not looked at; fields a minor version did
         # not have yet count as zero; a zero align means the largest power of 2 <= dataoff.
         if mode not in (PFN_MODE_RAM, PFN_MODE_PMEM):
@@ -128,10 +129,12 @@ class PfnInfo:
             start_pad = end_trunc = 0
         if minor < 2:
             align = 0
+        if minor < 4:  # blocks older than the page size fields were written for 4K pages of 64 bytes
+            page_size, page_struct_size = PAGE_SIZE, MAX_STRUCT_PAGE_SIZE
         if align == 0:
             align = 1 << (dataoff.bit_length() - 1) if dataoff else 0
         return cls(sig, uuidlib.UUID(bytes=u), uuidlib.UUID(bytes=pu), dataoff, npfns, mode, align,
-                   end_trunc, start_pad, minor)
+                   end_trunc, start_pad, minor, page_size, page_struct_size)
 
 
 # ---------------------------------------------------------------- btt

@@ -303,6 +303,21 @@ class Pfn(Personality):
             return self.ns_per_page_override
         return self.system.memmap.ns_per_page
 
+    def check_info_block(self, info: PfnInfo) -> None:
+        """nd_pfn_validate()'s checks of a block whose signature, checksum and parent match,
+        before its settings are compared: a block written by a kernel with larger pages or
+        larger struct pages cannot be used for a memmap on the media, and a device-dax block
+        must carry an alignment this kernel supports. Each fails the enable (EOPNOTSUPP), it
+        never makes the block count as absent (which would overwrite it)."""
+        if info.mode == PFN_MODE_PMEM:
+            if info.page_size > PAGE_SIZE:
+                raise fail(errno.EOPNOTSUPP, f"{self.name}: init failed, page size mismatch {info.page_size}")
+            if info.page_struct_size < MAX_STRUCT_PAGE_SIZE:
+                raise fail(errno.EOPNOTSUPP,
+                           f"{self.name}: init failed, struct page size mismatch {info.page_struct_size}")
+        if info.signature == DAX_SIG and info.align and info.align not in SUPPORTED_ALIGNMENTS:
+            raise fail(errno.EOPNOTSUPP, f"{self.name}: init failed, alignment mismatch: {info.align:#x}")
+
     # -- enable / disable (nvdimm_setup_pfn + devm_memremap_pages)
     def setup(self) -> PfnGeometry:
         """nd_pfn_init(): validate the info block on the media or write a new one."""
@@ -313,6 +328,8 @@ class Pfn(Personality):
             raise fail(errno.EBUSY, f"{ndns.name} is active, can't bind {self.name}")
         block = ndns.read_info_block()
         info = PfnInfo.unpack(block, self.signature)
+        if info is not None and info.parent_uuid == ndns.parent_uuid:
+            self.check_info_block(info)
         if info is not None:
             if info.parent_uuid != ndns.parent_uuid:
                 info = None
@@ -329,6 +346,8 @@ class Pfn(Personality):
             # map=dev, after the memmap that area holds (the altmap runs out: ENOMEM).
             # Else the device's data would overlay the info block or the memmap.
             offset = info.dataoff
+            if info.align > ndns.size:
+                raise fail(errno.EOPNOTSUPP, f"{self.name}: alignment {info.align:#x} exceeds capacity {ndns.size:#x}")
             if offset >= ndns.size or offset % PAGE_SIZE or (
                     info.align and (ndns.start + offset + info.start_pad) % info.align):
                 raise fail(errno.EOPNOTSUPP, f"{self.name}: bad offset {offset:#x}, align {info.align:#x}")
@@ -339,6 +358,8 @@ class Pfn(Personality):
                 raise fail(errno.EOPNOTSUPP, f"{self.name}: resource start misaligned")
             if (ndns.start + ndns.size - info.end_trunc) % MEMREMAP_COMPAT_ALIGN:
                 raise fail(errno.EOPNOTSUPP, f"{self.name}: resource end misaligned")
+            if offset >= ndns.size - info.start_pad - info.end_trunc:
+                raise fail(errno.EOPNOTSUPP, f"{self.name}: bad offset {offset:#x} with small namespace")
             if offset < SZ_8K:
                 raise fail(errno.EINVAL, f"{self.name}: data offset {offset:#x} inside the info block area")
             if info.mode == PFN_MODE_PMEM and offset - SZ_8K < ndns.size // PAGE_SIZE * MAX_STRUCT_PAGE_SIZE:
