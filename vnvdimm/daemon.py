@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vnvdimm.fuse import fusermount
+from vnvdimm.topology import safe_dir
 from vnvdimm.topology.config import ConfigError, TopologyConfig
 from vnvdimm.topology.modules import PlatformModules
 from vnvdimm.topology.platform import Platform, StateDir, boot, provision
@@ -111,7 +112,7 @@ class StateLock:
         self.fd = -1
 
     def acquire(self) -> None:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.fd = safe_dir.open_private(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -144,81 +145,23 @@ def prepare(opts: MountOptions) -> tuple[StateDir, Platform, StateLock]:
     """Everything that can fail with a clear message, before daemonizing."""
     check_mountpoint(opts.mountpoint, opts.allow_other)
     state = StateDir(opts.state_dir)
-    try:
-        state.path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MountError(f"{state.path}: cannot create the state dir: {e.strerror}") from None
+    state.ensure()
     lock = StateLock(state)
     lock.acquire()
-    try:
-        if state.platform_path.exists():  # checked on its own before a config is held against it
-            check_platform(state.open(None)[0], state.platform_path)
-        platform, provision_config = state.open(opts.config)
-    except UnicodeDecodeError:
-        raise MountError(f"{state.platform_path}: damaged platform record (not text); "
-                         "move it away to start afresh") from None
-    check_platform(platform, state.platform_path)
+    platform, provision_config = state.open(opts.config)
     if provision_config is not None:
         provision(platform, state, provision_config)
     return state, platform, lock
 
 
-SZ_16M = 16 << 20
-
-
-def check_platform(platform: Platform, path: Path) -> None:
-    """A platform record that parses as JSON but cannot describe a machine (damaged, or edited
-    by hand) is refused here, naming the file, instead of failing somewhere in the daemon."""
-
-    def bad(what: str) -> MountError:
-        return MountError(f"{path}: damaged platform record ({what}); move it away to start afresh")
-
-    def count(value: object, what: str, hi: int = 1 << 62) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
-            raise bad(f"{what} = {value!r}")
-        return value
-
-    if platform.template not in ("e820", "nfit", "nfit_test"):
-        raise bad(f"template = {platform.template!r}")
-    nfit = platform.template == "nfit"
-    if platform.template == "nfit_test":  # the module's tables, rebuilt on load: nothing to trust
-        return
-    if not isinstance(platform.regions, tuple) or not platform.regions:
-        raise bad("no region")
-    for i, d in enumerate(platform.dimms):
-        if count(d.size, f"dimm[{i}].size") < 2 * SZ_16M or d.size % SZ_16M:
-            raise bad(f"dimm[{i}].size = {d.size!r}")
-        for name in ("handle", "phys_id", "serial"):
-            count(getattr(d, name), f"dimm[{i}].{name}", (1 << 32) - 1)
-    used = [0] * len(platform.dimms)
-    end = 0
-    for i, r in enumerate(platform.regions):
-        start, size = count(r.start, f"region[{i}].start"), count(r.size, f"region[{i}].size")
-        if size < 2 * SZ_16M or size % SZ_16M or start % SZ_16M or start < end:
-            raise bad(f"region[{i}] at {start:#x}, size {size:#x}")
-        end = start + size
-        count(r.numa_node, f"region[{i}].numa_node", 1023)
-        count(r.set_cookie, f"region[{i}].set_cookie", (1 << 64) - 1)
-        if not isinstance(r.dimms, tuple) or bool(r.dimms) != nfit:
-            raise bad(f"region[{i}].dimms = {r.dimms!r}")
-        for member in r.dimms:
-            if not isinstance(member, tuple) or len(member) != 2:
-                raise bad(f"region[{i}].dimms = {r.dimms!r}")
-            d, dpa = count(member[0], f"region[{i}] dimm", len(used) - 1), count(member[1], f"region[{i}] dpa")
-            share = size // len(r.dimms)
-            if dpa < used[d] or dpa + share > platform.dimms[d].size:
-                raise bad(f"region[{i}] overlaps another on dimm {d}")
-            used[d] = dpa + share
-    if platform.memmap.mode not in ("async", "sync"):
-        raise bad(f"memmap.mode = {platform.memmap.mode!r}")
-    if platform.memmap.workers is not None:
-        count(platform.memmap.workers, "memmap.workers", 251)
-    count(platform.memmap.ns_per_page, "memmap.ns_per_page", 10**9)
+def open_log(state: StateDir) -> int:
+    """The daemon's log, appended to (0600: it names files and devices of the user)."""
+    return safe_dir.open_private(state.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 
 
 def setup_logging(state: StateDir, verbose: int, foreground: bool) -> None:
     level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
-    handlers: list[logging.Handler] = [logging.FileHandler(state.path / "vnvdimm.log")]
+    handlers: list[logging.Handler] = [logging.StreamHandler(os.fdopen(open_log(state), "a", buffering=1))]
     if foreground:
         handlers.append(logging.StreamHandler(sys.stderr))
     logging.basicConfig(level=level, handlers=handlers, force=True,
@@ -247,7 +190,7 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
     engine.start()  # fork the workers now, before any thread exists
     # `kill -USR1 <daemon>` writes the stack of every thread into the log: what a hung call
     # waits on. (After the fork: the workers keep the default action.)
-    stacks = open(state.path / "vnvdimm.log", "a")  # noqa: SIM115 - for the life of the daemon
+    stacks = os.fdopen(open_log(state), "a")  # for the life of the daemon
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     record = mount_record(opts.mountpoint)
     machine = boot(platform, state, engine, platform.memmap)
@@ -357,8 +300,16 @@ def mount(opts: MountOptions) -> int:
         os.close(rfd)
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        # What libfuse and the C runtime print goes to the log, not nowhere.
+        try:
+            log_fd = open_log(state)
+            os.dup2(log_fd, 2)
+            os.close(log_fd)
+        except OSError:
+            os.dup2(devnull, 2)
+        os.close(devnull)
         code = 1
         try:
             code = run(opts, state, platform, lock, wfd)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vnvdimm.topology.config import ConfigError, default_config, load_config, parse_size
-from vnvdimm.topology.platform import Platform, StateDir
+from vnvdimm.topology.platform import Platform, StateDir, provision
 
 GOOD_E820 = """\
 template = "e820"
@@ -42,7 +42,7 @@ def write(tmp_path: Path, text: str) -> Path:
      "region[0].namespace.sector_size", "must be one of"),
     ('[[region]]\nsize = "64M"\nnamespace = { size = "32M" }\n', "region[0].namespace.size", "unknown key"),
     ('[memmap]\nmode = "lazy"\n[[region]]\nsize = "64M"\n', "memmap.mode", "must be one of async, sync"),
-    ('[memmap]\nworkers = 1000\n[[region]]\nsize = "64M"\n', "memmap.workers", "integer from 0 to 256"),
+    ('[memmap]\nworkers = 1000\n[[region]]\nsize = "64M"\n', "memmap.workers", "integer from 0 to 251"),
     ('[[dimm]]\nsize = "64M"\n[[region]]\nsize = "64M"\n', "dimm", "only with template = \"nfit\""),
     ('template = "nfit"\n[[dimm]]\nsize = "64M"\n[[region]]\ndimms = [1]\n', "region[0].dimms",
      "DIMM indexes from 0 to 0"),
@@ -91,11 +91,12 @@ def test_parse_size(text: str, value: int) -> None:
 
 def test_state_dir_refuses_a_config_that_contradicts_its_media(tmp_path: Path) -> None:
     state = StateDir(tmp_path / "state")
-    platform, provision = state.open(load_config(write(tmp_path, GOOD_E820)))
-    assert provision is not None and [r.size for r in platform.regions] == [64 << 20]
+    platform, config = state.open(load_config(write(tmp_path, GOOD_E820)))
+    assert config is not None and [r.size for r in platform.regions] == [64 << 20]
+    assert provision(platform, state, config) == [0]
     # same state dir, no config: the recorded platform comes back
-    again, provision = state.open(None)
-    assert provision is None and again == platform
+    again, config = state.open(None)
+    assert config is None and again == platform
     other = tmp_path / "other.toml"
     other.write_text(GOOD_E820.replace("64M", "128M"))
     with pytest.raises(ConfigError) as e:
@@ -107,7 +108,8 @@ def test_state_dir_refuses_a_config_that_contradicts_its_media(tmp_path: Path) -
 
 def test_damaged_platform_record_is_an_error_naming_it(tmp_path: Path) -> None:
     state = StateDir(tmp_path / "state")
-    state.open(load_config(write(tmp_path, GOOD_E820)))
+    platform, config = state.open(load_config(write(tmp_path, GOOD_E820)))
+    provision(platform, state, config)
     state.platform_path.write_text(json.dumps({"template": "e820"}))
     with pytest.raises(ConfigError, match=f"^{state.platform_path}: damaged platform record"):
         state.open(None)

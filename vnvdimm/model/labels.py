@@ -29,7 +29,8 @@ class NamespaceLabel:
 
 def write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    # O_NOFOLLOW: never write through a symbolic link someone planted in the state dir.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         try:
             view = memoryview(data)
@@ -43,7 +44,7 @@ def write_atomically(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dirfd)
     finally:
@@ -58,7 +59,9 @@ class DimmLabels:
 
     def read(self) -> list[dict[str, object]]:
         try:
-            doc = json.loads(self.path.read_text())
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            with os.fdopen(fd, encoding="utf-8") as f:
+                doc = json.loads(f.read())
         except FileNotFoundError:
             return []
         except (OSError, ValueError) as e:

@@ -24,7 +24,8 @@ class Media:
     def __init__(self, path: Path, size: int) -> None:
         self.path = path
         self.size = size
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        # Never through a symbolic link: whoever made it would choose what a root daemon writes.
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         actual = os.fstat(self.fd).st_size
         if actual != size:
             os.close(self.fd)
@@ -34,10 +35,13 @@ class Media:
     @staticmethod
     def create(path: Path, size: int) -> None:
         """A new sparse media file of `size` bytes, all zeros (fresh pmem reads as zeros)."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             os.ftruncate(fd, size)
             os.fsync(fd)
+        except BaseException:
+            os.unlink(path)  # not a media file of the wrong size for the next mount to trip on
+            raise
         finally:
             os.close(fd)
 

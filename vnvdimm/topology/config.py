@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vnvdimm.memmap.engine import MAX_WORKERS as ENGINE_MAX_WORKERS
 from vnvdimm.model.system import MemmapSettings
 
 MODES = ("raw", "fsdax", "devdax", "sector")
@@ -18,6 +19,18 @@ ALIGNS = (4096, 2 << 20, 1 << 30)
 SECTOR_SIZES = (512, 520, 528, 4096, 4104, 4160, 4224)
 MIN_REGION = 32 << 20
 REGION_GRANULE = 16 << 20
+# The ranges below are the one source for the config's validation, the platform record's
+# (Platform.validate) and docs/config.md (tested against them).
+MAX_WORKERS = ENGINE_MAX_WORKERS  # worker slots the engine's block map can name
+MAX_NUMA_NODE = 1023  # MAX_NUMNODES - 1 (NODES_SHIFT 10)
+MAX_NS_PER_PAGE = 10**9  # one second a page
+SPA_BASE = 16 << 30  # where the first region sits in the physical address space
+SPA_ALIGN = 1 << 30  # regions start 1 GiB apart
+# x86_64's physical address space with 4-level paging (MAX_PHYSMEM_BITS 46): every region must
+# end below it, so the largest single region is 64 TiB - 16 GiB.
+SPA_LIMIT = 1 << 46
+MAX_REGION = SPA_LIMIT - SPA_BASE  # also the largest DIMM
+MAX_DIMMS = 1024
 
 
 class ConfigError(ValueError):
@@ -176,8 +189,8 @@ def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
     c.unknown(mm, {"mode", "workers", "ns_per_page"}, "memmap")
     memmap = MemmapSettings(
         mode=c.choice(mm.get("mode", "async"), "memmap.mode", ("async", "sync")),
-        workers=c.int_(mm["workers"], "memmap.workers", 0, 256) if "workers" in mm else None,
-        ns_per_page=c.int_(mm.get("ns_per_page", 0), "memmap.ns_per_page", 0, 10**9),
+        workers=c.int_(mm["workers"], "memmap.workers", 0, MAX_WORKERS) if "workers" in mm else None,
+        ns_per_page=c.int_(mm.get("ns_per_page", 0), "memmap.ns_per_page", 0, MAX_NS_PER_PAGE),
     )
 
     if template == "nfit_test":
@@ -193,12 +206,14 @@ def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
         raise c.fail("dimm", "must be an array of tables ([[dimm]])")
     if raw_dimms and not nfit:
         raise c.fail("dimm", "DIMMs exist only with template = \"nfit\"")
+    if len(raw_dimms) > MAX_DIMMS:
+        raise c.fail("dimm", f"at most {MAX_DIMMS} DIMMs, not {len(raw_dimms)}")
     for i, d in enumerate(raw_dimms):
         t = c.table(d, f"dimm[{i}]")
         c.unknown(t, {"size"}, f"dimm[{i}]")
         size = c.size(t.get("size"), f"dimm[{i}].size")
-        if size < MIN_REGION or size % REGION_GRANULE:
-            raise c.fail(f"dimm[{i}].size", "must be a multiple of 16M and at least 32M")
+        if size < MIN_REGION or size % REGION_GRANULE or size > MAX_REGION:
+            raise c.fail(f"dimm[{i}].size", f"must be a multiple of 16M from 32M to {format_size(MAX_REGION)}")
         dimms.append(size)
 
     raw_regions = doc.get("region", [])
@@ -206,6 +221,7 @@ def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
         raise c.fail("region", "at least one [[region]] is needed")
     regions: list[RegionConfig] = []
     used = [0] * len(dimms)
+    spa = SPA_BASE
     for i, r in enumerate(raw_regions):
         key = f"region[{i}]"
         t = c.table(r, key)
@@ -231,7 +247,7 @@ def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
             nss = tuple(c.namespace(n, f"{key}.namespaces[{j}]", True) for j, n in enumerate(raw_ns))
             if sum(n.size for n in nss) > size:
                 raise c.fail(f"{key}.namespaces", f"need more than the region's {format_size(size)}")
-            regions.append(RegionConfig(size, c.int_(t.get("numa_node", 0), f"{key}.numa_node", 0, 1023),
+            regions.append(RegionConfig(size, c.int_(t.get("numa_node", 0), f"{key}.numa_node", 0, MAX_NUMA_NODE),
                                         tuple(members), nss))
         else:
             c.unknown(t, {"size", "numa_node", "namespace"}, key)
@@ -239,5 +255,12 @@ def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
             if size < MIN_REGION or size % REGION_GRANULE:
                 raise c.fail(f"{key}.size", "must be a multiple of 16M and at least 32M")
             ns = c.namespace(t.get("namespace", {}), f"{key}.namespace", False)
-            regions.append(RegionConfig(size, c.int_(t.get("numa_node", 0), f"{key}.numa_node", 0, 1023), (), (ns,)))
+            regions.append(RegionConfig(size, c.int_(t.get("numa_node", 0), f"{key}.numa_node", 0, MAX_NUMA_NODE),
+                                        (), (ns,)))
+        # Laid out as Platform.from_config lays them out.
+        end = spa + regions[-1].size
+        if end > SPA_LIMIT:
+            raise c.fail(f"{key}.size", f"the regions up to this one need {format_size(end - SPA_BASE)} of "
+                                        f"physical address space; the platform has {format_size(MAX_REGION)}")
+        spa = -(-end // SPA_ALIGN) * SPA_ALIGN
     return TopologyConfig(template, tuple(regions), tuple(dimms), memmap, source)

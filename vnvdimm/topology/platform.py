@@ -20,13 +20,14 @@ import errno
 import json
 import logging
 import os
+import shutil
 import uuid as uuidlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vnvdimm.model import drivers
-from vnvdimm.model.base import SZ_1G, Attr, Device, align_up
+from vnvdimm.model.base import Attr, Device, align_up
 from vnvdimm.model.bus import NFIT_BUS_COMMANDS, NvdimmBus
 from vnvdimm.model.dimm import NfitIdentity, Nvdimm
 from vnvdimm.model.label_area import NFIT_TEST_LABEL_SIZE, NFIT_TEST_MAX_XFER, LabelArea
@@ -38,16 +39,34 @@ from vnvdimm.model.nfit_iset import DcrIdentity, SetMember, interleave_set
 from vnvdimm.model.nfit_test_dimm import NfitTestDimm
 from vnvdimm.model.region import Mapping, Region
 from vnvdimm.model.system import MemmapSettings, System
-from vnvdimm.topology import nfit_test
-from vnvdimm.topology.config import ConfigError, NamespaceConfig, TopologyConfig, default_config, format_size
+from vnvdimm.topology import nfit_test, safe_dir
+from vnvdimm.topology.config import (
+    MAX_DIMMS,
+    MAX_NS_PER_PAGE,
+    MAX_NUMA_NODE,
+    MAX_REGION,
+    MAX_WORKERS,
+    MIN_REGION,
+    REGION_GRANULE,
+    SPA_ALIGN,
+    SPA_BASE,
+    SPA_LIMIT,
+    ConfigError,
+    NamespaceConfig,
+    TopologyConfig,
+    default_config,
+    format_size,
+)
 
 if TYPE_CHECKING:
     from vnvdimm.memmap import MemmapEngine
 
 log = logging.getLogger("vnvdimm.topology")
 
-SPA_BASE = 16 << 30  # where the first region sits in the physical address space
 PLATFORM_FILE = "platform.json"
+TEMPLATES = ("e820", "nfit", "nfit_test")
+PERSISTENCE_DOMAINS = (None, "", "memory_controller", "cpu_cache")  # None: the template's default
+U8, U16, U32, U64 = (1 << 8) - 1, (1 << 16) - 1, (1 << 32) - 1, (1 << 64) - 1
 
 
 def default_state_dir() -> Path:
@@ -181,8 +200,103 @@ class Platform:
                 members.append((d, used[d]))
                 used[d] += r.size // len(r.dimms)
             regions.append(with_cookies(RegionRecord(start, r.size, r.numa_node, tuple(members)), dimms))
-            start = align_up(start + r.size, SZ_1G)
+            start = align_up(start + r.size, SPA_ALIGN)
         return cls(cfg.template, tuple(regions), dimms, cfg.memmap)
+
+    def validate(self) -> None:
+        """Raise InvalidPlatform if this record cannot describe a machine vnvdimm can run (a
+        damaged or hand-edited platform.json). A config is held to the same ranges when it is
+        parsed, so one that passes always makes a valid record. An nfit_test record is the
+        module's tables (they are what a load builds), and those are held to the same checks."""
+
+        def count(value: object, what: str, hi: int, lo: int = 0) -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise InvalidPlatform(f"{what} = {value!r}")
+            return value
+
+        def text(value: object, what: str, limit: int) -> str:
+            if not isinstance(value, str) or len(value.encode("utf-8", "surrogateescape")) > limit:
+                raise InvalidPlatform(f"{what} = {value!r}")
+            return value
+
+        if self.template not in TEMPLATES:
+            raise InvalidPlatform(f"template = {self.template!r}")
+        if self.template == "nfit_test":
+            buses, dimms, regions = nfit_test_platform()
+            if (self.buses, self.dimms, self.regions) != (buses, dimms, regions):
+                raise InvalidPlatform("buses, DIMMs or regions other than the nfit_test module's")
+            # the module's own layout: 4 KiB granules from its 4 GiB pool, a region without DIMMs
+            granule, smallest, base = 4096, 4096, 0
+        else:
+            if self.buses != ((ACPI_NFIT_BUS,) if self.template == "nfit" else (E820_BUS,)):
+                raise InvalidPlatform(f"buses = {self.buses!r}")
+            granule, smallest, base = REGION_GRANULE, MIN_REGION, SPA_BASE
+        nfit = self.template == "nfit"
+        if not isinstance(self.buses, tuple) or not self.buses:
+            raise InvalidPlatform("no bus")
+        for i, b in enumerate(self.buses):
+            if not isinstance(b, BusRecord) or not isinstance(b.nfit, bool) or not isinstance(b.test_dimms, tuple):
+                raise InvalidPlatform(f"bus[{i}] = {b!r}")
+            text(b.provider, f"bus[{i}].provider", 64)
+            text(b.platform_path, f"bus[{i}].platform_path", 256)
+            text(b.module, f"bus[{i}].module", 64)
+            for t in b.test_dimms:
+                count(t, f"bus[{i}].test_dimms", len(nfit_test.HANDLES) - 1)
+        if not isinstance(self.regions, tuple) or not self.regions:
+            raise InvalidPlatform("no region")
+        if not isinstance(self.dimms, tuple) or len(self.dimms) > MAX_DIMMS or (self.dimms and not self.labelled):
+            raise InvalidPlatform(f"{len(self.dimms)} DIMMs")
+        for i, d in enumerate(self.dimms):
+            if count(d.size, f"dimm[{i}].size", MAX_REGION) < smallest or d.size % granule:
+                raise InvalidPlatform(f"dimm[{i}].size = {d.size!r}")
+            for name in ("handle", "phys_id", "serial"):
+                count(getattr(d, name), f"dimm[{i}].{name}", U32)
+            for name in ("vendor", "device", "revision", "mfg_date", "format", "flags"):
+                count(getattr(d, name), f"dimm[{i}].{name}", U16)
+            count(d.mfg_location, f"dimm[{i}].mfg_location", U8)
+            count(d.bus, f"dimm[{i}].bus", len(self.buses) - 1)
+            text(d.label_fill, f"dimm[{i}].label_fill", 63)
+        used = [0] * len(self.dimms)
+        end = base
+        for i, r in enumerate(self.regions):
+            start, size = count(r.start, f"region[{i}].start", SPA_LIMIT), count(r.size, f"region[{i}].size", SPA_LIMIT)
+            if size < smallest or size % granule or start % granule or start < end:
+                raise InvalidPlatform(f"region[{i}] at {start:#x}, size {size:#x}")
+            end = start + size
+            if end > SPA_LIMIT:
+                raise InvalidPlatform(f"region[{i}] ends at {end:#x}, beyond the physical address space")
+            count(r.numa_node, f"region[{i}].numa_node", MAX_NUMA_NODE)
+            for name in ("set_cookie", "cookie2", "altcookie", "json_label_cookie"):
+                count(getattr(r, name), f"region[{i}].{name}", U64)
+            count(r.bus, f"region[{i}].bus", len(self.buses) - 1)
+            count(r.range_index, f"region[{i}].range_index", U16, lo=-1)
+            if not isinstance(r.flush_hints, bool):
+                raise InvalidPlatform(f"region[{i}].flush_hints = {r.flush_hints!r}")
+            if r.persistence not in PERSISTENCE_DOMAINS:
+                raise InvalidPlatform(f"region[{i}].persistence = {r.persistence!r}")
+            if not isinstance(r.dimms, tuple) or (nfit and not r.dimms) or (r.dimms and not self.labelled):
+                raise InvalidPlatform(f"region[{i}].dimms = {r.dimms!r}")
+            if not isinstance(r.region_offsets, tuple) or len(r.region_offsets) != len(r.dimms):
+                raise InvalidPlatform(f"region[{i}].region_offsets = {r.region_offsets!r}")
+            for offset in r.region_offsets:
+                count(offset, f"region[{i}].region_offsets", U64)
+            for member in r.dimms:
+                if not isinstance(member, tuple) or len(member) != 2:
+                    raise InvalidPlatform(f"region[{i}].dimms = {r.dimms!r}")
+                d = count(member[0], f"region[{i}] dimm", len(used) - 1)
+                dpa = count(member[1], f"region[{i}] dpa", SPA_LIMIT)
+                share = size // len(r.dimms)
+                if dpa < used[d] or dpa + share > self.dimms[d].size:
+                    raise InvalidPlatform(f"region[{i}] overlaps another on dimm {d}")
+                if self.dimms[d].bus != r.bus:
+                    raise InvalidPlatform(f"region[{i}] on bus {r.bus} has dimm {d} of bus {self.dimms[d].bus}")
+                used[d] = dpa + share
+        mm = self.memmap
+        if not isinstance(mm, MemmapSettings) or mm.mode not in ("async", "sync"):
+            raise InvalidPlatform(f"memmap = {mm!r}")
+        if mm.workers is not None:
+            count(mm.workers, "memmap.workers", MAX_WORKERS)
+        count(mm.ns_per_page, "memmap.ns_per_page", MAX_NS_PER_PAGE)
 
     def shape(self) -> tuple[object, ...]:
         """What a config must agree with to be used on existing media."""
@@ -231,6 +345,14 @@ def memmap_record(doc: dict[str, object]) -> MemmapSettings:
     return MemmapSettings(**memmap)
 
 
+class InvalidPlatform(ValueError):
+    """A platform record that cannot describe a machine; the message says which field."""
+
+
+def damaged(path: Path, what: str) -> ConfigError:
+    return ConfigError(f"{path}: damaged platform record ({what}); move it away to start afresh")
+
+
 class StateDir:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -247,23 +369,56 @@ class StateDir:
     def label_area(self, dimm: int, size: int, max_xfer: int, fill: bytes = b"") -> LabelArea:
         """DIMM `dimm`'s label storage area, created (`fill`, then zeroes) on first use."""
         path = self.label_area_path(dimm)
-        if not path.exists():
-            return LabelArea.create(path, size, max_xfer, fill)
-        return LabelArea(path, size, max_xfer)
+        try:
+            if not os.path.lexists(path):
+                return LabelArea.create(path, size, max_xfer, fill)
+            return LabelArea(path, size, max_xfer)
+        except ValueError as e:
+            raise ConfigError(f"{e}: move it away to start that DIMM's labels afresh") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot open the label area: {e.strerror}") from None
 
     @property
     def platform_path(self) -> Path:
         return self.path / PLATFORM_FILE
 
+    @property
+    def log_path(self) -> Path:
+        return self.path / "vnvdimm.log"
+
+    @property
+    def provisioning_path(self) -> Path:
+        return self.path / PROVISIONING_DIR
+
+    def ensure(self) -> None:
+        """Create the state dir (0700) or check that it is private (see safe_dir), and finish
+        or undo a provisioning that was interrupted."""
+        try:
+            safe_dir.make_private_dir(self.path)
+        except OSError as e:
+            raise ConfigError(f"{self.path}: cannot create the state dir: {e.strerror}") from None
+        try:
+            safe_dir.check_private_tree(self.path)
+        except safe_dir.UnsafeStateDir as e:
+            raise ConfigError(str(e)) from None
+        safe_dir.make_private_dir(self.path / "labels")
+        if self.provisioning_path.exists():
+            if (self.provisioning_path / PROVISIONING_COMPLETE).exists():
+                log.info("%s: finishing an interrupted provisioning", self.path)
+                self.install_provisioned()
+            else:
+                log.info("%s: discarding an interrupted provisioning", self.path)
+                shutil.rmtree(self.provisioning_path)
+
     def open(self, config: TopologyConfig | None) -> tuple[Platform, TopologyConfig | None]:
-        """The platform of this state dir, created from `config` (or the default) on first use.
-        Returns the platform and the config to provision missing media with."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "labels").mkdir(exist_ok=True)
+        """The platform of this state dir, or a new one from `config` (or the default) on first
+        use. Returns the platform and the config to provision missing media with; a new
+        platform's record is written by `provision`, with its media, all or nothing."""
+        self.ensure()
         if self.platform_path.exists():
-            platform = Platform.from_json(self.platform_path.read_text(), str(self.platform_path))
+            platform = self.read_platform()
             if config is not None:
-                wanted = Platform.from_config(config)
+                wanted = checked(Platform.from_config(config), config)
                 if wanted.shape() != platform.shape():
                     raise ConfigError(
                         f"{config.source}: does not match the platform already in {self.path} "
@@ -273,10 +428,65 @@ class StateDir:
                 platform = wanted
                 write_atomically(self.platform_path, platform.to_json().encode())
             return platform, config
+        leftovers = sorted(p.name for p in self.path.glob("region*.media")) + sorted(
+            f"labels/{p.name}" for p in (self.path / "labels").iterdir())
+        if leftovers:
+            raise ConfigError(f"{self.path}: has {', '.join(leftovers[:4])}{' ...' if len(leftovers) > 4 else ''} "
+                              f"but no {PLATFORM_FILE} to say what they are; put the record back, or move "
+                              "them away too to start afresh")
         config = config or default_config()
-        platform = Platform.from_config(config)
-        write_atomically(self.platform_path, platform.to_json().encode())
-        return platform, config
+        return checked(Platform.from_config(config), config), config
+
+    def read_platform(self) -> Platform:
+        """The platform record, refused with a message naming it if it cannot describe a machine."""
+        try:
+            text = safe_dir.read_private(self.platform_path).decode()
+        except UnicodeDecodeError:
+            raise damaged(self.platform_path, "not text") from None
+        except OSError as e:
+            raise ConfigError(f"{self.platform_path}: cannot read the platform record: {e.strerror}") from None
+        platform = Platform.from_json(text, str(self.platform_path))
+        try:
+            platform.validate()
+        except InvalidPlatform as e:
+            raise damaged(self.platform_path, str(e)) from None
+        return platform
+
+    def install_provisioned(self) -> None:
+        """Move a complete provisioning into place: labels, then media, the record last (its
+        presence says the platform is whole). Renaming again after a crash is harmless, and a
+        hard link of media that already existed renames onto itself: nothing happens."""
+        work = self.provisioning_path
+        if (work / "labels").is_dir():
+            for label in sorted((work / "labels").iterdir()):
+                os.rename(label, self.path / "labels" / label.name)
+                if label.name.endswith(MIGRATED):  # the boot moved JSON labels into the label areas
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path / "labels" / label.name.removesuffix(MIGRATED))
+            safe_dir.fsync_dir(self.path / "labels")
+        for media in sorted(work.glob("region*.media")):
+            os.rename(media, self.path / media.name)
+        if (work / PLATFORM_FILE).exists():
+            os.rename(work / PLATFORM_FILE, self.platform_path)
+        safe_dir.fsync_dir(self.path)
+        shutil.rmtree(work)
+        safe_dir.fsync_dir(self.path)
+
+
+PROVISIONING_DIR = ".provisioning"
+PROVISIONING_COMPLETE = "complete"
+MIGRATED = ".migrated"  # the suffix JSON label files of old state dirs keep once migrated
+
+
+def checked(platform: Platform, config: TopologyConfig) -> Platform:
+    """A platform made from a config that passed validation is valid; should the two ever
+    disagree, the mount stops here with a message instead of writing a record no later mount
+    accepts."""
+    try:
+        platform.validate()
+    except InvalidPlatform as e:
+        raise ConfigError(f"{config.source}: cannot be laid out as a platform ({e})") from None
+    return platform
 
 
 def describe(p: Platform) -> str:
@@ -374,7 +584,7 @@ def migrate_json_labels(platform: Platform, state: StateDir, dimms: list[Nvdimm]
             log.info("migrated namespace %s (%s) into the label areas", ns.uuid, format_size(ns.size))
     for p in paths:
         if p.exists():
-            os.replace(p, p.with_name(p.name + ".migrated"))
+            os.replace(p, p.with_name(p.name + MIGRATED))
 
 
 class Machine:
@@ -442,17 +652,56 @@ def sync_media(system: System) -> None:
 
 
 def provision(platform: Platform, state: StateDir, config: TopologyConfig) -> list[int]:
-    """Create the media of regions that have none and format them as `config` says.
+    """Create the media of regions that have none (every region of a new platform) and format
+    them as `config` says. All or nothing: the work happens in a directory of its own inside
+    the state dir and moves into place once complete, so a failed or interrupted provisioning
+    leaves nothing a later mount would take for a platform (see StateDir.ensure).
     Returns the indexes of the regions it created."""
-    created = []
-    for i, r in enumerate(platform.regions):
-        path = state.media_path(i)
-        if not path.exists():
-            Media.create(path, r.size)
-            created.append(i)
+    new_record = not state.platform_path.exists()
+    created = [i for i in range(len(platform.regions)) if new_record or not os.path.lexists(state.media_path(i))]
     if not created:
         return []
-    # the "installer" boot: no memmap engine, nothing served
+    work = StateDir(state.provisioning_path)
+    safe_dir.make_private_dir(work.path / "labels")
+    try:
+        for i, r in enumerate(platform.regions):
+            if i in created:
+                create_media(work.media_path(i), r.size)
+            else:
+                os.link(state.media_path(i), work.media_path(i))  # read by the boot, not written
+        # The label areas of DIMMs that exist are copied: a new region's namespaces are written
+        # into them beside those of the regions already there.
+        for d in range(len(platform.dimms)):
+            for path, copy in ((state.label_area_path(d), work.label_area_path(d)),
+                               (state.label_path(d), work.label_path(d))):
+                if os.path.lexists(path):
+                    write_atomically(copy, safe_dir.read_private(path))
+        format_regions(platform, work, config, created)
+        if new_record:
+            write_atomically(work.platform_path, platform.to_json().encode())
+        write_atomically(work.path / PROVISIONING_COMPLETE, b"")
+    except BaseException:
+        shutil.rmtree(work.path, ignore_errors=True)
+        raise
+    state.install_provisioned()
+    return created
+
+
+def create_media(path: Path, size: int) -> None:
+    try:
+        Media.create(path, size)
+    except OSError as e:
+        hint = {errno.EFBIG: "the file system of the state dir cannot hold a file that large (ext4: 16T); "
+                             "put the state dir on one that can (xfs, btrfs, tmpfs) or use smaller regions",
+                errno.ENOSPC: "the file system of the state dir is full",
+                errno.EDQUOT: "your disk quota is used up"}.get(e.errno or 0, "")
+        raise ConfigError(f"{path.parent.parent / path.name}: cannot create {format_size(size)} of media: "
+                          f"{e.strerror}{'; ' + hint if hint else ''}") from None
+
+
+def format_regions(platform: Platform, state: StateDir, config: TopologyConfig, created: list[int]) -> None:
+    """Boot the platform without serving it (the installer's boot: no memmap engine) and make
+    the namespaces `config` asks for in the regions in `created`."""
     with boot(platform, state) as system, system.lock:
         regions = [r for bus in system.buses for r in bus.regions]
         for i in created:
@@ -467,7 +716,6 @@ def provision(platform: Platform, state: StateDir, config: TopologyConfig) -> li
                     ns = create_labelled_namespace(region, nscfg)
                     apply_mode(ns, nscfg)
             log.info("provisioned %s (%s)", region.name, format_size(region.size))
-    return created
 
 
 def store(dev: Device, name: str, value: str) -> None:
