@@ -12,6 +12,7 @@ from vnvdimm.topology.platform import default_state_dir
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vnvdimm", description="Emulated Linux persistent memory over FUSE")
+    parser.add_argument("--version", action="version", version=f"vnvdimm {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("mount", help="mount an emulated pmem platform (sysfs + /dev) at MNT")
@@ -58,6 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         # Resolve the parent only: stat()ing the mount point itself would hang on a stuck daemon.
         return daemon.umount(args.mountpoint.absolute().parent.resolve() / args.mountpoint.name)
     return 2
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vnvdimm")
+    except PackageNotFoundError:
+        return "(not installed: run from a source tree)"
 
 
 def add_tool_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from vnvdimm.memmap.engine import MAX_WORKERS as ENGINE_MAX_WORKERS
+from vnvdimm.model.infoblock import ARENA_MIN_SIZE, PFN_MODE_PMEM, PFN_MODE_RAM, pfn_geometry
+from vnvdimm.model.region import default_align
 from vnvdimm.model.system import MemmapSettings
 
 MODES = ("raw", "fsdax", "devdax", "sector")
@@ -179,6 +181,23 @@ class _Checker:
         return NamespaceConfig(mode, nsmap, align, sector, size, name)
 
 
+    def fits(self, ns: NamespaceConfig, size: int, key: str) -> None:
+        """Whether the model can lay the mode out in `size` bytes (its own arithmetic, the
+        kernel's): a pfn/dax info block, memmap and alignment padding, or a BTT arena."""
+        if ns.mode == "sector" and size - BTT_INFO_OFFSET < ARENA_MIN_SIZE:
+            raise self.fail(key, f"too small for sector mode (a BTT arena needs {format_size(ARENA_MIN_SIZE)} "
+                                 "after its 4K info block)")
+        if ns.mode in ("fsdax", "devdax"):
+            mode = PFN_MODE_PMEM if ns.map == "dev" else PFN_MODE_RAM
+            if pfn_geometry(SPA_BASE, size, mode, ns.align) is None:
+                raise self.fail(key, f"{format_size(size)} cannot hold a {ns.mode} device with align "
+                                     f"{format_size(ns.align)} (info block, memmap and padding): use a smaller "
+                                     "align or a larger size")
+
+
+BTT_INFO_OFFSET = 4096  # the BTT arena starts after the first 4 KiB of the namespace
+
+
 def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
     c = _Checker(source)
     c.unknown(doc, {"template", "memmap", "region", "dimm"}, "")
@@ -247,6 +266,13 @@ def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
             nss = tuple(c.namespace(n, f"{key}.namespaces[{j}]", True) for j, n in enumerate(raw_ns))
             if sum(n.size for n in nss) > size:
                 raise c.fail(f"{key}.namespaces", f"need more than the region's {format_size(size)}")
+            align = default_align(size, len(members))
+            for j, n in enumerate(nss):
+                c.fits(n, n.size, f"{key}.namespaces[{j}]")
+                if n.size % align:
+                    raise c.fail(f"{key}.namespaces[{j}].size",
+                                 f"must be a multiple of the region's alignment, {format_size(align)} (16M, times "
+                                 f"the number of DIMMs, {len(members)}, when they do not divide it)")
             regions.append(RegionConfig(size, c.int_(t.get("numa_node", 0), f"{key}.numa_node", 0, MAX_NUMA_NODE),
                                         tuple(members), nss))
         else:
@@ -255,6 +281,7 @@ def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
             if size < MIN_REGION or size % REGION_GRANULE:
                 raise c.fail(f"{key}.size", "must be a multiple of 16M and at least 32M")
             ns = c.namespace(t.get("namespace", {}), f"{key}.namespace", False)
+            c.fits(ns, size, f"{key}.namespace")
             regions.append(RegionConfig(size, c.int_(t.get("numa_node", 0), f"{key}.numa_node", 0, MAX_NUMA_NODE),
                                         (), (ns,)))
         # Laid out as Platform.from_config lays them out.

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import uuid as uuidlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -710,12 +711,27 @@ def format_regions(platform: Platform, state: StateDir, config: TopologyConfig, 
                 continue  # a template's region (nfit_test): fresh media, nothing on it
             rcfg = config.regions[i]
             if region.iset is None:
-                apply_mode(region.namespaces[0], rcfg.namespaces[0])
+                with refused(config, f"region[{i}].namespace"):
+                    apply_mode(region.namespaces[0], rcfg.namespaces[0])
             else:
-                for nscfg in rcfg.namespaces:
-                    ns = create_labelled_namespace(region, nscfg)
-                    apply_mode(ns, nscfg)
+                for j, nscfg in enumerate(rcfg.namespaces):
+                    with refused(config, f"region[{i}].namespaces[{j}]"):
+                        ns = create_labelled_namespace(region, nscfg)
+                        apply_mode(ns, nscfg)
             log.info("provisioned %s (%s)", region.name, format_size(region.size))
+
+
+@contextlib.contextmanager
+def refused(config: TopologyConfig, key: str) -> Iterator[None]:
+    """A namespace the model refuses (as the kernel would refuse ndctl) is an error in the
+    config, naming the key, not a traceback. (Validation rules out what it can foresee.)"""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e)
+        name = errno.errorcode.get(e.errno or 0, str(e.errno))
+        raise ConfigError(f"{config.source}: {key}: cannot be created: "
+                          f"{reason if name in reason else f'{reason} ({name})'}") from None
 
 
 def store(dev: Device, name: str, value: str) -> None:

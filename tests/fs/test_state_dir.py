@@ -1,0 +1,214 @@
+"""The state dir is safe to use as root and provisioning is all or nothing: a mount refuses a
+state dir with planted symbolic links (their targets untouched), loose modes or another
+owner; what it creates is 0700/0600; a first mount that fails leaves nothing that blocks the
+next one; the mount's own errors say what to do."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import resource
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mount_kit import SMALL_E820
+
+from vnvdimm.model.labels import write_atomically
+from vnvdimm.model.media import Media
+
+VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
+
+SMALL_NFIT = """\
+template = "nfit"
+[memmap]
+workers = 1
+[[dimm]]
+size = "64M"
+[[dimm]]
+size = "64M"
+[[region]]
+namespaces = [ { size = "32M", mode = "raw" } ]
+"""
+
+
+def digest(path: Path) -> tuple[str, float, int]:
+    st = os.stat(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mtime, stat.S_IMODE(st.st_mode)
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    """A file outside the state dir that a planted link points at (root-only, as /etc/shadow)."""
+    path = tmp_path / "elsewhere" / "secret"
+    path.parent.mkdir()
+    path.write_bytes(b"root only\n" * 100)
+    path.chmod(0o600)
+    return path
+
+
+def test_what_a_mount_creates_is_private(make_mount: Callable[..., Any]) -> None:
+    m = make_mount(SMALL_NFIT)
+    state = m.state_dir
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(state / "labels").st_mode) == 0o700
+    files = ["lock", "platform.json", "vnvdimm.log", "region0.media", "labels/nmem0.json", "labels/nmem1.json"]
+    assert {f: stat.S_IMODE(os.stat(state / f).st_mode) for f in files} == dict.fromkeys(files, 0o600)
+    assert not (state / ".provisioning").exists()
+
+
+@pytest.mark.parametrize("name", ["lock", ".platform.json.tmp", "vnvdimm.log", "platform.json", "region0.media",
+                                  "labels"])
+def test_a_planted_symlink_is_refused_and_its_target_untouched(make_mount: Callable[..., Any], victim: Path,
+                                                               name: str) -> None:
+    m = make_mount(SMALL_E820, mount=False)
+    m.state_dir.mkdir(mode=0o700)
+    before = digest(victim)
+    (m.state_dir / name).symlink_to(victim)
+    res = m.mount()
+    assert res.returncode != 0 and not m.is_mounted()
+    assert f"{m.state_dir / name}: a symbolic link" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert digest(victim) == before
+
+
+def test_a_media_symlink_of_the_right_size_is_not_served(make_mount: Callable[..., Any], victim: Path) -> None:
+    m = make_mount(SMALL_E820)
+    m.umount()
+    size = (m.state_dir / "region0.media").stat().st_size
+    os.truncate(victim, size)
+    before = digest(victim)
+    (m.state_dir / "region0.media").unlink()
+    (m.state_dir / "region0.media").symlink_to(victim)
+    res = m.mount()
+    assert res.returncode != 0 and not m.is_mounted()
+    assert "region0.media: a symbolic link" in res.stderr, res.stderr
+    assert digest(victim) == before
+
+
+def test_opens_never_follow_a_symlink(tmp_path: Path, victim: Path) -> None:
+    """Past the check (a link made in between): media, label and record writes refuse it."""
+    before = digest(victim)
+    (tmp_path / "region0.media").symlink_to(victim)
+    with pytest.raises(OSError) as e:
+        Media(tmp_path / "region0.media", victim.stat().st_size)
+    assert e.value.errno == errno.ELOOP
+    with pytest.raises(OSError) as e:
+        Media.create(tmp_path / "region0.media", 1 << 20)
+    assert e.value.errno == errno.EEXIST
+    (tmp_path / ".platform.json.tmp").symlink_to(victim)
+    with pytest.raises(OSError) as e:
+        write_atomically(tmp_path / "platform.json", b"{}")
+    assert e.value.errno == errno.ELOOP
+    assert digest(victim) == before and not (tmp_path / "platform.json").exists()
+
+
+@pytest.mark.parametrize("what", ["dir 0777", "dir 0770", "file 0666", "file 0620", "dir owner", "file owner"])
+def test_loose_modes_and_other_owners_are_refused(make_mount: Callable[..., Any], what: str) -> None:
+    m = make_mount(SMALL_E820)
+    m.umount()
+    kind, change = what.split()
+    path = m.state_dir if kind == "dir" else m.state_dir / "platform.json"
+    if change == "owner":
+        if os.geteuid() != 0:
+            pytest.skip("only root can give a file away")
+        os.chown(path, 65534, 65534)
+        expected = "owned by"
+    else:
+        path.chmod(int(change, 8))
+        expected = f"writable by group or others (mode {change}"
+    res = m.mount()
+    assert res.returncode != 0 and not m.is_mounted()
+    assert f"vnvdimm: {path}: {expected}" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    # Put right as the message says, it mounts again with the same platform.
+    if change == "owner":
+        os.chown(path, os.getuid(), os.getgid())
+    else:
+        path.chmod(0o700 if kind == "dir" else 0o600)
+    res = m.mount()
+    assert res.returncode == 0, res.stderr
+
+
+def limited_file_size(limit: int) -> Callable[[], None]:
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_failed_first_mount_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A region whose media the state dir's file system cannot hold (EFBIG, as ext4 for a
+    4096T region; here by a file size limit on the mount): the reason, no traceback, no
+    half-made platform, and the next mount of a fixed config just works."""
+    (tmp_path / "mnt").mkdir()
+    config = tmp_path / "t.toml"
+    config.write_text(SMALL_E820.replace('size = "256M"', 'size = "2G"', 1))
+    args = [*VNVDIMM, "mount", str(tmp_path / "mnt"), "--config", str(config), "--state-dir", str(tmp_path / "s")]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=120, preexec_fn=limited_file_size(1 << 30))
+    assert res.returncode != 0
+    assert "cannot create 2G of media: File too large" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["labels", "lock"]
+    assert not list((tmp_path / "s" / "labels").iterdir())
+    config.write_text(SMALL_E820)
+    res = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run([*VNVDIMM, "umount", str(tmp_path / "mnt")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+
+
+def test_an_interrupted_provisioning_is_undone_or_finished(make_mount: Callable[..., Any]) -> None:
+    # Undone: what a killed first mount leaves while formatting (no completion mark).
+    m = make_mount(SMALL_NFIT, mount=False)
+    work = m.state_dir / ".provisioning"
+    (work / "labels").mkdir(parents=True, mode=0o700)
+    m.state_dir.chmod(0o700)
+    (work / "region0.media").write_bytes(b"half")
+    (work / "region0.media").chmod(0o600)
+    res = m.mount()
+    assert res.returncode == 0, res.stderr
+    assert not work.exists() and (m.state_dir / "region0.media").stat().st_size == 128 << 20
+    ns = m.read("sys/bus/nd/devices/namespace0.0/size")
+    m.umount()
+    # Finished: a provisioning killed while moving its complete result into place.
+    record = (m.state_dir / "platform.json").read_bytes()
+    work.mkdir(mode=0o700)
+    os.rename(m.state_dir / "platform.json", work / "platform.json")
+    os.rename(m.state_dir / "region0.media", work / "region0.media")
+    (work / "complete").touch(mode=0o600)
+    res = m.mount()
+    assert res.returncode == 0, res.stderr
+    assert not work.exists() and (m.state_dir / "platform.json").read_bytes() == record
+    assert m.read("sys/bus/nd/devices/namespace0.0/size") == ns
+
+
+def test_mount_point_errors_say_what_is_wrong(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such"
+    res = subprocess.run([*VNVDIMM, "mount", str(missing), "--state-dir", str(tmp_path / "s")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert f"vnvdimm: {missing}: no such directory: create it first (mkdir -p {missing})" in res.stderr
+    assert not (tmp_path / "s").exists()
+    (tmp_path / "file").touch()
+    res = subprocess.run([*VNVDIMM, "mount", str(tmp_path / "file"), "--state-dir", str(tmp_path / "s")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "not a directory" in res.stderr
+
+
+def test_mounting_over_a_non_empty_directory_warns(make_mount: Callable[..., Any]) -> None:
+    m = make_mount(SMALL_E820, mount=False)
+    (m.root / "notes.txt").write_text("hidden while mounted\n")
+    res = m.mount()
+    assert res.returncode == 0, res.stderr
+    assert f"warning: {m.root} is not empty; its files are hidden while mounted" in res.stderr
+    m.umount()
+    assert (m.root / "notes.txt").read_text() == "hidden while mounted\n"
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    res = subprocess.run([*VNVDIMM, "--version"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout == f"vnvdimm {version('vnvdimm')}\n"

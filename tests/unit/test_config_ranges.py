@@ -1,0 +1,109 @@
+"""One source for every range: what the config accepts makes a platform record that
+Platform.validate() (the next mount's check) accepts, the limits refuse one step beyond, and
+docs/config.md states the same numbers."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vnvdimm.topology.config import (
+    MAX_DIMMS,
+    MAX_NS_PER_PAGE,
+    MAX_NUMA_NODE,
+    MAX_REGION,
+    MAX_WORKERS,
+    ConfigError,
+    format_size,
+    parse_config,
+)
+from vnvdimm.topology.platform import InvalidPlatform, Platform
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+G16M = 16 << 20
+
+
+def platform_of(text: str) -> Platform:
+    platform = Platform.from_config(parse_config(tomllib.loads(text), "t.toml"))
+    platform.validate()
+    return platform
+
+
+def refused(text: str, key: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        parse_config(tomllib.loads(text), "t.toml")
+    assert str(e.value).startswith(f"t.toml: {key}: "), str(e.value)
+    return str(e.value)
+
+
+def e820(*sizes: int, memmap: str = "", numa: int = 0) -> str:
+    regions = "".join(f'[[region]]\nsize = {s}\nnuma_node = {numa}\n' for s in sizes)
+    return f"[memmap]\n{memmap}\n{regions}"
+
+
+def test_each_limit_is_accepted_and_one_beyond_is_refused() -> None:
+    assert platform_of(e820(64 << 20, memmap=f"workers = {MAX_WORKERS}")).memmap.workers == MAX_WORKERS
+    refused(e820(64 << 20, memmap=f"workers = {MAX_WORKERS + 1}"), "memmap.workers")
+    assert platform_of(e820(64 << 20, memmap=f"ns_per_page = {MAX_NS_PER_PAGE}")).memmap.ns_per_page == MAX_NS_PER_PAGE
+    refused(e820(64 << 20, memmap=f"ns_per_page = {MAX_NS_PER_PAGE + 1}"), "memmap.ns_per_page")
+    assert platform_of(e820(64 << 20, numa=MAX_NUMA_NODE)).regions[0].numa_node == MAX_NUMA_NODE
+    refused(e820(64 << 20, numa=MAX_NUMA_NODE + 1), "region[0].numa_node")
+    # The largest region fills the physical address space; a second one no longer fits.
+    assert platform_of(e820(MAX_REGION)).regions[0].size == MAX_REGION
+    refused(e820(MAX_REGION + G16M), "region[0].size")
+    refused(e820(MAX_REGION - G16M, 64 << 20), "region[1].size")
+    assert len(platform_of(e820(MAX_REGION - (2 << 30), 64 << 20)).regions) == 2
+    # What the issue found failing after validation: sizes between 2^62 and 2^64, "4096T".
+    for size in (1 << 62, (1 << 64) - G16M, '"4096T"'):
+        refused(e820(size), "region[0].size")  # type: ignore[arg-type]
+    dimms = '[[dimm]]\nsize = "32M"\n'
+    assert len(platform_of(f'template = "nfit"\n{dimms * MAX_DIMMS}[[region]]\n').dimms) == MAX_DIMMS
+    refused(f'template = "nfit"\n{dimms * (MAX_DIMMS + 1)}[[region]]\n', "dimm")
+
+
+def test_namespace_sizes_follow_the_region_alignment() -> None:
+    # 1000 DIMMs do not divide 16M: the region's alignment is 16M x 1000 (default_align()).
+    dimms = '[[dimm]]\nsize = "32M"\n' * 1000
+    message = refused(f'template = "nfit"\n{dimms}[[region]]\nnamespaces = [ {{ size = "1024M" }} ]\n',
+                      "region[0].namespaces[0].size")
+    assert "16000M" in message
+    platform_of(f'template = "nfit"\n{dimms}[[region]]\nnamespaces = [ {{ size = "16000M" }} ]\n')
+
+
+def test_modes_must_fit_their_namespace() -> None:
+    refused(e820(32 << 20).replace("numa_node = 0\n", 'namespace = { mode = "fsdax", align = "1G" }\n'),
+            "region[0].namespace")
+    refused('template = "nfit"\n[[dimm]]\nsize = "32M"\n[[region]]\n'
+            'namespaces = [ { size = "16M", mode = "sector" } ]\n', "region[0].namespaces[0]")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(min_value=2, max_value=(MAX_REGION >> 24) + 4), min_size=1, max_size=6),
+       st.integers(min_value=0, max_value=MAX_WORKERS + 8), st.integers(min_value=0, max_value=MAX_NUMA_NODE + 8))
+def test_a_config_that_passes_always_makes_a_valid_record(granules: list[int], workers: int, numa: int) -> None:
+    text = e820(*(g * G16M for g in granules), memmap=f"workers = {workers}", numa=numa)
+    try:
+        config = parse_config(tomllib.loads(text), "t.toml")
+    except ConfigError:
+        return
+    try:
+        Platform.from_config(config).validate()
+    except InvalidPlatform as e:
+        pytest.fail(f"accepted by the config, refused as a record: {e}\n{text}")
+
+
+def test_the_docs_state_the_same_ranges() -> None:
+    docs = DOCS.read_text()
+    rows = dict(re.findall(r"^\| `?([^|]+?)`? \| (.+?) \|$", docs, re.M))
+    assert rows["memmap.workers"].startswith(f"0 to {MAX_WORKERS} ")
+    assert rows["memmap.ns_per_page"] == f"0 to {MAX_NS_PER_PAGE}"
+    assert rows["numa_node"] == f"0 to {MAX_NUMA_NODE}"
+    assert rows["[[dimm]]"] == f"at most {MAX_DIMMS}"
+    assert f"at most {format_size(MAX_REGION)}" in docs
+    assert f"workers = 2                  # worker processes, 0 to {MAX_WORKERS};" in docs
+    assert f"(0 to {MAX_NS_PER_PAGE})" in docs
