@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import traceback
 import weakref
 from collections.abc import Callable, Sequence
@@ -48,6 +49,9 @@ from vnvdimm import client
 from vnvdimm import wait as wait_mod
 from vnvdimm.daemon import stop_mount
 from vnvdimm.fuse import fusermount
+from vnvdimm.model.labels import write_atomically
+from vnvdimm.topology.config import ConfigError, parse_config
+from vnvdimm.topology.platform import Platform, StateDir
 
 WITH_VNVDIMM = Path(__file__).resolve().parent.parent / "mountscripts" / "with-vnvdimm"
 
@@ -266,8 +270,11 @@ class Testbed:
         regions already there keep their place, so their media still fit."""
         assert self.dir is not None
         self._unmount()
-        with contextlib.suppress(FileNotFoundError):
-            (self.state_dir / "platform.json").unlink()
+        try:
+            platform = Platform.from_config(parse_config(tomllib.loads(self.toml), "the test bed's topology"))
+        except ConfigError as e:
+            raise TestbedError(str(e)) from None
+        write_atomically(StateDir(self.state_dir).platform_path, platform.to_json().encode())
         self._mount()
 
     @property
