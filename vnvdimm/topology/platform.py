@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vnvdimm.model import drivers
-from vnvdimm.model.base import Attr, Device, align_up
+from vnvdimm.model.base import Attr, Device, Driver, align_up
 from vnvdimm.model.bus import NFIT_BUS_COMMANDS, NvdimmBus
 from vnvdimm.model.dimm import NfitIdentity, Nvdimm
 from vnvdimm.model.label_area import NFIT_TEST_LABEL_SIZE, NFIT_TEST_MAX_XFER, LabelArea
@@ -734,6 +734,13 @@ def refused(config: TopologyConfig, key: str) -> Iterator[None]:
                           f"{reason if name in reason else f'{reason} ({name})'}") from None
 
 
+def attach(dev: Device, driver: Driver) -> None:
+    """bind_store() for a device in hand (no lookup by name through every device)."""
+    if not dev.system.match(driver, dev):
+        raise OSError(errno.ENODEV, f"{driver.name} does not match {dev.name}")
+    dev.system.driver_attach(driver, dev)
+
+
 def store(dev: Device, name: str, value: str) -> None:
     """Write an attribute as ndctl does: the value plus a NUL, in one write."""
     for entry in dev.entries():
@@ -750,7 +757,7 @@ def create_labelled_namespace(region: Region, cfg: NamespaceConfig) -> Device:
     store(seed, "alt_name", cfg.name)
     store(seed, "size", str(cfg.size))
     system = region.system
-    system.bind(system.nd_drivers["nd_pmem"], seed.name.encode())
+    attach(seed, system.nd_drivers["nd_pmem"])
     return seed
 
 
@@ -780,4 +787,4 @@ def apply_mode(ns: Device, cfg: NamespaceConfig) -> None:
         store(dev, "align", str(cfg.align))
     store(dev, "namespace", ns.name)
     driver = system.nd_drivers["dax_pmem" if cfg.mode == "devdax" else "nd_pmem"]
-    system.bind(driver, dev.name.encode())
+    attach(dev, driver)
