@@ -41,9 +41,17 @@ class MountError(RuntimeError):
 
 
 def runtime_dir() -> Path:
-    base = os.environ.get("XDG_RUNTIME_DIR") or ("/run" if os.geteuid() == 0 else f"/tmp/vnvdimm-{os.getuid()}")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    base = xdg or ("/run" if os.geteuid() == 0 else f"/tmp/vnvdimm-{os.getuid()}")
     path = Path(base) / "vnvdimm"
-    path.mkdir(parents=True, exist_ok=True)
+    # Private, as the state dir: /tmp/vnvdimm-UID is a name anyone can take first, and a
+    # link planted in it would choose which file a mount record overwrites.
+    for directory in (path,) if xdg or os.geteuid() == 0 else (path.parent, path):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            safe_dir.check_entry(os.lstat(directory), directory)
+        except safe_dir.UnsafeStateDir as e:
+            raise MountError(str(e)) from None
     return path
 
 
@@ -210,8 +218,10 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
                 except OSError:
                     time.sleep(0.01)
             raise_readahead(str(opts.mountpoint))
-            record.write_text(json.dumps({"pid": os.getpid(), "state_dir": str(state.path),
-                                          "mountpoint": str(opts.mountpoint)}))
+            fd = safe_dir.open_private(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({"pid": os.getpid(), "state_dir": str(state.path),
+                                    "mountpoint": str(opts.mountpoint)}))
             log.info("mounted %s (state %s)", opts.mountpoint, state.path)
             if ready_fd is not None:
                 with contextlib.suppress(OSError):
@@ -317,6 +327,10 @@ def mount(opts: MountOptions) -> int:
             log.error("mount refused: %s", e)
             with contextlib.suppress(OSError):
                 os.write(wfd, f"error: {e}\n".encode())
+        except (ConfigError, MountError) as e:  # a message for the user (media missing, ...)
+            log.error("%s", e)
+            with contextlib.suppress(OSError):
+                os.write(wfd, f"error: {e}\n".encode())
         except BaseException as e:  # reported through the pipe and the log
             log.exception("daemon failed")
             with contextlib.suppress(OSError):
@@ -385,7 +399,11 @@ def stop_mount(mountpoint: Path, pid: int | None, timeout: float = 10.0) -> None
 
 
 def umount(mountpoint: Path, timeout: float = 10.0) -> int:
-    record = mount_record(mountpoint)
+    try:
+        record = mount_record(mountpoint)
+    except MountError as e:
+        print(f"vnvdimm: {e}", file=sys.stderr)
+        return 1
     pid = None
     with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
         pid = int(json.loads(record.read_text())["pid"])

@@ -259,3 +259,19 @@ def test_a_refused_mount_says_why_in_fusermount3s_words(user: User) -> None:
     assert res.returncode != 0 and fuse_mounts_under(root) == []
     assert "fusermount3: " in res.stderr and "mount on a directory you own" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr and "error: 4" not in res.stderr
+
+
+def test_a_runtime_dir_taken_by_someone_else_is_refused(user: User) -> None:
+    """Mount records go to $XDG_RUNTIME_DIR/vnvdimm (else /tmp/vnvdimm-UID/vnvdimm, a name
+    anyone can take first): one that another user owns is refused, nothing written into it."""
+    root = Path(tempfile.mkdtemp(prefix="case-", dir=user.home))
+    (root / "mnt").mkdir()
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(root)], check=True)
+    taken = root / "run" / "vnvdimm"
+    taken.mkdir(parents=True)
+    taken.chmod(0o777)  # root's, open to all: as a stranger would leave it
+    res = user.run("env", f"XDG_RUNTIME_DIR={root / 'run'}", user.python, "-m", "vnvdimm.cli", "mount",
+                   str(root / "mnt"), "--state-dir", str(root / "state"))
+    assert res.returncode != 0 and fuse_mounts_under(root) == []
+    assert f"{taken}: owned by root" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert list(taken.iterdir()) == []

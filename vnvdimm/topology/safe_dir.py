@@ -1,4 +1,4 @@
-"""A private directory, safe to use as root: the state dir.
+"""A private directory, safe to use as root: the state dir (and the runtime dir of mount records).
 
 Whoever can write the state dir (or replace a file in it) decides what a root daemon
 truncates, rewrites and serves as /dev/pmem: a symbolic link named `lock` or `regionN.media`
@@ -36,11 +36,12 @@ def _user(uid: int) -> str:
 def check_entry(st: os.stat_result, path: Path) -> None:
     me = os.geteuid()
     if stat.S_ISLNK(st.st_mode):
-        raise UnsafeStateDir(f"{path}: a symbolic link in the state dir; vnvdimm opens nothing there through one "
-                             "(whoever made it chooses which file gets written): remove it")
+        raise UnsafeStateDir(f"{path}: a symbolic link; vnvdimm opens nothing in its state and runtime dirs "
+                             "through one (whoever made it would choose which file gets written): remove it")
     if st.st_uid != me:
         raise UnsafeStateDir(f"{path}: owned by {_user(st.st_uid)}, not by {_user(me)} who runs vnvdimm; "
-                             "its state dir and files must be your own: use another --state-dir, or chown it")
+                             "its state and runtime dirs and their files must be your own: use another "
+                             "--state-dir (or XDG_RUNTIME_DIR), or chown it")
     if st.st_mode & 0o022:
         raise UnsafeStateDir(f"{path}: writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}), so "
                              f"another user could replace what vnvdimm writes there: chmod go-w {path}")
