@@ -46,6 +46,15 @@ def e820(*sizes: int, memmap: str = "", numa: int = 0) -> str:
     return f"[memmap]\n{memmap}\n{regions}"
 
 
+def test_the_worker_limit_is_the_engines() -> None:
+    from vnvdimm.memmap import engine
+
+    assert MAX_WORKERS == engine.MAX_WORKERS
+    engine.MemmapEngine(workers=MAX_WORKERS)  # accepted (not started)
+    with pytest.raises(ValueError):
+        engine.MemmapEngine(workers=MAX_WORKERS + 1)
+
+
 def test_each_limit_is_accepted_and_one_beyond_is_refused() -> None:
     assert platform_of(e820(64 << 20, memmap=f"workers = {MAX_WORKERS}")).memmap.workers == MAX_WORKERS
     refused(e820(64 << 20, memmap=f"workers = {MAX_WORKERS + 1}"), "memmap.workers")

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vnvdimm.memmap.engine import MAX_WORKERS as ENGINE_MAX_WORKERS
 from vnvdimm.model.infoblock import ARENA_MIN_SIZE, PFN_MODE_PMEM, PFN_MODE_RAM, pfn_geometry
 from vnvdimm.model.region import default_align
 from vnvdimm.model.system import MemmapSettings
@@ -23,7 +22,9 @@ MIN_REGION = 32 << 20
 REGION_GRANULE = 16 << 20
 # The ranges below are the one source for the config's validation, the platform record's
 # (Platform.validate) and docs/config.md (tested against them).
-MAX_WORKERS = ENGINE_MAX_WORKERS  # worker slots the engine's block map can name
+# Worker slots the memmap engine's block map can name (its MAX_WORKERS; a test holds the two
+# equal: importing the engine here would load numpy into every command, umount included).
+MAX_WORKERS = 251
 MAX_NUMA_NODE = 1023  # MAX_NUMNODES - 1 (NODES_SHIFT 10)
 MAX_NS_PER_PAGE = 10**9  # one second a page
 SPA_BASE = 16 << 30  # where the first region sits in the physical address space
