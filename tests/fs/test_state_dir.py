@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import resource
 import stat
@@ -17,24 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mount_kit import SMALL_E820
+from mount_kit import SMALL_E820, root_conftest
 
 from vnvdimm.model.labels import write_atomically
 from vnvdimm.model.media import Media
 
 VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
 
-SMALL_NFIT = """\
-template = "nfit"
-[memmap]
-workers = 1
-[[dimm]]
-size = "64M"
-[[dimm]]
-size = "64M"
-[[region]]
-namespaces = [ { size = "32M", mode = "raw" } ]
-"""
+@pytest.fixture
+def small_nfit(request: pytest.FixtureRequest) -> str:
+    """tests/conftest.py's nfit topology (labelled namespaces)."""
+    return root_conftest(request.config).SMALL_NFIT  # type: ignore[no-any-return]
 
 
 def digest(path: Path) -> tuple[str, float, int]:
@@ -52,8 +46,8 @@ def victim(tmp_path: Path) -> Path:
     return path
 
 
-def test_what_a_mount_creates_is_private(make_mount: Callable[..., Any]) -> None:
-    m = make_mount(SMALL_NFIT)
+def test_what_a_mount_creates_is_private(make_mount: Callable[..., Any], small_nfit: str) -> None:
+    m = make_mount(small_nfit)
     state = m.state_dir
     assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(state / "labels").st_mode) == 0o700
@@ -159,9 +153,9 @@ def test_a_failed_first_mount_leaves_nothing_behind(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
 
 
-def test_an_interrupted_provisioning_is_undone_or_finished(make_mount: Callable[..., Any]) -> None:
+def test_an_interrupted_provisioning_is_undone_or_finished(make_mount: Callable[..., Any], small_nfit: str) -> None:
     # Undone: what a killed first mount leaves while formatting (no completion mark).
-    m = make_mount(SMALL_NFIT, mount=False)
+    m = make_mount(small_nfit, mount=False)
     work = m.state_dir / ".provisioning"
     (work / "labels").mkdir(parents=True, mode=0o700)
     m.state_dir.chmod(0o700)
@@ -169,7 +163,8 @@ def test_an_interrupted_provisioning_is_undone_or_finished(make_mount: Callable[
     (work / "region0.media").chmod(0o600)
     res = m.mount()
     assert res.returncode == 0, res.stderr
-    assert not work.exists() and (m.state_dir / "region0.media").stat().st_size == 128 << 20
+    region0 = json.loads((m.state_dir / "platform.json").read_text())["regions"][0]
+    assert not work.exists() and (m.state_dir / "region0.media").stat().st_size == region0["size"]
     ns = m.read("sys/bus/nd/devices/namespace0.0/size")
     m.umount()
     # Finished: a provisioning killed while moving its complete result into place.
