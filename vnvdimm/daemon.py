@@ -300,7 +300,7 @@ def mount(opts: MountOptions) -> int:
     if opts.foreground:
         try:
             return run(opts, state, platform, lock, None)
-        except fusermount.FusermountError as e:
+        except (fusermount.FusermountError, ConfigError, MountError) as e:
             print(f"vnvdimm: mount of {opts.mountpoint} failed: {e}", file=sys.stderr)
             return 1
 

@@ -539,7 +539,8 @@ def build_system(platform: Platform, state: StateDir, system: System, only: set[
             media = Media(media_path, r.size)
         except FileNotFoundError:
             raise ConfigError(f"{media_path}: media file missing; the platform record says region{i} "
-                              f"has {format_size(r.size)} of pmem") from None
+                              f"has {format_size(r.size)} of pmem: put it back, or mount with --config to "
+                              "make that region afresh (empty)") from None
         except OSError as e:
             raise ConfigError(f"{media_path}: {e.strerror}") from None
         if fresh:
