@@ -207,3 +207,42 @@ def test_version() -> None:
 
     res = subprocess.run([*VNVDIMM, "--version"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout == f"vnvdimm {version('vnvdimm')}\n"
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Any:
+    """A 4 MiB tmpfs for a state dir: a host file system that runs out of space."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path = tmp_path / "tiny"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M,mode=0700", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_a_store_refused_for_lack_of_space_says_enospc(tiny_fs: Path, make_mount: Callable[..., Any]) -> None:
+    """The media are sparse: enabling a pfn device writes its info block, which a full host
+    file system refuses. The bind store fails with ENOSPC (not a kernel errno, but the truth),
+    and the log names it."""
+    raw = SMALL_E820.replace('mode = "fsdax", map = "dev", align = "2M"', 'mode = "raw"')
+    m = make_mount(raw, state_dir=tiny_fs / "state")
+    fd = os.open(tiny_fs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(OSError) as e:
+            while True:
+                os.write(fd, b"\0" * (1 << 16))
+    finally:
+        os.close(fd)
+    assert e.value.errno == errno.ENOSPC
+    seed = m.read("sys/bus/nd/devices/region0/pfn_seed").strip()
+    m.write("sys/bus/nd/drivers/nd_pmem/unbind", b"namespace0.0")
+    m.write(f"sys/bus/nd/devices/{seed}/uuid", b"0f2f2bd5-a19c-4a5f-8d5c-2a67e1f5a6a2")
+    m.write(f"sys/bus/nd/devices/{seed}/mode", b"pmem")
+    m.write(f"sys/bus/nd/devices/{seed}/namespace", b"namespace0.0")
+    with pytest.raises(OSError) as e:
+        m.write("sys/bus/nd/drivers/nd_pmem/bind", seed.encode())
+    assert e.value.errno == errno.ENOSPC
+    assert f"value '{seed}': No space left on device (ENOSPC)" in (m.state_dir / "vnvdimm.log").read_text()
