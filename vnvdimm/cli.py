@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from vnvdimm.topology.config import ConfigError, load_config
@@ -62,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("vnvdimm")
     except PackageNotFoundError:

@@ -5,6 +5,7 @@ next one; the mount's own errors say what to do."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -18,18 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mount_kit import SMALL_E820, root_conftest
+from mount_kit import SMALL_E820
+from topologies import SMALL_NFIT
 
+from vnvdimm.model.label_area import NFIT_TEST_LABEL_SIZE, NFIT_TEST_MAX_XFER, LabelArea
 from vnvdimm.model.labels import write_atomically
 from vnvdimm.model.media import Media
 
 VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
-
-@pytest.fixture
-def small_nfit(request: pytest.FixtureRequest) -> str:
-    """tests/conftest.py's nfit topology (labelled namespaces)."""
-    return root_conftest(request.config).SMALL_NFIT  # type: ignore[no-any-return]
-
 
 def digest(path: Path) -> tuple[str, float, int]:
     st = os.stat(path)
@@ -46,12 +43,13 @@ def victim(tmp_path: Path) -> Path:
     return path
 
 
-def test_what_a_mount_creates_is_private(make_mount: Callable[..., Any], small_nfit: str) -> None:
-    m = make_mount(small_nfit)
+def test_what_a_mount_creates_is_private(make_mount: Callable[..., Any]) -> None:
+    m = make_mount(SMALL_NFIT)
     state = m.state_dir
     assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(state / "labels").st_mode) == 0o700
-    files = ["lock", "platform.json", "vnvdimm.log", "region0.media", "labels/nmem0.json", "labels/nmem1.json"]
+    files = ["lock", "platform.json", "vnvdimm.log", "region0.media", "region1.media",
+             *(f"labels/nmem{d}.lsa" for d in range(4))]
     assert {f: stat.S_IMODE(os.stat(state / f).st_mode) for f in files} == dict.fromkeys(files, 0o600)
     assert not (state / ".provisioning").exists()
 
@@ -84,6 +82,24 @@ def test_a_media_symlink_of_the_right_size_is_not_served(make_mount: Callable[..
     assert digest(victim) == before
 
 
+@pytest.mark.parametrize("name", ["labels/nmem0.lsa", "labels/.nmem1.lsa.tmp", ".provisioning"])
+def test_a_label_area_symlink_is_refused_and_its_target_untouched(make_mount: Callable[..., Any], victim: Path,
+                                                                  name: str) -> None:
+    """The label storage areas of nfit DIMMs (written by every namespace change) follow the
+    same rules: a link planted in place of one, of the area's exact size, is refused."""
+    m = make_mount(SMALL_NFIT)
+    m.umount()
+    os.truncate(victim, NFIT_TEST_LABEL_SIZE)
+    before = digest(victim)
+    with contextlib.suppress(FileNotFoundError):
+        (m.state_dir / name).unlink()
+    (m.state_dir / name).symlink_to(victim)
+    res = m.mount()
+    assert res.returncode != 0 and not m.is_mounted()
+    assert f"{m.state_dir / name}: a symbolic link" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert digest(victim) == before
+
+
 def test_opens_never_follow_a_symlink(tmp_path: Path, victim: Path) -> None:
     """Past the check (a link made in between): media, label and record writes refuse it."""
     before = digest(victim)
@@ -99,6 +115,15 @@ def test_opens_never_follow_a_symlink(tmp_path: Path, victim: Path) -> None:
         write_atomically(tmp_path / "platform.json", b"{}")
     assert e.value.errno == errno.ELOOP
     assert digest(victim) == before and not (tmp_path / "platform.json").exists()
+    (tmp_path / "nmem0.lsa").symlink_to(victim)
+    with pytest.raises(OSError) as e:
+        LabelArea(tmp_path / "nmem0.lsa", victim.stat().st_size, NFIT_TEST_MAX_XFER)
+    assert e.value.errno == errno.ELOOP
+    (tmp_path / ".nmem1.lsa.tmp").symlink_to(victim)
+    with pytest.raises(OSError) as e:
+        LabelArea.create(tmp_path / "nmem1.lsa", NFIT_TEST_LABEL_SIZE, NFIT_TEST_MAX_XFER)
+    assert e.value.errno == errno.ELOOP
+    assert digest(victim) == before and not (tmp_path / "nmem1.lsa").exists()
 
 
 @pytest.mark.parametrize("what", ["dir 0777", "dir 0770", "file 0666", "file 0620", "dir owner", "file owner"])
@@ -153,9 +178,9 @@ def test_a_failed_first_mount_leaves_nothing_behind(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
 
 
-def test_an_interrupted_provisioning_is_undone_or_finished(make_mount: Callable[..., Any], small_nfit: str) -> None:
+def test_an_interrupted_provisioning_is_undone_or_finished(make_mount: Callable[..., Any]) -> None:
     # Undone: what a killed first mount leaves while formatting (no completion mark).
-    m = make_mount(small_nfit, mount=False)
+    m = make_mount(SMALL_NFIT, mount=False)
     work = m.state_dir / ".provisioning"
     (work / "labels").mkdir(parents=True, mode=0o700)
     m.state_dir.chmod(0o700)

@@ -4,9 +4,13 @@ docs/config.md states the same numbers."""
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -22,7 +26,7 @@ from vnvdimm.topology.config import (
     format_size,
     parse_config,
 )
-from vnvdimm.topology.platform import InvalidPlatform, Platform
+from vnvdimm.topology.platform import InvalidPlatform, Platform, StateDir
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 G16M = 16 << 20
@@ -116,3 +120,39 @@ def test_the_docs_state_the_same_ranges() -> None:
     assert f"at most {format_size(MAX_REGION)}" in docs
     assert f"workers = 2                  # worker processes, 0 to {MAX_WORKERS};" in docs
     assert f"(0 to {MAX_NS_PER_PAGE})" in docs
+
+
+NFIT = 'template = "nfit"\n[[dimm]]\nsize = "64M"\n[[dimm]]\nsize = "64M"\n[[region]]\n'
+
+
+def test_the_nfit_test_platform_is_valid_and_its_tables_are_not_editable(tmp_path: Path) -> None:
+    platform = platform_of('template = "nfit_test"\n')
+    assert Platform.from_json(platform.to_json(), "p") == platform
+    for edited in (replace(platform, regions=platform.regions[:-1]),
+                   replace(platform, dimms=(replace(platform.dimms[0], size=64 << 20), *platform.dimms[1:]))):
+        with pytest.raises(InvalidPlatform, match="nfit_test module's"):
+            edited.validate()
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    (lambda d: d["dimms"][0].update(vendor=1 << 16), "dimm[0].vendor"),
+    (lambda d: d["dimms"][0].update(mfg_location=256), "dimm[0].mfg_location"),
+    (lambda d: d["dimms"][0].update(bus=1), "dimm[0].bus"),
+    (lambda d: d["dimms"][0].update(label_fill=7), "dimm[0].label_fill"),
+    (lambda d: d["regions"][0].update(persistence="battery"), "region[0].persistence"),
+    (lambda d: d["regions"][0].update(range_index=-2), "region[0].range_index"),
+    (lambda d: d["regions"][0].update(region_offsets=[0]), "region[0].region_offsets"),
+    (lambda d: d["regions"][0].update(cookie2=-1), "region[0].cookie2"),
+    (lambda d: d["regions"][0].update(flush_hints="yes"), "region[0].flush_hints"),
+    (lambda d: d["buses"][0].update(provider="e820"), "buses"),
+    (lambda d: d["memmap"].update(workers=MAX_WORKERS + 1), "memmap.workers"),
+])
+def test_every_field_of_a_record_is_checked(tmp_path: Path, edit: Callable[[dict[str, Any]], None],
+                                            field: str) -> None:
+    """A hand-edited platform.json is refused naming the field, never a traceback later."""
+    doc = json.loads(platform_of(NFIT).to_json())
+    edit(doc)
+    state = StateDir(tmp_path)
+    state.platform_path.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=rf"damaged platform record \({re.escape(field)}"):
+        state.read_platform()
