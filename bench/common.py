@@ -102,7 +102,8 @@ def fuse_mounted(path: Path) -> bool:
 class BenchMount:
     """A vnvdimm mount in a temp dir: `with BenchMount(toml) as m:` ... always unmounted."""
 
-    def __init__(self, config_text: str | None, workers: int | None = None) -> None:
+    def __init__(self, config_text: str | None, workers: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="vnvdimm-bench-"))
         self.root = self.tmp / "mnt"
         self.state = self.tmp / "state"
@@ -112,6 +113,7 @@ class BenchMount:
             self.config = self.tmp / "topology.toml"
             self.config.write_text(config_text)
         self.workers = workers
+        self.env = None if env is None else {**os.environ, **env}  # the daemon's environment
         self.mount_seconds = 0.0
 
     def mount(self) -> float:
@@ -121,7 +123,7 @@ class BenchMount:
         if self.workers is not None:
             args += ["--workers", str(self.workers)]
         t0 = time.perf_counter()
-        res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        res = subprocess.run(args, capture_output=True, text=True, timeout=600, env=self.env)
         self.mount_seconds = time.perf_counter() - t0
         if res.returncode != 0:
             raise RuntimeError(f"vnvdimm mount failed: {res.stderr}")
@@ -129,6 +131,11 @@ class BenchMount:
 
     def daemon_pid(self) -> int:
         return int((self.state / "lock").read_text().split()[0])
+
+    def daemon_cpu_seconds(self) -> float:
+        """User + system CPU time the daemon process (all its threads) has used so far."""
+        fields = Path(f"/proc/{self.daemon_pid()}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def umount(self) -> None:
         if fuse_mounted(self.root):

@@ -28,7 +28,8 @@ from typing import Any
 
 import mfusepy as fuse
 
-from vnvdimm.fuse import fusermount
+from vnvdimm.fuse import fusermount, profile
+from vnvdimm.fuse.profile import RequestProfile
 from vnvdimm.model.disk import DataPath
 from vnvdimm.sysfs.kernfs import PAGE_SIZE, KAttr, KBin, KDir, KLink, KNode, OpenAttr
 from vnvdimm.sysfs.tree import KChar, KDevFile, Tree
@@ -95,6 +96,41 @@ def memory_bufvec(data: bytes) -> int:
     vec.count, vec.idx, vec.off = 1, 0, 0
     vec.buf[0].size, vec.buf[0].flags, vec.buf[0].mem, vec.buf[0].fd, vec.buf[0].pos = len(data), 0, mem, -1, 0
     return address
+
+
+_pinned = threading.local()
+
+
+def pin_thread_state() -> None:
+    """Keep the Python thread state of the calling libfuse thread for the thread's life.
+
+    A ctypes callback entered from a thread that Python did not start gets a thread state
+    made for the call (PyGILState_Ensure) and destroyed on return (PyGILState_Release):
+    every FUSE request paid for both, about half the daemon's CPU per attribute request.
+    One Ensure never released keeps the state; libfuse's loop threads live until unmount."""
+    if not getattr(_pinned, "held", False):
+        ctypes.pythonapi.PyGILState_Ensure()
+        _pinned.held = True
+
+
+class _Loop(fuse.FUSE):
+    """The binding's loop (run by the constructor), with every callback on a pinned thread
+    state, and counted by operation when profiling (see profile.py)."""
+
+    def __init__(self, ops: VnvdimmOperations, mountpoint: str, request_profile: RequestProfile | None,
+                 **options: Any) -> None:
+        self.profile = request_profile
+        super().__init__(ops, mountpoint, raw_fi=True, **options)
+
+    def _wrapper(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        pin_thread_state()
+        if self.profile is None:
+            return super()._wrapper(func, *args, **kwargs)
+        started = time.thread_time_ns()
+        try:
+            return super()._wrapper(func, *args, **kwargs)
+        finally:
+            self.profile.record(func.__name__.removesuffix("_fuse_3"), time.thread_time_ns() - started)
 
 
 class OpenDevice:
@@ -484,8 +520,11 @@ def serve(ops: VnvdimmOperations, mountpoint: str, *, allow_other: bool = False,
     if debug:
         options["debug"] = True
     ops.mountpoint = os.path.abspath(mountpoint)
+    profiling = profile.from_environment()
+    if profiling is not None:
+        profile.dump_on_sigusr2(*profiling)
     try:
-        fuse.FUSE(ops, f"/dev/fd/{fd}", raw_fi=True, **options)
+        _Loop(ops, f"/dev/fd/{fd}", profiling[0] if profiling is not None else None, **options)
     except BaseException:
         fusermount.unmount(mountpoint)  # the loop never answered: no mount may stay behind
         raise
