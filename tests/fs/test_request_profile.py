@@ -29,13 +29,14 @@ def test_profile_counts_each_request_since_the_last_signal(make_mount, tmp_path:
     assert m.pid is not None
     attr = m.sys / E820_BUS / "region0" / "size"
     first = read(attr)  # the walk to it is cached from here on
-    take(m.pid, path)
+    # RELEASE is sent after close() returned (the kernel does not wait for it): this read's
+    # must be in before the count starts over
+    wait_for(lambda: "release" in take(m.pid, path), 30, "the first release")
     for _ in range(10):
         assert read(attr) == first
     counts: dict[str, int] = {}
 
     def released_all() -> bool:
-        # RELEASE is sent after close() returned (the kernel does not wait for it)
         for op, o in take(m.pid, path).items():
             counts[op] = counts.get(op, 0) + o["count"]
         return counts.get("release", 0) >= 10
