@@ -8,7 +8,7 @@ import ctypes
 import os
 from pathlib import Path
 
-from vnvdimm.fuse.ops import FuseBuf, _libfuse, bufvec_type, file_bufvec, memory_bufvec
+from vnvdimm.fuse.ops import MEMORY_BUFVEC, FuseBuf, _libfuse, bufvec_type, file_bufvec, memory_bufvec
 
 
 def memory_target(size: int) -> tuple[ctypes.Structure, ctypes.Array[ctypes.c_char]]:
@@ -26,6 +26,7 @@ def test_layout_is_fuse_common_h() -> None:
             FuseBuf.pos.offset] == [0, 8, 16, 24, 32]
     # struct fuse_bufvec { size_t count, idx, off; struct fuse_buf buf[1]; }
     assert ctypes.sizeof(bufvec_type(1)) == 24 + 40 and ctypes.sizeof(bufvec_type(3)) == 24 + 3 * 40
+    assert MEMORY_BUFVEC.size == ctypes.sizeof(bufvec_type(1))
 
 
 def test_file_ranges_are_read_by_libfuse(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ from vnvdimm.fuse import fusermount, profile
 from vnvdimm.fuse.profile import RequestProfile
 from vnvdimm.model.disk import DataPath
 from vnvdimm.sysfs.kernfs import PAGE_SIZE, KAttr, KBin, KDir, KLink, KNode, OpenAttr
-from vnvdimm.sysfs.tree import KChar, KDevFile, Tree
+from vnvdimm.sysfs.tree import KChar, KDevFile, Snapshot, Tree
 
 log = logging.getLogger("vnvdimm.fuse")
 
@@ -51,9 +52,16 @@ _libfuse.fuse_buf_size.argtypes = [ctypes.c_void_p]
 _libfuse.fuse_buf_size.restype = ctypes.c_size_t
 _libfuse.fuse_buf_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
 _libfuse.fuse_buf_copy.restype = ctypes.c_ssize_t
+# libc calls made on every read, declared without argtypes: ctypes' per-argument conversion
+# cost more than the calls themselves. Sizes are ints (< 2**31, passed as C ints, widened by
+# the ABI); addresses are passed as c_void_p objects.
 _libc = ctypes.CDLL(None)
-_libc.malloc.argtypes = [ctypes.c_size_t]
-_libc.malloc.restype = ctypes.c_void_p
+_malloc = _libc.malloc
+_malloc.restype = ctypes.c_void_p
+_memcpy = _libc.memcpy
+_memcpy.restype = None
+_free = _libc.free
+_free.restype = None
 
 # struct fuse_buf and struct fuse_bufvec of libfuse 3 (fuse_common.h), declared here: the
 # binding's fuse_bufvec has a pointer where libfuse has an inline array of buffers.
@@ -84,17 +92,22 @@ def file_bufvec(fd: int, extents: Sequence[tuple[int, int]], address: int | None
     return vec
 
 
+# struct fuse_bufvec with one memory buffer, packed in one go (count, idx, off; size, flags,
+# mem, fd, pos): setting the fields of a ctypes structure one by one cost several us a read.
+MEMORY_BUFVEC = struct.Struct("@NNNNiPiq")
+
+
 def memory_bufvec(data: bytes) -> int:
     """A malloc()ed bufvec holding a malloc()ed copy of `data` (libfuse frees both)."""
-    cls = bufvec_type(1)
-    address = _libc.malloc(ctypes.sizeof(cls))
-    mem = _libc.malloc(max(1, len(data)))
+    size = len(data)
+    address = _malloc(MEMORY_BUFVEC.size)
+    mem = _malloc(size or 1)
     if not address or not mem:
+        _free(ctypes.c_void_p(address))
+        _free(ctypes.c_void_p(mem))
         raise MemoryError
-    ctypes.memmove(mem, data, len(data))
-    vec = cls.from_address(address)
-    vec.count, vec.idx, vec.off = 1, 0, 0
-    vec.buf[0].size, vec.buf[0].flags, vec.buf[0].mem, vec.buf[0].fd, vec.buf[0].pos = len(data), 0, mem, -1, 0
+    _memcpy(ctypes.c_void_p(mem), data, size)
+    _memcpy(ctypes.c_void_p(address), MEMORY_BUFVEC.pack(1, 0, 0, size, 0, mem, -1, 0), MEMORY_BUFVEC.size)
     return address
 
 
@@ -121,6 +134,15 @@ class _Loop(fuse.FUSE):
                  **options: Any) -> None:
         self.profile = request_profile
         super().__init__(ops, mountpoint, raw_fi=True, **options)
+
+    def getattr_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        # The binding fills the struct field by field from getattr()'s dict (several us a
+        # call); a stat of the tree's nodes is copied in one piece instead.
+        if path is None:
+            return int(super().getattr_fuse_3(path, buf, fip))
+        image = self.operations.stat_image(path.decode(self.encoding, self.errors))
+        ctypes.memmove(buf, image, len(image))
+        return 0
 
     def _wrapper(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         pin_thread_state()
@@ -163,6 +185,8 @@ class VnvdimmOperations(fuse.Operations):
         self.mountpoint: str | None = None
         # path -> generation of the tree the last successful lookup/getattr answered from
         self._answered: dict[str, int] = {}
+        # (tree, path -> struct stat bytes) of the tree getattr last answered from
+        self._stat_images: tuple[Snapshot | None, dict[str, bytes]] = (None, {})
 
     # ------------------------------------------------------------ helpers
 
@@ -240,17 +264,38 @@ class VnvdimmOperations(fuse.Operations):
     # ------------------------------------------------------------ metadata
 
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
+        return self._stat(self._answer(path)[0])
+
+    def stat_image(self, path: str) -> bytes:
+        """getattr() as the struct stat libfuse hands the kernel, built once per node of a
+        tree for the kinds whose stat is fixed with the node (a bin attribute's size and a
+        device file's device are read live): a later tree has new nodes, so nothing built
+        from an older one is served."""
+        node, snap = self._answer(path)
+        images = self._stat_images
+        if images[0] is not snap:
+            images = self._stat_images = (snap, {})
+        image = images[1].get(path)
+        if image is None:
+            st = fuse.c_stat()
+            fuse.set_st_attrs(st, self._stat(node), use_ns=True)
+            image = bytes(st)
+            if isinstance(node, KDir | KAttr | KLink | KChar):
+                images[1][path] = image
+        return image
+
+    def _answer(self, path: str) -> tuple[KNode, Snapshot]:
+        """The node at `path` in the current tree, recorded as answered from that tree."""
         while True:
             snap = self.tree.snapshot()
             node = snap.nodes.get(path)
             if node is None:
                 raise fuse.FuseOSError(errno.ENOENT)
-            st = self._stat(node)
             # Recorded before the tree is looked at again: a change that replaced this tree
             # after that look sees the record (see _invalidate); one before it, we answer from.
             self._answered[path] = snap.generation
             if self.tree.snapshot() is snap:
-                return st
+                return node, snap
 
     def _stat(self, node: KNode) -> dict[str, Any]:
         t = self.mounted_ns
@@ -397,7 +442,7 @@ class VnvdimmOperations(fuse.Operations):
             # the media file's page cache into the reply once we return, GIL-free.
             data = obj.data
             extents = data.read_extents(offset, size)
-            address = _libc.malloc(ctypes.sizeof(bufvec_type(max(1, len(extents)))))
+            address = _malloc(ctypes.sizeof(bufvec_type(max(1, len(extents)))))
             if not address:
                 raise MemoryError
             file_bufvec(data.media.fd, extents, address)
@@ -407,7 +452,7 @@ class VnvdimmOperations(fuse.Operations):
             address = memory_bufvec(obj.read(size, offset))
         else:
             raise fuse.FuseOSError(errno.EBADF)
-        ctypes.cast(bufpp, ctypes.POINTER(ctypes.c_void_p))[0] = address
+        ctypes.c_void_p.from_address(ctypes.addressof(bufpp.contents)).value = address
         return 0
 
     def write_buf(self, path: str, bufp: Any, offset: int, fh: Any) -> int:
