@@ -167,10 +167,12 @@ class BenchMount:
 
 
 @contextlib.contextmanager
-def trivial_fs(root: Path) -> Iterator[float]:
-    """Mount bench/trivialfs.py at `root`; yields the seconds from spawn to answering."""
+def trivial_fs(root: Path, pinned: bool = False) -> Iterator[float]:
+    """Mount bench/trivialfs.py at `root` (with pinned thread states if asked); yields the
+    seconds from spawn to answering."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "trivialfs.py"), str(root)],
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "trivialfs.py"), str(root),
+                             *(["--pinned"] if pinned else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while not fuse_mounted(root):

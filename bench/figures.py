@@ -153,6 +153,14 @@ def attribute_latency(n: int) -> list[Figure]:
             for label, rel in targets.items():
                 ours, floor = _interleaved(m.sys(rel), root / "sys" / rel, n)
                 out += _latency_figures(label, ours, floor, "trivial FUSE fs, same depth")
+        with trivial_fs(root, pinned=True):
+            # The same floor with vnvdimm's per-thread plumbing (pinned thread states): what
+            # the sysfs layer itself adds per attribute read.
+            ours, floor = _interleaved(m.sys("bus/nd/devices/region0/size"), root / "x", n)
+            med, lo, hi = median_minmax(ours)
+            out.append(Figure("attribute read, region0 size via /sys/bus/nd/devices, median, vs pinned floor", med,
+                              "us", median_minmax(floor)[0], "trivial FUSE fs with pinned thread states", lo, hi,
+                              target="reference"))
     real = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if real.exists():
         med, lo, hi = median_minmax(_latency(real, n))

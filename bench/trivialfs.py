@@ -4,7 +4,11 @@ and does nothing else. Any path whose last component is a known attribute name i
 every other path is a directory, so the floor can be measured at the same path depth as the
 vnvdimm attribute it is compared with (each component costs the kernel a lookup).
 
-    python bench/trivialfs.py MNT        # foreground; unmount with fusermount3 -u MNT
+    python bench/trivialfs.py MNT [--pinned]   # foreground; unmount with fusermount3 -u MNT
+
+As the binding comes, each callback from a libfuse thread creates and destroys a Python
+thread state; with --pinned each thread keeps its own, as vnvdimm's loop does
+(vnvdimm.fuse.ops.pin_thread_state): the floor for the same per-request plumbing.
 """
 
 from __future__ import annotations
@@ -45,11 +49,20 @@ class TrivialFs(fuse.Operations):
         return CONTENT[offset: offset + size]
 
 
+class PinnedLoop(fuse.FUSE):
+    def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        from vnvdimm.fuse.ops import pin_thread_state
+
+        pin_thread_state()
+        return super()._wrapper(func, *args, **kwargs)
+
+
 def main() -> None:
     from vnvdimm.fuse.ops import MOUNT_OPTIONS  # exactly vnvdimm's options: same kernel behaviour
 
-    fuse.FUSE(TrivialFs(), sys.argv[1], raw_fi=True, foreground=True, fsname="trivialfs", subtype="trivialfs",
-              **MOUNT_OPTIONS)
+    loop = PinnedLoop if "--pinned" in sys.argv[2:] else fuse.FUSE
+    loop(TrivialFs(), sys.argv[1], raw_fi=True, foreground=True, fsname="trivialfs", subtype="trivialfs",
+         **MOUNT_OPTIONS)
 
 
 if __name__ == "__main__":
