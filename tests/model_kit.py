@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
-from topologies import four_modes
+from topologies import four_modes, nfit
 
 from vnvdimm.model.base import Attr, BinAttr, Device, Group
 from vnvdimm.model.system import System
@@ -22,22 +22,7 @@ from vnvdimm.topology.platform import StateDir, boot, provision
 
 E820_FOUR = four_modes()
 
-NFIT_TWO = """\
-template = "nfit"
-[[dimm]]
-size = "128M"
-[[dimm]]
-size = "128M"
-[[dimm]]
-size = "128M"
-[[dimm]]
-size = "128M"
-[[region]]
-dimms = [0, 1]
-namespaces = [ { size = "64M", mode = "fsdax", map = "mem", name = "first" } ]
-[[region]]
-dimms = [2, 3]
-"""
+NFIT_TWO = nfit("128M 128M 128M 128M", "0,1: 64M fsdax mem name=first", "2,3", workers=None)
 
 
 class Machine:

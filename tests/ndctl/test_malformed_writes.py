@@ -20,24 +20,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mount_kit import E820_BUS, NFIT_BUS, diff, mounted, snapshot, sync_memmaps, write
-from topologies import four_modes
+from topologies import four_modes, nfit
 
 pytestmark = pytest.mark.ndctl
 
 EXAMPLES = 300
 M = 1 << 20
 E820 = four_modes(workers=1)
-NFIT = """\
-template = "nfit"
-[memmap]
-workers = 1
-[[dimm]]
-size = "128M"
-[[dimm]]
-size = "128M"
-[[region]]
-dimms = [0, 1]
-"""
+NFIT = nfit("128M 128M", "0,1", workers=1)
 NFIT_UUID = b"5e5e5e5e-0000-4000-8000-000000000001"
 
 

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 from model_kit import Machine
 from reliability_kit import WITH_VNVDIMM, alive
-from topologies import four_modes
+from topologies import four_modes, nfit
 
 from vnvdimm.model.namespace import Namespace, NamespacePmem
 from vnvdimm.model.personality import Btt, Dax, Personality, Pfn
@@ -49,23 +49,8 @@ MODEL_WRITES = 10_000
 
 E820 = four_modes()
 
-NFIT = """\
-template = "nfit"
-[[dimm]]
-size = "256M"
-[[dimm]]
-size = "256M"
-[[dimm]]
-size = "128M"
-[[dimm]]
-size = "128M"
-[[region]]
-dimms = [0, 1]
-namespaces = [ { size = "64M", mode = "fsdax", map = "dev" }, { size = "64M", mode = "devdax", map = "mem" },
-               { size = "32M", mode = "sector", sector_size = 512 } ]
-[[region]]
-dimms = [2, 3]
-"""
+NFIT = nfit("256M 256M 128M 128M", "0,1: 64M fsdax dev; 64M devdax mem; 32M sector sector_size=512", "2,3",
+            workers=None)
 
 TOPOLOGIES = {"e820": E820, "nfit": NFIT}
 

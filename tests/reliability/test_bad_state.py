@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from model_kit import Machine
 from reliability_kit import alive
+from topologies import nfit
 
 from vnvdimm.model.infoblock import DAX_SIG, INFO_BLOCK_OFFSET, PFN_SIG, PfnGeometry, PfnInfo, sb_checksum
 from vnvdimm.model.personality import Pfn
@@ -445,17 +446,8 @@ def test_platform_record_fuzz(tmp_path_factory, figures, doc: object) -> None:  
 # ---------------------------------------------------------------- label files
 
 
-NFIT = """\
-template = "nfit"
-[[dimm]]
-size = "128M"
-[[dimm]]
-size = "128M"
-[[region]]
-dimms = [0, 1]
-namespaces = [ { size = "64M", mode = "fsdax", map = "dev" }, { size = "32M", mode = "raw" },
-               { size = "64M", mode = "sector", sector_size = 4096 } ]
-"""
+NFIT_REGION = "0,1: 64M fsdax dev; 32M raw; 64M sector sector_size=4096"
+NFIT = nfit("128M 128M", NFIT_REGION, workers=None)
 
 
 @pytest.fixture(scope="module")
@@ -569,7 +561,7 @@ def test_bad_config_file_through_the_cli(make_mount, figures, content) -> None: 
 
 @pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00garbage", b""])
 def test_garbage_label_file_through_the_mount(make_mount, figures, content: bytes) -> None:  # type: ignore[no-untyped-def]
-    m = make_mount(NFIT.replace('template = "nfit"', 'template = "nfit"\n[memmap]\nworkers = 2'))
+    m = make_mount(nfit("128M 128M", NFIT_REGION, workers=2))
     m.umount()
     media = {p.name: digest(p) for p in m.state_dir.glob("*.media")}
     label = m.state_dir / "labels" / "nmem0.json"
