@@ -185,15 +185,7 @@ class Watchdog:
             pid = m.pid
             if pid is None or not alive(pid):
                 continue
-            log = m.state_dir / "vnvdimm.log"
-            size = log.stat().st_size if log.exists() else 0
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGUSR1)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and (log.stat().st_size if log.exists() else 0) == size:
-                time.sleep(0.05)
-            time.sleep(0.2)  # (the dump is written thread by thread)
-            stacks = log.read_bytes()[size:].decode(errors="replace") if log.exists() else ""
+            stacks = daemon_stacks(m)
             workers = children(pid)
             for victim in (pid, *workers):
                 with contextlib.suppress(ProcessLookupError):
@@ -205,6 +197,34 @@ class Watchdog:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def daemon_stacks(m: Mount) -> str:
+    """The thread stacks of the mount's daemon (SIGUSR1 makes it write them to vnvdimm.log)."""
+    pid = m.pid
+    if pid is None or not alive(pid):
+        return ""
+    log = m.state_dir / "vnvdimm.log"
+    size = log.stat().st_size if log.exists() else 0
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (log.stat().st_size if log.exists() else 0) == size:
+        time.sleep(0.05)
+    time.sleep(0.2)  # (the dump is written thread by thread)
+    return log.read_bytes()[size:].decode(errors="replace") if log.exists() else ""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A test that fails while mounts of its own are up reports what their daemons were doing
+    at that moment: a request that never returned shows there, not in the test's traceback."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if call.when == "call" and report.failed:
+        for m in list(LIVE_MOUNTS):
+            if stacks := daemon_stacks(m):
+                report.sections.append((f"daemon {m.pid} stacks ({m.root})", stacks[-8000:]))
 
 
 @pytest.fixture(autouse=True)

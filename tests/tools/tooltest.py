@@ -117,15 +117,29 @@ class PtyRun:
             self.read_for(0.1)
         self.read_for(0.2)
         if self.proc.poll() is None:
+            waiting = kernel_wait(self.proc.pid)
             self.proc.kill()
             self.proc.wait()
             os.close(self.master)
-            raise AssertionError(f"{self.proc.args} did not finish in {timeout} s; output: {self.output[-2000:]!r}")
+            raise AssertionError(f"{self.proc.args} did not finish in {timeout} s; {waiting}; "
+                                 f"output: {self.output[-2000:]!r}")
         os.close(self.master)
         return self.proc.returncode
 
     def interrupt(self) -> None:
         self.proc.send_signal(signal.SIGINT)
+
+
+def kernel_wait(pid: int) -> str:
+    """Where in the kernel a process sits (its wait channel and kernel stack, e.g. a FUSE
+    request the daemon has not answered), for the message of a test that found it stuck."""
+    parts = []
+    for name in ("wchan", "stack"):
+        try:
+            parts.append(f"{name}: {Path(f'/proc/{pid}/{name}').read_text().strip()!r}")
+        except OSError as e:
+            parts.append(f"{name}: {e.strerror}")
+    return ", ".join(parts)
 
 
 def strip_ansi(data: bytes) -> str:
