@@ -58,8 +58,6 @@ _libfuse.fuse_buf_copy.restype = ctypes.c_ssize_t
 _libc = ctypes.CDLL(None)
 _malloc = _libc.malloc
 _malloc.restype = ctypes.c_void_p
-_memcpy = _libc.memcpy
-_memcpy.restype = None
 _free = _libc.free
 _free.restype = None
 
@@ -95,6 +93,7 @@ def file_bufvec(fd: int, extents: Sequence[tuple[int, int]], address: int | None
 # struct fuse_bufvec with one memory buffer, packed in one go (count, idx, off; size, flags,
 # mem, fd, pos): setting the fields of a ctypes structure one by one cost several us a read.
 MEMORY_BUFVEC = struct.Struct("@NNNNiPiq")
+_MEMORY_BUFVEC_BYTES = ctypes.c_char * MEMORY_BUFVEC.size
 
 
 def memory_bufvec(data: bytes) -> int:
@@ -106,8 +105,9 @@ def memory_bufvec(data: bytes) -> int:
         _free(ctypes.c_void_p(address))
         _free(ctypes.c_void_p(mem))
         raise MemoryError
-    _memcpy(ctypes.c_void_p(mem), data, size)
-    _memcpy(ctypes.c_void_p(address), MEMORY_BUFVEC.pack(1, 0, 0, size, 0, mem, -1, 0), MEMORY_BUFVEC.size)
+    # written through ctypes arrays (a plain copy in C), not libc calls
+    (ctypes.c_char * size).from_address(mem).raw = data
+    _MEMORY_BUFVEC_BYTES.from_address(address).raw = MEMORY_BUFVEC.pack(1, 0, 0, size, 0, mem, -1, 0)
     return address
 
 
@@ -120,39 +120,144 @@ def pin_thread_state() -> None:
     A ctypes callback entered from a thread that Python did not start gets a thread state
     made for the call (PyGILState_Ensure) and destroyed on return (PyGILState_Release):
     every FUSE request paid for both, about half the daemon's CPU per attribute request.
-    One Ensure never released keeps the state; libfuse's loop threads live until unmount."""
+    One Ensure never released keeps the state. libfuse's loop threads live until unmount (its
+    idle threads are never destroyed unless `max_idle_threads` is set: it must not be, each
+    thread leaving would leave its state behind)."""
     if not getattr(_pinned, "held", False):
         ctypes.pythonapi.PyGILState_Ensure()
         _pinned.held = True
 
 
+# The callbacks that carry almost every request (an attribute read is OPEN, READ, RELEASE),
+# declared with plain pointers: the binding's own prototypes make a ctypes object of every
+# pointer argument and pass each call through three layers of Python.
+_OPEN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_READ_BUF = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64,
+                             ctypes.c_void_p)
+_RELEASE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_FH_OFFSET = fuse.fuse_file_info.fh.offset
+# libfuse's field -> (its prototype, the _Loop method answering it)
+_DIRECT_CALLBACKS: dict[str, tuple[Any, str]] = {
+    "open": (_OPEN, "_open"), "read_buf": (_READ_BUF, "_read_buf"), "release": (_RELEASE, "_release")}
+
+
 class _Loop(fuse.FUSE):
-    """The binding's loop (run by the constructor), with every callback on a pinned thread
-    state, and counted by operation when profiling (see profile.py)."""
+    """libfuse's loop over the operations, run by the constructor (as the binding's is).
+
+    Every callback runs on a pinned thread state and is counted by operation when profiling
+    (see profile.py). OPEN, READ and RELEASE come straight from libfuse to the operations
+    (the methods below); every other callback is the binding's, as its own constructor would
+    register it."""
 
     def __init__(self, ops: VnvdimmOperations, mountpoint: str, request_profile: RequestProfile | None,
                  **options: Any) -> None:
+        self.operations = ops
+        self.raw_fi = True
+        self.encoding, self.errors = "utf-8", "surrogateescape"
+        self.use_ns = True
+        self._libfuse2_options_moved_into_libfuse3_config: dict[str, Any] = {}
         self.profile = request_profile
-        super().__init__(ops, mountpoint, raw_fi=True, **options)
+        self._critical: BaseException | None = None
+        flags = [flag for key, flag in self.OPTIONS if options.pop(key, False)]
+        options.setdefault("fsname", type(ops).__name__)
+        args = [b"vnvdimm", *(f.encode() for f in flags), b"-o",
+                ",".join(self._normalize_fuse_options(**options)).encode(), mountpoint.encode()]
+        argv = (ctypes.c_char_p * len(args))(*args)
+        table = fuse.fuse_operations()
+        callbacks = []  # referenced until the loop ends
+        for name, prototype, *_ in fuse.fuse_operations._fields_:
+            if name in _DIRECT_CALLBACKS:
+                raw_type, method = _DIRECT_CALLBACKS[name]
+                callback = raw_type(self._timed(name, getattr(self, method)))
+                field = getattr(fuse.fuse_operations, name)
+                ctypes.c_void_p.from_address(ctypes.addressof(table) + field.offset).value = \
+                    ctypes.cast(callback, ctypes.c_void_p).value
+            else:
+                implemented = getattr(ops, name.removeprefix("f") if name in ("fgetattr", "ftruncate") else name, None)
+                if name != "init" and (implemented is None or getattr(implemented, "libfuse_ignore", False)):
+                    continue
+                wrapper = getattr(self, name + "_fuse_3", None) or getattr(self, name)
+                callback = prototype(functools.partial(self._wrapper, wrapper))
+                setattr(table, name, callback)
+            callbacks.append(callback)
+        err = fuse.fuse_main_real(len(args), argv, ctypes.pointer(table), ctypes.sizeof(table), None)
+        if self._critical is not None:
+            raise self._critical
+        if err:
+            raise RuntimeError(err)
 
-    def getattr_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
-        # The binding fills the struct field by field from getattr()'s dict (several us a
-        # call); a stat of the tree's nodes is copied in one piece instead.
-        if path is None:
-            return int(super().getattr_fuse_3(path, buf, fip))
-        image = self.operations.stat_image(path.decode(self.encoding, self.errors))
-        ctypes.memmove(buf, image, len(image))
-        return 0
+    def _timed(self, op: str, callback: Callable[..., int]) -> Callable[..., int]:
+        profile = self.profile
+        if profile is None:
+            return callback
+
+        def timed(*args: Any) -> int:
+            started = time.thread_time_ns()
+            try:
+                return callback(*args)
+            finally:
+                profile.record(op, time.thread_time_ns() - started)
+
+        return timed
 
     def _wrapper(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         pin_thread_state()
         if self.profile is None:
-            return super()._wrapper(func, *args, **kwargs)
+            try:
+                return func(*args, **kwargs) or 0
+            except BaseException as e:
+                return self._failed(func.__name__, e)
         started = time.thread_time_ns()
         try:
-            return super()._wrapper(func, *args, **kwargs)
+            return func(*args, **kwargs) or 0
+        except BaseException as e:
+            return self._failed(func.__name__, e)
         finally:
             self.profile.record(func.__name__.removesuffix("_fuse_3"), time.thread_time_ns() - started)
+
+    def _failed(self, op: str, exc: BaseException) -> int:
+        """The reply to a callback that raised (as the binding answers): an OSError's errno,
+        EINVAL for a bug (logged); anything else stops the loop and is raised once it ended."""
+        if op.startswith("init"):
+            raise exc
+        if isinstance(exc, OSError) and isinstance(exc.errno, int) and exc.errno > 0:
+            log.debug("%s: %s", op, exc)
+            return -exc.errno
+        if isinstance(exc, Exception):
+            log.exception("FUSE operation %s failed", op)
+            return -errno.EINVAL
+        self._critical = exc
+        log.critical("FUSE operation %s: %r, stopping", op, exc)
+        fuse.fuse_exit()
+        return -errno.EFAULT
+
+    # The direct callbacks: `fip` is the address of libfuse's struct fuse_file_info, `bufpp`
+    # of the struct fuse_bufvec pointer a read answers with.
+
+    def _open(self, path: bytes, fip: int) -> int:
+        pin_thread_state()
+        try:
+            return self.operations.open(path.decode(self.encoding, self.errors),  # type: ignore[no-any-return]
+                                        fuse.fuse_file_info.from_address(fip))
+        except BaseException as e:
+            return self._failed("open", e)
+
+    def _read_buf(self, path: int, bufpp: int, size: int, offset: int, fip: int) -> int:
+        pin_thread_state()
+        try:
+            address = self.operations.read_reply(ctypes.c_uint64.from_address(fip + _FH_OFFSET).value, size, offset)
+            ctypes.c_void_p.from_address(bufpp).value = address
+            return 0
+        except BaseException as e:
+            return self._failed("read_buf", e)
+
+    def _release(self, path: int, fip: int) -> int:
+        pin_thread_state()
+        try:
+            self.operations.close(ctypes.c_uint64.from_address(fip + _FH_OFFSET).value)
+            return 0
+        except BaseException as e:
+            return self._failed("release", e)
 
 
 class OpenDevice:
@@ -403,10 +508,10 @@ class VnvdimmOperations(fuse.Operations):
             raise fuse.FuseOSError(errno.ENXIO)
         return 0
 
-    def release(self, path: str, fh: Any) -> int:
+    def close(self, fh: int) -> None:
+        """RELEASE: the last close of an open file."""
         with self._fh_lock:
-            self._handles.pop(fh.fh, None)
-        return 0
+            self._handles.pop(fh, None)
 
     def _handle(self, fh: Any) -> OpenAttr | OpenDevice | KBin:
         obj = self._handles.get(fh.fh)
@@ -434,9 +539,10 @@ class VnvdimmOperations(fuse.Operations):
             return n
         raise fuse.FuseOSError(errno.EACCES)
 
-    def read_buf(self, path: str, bufpp: Any, size: int, offset: int, fh: Any) -> int:
-        """Every read: answered with a libfuse buffer (struct fuse_bufvec), not Python bytes."""
-        obj = self._handles.get(fh.fh)
+    def read_reply(self, fh: int, size: int, offset: int) -> int:
+        """Every read: answered with a libfuse buffer (struct fuse_bufvec, malloc()ed: its
+        address is returned and libfuse frees it), not Python bytes."""
+        obj = self._handles.get(fh)
         if isinstance(obj, OpenDevice):
             # The checks (and the memmap wait) here; the bytes are spliced by libfuse from
             # the media file's page cache into the reply once we return, GIL-free.
@@ -452,8 +558,7 @@ class VnvdimmOperations(fuse.Operations):
             address = memory_bufvec(obj.read(size, offset))
         else:
             raise fuse.FuseOSError(errno.EBADF)
-        ctypes.c_void_p.from_address(ctypes.addressof(bufpp.contents)).value = address
-        return 0
+        return address
 
     def write_buf(self, path: str, bufp: Any, offset: int, fh: Any) -> int:
         """Every write: taken from libfuse's buffer (a pipe when the kernel spliced it)."""
