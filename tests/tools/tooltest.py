@@ -71,6 +71,15 @@ def release_memmap(m: Any, dev: str) -> None:
     (nd_dir(m, dev) / "memmap" / "pause_at").write_text("1000\n")
 
 
+def _as_a_terminal_job() -> None:
+    """In the child: ^C (SIGINT) and ^\\ (SIGQUIT) act as they do for a job started from a
+    terminal. Dispositions set to 'ignore' survive exec, and a test run started in the
+    background of a non-interactive shell (nohup, `cmd &`) has both ignored: a program
+    started from there could never be interrupted."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 class PtyRun:
     """A command on a pseudo-terminal (120x40): everything it printed, and its exit status."""
 
@@ -79,7 +88,8 @@ class PtyRun:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         self.master = master
         self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
-                                     env=env or clean_env(TERM="xterm-256color"), start_new_session=True)
+                                     env=env or clean_env(TERM="xterm-256color"), start_new_session=True,
+                                     preexec_fn=_as_a_terminal_job)
         os.close(slave)
         self.output = b""
 
