@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vnvdimm.mounts import describe, is_mounted, stop_mount
+
 REPO = Path(__file__).resolve().parent.parent
 WITH_VNVDIMM = REPO / "mountscripts" / "with-vnvdimm"
 VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
@@ -94,11 +96,6 @@ def spread(samples: list[float]) -> tuple[float, float, float]:
 # ---------------------------------------------------------------- mounts
 
 
-def fuse_mounted(path: Path) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == str(path) for line in f if len(line.split()) > 1)
-
-
 class BenchMount:
     """A vnvdimm mount in a temp dir: `with BenchMount(toml) as m:` ... always unmounted."""
 
@@ -138,10 +135,12 @@ class BenchMount:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def umount(self) -> None:
-        if fuse_mounted(self.root):
-            subprocess.run([*VNVDIMM, "umount", str(self.root)], capture_output=True, timeout=120)
-        if fuse_mounted(self.root):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.root)], capture_output=True)
+        pid = None
+        with contextlib.suppress(OSError, ValueError):
+            pid = self.daemon_pid()
+        busy = stop_mount(self.root, pid)
+        if busy:
+            raise RuntimeError(f"{self.root}: still in use after the benchmark:" + describe(busy))
 
     def __enter__(self) -> BenchMount:
         self.mount()
@@ -175,7 +174,7 @@ def trivial_fs(root: Path, pinned: bool = False) -> Iterator[float]:
                              *(["--pinned"] if pinned else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while not fuse_mounted(root):
+        while not is_mounted(root):
             if proc.poll() is not None:
                 raise RuntimeError("trivialfs did not mount")
             time.sleep(0.001)

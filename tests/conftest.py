@@ -20,7 +20,7 @@ import pytest
 from mount_kit import TEST_USERS, WITH_VNVDIMM, alive, children, fuse_mounts_under, memfds
 from topologies import SMALL_E820, SMALL_NFIT
 
-from vnvdimm.daemon import stop_mount
+from vnvdimm.mounts import describe, lazy_unmount, stop_mount
 
 REPO = Path(__file__).resolve().parent.parent
 VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
@@ -54,10 +54,13 @@ class Mount:
         return res
 
     def umount(self) -> None:
-        stop_mount(self.root, self.pid)
+        """Unmount by `vnvdimm umount`'s rules: a mount with device files still in use is only
+        detached (its daemon serves them until they are closed) and fails the test."""
+        busy = stop_mount(self.root, self.pid)
         self.pid = None
         if self in LIVE_MOUNTS:
             LIVE_MOUNTS.remove(self)
+        assert not busy, f"{self.root}: device files still in use at teardown (detached):" + describe(busy)
 
     def is_mounted(self) -> bool:
         return str(self.root) in fuse_mounts_under(self.root)
@@ -116,8 +119,13 @@ def make_mount(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
     try:
         yield factory
     finally:
+        errors = []
         for m in made:
-            m.umount()
+            try:
+                m.umount()
+            except AssertionError as e:
+                errors.append(str(e))
+        assert not errors, "\n".join(errors)
 
 
 @pytest.fixture
@@ -150,7 +158,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                 daemons.append(pid)
     if leftovers or daemons:
         for m in leftovers:
-            subprocess.run(["fusermount3", "-u", "-z", m], capture_output=True)
+            lazy_unmount(m)
         print(f"\nvnvdimm tests left behind: mounts {leftovers}, daemons {daemons}", file=sys.stderr)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from topologies import SMALL_E820  # noqa: F401 (tests take it from here too)
 
+from vnvdimm.mounts import fuse_mounts_under, process_alive  # noqa: F401 - the tests take them from here
+
 TESTS = Path(__file__).resolve().parent
 # The users the tests created (name -> uid), for the leak check: each must be gone after its
 # test, and hold no keys.
@@ -29,11 +31,6 @@ WITH_VNVDIMM = TESTS.parent / "mountscripts" / "with-vnvdimm"
 
 def have_ndctl() -> bool:
     return shutil.which("ndctl") is not None and shutil.which("daxctl") is not None
-
-
-def fuse_mounts_under(prefix: Path) -> list[str]:
-    with open("/proc/self/mounts") as f:
-        return [p[1] for p in (line.split() for line in f) if p[2].startswith("fuse") and p[1].startswith(str(prefix))]
 
 
 def root_conftest(config: pytest.Config) -> ModuleType:
@@ -239,13 +236,7 @@ def memmap_state(root: Path | str, dev: str) -> str:
 # ---------------------------------------------------------------- processes
 
 
-def alive(pid: int) -> bool:
-    """True while pid runs (a zombie has exited)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][:1] not in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
+alive = process_alive  # True while pid runs (a zombie has exited)
 
 
 def children(pid: int) -> list[int]:

@@ -7,11 +7,18 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from vnvdimm.topology.config import ConfigError, load_config
-from vnvdimm.topology.platform import default_state_dir
-
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "umount":
+        # Without the model's imports: an unmount under load should not wait for them.
+        p = argparse.ArgumentParser(prog="vnvdimm umount", description=UMOUNT_DESCRIPTION)
+        add_umount_arguments(p)
+        return _umount(p.parse_args(argv[1:]))
+
+    from vnvdimm.topology.config import ConfigError, load_config
+    from vnvdimm.topology.platform import default_state_dir
+
     parser = argparse.ArgumentParser(prog="vnvdimm", description="Emulated Linux persistent memory over FUSE")
     parser.add_argument("--version", action="version", version=f"vnvdimm {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -25,12 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-other", action="store_true", help="let other users see the mount (-o allow_other)")
     p.add_argument("--workers", type=int, help="memmap worker processes (default: config, else CPU count)")
 
-    p = sub.add_parser("umount", help="unmount MNT and wait for its daemon to exit")
-    p.add_argument("mountpoint", metavar="MNT", type=Path)
+    p = sub.add_parser("umount", help="unmount MNT and wait for its daemon to exit", description=UMOUNT_DESCRIPTION)
+    add_umount_arguments(p)
 
     add_tool_commands(sub)
 
-    argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in TOOL_COMMANDS:
         # Options may follow the devices (`wait MNT dax1.0 --timeout 5`).
         tool_args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
@@ -56,9 +62,6 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
         )
         return daemon.mount(opts)
-    if args.command == "umount":
-        # Resolve the parent only: stat()ing the mount point itself would hang on a stuck daemon.
-        return daemon.umount(args.mountpoint.absolute().parent.resolve() / args.mountpoint.name)
     return 2
 
 
@@ -67,6 +70,29 @@ def package_version() -> str:
         return version("vnvdimm")
     except PackageNotFoundError:
         return "(not installed: run from a source tree)"
+
+
+UMOUNT_DESCRIPTION = ("Unmount MNT and wait for its daemon to exit. A mount whose device files are open, mapped "
+                      "or behind a loop device is refused (exit 1), naming them and the processes; nothing is "
+                      "changed.")
+
+
+def add_umount_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("mountpoint", metavar="MNT", type=Path)
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("-l", "--lazy", action="store_true",
+                     help="detach now (like umount -l); the daemon serves the open files until they are closed, "
+                          "then exits")
+    how.add_argument("-f", "--force", action="store_true",
+                     help="stop the daemon even under open files: names what it breaks (their I/O fails)")
+
+
+def _umount(args: argparse.Namespace) -> int:
+    from vnvdimm import mounts
+
+    # Resolve the parent only: stat()ing the mount point itself would hang on a stuck daemon.
+    mode = "lazy" if args.lazy else "force" if args.force else "normal"
+    return mounts.umount(args.mountpoint.absolute().parent.resolve() / args.mountpoint.name, mode)
 
 
 def add_tool_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -4,30 +4,38 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import faulthandler
 import fcntl
-import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from vnvdimm.fuse import fusermount
+from vnvdimm.mounts import (
+    DETACH_SIGNALS,
+    FORCE_SIGNAL,
+    daemon_pid,
+    fuse_mounts,
+    is_dead_mount,
+    is_mounted,
+    lazy_unmount,
+    mount_record,
+    mount_table,
+)
 from vnvdimm.topology import safe_dir
 from vnvdimm.topology.config import ConfigError, TopologyConfig
 from vnvdimm.topology.modules import PlatformModules
-from vnvdimm.topology.platform import Platform, StateDir, boot, provision
+from vnvdimm.topology.platform import Platform, StateDir, boot, power_off, provision, sync_media
 
 if TYPE_CHECKING:
+    from vnvdimm.fuse.ops import VnvdimmOperations
     from vnvdimm.model.system import System
 
 log = logging.getLogger("vnvdimm")
@@ -38,56 +46,6 @@ class MountError(RuntimeError):
 
 
 # ---------------------------------------------------------------- mount bookkeeping
-
-
-def runtime_dir() -> Path:
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    base = xdg or ("/run" if os.geteuid() == 0 else f"/tmp/vnvdimm-{os.getuid()}")
-    path = Path(base) / "vnvdimm"
-    # Private, as the state dir: /tmp/vnvdimm-UID is a name anyone can take first, and a
-    # link planted in it would choose which file a mount record overwrites.
-    for directory in (path,) if xdg or os.geteuid() == 0 else (path.parent, path):
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            safe_dir.check_entry(os.lstat(directory), directory)
-        except safe_dir.UnsafeStateDir as e:
-            raise MountError(str(e)) from None
-    return path
-
-
-def mount_record(mountpoint: Path) -> Path:
-    key = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
-    return runtime_dir() / f"mount-{key}.json"
-
-
-def fuse_mounts() -> dict[str, str]:
-    """Mount points of FUSE file systems in this mount namespace -> fs type."""
-    out = {}
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 3 and parts[2].startswith("fuse"):
-                out[parts[1].replace("\\040", " ")] = parts[2]
-    return out
-
-
-def is_dead_mount(path: Path) -> bool:
-    try:
-        # statfs, not stat: the kernel answers stat() from its attribute cache even when the
-        # daemon is gone; statfs always asks the daemon.
-        os.statvfs(path)
-    except OSError as e:
-        # ENOTCONN: "Transport endpoint is not connected"; ECONNABORTED: the same, seen by a
-        # request that was in flight while the daemon was dying (a mount right after a kill).
-        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-    return False
-
-
-def lazy_unmount(path: Path) -> None:
-    if shutil.which("fusermount3"):
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False, capture_output=True)
-    if str(path) in fuse_mounts():
-        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
 
 
 def check_mountpoint(mountpoint: Path, allow_other: bool = False) -> None:
@@ -106,6 +64,16 @@ def check_mountpoint(mountpoint: Path, allow_other: bool = False) -> None:
         raise MountError(f"{mountpoint}: not a directory: mount on a directory")
     if str(mountpoint) in fuse_mounts() or os.path.ismount(mountpoint):
         raise MountError(f"{mountpoint}: already a mount point (busy); unmount it first")
+    try:
+        earlier = daemon_pid(mountpoint)
+    except safe_dir.UnsafeStateDir as e:
+        raise MountError(str(e)) from None
+    if earlier is not None:
+        # Detached lazily, still serving open files: a new mount here would be taken down by
+        # that daemon's exit (libfuse unmounts its mount point by path when its loop ends).
+        raise MountError(f"{mountpoint}: the daemon of an earlier mount here (pid {earlier}) still serves files "
+                         "that were open when it was unmounted; close them (or `vnvdimm umount --force "
+                         f"{mountpoint}`) first")
     with contextlib.suppress(OSError), os.scandir(mountpoint) as entries:
         if any(True for _ in entries):
             print(f"vnvdimm: warning: {mountpoint} is not empty; its files are hidden while mounted",
@@ -186,14 +154,14 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
     lock.update_pid()
     setup_logging(state, opts.verbose, opts.foreground)
     workers = opts.workers if opts.workers is not None else platform.memmap.workers
-    # Termination signals are taken by a thread of ours, not by libfuse's handlers: blocked
-    # readers must be woken (their jobs cancelled) before the loop may stop its threads. So
-    # they are blocked before the first thread exists (the engine's start threads, and every
-    # thread inherits the mask of its creator): a process signal is delivered to any thread
-    # that does not block it, and libfuse's handler run there stopped the loop with every
-    # blocked reader still waiting, leaving the mount hung. (Forked workers inherit the mask
-    # too: they exit when the daemon tells them or dies, not on SIGTERM.)
-    signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING_SIGNALS)
+    # Stop requests are taken by a thread of ours, not by libfuse's handlers: blocked readers
+    # must be woken (their jobs cancelled) before the loop may stop its threads, and open
+    # device files decide between detaching and stopping. So the signals are blocked before
+    # the first thread exists (the engine's start threads, and every thread inherits the mask
+    # of its creator): a process signal is delivered to any thread that does not block it.
+    # (Forked workers inherit the mask too: they exit when the daemon tells them or dies.)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    signal.signal(WAKE_SIGNAL, lambda signum, frame: None)
     engine = MemmapEngine(workers=workers)
     engine.start()  # fork the workers now, before any thread exists
     # `kill -USR1 <daemon>` writes the stack of every thread into the log: what a hung call
@@ -204,10 +172,9 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
     machine = boot(platform, state, engine, platform.memmap)
     system = machine.system
     system.modules = PlatformModules(platform, state, system)
+    teardown: Teardown | None = None
     try:
         tree = Tree(system)
-        teardown = Teardown(system, opts.mountpoint)
-        threading.Thread(target=teardown.on_signals, name="vnvdimm-signals", daemon=True).start()
 
         def ready() -> None:
             # The loop answers once init ran; make sure a lookup goes through, then tell the parent.
@@ -218,10 +185,8 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
                 except OSError:
                     time.sleep(0.01)
             raise_readahead(str(opts.mountpoint))
-            fd = safe_dir.open_private(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps({"pid": os.getpid(), "state_dir": str(state.path),
-                                    "mountpoint": str(opts.mountpoint)}))
+            assert teardown is not None
+            teardown.write_record()
             log.info("mounted %s (state %s)", opts.mountpoint, state.path)
             if ready_fd is not None:
                 with contextlib.suppress(OSError):
@@ -230,65 +195,171 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
 
         def on_ready() -> None:
             ready()
+            assert teardown is not None
             teardown.watch_mount()
 
         ops = VnvdimmOperations(tree, on_ready=on_ready)
+        teardown = Teardown(system, opts.mountpoint, ops, state, record, stacks)
+        ops.on_device_release = teardown.device_released
+        threading.Thread(target=teardown.on_signals, name="vnvdimm-signals", daemon=True).start()
         serve(ops, str(opts.mountpoint), allow_other=opts.allow_other, debug=opts.verbose >= 3)
         log.info("unmounted %s", opts.mountpoint)
         return 0
     finally:
+        if teardown is not None:
+            teardown.loop_done.set()
+            teardown.quiesce()
         machine.close()
         with contextlib.suppress(FileNotFoundError):
             record.unlink()
 
 
-TERMINATING_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+#: Interrupts the FUSE loop's main thread (a handler that does nothing) so that it sees the
+#: loop was told to end: libfuse's main thread sleeps until a loop thread reports the end of
+#: the connection, which never comes while files are still open on a detached mount.
+WAKE_SIGNAL = signal.SIGURG
+STOP_SIGNALS = {*DETACH_SIGNALS, FORCE_SIGNAL}
+#: After a stop, the loop ends once every thread has left our handlers (quiesced: promptly).
+#: Should one not, the daemon still exits after this long (stacks in the log), its media synced.
+LOOP_EXIT_GRACE_S = 3.0
 
 
 class Teardown:
-    """Stopping the daemon cleanly whatever the trigger (SIGTERM/SIGINT/SIGHUP, `umount`,
-    `fusermount3 -u [-z]`): first every job is cancelled and every device closed, so readers
-    blocked on a cold device get an error instead of waiting, then the mount goes away and
-    the FUSE loop ends once the kernel drops the connection."""
+    """Stopping the daemon whatever the trigger, without losing data and without a request
+    left waiting.
 
-    def __init__(self, system: System, mountpoint: Path) -> None:
+    Detach (`umount`, `umount -l`, `fusermount3 -u [-z]`, SIGTERM/SIGINT/SIGHUP): the mount
+    leaves the tree; while device files are still open (a process, a mapping, a loop device),
+    the daemon keeps serving them, and stops when the last one is closed. Stop (that moment,
+    or at once for `umount --force` = SIGUSR2): every memmap job is cancelled and every device
+    closed, so requests in flight return (an error for readers of blocks not initialized), the
+    media are synced, and the FUSE loop is told to end and its main thread woken: the loop
+    then ends as soon as its threads have left our handlers, whether files are open or not.
+    """
+
+    def __init__(self, system: System, mountpoint: Path, ops: VnvdimmOperations, state: StateDir,
+                 record: Path, stacks: TextIO) -> None:
         self.system = system
         self.mountpoint = mountpoint
-        self._done = threading.Event()
+        self.ops = ops
+        self.state = state
+        self.record = record
+        self.stacks = stacks
+        self.main_thread = threading.get_ident()  # the thread that runs the FUSE loop
+        self.loop_done = threading.Event()
+        self._lock = threading.Lock()
+        self._detached = False
+        self._stopping = False
+        self._quiesce_lock = threading.Lock()
+        self._quiesced = False
 
-    def quiesce(self, why: str) -> None:
-        if self._done.is_set():
-            return
-        self._done.set()
-        log.info("stopping: %s", why)
-        # Every memmap job is cancelled at once (closing the engine), then the devices go.
-        # Cancelling job after job (each device's unbind) waited, for each job, until every
-        # worker had left it, and a worker in the middle of a run of another job only
-        # answered at the end of that run (or when killed, 0.8 s later).
-        if self.system.engine is not None:
-            self.system.engine.close()
-        self.system.shutdown()
+    def write_record(self, serving: list[str] | None = None) -> None:
+        doc: dict[str, object] = {"pid": os.getpid(), "state_dir": str(self.state.path),
+                                  "mountpoint": str(self.mountpoint)}
+        if serving:
+            doc["serving"] = serving
+        tmp = self.record.with_suffix(".tmp")
+        with os.fdopen(safe_dir.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
+            f.write(json.dumps(doc))
+        tmp.replace(self.record)
 
     def on_signals(self) -> None:
-        signum = signal.sigwait(TERMINATING_SIGNALS)
-        self.quiesce(f"signal {signal.Signals(signum).name}")
-        lazy_unmount(self.mountpoint)
+        while True:
+            signum = signal.sigwait(STOP_SIGNALS)
+            name = signal.Signals(signum).name
+            if signum == FORCE_SIGNAL:
+                self.stop(f"signal {name} (umount --force)")
+                return
+            self.detach(f"signal {name}")
+
+    def detach(self, why: str) -> None:
+        """Leave the tree; stop now if no device file is open, else when the last one closes."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._detached = True
+        if is_mounted(self.mountpoint):
+            lazy_unmount(self.mountpoint)
+        busy = self.ops.open_devices()
+        if not busy:
+            self.stop(why)
+            return
+        serving = [f"{path} (pid {pid})" for path, pid in busy]
+        log.warning("%s: detached; serving %d open device file(s) until they are closed: %s", why, len(busy),
+                    ", ".join(serving))
+        with contextlib.suppress(OSError):
+            self.write_record(serving)
+        self.device_released()  # the last one may have gone while we looked
+
+    def device_released(self) -> None:
+        """Called from a loop thread: it must not wait for the loop to end."""
+        with self._lock:
+            due = self._detached and not self._stopping and not self.ops.open_devices()
+        if due:
+            threading.Thread(target=self.stop, args=("the last open device file was closed",),
+                             name="vnvdimm-stop", daemon=True).start()
+
+    def stop(self, why: str) -> None:
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+        busy = self.ops.open_devices()
+        if busy:
+            log.warning("stopping: %s; breaking open device files (their I/O fails from now on): %s", why,
+                        ", ".join(f"{path} (pid {pid})" for path, pid in busy))
+        else:
+            log.info("stopping: %s", why)
+        self.quiesce()
+        if is_mounted(self.mountpoint):
+            lazy_unmount(self.mountpoint)
+        self.end_loop()
+
+    def quiesce(self) -> None:
+        """Cancel every memmap job and close every device (requests in flight return), then
+        sync the media. Once, whoever asks first (a stop, or the loop's end)."""
+        with self._quiesce_lock:
+            if self._quiesced:
+                return
+            self._quiesced = True
+            power_off(self.system)
+
+    def end_loop(self) -> None:
+        """Tell libfuse's loop to end and wake its main thread until it has (a signal sent
+        just before it goes to sleep would be lost, so it is repeated)."""
+        deadline = time.monotonic() + LOOP_EXIT_GRACE_S
+        while not self.loop_done.is_set():
+            if not self.ops.exit_loop():
+                return  # the loop is over (libfuse destroyed its handle)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pthread_kill(self.main_thread, WAKE_SIGNAL)
+            if self.loop_done.wait(0.1):
+                return
+            if time.monotonic() > deadline:
+                log.error("the FUSE loop did not end %.0f s after the stop; stacks of every thread follow; exiting",
+                          LOOP_EXIT_GRACE_S)
+                faulthandler.dump_traceback(file=self.stacks, all_threads=True)
+                self.stacks.flush()
+                sync_media(self.system)
+                with contextlib.suppress(OSError):
+                    self.record.unlink()
+                logging.shutdown()
+                os._exit(1)
 
     def watch_mount(self) -> None:
-        """Wake on every mount-table change (poll on /proc/self/mounts) until ours is gone."""
+        """Wake on every mount-table change (poll on /proc/self/mountinfo) until ours is gone."""
         import select
 
-        with open("/proc/self/mounts", "rb") as f:
+        with open("/proc/self/mountinfo", "rb") as f:
             p = select.poll()
             p.register(f, select.POLLERR | select.POLLPRI)
-            while not self._done.is_set():
-                f.seek(0)
-                mounted = any(line.split()[1].decode(errors="replace") == str(self.mountpoint)
-                              for line in f.read().splitlines() if len(line.split()) > 1)
-                if not mounted:
-                    self.quiesce("unmounted")
+            while not self._detached and not self._stopping:
+                if not any(e.mountpoint == str(self.mountpoint) for e in mount_table()):
+                    self.detach("unmounted")
                     return
                 p.poll(1000)
+                f.seek(0)
+                f.read()
 
 
 def mount(opts: MountOptions) -> int:
@@ -368,63 +439,3 @@ def _wait_ready(rfd: int, pid: int) -> tuple[str, int | None]:
     finally:
         os.close(rfd)
     return buf.decode(errors="replace"), None
-
-
-def process_alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie waiting for its parent to reap it has exited)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][:1] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
-def stop_mount(mountpoint: Path, pid: int | None, timeout: float = 10.0) -> None:
-    """Make sure a mount and its daemon are gone, whatever state they are in: `umount`, then a
-    lazy detach if it is still there, then SIGKILL of the daemon's process group (its workers)
-    if it has not exited within `timeout`. For test beds and test fixtures."""
-    if str(mountpoint) in fuse_mounts():
-        subprocess.run([sys.executable, "-m", "vnvdimm.cli", "umount", str(mountpoint)],
-                       capture_output=True, timeout=60)
-    if str(mountpoint) in fuse_mounts():
-        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, timeout=30)
-    if pid is None or pid <= 0:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process_alive(pid):
-        time.sleep(0.02)
-    if process_alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-
-
-def umount(mountpoint: Path, timeout: float = 10.0) -> int:
-    try:
-        record = mount_record(mountpoint)
-    except MountError as e:
-        print(f"vnvdimm: {e}", file=sys.stderr)
-        return 1
-    pid = None
-    with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
-        pid = int(json.loads(record.read_text())["pid"])
-    if str(mountpoint) not in fuse_mounts():
-        print(f"vnvdimm: {mountpoint}: not mounted", file=sys.stderr)
-        return 1
-    res = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
-    if res.returncode != 0:
-        # Busy (open files, readers blocked on a cold device): detach it. The daemon sees its
-        # mount go, cancels every memmap job and closes every device, so blocked readers get
-        # an error, their files close, and the kernel releases the connection.
-        res = subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, text=True)
-    if res.returncode != 0:
-        print(f"vnvdimm: {mountpoint}: {res.stderr.strip() or 'unmount failed'}", file=sys.stderr)
-        return 1
-    if pid is not None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and process_alive(pid):
-            time.sleep(0.01)
-        if process_alive(pid):
-            print(f"vnvdimm: daemon {pid} did not exit in {timeout:.0f} s; killing it", file=sys.stderr)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    return 0

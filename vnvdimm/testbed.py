@@ -47,9 +47,9 @@ from typing import Any
 
 from vnvdimm import client
 from vnvdimm import wait as wait_mod
-from vnvdimm.daemon import stop_mount
 from vnvdimm.fuse import fusermount
 from vnvdimm.model.labels import write_atomically
+from vnvdimm.mounts import Holder, describe, is_mounted, stop_mount
 from vnvdimm.topology.config import ConfigError, parse_config
 from vnvdimm.topology.platform import Platform, StateDir
 
@@ -248,7 +248,7 @@ class Testbed:
         """Add an e820 region with one namespace in `mode`. On a started test bed this is a
         reboot with one more region plugged in: the platform is unmounted and mounted again
         with the new region after the others (their media, modes and data are kept; memmaps
-        start over and open files of the old mount are gone)."""
+        start over). Device files must be closed first (TestbedError otherwise)."""
         if self.topology is None:
             raise TestbedError("add_region() needs the topology as a dict")
         if self.topology.get("template", "e820") != "e820":
@@ -269,7 +269,10 @@ class Testbed:
         The platform record (what the firmware tables say) is rewritten from the topology;
         regions already there keep their place, so their media still fit."""
         assert self.dir is not None
-        self._unmount()
+        busy = self._unmount()
+        if busy:
+            raise TestbedError(f"{self.root}: cannot reboot with device files in use; detached, the daemon serves "
+                               "them until they are closed:" + describe(busy))
         try:
             platform = Platform.from_config(parse_config(tomllib.loads(self.toml), "the test bed's topology"))
         except ConfigError as e:
@@ -346,25 +349,37 @@ class Testbed:
         with contextlib.suppress(OSError, ValueError, IndexError):
             self.pid = int((self.state_dir / "lock").read_text().split()[0])
 
-    def _unmount(self) -> None:
-        stop_mount(self.root, self.pid)
+    def _unmount(self) -> list[Holder]:
+        busy = stop_mount(self.root, self.pid)
         self.pid = None
+        return busy
 
     def stop(self) -> None:
-        """Unmount, make sure the daemon and its workers are gone, remove the files. Idempotent."""
+        """Unmount, make sure the daemon and its workers are gone, remove the files. Idempotent.
+
+        By `vnvdimm umount`'s rules: if device files are still in use (a process of the test
+        still has one open or mapped, a loop device is still attached to one), nothing is
+        killed: the mount is detached, its daemon serves those files until they are closed,
+        the temporary directory (with the media) is kept, and TestbedError names them."""
         if self.dir is None:
             return
+        busy: list[Holder] = []
+        root = self.root
         try:
-            self._unmount()
+            busy = self._unmount()
         finally:
             self.pid = None
             _LIVE.discard(self)
-            self._cleanup_dir()
+            if busy:
+                kept, self.dir = self.dir, None
+            else:
+                self._cleanup_dir()
+        if busy:
+            raise TestbedError(f"{root}: device files still in use at teardown; detached, the daemon serves "
+                               f"them until they are closed (files kept in {kept}):" + describe(busy))
 
     def _mounted(self) -> bool:
-        root = str(self.root)
-        with open("/proc/self/mounts") as f:
-            return any(line.split()[1] == root for line in f)
+        return is_mounted(self.root)
 
     def _cleanup_dir(self) -> None:
         if self.dir is not None and self._own_dir and not self._mounted():

@@ -201,10 +201,10 @@ def test_kill_during_write_stream(make_mount, figures, shm_unchanged, how: str) 
 def test_a_dying_mount_counts_as_dead(monkeypatch, tmp_path, code: int) -> None:  # type: ignore[no-untyped-def]
     """A mount point stat'ed while its daemon is being killed answers ECONNABORTED (the request
     was in flight), once it is dead ENOTCONN: both are cleaned up by the next mount."""
-    from vnvdimm import daemon
+    from vnvdimm import mounts
 
     def statvfs(path, *args, **kwargs):  # type: ignore[no-untyped-def]
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(daemon.os, "statvfs", statvfs)
-    assert daemon.is_dead_mount(tmp_path)
+    monkeypatch.setattr(mounts.os, "statvfs", statvfs)
+    assert mounts.is_dead_mount(tmp_path)

@@ -20,6 +20,8 @@ import pytest
 from mount_kit import TEST_USERS
 from reliability_kit import SMALL, e820
 
+from vnvdimm.mounts import fuse_mounts_under, lazy_unmount, mount_entry
+
 PFN = "sys/bus/nd/devices/pfn0.1"
 R0 = "sys/bus/nd/devices/region0"
 NS0 = "sys/bus/nd/devices/namespace0.0"
@@ -70,10 +72,8 @@ def open_dir():  # type: ignore[no-untyped-def]
     try:
         yield path
     finally:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                if line.split()[1].startswith(str(path)):  # never let rmtree walk into a mount
-                    subprocess.run(["fusermount3", "-u", "-z", line.split()[1]], capture_output=True)
+        for mount in fuse_mounts_under(path):  # never let rmtree walk into a mount
+            lazy_unmount(mount)
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -94,12 +94,9 @@ def as_user(user: str, script: str) -> subprocess.CompletedProcess[str]:
 
 
 def options(m) -> set[str]:  # type: ignore[no-untyped-def]
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if parts[1] == str(m.root):
-                return set(parts[3].split(","))
-    raise AssertionError(f"{m.root} not mounted")
+    entry = mount_entry(m.root)
+    assert entry is not None, f"{m.root} not mounted"
+    return set(entry.options)
 
 
 def test_modes_and_owners_are_the_kernels(mnt, figures) -> None:  # type: ignore[no-untyped-def]

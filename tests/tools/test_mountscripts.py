@@ -16,7 +16,7 @@ import pytest
 from mount_kit import memmap_state
 from tooltest import SCRIPTS, SLOW_E820, clean_env, hold_memmap, holder, memmap_progress, release_memmap
 
-from vnvdimm.daemon import process_alive
+from vnvdimm.mounts import mount_entry, process_alive, wait_exit
 
 WAIT = SCRIPTS / "vnvdimm-wait-memmap"
 HELPER = SCRIPTS / "mount.fuse.vnvdimm"
@@ -42,19 +42,12 @@ def vnvdimm_wrapper(tmp_path: Path) -> Path:
 
 
 def fuse_mounted(path: Path) -> str | None:
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if parts[1] == str(path):
-                return parts[2]
-    return None
+    entry = mount_entry(path)
+    return entry.fstype if entry else None
 
 
 def wait_gone(pid: int, timeout: float = 15) -> bool:
-    deadline = time.monotonic() + timeout
-    while process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not process_alive(pid)
+    return wait_exit(pid, timeout)
 
 
 @pytest.mark.parametrize("script", [WAIT, HELPER, INSTALL, WITH])

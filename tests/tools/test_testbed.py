@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from tooltest import clean_env
 
+from vnvdimm.mounts import is_mounted, process_alive, wait_exit
 from vnvdimm.testbed import Testbed, TestbedError, to_toml
 
 SMALL_TOML = """\
@@ -23,14 +24,6 @@ workers = 1
 size = "256M"
 namespace = { mode = "devdax", map = "mem", align = "2M" }
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][:1] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def children_of(pid: int) -> list[int]:
@@ -44,11 +37,6 @@ def children_of(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 pass
     return out
-
-
-def mounted(path: Path) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == str(path) for line in f)
 
 
 def test_topologies_dict_toml_and_file(tmp_path) -> None:
@@ -149,14 +137,39 @@ def test_teardown_leaves_nothing(tmp_path) -> None:
         pid = tb.pid
         root, directory = tb.root, tb.dir
         workers = children_of(pid)
-        assert len(workers) == 2 and mounted(root)
+        assert len(workers) == 2 and is_mounted(root)
         raise RuntimeError("test failed")
-    assert not mounted(root)
-    assert not alive(pid) and not any(alive(w) for w in workers)
+    assert not is_mounted(root)
+    assert not process_alive(pid) and not any(process_alive(w) for w in workers)
     assert not directory.exists()
     tb.stop()  # idempotent
     with pytest.raises(TestbedError, match="not started"):
         tb.root  # noqa: B018
+
+
+def test_teardown_under_an_open_device_file_kills_nothing(tmp_path) -> None:
+    """By `vnvdimm umount`'s rules: a device file still open at teardown (inside the emulated
+    namespace here) is served until it is closed; stop() names it and keeps the files."""
+    tb = Testbed(SMALL_TOML, base_dir=tmp_path).start()
+    pid, directory = tb.pid, tb.dir
+    service = tb.spawn(["python3", "-c", "import os, sys; fd = os.open('/dev/dax0.0', os.O_RDWR); "
+                        "print('open', flush=True); sys.stdin.readline(); os.pwrite(fd, b'last words', 0)"],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert service.stdout is not None and service.stdout.readline() == "open\n"
+        with pytest.raises(TestbedError, match=r"/dev/dax0.0: open by pid \d+"):
+            tb.stop()
+        assert process_alive(pid) and directory is not None and directory.exists()
+        service.communicate("go\n", timeout=30)
+        assert service.returncode == 0  # its write after the teardown was still served
+        assert wait_exit(pid, 10), "the daemon outlived the last open file"
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait()
+    media = sorted((directory / "state").glob("region*.media"))
+    assert media and any(b"last words" in m.read_bytes() for m in media)
+    shutil.rmtree(directory)
 
 
 def test_factory_fixture(vnvdimm_testbed_factory) -> None:

@@ -109,6 +109,7 @@ def memory_bufvec(data: bytes) -> int:
     (ctypes.c_char * size).from_address(mem).raw = data
     _MEMORY_BUFVEC_BYTES.from_address(address).raw = MEMORY_BUFVEC.pack(1, 0, 0, size, 0, mem, -1, 0)
     return address
+_libfuse.fuse_exit.argtypes = [ctypes.c_void_p]
 
 
 _pinned = threading.local()
@@ -261,11 +262,13 @@ class _Loop(fuse.FUSE):
 
 
 class OpenDevice:
-    __slots__ = ("data", "path")
+    __slots__ = ("data", "path", "pid", "writable")
 
-    def __init__(self, path: str, data: DataPath) -> None:
+    def __init__(self, path: str, data: DataPath, pid: int, writable: bool) -> None:
         self.path = path
         self.data = data
+        self.pid = pid  # of the opener (as the kernel saw it; a loop device's is its losetup)
+        self.writable = writable
 
 
 class VnvdimmOperations(fuse.Operations):
@@ -292,6 +295,8 @@ class VnvdimmOperations(fuse.Operations):
         self._answered: dict[str, int] = {}
         # (tree, path -> struct stat bytes) of the tree getattr last answered from
         self._stat_images: tuple[Snapshot | None, dict[str, bytes]] = (None, {})
+        #: Called (from a loop thread) whenever a device file's last reference is released.
+        self.on_device_release: Callable[[], None] | None = None
 
     # ------------------------------------------------------------ helpers
 
@@ -365,6 +370,20 @@ class VnvdimmOperations(fuse.Operations):
             if self._fuse is None:
                 return 0
             return int(_libfuse.fuse_invalidate_path(self._fuse, path.encode("utf-8", "surrogateescape")))
+
+    def exit_loop(self) -> bool:
+        """Make the FUSE loop end once its threads are free (libfuse's fuse_exit: a flag the
+        loop's main thread checks when woken). False once the loop is over."""
+        with self._fuse_lock:  # held across the call: destroy() frees the handle after us
+            if self._fuse is None:
+                return False
+            _libfuse.fuse_exit(ctypes.c_void_p(self._fuse))
+            return True
+
+    def open_devices(self) -> list[tuple[str, int]]:
+        """(path, opener pid) of every open device file handle."""
+        with self._fh_lock:
+            return [(o.path, o.pid) for o in self._handles.values() if isinstance(o, OpenDevice)]
 
     # ------------------------------------------------------------ metadata
 
@@ -501,7 +520,7 @@ class VnvdimmOperations(fuse.Operations):
                 self._last_serial[path] = data.serial
             if flags & os.O_DIRECT:
                 fi.direct_io = 1
-            fi.fh = self._new_fh(OpenDevice(path, data))
+            fi.fh = self._new_fh(OpenDevice(path, data, fuse.fuse_get_context()[2], wants_write))
         elif isinstance(node, KDir):
             raise fuse.FuseOSError(errno.EISDIR)
         else:
@@ -509,9 +528,18 @@ class VnvdimmOperations(fuse.Operations):
         return 0
 
     def close(self, fh: int) -> None:
-        """RELEASE: the last close of an open file."""
+        """RELEASE: the last close of an open file (a device file's writes are then synced,
+        and the teardown told: a detached daemon stops once none is open)."""
         with self._fh_lock:
-            self._handles.pop(fh, None)
+            obj = self._handles.pop(fh, None)
+        if isinstance(obj, OpenDevice):
+            if obj.writable and not obj.data.closed:
+                # What was written through this file is on the media once it is closed (a
+                # loop device's backing file is closed at detach, after its last flush).
+                with contextlib.suppress(OSError):
+                    obj.data.fsync()
+            if self.on_device_release is not None:
+                self.on_device_release()
 
     def _handle(self, fh: Any) -> OpenAttr | OpenDevice | KBin:
         obj = self._handles.get(fh.fh)

@@ -1,0 +1,512 @@
+"""What vnvdimm knows of a mount from the outside: the mount table, the processes and loop
+devices that hold its files, whether a daemon still runs, and how a mount is stopped without
+losing data. Used by `vnvdimm umount`, the daemon, the test bed, the tests and the benchmarks.
+
+A mount is *busy* when a device file under it (``MNT/dev/pmemN``, ``daxR.M``...) is open,
+mapped, or the backing file of a loop device: those hold data in flight, and stopping the
+daemon under them makes the kernel fail their I/O. `umount` then refuses, as umount(8) and a
+kernel namespace disable (EBUSY) do; `--lazy` detaches the mount and lets the daemon serve the
+open files until they are closed; `--force` says what it breaks and stops the daemon at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from vnvdimm.topology import safe_dir
+
+#: The daemon detaches its mount (like `umount -l`) on these and exits once no device file is
+#: open any more: the open files keep working until they are closed.
+DETACH_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+#: The daemon stops at once on this one (`vnvdimm umount --force`): every request fails,
+#: open device files report errors from then on.
+FORCE_SIGNAL = signal.SIGUSR2
+
+LOOP_MAJOR = 7
+#: The device files whose data the daemon serves: namespaces' block devices (pmemN, a BTT's
+#: pmemNs) and device-dax instances.
+DATA_DEVICE = re.compile(r"/dev/(pmem\d+s?|dax\d+\.\d+)$")
+LOOP_GET_STATUS64 = 0x4C05
+
+
+# ---------------------------------------------------------------- the mount table
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/PID/mountinfo."""
+
+    mountpoint: str
+    root: str  # the directory of the file system mounted there ("/dev" for a bind of MNT/dev)
+    dev: tuple[int, int]
+    fstype: str
+    options: frozenset[str] = frozenset()  # the mount's and its super block's (allow_other...)
+
+    @property
+    def is_fuse(self) -> bool:
+        return self.fstype == "fuse" or self.fstype.startswith("fuse.")
+
+
+def _unescape(field: str) -> str:
+    """The kernel writes space, tab, newline and backslash in mount paths as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_table(pid: int | str = "self") -> list[MountEntry]:
+    """The mounts of the mount namespace of `pid`, in mount order (the last one at a path is
+    the one on top). Empty if it cannot be read."""
+    out = []
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or not tail:
+            continue
+        major, _, minor = fields[2].partition(":")
+        options = frozenset(fields[5].split(",")) | frozenset(tail[2].split(",") if len(tail) > 2 else ())
+        out.append(MountEntry(_unescape(fields[4]), _unescape(fields[3]), (int(major), int(minor)), tail[0], options))
+    return out
+
+
+def mount_entry(path: Path | str, table: list[MountEntry] | None = None) -> MountEntry | None:
+    """The mount on top at exactly `path` (no stat of it: a stuck daemon would hang that)."""
+    found = None
+    for entry in table if table is not None else mount_table():
+        if entry.mountpoint == str(path):
+            found = entry
+    return found
+
+
+def is_mounted(path: Path | str) -> bool:
+    return mount_entry(path) is not None
+
+
+def fuse_mounts() -> dict[str, str]:
+    """Mount points of FUSE file systems in this mount namespace -> file system type."""
+    return {e.mountpoint: e.fstype for e in mount_table() if e.is_fuse}
+
+
+def fuse_mounts_under(prefix: Path | str) -> list[str]:
+    """FUSE mount points at or below `prefix` (a test's or a benchmark's temp dir)."""
+    base = str(prefix).rstrip("/")
+    return [m for m in fuse_mounts() if m == base or m.startswith(base + "/")]
+
+
+def is_dead_mount(path: Path) -> bool:
+    """A FUSE mount whose daemon is gone: every access answers ENOTCONN."""
+    try:
+        # statfs, not stat: the kernel answers stat() from its attribute cache even when the
+        # daemon is gone; statfs always asks the daemon.
+        os.statvfs(path)
+    except OSError as e:
+        # ENOTCONN: "Transport endpoint is not connected"; ECONNABORTED: the same, seen by a
+        # request that was in flight while the daemon was dying (a mount right after a kill).
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def lazy_unmount(path: Path | str) -> None:
+    """Detach the mount at `path` (`umount -l`): gone from the tree at once, its open files
+    keep working until they are closed."""
+    if shutil.which("fusermount3"):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False, capture_output=True, timeout=30)
+    if str(path) in fuse_mounts():
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True, timeout=30)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting for its parent to reap it has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][:1] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def wait_exit(pid: int, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for `pid` to exit; True if it did."""
+    deadline = time.monotonic() + timeout
+    while process_alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def command_of(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        text = " ".join(raw.decode(errors="replace").split())  # one line, whatever the arguments hold
+        return (text[:77] + "...") if len(text) > 80 else text or Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def _group_of(pid: int) -> int | None:
+    """The process group of `pid` (a daemon's workers are in the daemon's)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- mount records
+
+
+def runtime_dir() -> Path:
+    """Where mount records live. Raises UnsafeStateDir if someone else could change it."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    base = xdg or ("/run" if os.geteuid() == 0 else f"/tmp/vnvdimm-{os.getuid()}")
+    path = Path(base) / "vnvdimm"
+    # Private, as the state dir: /tmp/vnvdimm-UID is a name anyone can take first, and a
+    # link planted in it would choose which file a mount record overwrites.
+    for directory in (path,) if xdg or os.geteuid() == 0 else (path.parent, path):
+        directory.mkdir(mode=safe_dir.DIR_MODE, parents=True, exist_ok=True)
+        safe_dir.check_entry(os.lstat(directory), directory)
+    return path
+
+
+def mount_record(mountpoint: Path) -> Path:
+    """Where the daemon of `mountpoint` writes its pid and state dir while it runs."""
+    key = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
+    return runtime_dir() / f"mount-{key}.json"
+
+
+def read_record(mountpoint: Path) -> dict[str, object]:
+    with contextlib.suppress(OSError, ValueError):
+        doc = json.loads(safe_dir.read_private(mount_record(mountpoint)))
+        if isinstance(doc, dict):
+            return doc
+    return {}
+
+
+def daemon_pid(mountpoint: Path) -> int | None:
+    """The pid of the daemon serving `mountpoint` (also after a lazy unmount), if it runs."""
+    pid = read_record(mountpoint).get("pid")
+    if isinstance(pid, int) and pid > 0 and process_alive(pid):
+        return pid
+    return None
+
+
+# ---------------------------------------------------------------- holders
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Something that keeps a file of a mount in use."""
+
+    path: str  # inside the mounted file system: "/dev/pmem0", "/sys/bus/nd/..."
+    how: str  # "open", "mapped", "cwd", "loop device /dev/loop0 (mounted on /mnt)"
+    pid: int | None = None
+    command: str = ""
+
+    @property
+    def device(self) -> bool:
+        """A device file with data behind it (not /dev/null and the like): I/O may be in flight."""
+        return DATA_DEVICE.match(self.path) is not None
+
+    def __str__(self) -> str:
+        who = f" by pid {self.pid} ({self.command})" if self.pid is not None else ""
+        return f"{self.path}: {self.how}{who}"
+
+
+class _NamespaceView:
+    """Paths as one mount namespace sees them -> paths inside our file system."""
+
+    def __init__(self, table: list[MountEntry], dev: tuple[int, int]) -> None:
+        # Longest mount points first, and of mounts at the same point the later (on top)
+        # first: the first one whose point is a prefix of a path holds that path.
+        order = sorted(enumerate(table), key=lambda ie: (len(ie[1].mountpoint), ie[0]), reverse=True)
+        self.mounts = [e for _, e in order]
+        self.dev = dev
+
+    def _mount_of(self, path: str) -> MountEntry | None:
+        for entry in self.mounts:
+            mp = entry.mountpoint.rstrip("/")
+            if path == entry.mountpoint or path.startswith(mp + "/") or mp == "":
+                return entry
+        return None
+
+    def inside(self, path: str) -> str | None:
+        """`path` (as this namespace sees it) in our file system's terms, or None."""
+        entry = self._mount_of(path)
+        if entry is None or entry.dev != self.dev:
+            return None
+        rest = path[len(entry.mountpoint.rstrip("/")):]
+        return (entry.root.rstrip("/") + rest) or "/"
+
+    def fstype(self, path: str) -> str:
+        entry = self._mount_of(path)
+        return entry.fstype if entry else ""
+
+
+def _pids() -> Iterator[int]:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            yield int(entry)
+
+
+def loop_devices() -> Iterator[tuple[str, tuple[int, int], int, str]]:
+    """Attached loop devices: (/dev/loopN, backing file's device, backing inode, backing path)."""
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir("/sys/block")):
+            if not name.startswith("loop"):
+                continue
+            try:
+                backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
+            except OSError:
+                continue  # not attached
+            dev, ino = (-1, -1), -1
+            with contextlib.suppress(OSError):
+                fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+                try:
+                    info = bytearray(232)  # struct loop_info64
+                    fcntl.ioctl(fd, LOOP_GET_STATUS64, info)
+                    lo_device, lo_inode = struct.unpack_from("=QQ", info)
+                    dev, ino = (os.major(lo_device), os.minor(lo_device)), lo_inode
+                finally:
+                    os.close(fd)
+            yield f"/dev/{name}", dev, ino, backing
+
+
+def holders(mountpoint: Path | str, entry: MountEntry | None = None, daemon: int | None = None) -> list[Holder]:
+    """Every process that has a file of the mount open, mapped, or as its working directory
+    (in any mount namespace this process can inspect: a `with-vnvdimm` command sees
+    MNT/dev as /dev), and every loop device backed by one of its files. Processes of other
+    users are only seen by root. `daemon`: the daemon's pid (it and its workers are skipped)."""
+    entry = entry or mount_entry(mountpoint)
+    if entry is None:
+        return []
+    dev = entry.dev
+    base = entry.mountpoint.rstrip("/")
+    found: list[Holder] = []
+    views: dict[str, _NamespaceView] = {}
+    loops = [(loop, backing) for loop, bdev, _, backing in loop_devices()
+             if bdev == dev or (bdev == (-1, -1) and backing.startswith(base + "/"))]
+    dev_field = f"{dev[0]:02x}:{dev[1]:02x}"  # as /proc/PID/maps writes it
+    loop_rdevs = {os.makedev(LOOP_MAJOR, int(loop[len("/dev/loop"):])): loop for loop, _ in loops}
+    for pid in _pids():
+        if daemon is not None and _group_of(pid) == daemon:
+            continue
+        try:
+            ns = os.readlink(f"/proc/{pid}/ns/mnt")
+        except OSError:
+            continue
+        view = views.get(ns)
+        if view is None:
+            view = views[ns] = _NamespaceView(mount_table(pid), dev)
+        seen: set[tuple[str, str]] = set()
+
+        def add(path: str, how: str, pid: int = pid, seen: set[tuple[str, str]] = seen) -> None:
+            if (path, how) not in seen:
+                seen.add((path, how))
+                found.append(Holder(path, how, pid, command_of(pid)))
+
+        with contextlib.suppress(OSError):
+            for link in ("cwd", "root"):
+                inside = view.inside(os.readlink(f"/proc/{pid}/{link}"))
+                if inside is not None and link == "cwd":
+                    add(inside, "cwd")
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if not target.startswith("/"):
+                continue
+            inside = view.inside(target)
+            if inside is not None:
+                add(inside, "open")
+            elif loop_rdevs and view.fstype(target) in ("devtmpfs", "tmpfs"):
+                # A loop device over one of our files, opened (mkfs, fsck, dd...).
+                with contextlib.suppress(OSError):
+                    st = os.stat(f"/proc/{pid}/fd/{fd}")
+                    loop = loop_rdevs.get(st.st_rdev)
+                    if loop is not None:
+                        add(_backing_inside(loop, loops, base), f"open through loop device {loop}")
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                maps = f.read()
+        except OSError:
+            continue
+        if dev_field not in maps:
+            continue
+        for line in maps.splitlines():
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[3] == dev_field:
+                path = parts[5].strip()
+                add(view.inside(path) or path, "mapped")
+    mounted_on = {e.dev: e.mountpoint for e in mount_table()}
+    for loop, _ in loops:
+        how = f"backing loop device {loop}"
+        where = mounted_on.get((LOOP_MAJOR, int(loop[len("/dev/loop"):])))
+        if where is not None:
+            how += f" (mounted on {where})"
+        found.append(Holder(_backing_inside(loop, loops, base), how))
+    return found
+
+
+def _backing_inside(loop: str, loops: Iterable[tuple[str, str]], base: str) -> str:
+    backing = dict(loops).get(loop, "")
+    if backing.startswith(base + "/"):
+        return backing[len(base):]
+    return "/dev/" + backing.rsplit("/", 1)[-1] if "/dev/" in backing else backing
+
+
+def describe(found: Iterable[Holder]) -> str:
+    return "".join(f"\n  {h}" for h in found)
+
+
+# ---------------------------------------------------------------- stopping a mount
+
+
+class UmountRefused(RuntimeError):
+    """The mount is busy (the message names the devices and processes); nothing was changed."""
+
+    def __init__(self, message: str, found: list[Holder]) -> None:
+        super().__init__(message)
+        self.holders = found
+
+
+def umount(mountpoint: Path, mode: str = "normal", timeout: float = 10.0, out: TextIO | None = None) -> int:
+    """`vnvdimm umount [--lazy|--force] MNT`. Exit status: 0 gone (or, with --lazy, detached),
+    1 refused or failed (a message on `out` says why)."""
+    out = out or sys.stderr
+    try:
+        message = stop(mountpoint, mode, timeout)
+    except UmountRefused as e:
+        print(f"vnvdimm: {e}", file=out)
+        return 1
+    except RuntimeError as e:
+        print(f"vnvdimm: {mountpoint}: {e}", file=out)
+        return 1
+    if message:
+        print(f"vnvdimm: {message}", file=out)
+    return 0
+
+
+def stop(mountpoint: Path, mode: str = "normal", timeout: float = 10.0) -> str:
+    """Unmount `mountpoint` and see its daemon exit. `mode`: "normal" refuses a busy mount
+    (UmountRefused, nothing changed), "lazy" detaches it and leaves the daemon serving the
+    open files until they are closed, "force" stops the daemon whatever is open. Returns a
+    note for the user ("" when there is nothing to say); raises RuntimeError when the daemon
+    had to be killed or could not be stopped."""
+    entry = mount_entry(mountpoint)
+    pid = daemon_pid(mountpoint)
+    if entry is None:
+        if pid is not None and mode == "force":
+            return _force(mountpoint, pid, [], timeout)
+        if pid is not None:
+            return f"{mountpoint}: already detached; daemon {pid} serves its open files until they are closed"
+        raise RuntimeError("not mounted")
+    if pid is None:
+        # No daemon behind it (it died): nothing can be lost any more by removing the mount.
+        lazy_unmount(mountpoint)
+        return f"{mountpoint}: removed the mount of a daemon that is gone"
+    found = holders(mountpoint, entry, daemon=pid)
+    busy = [h for h in found if h.device]
+    if mode == "force":
+        return _force(mountpoint, pid, busy, timeout)
+    if mode == "lazy":
+        lazy_unmount(mountpoint)
+        if is_mounted(mountpoint):
+            raise RuntimeError("the lazy unmount failed")
+        if busy:
+            return (f"{mountpoint}: detached; daemon {pid} serves these until they are closed, then exits:"
+                    + describe(busy))
+        return "" if wait_exit(pid, timeout) else f"{mountpoint}: detached; daemon {pid} is still exiting"
+    if busy:
+        raise UmountRefused(f"{mountpoint}: busy, device files in use (close them, or use --lazy to detach "
+                            f"and let them finish, or --force to break them):" + describe(busy), busy)
+    res = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        others = holders(mountpoint)
+        why = res.stderr.strip().removeprefix("fusermount3: ") or "unmount failed"
+        raise UmountRefused(f"{mountpoint}: {why}" + describe(others), others)
+    if wait_exit(pid, timeout):
+        return ""
+    serving = read_record(mountpoint).get("serving")
+    if serving:
+        # Opened between our look and the unmount (in another mount namespace): no kill.
+        raise RuntimeError(f"unmounted, but device files were opened meanwhile; daemon {pid} serves them "
+                           f"until they are closed: {', '.join(map(str, serving))}")  # type: ignore[call-overload]
+    _kill(pid)
+    raise RuntimeError(f"daemon {pid} did not exit in {timeout:.0f} s (no device file was open); killed it")
+
+
+def _force(mountpoint: Path, pid: int, busy: list[Holder], timeout: float) -> str:
+    note = ""
+    if busy:
+        note = f"{mountpoint}: --force: stopping the daemon under these (their I/O fails from now on):" + describe(busy)
+        print(f"vnvdimm: {note}", file=sys.stderr, flush=True)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, FORCE_SIGNAL)
+    if not wait_exit(pid, timeout):
+        _kill(pid)
+        raise RuntimeError(f"daemon {pid} did not stop in {timeout:.0f} s; killed it")
+    if is_mounted(mountpoint):
+        lazy_unmount(mountpoint)
+    return ""
+
+
+def _kill(pid: int) -> None:
+    """SIGKILL the daemon and its workers (its process group)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    wait_exit(pid, 5)
+
+
+def stop_mount(mountpoint: Path, pid: int | None, timeout: float = 10.0) -> list[Holder]:
+    """Teardown for test beds and test fixtures, by the same rules as `vnvdimm umount`: a
+    mount without open device files goes, and its daemon exits (a daemon that does not is
+    killed: it held nothing); a busy one is detached (the daemon serves the open files until
+    they are closed, nothing is killed) and its holders are returned for the caller to report.
+    """
+    if pid is not None and pid > 0 and not is_mounted(mountpoint) and not process_alive(pid):
+        return []
+    try:
+        stop(mountpoint, "normal", timeout)
+    except UmountRefused as e:
+        if any(h.device for h in e.holders):
+            lazy_unmount(mountpoint)
+            return e.holders
+        lazy_unmount(mountpoint)  # only attribute files or a working directory: nothing to lose
+    except RuntimeError:
+        pass
+    if is_mounted(mountpoint):
+        lazy_unmount(mountpoint)
+    if pid is not None and pid > 0 and not wait_exit(pid, timeout):
+        serving = read_record(mountpoint).get("serving")
+        if serving:
+            return [Holder(str(s), "open (seen by the daemon)") for s in serving]  # type: ignore[attr-defined]
+        _kill(pid)
+    return []
