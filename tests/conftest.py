@@ -24,6 +24,9 @@ from vnvdimm.mounts import describe, lazy_unmount, stop_mount
 
 REPO = Path(__file__).resolve().parent.parent
 VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
+# with-vnvdimm's loop block devices come from `vnvdimm blockdevs`: the vnvdimm under test,
+# whether or not its venv is on the PATH.
+os.environ.setdefault("VNVDIMM", " ".join(VNVDIMM))
 
 
 # Every mount a test made and has not unmounted yet: what the watchdog looks after.

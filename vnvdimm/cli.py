@@ -15,6 +15,11 @@ def main(argv: list[str] | None = None) -> int:
         p = argparse.ArgumentParser(prog="vnvdimm umount", description=UMOUNT_DESCRIPTION)
         add_umount_arguments(p)
         return _umount(p.parse_args(argv[1:]))
+    if argv and argv[0] == "blockdevs":
+        # with-vnvdimm's helper (root, in its private mount namespace): loop block devices.
+        from vnvdimm import blockdev
+
+        return blockdev.main(argv[1:])
 
     from vnvdimm.topology.config import ConfigError, load_config
     from vnvdimm.topology.platform import default_state_dir

@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vnvdimm import client
+from vnvdimm import blockdev, client
 from vnvdimm import wait as wait_mod
 from vnvdimm.fuse import fusermount
 from vnvdimm.model.labels import write_atomically
@@ -156,6 +156,10 @@ def enter_namespace(root: Path) -> None:
         for node in HOST_CHAR_NODES:
             if os.path.exists(f"/dev/{node}") and os.path.lexists(root / "dev" / node):
                 _mount(f"/dev/{node}", str(root / "dev" / node), _MS_BIND)
+    if os.geteuid() == 0:
+        # Loop block devices over /dev/pmem*, kept by this process (detached when it ends).
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            blockdev.bind_all(root)
     _mount(str(root / "dev"), "/dev", _MS_BIND | _MS_REC)
     _mount(str(root / "sys"), "/sys", _MS_BIND)
 
@@ -411,7 +415,9 @@ class Testbed:
 
     def _ns_cmd(self, cmd: str | Sequence[str]) -> list[str]:
         argv = ["sh", "-c", cmd] if isinstance(cmd, str) else [str(c) for c in cmd]
-        return [str(WITH_VNVDIMM), str(self.root), "--", *argv]
+        # with-vnvdimm runs `vnvdimm blockdevs` (loop block devices): this very vnvdimm.
+        vnvdimm = os.environ.get("VNVDIMM") or f"{sys.executable} -m vnvdimm.cli"
+        return ["env", f"VNVDIMM={vnvdimm}", str(WITH_VNVDIMM), str(self.root), "--", *argv]
 
     def run(self, cmd: str | Sequence[str], *, check: bool = False, timeout: float = 60,
             input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

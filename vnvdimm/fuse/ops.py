@@ -25,6 +25,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import mfusepy as fuse
@@ -262,13 +263,27 @@ class _Loop(fuse.FUSE):
 
 
 class OpenDevice:
-    __slots__ = ("data", "path", "pid", "writable")
+    """An open device file: the device it was opened on, or (`follow`) whichever device is
+    behind its name at each request."""
 
-    def __init__(self, path: str, data: DataPath, pid: int, writable: bool) -> None:
+    __slots__ = ("_data", "follow", "path", "pid", "writable")
+
+    def __init__(self, path: str, data: DataPath, pid: int, writable: bool,
+                 follow: Callable[[], DataPath | None] | None = None) -> None:
         self.path = path
-        self.data = data
-        self.pid = pid  # of the opener (as the kernel saw it; a loop device's is its losetup)
+        self._data = data
+        self.pid = pid  # of the opener (for a loop device: the process that set it up)
         self.writable = writable
+        self.follow = follow
+
+    @property
+    def data(self) -> DataPath:
+        if self.follow is None:
+            return self._data
+        data = self.follow()
+        if data is None:
+            raise fuse.FuseOSError(errno.ENXIO)  # no device behind the name now
+        return data
 
 
 class VnvdimmOperations(fuse.Operations):
@@ -518,14 +533,26 @@ class VnvdimmOperations(fuse.Operations):
                 last = self._last_serial.get(path)
                 fi.keep_cache = 1 if last is None or last == data.serial else 0
                 self._last_serial[path] = data.serial
+            follow = None
+            if flags & os.O_NOATIME:
+                # The backing file of a loop block device (vnvdimm/blockdev.py asks so): it stands
+                # for the block device of that name, which a namespace reconfiguration replaces,
+                # as the kernel replaces /dev/pmemN. Uncached: the device under it may change.
+                follow = partial(self._device_data, path)
+                fi.direct_io = 1
             if flags & os.O_DIRECT:
                 fi.direct_io = 1
-            fi.fh = self._new_fh(OpenDevice(path, data, fuse.fuse_get_context()[2], wants_write))
+            fi.fh = self._new_fh(OpenDevice(path, data, fuse.fuse_get_context()[2], wants_write, follow))
         elif isinstance(node, KDir):
             raise fuse.FuseOSError(errno.EISDIR)
         else:
             raise fuse.FuseOSError(errno.ENXIO)
         return 0
+
+    def _device_data(self, path: str) -> DataPath | None:
+        node = self.tree.lookup(path)
+        data = node.data if isinstance(node, KDevFile) else None
+        return None if data is None or data.closed else data
 
     def close(self, fh: int) -> None:
         """RELEASE: the last close of an open file (a device file's writes are then synced,
@@ -533,11 +560,13 @@ class VnvdimmOperations(fuse.Operations):
         with self._fh_lock:
             obj = self._handles.pop(fh, None)
         if isinstance(obj, OpenDevice):
-            if obj.writable and not obj.data.closed:
+            if obj.writable:
                 # What was written through this file is on the media once it is closed (a
                 # loop device's backing file is closed at detach, after its last flush).
                 with contextlib.suppress(OSError):
-                    obj.data.fsync()
+                    data = obj.data
+                    if not data.closed:
+                        data.fsync()
             if self.on_device_release is not None:
                 self.on_device_release()
 
