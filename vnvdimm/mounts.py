@@ -426,12 +426,10 @@ def stop(mountpoint: Path, mode: str = "normal", timeout: float = 10.0) -> str:
         if pid is not None:
             return f"{mountpoint}: already detached; daemon {pid} serves its open files until they are closed"
         raise RuntimeError("not mounted")
-    if pid is None:
-        # No daemon behind it (it died): nothing can be lost any more by removing the mount.
-        lazy_unmount(mountpoint)
-        return f"{mountpoint}: removed the mount of a daemon that is gone"
     found = holders(mountpoint, entry, daemon=pid)
     busy = [h for h in found if h.device]
+    if pid is None:
+        return _without_daemon(mountpoint, mode, busy)
     if mode == "force":
         return _force(mountpoint, pid, busy, timeout)
     if mode == "lazy":
@@ -459,6 +457,24 @@ def stop(mountpoint: Path, mode: str = "normal", timeout: float = 10.0) -> str:
                            f"until they are closed: {', '.join(map(str, serving))}")  # type: ignore[call-overload]
     _kill(pid)
     raise RuntimeError(f"daemon {pid} did not exit in {timeout:.0f} s (no device file was open); killed it")
+
+
+def _without_daemon(mountpoint: Path, mode: str, busy: list[Holder]) -> str:
+    """No record of a running daemon (it died, or was started with another runtime dir): the
+    same refusal, then the kernel's own busy check; a dead mount is removed lazily."""
+    if busy and mode == "normal":
+        raise UmountRefused(f"{mountpoint}: busy, device files in use (close them, or use --lazy or --force):"
+                            + describe(busy), busy)
+    if mode == "normal":
+        res = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, timeout=60)
+        if res.returncode == 0:
+            return ""
+        if not is_dead_mount(mountpoint):
+            others = holders(mountpoint)
+            raise UmountRefused(f"{mountpoint}: {res.stderr.strip().removeprefix('fusermount3: ')}"
+                                + describe(others), others)
+    lazy_unmount(mountpoint)
+    return ""
 
 
 def _force(mountpoint: Path, pid: int, busy: list[Holder], timeout: float) -> str:
