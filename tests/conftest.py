@@ -20,7 +20,7 @@ import pytest
 from mount_kit import TEST_USERS, WITH_VNVDIMM, alive, children, fuse_mounts_under, memfds
 from topologies import SMALL_E820, SMALL_NFIT
 
-from vnvdimm.mounts import describe, lazy_unmount, stop_mount
+from vnvdimm.mounts import describe, lazy_unmount, loop_devices, stop_mount
 
 REPO = Path(__file__).resolve().parent.parent
 VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
@@ -285,13 +285,8 @@ def _daemons_under(base: Path) -> list[int]:
 
 
 def _loop_devices_under(base: Path) -> list[str]:
-    """Loop devices whose backing file is under base (/sys/block/loopN/loop/backing_file)."""
-    out = []
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        with contextlib.suppress(OSError):
-            if backing.read_text().startswith(str(base)):
-                out.append(backing.parent.parent.name)
-    return sorted(out)
+    """Loop devices whose backing file is under base."""
+    return sorted(loop for loop, _, _, backing in loop_devices() if backing.startswith(str(base)))
 
 
 def _key_counts() -> dict[int, int]:
@@ -359,5 +354,5 @@ def no_leaks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     for m in leaked.get("FUSE mounts", []):
-        subprocess.run(["fusermount3", "-u", "-z", m], capture_output=True)
+        lazy_unmount(m)
     pytest.fail(f"{request.node.nodeid} left behind: {leaked}", pytrace=False)
