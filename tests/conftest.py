@@ -56,10 +56,11 @@ class Mount:
             LIVE_MOUNTS.append(self)
         return res
 
-    def umount(self) -> None:
+    def umount(self, force: bool = False) -> None:
         """Unmount by `vnvdimm umount`'s rules: a mount with device files still in use is only
-        detached (its daemon serves them until they are closed) and fails the test."""
-        busy = stop_mount(self.root, self.pid)
+        detached (its daemon serves them until they are closed) and fails the test; `force`:
+        `vnvdimm umount --force` (the test killed their users itself)."""
+        busy = stop_mount(self.root, self.pid, force=force)
         self.pid = None
         if self in LIVE_MOUNTS:
             LIVE_MOUNTS.remove(self)

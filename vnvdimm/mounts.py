@@ -501,16 +501,16 @@ def _kill(pid: int) -> None:
     wait_exit(pid, 5)
 
 
-def stop_mount(mountpoint: Path, pid: int | None, timeout: float = 10.0) -> list[Holder]:
+def stop_mount(mountpoint: Path, pid: int | None, timeout: float = 10.0, force: bool = False) -> list[Holder]:
     """Teardown for test beds and test fixtures, by the same rules as `vnvdimm umount`: a
     mount without open device files goes, and its daemon exits (a daemon that does not is
     killed: it held nothing); a busy one is detached (the daemon serves the open files until
     they are closed, nothing is killed) and its holders are returned for the caller to report.
-    """
+    `force`: as `vnvdimm umount --force` (for callers that killed the holders themselves)."""
     if pid is not None and pid > 0 and not is_mounted(mountpoint) and not process_alive(pid):
         return []
     try:
-        stop(mountpoint, "normal", timeout)
+        stop(mountpoint, "force" if force else "normal", timeout)
     except UmountRefused as e:
         if any(h.device for h in e.holders):
             lazy_unmount(mountpoint)

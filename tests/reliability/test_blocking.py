@@ -129,11 +129,11 @@ def test_waiters_do_not_stall_the_mount(make_mount, figures) -> None:  # type: i
         figures.note(worst_sysfs_access_ms=round(worst * 1e3, 1))
     finally:
         # A caller whose request the daemon holds stays (even SIGKILLed) until it is answered,
-        # as a writer of the kernel's memmap_state stays in D state: unmounting cancels the
-        # jobs, which answers them all.
+        # as a writer of the kernel's memmap_state stays in D state, its files open: a forced
+        # unmount cancels the jobs, which answers them all.
         for p in procs:
             p.kill()
-        m.umount()
+        m.umount(force=True)
         for p in procs:
             p.wait(timeout=10)
 
@@ -296,6 +296,6 @@ def test_open_does_not_wait_for_reads_in_flight(make_mount, figures) -> None:  #
     finally:
         for p in procs:
             p.kill()
-        m.umount()
+        m.umount(force=True)  # the killed readers keep their files until answered
         for p in procs:
             p.wait(timeout=10)
