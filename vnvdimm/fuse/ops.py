@@ -47,6 +47,7 @@ DEFAULT_POLLMASK = POLLIN | POLLOUT | POLLRDNORM | POLLWRNORM
 _libfuse = fuse._libfuse
 _libfuse.fuse_notify_poll.argtypes = [ctypes.c_void_p]
 _libfuse.fuse_pollhandle_destroy.argtypes = [ctypes.c_void_p]
+_libfuse.fuse_exit.argtypes = [ctypes.c_void_p]
 _libfuse.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _libfuse.fuse_invalidate_path.restype = ctypes.c_int
 _libfuse.fuse_buf_size.argtypes = [ctypes.c_void_p]
@@ -110,7 +111,6 @@ def memory_bufvec(data: bytes) -> int:
     (ctypes.c_char * size).from_address(mem).raw = data
     _MEMORY_BUFVEC_BYTES.from_address(address).raw = MEMORY_BUFVEC.pack(1, 0, 0, size, 0, mem, -1, 0)
     return address
-_libfuse.fuse_exit.argtypes = [ctypes.c_void_p]
 
 
 _pinned = threading.local()
