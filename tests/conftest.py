@@ -20,7 +20,7 @@ import pytest
 from mount_kit import TEST_USERS, WITH_VNVDIMM, alive, children, fuse_mounts_under, memfds
 from topologies import SMALL_E820, SMALL_NFIT
 
-from vnvdimm.mounts import describe, lazy_unmount, loop_devices, stop_mount
+from vnvdimm.mounts import describe, lazy_unmount, loop_devices, stop_mount, vnvdimm_processes
 
 REPO = Path(__file__).resolve().parent.parent
 VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
@@ -152,14 +152,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     base = factory.getbasetemp().resolve()
     leftovers = fuse_mounts_under(base)
-    daemons = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if b"vnvdimm.cli" in b" ".join(cmd) and b"mount" in cmd and str(base).encode() in b" ".join(cmd):
-                daemons.append(pid)
+    daemons = vnvdimm_processes(base, "mount")
     if leftovers or daemons:
         for m in leftovers:
             lazy_unmount(m)
@@ -273,16 +266,9 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _daemons_under(base: Path) -> list[int]:
-    """Live vnvdimm daemons (and workers) whose command line names a path under base."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"vnvdimm" in cmd and str(base).encode() in cmd and alive(int(pid)):
-                out.append(int(pid))
-    return sorted(out)
+    """Live vnvdimm daemons (and workers, with-vnvdimm and its helpers) whose command line
+    names a path under base."""
+    return vnvdimm_processes(base)
 
 
 def _loop_devices_under(base: Path) -> list[str]:

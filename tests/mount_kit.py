@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from topologies import SMALL_E820  # noqa: F401 (tests take it from here too)
 
-from vnvdimm.mounts import fuse_mounts_under, process_alive  # noqa: F401 - the tests take them from here
+from vnvdimm.mounts import fuse_mounts_under, pids, process_alive, process_group_of  # noqa: F401 - the tests take them from here
 
 TESTS = Path(__file__).resolve().parent
 # The users the tests created (name -> uid), for the leak check: each must be gone after its
@@ -251,15 +251,7 @@ def children(pid: int) -> list[int]:
 
 def process_group(pgid: int) -> list[int]:
     """Live processes whose process group is pgid (the daemon and its workers)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(") ", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                out.append(int(entry))
-    return sorted(out)
+    return sorted(pid for pid in pids() if process_group_of(pid) == pgid and process_alive(pid))
 
 
 def kill_group(pgid: int) -> None:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vnvdimm.mounts import DEAD_ERRNOS, daemon_errno
+
 PAGE_SIZE = 4096
 
 
@@ -297,9 +299,8 @@ def read_status(root: Root) -> Status:
 
 def read_status_checked(root: Root) -> Status:
     """read_status(), or GoneError if the mount is gone (rather than an empty platform)."""
-    try:
-        os.statvfs(root.nd_devices)  # reaches the daemon (stat() may be answered from the cache)
-    except OSError as e:
-        what = "the mount is gone" if e.errno in (errno.ENOTCONN, errno.ENOENT) else e.strerror
-        raise GoneError(f"{root.sys}: {what}") from None
+    err = daemon_errno(root.nd_devices)
+    if err is not None:
+        what = "the mount is gone" if err in (*DEAD_ERRNOS, errno.ENOENT) else os.strerror(err)
+        raise GoneError(f"{root.sys}: {what}")
     return read_status(root)

@@ -22,12 +22,11 @@ from vnvdimm.mounts import (
     DETACH_SIGNALS,
     FORCE_SIGNAL,
     daemon_pid,
-    fuse_mounts,
     is_dead_mount,
     is_mounted,
     lazy_unmount,
     mount_record,
-    mount_table,
+    watch_unmount,
 )
 from vnvdimm.topology import safe_dir
 from vnvdimm.topology.config import ConfigError, TopologyConfig
@@ -62,7 +61,7 @@ def check_mountpoint(mountpoint: Path, allow_other: bool = False) -> None:
         raise MountError(f"{mountpoint}: no such directory: create it first (mkdir -p {mountpoint})")
     if not mountpoint.is_dir():
         raise MountError(f"{mountpoint}: not a directory: mount on a directory")
-    if str(mountpoint) in fuse_mounts() or os.path.ismount(mountpoint):
+    if is_mounted(mountpoint):
         raise MountError(f"{mountpoint}: already a mount point (busy); unmount it first")
     try:
         earlier = daemon_pid(mountpoint)
@@ -347,19 +346,9 @@ class Teardown:
                 os._exit(1)
 
     def watch_mount(self) -> None:
-        """Wake on every mount-table change (poll on /proc/self/mountinfo) until ours is gone."""
-        import select
-
-        with open("/proc/self/mountinfo", "rb") as f:
-            p = select.poll()
-            p.register(f, select.POLLERR | select.POLLPRI)
-            while not self._detached and not self._stopping:
-                if not any(e.mountpoint == str(self.mountpoint) for e in mount_table()):
-                    self.detach("unmounted")
-                    return
-                p.poll(1000)
-                f.seek(0)
-                f.read()
+        """Detach once our mount leaves the mount table (`umount`, `fusermount3 -u [-z]`)."""
+        if watch_unmount(self.mountpoint, lambda: self._detached or self._stopping):
+            self.detach("unmounted")
 
 
 def mount(opts: MountOptions) -> int:

@@ -18,13 +18,14 @@ import hashlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -112,16 +113,41 @@ def fuse_mounts_under(prefix: Path | str) -> list[str]:
     return [m for m in fuse_mounts() if m == base or m.startswith(base + "/")]
 
 
-def is_dead_mount(path: Path) -> bool:
-    """A FUSE mount whose daemon is gone: every access answers ENOTCONN."""
+#: What a request to a FUSE mount whose daemon is gone answers: ENOTCONN ("Transport endpoint
+#: is not connected"), or ECONNABORTED for a request that was in flight while it died.
+DEAD_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def daemon_errno(path: Path | str) -> int | None:
+    """None if a request for `path` reaches the daemon serving it and is answered; else the
+    errno (DEAD_ERRNOS: the daemon is gone; ENOENT: not there). statfs, not stat: the kernel
+    answers stat() from its attribute cache even when the daemon is gone; statfs always asks
+    the daemon."""
     try:
-        # statfs, not stat: the kernel answers stat() from its attribute cache even when the
-        # daemon is gone; statfs always asks the daemon.
         os.statvfs(path)
     except OSError as e:
-        # ENOTCONN: "Transport endpoint is not connected"; ECONNABORTED: the same, seen by a
-        # request that was in flight while the daemon was dying (a mount right after a kill).
-        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+        return e.errno
+    return None
+
+
+def is_dead_mount(path: Path | str) -> bool:
+    """A FUSE mount whose daemon is gone: every access fails (a crash, a SIGKILL)."""
+    return daemon_errno(path) in DEAD_ERRNOS
+
+
+def watch_unmount(path: Path | str, done: Callable[[], bool]) -> bool:
+    """Wait until the mount at `path` leaves this namespace's mount table (True), waking on
+    every change of the table, or until `done()` (checked at least once a second) says to
+    stop looking (False)."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        p = select.poll()
+        p.register(f, select.POLLERR | select.POLLPRI)
+        while not done():
+            if not is_mounted(path):
+                return True
+            p.poll(1000)
+            f.seek(0)
+            f.read()
     return False
 
 
@@ -156,21 +182,52 @@ def wait_exit(pid: int, timeout: float) -> bool:
     return True
 
 
-def command_of(pid: int) -> str:
+def cmdline(pid: int) -> list[str]:
+    """The arguments `pid` runs with ([] once it is gone, and for a kernel thread)."""
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        text = " ".join(raw.decode(errors="replace").split())  # one line, whatever the arguments hold
-        return (text[:77] + "...") if len(text) > 80 else text or Path(f"/proc/{pid}/comm").read_text().strip()
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return "?"
+        return []
+    return raw.decode(errors="replace").split("\0")[:-1] if raw.endswith(b"\0") else [raw.decode(errors="replace")]
 
 
-def _group_of(pid: int) -> int | None:
+def command_of(pid: int) -> str:
+    """`pid`'s command line on one line of at most 80 characters, for messages."""
+    text = " ".join(" ".join(cmdline(pid)).split())  # one line, whatever the arguments hold
+    if not text:
+        with contextlib.suppress(OSError):
+            text = Path(f"/proc/{pid}/comm").read_text().strip()
+    return (text[:77] + "...") if len(text) > 80 else text or "?"
+
+
+def process_group_of(pid: int) -> int | None:
     """The process group of `pid` (a daemon's workers are in the daemon's)."""
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[2])
     except (OSError, IndexError, ValueError):
         return None
+
+
+VNVDIMM_COMMANDS = frozenset({"vnvdimm", "vnvdimm.cli", "with-vnvdimm"})
+
+
+def is_vnvdimm(args: list[str]) -> bool:
+    """A command line of vnvdimm's: `python -m vnvdimm.cli ...` or the `vnvdimm` script (a
+    daemon, its workers, with-vnvdimm's block device helper), or with-vnvdimm."""
+    return any(os.path.basename(a) in VNVDIMM_COMMANDS for a in args)
+
+
+def vnvdimm_processes(naming: Path | str, command: str | None = None) -> list[int]:
+    """Live vnvdimm processes whose command line names `naming` (a mount point, a state dir,
+    or a directory they are under), optionally only those running `command` ("mount")."""
+    needle = str(naming)
+    out = []
+    for pid in pids():
+        args = cmdline(pid)
+        if (is_vnvdimm(args) and needle in " ".join(args) and (command is None or command in args)
+                and process_alive(pid)):
+            out.append(pid)
+    return sorted(out)
 
 
 # ---------------------------------------------------------------- mount records
@@ -263,7 +320,8 @@ class _NamespaceView:
         return entry.fstype if entry else ""
 
 
-def _pids() -> Iterator[int]:
+def pids() -> Iterator[int]:
+    """Every process but this one."""
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != os.getpid():
             yield int(entry)
@@ -308,8 +366,8 @@ def holders(mountpoint: Path | str, entry: MountEntry | None = None, daemon: int
              if bdev == dev or (bdev == (-1, -1) and backing.startswith(base + "/"))]
     dev_field = f"{dev[0]:02x}:{dev[1]:02x}"  # as /proc/PID/maps writes it
     loop_rdevs = {os.makedev(LOOP_MAJOR, int(loop[len("/dev/loop"):])): loop for loop, _ in loops}
-    for pid in _pids():
-        if daemon is not None and _group_of(pid) == daemon:
+    for pid in pids():
+        if daemon is not None and process_group_of(pid) == daemon:
             continue
         try:
             ns = os.readlink(f"/proc/{pid}/ns/mnt")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vnvdimm.client import NotAMount, Root, read_attr, read_int
+from vnvdimm.mounts import DEAD_ERRNOS, daemon_errno
 from vnvdimm.status import human_eta, human_rate
 
 POLL_EVENTS = select.POLLPRI | select.POLLERR
@@ -248,14 +249,12 @@ def run(mountpoint: str, devices: list[str], timeout: float | None, quiet: bool 
     except KeyboardInterrupt:
         return 130
     except OSError as e:
-        if e.errno in (errno.ENOTCONN, errno.ENOENT):
+        if e.errno in (*DEAD_ERRNOS, errno.ENOENT):
             print(f"vnvdimm: {mountpoint}: the mount is gone", file=sys.stderr)
             return 2
         raise
     if ok:
-        try:
-            os.statvfs(root.nd_devices)  # reaches the daemon (stat() may be answered from the cache)
-        except OSError:  # idle because the platform went away (unmounted): not a success
+        if daemon_errno(root.nd_devices) is not None:  # idle because the platform went away: not a success
             print(f"vnvdimm: {mountpoint}: the mount is gone", file=sys.stderr)
             return 2
         return 0

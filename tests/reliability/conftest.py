@@ -4,7 +4,6 @@ and printed in the terminal summary, and the /dev/shm leak check."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -16,6 +15,8 @@ from typing import Any
 import pytest
 from mount_kit import daemon_tree, memfds, wait_for
 from reliability_kit import STRESS_SECONDS
+
+from vnvdimm.mounts import vnvdimm_processes
 
 # ---------------------------------------------------------------- figures
 
@@ -100,13 +101,7 @@ def shm_unchanged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     never shows (other names may come and go with other test runs on the machine)."""
     base = str(tmp_path_factory.getbasetemp().resolve())
 
-    daemons = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-                if b"vnvdimm" in cmd and base.encode() in cmd:
-                    daemons.append(int(entry))
+    daemons = vnvdimm_processes(base)
 
     def session_memfds() -> set[str]:
         # This process and the daemons (with their workers) that were there before the test

@@ -19,11 +19,11 @@ import sysfs_invariants
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from model_kit import Machine
-from reliability_kit import alive
 from topologies import nfit
 
 from vnvdimm.model.infoblock import DAX_SIG, INFO_BLOCK_OFFSET, PFN_SIG, PfnGeometry, PfnInfo, sb_checksum
 from vnvdimm.model.personality import Pfn
+from vnvdimm.mounts import vnvdimm_processes
 from vnvdimm.sysfs.tree import Tree
 from vnvdimm.topology.config import ConfigError, load_config, parse_config
 from vnvdimm.topology.platform import Platform, StateDir, boot, provision
@@ -101,14 +101,7 @@ def clear_error(m, res, *words: str) -> None:  # type: ignore[no-untyped-def]
         pid = int(lock.read_text().split()[0])
         # The lock keeps the pid of this state dir's last daemon, long gone: on a busy machine
         # the kernel may have handed that pid to an unrelated process since.
-        assert not (alive(pid) and str(m.state_dir).encode() in cmdline(pid)), "a daemon stayed behind"
-
-
-def cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
+        assert pid not in vnvdimm_processes(m.state_dir), "a daemon stayed behind"
 
 
 def log_clean(m) -> None:  # type: ignore[no-untyped-def]

@@ -15,21 +15,9 @@ from pathlib import Path
 import pytest
 from mount_kit import alive, fuse_mounts_under
 
+from vnvdimm.mounts import vnvdimm_processes
+
 CASES = Path(__file__).resolve().parent / "watchdog_cases"
-
-
-def daemons_under(base: Path) -> list[int]:
-    """vnvdimm daemons (and workers) whose command line names a path under base."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"vnvdimm.cli" in cmd and str(base).encode() in cmd:
-                out.append(int(entry))
-    return out
 
 
 def test_a_hung_echo_sync_fails_its_test_within_its_bound(tmp_path: Path) -> None:
@@ -44,7 +32,7 @@ def test_a_hung_echo_sync_fails_its_test_within_its_bound(tmp_path: Path) -> Non
     except subprocess.TimeoutExpired:
         # Without the watchdog the inner test stays in the kernel's FUSE wait even past
         # SIGKILL: only the death of its daemon releases it.
-        for daemon in daemons_under(tmp_path):
+        for daemon in vnvdimm_processes(tmp_path):
             os.kill(daemon, signal.SIGKILL)
         proc.kill()
         out, _ = proc.communicate()

@@ -16,7 +16,7 @@ import pytest
 from mount_kit import memmap_state
 from tooltest import SCRIPTS, SLOW_E820, clean_env, hold_memmap, holder, memmap_progress, release_memmap
 
-from vnvdimm.mounts import mount_entry, process_alive, wait_exit
+from vnvdimm.mounts import lazy_unmount, mount_entry, process_alive, vnvdimm_processes, wait_exit
 
 WAIT = SCRIPTS / "vnvdimm-wait-memmap"
 HELPER = SCRIPTS / "mount.fuse.vnvdimm"
@@ -146,7 +146,7 @@ def test_mount_t_fuse_vnvdimm(sbin_helper, tmp_path) -> None:
         assert wait_gone(pid), "the daemon outlived its mount"
     finally:
         if fuse_mounted(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+            lazy_unmount(mnt)
         if pid and not wait_gone(pid, 5):
             os.kill(pid, 9)
 
@@ -229,8 +229,7 @@ def test_systemd_unit_runs_as_a_forking_service(tmp_path) -> None:
         (pidfile,) = expand(service["PIDFile"][0])
         pid = int(Path(pidfile).read_text().split()[0])
         assert process_alive(pid)
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        assert b"vnvdimm.cli" in cmdline and b"mount" in cmdline
+        assert pid in vnvdimm_processes(mnt, "mount")
         assert os.getsid(pid) == pid  # the daemon runs in its own session, as a forking service must
         (stop,) = service["ExecStop"]
         assert subprocess.run(expand(stop), capture_output=True, timeout=60).returncode == 0
@@ -238,7 +237,7 @@ def test_systemd_unit_runs_as_a_forking_service(tmp_path) -> None:
         assert wait_gone(pid)
     finally:
         if fuse_mounted(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+            lazy_unmount(mnt)
         if pid and not wait_gone(pid, 5):
             os.kill(pid, 9)
 

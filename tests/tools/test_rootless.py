@@ -33,6 +33,8 @@ from pathlib import Path
 import pytest
 from mount_kit import SMALL_E820, WITH_VNVDIMM, fuse_mounts_under
 
+from vnvdimm.mounts import lazy_unmount
+
 # What `import vnvdimm` and the commands need, plus pytest for the fixture test.
 PACKAGES = ("vnvdimm", "mfusepy", "numpy", "rich", "markdown_it", "mdurl", "pygments", "pytest", "_pytest",
             "pluggy", "iniconfig", "packaging", "pytest_timeout")
@@ -142,7 +144,7 @@ def user() -> Iterator[User]:
             yield u
     finally:
         for m in fuse_mounts_under(home):
-            subprocess.run(["umount", "-l", m], capture_output=True)
+            lazy_unmount(m)
         with contextlib.suppress(KeyError):
             uid = pwd.getpwnam(name).pw_uid
             _kill_processes_of(uid)
@@ -165,7 +167,7 @@ def user_mount(user: User) -> Iterator[Path]:
     finally:
         user.vnvdimm("umount", str(root / "mnt"))
         if str(root / "mnt") in fuse_mounts_under(root):
-            subprocess.run(["umount", "-l", str(root / "mnt")], capture_output=True)
+            lazy_unmount(root / "mnt")
 
 
 def test_user_mounts_and_writes_what_root_may(user: User, user_mount: Path) -> None:
