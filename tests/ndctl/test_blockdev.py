@@ -8,17 +8,19 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from mount_kit import SMALL_E820, WITH_VNVDIMM, have_ndctl
 
-from vnvdimm.mounts import loop_devices
+from vnvdimm.mounts import loop_devices, process_alive, wait_exit
 
 pytestmark = [pytest.mark.ndctl, pytest.mark.skipif(not have_ndctl(), reason="ndctl not installed")]
 
 KPF_NOPAGE = 1 << 20
+VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
 
 
 def loops_over(m) -> list[str]:  # type: ignore[no-untyped-def]
@@ -140,3 +142,47 @@ def test_no_loop_device_outlives_a_killed_command(mnt, tmp_path: Path) -> None: 
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+def test_umount_refuses_while_a_file_system_on_pmem0_is_mounted(mnt, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """ext4 mounted on /dev/pmem0 inside with-vnvdimm: `vnvdimm umount MNT` refuses (exit 1,
+    naming /dev/pmem0 and its loop device) and changes nothing; once the file system is
+    unmounted there, the unmount goes through and the file system on the media is clean."""
+    ready, go, fs = tmp_path / "ready", tmp_path / "go", tmp_path / "fs"
+    fs.mkdir()
+    script = f"""
+        set -e
+        mkfs.ext4 -q -F /dev/pmem0
+        mount /dev/pmem0 {fs}
+        yes persistent | head -c 1048576 > {fs}/data
+        touch {ready}
+        while [ ! -e {go} ]; do sleep 0.05; done
+        umount {fs}
+    """
+    p = subprocess.Popen([str(WITH_VNVDIMM), str(mnt.root), "--", "sh", "-c", script], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.05)
+        res = subprocess.run([*VNVDIMM, "umount", str(mnt.root)], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1, res
+        assert "/dev/pmem0: backing loop device /dev/loop" in res.stderr, res.stderr
+        assert mnt.is_mounted() and process_alive(mnt.pid)
+        go.touch()
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    wait_no_loops(mnt)
+    res = subprocess.run([*VNVDIMM, "umount", str(mnt.root)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert not mnt.is_mounted() and wait_exit(mnt.pid, 10)
+    mnt.remount()
+    res = mnt.run("sh", "-c", f"fsck.ext4 -f -n /dev/pmem0 >/dev/null && mount -o ro /dev/pmem0 {fs} && "
+                              f"wc -c < {fs}/data && head -n 1 {fs}/data")
+    assert (res.returncode, res.stdout) == (0, "1048576\npersistent\n"), res.stderr
+    wait_no_loops(mnt)
