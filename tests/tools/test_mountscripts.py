@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -201,7 +202,8 @@ def test_systemd_unit_verifies(tmp_path) -> None:
 
 def test_systemd_unit_runs_as_a_forking_service(tmp_path) -> None:
     """ExecStartPre, ExecStart, PIDFile, ExecStop, with %i and the paths pointed into tmp_path:
-    when ExecStart returns the mount answers and PIDFile names the daemon; ExecStop ends it."""
+    when ExecStart returns the mount answers and PIDFile names the daemon; ExecStop ends it, or
+    refuses while a device file is open (then SIGTERM detaches and the daemon serves it)."""
     wrapper = vnvdimm_wrapper(tmp_path)
     etc, run, var = tmp_path / "etc", tmp_path / "run", tmp_path / "var"
     (etc / "vnvdimm").mkdir(parents=True)
@@ -232,6 +234,29 @@ def test_systemd_unit_runs_as_a_forking_service(tmp_path) -> None:
         assert pid in vnvdimm_processes(mnt, "mount")
         assert os.getsid(pid) == pid  # the daemon runs in its own session, as a forking service must
         (stop,) = service["ExecStop"]
+        # A stop with a device file open: ExecStop refuses, naming it, and the SIGTERM systemd
+        # sends next (never a SIGKILL) detaches the mount; the daemon serves the file until it
+        # is closed, then exits.
+        assert service["SendSIGKILL"] == ["no"]
+        fd = os.open(mnt / "dev/pmem0", os.O_RDWR)
+        try:
+            res = subprocess.run(expand(stop), capture_output=True, text=True, timeout=60)
+            assert res.returncode == 1 and "/dev/pmem0: open by pid" in res.stderr, res.stderr
+            assert fuse_mounted(mnt) == "fuse.vnvdimm"
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while fuse_mounted(mnt) is not None:
+                assert time.monotonic() < deadline, "SIGTERM did not detach the mount"
+                time.sleep(0.02)
+            assert process_alive(pid)
+            os.fsync(fd)  # still served
+        finally:
+            os.close(fd)
+        assert wait_gone(pid)
+        # Nothing open: ExecStop unmounts and the daemon exits.
+        res = subprocess.run(expand(start), capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        pid = int(Path(pidfile).read_text().split()[0])
         assert subprocess.run(expand(stop), capture_output=True, timeout=60).returncode == 0
         assert fuse_mounted(mnt) is None
         assert wait_gone(pid)
