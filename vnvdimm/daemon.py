@@ -230,7 +230,7 @@ class Teardown:
     Detach (`umount`, `umount -l`, `fusermount3 -u [-z]`, SIGTERM/SIGINT/SIGHUP): the mount
     leaves the tree; while device files are still open (a process, a mapping, a loop device),
     the daemon keeps serving them, and stops when the last one is closed. Stop (that moment,
-    or at once for `umount --force` = SIGUSR2): every memmap job is cancelled and every device
+    or at once for `umount --force` = SIGQUIT): every memmap job is cancelled and every device
     closed, so requests in flight return (an error for readers of blocks not initialized), the
     media are synced, and the FUSE loop is told to end and its main thread woken: the loop
     then ends as soon as its threads have left our handlers, whether files are open or not.

@@ -35,9 +35,10 @@ from vnvdimm.topology import safe_dir
 #: The daemon detaches its mount (like `umount -l`) on these and exits once no device file is
 #: open any more: the open files keep working until they are closed.
 DETACH_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-#: The daemon stops at once on this one (`vnvdimm umount --force`): every request fails,
-#: open device files report errors from then on.
-FORCE_SIGNAL = signal.SIGUSR2
+#: The daemon stops at once on this one (`vnvdimm umount --force`, Ctrl-\ in the foreground):
+#: every request fails, open device files report errors from then on. (SIGUSR1 dumps the
+#: daemon's stacks, SIGUSR2 its request profile when profiling.)
+FORCE_SIGNAL = signal.SIGQUIT
 
 LOOP_MAJOR = 7
 #: The device files whose data the daemon serves: namespaces' block devices (pmemN, a BTT's

@@ -1,7 +1,7 @@
 """Unmounting while device files are in use: readers blocked on a cold device, readers whose
 reads keep completing, memmap jobs active.
 
-`vnvdimm umount --force` (and SIGUSR2, which it sends) stops the daemon at once: every request
+`vnvdimm umount --force` (and SIGQUIT, which it sends) stops the daemon at once: every request
 in flight returns (data or an errno), every blocked caller is released, and the daemon and
 its workers exit well within a second, round after round. A detach (`umount --lazy`,
 `fusermount3 -u -z`, SIGTERM/SIGINT/SIGHUP) leaves the open files working: the daemon serves
@@ -109,7 +109,7 @@ def wait_exit(pids: list[int], timeout: float) -> float:
     return time.time()
 
 
-@pytest.mark.parametrize("how", ["vnvdimm-umount-force", "sigusr2"])
+@pytest.mark.parametrize("how", ["vnvdimm-umount-force", "sigquit"])
 def test_forced_stop_releases_blocked_callers(make_mount, figures, shm_unchanged, how: str) -> None:  # type: ignore[no-untyped-def]
     m = make_mount(e820(*SMALL, ns_per_page=NS_PER_PAGE))
     daemon = m.pid
@@ -127,7 +127,7 @@ def test_forced_stop_releases_blocked_callers(make_mount, figures, shm_unchanged
             assert "--force" in res.stderr and "/dev/pmem0: open by pid" in res.stderr, res.stderr
             assert "/dev/dax1.0: open by pid" in res.stderr, res.stderr
         else:
-            os.kill(daemon, signal.SIGUSR2)
+            os.kill(daemon, signal.SIGQUIT)
         figures.add(faults=1)
         # Every blocked caller returns, readers and writers with an error.
         results = {}
