@@ -341,6 +341,8 @@ class VnvdimmOperations(fuse.Operations):
             conn_info.want |= conn_info.capable & FUSE_CAP_CACHE_SYMLINKS
             # Device-file reads answered by splicing the media file's pages into the reply.
             conn_info.want |= conn_info.capable & FUSE_CAP_SPLICE_WRITE
+            # Requests small enough for libfuse's pipes: see REQUEST_BYTES.
+            conn_info.max_write = min(conn_info.max_write, REQUEST_BYTES)
         with self._fuse_lock:
             self._fuse = _libfuse.fuse_get_context().contents.fuse
         self.tree.changes.connect(self._invalidate)
@@ -699,12 +701,33 @@ MOUNT_OPTIONS: dict[str, Any] = {
 }
 
 
-READ_AHEAD_KB = 1024  # one FUSE request can carry 1 MiB (max_pages 256); the default window is 128 KiB
+
+
+def _pipe_max_bytes() -> int:
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20  # the kernel's default
+
+
+# The largest request (read or write) the kernel sends. libfuse splices a request into a pipe
+# and a reply out of one only while the whole message fits that pipe: a request needs its
+# data plus a page of headers, a reply its data plus a page for each buffer and one more.
+# Pipes above fs.pipe-max-size (1 MiB by default) need CAP_SYS_RESOURCE in the initial user
+# namespace; without it libfuse's attempt to grow its pipe fails once per thread and every
+# later request of that thread is copied through memory instead: for a 1 MiB read, a fresh
+# 1 MiB buffer (256 page faults), a pread into it and a write of it to /dev/fuse. Six pages
+# below the pipe size: a reply of up to three media extents still fits (libfuse counts a
+# page for the header, one per buffer and one spare). 256 pages is the kernel's own cap.
+REQUEST_BYTES = min(256, _pipe_max_bytes() // PAGE_SIZE - 6) * PAGE_SIZE
+# Readahead in windows of whole requests; the kernel's default window is 128 KiB.
+READ_AHEAD_KB = REQUEST_BYTES >> 10
 
 
 def raise_readahead(mountpoint: str) -> None:
-    """Let buffered reads of device files reach the daemon as 1 MiB requests instead of
-    128 KiB ones, through the mount's backing_dev_info (root only; harmless if refused)."""
+    """Let buffered reads of device files reach the daemon as requests of REQUEST_BYTES
+    instead of 128 KiB ones, through the mount's backing_dev_info (root only; harmless if refused)."""
     dev = os.stat(mountpoint).st_dev
     path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
     try:
