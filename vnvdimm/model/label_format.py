@@ -32,6 +32,7 @@ write them when a namespace changes (nd_pmem_namespace_label_update(), del_label
 from __future__ import annotations
 
 import errno
+import functools
 import struct
 import uuid as uuidlib
 from collections.abc import Sequence
@@ -91,6 +92,7 @@ def num_label_slots(config_size: int, label_size: int) -> int:
     return config_size // (label_size + 1)
 
 
+@functools.cache  # a pure function of two numbers, asked on every label read and write
 def sizeof_namespace_index(config_size: int, label_size: int) -> int:
     """sizeof_namespace_index(): header plus bitmap, rounded to 256 bytes; 0 when two of them
     do not fit in the space the label slots leave."""
@@ -265,6 +267,14 @@ class DimmLabelData:
         self.label_size = 128
         self.data = bytearray()
         self.ns_current = self.ns_next = -1
+        # Every label update looks up labels by uuid among the active ones, and the kernel walks
+        # (and checksums) all of them for that: n updates cost n². Here the active labels of the
+        # current index are kept by slot and by uuid, brought up to date from the slots whose
+        # used bit changed, and each slot's bytes are parsed once while they stay the same.
+        self._parsed: dict[int, tuple[bytes, Label | None]] = {}
+        self._active: dict[int, Label] | None = None
+        self._active_used = 0  # the used-slot bitmap `_active` was read for
+        self._by_uuid: dict[uuidlib.UUID, dict[int, Label]] = {}
         self.load()
 
     def load(self) -> None:
@@ -277,6 +287,7 @@ class DimmLabelData:
             data += self.area.read(len(data), min(self.area.max_xfer, self.config_size - len(data)))
         self.data = data
         self.ns_current = self.ns_next = -1
+        self._forget_parsed()
         for size in LABEL_SIZES:
             self.label_size = size
             current = validate_index(self.data, self.config_size, size)
@@ -335,20 +346,63 @@ class DimmLabelData:
 
     # -- reading (nd_label_active_count(), nd_label_active(), slot_valid())
     def active_labels(self) -> list[Label]:
+        """The valid labels of the current index, in slot order."""
+        active = self._refresh_active()
+        return [active[slot] for slot in sorted(active)]
+
+    def active_labels_of(self, uuid: uuidlib.UUID) -> list[Label]:
+        """The valid labels of the current index naming `uuid`, in slot order."""
+        self._refresh_active()
+        found = self._by_uuid.get(uuid)
+        return [found[slot] for slot in sorted(found)] if found else []
+
+    def _forget_parsed(self) -> None:
+        self._parsed.clear()
+        self._active = None
+        self._by_uuid.clear()
+
+    def _refresh_active(self) -> dict[int, Label]:
         index = self.index(self.ns_current)
         if index is None:
-            return []
-        free = self.free_bitmap(self.ns_current)
-        out = []
-        for slot in range(index.nslot):
-            if _bit(free, slot):
-                continue
-            raw = self.label_at(slot)
-            label = Label.unpack(raw, self.label_size)
-            if label.slot != slot or not label_checksum_ok(raw, self.label_size):
-                continue
-            out.append(label)
-        return out
+            self._active = None
+            self._by_uuid.clear()
+            return {}
+        free = int.from_bytes(self.free_bitmap(self.ns_current), "little")
+        used = ~free & ((1 << index.nslot) - 1)
+        if self._active is None:
+            self._active, changed = {}, used
+            self._by_uuid.clear()
+        else:
+            changed = used ^ self._active_used
+        while changed:
+            low = changed & -changed
+            changed ^= low
+            slot = low.bit_length() - 1
+            old = self._active.pop(slot, None)
+            if old is not None:
+                same = self._by_uuid[old.uuid]
+                del same[slot]
+                if not same:
+                    del self._by_uuid[old.uuid]
+            label = self._valid_label(slot) if used & low else None
+            if label is not None:
+                self._active[slot] = label
+                self._by_uuid.setdefault(label.uuid, {})[slot] = label
+        self._active_used = used
+        return self._active
+
+    def _valid_label(self, slot: int) -> Label | None:
+        """slot_valid(): the label in `slot` if it names its slot and its checksum holds;
+        parsed once for as long as the slot's bytes stay the same."""
+        raw = self.label_at(slot)
+        cached = self._parsed.get(slot)
+        if cached is not None and cached[0] == raw:
+            return cached[1]
+        label: Label | None = Label.unpack(raw, self.label_size)
+        if label is not None and (label.slot != slot or not label_checksum_ok(raw, self.label_size)):
+            label = None
+        self._parsed[slot] = (raw, label)
+        return label
 
     def nfree(self) -> int:
         """nd_label_nfree(): free slots in the next index (all slots without an index)."""
@@ -381,6 +435,8 @@ class DimmLabelData:
         off = self.label_base + slot * self.label_size
         self.area.write(off, raw)
         self.data[off:off + self.label_size] = raw
+        if self._active_used >> slot & 1:  # a slot the current index uses (the kernel never
+            self._active = None  # writes one; kept right all the same)
 
     def write_index(self, which: int, seq: int, init: bool = False) -> None:
         """nd_label_write_index(): fill in index block `which`, checksum it and write it; an
@@ -412,6 +468,7 @@ class DimmLabelData:
         if self.ns_current >= 0 and self.ns_next >= 0:
             return
         self.data[:] = bytes(self.config_size)
+        self._forget_parsed()
         self.write_index(0, 3, init=True)
         self.write_index(1, 2, init=True)
         self.ns_current, self.ns_next = 0, 1
@@ -473,18 +530,12 @@ class InterleaveSetLabels:
         return dimm.label_size < 256 or label.type_guid == self.iset.type_guid
 
     def _has_uuid_at_pos(self, uuid: uuidlib.UUID, cookie: int, pos: int) -> bool:
+        """has_uuid_at_pos(): a DIMM holding the uuid's label for `pos` (and no other of it)."""
         for m in self.mappings:
-            found_uuid = found = False
-            for label in m.dimm.active_labels():
-                if not self._label_ok(m.dimm, label, cookie, uuid):
-                    continue
-                if found_uuid:
-                    return False  # duplicate entry for uuid
-                found_uuid = True
-                if label.nlabel != self.ways or label.position != pos:
-                    continue
-                found = True
-            if found:
+            ok = [label for label in m.dimm.active_labels_of(uuid) if self._label_ok(m.dimm, label, cookie, uuid)]
+            if len(ok) > 1:
+                return False  # duplicate entry for uuid
+            if ok and ok[0].nlabel == self.ways and ok[0].position == pos:
                 return True
         return False
 
@@ -499,11 +550,11 @@ class InterleaveSetLabels:
         cookie = self.cookie(m0.dimm.index(m0.dimm.ns_current))
         if cookie == 0:
             raise fail(errno.ENODEV, "invalid interleave-set-cookie")
-        found: list[ScannedNamespace] = []
+        found: dict[uuidlib.UUID, ScannedNamespace] = {}
         for label in m0.dimm.active_labels():
             if label.dpa < m0.start or label.dpa > m0.start + m0.size - 1:
                 continue  # an extent outside this region
-            if any(ns.uuid == label.uuid for ns in found):
+            if label.uuid in found:
                 raise fail(errno.ENODEV, f"conflicting extents for uuid {label.uuid}")
             if label.isetcookie != cookie and label.isetcookie != self.iset.altcookie:
                 continue  # another interleave set's label
@@ -511,8 +562,8 @@ class InterleaveSetLabels:
                        or self._has_uuid_at_pos(label.uuid, self.iset.altcookie, pos)
                        for pos in range(self.ways)):
                 raise fail(errno.ENODEV, f"missing label for {label.uuid}")
-            found.append(self._create(label.uuid))
-        return sorted(found, key=lambda ns: ns.offset)
+            found[label.uuid] = self._create(label.uuid)
+        return sorted(found.values(), key=lambda ns: ns.offset)
 
     def _create(self, uuid: uuidlib.UUID) -> ScannedNamespace:
         """select_pmem_id() and the size/identity part of create_namespace_pmem()."""
@@ -520,7 +571,7 @@ class InterleaveSetLabels:
         first: Label | None = None
         dpa0 = 0
         for i, m in enumerate(self.mappings):
-            label = next((lab for lab in m.dimm.active_labels() if lab.uuid == uuid), None)
+            label = next(iter(m.dimm.active_labels_of(uuid)), None)
             if label is None:
                 raise fail(errno.ENODEV, f"label for {uuid} not found")
             end = label.dpa + label.rawsize
@@ -560,11 +611,12 @@ class InterleaveSetLabels:
         index = dimm.index(dimm.ns_next)
         if index is None:
             raise fail(errno.ENXIO, "no label index")
-        victims = [lab.slot for lab in dimm.active_labels() if lab.uuid in (ns.uuid, old_uuid)]
+        victims = sorted({lab.slot for uuid in (ns.uuid, old_uuid) if uuid is not None
+                          for lab in dimm.active_labels_of(uuid)})
         slot = dimm.alloc_slot()
         if slot is None:
             raise fail(errno.ENXIO, "no free label slot")
-        previous = next((lab for lab in dimm.active_labels() if lab.uuid == ns.uuid), None)
+        previous = next(iter(dimm.active_labels_of(ns.uuid)), None)
         label = Label(
             uuid=ns.uuid, name=ns.name, flags=flags, nlabel=self.ways, position=pos,
             isetcookie=self.cookie(index), lbasize=ns.lbasize, dpa=m.start + ns.offset // self.ways,
@@ -586,9 +638,8 @@ class InterleaveSetLabels:
             index = dimm.index(dimm.ns_next)
             if index is None:
                 continue
-            for label in dimm.active_labels():
-                if label.uuid == uuid:
-                    dimm.free_slot(label.slot)
+            for label in dimm.active_labels_of(uuid):
+                dimm.free_slot(label.slot)
             dimm.write_index(dimm.ns_next, nd_inc_seq(index.seq))
 
     def described(self) -> dict[uuidlib.UUID, ScannedNamespace]:
