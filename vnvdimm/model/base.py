@@ -378,12 +378,14 @@ class Ida:
 
     def __init__(self) -> None:
         self._used: set[int] = set()
+        self._lowest_maybe_free = 0  # every id below it is in use (so n gets cost n, not n²)
 
     def get(self) -> int:
-        i = 0
+        i = self._lowest_maybe_free
         while i in self._used:
             i += 1
         self._used.add(i)
+        self._lowest_maybe_free = i + 1
         return i
 
     def take(self, i: int) -> None:
@@ -391,6 +393,7 @@ class Ida:
 
     def put(self, i: int) -> None:
         self._used.discard(i)
+        self._lowest_maybe_free = min(self._lowest_maybe_free, i)
 
 
 def align_up(value: int, align: int) -> int:

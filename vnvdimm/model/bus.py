@@ -35,6 +35,10 @@ class NvdimmBus(Device):
         self.dimms: list[Nvdimm] = []
         self.regions: list[Region] = []
         self.test_dimms: list[NfitTestDimm] = []  # nfit_test's test_dimmN beside the bus
+        # Every uuid a namespace, pfn, dax or btt of this bus was ever given (as ints): a uuid
+        # not in it is unique without walking the bus (nd_is_uuid_unique() does, which made
+        # creating n namespaces cost n²); one in it is looked up the kernel's way.
+        self.uuids_given: set[int] = set()
         self.ctl = NdCtl(system, self)
 
     @property

@@ -45,9 +45,19 @@ class Namespace(Device):
         self.claim_class = ""
         self.force_raw = False
         self.disk: Disk | None = None
-        self.uuid: uuidlib.UUID | None = None
+        self._uuid: uuidlib.UUID | None = None
         self.alt_name = ""
         self.lbasize = 512
+
+    @property
+    def uuid(self) -> uuidlib.UUID | None:
+        return self._uuid
+
+    @uuid.setter
+    def uuid(self, value: uuidlib.UUID | None) -> None:
+        self._uuid = value
+        if value is not None:
+            self.region.bus.uuids_given.add(value.int)
 
     # -- geometry
     @property
@@ -198,6 +208,8 @@ class NamespacePmem(Namespace):
 def uuid_is_unique(region: Region, new: uuidlib.UUID) -> bool:
     """nd_is_uuid_unique(): no pmem namespace, btt or pfn (nd_dax devices are not looked at)
     of any region of the bus has that uuid."""
+    if new.int not in region.bus.uuids_given:
+        return True
     for other in region.bus.regions:
         for ns in other.namespaces:
             if isinstance(ns, NamespacePmem) and ns.uuid == new:

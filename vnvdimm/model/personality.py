@@ -90,8 +90,18 @@ class Personality(Device):
         self.region = region
         self.id = dev_id
         self.ndns: Namespace | None = None
-        self.uuid: uuidlib.UUID | None = None
+        self._uuid: uuidlib.UUID | None = None
         self.disk: Disk | None = None
+
+    @property
+    def uuid(self) -> uuidlib.UUID | None:
+        return self._uuid
+
+    @uuid.setter
+    def uuid(self, value: uuidlib.UUID | None) -> None:
+        self._uuid = value
+        if value is not None:
+            self.region.bus.uuids_given.add(value.int)
 
     @property
     def nd_type(self) -> NdDeviceType:  # type: ignore[override]
