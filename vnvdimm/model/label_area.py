@@ -38,12 +38,16 @@ def nfit_test_fill(index: int) -> bytes:
 class LabelArea:
     """The label storage area of one DIMM, backed by a file of exactly `size` bytes."""
 
-    def __init__(self, path: Path, size: int, max_xfer: int) -> None:
+    def __init__(self, path: Path, size: int, max_xfer: int, *, sync_each_write: bool = True) -> None:
+        """`sync_each_write` False: writes reach the disk when the area is closed, not each on
+        its own (for an area nobody uses until it is complete: an installer's)."""
         if size <= 0 or max_xfer <= 0:
             raise ValueError(f"{path}: label area size {size} / max_xfer {max_xfer} must be positive")
         self.path = path
         self.size = size
         self.max_xfer = max_xfer
+        self.sync_each_write = sync_each_write
+        self._unsynced = False
         self._lock = threading.Lock()
         self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
@@ -56,10 +60,11 @@ class LabelArea:
             raise
 
     @classmethod
-    def create(cls, path: Path, size: int, max_xfer: int, fill: bytes = b"") -> LabelArea:
+    def create(cls, path: Path, size: int, max_xfer: int, fill: bytes = b"", *,
+               sync_each_write: bool = True) -> LabelArea:
         """A fresh area: zeroes with `fill` at offset 0, durable before it is returned."""
         write_fresh(path, size, fill)
-        return cls(path, size, max_xfer)
+        return cls(path, size, max_xfer, sync_each_write=sync_each_write)
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -85,17 +90,26 @@ class LabelArea:
             done = 0
             while done < len(view):
                 done += os.pwrite(self._fd, view[done:], offset + done)
-            os.fdatasync(self._fd)
+            if self.sync_each_write:
+                os.fdatasync(self._fd)
+            else:
+                self._unsynced = True
 
     def reset(self, fill: bytes = b"") -> None:
         """Back to a freshly allocated area (what reloading nfit_test gives every DIMM)."""
         self.write(0, (fill + bytes(self.size))[: self.size])
 
     def close(self) -> None:
+        """Close the area, its writes on the disk first."""
         with self._lock:
             if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+                try:
+                    if self._unsynced:
+                        os.fdatasync(self._fd)
+                        self._unsynced = False
+                finally:
+                    os.close(self._fd)
+                    self._fd = -1
 
     def __del__(self) -> None:
         # an area dropped without close() (a failed boot) does not keep its descriptor
