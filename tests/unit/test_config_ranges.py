@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import tomllib
 from collections.abc import Callable
 from dataclasses import replace
@@ -16,8 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vnvdimm.model.namespace import Namespace
 from vnvdimm.topology.config import (
     MAX_DIMMS,
+    MAX_NAMESPACES_PER_DIMM,
     MAX_NS_PER_PAGE,
     MAX_NUMA_NODE,
     MAX_REGION,
@@ -26,7 +29,7 @@ from vnvdimm.topology.config import (
     format_size,
     parse_config,
 )
-from vnvdimm.topology.platform import InvalidPlatform, Platform, StateDir
+from vnvdimm.topology.platform import InvalidPlatform, Platform, StateDir, boot, provision
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 G16M = 16 << 20
@@ -88,6 +91,42 @@ def test_namespace_sizes_follow_the_region_alignment() -> None:
     platform_of(f'template = "nfit"\n{dimms}[[region]]\nnamespaces = [ {{ size = "16000M" }} ]\n')
 
 
+def test_a_dimm_holds_as_many_namespaces_as_its_label_area() -> None:
+    # Two regions on DIMM 0: their namespaces share its label area.
+    def config(first: int, second: int) -> str:
+        def ns(n: int) -> str:
+            return "namespaces = [" + ", ".join(['{ size = "16M" }'] * n) + "]"
+        return (f'template = "nfit"\n[[dimm]]\nsize = "{(first + second) * 16}M"\n[[dimm]]\nsize = "32M"\n'
+                f'[[region]]\ndimms = [0]\nsize = "{first * 16}M"\n{ns(first)}\n'
+                f'[[region]]\ndimms = [0]\nsize = "{second * 16}M"\n{ns(second)}\n')
+
+    platform_of(config(MAX_NAMESPACES_PER_DIMM - 9, 9))
+    message = refused(config(MAX_NAMESPACES_PER_DIMM - 9, 10), "region[1].namespaces")
+    assert f"DIMM 0 would hold {MAX_NAMESPACES_PER_DIMM + 1} namespace labels" in message
+
+
+def test_the_most_namespaces_a_dimm_holds_are_made_and_come_back(tmp_path: Path) -> None:
+    many = ", ".join(['{ size = "16M" }'] * MAX_NAMESPACES_PER_DIMM)
+    config = parse_config(tomllib.loads(f'template = "nfit"\n[[dimm]]\nsize = "{MAX_NAMESPACES_PER_DIMM * 16}M"\n'
+                                        f'[[region]]\nnamespaces = [{many}]\n'), "t.toml")
+    state = StateDir(tmp_path / "state")
+    platform, provision_config = state.open(config)
+    assert provision_config is not None
+    provision(platform, state, provision_config)
+    with boot(platform, state) as system:
+        assert sum(1 for ns in system.buses[0].regions[0].namespaces if ns.size) == MAX_NAMESPACES_PER_DIMM
+
+
+@pytest.mark.parametrize("name", ["a\u0000b", " lead", "trail\t", "x" * 64])
+def test_names_the_label_cannot_keep_are_refused(name: str) -> None:
+    refused(f'template = "nfit"\n[[dimm]]\nsize = "32M"\n[[region]]\n'
+            f'namespaces = [ {{ size = "16M", name = {json.dumps(name)} }} ]\n', "region[0].namespaces[0].name")
+
+
+def test_an_e820_region_without_a_size_says_so() -> None:
+    assert "missing: an e820 region needs a size" in refused("[[region]]\n", "region[0].size")
+
+
 def test_modes_must_fit_their_namespace() -> None:
     refused(e820(32 << 20).replace("numa_node = 0\n", 'namespace = { mode = "fsdax", align = "1G" }\n'),
             "region[0].namespace")
@@ -117,6 +156,7 @@ def test_the_docs_state_the_same_ranges() -> None:
     assert rows["memmap.ns_per_page"] == f"0 to {MAX_NS_PER_PAGE}"
     assert rows["numa_node"] == f"0 to {MAX_NUMA_NODE}"
     assert rows["[[dimm]]"] == f"at most {MAX_DIMMS}"
+    assert rows["nfit namespaces per DIMM"].startswith(f"at most {MAX_NAMESPACES_PER_DIMM} ")
     assert f"at most {format_size(MAX_REGION)}" in docs
     assert f"workers = 2                  # worker processes, 0 to {MAX_WORKERS};" in docs
     assert f"(0 to {MAX_NS_PER_PAGE})" in docs
@@ -156,3 +196,55 @@ def test_every_field_of_a_record_is_checked(tmp_path: Path, edit: Callable[[dict
     state.platform_path.write_text(json.dumps(doc))
     with pytest.raises(ConfigError, match=rf"damaged platform record \({re.escape(field)}"):
         state.read_platform()
+
+
+def nfit_namespace(spec: dict[str, Any]) -> str:
+    fields = [f'size = "{spec["size16"] * 16}M"', f'mode = "{spec["mode"]}"', f'map = "{spec["map"]}"',
+              f'align = "{spec["align"]}"', f'sector_size = {spec["sector_size"]}']
+    return "{ " + ", ".join(fields) + " }"
+
+
+NAMESPACE_SPECS = st.fixed_dictionaries({
+    "mode": st.sampled_from(["raw", "fsdax", "devdax", "sector"]), "map": st.sampled_from(["mem", "dev"]),
+    "align": st.sampled_from(["4K", "2M", "1G"]), "size16": st.integers(min_value=1, max_value=12),
+    "sector_size": st.sampled_from([512, 520, 4096, 4224])})
+
+
+@settings(max_examples=60, deadline=None)
+@given(dimms=st.integers(min_value=1, max_value=3), dimm16=st.integers(min_value=2, max_value=24),
+       namespaces=st.lists(NAMESPACE_SPECS, max_size=4), e820_size16=st.integers(min_value=2, max_value=40),
+       e820_namespace=NAMESPACE_SPECS)
+def test_a_config_that_passes_always_provisions(dimms: int, dimm16: int, namespaces: list[dict[str, Any]],
+                                                e820_size16: int, e820_namespace: dict[str, Any]) -> None:
+    """Whatever the checks accept, the first mount makes: every namespace with its mode, the
+    same after a reboot (nothing refused by the model at provisioning)."""
+    nfit = ['template = "nfit"', *[f'[[dimm]]\nsize = "{dimm16 * 16}M"' for _ in range(dimms)],
+            "[[region]]", f"namespaces = [{', '.join(nfit_namespace(n) for n in namespaces)}]"]
+    ns = dict(e820_namespace)
+    ns.pop("size16")
+    e820_text = (f'[[region]]\nsize = "{e820_size16 * 16}M"\nnamespace = {{ '
+                 + ", ".join(f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in ns.items()) + " }\n")
+    for text, wanted in (("\n".join(nfit) + "\n", [n["mode"] for n in namespaces]), (e820_text, [ns["mode"]])):
+        try:
+            config = parse_config(tomllib.loads(text), "t.toml")
+        except ConfigError:
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            state = StateDir(Path(d) / "state")
+            platform, provision_config = state.open(config)
+            assert provision_config is not None
+            try:
+                provision(platform, state, provision_config)
+            except ConfigError as e:
+                pytest.fail(f"accepted by the config, refused by the first mount: {e}\n{text}")
+            with boot(platform, state) as system:
+                made = sorted(namespace_mode(ns) for bus in system.buses for r in bus.regions
+                              for ns in r.namespaces if ns.size)
+            assert made == sorted(wanted), text
+
+
+MODE_OF_CLAIM = {None: "raw", "pfn": "fsdax", "dax": "devdax", "btt": "sector"}
+
+
+def namespace_mode(ns: Namespace) -> str:
+    return MODE_OF_CLAIM[ns.claim.claim_class if ns.claim is not None else None]

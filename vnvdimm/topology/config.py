@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from vnvdimm.model.infoblock import ARENA_MIN_SIZE, PFN_MODE_PMEM, PFN_MODE_RAM, pfn_geometry
+from vnvdimm.model.label_area import NFIT_TEST_LABEL_SIZE
+from vnvdimm.model.label_format import num_label_slots
 from vnvdimm.model.region import default_align
 from vnvdimm.model.system import MemmapSettings
 
@@ -34,11 +36,18 @@ SPA_ALIGN = 1 << 30  # regions start 1 GiB apart
 SPA_LIMIT = 1 << 46
 MAX_REGION = SPA_LIMIT - SPA_BASE  # also the largest DIMM
 MAX_DIMMS = 1024
+# A namespace takes one label on each DIMM of its region. A fresh label area (128K) is given
+# v1.2 labels of 256 bytes: 510 slots, one of which must stay free, since an update writes the
+# new label before it frees the old one (the kernel's -ENXIO "no free label slot" otherwise).
+LABEL_AREA_SIZE = NFIT_TEST_LABEL_SIZE
+MAX_NAMESPACES_PER_DIMM = num_label_slots(LABEL_AREA_SIZE, 256) - 1
 
 
 class ConfigError(ValueError):
     """A config (or state dir) that cannot be used; the message says where and why."""
 
+
+KERNEL_SPACE = " \t\n\v\f\r"  # isspace() of the kernel's ctype
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
@@ -179,6 +188,9 @@ class _Checker:
         name = t.get("name", "")
         if not isinstance(name, str) or len(name.encode()) > 63:
             raise self.fail(f"{key}.name", "must be a string of at most 63 bytes")
+        if "\0" in name or name != name.strip(KERNEL_SPACE):
+            # the label keeps a C string and alt_name_store() strips the ends (strim())
+            raise self.fail(f"{key}.name", "must not hold a NUL or begin or end with white space")
         return NamespaceConfig(mode, nsmap, align, sector, size, name)
 
 
@@ -241,6 +253,7 @@ def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
         raise c.fail("region", "at least one [[region]] is needed")
     regions: list[RegionConfig] = []
     used = [0] * len(dimms)
+    labels = [0] * len(dimms)
     spa = SPA_BASE
     for i, r in enumerate(raw_regions):
         key = f"region[{i}]"
@@ -274,11 +287,19 @@ def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
                     raise c.fail(f"{key}.namespaces[{j}].size",
                                  f"must be a multiple of the region's alignment, {format_size(align)} (16M, times "
                                  f"the number of DIMMs, {len(members)}, when they do not divide it)")
+            for m in members:
+                labels[m] += len(nss)
+                if labels[m] > MAX_NAMESPACES_PER_DIMM:
+                    raise c.fail(f"{key}.namespaces", f"DIMM {m} would hold {labels[m]} namespace labels; its label "
+                                                      f"area has room for {MAX_NAMESPACES_PER_DIMM}: spread them over "
+                                                      "more DIMMs")
             regions.append(RegionConfig(size, c.int_(t.get("numa_node", 0), f"{key}.numa_node", 0, MAX_NUMA_NODE),
                                         tuple(members), nss))
         else:
             c.unknown(t, {"size", "numa_node", "namespace"}, key)
-            size = c.size(t.get("size"), f"{key}.size")
+            if "size" not in t:
+                raise c.fail(f"{key}.size", 'missing: an e820 region needs a size, like "8G"')
+            size = c.size(t["size"], f"{key}.size")
             if size < MIN_REGION or size % REGION_GRANULE:
                 raise c.fail(f"{key}.size", "must be a multiple of 16M and at least 32M")
             ns = c.namespace(t.get("namespace", {}), f"{key}.namespace", False)
