@@ -529,15 +529,24 @@ class InterleaveSetLabels:
             return False
         return dimm.label_size < 256 or label.type_guid == self.iset.type_guid
 
-    def _has_uuid_at_pos(self, uuid: uuidlib.UUID, cookie: int, pos: int) -> bool:
-        """has_uuid_at_pos(): a DIMM holding the uuid's label for `pos` (and no other of it)."""
+    def _positions_found(self, uuid: uuidlib.UUID, cookie: int) -> set[int]:
+        """The positions has_uuid_at_pos() finds the uuid's labels at, all at once (asked position
+        by position, it walks the DIMMs each time: ways² for a wide set): walking the DIMMs in
+        order, each one's label for the set counts, up to a DIMM that holds two labels of the
+        uuid (a duplicate: has_uuid_at_pos() gives up there)."""
+        found: set[int] = set()
         for m in self.mappings:
             ok = [label for label in m.dimm.active_labels_of(uuid) if self._label_ok(m.dimm, label, cookie, uuid)]
             if len(ok) > 1:
-                return False  # duplicate entry for uuid
-            if ok and ok[0].nlabel == self.ways and ok[0].position == pos:
-                return True
-        return False
+                break  # duplicate entry for uuid
+            if ok and ok[0].nlabel == self.ways:
+                found.add(ok[0].position)
+        return found
+
+    def _complete(self, uuid: uuidlib.UUID, cookie: int) -> bool:
+        """Every position has the uuid's label, with the set's cookie or its alternative."""
+        missing = set(range(self.ways)) - self._positions_found(uuid, cookie)
+        return not missing or not missing - self._positions_found(uuid, self.iset.altcookie)
 
     def scan(self) -> list[ScannedNamespace]:
         """scan_labels(): the namespaces the labels of mapping 0 describe, completed by the
@@ -558,9 +567,7 @@ class InterleaveSetLabels:
                 raise fail(errno.ENODEV, f"conflicting extents for uuid {label.uuid}")
             if label.isetcookie != cookie and label.isetcookie != self.iset.altcookie:
                 continue  # another interleave set's label
-            if not all(self._has_uuid_at_pos(label.uuid, cookie, pos)
-                       or self._has_uuid_at_pos(label.uuid, self.iset.altcookie, pos)
-                       for pos in range(self.ways)):
+            if not self._complete(label.uuid, cookie):
                 raise fail(errno.ENODEV, f"missing label for {label.uuid}")
             found[label.uuid] = self._create(label.uuid)
         return sorted(found.values(), key=lambda ns: ns.offset)
