@@ -62,9 +62,23 @@ class LabelArea:
     @classmethod
     def create(cls, path: Path, size: int, max_xfer: int, fill: bytes = b"", *,
                sync_each_write: bool = True) -> LabelArea:
-        """A fresh area: zeroes with `fill` at offset 0, durable before it is returned."""
-        write_fresh(path, size, fill)
-        return cls(path, size, max_xfer, sync_each_write=sync_each_write)
+        """A fresh area: zeroes with `fill` at offset 0, durable before it is returned (without
+        `sync_each_write`: once it is closed; its directory entry is the creator's to sync)."""
+        if sync_each_write:
+            write_fresh(path, size, fill)
+            return cls(path, size, max_xfer)
+        if len(fill) > size:
+            raise ValueError(f"{path}: fill of {len(fill)} bytes does not fit a {size}-byte area")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            if fill:
+                os.pwrite(fd, fill, 0)
+        finally:
+            os.close(fd)
+        area = cls(path, size, max_xfer, sync_each_write=False)
+        area._unsynced = True
+        return area
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:

@@ -685,6 +685,7 @@ def provision(platform: Platform, state: StateDir, config: TopologyConfig) -> li
                 if os.path.lexists(path):
                     write_atomically(copy, safe_dir.read_private(path))
         format_regions(platform, work, config, created)
+        safe_dir.fsync_dir(work.path / "labels")  # the label areas it created (synced when closed)
         if new_record:
             write_atomically(work.platform_path, platform.to_json().encode())
         write_atomically(work.path / PROVISIONING_COMPLETE, b"")
