@@ -135,6 +135,10 @@ def user() -> Iterator[User]:
                 copies.mkdir(exist_ok=True)
                 target = copies / root.name
                 (shutil.copytree if root.is_dir() else shutil.copy2)(root, target)  # type: ignore[operator]
+                # a wheel's vendored shared libraries sit beside the package (numpy.libs)
+                libs = root.parent / f"{root.name}.libs"
+                if libs.is_dir():
+                    shutil.copytree(libs, copies / libs.name)
                 root = target
             paths.append(str(root.parent))
         subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", str(home)], check=True)
