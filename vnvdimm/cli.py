@@ -134,6 +134,10 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--uninject", action="store_true", help="remove the errors instead")
     p.add_argument("--status", action="store_true", help="list the namespace's bad blocks (JSON)")
 
+    sub.add_parser("preload-path", help="print the path of the preload library (for LD_PRELOAD)",
+                   description="The library that makes the emulated /dev/ndctlN, nmemN, daxR.M and pmemN "
+                               "look like device nodes and answers their ioctls; with-vnvdimm loads it.")
+
 
 def _number(text: str) -> int:
     try:
@@ -160,7 +164,18 @@ def _inject(args: argparse.Namespace) -> int:
     return inject.run(args.mountpoint, args.namespace, args.block, args.count, args.uninject, args.status)
 
 
-TOOL_COMMANDS = {"status": _status, "wait": _wait, "inject-error": _inject}
+def _preload_path(args: argparse.Namespace) -> int:
+    from vnvdimm.preload import PreloadMissing, library_path
+
+    try:
+        print(library_path())
+    except PreloadMissing as e:
+        print(f"vnvdimm: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+TOOL_COMMANDS = {"status": _status, "wait": _wait, "inject-error": _inject, "preload-path": _preload_path}
 
 
 if __name__ == "__main__":
