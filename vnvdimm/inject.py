@@ -1,8 +1,9 @@
 """`vnvdimm inject-error`: media errors through the bus's `vnvdimm/inject_error` control.
 
-This is what ``ndctl inject-error`` does with the ACPI error-injection DSMs (which are ioctls,
-out of reach of a file system): BLOCK and COUNT are 512-byte blocks counted as ndctl counts
-them, from the data area of an fsdax/devdax namespace, from the namespace start otherwise.
+This is what ``ndctl inject-error`` does with the ACPI error-injection DSMs (on an NFIT
+platform the daemon feeds the same platform error list and scrub): BLOCK and COUNT are 512-byte
+blocks counted as ndctl counts them, from the data area of an fsdax/devdax namespace, from the
+namespace start otherwise.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import bisect
 import errno
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from vnvdimm.model.base import fail
 
@@ -41,6 +41,9 @@ class BadBlocks:
         self._lock = threading.Lock()
         self._starts: list[int] = []
         self._ends: list[int] = []
+        # The platform's side of a clear by write (the CLEAR_ERROR the pmem driver sends):
+        # called with the media byte range a write made good again.
+        self.on_cleared: Callable[[int, int], None] | None = None
 
     def __bool__(self) -> bool:
         return bool(self._starts)
@@ -130,6 +133,8 @@ class BadBlocks:
             if self.clear(first, count):
                 log.info("%s: media errors cleared by a write of sectors [%d, %d)", media_name, first,
                          first + count)
+                if self.on_cleared is not None:
+                    self.on_cleared(first * SECTOR, count * SECTOR)
 
 
 def show(ranges: Iterable[tuple[int, int]]) -> str:

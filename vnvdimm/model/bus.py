@@ -76,6 +76,10 @@ class NvdimmBus(Device):
         at once here, so the count of completed scrubs goes up and nothing stays busy ('+')."""
         if kstrtol(buf) != 1:
             raise fail(errno.EINVAL, "only 1 starts a scrub")
+        firmware = getattr(self, "firmware", None)
+        if firmware is not None:
+            with self.system.lock:
+                firmware.bus.scrub()  # what the platform reports becomes the kernel's poison list
         self.scrub_count += 1
 
     def _hw_error_scrub_store(self, buf: bytes) -> None:

@@ -64,14 +64,15 @@ class Nvdimm(Device):
         self.serial = serial
         self.identity = identity or NfitIdentity()
         self.devt = (NMEM_MAJOR, system.minors[NMEM_MAJOR].get())
-        # Label-area commands (get_size get_data set_data) and smart are ioctl-only: advertising
-        # them would make ndctl try ioctls that a file system cannot answer.
+        # What the platform firmware answers (vnvdimm.model.commands.platform): the nd
+        # commands by name, the family's functions as a mask. None without firmware (e820).
         self.commands: tuple[str, ...] = ()
         # The label storage area (size, max_xfer, read, write), on DIMMs of labelled platforms.
         self.label_area: LabelArea | None = None
         # nvdimm_drvdata: the label area as the nvdimm driver read it at probe (None unbound)
         self.label_data: DimmLabelData | None = None
         self.labeling = False
+        self.dsm_mask = 0
 
     def probe(self) -> None:
         """nvdimm_probe(): read and validate the label area (nd_label_data_init())."""
@@ -110,7 +111,7 @@ class Nvdimm(Device):
             ro("formats", lambda: "1\n"),
             ro("serial", lambda: f"0x{self.serial:08x}\n"),
             ro("family", lambda: "0\n"),
-            ro("dsm_mask", lambda: "0x0\n"),
+            ro("dsm_mask", lambda: f"{self.dsm_mask:#x}\n"),
             ro("flags", self._nfit_flags),
             ro("id", lambda: f"{ident.vendor:04x}-{ident.mfg_location:02x}-{ident.mfg_date:04x}-{self.serial:08x}\n"),
             ro("dirty_shutdown", lambda: "0\n"),

@@ -82,6 +82,20 @@ def _apply(bus: NvdimmBus, buf: bytes, inject: bool) -> None:
         raise fail(errno.EINVAL, f"blocks [{block}, {block + count}) beyond the {size // SECTOR} blocks of {name}")
     region = ns.region
     first = offset // SECTOR + block
+    firmware = getattr(bus, "firmware", None)
+    if firmware is not None:
+        # an NFIT platform: what ARS_INJECT_SET with notification / ARS_INJECT_CLEAR do
+        # (a scrub makes the error known; an uninjected one is cleared as a write would)
+        address, length = region.start + first * SECTOR, count * SECTOR
+        if inject:
+            firmware.bus.errors.add(address, length)
+            firmware.notify_error()
+        else:
+            firmware.bus.errors.forget(address, length)
+            firmware.bus.forget_poison(address, length)
+        log.info("%s: %s %d bad block(s) at block %d through the platform", name,
+                 "injected" if inject else "uninjected", count, block)
+        return
     bb = region.media.badblocks
     if inject:
         bb.set(first, count)
@@ -89,10 +103,10 @@ def _apply(bus: NvdimmBus, buf: bytes, inject: bool) -> None:
         bb.clear(first, count)
     log.info("%s: %s %d bad block(s) at block %d (%s sector %d)", name, "injected" if inject else "uninjected",
              count, block, region.name, first)
-    _changed(region)
+    media_errors_changed(region)
 
 
-def _changed(region: Region) -> None:
+def media_errors_changed(region: Region) -> None:
     """Page caches of every device file on this media drop (so reads see the poison), and
     pollers of the badblocks attributes wake (the kernel's sysfs_notify of bb_state)."""
     system = region.system

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from vnvdimm.model import drivers
 from vnvdimm.model.base import Attr, Device, Driver, align_up
 from vnvdimm.model.bus import NFIT_BUS_COMMANDS, NvdimmBus
+from vnvdimm.model.commands import platform as firmware
 from vnvdimm.model.dimm import NfitIdentity, Nvdimm
 from vnvdimm.model.label_area import NFIT_TEST_LABEL_SIZE, NFIT_TEST_MAX_XFER, LabelArea
 from vnvdimm.model.label_format import DimmLabelData, InterleaveSet, InterleaveSetLabels, LabelMapping, ScannedNamespace
@@ -557,6 +558,10 @@ def build_system(platform: Platform, state: StateDir, system: System, only: set[
                                   iset=iset, pagemap=not nfit, persistence=persistence,
                                   range_index=r.range_index if r.range_index >= 0 else None,
                                   flush_hints=r.flush_hints))
+    # each NFIT bus has its own platform firmware (its DSMs, its ARS error list)
+    for i, bus in buses.items():
+        if platform.buses[i].nfit:
+            firmware.attach(bus)
     with system.lock:
         for bus in buses.values():
             system.device_add(bus)
