@@ -21,6 +21,11 @@ from mount_kit import TEST_USERS, WITH_VNVDIMM, alive, children, fuse_mounts_und
 from topologies import SMALL_E820, SMALL_NFIT
 
 from vnvdimm.mounts import describe, lazy_unmount, loop_devices, stop_mount, vnvdimm_processes
+from vnvdimm.preload import library_path
+
+# Every command the tests run through with-vnvdimm gets the preload library of this checkout,
+# whether or not `vnvdimm` is on PATH.
+os.environ.setdefault("VNVDIMM_PRELOAD", str(library_path()))
 
 REPO = Path(__file__).resolve().parent.parent
 VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]

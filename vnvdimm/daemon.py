@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from vnvdimm.mounts import (
     is_mounted,
     lazy_unmount,
     mount_record,
+    runtime_dir,
     watch_unmount,
 )
 from vnvdimm.topology import safe_dir
@@ -45,6 +47,13 @@ class MountError(RuntimeError):
 
 
 # ---------------------------------------------------------------- mount bookkeeping
+
+
+def ioctl_socket(mountpoint: Path) -> Path:
+    """The unix socket on which the daemon of `mountpoint` answers ioctls (short: sun_path
+    has 108 bytes; private: the runtime dir is the user's)."""
+    key = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
+    return runtime_dir() / f"ioctl-{key}.sock"
 
 
 def check_mountpoint(mountpoint: Path, allow_other: bool = False) -> None:
@@ -147,6 +156,7 @@ def setup_logging(state: StateDir, verbose: int, foreground: bool) -> None:
 def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock, ready_fd: int | None) -> int:
     """The daemon proper: returns when the file system is unmounted."""
     from vnvdimm.fuse.ops import VnvdimmOperations, raise_readahead, serve
+    from vnvdimm.ioctl.server import IoctlServer
     from vnvdimm.memmap import MemmapEngine
     from vnvdimm.sysfs.tree import Tree
 
@@ -172,7 +182,9 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
     system = machine.system
     system.modules = PlatformModules(platform, state, system)
     teardown: Teardown | None = None
+    ioctls = IoctlServer(system, ioctl_socket(opts.mountpoint))
     try:
+        ioctls.start()
         tree = Tree(system)
 
         def ready() -> None:
@@ -197,7 +209,7 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
             assert teardown is not None
             teardown.watch_mount()
 
-        ops = VnvdimmOperations(tree, on_ready=on_ready)
+        ops = VnvdimmOperations(tree, on_ready=on_ready, ioctl_socket=str(ioctls.path))
         teardown = Teardown(system, opts.mountpoint, ops, state, record, stacks)
         ops.on_device_release = teardown.device_released
         threading.Thread(target=teardown.on_signals, name="vnvdimm-signals", daemon=True).start()
@@ -208,6 +220,7 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
         if teardown is not None:
             teardown.loop_done.set()
             teardown.quiesce()
+        ioctls.close()
         machine.close()
         with contextlib.suppress(FileNotFoundError):
             record.unlink()

@@ -50,10 +50,21 @@ from vnvdimm import wait as wait_mod
 from vnvdimm.fuse import fusermount
 from vnvdimm.model.labels import write_atomically
 from vnvdimm.mounts import Holder, describe, is_mounted, stop_mount
+from vnvdimm.preload import PreloadMissing, library_path
 from vnvdimm.topology.config import ConfigError, parse_config
 from vnvdimm.topology.platform import Platform, StateDir
 
 WITH_VNVDIMM = Path(__file__).resolve().parent.parent / "mountscripts" / "with-vnvdimm"
+
+
+def with_preload(env: dict[str, str] | None) -> dict[str, str]:
+    """The environment for with-vnvdimm, naming this installation's preload library (so the
+    commands see device nodes and reach the ioctls even when `vnvdimm` is not on PATH)."""
+    out = dict(os.environ if env is None else env)
+    if "VNVDIMM_PRELOAD" not in out:
+        with contextlib.suppress(PreloadMissing):
+            out["VNVDIMM_PRELOAD"] = str(library_path())
+    return out
 
 #: The platform a test bed mounts when given none: small and quick to initialize.
 DEFAULT_TOPOLOGY: dict[str, Any] = {
@@ -424,11 +435,12 @@ class Testbed:
         """Run a command (a list, or a shell command line) where /sys and /dev are the
         emulated ones; its output is captured as text."""
         return subprocess.run(self._ns_cmd(cmd), capture_output=True, text=True, timeout=timeout, check=check,
-                              input=input, env=env)
+                              input=input, env=with_preload(env))
 
     def spawn(self, cmd: str | Sequence[str], **popen_args: Any) -> subprocess.Popen[Any]:
         """Start a command in the emulated namespace and return at once (a service, a waiter).
         The test bed does not track it: wait for it or kill it in the test."""
+        popen_args["env"] = with_preload(popen_args.get("env"))
         return subprocess.Popen(self._ns_cmd(cmd), **popen_args)
 
     def ndctl(self, *args: str) -> Any:

@@ -286,18 +286,32 @@ class OpenDevice:
         return data
 
 
+class OpenControl:
+    """An open /dev/ndctlN or /dev/nmemN: nothing but ioctls (through the preload library)."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+# The extended attribute through which the preload library learns what a device file is.
+NODE_XATTR = "user.vnvdimm"
+
+
 class VnvdimmOperations(fuse.Operations):
     use_ns = True
 
-    def __init__(self, tree: Tree, on_ready: Callable[[], None] | None = None) -> None:
+    def __init__(self, tree: Tree, on_ready: Callable[[], None] | None = None, ioctl_socket: str = "") -> None:
         self.tree = tree
         self.on_ready = on_ready
+        self.ioctl_socket = ioctl_socket
         # Everything belongs to the mounting user, as everything in sysfs and /dev belongs to
         # root: root for a root mount, and for an ordinary user's mount the user, who is root
         # inside with-vnvdimm's user namespace. The modes are the kernel's either way.
         self.uid, self.gid = os.geteuid(), os.getegid()
         self.mounted_ns = time.time_ns()
-        self._handles: dict[int, OpenAttr | OpenDevice | KBin] = {}
+        self._handles: dict[int, OpenAttr | OpenDevice | OpenControl | KBin] = {}
         self._next_fh = 1
         self._fh_lock = threading.Lock()
         self._last_serial: dict[str, int] = {}
@@ -321,7 +335,7 @@ class VnvdimmOperations(fuse.Operations):
             raise fuse.FuseOSError(errno.ENOENT)
         return node
 
-    def _new_fh(self, obj: OpenAttr | OpenDevice | KBin) -> int:
+    def _new_fh(self, obj: OpenAttr | OpenDevice | OpenControl | KBin) -> int:
         with self._fh_lock:
             fh = self._next_fh
             self._next_fh += 1
@@ -481,6 +495,19 @@ class VnvdimmOperations(fuse.Operations):
             raise fuse.FuseOSError(errno.EINVAL)
         return node.target
 
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        """`user.vnvdimm` of a device file: "<c|b> MAJOR:MINOR NAME ALIGN SOCKET" (what the
+        preload library needs to stand in for the kernel's node). Nothing else has xattrs."""
+        node = self._node(path)
+        if name != NODE_XATTR or not isinstance(node, KDevFile) or node.rdev is None or not self.ioctl_socket:
+            raise fuse.FuseOSError(errno.ENODATA)
+        major, minor = node.rdev
+        return f"{node.kind} {major}:{minor} {path.rsplit('/', 1)[-1]} {node.align} {self.ioctl_socket}".encode()
+
+    def listxattr(self, path: str) -> list[str]:
+        node = self._node(path)
+        return [NODE_XATTR] if isinstance(node, KDevFile) and node.rdev is not None and self.ioctl_socket else []
+
     def statfs(self, path: str) -> dict[str, int]:
         return {"f_bsize": PAGE_SIZE, "f_frsize": PAGE_SIZE, "f_namemax": 255}
 
@@ -521,6 +548,9 @@ class VnvdimmOperations(fuse.Operations):
                 raise fuse.FuseOSError(errno.EACCES)
             fi.direct_io = 1
             fi.fh = self._new_fh(node)
+        elif isinstance(node, KDevFile) and node.control:
+            fi.direct_io = 1
+            fi.fh = self._new_fh(OpenControl(path))
         elif isinstance(node, KDevFile):
             data = node.data
             if data is None or data.closed:
@@ -572,7 +602,7 @@ class VnvdimmOperations(fuse.Operations):
             if self.on_device_release is not None:
                 self.on_device_release()
 
-    def _handle(self, fh: Any) -> OpenAttr | OpenDevice | KBin:
+    def _handle(self, fh: Any) -> OpenAttr | OpenDevice | OpenControl | KBin:
         obj = self._handles.get(fh.fh)
         if obj is None:
             raise fuse.FuseOSError(errno.EBADF)
@@ -586,6 +616,8 @@ class VnvdimmOperations(fuse.Operations):
             return obj.data.read(size, offset)
         if isinstance(obj, OpenAttr):
             return obj.read(size, offset, self.tree.events)
+        if isinstance(obj, OpenControl):
+            raise fuse.FuseOSError(errno.EINVAL)  # the nd control devices have no read()
         return obj.read(size, offset)
 
     def write(self, path: str, data: bytes, offset: int, fh: Any) -> int:
@@ -596,6 +628,8 @@ class VnvdimmOperations(fuse.Operations):
             n = self.tree.store(obj.node, data)
             log.debug("store %s <- %r", path, data[:64])
             return n
+        if isinstance(obj, OpenControl):
+            raise fuse.FuseOSError(errno.EINVAL)
         raise fuse.FuseOSError(errno.EACCES)
 
     def read_reply(self, fh: int, size: int, offset: int) -> int:
@@ -615,6 +649,8 @@ class VnvdimmOperations(fuse.Operations):
             address = memory_bufvec(obj.read(size, offset, self.tree.events))
         elif isinstance(obj, KBin):
             address = memory_bufvec(obj.read(size, offset))
+        elif isinstance(obj, OpenControl):
+            raise fuse.FuseOSError(errno.EINVAL)  # the nd control devices have no read()
         else:
             raise fuse.FuseOSError(errno.EBADF)
         return address

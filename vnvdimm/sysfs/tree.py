@@ -48,12 +48,18 @@ class KChar(KNode):
 
 @dataclass(slots=True)
 class KDevFile(KNode):
-    """An emulated device file (pmem, dax, ndctl, nmem): a regular file whose bytes are the
-    device's. `data` None means the node exists but cannot be opened (ioctl-only devices)."""
+    """An emulated device node (pmem, dax, ndctl, nmem): a regular file whose bytes are the
+    device's. `data` None means the node exists but cannot be opened, unless it is a `control`
+    node (ndctl, nmem), which opens but has only ioctls. `kind` is what the kernel's node is
+    ("c" or "b"), `align` a device-dax instance's mapping alignment: the preload library
+    reports and enforces them (vnvdimm/preload)."""
 
     data: DataPath | None
     rdev: tuple[int, int] | None = None
     mode: int = 0o600
+    kind: str = "c"
+    align: int = 0
+    control: bool = False
 
 
 STANDARD_CHAR_NODES = {
@@ -284,15 +290,15 @@ class TreeBuilder:
         s.dir("/dev/shm")
         for dev in self.system.all_devices():
             if isinstance(dev, NdCtl | Nvdimm):
-                s.add(f"/dev/{dev.name}", KDevFile(None, dev.devt))
+                s.add(f"/dev/{dev.name}", KDevFile(None, dev.devt, control=True))
             elif isinstance(dev, DevDax):
                 # the node exists as long as the instance does (devtmpfs at device_add()); only
                 # device_dax adds the cdev behind it, so without it opens fail (ENXIO)
                 bound = dev.driver is not None and dev.driver.name == "device_dax"
-                s.add(f"/dev/{dev.name}", KDevFile(dev.data if bound else None, dev.devt))
+                s.add(f"/dev/{dev.name}", KDevFile(dev.data if bound else None, dev.devt, align=dev.align))
             disk = getattr(dev, "disk", None)
             if isinstance(disk, Disk):
-                s.add(f"/dev/{disk.name}", KDevFile(disk.data, disk.devt))
+                s.add(f"/dev/{disk.name}", KDevFile(disk.data, disk.devt, kind="b"))
 
 
 class Tree:
