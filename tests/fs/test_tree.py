@@ -3,11 +3,12 @@ realpath() like sysfs, the listings of the kernel's directories, and /dev."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
 import pytest
-from mount_kit import E820_BUS, SMALL_E820, mounted
+from mount_kit import E820_BUS, SMALL_E820, mounted, read
 
 pytestmark = pytest.mark.mount
 
@@ -139,6 +140,22 @@ def test_dev(mnt) -> None:  # type: ignore[no-untyped-def]
         assert f.read(16) == bytes(16)
     with open(mnt.dev / "null", "wb") as f:
         f.write(b"x")
+    # ioctl-only: it opens (for the preload library's ioctls), but has no read() or write()
+    fd = os.open(mnt.dev / "ndctl0", os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as e:
+            os.read(fd, 16)
+        assert e.value.errno == errno.EINVAL
+    finally:
+        os.close(fd)
+    # what the preload library learns about each node (and only device nodes have it)
+    socket_path = str(mnt.state_dir)  # not in there: the socket lives in the runtime dir
+    node = os.getxattr(mnt.dev / "ndctl0", "user.vnvdimm").decode().split()
+    assert node[:4] == ["c", read(mnt.sys / "class/nd/ndctl0/dev").decode().strip(), "ndctl0", "0"]
+    assert node[4].endswith(".sock") and not node[4].startswith(socket_path)
+    assert os.getxattr(mnt.dev / "pmem0", "user.vnvdimm").decode().split()[:3] == [
+        "b", read(mnt.sys / "block/pmem0/dev").decode().strip(), "pmem0"]
+    assert os.getxattr(mnt.dev / "dax1.0", "user.vnvdimm").decode().split()[3] == "2097152"
     with pytest.raises(OSError) as e:
-        os.open(mnt.dev / "ndctl0", os.O_RDWR)  # ioctl-only: nothing a file system can answer
-    assert e.value.errno == 6
+        os.getxattr(mnt.sys / "bus/nd/drivers_autoprobe", "user.vnvdimm")
+    assert e.value.errno == errno.ENODATA

@@ -1,0 +1,220 @@
+"""The ioctl surface through with-vnvdimm and the preload library, with the real ndctl,
+daxctl and util-linux: device node types, block ioctls, health and SMART injection, the
+health event `ndctl monitor` waits for, media error injection / scrub / clearing, firmware
+update, and daxctl's device model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mount_kit import NFIT_BUS, have_ndctl, read
+
+pytestmark = [pytest.mark.ndctl, pytest.mark.skipif(not have_ndctl(), reason="needs ndctl and daxctl")]
+
+
+def sh(mnt, script: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    return mnt.run("sh", "-c", script)
+
+
+def ok(mnt, script: str) -> str:  # type: ignore[no-untyped-def]
+    res = sh(mnt, script)
+    assert res.returncode == 0, f"{script}: rc {res.returncode}\n{res.stdout}\n{res.stderr}"
+    return res.stdout
+
+
+def test_emulated_nodes_are_device_nodes_with_their_sysfs_numbers(nfit_mnt) -> None:  # type: ignore[no-untyped-def]
+    out = ok(nfit_mnt, "stat -c '%n %F %t:%T' /dev/ndctl0 /dev/nmem1 /dev/pmem0 /dev/null; "
+                       "[ -b /dev/pmem0 ] && [ -c /dev/nmem1 ] && echo tests-agree")
+    lines = out.splitlines()
+    nodes = {line.split()[0]: (" ".join(line.split()[1:-1]), line.split()[-1]) for line in lines[:4]}
+
+    def sysfs_dev(rel: str) -> str:
+        major, minor = read(nfit_mnt.sys / rel / "dev").decode().split(":")
+        return f"{int(major):x}:{int(minor):x}"
+
+    assert nodes["/dev/ndctl0"] == ("character special file", sysfs_dev("class/nd/ndctl0"))
+    assert nodes["/dev/nmem1"] == ("character special file", sysfs_dev(f"{NFIT_BUS}/nmem1"))
+    assert nodes["/dev/pmem0"] == ("block special file", sysfs_dev("block/pmem0"))
+    assert nodes["/dev/null"] == ("character special file", "1:3")  # a real node, left alone
+    assert lines[4] == "tests-agree"
+    # outside the preload library they are what the file system serves: regular files
+    assert (nfit_mnt.dev / "pmem0").is_file()
+
+
+def test_blockdev_reads_the_disk_geometry(nfit_mnt) -> None:  # type: ignore[no-untyped-def]
+    out = ok(nfit_mnt, "blockdev --getsize64 --getsz --getss --getpbsz --getro /dev/pmem0")
+    sectors = int(read(nfit_mnt.sys / "block/pmem0/size"))
+    assert out.split() == [str(sectors * 512), str(sectors), "512", "4096", "0"]
+
+
+def health(mnt, dimm: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    (entry,) = mnt.ndctl("list", "-DH", "-d", dimm)
+    return entry["health"]  # type: ignore[no-any-return]
+
+
+def test_list_health_shows_the_platform_defaults_and_injected_smart(nfit_mnt) -> None:  # type: ignore[no-untyped-def]
+    h = health(nfit_mnt, "nmem0")
+    assert h["health_state"] == "non-critical"
+    assert (h["temperature_celsius"], h["controller_temperature_celsius"]) == (23.0, 25.0)
+    assert (h["spares_percentage"], h["spares_threshold"], h["temperature_threshold"]) == (75, 5, 40.0)
+    assert (h["life_used_percentage"], h["shutdown_state"], h["shutdown_count"]) == (5, "clean", 42)
+
+    ok(nfit_mnt, "ndctl inject-smart nmem0 -m 52 -s 3 -f -U")
+    h = health(nfit_mnt, "nmem0")
+    assert h["health_state"] == "fatal"
+    assert (h["temperature_celsius"], h["spares_percentage"]) == (52.0, 3)
+    assert (h["shutdown_state"], h["shutdown_count"]) == ("dirty", 43)
+    assert health(nfit_mnt, "nmem1")["health_state"] == "non-critical"  # one DIMM's firmware each
+
+    ok(nfit_mnt, "ndctl inject-smart nmem0 -N")
+    h = health(nfit_mnt, "nmem0")
+    assert (h["health_state"], h["temperature_celsius"], h["spares_percentage"]) == ("non-critical", 23.0, 75)
+    ok(nfit_mnt, "ndctl inject-smart nmem0 -M 60 -S 10")
+    h = health(nfit_mnt, "nmem0")
+    assert (h["temperature_threshold"], h["spares_threshold"]) == (60.0, 10)
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def blocked_in_wait(pid: int) -> bool:
+    """The process sits in epoll_wait/poll (its syscall number per /proc/PID/syscall)."""
+    try:
+        nr = Path(f"/proc/{pid}/syscall").read_text().split()[0]
+    except (OSError, IndexError):
+        return False
+    return nr in ("7", "232", "271", "281")  # poll, epoll_wait, ppoll, epoll_pwait
+
+
+def test_monitor_reports_a_dimm_health_event(nfit_mnt, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "monitor.log"
+    proc = nfit_mnt_spawn(nfit_mnt, ["ndctl", "monitor", "-d", "nmem1", "-l", str(log)])
+    try:
+        wait_until(lambda: blocked_in_wait(proc.pid), what="ndctl monitor to wait for events")
+        log.write_text("")  # its start-up lines
+        ok(nfit_mnt, "ndctl inject-smart nmem1 -f")  # a fatal health state notifies the DIMM
+        wait_until(lambda: log.read_text().strip() != "", what="the monitor's event line")
+        event = json.loads(log.read_text().splitlines()[0])
+        assert event["dimm"]["dev"] == "nmem1"
+        assert event["dimm"]["health"]["health_state"] == "fatal"
+        assert "dimm-health-state" in json.dumps(event["event"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def nfit_mnt_spawn(mnt, argv: list[str]) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
+    from mount_kit import WITH_VNVDIMM
+
+    return subprocess.Popen([str(WITH_VNVDIMM), str(mnt.root), "--", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, text=True)
+
+
+def status_blocks(mnt, ns: str) -> list[dict[str, int]]:  # type: ignore[no-untyped-def]
+    res = mnt.run("ndctl", "inject-error", "--status", ns)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout).get("badblocks", []) if res.stdout.strip() else []  # type: ignore[no-any-return]
+
+
+def test_inject_error_scrub_and_clear_by_write(nfit_mnt) -> None:  # type: ignore[no-untyped-def]
+    """inject-error.sh's sequence: an error injected without notification is in the platform's
+    list (--status) but not in badblocks until a scrub; --uninject removes it; a scrub makes an
+    injected error a bad block (EIO on read); a write over it clears both."""
+    ok(nfit_mnt, "ndctl inject-error --block=42 --count=8 --no-notify namespace0.0")
+    assert status_blocks(nfit_mnt, "namespace0.0") == [{"block": 42, "count": 8}]
+    assert read(nfit_mnt.sys / "block/pmem0/badblocks") == b""
+
+    ok(nfit_mnt, "ndctl inject-error --block=42 --count=8 --uninject namespace0.0")
+    assert status_blocks(nfit_mnt, "namespace0.0") == []
+
+    ok(nfit_mnt, "ndctl inject-error --block=42 --count=8 --no-notify namespace0.0")
+    scrub_before = int(read(nfit_mnt.sys / NFIT_BUS / "nfit/scrub"))
+    ok(nfit_mnt, "ndctl start-scrub ndbus0 && ndctl wait-scrub ndbus0")
+    assert int(read(nfit_mnt.sys / NFIT_BUS / "nfit/scrub")) == scrub_before + 1
+    assert read(nfit_mnt.sys / "block/pmem0/badblocks") == b"42 8\n"
+    res = sh(nfit_mnt, "dd if=/dev/pmem0 of=/dev/null bs=512 skip=44 count=1 iflag=direct")
+    assert res.returncode != 0 and "Input/output error" in res.stderr
+
+    ok(nfit_mnt, "dd if=/dev/zero of=/dev/pmem0 bs=512 count=8 seek=42 oflag=direct")
+    assert read(nfit_mnt.sys / "block/pmem0/badblocks") == b""
+    assert status_blocks(nfit_mnt, "namespace0.0") == []
+
+
+def test_inject_error_with_notification_is_a_bad_block_at_once(nfit_mnt) -> None:  # type: ignore[no-untyped-def]
+    ok(nfit_mnt, "ndctl inject-error --block=7 --count=2 namespace0.0")
+    assert read(nfit_mnt.sys / "block/pmem0/badblocks") == b"7 2\n"
+    (ns,) = nfit_mnt.ndctl("list", "-N", "-M", "-n", "namespace0.0")
+    assert [(b["offset"], b["length"]) for b in ns["badblocks"]] == [(7, 2)]
+    ok(nfit_mnt, "ndctl clear-errors namespace0.0")
+    assert read(nfit_mnt.sys / "block/pmem0/badblocks") == b""
+    assert status_blocks(nfit_mnt, "namespace0.0") == []
+
+
+def test_vnvdimm_inject_error_is_a_front_end_of_the_same_platform(nfit_mnt) -> None:  # type: ignore[no-untyped-def]
+    res = subprocess.run([sys.executable, "-m", "vnvdimm.cli", "inject-error", str(nfit_mnt.root), "namespace0.0",
+                          "--block", "3", "--count", "1"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert read(nfit_mnt.sys / "block/pmem0/badblocks") == b"3 1\n"
+    assert status_blocks(nfit_mnt, "namespace0.0") == [{"block": 3, "count": 1}]
+
+
+def test_update_firmware(nfit_mnt, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    image = tmp_path / "fw.img"
+    image.write_bytes(os.urandom(1000))
+    (before,) = nfit_mnt.ndctl("list", "-DF", "-d", "nmem2")
+    assert before["firmware"]["current_version"] == 0 and "next_version" not in before["firmware"]
+    res = nfit_mnt.run("ndctl", "update-firmware", "-f", str(image), "nmem2")
+    assert res.returncode == 0, res.stderr
+    (after,) = nfit_mnt.ndctl("list", "-DF", "-d", "nmem2")
+    assert after["firmware"]["next_version"] == 0xFFFFFFFFABCD
+    assert after["firmware"]["need_powercycle"] is True
+    # a second update needs the power cycle first: the firmware answers "already updated"
+    res = nfit_mnt.run("ndctl", "update-firmware", "-f", str(image), "nmem2")
+    assert res.returncode != 0
+
+
+def test_daxctl_sees_the_dax_bus_device_model(mnt) -> None:  # type: ignore[no-untyped-def]
+    ok(mnt, "[ -c /dev/dax1.0 ]")
+    ok(mnt, "daxctl disable-device dax1.0")
+    (dev,) = json.loads(ok(mnt, "daxctl list -i -d dax1.0"))
+    assert dev["state"] == "disabled"
+    assert not (mnt.sys / "bus/dax/devices/dax1.0/driver").exists()
+    ok(mnt, "daxctl enable-device dax1.0")
+    assert os.readlink(mnt.sys / "bus/dax/devices/dax1.0/driver").endswith("device_dax")
+    out = ok(mnt, "daxctl reconfigure-device -m devdax -f dax1.0")
+    assert json.loads(out)[0]["mode"] == "devdax"
+
+
+MMAP_PROBE = """
+import errno, json, mmap, os, sys
+fd = os.open("/dev/dax1.0", os.O_RDWR)
+out = {}
+for name, length, flags, offset in [("private", 2 << 20, mmap.MAP_PRIVATE, 0),
+                                    ("short", 4096, mmap.MAP_SHARED, 0),
+                                    ("offset", 2 << 20, mmap.MAP_SHARED, 4096),
+                                    ("aligned", 2 << 20, mmap.MAP_SHARED, 2 << 20)]:
+    try:
+        m = mmap.mmap(fd, length, flags, offset=offset)
+        out[name] = m[:4].hex()
+        m.close()
+    except OSError as e:
+        out[name] = errno.errorcode[e.errno]
+print(json.dumps(out))
+"""
+
+
+def test_devdax_mmap_is_checked_as_check_vma_does(mnt) -> None:  # type: ignore[no-untyped-def]
+    res = mnt.run(sys.executable, "-c", MMAP_PROBE)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {"private": "EINVAL", "short": "EINVAL", "offset": "EINVAL",
+                                      "aligned": "00000000"}
