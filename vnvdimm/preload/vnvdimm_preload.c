@@ -25,6 +25,7 @@
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -41,7 +42,7 @@
 #define OP_READ 1u
 #define OP_WRITE 2u
 #define OP_DONE 3u
-#define CHUNK 65536
+#define MAX_TRANSFER ((4u << 20) + 4096) /* ND_IOCTL_MAX_BUFLEN and a little: the daemon asks no more */
 
 struct node {
 	char type; /* 'c' or 'b' */
@@ -227,28 +228,13 @@ int statx(int dirfd, const char *path, int flags, unsigned int mask, struct stat
 
 /* ------------------------------------------------------------------ ioctl forwarding */
 
-static int send_all(int sock, const void *buf, size_t len)
-{
-	const char *p = buf;
-
-	while (len) {
-		ssize_t n = send(sock, p, len, MSG_NOSIGNAL);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return -1;
-		p += n;
-		len -= n;
-	}
-	return 0;
-}
-
-static int recv_all(int sock, void *buf, size_t len)
+/* All of len bytes through the socket, one way or the other. */
+static int transfer(int sock, void *buf, size_t len, int sending)
 {
 	char *p = buf;
 
 	while (len) {
-		ssize_t n = recv(sock, p, len, 0);
+		ssize_t n = sending ? send(sock, p, len, MSG_NOSIGNAL) : recv(sock, p, len, 0);
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n <= 0)
@@ -259,48 +245,42 @@ static int recv_all(int sock, void *buf, size_t len)
 	return 0;
 }
 
-/* Copy between our own memory and the socket without trusting the pointer (EFAULT, not SIGSEGV). */
-static int serve_read(int sock, char *arg, uint64_t offset, uint64_t length)
-{
-	char chunk[CHUNK];
-	uint32_t status = 0;
-	uint64_t done;
+static int send_all(int sock, const void *buf, size_t len) { return transfer(sock, (void *)buf, len, 1); }
+static int recv_all(int sock, void *buf, size_t len) { return transfer(sock, buf, len, 0); }
 
-	for (done = 0; done < length; done += CHUNK) {
-		size_t n = length - done < CHUNK ? length - done : CHUNK;
-		struct iovec local = { chunk, n }, remote = { arg + offset + done, n };
-		if (process_vm_readv(getpid(), &local, 1, &remote, 1, 0) != (ssize_t)n) {
-			status = EFAULT;
-			break;
-		}
-	}
-	if (send_all(sock, &status, sizeof(status)))
-		return -1;
-	for (done = 0; status == 0 && done < length; done += CHUNK) {
-		size_t n = length - done < CHUNK ? length - done : CHUNK;
-		struct iovec local = { chunk, n }, remote = { arg + offset + done, n };
-		process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
-		if (send_all(sock, chunk, n))
-			return -1;
-	}
-	return 0;
+/* Copy between our own memory and a buffer without trusting the pointer: EFAULT, not SIGSEGV. */
+static uint32_t user_copy(char *local, char *user, size_t n, int to_user)
+{
+	struct iovec l = { local, n }, r = { user, n };
+	ssize_t done = to_user ? process_vm_writev(getpid(), &l, 1, &r, 1, 0)
+			       : process_vm_readv(getpid(), &l, 1, &r, 1, 0);
+
+	return done == (ssize_t)n ? 0 : EFAULT;
 }
 
-static int serve_write(int sock, char *arg, uint64_t offset, uint64_t length)
+/* READ: a status, then (if 0) the bytes; WRITE: the bytes come, then our status. */
+static int serve_op(int sock, const struct wire_op *op, char *arg)
 {
-	char chunk[CHUNK];
-	uint32_t status = 0;
-	uint64_t done;
+	uint32_t status;
+	int rc = -1;
+	char *buf;
 
-	for (done = 0; done < length; done += CHUNK) {
-		size_t n = length - done < CHUNK ? length - done : CHUNK;
-		struct iovec local = { chunk, n }, remote = { arg + offset + done, n };
-		if (recv_all(sock, chunk, n))
-			return -1;
-		if (status == 0 && process_vm_writev(getpid(), &local, 1, &remote, 1, 0) != (ssize_t)n)
-			status = EFAULT;
+	if (op->length > MAX_TRANSFER)
+		return -1;
+	buf = malloc(op->length ? op->length : 1);
+	if (!buf)
+		return -1;
+	if (op->op == OP_READ) {
+		status = user_copy(buf, arg + op->offset, op->length, 0);
+		rc = send_all(sock, &status, sizeof(status));
+		if (!rc && !status)
+			rc = send_all(sock, buf, op->length);
+	} else if (!recv_all(sock, buf, op->length)) {
+		status = user_copy(buf, arg + op->offset, op->length, 1);
+		rc = send_all(sock, &status, sizeof(status));
 	}
-	return send_all(sock, &status, sizeof(status));
+	free(buf);
+	return rc;
 }
 
 static int forward_ioctl(int fd, const struct node *node, unsigned long request, char *arg)
@@ -331,8 +311,7 @@ static int forward_ioctl(int fd, const struct node *node, unsigned long request,
 			}
 			return (int)op.length;
 		}
-		if (op.op == OP_READ ? serve_read(sock, arg, op.offset, op.length)
-		    : op.op == OP_WRITE ? serve_write(sock, arg, op.offset, op.length) : -1)
+		if ((op.op != OP_READ && op.op != OP_WRITE) || serve_op(sock, &op, arg))
 			goto gone;
 	}
 gone:
