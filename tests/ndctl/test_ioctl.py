@@ -177,10 +177,39 @@ def test_update_firmware(nfit_mnt, tmp_path: Path) -> None:  # type: ignore[no-u
     assert res.returncode == 0, res.stderr
     (after,) = nfit_mnt.ndctl("list", "-DF", "-d", "nmem2")
     assert after["firmware"]["next_version"] == 0xFFFFFFFFABCD
-    assert after["firmware"]["need_powercycle"] is True
-    # a second update needs the power cycle first: the firmware answers "already updated"
+    assert after["firmware"]["activate_state"] == "armed"  # staged and armed for activation
+    # a second update must wait for the activation (or a power cycle): "already updated"
     res = nfit_mnt.run("ndctl", "update-firmware", "-f", str(image), "nmem2")
     assert res.returncode != 0
+
+
+def firmware_states(out: str) -> list[str]:
+    return [d["firmware"]["activate_state"] for d in json.loads(out)]
+
+
+def test_firmware_arm_overflow_and_activation(nfit_mnt, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """firmware-update.sh's flow: the platform activates at most three DIMMs within its quiesce
+    time, so the fourth arm trips "overflow" unless forced; disarm all; activate."""
+    image = tmp_path / "fw.img"
+    image.write_bytes(bytes(196608))
+    (bus,) = nfit_mnt.ndctl("list", "-b", "ndbus0", "-F")
+    assert bus["firmware"] == {"activate_method": "suspend", "activate_state": "idle"}
+    res = nfit_mnt.run("ndctl", "update-firmware", "-b", "ndbus0", "-f", str(image), "all")
+    assert sorted(firmware_states(res.stdout)) == ["armed", "armed", "armed", "idle"], res.stderr
+    idle = next(d["dev"] for d in json.loads(res.stdout) if d["firmware"]["activate_state"] == "idle")
+    assert firmware_states(ok(nfit_mnt, f"ndctl update-firmware -b ndbus0 {idle} -A --force")) == ["armed"]
+    assert nfit_mnt.ndctl("list", "-b", "ndbus0", "-F")[0]["firmware"]["activate_state"] == "overflow"
+    assert firmware_states(ok(nfit_mnt, "ndctl update-firmware -b ndbus0 -D all")) == ["idle"] * 4
+    assert read(nfit_mnt.sys / NFIT_BUS / "firmware/activate") == b"idle\n"
+    assert firmware_states(ok(nfit_mnt, "ndctl update-firmware -b ndbus0 -A --force all")) == ["armed"] * 4
+    out = json.loads(ok(nfit_mnt, "ndctl activate-firmware -v ndbus0"))
+    states = [d["firmware"]["activate_state"] for d in out[0]["dimms"]]
+    assert states in (["idle"] * 4, ["busy"] * 4)
+    # the platform reports the result once it is idle again (busy for three seconds): then
+    # each DIMM's staged image is the running one
+    results = {read(nfit_mnt.sys / NFIT_BUS / f"nmem{i}/firmware/result") for i in range(4)}
+    busy = read(nfit_mnt.sys / NFIT_BUS / "firmware/activate") == b"busy\n"
+    assert results == ({b"none\n"} if busy else {b"success\n"})
 
 
 def test_daxctl_sees_the_dax_bus_device_model(mnt) -> None:  # type: ignore[no-untyped-def]

@@ -36,7 +36,8 @@ dimms = [0, 1]
 namespaces = [ { size = "128M", mode = "fsdax", map = "mem" } ]
 """
 
-ALLOWED = {0, errno.ENOTTY, errno.EINVAL, errno.ENXIO, errno.EFAULT, errno.EPERM, errno.EBUSY, errno.EIO}
+ALLOWED = {0, errno.ENOTTY, errno.EINVAL, errno.ENXIO, errno.EFAULT, errno.EPERM, errno.EBUSY, errno.EIO,
+           errno.EOPNOTSUPP}
 CALL = 3 << 30 | 64 << 16 | ord("N") << 8 | 10
 
 

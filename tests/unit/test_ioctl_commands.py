@@ -83,7 +83,10 @@ def test_envelope_errno(nfit: System) -> None:
     assert ioctl(nfit, "nmem0", CALL, Buffer(pkg(6, 1, b"", 132))) == errno.EINVAL  # > NVDIMM_FAMILY_MAX
     assert ioctl(nfit, "nmem0", CALL, Buffer(pkg(1, 1, b"", 132))) == errno.EINVAL  # HPE1: not this bus's
     assert ioctl(nfit, "ndctl0", CALL, Buffer(pkg(2, 7, b"", 21))) == errno.EINVAL  # > NVDIMM_BUS_FAMILY_MAX
-    assert ioctl(nfit, "nmem0", CALL, Buffer(pkg(0, 19, b"", 8))) == errno.ENOTTY  # security: not answered
+    assert ioctl(nfit, "nmem0", CALL, Buffer(pkg(0, 19, b"", 8))) == errno.EOPNOTSUPP  # security: the kernel's
+    assert ioctl(nfit, "nmem0", CALL, Buffer(pkg(0, 30, b"", 8))) == errno.EOPNOTSUPP  # firmware activation too
+    assert ioctl(nfit, "ndctl0", CALL, Buffer(pkg(1, 1, b"", 8))) == errno.EOPNOTSUPP  # Intel bus family
+    assert ioctl(nfit, "nmem0", CALL, Buffer(pkg(0, 11, b"", 8))) == errno.ENOTTY  # not advertised
     assert ioctl(nfit, "nmem0", CALL, Buffer(b"\0" * 10)) == errno.EFAULT  # no room for the package
     assert ioctl(nfit, "nmem9", CALL, Buffer(pkg(0, 1, b"", 132))) == errno.ENXIO  # no such node
     assert ioctl(nfit, "nmem0", CALL, Buffer(pkg(0, 1, b"", 4))) == errno.EINVAL  # SMART wants 132 bytes
@@ -150,7 +153,8 @@ def test_fail_cmd_makes_the_chosen_function_fail(nfit: System) -> None:
     assert ioctl(nfit, "nmem1", CALL, Buffer(smart)) == 0
 
 
-ALLOWED = {0, errno.ENOTTY, errno.EINVAL, errno.ENXIO, errno.EFAULT, errno.EPERM, errno.EBUSY, errno.EIO}
+ALLOWED = {0, errno.ENOTTY, errno.EINVAL, errno.ENXIO, errno.EFAULT, errno.EPERM, errno.EBUSY, errno.EIO,
+           errno.EOPNOTSUPP}
 NAMES = ["ndctl0", "nmem0", "nmem3", "pmem0", "region0", "bogus", ""]
 
 

@@ -59,6 +59,9 @@ class NvdimmBus(Device):
                 Attr("hw_error_scrub", 0o644, show=lambda: f"{self.hw_error_scrub}\n",
                      store=self._hw_error_scrub_store),
             ]))
+        activation = getattr(getattr(self, "firmware", None), "activation", None)
+        if activation is not None:
+            out.append(activation.bus_group())  # firmware/: capability, activate
         return super().entries() + out + bus_extension_group(self)
 
     def _wait_probe(self) -> str:

@@ -125,7 +125,16 @@ class Nvdimm(Device):
             ro("security", lambda: "disabled\n"),
             ro("frozen", lambda: "0\n"),
             nfit,
+            *self.firmware_groups(),
         ]
+
+    def firmware_groups(self) -> list[Entry]:
+        """firmware/ (activate, result) when the bus's platform can activate this DIMM's firmware."""
+        platform = getattr(self.parent, "firmware", None)
+        fw = platform.of(self) if platform is not None else None
+        if fw is None or platform.activation is None or not fw.activatable:
+            return []
+        return [platform.activation.dimm_group(fw)]
 
     def _busy(self) -> bool:
         bus = self.parent

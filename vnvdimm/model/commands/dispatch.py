@@ -70,8 +70,12 @@ def dimm_busy(dimm: Nvdimm) -> bool:
 
 
 def clear_to_send(bus: NvdimmBus, dimm: Nvdimm | None, req: Request) -> None:
-    """nd_cmd_clear_to_send(): labels of a busy DIMM belong to the kernel; a CLEAR_ERROR that
-    would cover an enabled namespace entirely must go through its driver (a write)."""
+    """nd_cmd_clear_to_send(): the provider's refusals first; labels of a busy DIMM belong
+    to the kernel; a CLEAR_ERROR that would cover an enabled namespace entirely must go
+    through its driver (a write)."""
+    firmware = firmware_of(bus)
+    if firmware is not None:
+        firmware.clear_to_send(dimm, req)
     if dimm is not None:
         if req.func == ND_CMD_SET_CONFIG_DATA and dimm_busy(dimm):
             raise CommandError(errno.EBUSY, f"{dimm.name} is in use by an enabled region")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vnvdimm.model.commands import intel
+from vnvdimm.model.commands.activate import Activation
 from vnvdimm.model.commands.ars import (
     NFIT_CMD_ARS_INJECT_CLEAR,
     NFIT_CMD_ARS_INJECT_GET,
@@ -64,6 +65,11 @@ HEALTH_FUNCS = sum(1 << f for f in (intel.ND_INTEL_SMART, intel.ND_INTEL_SMART_T
                                     intel.ND_INTEL_SMART_SET_THRESHOLD, intel.ND_INTEL_SMART_INJECT))
 FIRMWARE_FUNCS = sum(1 << f for f in range(intel.ND_INTEL_FW_GET_INFO, intel.ND_INTEL_FW_FINISH_QUERY + 1))
 LSS_FUNCS = 1 << intel.ND_INTEL_ENABLE_LSS_STATUS
+FW_ACTIVATE_FUNCS = 1 << 29 | 1 << 30  # NVDIMM_INTEL_FW_ACTIVATE_DIMMINFO, _ARM
+SECURITY_FUNCS = sum(1 << f for f in range(19, 29))  # NVDIMM_INTEL_GET_SECURITY_STATE..MASTER_SECURE_ERASE
+# acpi_nfit_clear_to_send(): what the kernel keeps for itself (sysfs drives these)
+INTEL_DENY_FUNCS = SECURITY_FUNCS | FW_ACTIVATE_FUNCS
+NVDIMM_BUS_FAMILY_INTEL = 1
 
 
 def command_names(mask: int, names: dict[int, str]) -> str:
@@ -81,6 +87,15 @@ class DimmFirmware:
     intel: intel.IntelDimm = field(default_factory=intel.IntelDimm)
     fail_cmd: int = 0
     fail_cmd_code: int = 0
+    # firmware activation (activate.py): armed for the next activation, the activation that
+    # last covered this DIMM, and whether it had no staged image then
+    armed: bool = False
+    activated: int = 0
+    missed_activate: bool = False
+
+    @property
+    def activatable(self) -> bool:
+        return bool(self.dsm_mask & FW_ACTIVATE_FUNCS)
 
     def cmd_mask(self) -> int:
         return 1 << ND_CMD_CALL | self.dsm_mask & NVDIMM_STANDARD_CMDMASK
@@ -111,6 +126,7 @@ class PlatformFirmware:
         self.health_event = health_event
         self.notify_error = notify_error  # NFIT_NOTIFY_UC_MEMORY_ERROR: the kernel rescans
         self.dimms: dict[int, DimmFirmware] = {}
+        self.activation: Activation | None = None
 
     def add_dimm(self, dimm: Nvdimm, dsm_mask: int) -> DimmFirmware:
         fw = DimmFirmware(dimm, dsm_mask)
@@ -126,7 +142,19 @@ class PlatformFirmware:
         return command_names(BUS_CMD_MASK, BUS_COMMAND_NAMES)
 
     def bus_target(self) -> _Target:
-        return _Target(False, BUS_CMD_MASK, 1 << NVDIMM_BUS_FAMILY_NFIT)
+        families = 1 << NVDIMM_BUS_FAMILY_NFIT | (1 << NVDIMM_BUS_FAMILY_INTEL if self.activation else 0)
+        return _Target(False, BUS_CMD_MASK, families)
+
+    def clear_to_send(self, dimm: Nvdimm | None, req: Request) -> None:
+        """acpi_nfit_clear_to_send(): security and firmware activation commands, and every
+        bus command outside the NFIT family, are the kernel's own (EOPNOTSUPP)."""
+        if req.cmd != ND_CMD_CALL:
+            return
+        if dimm is not None and req.family == NVDIMM_FAMILY_INTEL and (
+                req.func >= 64 or INTEL_DENY_FUNCS >> req.func & 1):
+            raise CommandError(errno.EOPNOTSUPP, f"Intel function {req.func} is the kernel's")
+        if dimm is None and req.family != NVDIMM_BUS_FAMILY_NFIT:
+            raise CommandError(errno.EOPNOTSUPP, f"bus family {req.family} is the kernel's")
 
     def dimm_target(self, dimm: Nvdimm) -> _Target:
         fw = self.of(dimm)
@@ -223,8 +251,9 @@ NFIT_TEST_BUS_DSM_MASK = BUS_NFIT_FUNCS  # nfit_test forces exactly the NFIT fam
 
 
 def attach(bus: NvdimmBus, bus_dsm_mask: int = ACPI_BUS_DSM_MASK, full_dimms: bool = True) -> PlatformFirmware:
-    """Give an NFIT bus its firmware. `full_dimms`: the DIMMs answer health and firmware
-    commands too (nfit_test.0, a real Intel platform), not only labels and LSS (nfit_test.1)."""
+    """Give an NFIT bus its firmware. `full_dimms`: the DIMMs answer health, firmware update
+    and activation commands too (nfit_test.0, a real Intel platform), not only labels and LSS
+    (nfit_test.1)."""
     bus_fw = BusFirmware(lambda: list(bus.regions), _poison, _last_dimm_handle)
     def uc_memory_error() -> None:
         bus.scrub_count += 1
@@ -233,7 +262,7 @@ def attach(bus: NvdimmBus, bus_dsm_mask: int = ACPI_BUS_DSM_MASK, full_dimms: bo
     firmware = PlatformFirmware(bus_fw, bus_dsm_mask, lambda dimm: bus.system.notify(dimm, "flags"),
                                 uc_memory_error)
     for dimm in bus.dimms:
-        mask = LSS_FUNCS | (HEALTH_FUNCS | FIRMWARE_FUNCS if full_dimms else 0)
+        mask = LSS_FUNCS | (HEALTH_FUNCS | FIRMWARE_FUNCS | FW_ACTIVATE_FUNCS if full_dimms else 0)
         if getattr(dimm, "label_area", None) is not None:
             mask |= LABEL_FUNCS
         fw = firmware.add_dimm(dimm, mask)
@@ -242,6 +271,8 @@ def attach(bus: NvdimmBus, bus_dsm_mask: int = ACPI_BUS_DSM_MASK, full_dimms: bo
     for region in bus.regions:
         region.media.badblocks.on_cleared = lambda offset, length, region=region: bus_fw.media_written(
             region, offset, length)
+    if full_dimms:
+        firmware.activation = Activation(firmware)
     bus.commands = tuple(firmware.bus_commands().split())
     bus.firmware = firmware  # type: ignore[attr-defined]
     return firmware
