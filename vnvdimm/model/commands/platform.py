@@ -17,7 +17,7 @@ import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vnvdimm.model.commands import intel
 from vnvdimm.model.commands.activate import Activation
@@ -92,6 +92,7 @@ class DimmFirmware:
     armed: bool = False
     activated: int = 0
     missed_activate: bool = False
+    knobs: Any = None
 
     @property
     def activatable(self) -> bool:
@@ -104,12 +105,15 @@ class DimmFirmware:
         return command_names(self.cmd_mask(), DIMM_COMMAND_NAMES)
 
     def override(self, func: int, rc: int) -> int:
-        """override_return_code()"""
-        if func < 64 and self.fail_cmd >> func & 1:
-            if self.fail_cmd_code:
-                if self.fail_cmd_code < 0:
-                    raise CommandError(-self.fail_cmd_code, f"fail_cmd for function {func}")
-                return self.fail_cmd_code
+        """override_return_code(): the test knobs (nfit_test's test_dimmN when the bus has
+        them, else this DIMM's own) make a function fail with fail_cmd_code, or EIO."""
+        source = self.knobs if self.knobs is not None else self
+        fail_cmd, code = source.fail_cmd, source.fail_cmd_code
+        if func < 64 and fail_cmd >> func & 1:
+            if code:
+                if code < 0:
+                    raise CommandError(-code, f"fail_cmd for function {func}")
+                return code
             raise CommandError(errno.EIO, f"fail_cmd for function {func}")
         return rc
 
@@ -119,9 +123,10 @@ class PlatformFirmware:
     notification (acpi_nvdimm_notify: pollers of nmemN/nfit/flags wake); `changed()` tells
     the model that the kernel's media errors changed."""
 
-    def __init__(self, bus: BusFirmware, bus_dsm_mask: int, health_event: Callable[[Nvdimm], None],
-                 notify_error: Callable[[], None]) -> None:
+    def __init__(self, bus: BusFirmware, bus_cmd_mask: int, bus_dsm_mask: int,
+                 health_event: Callable[[Nvdimm], None], notify_error: Callable[[], None]) -> None:
         self.bus = bus
+        self.bus_cmd_mask = bus_cmd_mask
         self.bus_dsm_mask = bus_dsm_mask
         self.health_event = health_event
         self.notify_error = notify_error  # NFIT_NOTIFY_UC_MEMORY_ERROR: the kernel rescans
@@ -139,11 +144,11 @@ class PlatformFirmware:
     # ------------------------------------------------------------ the envelope's view
 
     def bus_commands(self) -> str:
-        return command_names(BUS_CMD_MASK, BUS_COMMAND_NAMES)
+        return command_names(self.bus_cmd_mask, BUS_COMMAND_NAMES)
 
     def bus_target(self) -> _Target:
         families = 1 << NVDIMM_BUS_FAMILY_NFIT | (1 << NVDIMM_BUS_FAMILY_INTEL if self.activation else 0)
-        return _Target(False, BUS_CMD_MASK, families)
+        return _Target(False, self.bus_cmd_mask, families)
 
     def clear_to_send(self, dimm: Nvdimm | None, req: Request) -> None:
         """acpi_nfit_clear_to_send(): security and firmware activation commands, and every
@@ -247,31 +252,52 @@ def config_command(area: object, cmd: int, buf: bytearray) -> int:
 # ------------------------------------------------------------------ wiring a bus
 
 ACPI_BUS_DSM_MASK = 0x3BF  # what a real NFIT's root device answers (bit 0: "functions exist")
-NFIT_TEST_BUS_DSM_MASK = BUS_NFIT_FUNCS  # nfit_test forces exactly the NFIT family functions
+FULL_DIMM_FUNCS = LSS_FUNCS | HEALTH_FUNCS | FIRMWARE_FUNCS | FW_ACTIVATE_FUNCS
 
 
-def attach(bus: NvdimmBus, bus_dsm_mask: int = ACPI_BUS_DSM_MASK, full_dimms: bool = True) -> PlatformFirmware:
-    """Give an NFIT bus its firmware. `full_dimms`: the DIMMs answer health, firmware update
-    and activation commands too (nfit_test.0, a real Intel platform), not only labels and LSS
-    (nfit_test.1)."""
+@dataclass(frozen=True)
+class Flavor:
+    """What a platform's firmware implements: the bus commands, the NFIT-family functions, the
+    Intel functions of its DIMMs (label commands come with a DIMM's label area) and whether it
+    activates firmware."""
+
+    bus_cmd_mask: int
+    bus_dsm_mask: int
+    dimm_funcs: int
+    activation: bool
+
+
+FLAVORS = {
+    "ACPI.NFIT": Flavor(BUS_CMD_MASK, ACPI_BUS_DSM_MASK, FULL_DIMM_FUNCS, True),
+    # nfit_test0_setup()/nfit_test1_setup(): the *_cmd_force_en bits
+    "nfit_test.0": Flavor(BUS_CMD_MASK, BUS_NFIT_FUNCS, FULL_DIMM_FUNCS, True),
+    "nfit_test.1": Flavor(BUS_CMD_MASK & ~(1 << ND_CMD_CALL), 0, LSS_FUNCS, False),
+}
+
+
+def attach(bus: NvdimmBus) -> PlatformFirmware:
+    """Give an NFIT bus the firmware its provider has (an ACPI platform's unless the bus is
+    one of nfit_test's)."""
+    flavor = FLAVORS.get(bus.provider, FLAVORS["ACPI.NFIT"])
     bus_fw = BusFirmware(lambda: list(bus.regions), _poison, _last_dimm_handle)
+
     def uc_memory_error() -> None:
         bus.scrub_count += 1
         bus_fw.scrub()
 
-    firmware = PlatformFirmware(bus_fw, bus_dsm_mask, lambda dimm: bus.system.notify(dimm, "flags"),
-                                uc_memory_error)
+    firmware = PlatformFirmware(bus_fw, flavor.bus_cmd_mask, flavor.bus_dsm_mask,
+                                lambda dimm: bus.system.notify(dimm, "flags"), uc_memory_error)
+    knobs = {getattr(t, "handle", None): t for t in getattr(bus, "test_dimms", ())}
     for dimm in bus.dimms:
-        mask = LSS_FUNCS | (HEALTH_FUNCS | FIRMWARE_FUNCS | FW_ACTIVATE_FUNCS if full_dimms else 0)
-        if getattr(dimm, "label_area", None) is not None:
-            mask |= LABEL_FUNCS
+        mask = flavor.dimm_funcs | (LABEL_FUNCS if getattr(dimm, "label_area", None) is not None else 0)
         fw = firmware.add_dimm(dimm, mask)
+        fw.knobs = knobs.get(dimm.handle)  # nfit_test's test_dimmN: fail_cmd, fail_cmd_code
         dimm.commands = tuple(fw.commands().split())
         dimm.dsm_mask = mask
     for region in bus.regions:
         region.media.badblocks.on_cleared = lambda offset, length, region=region: bus_fw.media_written(
             region, offset, length)
-    if full_dimms:
+    if flavor.activation:
         firmware.activation = Activation(firmware)
     bus.commands = tuple(firmware.bus_commands().split())
     bus.firmware = firmware  # type: ignore[attr-defined]
