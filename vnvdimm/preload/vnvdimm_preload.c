@@ -108,6 +108,11 @@ static int node_of_path(int dirfd, const char *path, int nofollow, struct node *
 
 	if (path[0] == '\0')
 		return node_of_fd(dirfd, node);
+	if (dirfd == AT_FDCWD || path[0] == '/') {
+		n = nofollow ? lgetxattr(path, XATTR_NAME, buf, sizeof(buf)) : getxattr(path, XATTR_NAME, buf, sizeof(buf));
+		errno = saved;
+		return parse_node(buf, n, node);
+	}
 	fd = openat(dirfd, path, O_PATH | O_CLOEXEC | (nofollow ? O_NOFOLLOW : 0));
 	if (fd >= 0) {
 		snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
