@@ -9,11 +9,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from mount_kit import NFIT_BUS, have_ndctl, read
+from mount_kit import NFIT_BUS, WITH_VNVDIMM, have_ndctl, read, wait_for
 
 pytestmark = [pytest.mark.ndctl, pytest.mark.skipif(not have_ndctl(), reason="needs ndctl and daxctl")]
 
@@ -80,13 +79,6 @@ def test_list_health_shows_the_platform_defaults_and_injected_smart(nfit_mnt) ->
     assert (h["temperature_threshold"], h["spares_threshold"]) == (60.0, 10)
 
 
-def wait_until(predicate, timeout: float = 30.0, what: str = "") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def blocked_in_wait(pid: int) -> bool:
     """The process sits in epoll_wait/poll (its syscall number per /proc/PID/syscall)."""
     try:
@@ -100,10 +92,10 @@ def test_monitor_reports_a_dimm_health_event(nfit_mnt, tmp_path: Path) -> None: 
     log = tmp_path / "monitor.log"
     proc = nfit_mnt_spawn(nfit_mnt, ["ndctl", "monitor", "-d", "nmem1", "-l", str(log)])
     try:
-        wait_until(lambda: blocked_in_wait(proc.pid), what="ndctl monitor to wait for events")
+        wait_for(lambda: blocked_in_wait(proc.pid), 60, "ndctl monitor to wait for events")
         log.write_text("")  # its start-up lines
         ok(nfit_mnt, "ndctl inject-smart nmem1 -f")  # a fatal health state notifies the DIMM
-        wait_until(lambda: log.read_text().strip() != "", what="the monitor's event line")
+        wait_for(lambda: log.read_text().strip() != "", 60, "the monitor's event line")
         event = json.loads(log.read_text().splitlines()[0])
         assert event["dimm"]["dev"] == "nmem1"
         assert event["dimm"]["health"]["health_state"] == "fatal"
@@ -114,8 +106,6 @@ def test_monitor_reports_a_dimm_health_event(nfit_mnt, tmp_path: Path) -> None: 
 
 
 def nfit_mnt_spawn(mnt, argv: list[str]) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
-    from mount_kit import WITH_VNVDIMM
-
     return subprocess.Popen([str(WITH_VNVDIMM), str(mnt.root), "--", *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, text=True)
 

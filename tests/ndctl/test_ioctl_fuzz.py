@@ -18,23 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mount_kit import WITH_VNVDIMM, have_ndctl, mounted
+from topologies import SMALL_NFIT
 
 from vnvdimm.ioctl import wire
 
 pytestmark = [pytest.mark.ndctl, pytest.mark.skipif(not have_ndctl(), reason="needs ndctl and daxctl")]
 
-FUZZ_NFIT = """\
-template = "nfit"
-[memmap]
-workers = 1
-[[dimm]]
-size = "256M"
-[[dimm]]
-size = "256M"
-[[region]]
-dimms = [0, 1]
-namespaces = [ { size = "128M", mode = "fsdax", map = "mem" } ]
-"""
 
 ALLOWED = {0, errno.ENOTTY, errno.EINVAL, errno.ENXIO, errno.EFAULT, errno.EPERM, errno.EBUSY, errno.EIO,
            errno.EOPNOTSUPP}
@@ -43,7 +32,7 @@ CALL = 3 << 30 | 64 << 16 | ord("N") << 8 | 10
 
 @pytest.fixture(scope="module")
 def fuzz_mnt(request):  # type: ignore[no-untyped-def]
-    with mounted(request, FUZZ_NFIT) as m:
+    with mounted(request, SMALL_NFIT) as m:
         yield m
 
 
