@@ -8,9 +8,11 @@ ACPI.NFIT or e820 bus, and C tests that must be built against libndctl first. Ea
 runs here in its own mount (a platform chosen from the buses it names: nfit_test by default)
 through `with-vnvdimm`, so `/sys` and `/dev` are the emulated ones and its `modprobe`,
 `modinfo` and `journalctl` calls are answered by vnvdimm's shims. NDCTL and DAXCTL are the
-tools found on the PATH unless set in the environment. The result is a table: PASS (exit 0),
-SKIP (exit 77, ndctl's convention), SETUP-FAIL (exit 77 from the err() trap: the test failed
-before its own setup was done), FAIL (anything else), TIMEOUT.
+tools found on the PATH unless set in the environment. Tests that run ndctl's C helpers
+(`list-smart-dimm`, `smart-notify`, `daxdev-errors`, `dax-dev`...) find them in TEST_PATH
+(`--test-path`: the `test/` folder of an ndctl build); without them those tests fail. The
+result is a table: PASS (exit 0), SKIP (exit 77, ndctl's convention), SETUP-FAIL (exit 77 from
+the err() trap: the test failed before its own setup was done), FAIL (anything else), TIMEOUT.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vnvdimm.testbed import WITH_VNVDIMM, Testbed, TestbedError
+from vnvdimm.testbed import WITH_VNVDIMM, Testbed, TestbedError, with_preload
 
 SKIP_STATUS = 77
 STATUSES = ("PASS", "SKIP", "SETUP-FAIL", "FAIL", "TIMEOUT", "ERROR")
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("tests", nargs="*", help="run only these (file names, with or without .sh)")
     p.add_argument("--timeout", type=float, default=300, help="seconds per test (default 300)")
     p.add_argument("--json", type=Path, help="also write the results (with each output's tail) here")
+    p.add_argument("--test-path", type=Path,
+                   help="where ndctl's built test helpers are (TEST_PATH; default: the environment's)")
     p.add_argument("-v", "--verbose", action="store_true", help="print the output tail of tests that fail")
     args = p.parse_args(argv)
     if not (args.test_dir / "common").is_file():
@@ -137,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"{tool} not found on the PATH (or set {var})")
             env[var] = found
     env.setdefault("CXL", shutil.which("cxl") or "/bin/false")
+    if args.test_path is not None:
+        if not args.test_path.is_dir():
+            p.error(f"{args.test_path}: not a directory")
+        env["TEST_PATH"] = str(args.test_path.resolve())
+    env = with_preload(env)
     results = []
     for script in discover(args.test_dir, args.tests):
         result = run_one(script, args.timeout, env)

@@ -5,14 +5,18 @@ update, and daxctl's device model."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from mount_kit import NFIT_BUS, WITH_VNVDIMM, have_ndctl, read, wait_for
+
+from vnvdimm.ioctl import wire
 
 pytestmark = [pytest.mark.ndctl, pytest.mark.skipif(not have_ndctl(), reason="needs ndctl and daxctl")]
 
@@ -237,3 +241,48 @@ def test_devdax_mmap_is_checked_as_check_vma_does(mnt) -> None:  # type: ignore[
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout) == {"private": "EINVAL", "short": "EINVAL", "offset": "EINVAL",
                                       "aligned": "00000000"}
+
+
+NFIT_TEST = 'template = "nfit_test"\n[memmap]\nworkers = 1\n'
+ND_IOCTL_ARS_CAP, ND_IOCTL_ARS_START, ND_IOCTL_ARS_STATUS, ND_IOCTL_CLEAR_ERROR = (
+    0xC0204E01, 0xC0204E02, 0xC0304E03, 0xC0204E04)
+
+
+def test_ars_and_clear_error_on_the_bus_empty_the_region_badblocks(make_mount) -> None:  # type: ignore[no-untyped-def]
+    """daxdev-errors' sequence on nfit_test.0: an error injected into a devdax namespace is in
+    the region's badblocks (read through the platform device's place on the platform bus, as
+    the test does); ARS_CAP / ARS_START / ARS_STATUS over it report the injected 256-byte
+    ranges, CLEAR_ERROR of the whole range clears it all and the badblocks are empty."""
+    nt = make_mount(NFIT_TEST)
+    ok(nt, "ndctl disable-region -b nfit_test.0 all && ndctl init-labels -f -b nfit_test.0 all"
+           " && ndctl enable-region -b nfit_test.0 all")
+    ns = json.loads(ok(nt, "ndctl create-namespace -b nfit_test.0 -r region1 -m devdax -a 4096 2>/dev/null"))
+    ok(nt, f"ndctl inject-error --block={ns['size'] // 512 // 2} --count=8 {ns['dev']}")
+    platform = nt.sys / "bus/platform/devices/nfit_test.0"
+    assert os.readlink(platform) == "../../../devices/platform/nfit_test.0"
+    assert os.readlink(platform / "subsystem") == "../../../bus/platform"
+    offset, count = map(int, read(platform / "ndbus0/region1/badblocks").split())
+    assert count == 8
+    start = int(read(nt.sys / "bus/nd/devices/region1/resource"), 16) + offset * 512
+    sock = os.getxattr(nt.dev / "ndctl0", "user.vnvdimm").decode().split()[4]
+
+    cap = bytearray(struct.pack("<QQ", start, count * 512) + bytes(16))
+    assert wire.call(sock, "ndctl0", ND_IOCTL_ARS_CAP, cap) == wire.Result(0, 0)
+    max_ars_out, clear_unit = struct.unpack_from("<II", cap, 20)
+    assert clear_unit == 256
+    start_cmd = bytearray(struct.pack("<QQHB5x", start, count * 512, 2, 0) + bytes(8))
+    assert wire.call(sock, "ndctl0", ND_IOCTL_ARS_START, start_cmd) == wire.Result(0, 0)
+    status = bytearray(max_ars_out)
+    struct.pack_into("<I", status, 4, max_ars_out)  # out_length, as libndctl sets it
+    assert wire.call(sock, "ndctl0", ND_IOCTL_ARS_STATUS, status) == wire.Result(0, 0)
+    nrecs = struct.unpack_from("<I", status, 44)[0]
+    records = [struct.unpack_from("<QQ", status, 48 + i * 24 + 8) for i in range(nrecs)]
+    # libndctl injects block by block, each clamped to the clear unit
+    assert records == [(start + i * 512, 256) for i in range(8)]
+
+    clear = bytearray(struct.pack("<QQ", start, count * 512) + bytes(16))
+    assert wire.call(sock, "ndctl0", ND_IOCTL_CLEAR_ERROR, clear) == wire.Result(0, 0)
+    assert struct.unpack_from("<Q", clear, 24)[0] == count * 512  # cleared
+    assert read(platform / "ndbus0/region1/badblocks") == b""
+    clear = bytearray(struct.pack("<QQ", start + 128, 256) + bytes(16))  # not in clear units
+    assert wire.call(sock, "ndctl0", ND_IOCTL_CLEAR_ERROR, clear).errno == errno.EINVAL

@@ -224,6 +224,7 @@ class TreeBuilder:
         else:
             modalias = "acpi:ACPI0012:"
         s.add(f"{path}/modalias", KAttr(Attr("modalias", 0o444, show=lambda: f"{modalias}\n"), self.lock))
+        self._platform_bus_links(s, bus.platform_path)
         for test_dimm in bus.test_dimms:  # the nfit_test_dimm class devices of the module
             dimm_path = f"{path}/nfit_test_dimm/{test_dimm.name}"
             for entry in test_dimm.entries():
@@ -231,6 +232,23 @@ class TreeBuilder:
                 s.add(f"{dimm_path}/{entry.name}", KAttr(entry, self.lock))
             s.link(f"{dimm_path}/subsystem", "/sys/class/nfit_test_dimm")
             s.link(f"/sys/class/nfit_test_dimm/{test_dimm.name}", dimm_path)
+
+    def _platform_bus_links(self, s: Snapshot, platform_path: str) -> None:
+        """The devices above the nd bus on their own buses, as the driver core links every
+        device: a platform device (nfit_test.N, e820_pmem) in /sys/bus/platform/devices, each
+        ACPI device of the NFIT's path (LNXSYSTM:00, LNXSYBUS:00, ACPI0012:00) in
+        /sys/bus/acpi/devices; each has its `subsystem` link back."""
+        parts = platform_path.split("/")
+        if parts[0] == "platform":  # /sys/devices/platform itself is the bus's root, on no bus
+            on_bus = [("platform", "/".join(parts[:2]))] if len(parts) > 1 else []
+        else:
+            on_bus = [("acpi", "/".join(parts[:i + 1])) for i in range(len(parts))]
+        for bus_name, rel in on_bus:
+            dev_path = f"/sys/devices/{rel}"
+            if f"{dev_path}/subsystem" in s.nodes:  # shared with another nd bus
+                continue
+            s.link(f"{dev_path}/subsystem", f"/sys/bus/{bus_name}")
+            s.link(f"/sys/bus/{bus_name}/devices/{rel.rsplit('/', 1)[-1]}", dev_path)
 
     def _driver(self, s: Snapshot, path: str, drv: BusDriver) -> None:
         s.dir(path)
