@@ -65,3 +65,27 @@ def test_selection_and_errors(test_dir: Path, tmp_path: Path) -> None:
         suite.main([str(test_dir), "nope"])
     with pytest.raises(SystemExit):
         suite.main([str(tmp_path)])  # no common: not an ndctl test folder
+
+
+def test_platform_for_the_dax_dev_helper_is_e820() -> None:
+    # dax.sh, mmap.sh, device-dax-fio.sh...: their victim namespace is the one dax-dev finds on e820
+    assert suite.platform_for("dev=$($TEST_PATH/dax-dev)\n")[0] == "e820"
+    assert suite.platform_for("$NDCTL create-namespace -b $NFIT_TEST_BUS0\n")[0] == "nfit_test"
+
+
+def test_test_path_reaches_the_scripts(tmp_path: Path) -> None:
+    folder = tmp_path / "test"
+    folder.mkdir()
+    (folder / "common").write_text('NFIT_TEST_BUS0="nfit_test.0"\n')
+    helpers = tmp_path / "build-test"
+    helpers.mkdir()
+    (helpers / "list-smart-dimm").write_text("#!/bin/sh\necho '[]'\n")
+    (helpers / "list-smart-dimm").chmod(0o755)
+    (folder / "helper.sh").write_text("#!/bin/bash\n. $(dirname $0)/common\nmodprobe nfit_test\n"
+                                      "test \"$($TEST_PATH/list-smart-dimm -b $NFIT_TEST_BUS0)\" = '[]'\n")
+    (folder / "helper.sh").chmod(0o755)
+    out = tmp_path / "results.json"
+    assert suite.main([str(folder), "--test-path", str(helpers), "--json", str(out)]) == 0
+    assert [r["status"] for r in json.loads(out.read_text())] == ["PASS"]
+    with pytest.raises(SystemExit):
+        suite.main([str(folder), "--test-path", str(tmp_path / "missing")])
