@@ -21,6 +21,13 @@ from vnvdimm.ioctl import wire
 pytestmark = [pytest.mark.ndctl, pytest.mark.skipif(not have_ndctl(), reason="needs ndctl and daxctl")]
 
 
+@pytest.fixture(autouse=True)
+def preload_block_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are of the preload library: /dev/pmemN as it presents them, not the loop
+    devices with-vnvdimm binds over them as root."""
+    monkeypatch.setenv("VNVDIMM_BLOCKDEVS", "0")
+
+
 def sh(mnt, script: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
     return mnt.run("sh", "-c", script)
 
