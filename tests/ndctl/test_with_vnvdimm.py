@@ -46,9 +46,10 @@ def test_host_pts_and_shm_are_bound_in(mnt) -> None:  # type: ignore[no-untyped-
 
 @pytest.mark.skipif(not have_ndctl(), reason="needs ndctl")
 def test_devices_created_later_appear_at_once(mnt) -> None:  # type: ignore[no-untyped-def]
-    # With plain device files (VNVDIMM_BLOCKDEVS=0; always so without root) names come and go.
+    # With the device files themselves (VNVDIMM_BLOCKDEVS=0; always so without root: block
+    # devices through the preload library) names come and go.
     res = subprocess.run([str(WITH_VNVDIMM), str(mnt.root), "--", "sh", "-c",
-                          "test -f /dev/pmem0 && ! test -e /dev/pmem0s && "
+                          "test -b /dev/pmem0 && ! test -e /dev/pmem0s && "
                           "ndctl create-namespace -e namespace0.0 -m sector -f >/dev/null && "
                           "test -e /dev/pmem0s && ! test -e /dev/pmem0 && echo ok"],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "VNVDIMM_BLOCKDEVS": "0"})
