@@ -21,7 +21,7 @@ from vnvdimm.model.base import (
     sysfs_streq,
 )
 from vnvdimm.model.infoblock import INFO_BLOCK_OFFSET, INFO_BLOCK_SIZE
-from vnvdimm.model.nd import CLAIM_BTT, CLAIM_CLASSES, CLAIM_MODE, CLAIM_PFN, ND_BUS, NdDeviceType
+from vnvdimm.model.nd import CLAIM_BTT, CLAIM_CLASSES, CLAIM_MODE, CLAIM_PFN, ND_BUS, GivenUuid, NdDeviceType
 
 if TYPE_CHECKING:
     from vnvdimm.model.disk import Disk
@@ -49,15 +49,7 @@ class Namespace(Device):
         self.alt_name = ""
         self.lbasize = 512
 
-    @property
-    def uuid(self) -> uuidlib.UUID | None:
-        return self._uuid
-
-    @uuid.setter
-    def uuid(self, value: uuidlib.UUID | None) -> None:
-        self._uuid = value
-        if value is not None:
-            self.region.bus.uuids_given.add(value.int)
+    uuid = GivenUuid()
 
     # -- geometry
     @property

@@ -13,7 +13,9 @@ classes above them, so the imports of `vnvdimm.model` only run one way:
 
 from __future__ import annotations
 
+import uuid as uuidlib
 from enum import IntEnum
+from typing import Any
 
 
 class NdDeviceType(IntEnum):
@@ -46,3 +48,20 @@ CLAIM_PFN = "pfn"
 CLAIM_DAX = "dax"
 CLAIM_CLASSES = ("", CLAIM_BTT, CLAIM_PFN, CLAIM_DAX)
 CLAIM_MODE = {CLAIM_BTT: "safe", CLAIM_DAX: "dax", CLAIM_PFN: "memory"}
+
+
+class GivenUuid:
+    """The `uuid` of a namespace or of a pfn/dax/btt device: every value it is given is also
+    remembered by the device's bus (`region.bus.uuids_given`), so that a uuid never given is
+    known to be unique without nd_is_uuid_unique()'s walk over the bus."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}"
+
+    def __get__(self, obj: Any, owner: type | None = None) -> uuidlib.UUID | None:
+        return getattr(obj, self.slot)
+
+    def __set__(self, obj: Any, value: uuidlib.UUID | None) -> None:
+        setattr(obj, self.slot, value)
+        if value is not None:
+            obj.region.bus.uuids_given.add(value.int)

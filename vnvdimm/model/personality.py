@@ -47,7 +47,7 @@ from vnvdimm.model.infoblock import (
     pfn_geometry,
 )
 from vnvdimm.model.memmap_pause import NEVER, parse_permille
-from vnvdimm.model.nd import CLAIM_BTT, CLAIM_DAX, CLAIM_PFN, ND_BUS, NdDeviceType
+from vnvdimm.model.nd import CLAIM_BTT, CLAIM_DAX, CLAIM_PFN, ND_BUS, GivenUuid, NdDeviceType
 
 if TYPE_CHECKING:
     from vnvdimm.memmap import MemmapJob
@@ -93,15 +93,7 @@ class Personality(Device):
         self._uuid: uuidlib.UUID | None = None
         self.disk: Disk | None = None
 
-    @property
-    def uuid(self) -> uuidlib.UUID | None:
-        return self._uuid
-
-    @uuid.setter
-    def uuid(self, value: uuidlib.UUID | None) -> None:
-        self._uuid = value
-        if value is not None:
-            self.region.bus.uuids_given.add(value.int)
+    uuid = GivenUuid()
 
     @property
     def nd_type(self) -> NdDeviceType:  # type: ignore[override]
