@@ -330,12 +330,11 @@ class Pfn(Personality):
             raise fail(errno.EBUSY, f"{ndns.name} is active, can't bind {self.name}")
         block = ndns.read_info_block()
         info = PfnInfo.unpack(block, self.signature)
-        if info is not None and info.parent_uuid == ndns.parent_uuid:
-            self.check_info_block(info)
+        if info is not None and info.parent_uuid != ndns.parent_uuid:
+            info = None
         if info is not None:
-            if info.parent_uuid != ndns.parent_uuid:
-                info = None
-            elif self.uuid is None:  # probed from the media: adopt its settings
+            self.check_info_block(info)
+            if self.uuid is None:  # probed from the media: adopt its settings
                 self.uuid, self.mode, self.align = info.uuid, info.mode, info.align
             elif info.uuid != self.uuid:
                 info = None  # a stale block of another personality: re-initialize
