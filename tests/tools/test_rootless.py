@@ -250,8 +250,9 @@ def test_user_runs_the_test_bed_and_the_fixture(user: User) -> None:
     case = Path(tempfile.mkdtemp(prefix="case-", dir=user.home))
     (case / "test_fixture.py").write_text(FIXTURE_TEST)
     subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(case)], check=True)
+    # --basetemp under the user's home (removed with it), not /tmp/pytest-of-<user>
     res = user.run(user.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "vnvdimm.pytest_plugin",
-                   "-rs", "test_fixture.py", cwd=case)
+                   "-rs", f"--basetemp={case / 'tmp'}", "test_fixture.py", cwd=case)
     assert res.returncode == 0 and "1 passed" in res.stdout and "skipped" not in res.stdout, res.stdout + res.stderr
 
 
