@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
+
+# Every command imports only what it uses: with-vnvdimm runs `preload-path` and `blockdevs`
+# on every call, and the model (numpy, the memmap engine) costs a quarter of a second to
+# import; only `mount` needs it.
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,17 +25,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return blockdev.main(argv[1:])
 
-    from vnvdimm.topology.config import ConfigError, load_config
-    from vnvdimm.topology.platform import default_state_dir
-
     parser = argparse.ArgumentParser(prog="vnvdimm", description="Emulated Linux persistent memory over FUSE")
-    parser.add_argument("--version", action="version", version=f"vnvdimm {package_version()}")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("mount", help="mount an emulated pmem platform (sysfs + /dev) at MNT")
     p.add_argument("mountpoint", metavar="MNT", type=Path)
     p.add_argument("--config", type=Path, help="topology TOML file (default: two 8 GiB e820 regions)")
-    p.add_argument("--state-dir", type=Path, help=f"media, labels and logs (default: {default_state_dir()})")
+    p.add_argument("--state-dir", type=Path,
+                   help="media, labels and logs (default: $XDG_DATA_HOME/vnvdimm, else ~/.local/share/vnvdimm)")
     p.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeat for more)")
     p.add_argument("--allow-other", action="store_true", help="let other users see the mount (-o allow_other)")
@@ -47,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         tool_args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
         return TOOL_COMMANDS[argv[0]](tool_args)
     args = parser.parse_args(argv)
-    from vnvdimm import daemon
-
     if args.command == "mount":
+        from vnvdimm import daemon
+        from vnvdimm.topology.config import ConfigError, load_config
+        from vnvdimm.topology.platform import default_state_dir
+
         config = None
         if args.config is not None:
             try:
@@ -71,10 +75,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("vnvdimm")
     except PackageNotFoundError:
         return "(not installed: run from a source tree)"
+
+
+class _Version(argparse.Action):
+    """--version, looked up only when asked for (importlib.metadata is slow to import)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.exit(message=f"vnvdimm {package_version()}\n")
 
 
 UMOUNT_DESCRIPTION = ("Unmount MNT and wait for its daemon to exit. A mount whose device files are open, mapped "
