@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -326,26 +327,44 @@ def ndctl_requests(label: str, toml: str, reps: int) -> list[Figure]:
     ]
 
 
+# Runs a command N times where it is started (inside with-vnvdimm's namespace) and prints the
+# wall times as JSON: the list is timed as a user of a with-vnvdimm shell waits for it, the
+# wrapper's own cost (namespace, binds, loop devices) is a figure of its own.
+_TIME_INSIDE = """
+import json, subprocess, sys, time
+times = []
+for _ in range(int(sys.argv[1])):
+    t0 = time.perf_counter()
+    subprocess.run(sys.argv[2:], check=True, stdout=subprocess.DEVNULL)
+    times.append(time.perf_counter() - t0)
+print(json.dumps(times))
+"""
+
+
 def ndctl_list(reps: int) -> list[Figure]:
     out = []
     for label, toml in (("default e820", None), ("4-region nfit", NFIT_4),
                         ("nfit, 32 DIMMs, 16 regions, 64 namespaces", NFIT_LARGE)):
         with BenchMount(toml) as m:
             m.wait_all_idle()
+            wrap = [str(WITH_VNVDIMM), str(m.root), "--"]
 
-            def timed(*cmd: str, m: BenchMount = m) -> float:
+            def timed(*cmd: str, wrap: list[str] = wrap) -> float:
                 t0 = time.perf_counter()
-                subprocess.run([str(WITH_VNVDIMM), str(m.root), "--", *cmd], check=True, capture_output=True)
+                subprocess.run([*wrap, *cmd], check=True, capture_output=True)
                 return time.perf_counter() - t0
 
-            timed("ndctl", "list", "-BDRNiv")
-            base = [timed("true") for _ in range(reps)]
-            runs = [timed("ndctl", "list", "-BDRNiv") for _ in range(reps)]
+            res = subprocess.run([*wrap, sys.executable, "-c", _TIME_INSIDE, str(reps + 1), "ndctl", "list",
+                                  "-BDRNiv"], check=True, capture_output=True, text=True)
+            runs = json.loads(res.stdout)[1:]  # the first warms ndctl's and the mount's caches
+            wrapper = [timed("true") for _ in range(reps)]
             med, lo, hi = median_minmax(runs)
-            # (the baseline is the wrapper's own cost: no same-run ndctl on a real bus exists
-            # here to compare with, so the target is on the value a user waits for)
-            out.append(Figure(f"with-vnvdimm ndctl list -BDRNiv, {label}", med, "s", median_minmax(base)[0],
-                              "with-vnvdimm true", lo, hi, "<= 0.5 s"))
+            # no ndctl on a real bus runs here to compare with: the target is on the value
+            out.append(Figure(f"ndctl list -BDRNiv, {label}", med, "s", lo=lo, hi=hi, target="<= 0.5 s",
+                              note="timed inside with-vnvdimm's namespace, as a shell there runs it"))
+            med, lo, hi = median_minmax(wrapper)
+            out.append(Figure(f"with-vnvdimm MNT -- true, {label}", med, "s", lo=lo, hi=hi, target="<= 0.25 s",
+                              note="the wrapper's own cost: mount namespace, binds, loop devices over /dev/pmemN"))
     return out + ndctl_requests("nfit, 32 DIMMs, 16 regions, 64 namespaces", NFIT_LARGE, reps)
 
 
