@@ -137,19 +137,25 @@ _OPEN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 _READ_BUF = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64,
                              ctypes.c_void_p)
 _RELEASE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_WRITE_BUF = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)
+_GETXATTR = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t)
 _FH_OFFSET = fuse.fuse_file_info.fh.offset
-# libfuse's field -> (its prototype, the _Loop method answering it)
+# libfuse's field -> (its prototype, the _Loop method answering it). A device write is one
+# request per write(2) (128 KiB for most writers), preceded by a GETXATTR of
+# security.capability (the kernel's check whether the write must drop privileges, made on
+# every write: a FUSE inode never gets S_NOSEC): their fixed cost decides the write rate.
 _DIRECT_CALLBACKS: dict[str, tuple[Any, str]] = {
-    "open": (_OPEN, "_open"), "read_buf": (_READ_BUF, "_read_buf"), "release": (_RELEASE, "_release")}
+    "open": (_OPEN, "_open"), "read_buf": (_READ_BUF, "_read_buf"), "release": (_RELEASE, "_release"),
+    "write_buf": (_WRITE_BUF, "_write_buf"), "getxattr": (_GETXATTR, "_getxattr")}
 
 
 class _Loop(fuse.FUSE):
     """libfuse's loop over the operations, run by the constructor (as the binding's is).
 
     Every callback runs on a pinned thread state and is counted by operation when profiling
-    (see profile.py). OPEN, READ and RELEASE come straight from libfuse to the operations
-    (the methods below); every other callback is the binding's, as its own constructor would
-    register it."""
+    (see profile.py). OPEN, READ, WRITE and RELEASE come straight from libfuse to the
+    operations (the methods below); every other callback is the binding's, as its own
+    constructor would register it."""
 
     def __init__(self, ops: VnvdimmOperations, mountpoint: str, request_profile: RequestProfile | None,
                  **options: Any) -> None:
@@ -252,6 +258,29 @@ class _Loop(fuse.FUSE):
             return 0
         except BaseException as e:
             return self._failed("read_buf", e)
+
+    def _write_buf(self, path: int, bufp: int, offset: int, fip: int) -> int:
+        pin_thread_state()
+        try:
+            return self.operations.write_from(ctypes.c_uint64.from_address(fip + _FH_OFFSET).value, bufp, offset)
+        except BaseException as e:
+            return self._failed("write_buf", e)
+
+    def _getxattr(self, path: bytes, name: bytes, value: int, size: int) -> int:
+        pin_thread_state()
+        if not name.startswith(b"user."):
+            return -errno.ENODATA  # only user.vnvdimm exists (see VnvdimmOperations.getxattr)
+        try:
+            data = self.operations.getxattr(path.decode(self.encoding, self.errors),
+                                            name.decode(self.encoding, self.errors))
+        except BaseException as e:
+            return self._failed("getxattr", e)
+        if not value:  # a size query
+            return len(data)
+        if len(data) > size:
+            return -errno.ERANGE
+        ctypes.memmove(value, data, len(data))
+        return len(data)
 
     def _release(self, path: int, fip: int) -> int:
         pin_thread_state()
@@ -621,12 +650,14 @@ class VnvdimmOperations(fuse.Operations):
         return obj.read(size, offset)
 
     def write(self, path: str, data: bytes, offset: int, fh: Any) -> int:
-        obj = self._handle(fh)
+        return self._write(self._handle(fh), data, offset)
+
+    def _write(self, obj: OpenAttr | OpenDevice | OpenControl | KBin, data: bytes, offset: int) -> int:
         if isinstance(obj, OpenDevice):
             return obj.data.write(data, offset)
         if isinstance(obj, OpenAttr):
             n = self.tree.store(obj.node, data)
-            log.debug("store %s <- %r", path, data[:64])
+            log.debug("store %s <- %r", obj.node, data[:64])
             return n
         if isinstance(obj, OpenControl):
             raise fuse.FuseOSError(errno.EINVAL)
@@ -655,11 +686,13 @@ class VnvdimmOperations(fuse.Operations):
             raise fuse.FuseOSError(errno.EBADF)
         return address
 
-    def write_buf(self, path: str, bufp: Any, offset: int, fh: Any) -> int:
-        """Every write: taken from libfuse's buffer (a pipe when the kernel spliced it)."""
-        src = ctypes.cast(bufp, ctypes.c_void_p).value
+    def write_from(self, fh: int, src: int, offset: int) -> int:
+        """Every write: taken from libfuse's buffer at `src` (struct fuse_bufvec; a pipe when
+        the kernel spliced the request)."""
         size = _libfuse.fuse_buf_size(src)
-        obj = self._handles.get(fh.fh)
+        obj = self._handles.get(fh)
+        if obj is None:
+            raise fuse.FuseOSError(errno.EBADF)
         if isinstance(obj, OpenDevice):
             # The request's bytes go from libfuse's buffer (a pipe when spliced) straight
             # into the media file, GIL-free.
@@ -683,7 +716,7 @@ class VnvdimmOperations(fuse.Operations):
         got = _libfuse.fuse_buf_copy(ctypes.byref(vec), src, 0)
         if got < 0:
             raise fuse.FuseOSError(-got)
-        return self.write(path, mem.raw[:got], offset, fh)
+        return self._write(obj, mem.raw[:got], offset)
 
     def fsync(self, path: str, datasync: int, fh: Any) -> int:
         obj = self._handle(fh)
