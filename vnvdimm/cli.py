@@ -92,7 +92,8 @@ class _Version(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        parser.exit(message=f"vnvdimm {package_version()}\n")
+        print(f"vnvdimm {package_version()}")  # on stdout, as argparse's own version action
+        parser.exit()
 
 
 UMOUNT_DESCRIPTION = ("Unmount MNT and wait for its daemon to exit. A mount whose device files are open, mapped "
