@@ -19,7 +19,7 @@ from pathlib import Path
 from bench import figures
 from bench.common import REPO, Figure, missed, table, untargeted
 
-SUITES = ("mount", "attr", "devfile", "ndctl", "bind", "scale")
+SUITES = ("mount", "attr", "devfile", "ndctl", "bind", "scale", "jobs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         "ndctl": lambda: figures.ndctl_list(3 if q else 7),
         "bind": lambda: figures.bind_latency(("1G", "4G") if q else ("1G", "16G", "64G"), 3 if q else 5),
         "scale": lambda: figures.scale(16 if q else 256, 2 if q else 3),
+        "jobs": lambda: figures.many_jobs(16 if q else 256, 2 if q else 5),
     }
     results: list[Figure] = []
     started = time.perf_counter()

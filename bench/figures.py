@@ -513,3 +513,41 @@ def scale(total_gib: int, reps: int) -> list[Figure]:
         out.append(Figure(f"scale: peak PSS daemon+workers, map={nsmap}", med, "MiB", record_bytes / 2**20,
                           "memmap bytes", lo, hi, target=f"<= {bound}x"))
     return out
+
+
+# ---------------------------------------------------------------- many jobs
+
+
+def many_jobs(total_gib: int, reps: int) -> list[Figure]:
+    """1, 4 and 16 namespaces' memmap jobs summing to `total_gib` created together, first
+    create to last idle, against the time as many processes as CPUs take to fill the records'
+    bytes of fresh shared memory (the physical limit here), and workers=CPUs over workers=1.
+    The engine without FUSE (bench/memmap_bench.py's figure, run here so that `python -m
+    bench` is the one place the product's figures are measured); the mounted equivalent is
+    the `scale` suite."""
+    from bench import memmap_bench
+    from vnvdimm.memmap import MemmapEngine
+
+    ncpu = os.cpu_count() or 1
+    engines = {1: MemmapEngine(1), ncpu: MemmapEngine(None)}
+    for eng in engines.values():
+        eng.start()
+    fillers = memmap_bench.Fillers(ncpu)
+    try:
+        rows = memmap_bench.bench_many_jobs(engines, fillers, total_gib, [1, 4, 16], reps, ncpu, None)
+    finally:
+        fillers.close()
+        for eng in engines.values():
+            eng.close()
+    out = []
+    for row in rows:
+        med, lo, hi = row.median, min(row.samples), max(row.samples)
+        # the row's ratio is the median of per-repetition ratios: the baseline shown is the one
+        # that gives it
+        baseline = med / row.ratio if row.ratio else None
+        out.append(Figure(row.name, med, row.unit, baseline, row.baseline, lo, hi, row.target, met=row.ok))
+        if row.unit == "x":
+            out.append(Figure(f"{row.name}, absolute", med, "x", lo=lo, hi=hi, target=">= 1.6 x",
+                              note=f"a {ncpu}-process fill of fresh shared memory gains {baseline or 0:.2f}x "
+                              "over one process in the same repetitions: the most workers can gain here"))
+    return out
