@@ -153,8 +153,8 @@ class _Loop(fuse.FUSE):
     """libfuse's loop over the operations, run by the constructor (as the binding's is).
 
     Every callback runs on a pinned thread state and is counted by operation when profiling
-    (see profile.py). OPEN, READ, WRITE and RELEASE come straight from libfuse to the
-    operations (the methods below); every other callback is the binding's, as its own
+    (see profile.py). OPEN, READ, WRITE, RELEASE and GETXATTR come straight from libfuse to
+    the operations (the methods below); every other callback is the binding's, as its own
     constructor would register it."""
 
     def __init__(self, ops: VnvdimmOperations, mountpoint: str, request_profile: RequestProfile | None,
