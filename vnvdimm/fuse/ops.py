@@ -143,7 +143,7 @@ _FH_OFFSET = fuse.fuse_file_info.fh.offset
 # libfuse's field -> (its prototype, the _Loop method answering it). A device write is one
 # request per write(2) (128 KiB for most writers), preceded by a GETXATTR of
 # security.capability (the kernel's check whether the write must drop privileges, made on
-# every write: a FUSE inode never gets S_NOSEC): their fixed cost decides the write rate.
+# every write: the inodes of this mount are not S_NOSEC): their fixed cost decides the write rate.
 _DIRECT_CALLBACKS: dict[str, tuple[Any, str]] = {
     "open": (_OPEN, "_open"), "read_buf": (_READ_BUF, "_read_buf"), "release": (_RELEASE, "_release"),
     "write_buf": (_WRITE_BUF, "_write_buf"), "getxattr": (_GETXATTR, "_getxattr")}
