@@ -632,7 +632,10 @@ class VnvdimmOperations(fuse.Operations):
                 self.on_device_release()
 
     def _handle(self, fh: Any) -> OpenAttr | OpenDevice | OpenControl | KBin:
-        obj = self._handles.get(fh.fh)
+        return self._handle_of(fh.fh)
+
+    def _handle_of(self, fh: int) -> OpenAttr | OpenDevice | OpenControl | KBin:
+        obj = self._handles.get(fh)
         if obj is None:
             raise fuse.FuseOSError(errno.EBADF)
         return obj
@@ -690,9 +693,7 @@ class VnvdimmOperations(fuse.Operations):
         """Every write: taken from libfuse's buffer at `src` (struct fuse_bufvec; a pipe when
         the kernel spliced the request)."""
         size = _libfuse.fuse_buf_size(src)
-        obj = self._handles.get(fh)
-        if obj is None:
-            raise fuse.FuseOSError(errno.EBADF)
+        obj = self._handle_of(fh)
         if isinstance(obj, OpenDevice):
             # The request's bytes go from libfuse's buffer (a pipe when spliced) straight
             # into the media file, GIL-free.
