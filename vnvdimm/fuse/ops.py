@@ -268,8 +268,8 @@ class _Loop(fuse.FUSE):
 
     def _getxattr(self, path: bytes, name: bytes, value: int, size: int) -> int:
         pin_thread_state()
-        if not name.startswith(b"user."):
-            return -errno.ENODATA  # only user.vnvdimm exists (see VnvdimmOperations.getxattr)
+        if name != _NODE_XATTR_NAME:
+            return -errno.ENODATA  # the one xattr there is (see VnvdimmOperations.getxattr)
         try:
             data = self.operations.getxattr(path.decode(self.encoding, self.errors),
                                             name.decode(self.encoding, self.errors))
@@ -326,6 +326,7 @@ class OpenControl:
 
 # The extended attribute through which the preload library learns what a device file is.
 NODE_XATTR = "user.vnvdimm"
+_NODE_XATTR_NAME = NODE_XATTR.encode()  # as libfuse passes names to the direct callback
 
 
 class VnvdimmOperations(fuse.Operations):
