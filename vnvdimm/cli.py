@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
         p = argparse.ArgumentParser(prog="vnvdimm umount", description=UMOUNT_DESCRIPTION)
         add_umount_arguments(p)
         return _umount(p.parse_args(argv[1:]))
+    if argv and argv[0] == "run":
+        return _run(argv[1:])
     if argv and argv[0] == "blockdevs":
         # with-vnvdimm's helper (root, in its private mount namespace): loop block devices.
         from vnvdimm import blockdev
@@ -153,6 +155,13 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--uninject", action="store_true", help="remove the errors instead")
     p.add_argument("--status", action="store_true", help="list the namespace's bad blocks (JSON)")
 
+    p = sub.add_parser("run", help="run a command where MNT/sys is /sys and MNT/dev is /dev (with-vnvdimm)",
+                       description="vnvdimm run MNT [-- CMD [ARG...]]: CMD (default: a shell) in a private "
+                                   "mount namespace over the emulated platform, with the preload library; "
+                                   "`vnvdimm run --help` says more.")
+    p.add_argument("mountpoint", metavar="MNT")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
+
     sub.add_parser("preload-path", help="print the path of the preload library (for LD_PRELOAD)",
                    description="The library that makes the emulated /dev/ndctlN, nmemN, daxR.M and pmemN "
                                "look like device nodes and answers their ioctls; with-vnvdimm loads it.")
@@ -181,6 +190,19 @@ def _inject(args: argparse.Namespace) -> int:
     from vnvdimm import inject
 
     return inject.run(args.mountpoint, args.namespace, args.block, args.count, args.uninject, args.status)
+
+
+def _run(argv: list[str]) -> int:
+    """exec the packaged with-vnvdimm; its loop block devices call back into this same vnvdimm
+    (VNVDIMM), so the command works where the venv's bin is not on the PATH."""
+    import os
+
+    from vnvdimm.scripts import WITH_VNVDIMM
+
+    env = dict(os.environ)
+    env.setdefault("VNVDIMM", f"{sys.executable} -m vnvdimm.cli")
+    os.execve("/bin/sh", ["/bin/sh", str(WITH_VNVDIMM), *argv], env)
+    return 127  # not reached
 
 
 def _preload_path(args: argparse.Namespace) -> int:

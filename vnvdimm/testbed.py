@@ -51,10 +51,9 @@ from vnvdimm.fuse import fusermount
 from vnvdimm.model.labels import write_atomically
 from vnvdimm.mounts import Holder, describe, is_mounted, stop_mount
 from vnvdimm.preload import PreloadMissing, library_path
+from vnvdimm.scripts import WITH_VNVDIMM
 from vnvdimm.topology.config import ConfigError, parse_config
 from vnvdimm.topology.platform import Platform, StateDir
-
-WITH_VNVDIMM = Path(__file__).resolve().parent.parent / "mountscripts" / "with-vnvdimm"
 
 
 def with_preload(env: dict[str, str] | None) -> dict[str, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 from mount_kit import WITH_VNVDIMM, have_ndctl
@@ -71,7 +72,30 @@ def test_block_device_names_are_bound_for_the_command(mnt) -> None:  # type: ign
 
 def test_usage_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
     res = subprocess.run([str(WITH_VNVDIMM)], capture_output=True, text=True)
-    assert res.returncode == 2 and "with-vnvdimm MNT -- CMD" in res.stderr
+    assert res.returncode == 2 and "with-vnvdimm MNT [-- CMD [ARG...]]" in res.stderr
     res = subprocess.run([str(WITH_VNVDIMM), str(tmp_path), "--", "true"], capture_output=True, text=True)
     assert res.returncode == 2
     assert f"{tmp_path} is not a vnvdimm mount" in res.stderr
+
+
+def test_vnvdimm_run_is_with_vnvdimm_from_the_package(mnt) -> None:  # type: ignore[no-untyped-def]
+    """`vnvdimm run` needs nothing of the checkout: the script, its shims and the preload
+    library come from the installed package, and the venv's bin need not be on the PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VNVDIMM", "VNVDIMM_PRELOAD")}
+    env["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
+    res = subprocess.run([sys.executable, "-m", "vnvdimm.cli", "run", str(mnt.root), "--", "sh", "-c",
+                          "command -v modprobe; test -c /dev/ndctl0 && echo chardev; echo \"$LD_PRELOAD\""],
+                         capture_output=True, text=True, env=env, cwd="/", timeout=60)
+    assert res.returncode == 0, res.stderr
+    shim, chardev, preload = res.stdout.splitlines()
+    assert shim.endswith("/vnvdimm/scripts/shims/modprobe")
+    assert chardev == "chardev"
+    assert "/vnvdimm/preload/_vnvdimm_preload" in preload
+    assert "no preload library" not in res.stderr
+
+
+def test_no_command_opens_a_shell(mnt) -> None:  # type: ignore[no-untyped-def]
+    res = subprocess.run([str(WITH_VNVDIMM), str(mnt.root)], input="test -d /sys/bus/nd && echo in-platform\n",
+                         capture_output=True, text=True, env={**os.environ, "SHELL": "/bin/sh"}, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "in-platform\n"
