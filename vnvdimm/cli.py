@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         from vnvdimm import daemon
         from vnvdimm.topology.config import ConfigError, load_config
         from vnvdimm.topology.platform import default_state_dir
+        from vnvdimm.topology.safe_dir import canonical
 
         config = None
         if args.config is not None:
@@ -64,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"vnvdimm: {e}", file=sys.stderr)
                 return 2
         opts = daemon.MountOptions(
-            mountpoint=args.mountpoint.resolve(),
-            state_dir=(args.state_dir or default_state_dir()).resolve(),
+            # The parent's links resolved, not the last component's: a mount point or state dir
+            # that is itself a symbolic link is refused, never followed (see safe_dir).
+            mountpoint=canonical(args.mountpoint),
+            state_dir=canonical(args.state_dir or default_state_dir()),
             config=config,
             foreground=args.foreground,
             allow_other=args.allow_other,

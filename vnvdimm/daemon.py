@@ -22,12 +22,15 @@ from vnvdimm.fuse import fusermount
 from vnvdimm.mounts import (
     DETACH_SIGNALS,
     FORCE_SIGNAL,
+    clean_stale_records,
     daemon_pid,
     is_dead_mount,
     is_mounted,
     lazy_unmount,
     mount_record,
+    read_record_file,
     runtime_dir,
+    runtime_records,
     watch_unmount,
 )
 from vnvdimm.topology import safe_dir
@@ -56,7 +59,10 @@ def ioctl_socket(mountpoint: Path) -> Path:
     return runtime_dir() / f"ioctl-{key}.sock"
 
 
-def check_mountpoint(mountpoint: Path, allow_other: bool = False) -> None:
+def check_mountpoint(mountpoint: Path, allow_other: bool = False) -> int:
+    """Refuse a mount point vnvdimm cannot or must not mount on, with what to do. Returns the
+    descriptor of the directory that was checked (its every ancestor owned by root or the user
+    and writable by nobody else, see safe_dir): the mount must land on it."""
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse) or run with --device /dev/fuse")
     try:
@@ -68,8 +74,23 @@ def check_mountpoint(mountpoint: Path, allow_other: bool = False) -> None:
         lazy_unmount(mountpoint)
     if not os.path.lexists(mountpoint):
         raise MountError(f"{mountpoint}: no such directory: create it first (mkdir -p {mountpoint})")
-    if not mountpoint.is_dir():
+    if not os.path.islink(mountpoint) and not mountpoint.is_dir():
         raise MountError(f"{mountpoint}: not a directory: mount on a directory")
+    try:
+        anchor = safe_dir.open_checked_dir(safe_dir.canonical(mountpoint), "mount point")
+    except safe_dir.UnsafeStateDir as e:
+        raise MountError(str(e)) from None
+    except OSError as e:
+        raise MountError(f"{mountpoint}: cannot open the mount point: {e.strerror}") from None
+    try:
+        _check_free(mountpoint)
+    except BaseException:
+        os.close(anchor)
+        raise
+    return anchor
+
+
+def _check_free(mountpoint: Path) -> None:
     if is_mounted(mountpoint):
         raise MountError(f"{mountpoint}: already a mount point (busy); unmount it first")
     try:
@@ -92,17 +113,22 @@ class StateLock:
     """An flock on the state dir: one daemon per state dir; released by the kernel on death."""
 
     def __init__(self, state: StateDir) -> None:
+        self.state = state
         self.path = state.path / "lock"
         self.fd = -1
 
     def acquire(self) -> None:
-        self.fd = safe_dir.open_private(self.path, os.O_RDWR | os.O_CREAT)
+        self.fd = self.state.open_file(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "another process"
             os.close(self.fd)
-            raise MountError(f"{self.path.parent}: state dir in use by vnvdimm pid {holder}") from None
+            where = mounted_at(self.state.path, holder)
+            raise MountError(f"{self.path.parent}: state dir in use by vnvdimm pid {holder}"
+                             + (f", mounted on {where}" if where else "")
+                             + f"; unmount it first (vnvdimm umount {where or 'MNT'}), or mount with another "
+                               "--state-dir") from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
@@ -123,11 +149,26 @@ class MountOptions:
     allow_other: bool = False
     verbose: int = 0
     workers: int | None = None
+    mountpoint_fd: int | None = None  # the mount point's directory, as checked (set by prepare)
+
+
+def mounted_at(state_dir: Path, pid: str) -> str:
+    """Where the daemon `pid` serving `state_dir` is mounted, from its runtime record ("" if
+    no record of ours says)."""
+    with contextlib.suppress(OSError, safe_dir.UnsafeStateDir):
+        for record in runtime_records():
+            doc = read_record_file(record)
+            if str(doc.get("pid")) == pid and doc.get("state_dir") == str(state_dir):
+                return str(doc.get("mountpoint", ""))
+    return ""
 
 
 def prepare(opts: MountOptions) -> tuple[StateDir, Platform, StateLock]:
-    """Everything that can fail with a clear message, before daemonizing."""
-    check_mountpoint(opts.mountpoint, opts.allow_other)
+    """Everything that can fail with a clear message, before daemonizing. Keeps the mount
+    point's checked directory open in `opts.mountpoint_fd` (the mount must land on it)."""
+    with contextlib.suppress(OSError, safe_dir.UnsafeStateDir):
+        clean_stale_records()
+    opts.mountpoint_fd = check_mountpoint(opts.mountpoint, opts.allow_other)
     state = StateDir(opts.state_dir)
     state.ensure()
     lock = StateLock(state)
@@ -140,7 +181,7 @@ def prepare(opts: MountOptions) -> tuple[StateDir, Platform, StateLock]:
 
 def open_log(state: StateDir) -> int:
     """The daemon's log, appended to (0600: it names files and devices of the user)."""
-    return safe_dir.open_private(state.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    return state.open_file(state.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 
 
 def setup_logging(state: StateDir, verbose: int, foreground: bool) -> None:
@@ -213,7 +254,8 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
         teardown = Teardown(system, opts.mountpoint, ops, state, record, stacks)
         ops.on_device_release = teardown.device_released
         threading.Thread(target=teardown.on_signals, name="vnvdimm-signals", daemon=True).start()
-        serve(ops, str(opts.mountpoint), allow_other=opts.allow_other, debug=opts.verbose >= 3)
+        serve(ops, str(opts.mountpoint), allow_other=opts.allow_other, debug=opts.verbose >= 3,
+              anchor_fd=opts.mountpoint_fd)
         log.info("unmounted %s", opts.mountpoint)
         return 0
     finally:
@@ -369,6 +411,8 @@ def mount(opts: MountOptions) -> int:
         state, platform, lock = prepare(opts)
     except (MountError, ConfigError) as e:
         print(f"vnvdimm: {e}", file=sys.stderr)
+        if opts.mountpoint_fd is not None:
+            os.close(opts.mountpoint_fd)
         return 1
     if opts.foreground:
         try:

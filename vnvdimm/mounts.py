@@ -253,12 +253,73 @@ def mount_record(mountpoint: Path) -> Path:
     return runtime_dir() / f"mount-{key}.json"
 
 
-def read_record(mountpoint: Path) -> dict[str, object]:
+def read_record_file(path: Path) -> dict[str, object]:
     with contextlib.suppress(OSError, ValueError):
-        doc = json.loads(safe_dir.read_private(mount_record(mountpoint)))
+        doc = json.loads(safe_dir.read_private(path))
         if isinstance(doc, dict):
             return doc
     return {}
+
+
+def read_record(mountpoint: Path) -> dict[str, object]:
+    return read_record_file(mount_record(mountpoint))
+
+
+def runtime_records() -> list[Path]:
+    """Every mount record of this user's runtime dir."""
+    base = runtime_dir()
+    return sorted(base / name for name in os.listdir(base) if name.startswith("mount-") and name.endswith(".json"))
+
+
+def _is_daemon(pid: object) -> bool:
+    """A live vnvdimm process at `pid` (a pid reused by another program does not count)."""
+    return isinstance(pid, int) and pid > 0 and process_alive(pid) and is_vnvdimm(cmdline(pid))
+
+
+def _listened(path: Path) -> bool:
+    """Whether a process accepts connections on the unix socket `path` (a refused connect:
+    nobody does; connect() never waits for the accept, so this cannot hang on a busy daemon)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True  # busy, timed out, no permission: not ours to judge stale
+    return True
+
+
+def clean_stale_records() -> list[str]:
+    """Remove the mount records and ioctl sockets that daemons killed without a chance to
+    clean up left in the runtime dir (a record whose pid is not a running vnvdimm, its
+    socket, a socket nobody listens on, a temporary record), as `vnvdimm mount` and `umount`
+    do first. Returns the names removed."""
+    base = runtime_dir()
+    removed = []
+    names = set(os.listdir(base))
+    for name in sorted(names):
+        key = name.removeprefix("mount-").removesuffix(".json")
+        stale = False
+        if name.startswith("mount-") and name.endswith(".json"):
+            stale = not _is_daemon(read_record_file(base / name).get("pid"))
+            if stale and f"ioctl-{key}.sock" in names:
+                with contextlib.suppress(FileNotFoundError):
+                    (base / f"ioctl-{key}.sock").unlink()
+                    removed.append(f"ioctl-{key}.sock")
+        elif name.startswith("mount-") and name.endswith(".tmp"):
+            st = os.stat(base / name, follow_symlinks=False)
+            stale = time.time() - st.st_mtime > 60  # a record being written is renamed at once
+        elif name.startswith("ioctl-") and name.endswith(".sock"):
+            # A daemon listens before it writes its record: only a socket nobody listens on is stale.
+            stale = not _listened(base / name)
+        if stale:
+            with contextlib.suppress(FileNotFoundError):
+                (base / name).unlink()
+                removed.append(name)
+    return removed
 
 
 def daemon_pid(mountpoint: Path) -> int | None:
@@ -446,6 +507,46 @@ def describe(found: Iterable[Holder]) -> str:
 # ---------------------------------------------------------------- stopping a mount
 
 
+class NotVnvdimm(RuntimeError):
+    """`vnvdimm umount` of something else (a tmpfs, /proc...): nothing was changed."""
+
+
+def owner_of(entry: MountEntry) -> int | None:
+    """The uid a FUSE mount was made by (its user_id= option), None if it has none."""
+    for option in entry.options:
+        if option.startswith("user_id="):
+            with contextlib.suppress(ValueError):
+                return int(option.removeprefix("user_id="))
+    return None
+
+
+def check_is_vnvdimm(mountpoint: Path, entry: MountEntry, mode: str) -> None:
+    """Refuse to touch a mount vnvdimm did not make, or (without --force) another user's."""
+    if entry.fstype != VNVDIMM_FSTYPE:
+        raise NotVnvdimm(f"{mountpoint} is not a vnvdimm mount (it is a {entry.fstype}); nothing was unmounted")
+    record = read_record(mountpoint)
+    if record and _is_daemon(record.get("pid")) and record.get("mountpoint") != str(mountpoint):
+        raise NotVnvdimm(f"{mountpoint}: the runtime record of this mount names {record.get('mountpoint')}, not "
+                         "this mount point; nothing was unmounted")
+    owner = owner_of(entry)
+    if owner is not None and owner != os.geteuid() and mode != "force":
+        raise NotVnvdimm(f"{mountpoint}: the vnvdimm mount of {_user_name(owner)}, not yours; stopping it "
+                         f"stops their emulated platform: use `vnvdimm umount --force {mountpoint}` to stop it "
+                         "anyway; nothing was unmounted")
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+VNVDIMM_FSTYPE = "fuse.vnvdimm"
+
+
 class UmountRefused(RuntimeError):
     """The mount is busy (the message names the devices and processes); nothing was changed."""
 
@@ -458,8 +559,20 @@ def umount(mountpoint: Path, mode: str = "normal", timeout: float = 10.0, out: T
     """`vnvdimm umount [--lazy|--force] MNT`. Exit status: 0 gone (or, with --lazy, detached),
     1 refused or failed (a message on `out` says why)."""
     out = out or sys.stderr
+    with contextlib.suppress(OSError, safe_dir.UnsafeStateDir):
+        clean_stale_records()
+    entry = mount_entry(mountpoint)
     try:
+        if entry is not None:
+            check_is_vnvdimm(mountpoint, entry, mode)
+            owner = owner_of(entry)
+            if owner is not None and owner != os.geteuid():
+                print(f"vnvdimm: {mountpoint}: --force: stopping the vnvdimm mount of {_user_name(owner)}",
+                      file=out, flush=True)
         message = stop(mountpoint, mode, timeout)
+    except NotVnvdimm as e:
+        print(f"vnvdimm: {e}", file=out)
+        return 1
     except UmountRefused as e:
         print(f"vnvdimm: {e}", file=out)
         return 1

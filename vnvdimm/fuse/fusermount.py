@@ -12,6 +12,7 @@ refused the helper's own words are what the user reads.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import stat
@@ -59,10 +60,13 @@ def check_can_mount(allow_other: bool) -> None:
                               "(only you, and root, can see the mount then)")
 
 
-def mount(mountpoint: str, options: list[str]) -> int:
+def mount(mountpoint: str, options: list[str], anchor_fd: int | None = None) -> int:
     """Mount a FUSE file system at `mountpoint` and return the /dev/fuse descriptor serving it.
-    `options` are kernel mount options (fsname=, subtype=, default_permissions, ...)."""
+    `options` are kernel mount options (fsname=, subtype=, default_permissions, ...).
+    `anchor_fd`: the mount point's directory as it was checked (opened O_NOFOLLOW at the end
+    of a checked walk); the mount must land on that very directory (see `check_landing`)."""
     helper = fusermount_path()
+    before = {m.mount_id for m in _mountinfo()}
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
@@ -85,7 +89,73 @@ def mount(mountpoint: str, options: list[str]) -> int:
             os.close(fd)
         raise FusermountError(explain(err.decode(errors="replace").strip(), proc.returncode))
     os.set_inheritable(fds[0], False)
+    if anchor_fd is not None:
+        try:
+            check_landing(mountpoint, anchor_fd, before, _subtype(options))
+        except FusermountError:
+            os.close(fds[0])
+            raise
     return fds[0]
+
+
+class _Mount:
+    def __init__(self, line: str) -> None:
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        self.mount_id, self.parent_id = int(fields[0]), int(fields[1])
+        self.mountpoint = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        self.fstype = tail[0] if tail else ""
+        self.super_options = tail[2].split(",") if len(tail) > 2 else []
+
+
+def _mountinfo() -> list[_Mount]:
+    with open("/proc/self/mountinfo") as f:
+        return [_Mount(line) for line in f.read().splitlines() if " - " in line]
+
+
+def _subtype(options: list[str]) -> str:
+    for option in options:
+        if option.startswith("subtype="):
+            return "fuse." + option.removeprefix("subtype=")
+    return "fuse"
+
+
+def mount_id_of(fd: int) -> int:
+    """The id of the mount that holds the file open as `fd` (as /proc/self/mountinfo numbers them)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    raise OSError(f"no mnt_id in /proc/self/fdinfo/{fd}")
+
+
+def check_landing(mountpoint: str, anchor_fd: int, before: set[int], fstype: str) -> None:
+    """fusermount3 looks `mountpoint` up by its path again: should a directory above it have
+    been swapped since the check (for a link to elsewhere), the mount lands on another
+    directory. It is ours only if a new mount of `fstype` sits at `mountpoint` on top of the
+    mount that holds the checked directory (`anchor_fd`), and that directory is still the one
+    `mountpoint` names (no two directories have the same path at once). Otherwise the mounts
+    that appeared meanwhile (of this file system type, of this user) are detached and the
+    mount is refused: the caller closes the /dev/fuse descriptor, which kills it for good."""
+    parent = mount_id_of(anchor_fd)
+    try:
+        where = os.readlink(f"/proc/self/fd/{anchor_fd}")
+    except OSError:
+        where = ""
+    me = f"user_id={os.geteuid()}"
+    new = [m for m in _mountinfo() if m.mount_id not in before and m.fstype == fstype and me in m.super_options]
+    if where == mountpoint and any(m.mountpoint == mountpoint and m.parent_id == parent for m in new):
+        return
+    # A mount of this user's that appeared during our call and is not where ours belongs
+    # (another vnvdimm of the same user mounting in the same instant would be detached too:
+    # its daemon sees it and exits; a mount left where an attacker chose would be worse).
+    for m in new:
+        if not (m.mountpoint == mountpoint and m.parent_id == parent):
+            unmount(m.mountpoint)
+    moved = f" (the directory checked is now at {where})" if where and where != mountpoint else ""
+    raise FusermountError(f"{mountpoint}: the mount point changed between its check and the mount{moved}: "
+                          "a directory above it was renamed or swapped; nothing was mounted there. Make sure "
+                          "nobody else can rename the directories above it, then mount again")
 
 
 def unmount(mountpoint: str) -> None:

@@ -808,15 +808,17 @@ def raise_readahead(mountpoint: str) -> None:
         log.info("cannot raise %s: %s", path, e.strerror)
 
 
-def serve(ops: VnvdimmOperations, mountpoint: str, *, allow_other: bool = False, debug: bool = False) -> None:
+def serve(ops: VnvdimmOperations, mountpoint: str, *, allow_other: bool = False, debug: bool = False,
+          anchor_fd: int | None = None) -> None:
     """Mount (through fusermount3: see fusermount.py) and run the multithreaded FUSE loop
-    until the file system is unmounted. A refused mount raises FusermountError."""
+    until the file system is unmounted. A refused mount raises FusermountError. `anchor_fd`:
+    the mount point as it was checked; a mount that lands elsewhere is refused."""
     kernel_options = [*KERNEL_MOUNT_OPTIONS]
     if os.geteuid() == 0:
         kernel_options.append("dev")
     if allow_other:
         kernel_options.append("allow_other")
-    fd = fusermount.mount(mountpoint, kernel_options)
+    fd = fusermount.mount(mountpoint, kernel_options, anchor_fd)
     options: dict[str, Any] = {"foreground": True, **MOUNT_OPTIONS}
     if debug:
         options["debug"] = True

@@ -38,9 +38,11 @@ def nfit_test_fill(index: int) -> bytes:
 class LabelArea:
     """The label storage area of one DIMM, backed by a file of exactly `size` bytes."""
 
-    def __init__(self, path: Path, size: int, max_xfer: int, *, sync_each_write: bool = True) -> None:
+    def __init__(self, path: Path, size: int, max_xfer: int, *, sync_each_write: bool = True,
+                 dir_fd: int | None = None) -> None:
         """`sync_each_write` False: writes reach the disk when the area is closed, not each on
-        its own (for an area nobody uses until it is complete: an installer's)."""
+        its own (for an area nobody uses until it is complete: an installer's). `dir_fd`: the
+        descriptor of `path`'s directory; the file is opened in it by name."""
         if size <= 0 or max_xfer <= 0:
             raise ValueError(f"{path}: label area size {size} / max_xfer {max_xfer} must be positive")
         self.path = path
@@ -49,7 +51,8 @@ class LabelArea:
         self.sync_each_write = sync_each_write
         self._unsynced = False
         self._lock = threading.Lock()
-        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        self._fd = os.open(path.name if dir_fd is not None else path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
+                           dir_fd=dir_fd)
         try:
             actual = os.fstat(self._fd).st_size
             if actual != size:
@@ -61,22 +64,23 @@ class LabelArea:
 
     @classmethod
     def create(cls, path: Path, size: int, max_xfer: int, fill: bytes = b"", *,
-               sync_each_write: bool = True) -> LabelArea:
+               sync_each_write: bool = True, dir_fd: int | None = None) -> LabelArea:
         """A fresh area: zeroes with `fill` at offset 0, durable before it is returned (without
         `sync_each_write`: once it is closed; its directory entry is the creator's to sync)."""
         if sync_each_write:
-            write_fresh(path, size, fill)
-            return cls(path, size, max_xfer)
+            write_fresh(path, size, fill, dir_fd=dir_fd)
+            return cls(path, size, max_xfer, dir_fd=dir_fd)
         if len(fill) > size:
             raise ValueError(f"{path}: fill of {len(fill)} bytes does not fit a {size}-byte area")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fd = os.open(path.name if dir_fd is not None else path,
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
         try:
             os.ftruncate(fd, size)
             if fill:
                 os.pwrite(fd, fill, 0)
         finally:
             os.close(fd)
-        area = cls(path, size, max_xfer, sync_each_write=False)
+        area = cls(path, size, max_xfer, sync_each_write=False, dir_fd=dir_fd)
         area._unsynced = True
         return area
 
@@ -132,8 +136,8 @@ class LabelArea:
             self._fd = -1
 
 
-def write_fresh(path: Path, size: int, fill: bytes) -> None:
+def write_fresh(path: Path, size: int, fill: bytes, *, dir_fd: int | None = None) -> None:
     """Create `path` as a `size`-byte area holding `fill` then zeroes, atomically and durably."""
     if len(fill) > size:
         raise ValueError(f"{path}: fill of {len(fill)} bytes does not fit a {size}-byte area")
-    write_atomically(path, fill + bytes(size - len(fill)))
+    write_atomically(path, fill + bytes(size - len(fill)), dir_fd=dir_fd)

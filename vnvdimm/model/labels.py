@@ -27,10 +27,14 @@ class NamespaceLabel:
     lbasize: int
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, *, dir_fd: int | None = None) -> None:
+    """Replace `path` with `data`, durably: a temporary file, fsync'ed, renamed over it, then
+    the directory fsync'ed. `dir_fd`: the descriptor of `path`'s directory; every name is then
+    looked up in it (a rename of a directory above changes nothing)."""
     tmp = path.with_name(f".{path.name}.tmp")
+    name, tmp_name = (path.name, tmp.name) if dir_fd is not None else (path, tmp)
     # O_NOFOLLOW: never write through a symbolic link someone planted in the state dir.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
     try:
         try:
             view = memoryview(data)
@@ -39,12 +43,15 @@ def write_atomically(path: Path, data: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, path)
+        os.rename(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp_name, dir_fd=dir_fd)
         raise
-    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if dir_fd is not None:
+        os.fsync(dir_fd)
+        return
+    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         os.fsync(dirfd)
     finally:
@@ -54,12 +61,15 @@ def write_atomically(path: Path, data: bytes) -> None:
 class DimmLabels:
     """The label area of one DIMM."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, dir_fd: int | None = None) -> None:
+        """`dir_fd`: the descriptor of `path`'s directory; the file is opened in it by name."""
         self.path = path
+        self.dir_fd = dir_fd
 
     def read(self) -> list[dict[str, object]]:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = os.open(self.path.name if self.dir_fd is not None else self.path,
+                         os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=self.dir_fd)
             with os.fdopen(fd, encoding="utf-8") as f:
                 doc = json.loads(f.read())
         except FileNotFoundError:
@@ -73,7 +83,7 @@ class DimmLabels:
 
     def write(self, labels: list[dict[str, object]]) -> None:
         doc = {"version": "1.1", "labels": labels}
-        write_atomically(self.path, json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n")
+        write_atomically(self.path, json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n", dir_fd=self.dir_fd)
 
 
 class InterleaveLabels:

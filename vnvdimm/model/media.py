@@ -21,11 +21,13 @@ from vnvdimm.model.base import fail
 class Media:
     """A region's backing file, opened once for the life of the daemon."""
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int, *, dir_fd: int | None = None) -> None:
+        """`dir_fd`: the descriptor of `path`'s directory; the file is opened in it by name."""
         self.path = path
         self.size = size
         # Never through a symbolic link: whoever made it would choose what a root daemon writes.
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        self.fd = os.open(path.name if dir_fd is not None else path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
+                          dir_fd=dir_fd)
         actual = os.fstat(self.fd).st_size
         if actual != size:
             os.close(self.fd)
@@ -33,14 +35,15 @@ class Media:
         self.badblocks = BadBlocks()  # the poison list of this SPA range
 
     @staticmethod
-    def create(path: Path, size: int) -> None:
+    def create(path: Path, size: int, *, dir_fd: int | None = None) -> None:
         """A new sparse media file of `size` bytes, all zeros (fresh pmem reads as zeros)."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        name = path.name if dir_fd is not None else path
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
         try:
             os.ftruncate(fd, size)
             os.fsync(fd)
         except BaseException:
-            os.unlink(path)  # not a media file of the wrong size for the next mount to trip on
+            os.unlink(name, dir_fd=dir_fd)  # not a media file of the wrong size for the next mount to trip on
             raise
         finally:
             os.close(fd)

@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import uuid as uuidlib
 from collections.abc import Iterator
@@ -356,11 +357,62 @@ def damaged(path: Path, what: str) -> ConfigError:
 
 
 class StateDir:
-    def __init__(self, path: Path, *, sync_each_label_write: bool = True) -> None:
+    """The state dir, and every file in it opened relative to one directory descriptor.
+
+    The descriptor comes from a walk from / that checks every ancestor (safe_dir: owned by
+    root or the user, not writable by others, no symbolic link met); after it, no name of the
+    state dir is looked up from / again, so renaming or swapping a directory above it (for a
+    symbolic link, say) changes nothing: the lock, the platform record, the media, the label
+    areas, .provisioning and the log are the ones in the directory that was checked. The
+    `*_path` properties are for messages."""
+
+    def __init__(self, path: Path, *, sync_each_label_write: bool = True, dir_fd: int | None = None) -> None:
         """`sync_each_label_write` False: label areas reach the disk when the machine closes
-        them (an installer's state dir, used by nothing until it is complete)."""
+        them (an installer's state dir, used by nothing until it is complete). `dir_fd`: the
+        directory, already open (a subdirectory of a state dir)."""
         self.path = path
         self.sync_each_label_write = sync_each_label_write
+        self._fd = dir_fd
+        self._labels_fd: int | None = None
+
+    @property
+    def fd(self) -> int:
+        """The state dir's descriptor, opened by a checked walk on first use (see safe_dir)."""
+        if self._fd is None:
+            try:
+                self._fd = safe_dir.open_checked_dir(safe_dir.canonical(self.path), "state dir", create=True)
+            except safe_dir.UnsafeStateDir as e:
+                raise ConfigError(str(e)) from None
+            except OSError as e:
+                raise ConfigError(f"{self.path}: cannot create the state dir: {e.strerror}") from None
+        return self._fd
+
+    @property
+    def labels_fd(self) -> int:
+        """labels/, opened relative to the state dir (created 0700 if missing)."""
+        if self._labels_fd is None:
+            self._labels_fd = _subdir(self.fd, "labels")
+        return self._labels_fd
+
+    def subdir(self, name: str, *, sync_each_label_write: bool = True) -> StateDir:
+        """A directory inside this one (created 0700 if missing) as a StateDir of its own."""
+        return StateDir(self.path / name, sync_each_label_write=sync_each_label_write,
+                        dir_fd=_subdir(self.fd, name))
+
+    def close(self) -> None:
+        for fd in (self._labels_fd, self._fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._fd = self._labels_fd = None
+
+    def has(self, name: str, dir_fd: int | None = None) -> bool:
+        """Whether `name` exists in the state dir (or in `dir_fd`), a link included."""
+        try:
+            os.stat(name, dir_fd=self.fd if dir_fd is None else dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
 
     def media_path(self, index: int) -> Path:
         return self.path / f"region{index}.media"
@@ -371,17 +423,33 @@ class StateDir:
     def label_area_path(self, dimm: int) -> Path:
         return self.path / "labels" / f"nmem{dimm}.lsa"
 
+    def open_media(self, index: int, size: int) -> Media:
+        return Media(self.media_path(index), size, dir_fd=self.fd)
+
+    def dimm_labels(self, dimm: int) -> DimmLabels:
+        """DIMM `dimm`'s namespaces as the JSON of old state dirs."""
+        return DimmLabels(self.label_path(dimm), dir_fd=self.labels_fd)
+
     def label_area(self, dimm: int, size: int, max_xfer: int, fill: bytes = b"") -> LabelArea:
         """DIMM `dimm`'s label storage area, created (`fill`, then zeroes) on first use."""
         path = self.label_area_path(dimm)
         try:
-            if not os.path.lexists(path):
-                return LabelArea.create(path, size, max_xfer, fill, sync_each_write=self.sync_each_label_write)
-            return LabelArea(path, size, max_xfer, sync_each_write=self.sync_each_label_write)
+            if not self.has(path.name, self.labels_fd):
+                return LabelArea.create(path, size, max_xfer, fill, sync_each_write=self.sync_each_label_write,
+                                        dir_fd=self.labels_fd)
+            return LabelArea(path, size, max_xfer, sync_each_write=self.sync_each_label_write, dir_fd=self.labels_fd)
         except ValueError as e:
             raise ConfigError(f"{e}: move it away to start that DIMM's labels afresh") from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot open the label area: {e.strerror}") from None
+
+    def open_file(self, path: Path, flags: int) -> int:
+        """os.open of a file at the top of the state dir (the lock, the log): relative to its
+        descriptor, never through a symbolic link, created 0600."""
+        return safe_dir.open_private(path, flags, self.fd)
+
+    def write_platform(self, platform: Platform) -> None:
+        write_atomically(self.platform_path, platform.to_json().encode(), dir_fd=self.fd)
 
     @property
     def platform_path(self) -> Path:
@@ -399,28 +467,29 @@ class StateDir:
         """Create the state dir (0700) or check that it is private (see safe_dir), and finish
         or undo a provisioning that was interrupted."""
         try:
-            safe_dir.make_private_dir(self.path)
-        except OSError as e:
-            raise ConfigError(f"{self.path}: cannot create the state dir: {e.strerror}") from None
-        try:
-            safe_dir.check_private_tree(self.path)
+            safe_dir.check_private_tree(self.path, self.fd)
         except safe_dir.UnsafeStateDir as e:
             raise ConfigError(str(e)) from None
-        safe_dir.make_private_dir(self.path / "labels")
-        if self.provisioning_path.exists():
-            if (self.provisioning_path / PROVISIONING_COMPLETE).exists():
+        self.labels_fd  # noqa: B018 (created if missing)
+        if self.has(PROVISIONING_DIR):
+            work = self.subdir(PROVISIONING_DIR)
+            try:
+                complete = self.has(PROVISIONING_COMPLETE, work.fd)
+            finally:
+                work.close()
+            if complete:
                 log.info("%s: finishing an interrupted provisioning", self.path)
                 self.install_provisioned()
             else:
                 log.info("%s: discarding an interrupted provisioning", self.path)
-                shutil.rmtree(self.provisioning_path)
+                shutil.rmtree(PROVISIONING_DIR, dir_fd=self.fd)
 
     def open(self, config: TopologyConfig | None) -> tuple[Platform, TopologyConfig | None]:
         """The platform of this state dir, or a new one from `config` (or the default) on first
         use. Returns the platform and the config to provision missing media with; a new
         platform's record is written by `provision`, with its media, all or nothing."""
         self.ensure()
-        if self.platform_path.exists():
+        if self.has(PLATFORM_FILE):
             platform = self.read_platform()
             if config is not None:
                 wanted = checked(Platform.from_config(config), config)
@@ -431,10 +500,10 @@ class StateDir:
                         "use another --state-dir, or remove that one to start afresh")
                 # Memmap settings are run-time knobs: the config's win.
                 platform = wanted
-                write_atomically(self.platform_path, platform.to_json().encode())
+                self.write_platform(platform)
             return platform, config
-        leftovers = sorted(p.name for p in self.path.glob("region*.media")) + sorted(
-            f"labels/{p.name}" for p in (self.path / "labels").iterdir())
+        leftovers = sorted(n for n in os.listdir(self.fd) if re.fullmatch(r"region.*\.media", n)) + sorted(
+            f"labels/{n}" for n in os.listdir(self.labels_fd))
         if leftovers:
             raise ConfigError(f"{self.path}: has {', '.join(leftovers[:4])}{' ...' if len(leftovers) > 4 else ''} "
                               f"but no {PLATFORM_FILE} to say what they are; put the record back, or move "
@@ -445,7 +514,7 @@ class StateDir:
     def read_platform(self) -> Platform:
         """The platform record, refused with a message naming it if it cannot describe a machine."""
         try:
-            text = safe_dir.read_private(self.platform_path).decode()
+            text = safe_dir.read_private(self.platform_path, self.fd).decode()
         except UnicodeDecodeError:
             raise damaged(self.platform_path, "not text") from None
         except OSError as e:
@@ -461,21 +530,31 @@ class StateDir:
         """Move a complete provisioning into place: labels, then media, the record last (its
         presence says the platform is whole). Renaming again after a crash is harmless, and a
         hard link of media that already existed renames onto itself: nothing happens."""
-        work = self.provisioning_path
-        if (work / "labels").is_dir():
-            for label in sorted((work / "labels").iterdir()):
-                os.rename(label, self.path / "labels" / label.name)
-                if label.name.endswith(MIGRATED):  # the boot moved JSON labels into the label areas
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.path / "labels" / label.name.removesuffix(MIGRATED))
-            safe_dir.fsync_dir(self.path / "labels")
-        for media in sorted(work.glob("region*.media")):
-            os.rename(media, self.path / media.name)
-        if (work / PLATFORM_FILE).exists():
-            os.rename(work / PLATFORM_FILE, self.platform_path)
-        safe_dir.fsync_dir(self.path)
-        shutil.rmtree(work)
-        safe_dir.fsync_dir(self.path)
+        work = self.subdir(PROVISIONING_DIR)
+        try:
+            if self.has("labels", work.fd):
+                for label in sorted(os.listdir(work.labels_fd)):
+                    os.rename(label, label, src_dir_fd=work.labels_fd, dst_dir_fd=self.labels_fd)
+                    if label.endswith(MIGRATED):  # the boot moved JSON labels into the label areas
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(label.removesuffix(MIGRATED), dir_fd=self.labels_fd)
+                safe_dir.fsync_dir(self.path / "labels", self.labels_fd)
+            for media in sorted(n for n in os.listdir(work.fd) if re.fullmatch(r"region.*\.media", n)):
+                os.rename(media, media, src_dir_fd=work.fd, dst_dir_fd=self.fd)
+            if self.has(PLATFORM_FILE, work.fd):
+                os.rename(PLATFORM_FILE, PLATFORM_FILE, src_dir_fd=work.fd, dst_dir_fd=self.fd)
+        finally:
+            work.close()
+        safe_dir.fsync_dir(self.path, self.fd)
+        shutil.rmtree(PROVISIONING_DIR, dir_fd=self.fd)
+        safe_dir.fsync_dir(self.path, self.fd)
+
+
+def _subdir(dir_fd: int, name: str) -> int:
+    """Open directory `name` in `dir_fd` (made 0700 if missing), never through a link."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, safe_dir.DIR_MODE, dir_fd=dir_fd)
+    return os.open(name, safe_dir.DIR_FLAGS, dir_fd=dir_fd)
 
 
 PROVISIONING_DIR = ".provisioning"
@@ -540,7 +619,7 @@ def build_system(platform: Platform, state: StateDir, system: System, only: set[
         nfit = platform.buses[r.bus].nfit
         media_path = state.media_path(i)
         try:
-            media = Media(media_path, r.size)
+            media = state.open_media(i, r.size)
         except FileNotFoundError:
             raise ConfigError(f"{media_path}: media file missing; the platform record says region{i} "
                               f"has {format_size(r.size)} of pmem: put it back, or mount with --config to "
@@ -576,13 +655,13 @@ def migrate_json_labels(platform: Platform, state: StateDir, dimms: list[Nvdimm]
     (labels/nmemN.json). Their namespaces are written into the label areas as the kernel
     writes labels, then the JSON files are kept as nmemN.json.migrated."""
     paths = [state.label_path(i) for i in range(len(dimms))]
-    if not any(p.exists() for p in paths):
+    if not any(state.has(p.name, state.labels_fd) for p in paths):
         return
     data = {i: DimmLabelData(d.label_area) for i, d in enumerate(dimms) if d.label_area is not None}
     for r in platform.regions:
         if not r.dimms:
             continue
-        old = InterleaveLabels([(DimmLabels(paths[d]), dpa) for d, dpa in r.dimms], r.json_label_cookie).load()
+        old = InterleaveLabels([(state.dimm_labels(d), dpa) for d, dpa in r.dimms], r.json_label_cookie).load()
         if not old:
             continue
         share = r.size // len(r.dimms)
@@ -593,8 +672,8 @@ def migrate_json_labels(platform: Platform, state: StateDir, dimms: list[Nvdimm]
                                            ns.lbasize, ""))
             log.info("migrated namespace %s (%s) into the label areas", ns.uuid, format_size(ns.size))
     for p in paths:
-        if p.exists():
-            os.replace(p, p.with_name(p.name + MIGRATED))
+        if state.has(p.name, state.labels_fd):
+            os.replace(p.name, p.name + MIGRATED, src_dir_fd=state.labels_fd, dst_dir_fd=state.labels_fd)
 
 
 class Machine:
@@ -667,43 +746,46 @@ def provision(platform: Platform, state: StateDir, config: TopologyConfig) -> li
     the state dir and moves into place once complete, so a failed or interrupted provisioning
     leaves nothing a later mount would take for a platform (see StateDir.ensure).
     Returns the indexes of the regions it created."""
-    new_record = not state.platform_path.exists()
-    created = [i for i in range(len(platform.regions)) if new_record or not os.path.lexists(state.media_path(i))]
+    new_record = not state.has(PLATFORM_FILE)
+    created = [i for i in range(len(platform.regions))
+               if new_record or not state.has(state.media_path(i).name)]
     if not created:
         return []
     # Label writes are made durable once, when the installer's machine closes (before the
     # completion mark), not one by one: nothing sees them before they are installed, and a
     # crash throws the whole work away. (One fdatasync per label write was most of the time.)
-    work = StateDir(state.provisioning_path, sync_each_label_write=False)
-    safe_dir.make_private_dir(work.path / "labels")
+    work = state.subdir(PROVISIONING_DIR, sync_each_label_write=False)
     try:
         for i, r in enumerate(platform.regions):
+            name = state.media_path(i).name
             if i in created:
-                create_media(work.media_path(i), r.size)
-            else:
-                os.link(state.media_path(i), work.media_path(i))  # read by the boot, not written
+                create_media(work.media_path(i), r.size, work.fd)
+            else:  # read by the boot, not written
+                os.link(name, name, src_dir_fd=state.fd, dst_dir_fd=work.fd, follow_symlinks=False)
         # The label areas of DIMMs that exist are copied: a new region's namespaces are written
         # into them beside those of the regions already there.
         for d in range(len(platform.dimms)):
             for path, copy in ((state.label_area_path(d), work.label_area_path(d)),
                                (state.label_path(d), work.label_path(d))):
-                if os.path.lexists(path):
-                    write_atomically(copy, safe_dir.read_private(path))
+                if state.has(path.name, state.labels_fd):
+                    write_atomically(copy, safe_dir.read_private(path, state.labels_fd), dir_fd=work.labels_fd)
         format_regions(platform, work, config, created)
-        safe_dir.fsync_dir(work.path / "labels")  # the label areas it created (synced when closed)
+        safe_dir.fsync_dir(work.path / "labels", work.labels_fd)  # the label areas it created
         if new_record:
-            write_atomically(work.platform_path, platform.to_json().encode())
-        write_atomically(work.path / PROVISIONING_COMPLETE, b"")
+            work.write_platform(platform)
+        write_atomically(work.path / PROVISIONING_COMPLETE, b"", dir_fd=work.fd)
     except BaseException:
-        shutil.rmtree(work.path, ignore_errors=True)
+        shutil.rmtree(PROVISIONING_DIR, dir_fd=state.fd, ignore_errors=True)
         raise
+    finally:
+        work.close()
     state.install_provisioned()
     return created
 
 
-def create_media(path: Path, size: int) -> None:
+def create_media(path: Path, size: int, dir_fd: int | None = None) -> None:
     try:
-        Media.create(path, size)
+        Media.create(path, size, dir_fd=dir_fd)
     except OSError as e:
         hint = {errno.EFBIG: "the file system of the state dir cannot hold a file that large (ext4: 16T); "
                              "put the state dir on one that can (xfs, btrfs, tmpfs) or use smaller regions",

@@ -6,6 +6,16 @@ would make it write to any file of the machine. So, as ssh treats a key file, a 
 file in it that another user owns or that group or others may write is refused with a
 message, symbolic links in it are refused, nothing in it is opened through one (O_NOFOLLOW),
 and what vnvdimm creates there is private: directories 0700, files 0600.
+
+The directories above it matter as much: whoever can rename one of them can put a symbolic
+link, or a directory of their own, where the state dir was, between the check and a later open
+by path. So, as ssh's StrictModes treats a home directory, every ancestor of the state dir (and
+of a mount point) must be owned by root or by the user running vnvdimm and not writable by
+group or others; a sticky directory such as /tmp is fine for an entry the user owns (nobody
+else may rename it there). The walk opens each component relative to the one above it
+(O_NOFOLLOW | O_DIRECTORY) and checks what it opened, so what is checked is what is used: the
+state dir's descriptor at the end of the walk, relative to which every file in it is opened
+(a later swap of an ancestor changes nothing).
 """
 
 from __future__ import annotations
@@ -49,41 +59,154 @@ def check_entry(st: os.stat_result, path: Path) -> None:
         raise UnsafeStateDir(f"{path}: neither a file nor a directory: remove it")
 
 
+def check_ancestor(st: os.stat_result, path: Path, child: os.stat_result, child_path: Path, what: str,
+                   target: Path | None = None) -> None:
+    """StrictModes for one directory above a state dir or mount point (`what` says which,
+    `target` is its path)."""
+    me = os.geteuid()
+    if target is not None and target != child_path:
+        what = f"{what} {target} is under it"
+    else:
+        what = f"it is the {what}"
+    if st.st_uid not in (0, me):
+        raise UnsafeStateDir(f"{path}: owned by {_user(st.st_uid)}, who could replace {child_path} ({what}) "
+                             "with a directory or link of their own; every directory above a state dir or mount "
+                             f"point must be owned by root or {_user(me)}: choose one elsewhere (under your home, "
+                             f"or in a directory of root's), or chown root {path}")
+    if st.st_mode & 0o022:
+        if st.st_mode & stat.S_ISVTX and child.st_uid == me:
+            return  # sticky (/tmp): only the owner of the entry, or root, can rename it
+        who = "group" if st.st_mode & 0o020 and not st.st_mode & 0o002 else "others"
+        raise UnsafeStateDir(f"{path}: writable by {who} (mode {stat.S_IMODE(st.st_mode):04o}), who could replace "
+                             f"{child_path} ({what}) with a directory or link of their own; choose a state dir "
+                             f"or mount point whose every parent directory is writable only by its owner, or "
+                             f"chmod go-w {path}"
+                             + (" (a sticky directory such as /tmp is fine for an entry you own)"
+                                if not st.st_mode & stat.S_ISVTX else ""))
+
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW
+
+
+def _refuse_open(parent_fd: int, name: str, path: Path, e: OSError, what: str, leaf: bool) -> UnsafeStateDir:
+    st = None
+    with contextlib.suppress(OSError):
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        target = "?"
+        with contextlib.suppress(OSError):
+            target = os.readlink(name, dir_fd=parent_fd)
+        if leaf:
+            return UnsafeStateDir(f"{path}: the {what} is a symbolic link (to {target}); vnvdimm uses no {what} "
+                                  "through one (whoever can change it would choose where root writes): give the "
+                                  "directory itself")
+        return UnsafeStateDir(f"{path}: a symbolic link (to {target}) above the {what}, met while walking the "
+                              "path (it was resolved a moment before: it changed meanwhile); give the real path")
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        return UnsafeStateDir(f"{path}: not a directory")
+    return UnsafeStateDir(f"{path}: cannot open: {e.strerror}")
+
+
+def canonical(path: Path) -> Path:
+    """`path` made absolute with its parent's symbolic links resolved, its last component kept
+    as given (a state dir or mount point that is itself a link is refused, not followed)."""
+    path = Path(os.path.abspath(path))
+    if path == path.parent:
+        return path
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
+def open_checked_dir(path: Path, what: str, create: bool = False) -> int:
+    """Open the directory `path` (canonical: see `canonical`) by walking from / one component
+    at a time, each opened O_NOFOLLOW | O_DIRECTORY relative to the one above and checked as an
+    ancestor (check_ancestor) against the next; `create`: make the missing ones (the last
+    0700). Returns the descriptor of `path` itself (not checked here: a state dir's owner and
+    mode are check_private_tree's, a mount point's are fusermount3's). Raises UnsafeStateDir
+    naming the first ancestor that fails, and saying what to do."""
+    if not path.is_absolute():
+        raise ValueError(f"{path}: not an absolute path")
+    parts = path.parts[1:]
+    fd = os.open("/", DIR_FLAGS)
+    here = Path("/")
+    try:
+        st = os.fstat(fd)
+        for i, name in enumerate(parts):
+            leaf = i == len(parts) - 1
+            child_path = here / name
+            try:
+                child = os.open(name, DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, DIR_MODE if leaf else 0o755, dir_fd=fd)
+                try:
+                    child = os.open(name, DIR_FLAGS, dir_fd=fd)
+                except OSError as e:
+                    raise _refuse_open(fd, name, child_path, e, what, leaf) from None
+            except OSError as e:
+                raise _refuse_open(fd, name, child_path, e, what, leaf) from None
+            child_st = os.fstat(child)
+            try:
+                check_ancestor(st, here, child_st, child_path, what, path)
+            except BaseException:
+                os.close(child)
+                raise
+            os.close(fd)
+            fd, st, here = child, child_st, child_path
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def make_private_dir(path: Path) -> None:
     """Create `path` (and missing parents) with the leaf 0700; an existing one is kept as is."""
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
 
 
-def check_private_tree(path: Path) -> None:
+def check_private_tree(path: Path, dir_fd: int | None = None) -> None:
     """Refuse `path` unless it, and everything in it (recursively), is ours and not writable by
-    group or others, with no symbolic link anywhere."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW)
-    except OSError as e:
-        st = None
-        with contextlib.suppress(OSError):
-            st = os.lstat(path)
-        if st is not None and stat.S_ISLNK(st.st_mode):
-            check_entry(st, path)
-        raise UnsafeStateDir(f"{path}: cannot open the state dir: {e.strerror}") from None
+    group or others, with no symbolic link anywhere. `dir_fd`: the directory, already open
+    (what is checked is then that very directory, whatever `path` names meanwhile)."""
+    if dir_fd is None:
+        try:
+            fd = os.open(path, DIR_FLAGS)
+        except OSError as e:
+            st = None
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                check_entry(st, path)
+            raise UnsafeStateDir(f"{path}: cannot open the state dir: {e.strerror}") from None
+    else:
+        fd = dir_fd
     try:
         check_entry(os.fstat(fd), path)
         for name in os.listdir(fd):
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             check_entry(st, path / name)
             if stat.S_ISDIR(st.st_mode):
-                check_private_tree(path / name)
+                sub = os.open(name, DIR_FLAGS, dir_fd=fd)
+                try:
+                    check_private_tree(path / name, sub)
+                finally:
+                    os.close(sub)
     finally:
-        os.close(fd)
+        if dir_fd is None:
+            os.close(fd)
 
 
-def open_private(path: Path, flags: int) -> int:
-    """os.open of a file in the state dir: never through a symbolic link, created 0600."""
+def open_private(path: Path, flags: int, dir_fd: int | None = None) -> int:
+    """os.open of a file in the state dir: never through a symbolic link, created 0600.
+    `dir_fd`: the descriptor of `path`'s directory; only `path.name` is looked up, in it."""
+    if dir_fd is not None:
+        return os.open(path.name, flags | NOFOLLOW, FILE_MODE, dir_fd=dir_fd)
     return os.open(path, flags | NOFOLLOW, FILE_MODE)
 
 
-def read_private(path: Path) -> bytes:
-    fd = open_private(path, os.O_RDONLY)
+def read_private(path: Path, dir_fd: int | None = None) -> bytes:
+    fd = open_private(path, os.O_RDONLY, dir_fd)
     try:
         chunks = []
         while chunk := os.read(fd, 1 << 20):
@@ -93,8 +216,12 @@ def read_private(path: Path) -> bytes:
         os.close(fd)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW)
+def fsync_dir(path: Path, dir_fd: int | None = None) -> None:
+    """fsync a directory: `dir_fd` itself when given (`path` is then only its name)."""
+    if dir_fd is not None:
+        os.fsync(dir_fd)
+        return
+    fd = os.open(path, DIR_FLAGS)
     try:
         os.fsync(fd)
     finally:
