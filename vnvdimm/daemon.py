@@ -59,10 +59,11 @@ def ioctl_socket(mountpoint: Path) -> Path:
     return runtime_dir() / f"ioctl-{key}.sock"
 
 
-def check_mountpoint(mountpoint: Path, allow_other: bool = False) -> int:
+def check_mountpoint(mountpoint: Path, allow_other: bool = False) -> tuple[int, Path]:
     """Refuse a mount point vnvdimm cannot or must not mount on, with what to do. Returns the
     descriptor of the directory that was checked (its every ancestor owned by root or the user
-    and writable by nobody else, see safe_dir): the mount must land on it."""
+    and writable by nobody else, see safe_dir), on which the mount must land, and its path
+    (links on the way resolved)."""
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse) or run with --device /dev/fuse")
     try:
@@ -77,17 +78,17 @@ def check_mountpoint(mountpoint: Path, allow_other: bool = False) -> int:
     if not os.path.islink(mountpoint) and not mountpoint.is_dir():
         raise MountError(f"{mountpoint}: not a directory: mount on a directory")
     try:
-        anchor = safe_dir.open_checked_dir(safe_dir.canonical(mountpoint), "mount point")
+        anchor, real = safe_dir.open_checked_dir(safe_dir.canonical(mountpoint), "mount point")
     except safe_dir.UnsafeStateDir as e:
         raise MountError(str(e)) from None
     except OSError as e:
         raise MountError(f"{mountpoint}: cannot open the mount point: {e.strerror}") from None
     try:
-        _check_free(mountpoint)
+        _check_free(real)
     except BaseException:
         os.close(anchor)
         raise
-    return anchor
+    return anchor, real
 
 
 def _check_free(mountpoint: Path) -> None:
@@ -168,7 +169,7 @@ def prepare(opts: MountOptions) -> tuple[StateDir, Platform, StateLock]:
     point's checked directory open in `opts.mountpoint_fd` (the mount must land on it)."""
     with contextlib.suppress(OSError, safe_dir.UnsafeStateDir):
         clean_stale_records()
-    opts.mountpoint_fd = check_mountpoint(opts.mountpoint, opts.allow_other)
+    opts.mountpoint_fd, opts.mountpoint = check_mountpoint(opts.mountpoint, opts.allow_other)
     state = StateDir(opts.state_dir)
     state.ensure()
     lock = StateLock(state)

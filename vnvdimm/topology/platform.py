@@ -380,7 +380,7 @@ class StateDir:
         """The state dir's descriptor, opened by a checked walk on first use (see safe_dir)."""
         if self._fd is None:
             try:
-                self._fd = safe_dir.open_checked_dir(safe_dir.canonical(self.path), "state dir", create=True)
+                self._fd, _ = safe_dir.open_checked_dir(safe_dir.canonical(self.path), "state dir", create=True)
             except safe_dir.UnsafeStateDir as e:
                 raise ConfigError(str(e)) from None
             except OSError as e:

@@ -64,10 +64,7 @@ def check_ancestor(st: os.stat_result, path: Path, child: os.stat_result, child_
     """StrictModes for one directory above a state dir or mount point (`what` says which,
     `target` is its path)."""
     me = os.geteuid()
-    if target is not None and target != child_path:
-        what = f"{what} {target} is under it"
-    else:
-        what = f"it is the {what}"
+    what = f"{what} {target} is under it" if target is not None and target != child_path else f"it is the {what}"
     if st.st_uid not in (0, me):
         raise UnsafeStateDir(f"{path}: owned by {_user(st.st_uid)}, who could replace {child_path} ({what}) "
                              "with a directory or link of their own; every directory above a state dir or mount "
@@ -88,7 +85,7 @@ def check_ancestor(st: os.stat_result, path: Path, child: os.stat_result, child_
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW
 
 
-def _refuse_open(parent_fd: int, name: str, path: Path, e: OSError, what: str, leaf: bool) -> UnsafeStateDir:
+def _refuse_open(parent_fd: int, name: str, path: Path, e: OSError, what: str) -> UnsafeStateDir:
     st = None
     with contextlib.suppress(OSError):
         st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
@@ -96,42 +93,52 @@ def _refuse_open(parent_fd: int, name: str, path: Path, e: OSError, what: str, l
         target = "?"
         with contextlib.suppress(OSError):
             target = os.readlink(name, dir_fd=parent_fd)
-        if leaf:
-            return UnsafeStateDir(f"{path}: the {what} is a symbolic link (to {target}); vnvdimm uses no {what} "
-                                  "through one (whoever can change it would choose where root writes): give the "
-                                  "directory itself")
-        return UnsafeStateDir(f"{path}: a symbolic link (to {target}) above the {what}, met while walking the "
-                              "path (it was resolved a moment before: it changed meanwhile); give the real path")
+        return UnsafeStateDir(f"{path}: the {what} is a symbolic link (to {target}); vnvdimm uses no {what} "
+                              "through one (whoever can change it would choose where vnvdimm writes or mounts): "
+                              "give the directory itself")
     if st is not None and not stat.S_ISDIR(st.st_mode):
         return UnsafeStateDir(f"{path}: not a directory")
     return UnsafeStateDir(f"{path}: cannot open: {e.strerror}")
 
 
 def canonical(path: Path) -> Path:
-    """`path` made absolute with its parent's symbolic links resolved, its last component kept
-    as given (a state dir or mount point that is itself a link is refused, not followed)."""
-    path = Path(os.path.abspath(path))
-    if path == path.parent:
-        return path
-    return Path(os.path.realpath(path.parent)) / path.name
+    """`path` made absolute, without following any link (open_checked_dir does that, checking
+    each one)."""
+    return Path(os.path.abspath(path))
 
 
-def open_checked_dir(path: Path, what: str, create: bool = False) -> int:
-    """Open the directory `path` (canonical: see `canonical`) by walking from / one component
-    at a time, each opened O_NOFOLLOW | O_DIRECTORY relative to the one above and checked as an
-    ancestor (check_ancestor) against the next; `create`: make the missing ones (the last
-    0700). Returns the descriptor of `path` itself (not checked here: a state dir's owner and
-    mode are check_private_tree's, a mount point's are fusermount3's). Raises UnsafeStateDir
-    naming the first ancestor that fails, and saying what to do."""
+#: As the kernel's path walk: more links than this on one path is a loop (ELOOP).
+MAX_LINKS = 40
+
+
+def open_checked_dir(path: Path, what: str, create: bool = False) -> tuple[int, Path]:
+    """Open the directory `path` (absolute) by walking from / one component at a time, each
+    opened O_NOFOLLOW | O_DIRECTORY relative to the one above and checked as an ancestor
+    (check_ancestor) of the next. A symbolic link on the way (/var/run, a home reached through
+    /home -> /data/home) is followed only when it is owned by root or the user and sits in a
+    directory that passes the same check (so that only they can have put it there); the last
+    component is never a link. `create`: make the missing directories (the last one 0700).
+    Returns the descriptor of `path` itself and the path it was found at (links resolved). The
+    last directory's owner and mode are not checked here: a state dir's are check_private_tree's,
+    a mount point's fusermount3's. Raises UnsafeStateDir naming what fails and what to do."""
     if not path.is_absolute():
         raise ValueError(f"{path}: not an absolute path")
-    parts = path.parts[1:]
+    me = os.geteuid()
+    todo = list(path.parts[1:])
+    links = 0
     fd = os.open("/", DIR_FLAGS)
     here = Path("/")
     try:
         st = os.fstat(fd)
-        for i, name in enumerate(parts):
-            leaf = i == len(parts) - 1
+        while todo:
+            name = todo.pop(0)
+            leaf = not todo
+            if name == "..":
+                up = os.open("..", DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd, here = up, here.parent
+                st = os.fstat(fd)
+                continue
             child_path = here / name
             try:
                 child = os.open(name, DIR_FLAGS, dir_fd=fd)
@@ -143,9 +150,29 @@ def open_checked_dir(path: Path, what: str, create: bool = False) -> int:
                 try:
                     child = os.open(name, DIR_FLAGS, dir_fd=fd)
                 except OSError as e:
-                    raise _refuse_open(fd, name, child_path, e, what, leaf) from None
+                    raise _refuse_open(fd, name, child_path, e, what) from None
             except OSError as e:
-                raise _refuse_open(fd, name, child_path, e, what, leaf) from None
+                link = None
+                with contextlib.suppress(OSError):
+                    link = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if leaf or link is None or not stat.S_ISLNK(link.st_mode):
+                    raise _refuse_open(fd, name, child_path, e, what) from None
+                check_ancestor(st, here, link, child_path, what, path)
+                if link.st_uid not in (0, me):
+                    raise UnsafeStateDir(f"{child_path}: a symbolic link owned by {_user(link.st_uid)} on the way to "
+                                         f"the {what} {path}; vnvdimm follows only links of root's or yours: "
+                                         "give the real path") from None
+                links += 1
+                if links > MAX_LINKS:
+                    raise UnsafeStateDir(f"{path}: too many levels of symbolic links") from None
+                target = os.readlink(name, dir_fd=fd)
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd = os.open("/", DIR_FLAGS)
+                    here = Path("/")
+                    st = os.fstat(fd)
+                todo = [p for p in Path(target).parts if p != "/"] + todo
+                continue
             child_st = os.fstat(child)
             try:
                 check_ancestor(st, here, child_st, child_path, what, path)
@@ -157,7 +184,7 @@ def open_checked_dir(path: Path, what: str, create: bool = False) -> int:
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, here
 
 
 def make_private_dir(path: Path) -> None:
