@@ -146,15 +146,15 @@ def check_landing(mountpoint: str, anchor_fd: int, before: set[int], fstype: str
     new = [m for m in _mountinfo() if m.mount_id not in before and m.fstype == fstype and me in m.super_options]
     if where == mountpoint and any(m.mountpoint == mountpoint and m.parent_id == parent for m in new):
         return
-    # A mount of this user's that appeared during our call and is not where ours belongs
-    # (another vnvdimm of the same user mounting in the same instant would be detached too:
-    # its daemon sees it and exits; a mount left where an attacker chose would be worse).
+    # Every mount of this user's of this type that appeared during our call goes (one at
+    # `mountpoint` itself is on another directory when `where` differs). Another vnvdimm of
+    # the same user mounting in the same instant would be detached too: its daemon sees it and
+    # exits; a mount left where an attacker chose would be worse.
     for m in new:
-        if not (m.mountpoint == mountpoint and m.parent_id == parent):
-            unmount(m.mountpoint)
+        unmount(m.mountpoint)
     moved = f" (the directory checked is now at {where})" if where and where != mountpoint else ""
     raise FusermountError(f"{mountpoint}: the mount point changed between its check and the mount{moved}: "
-                          "a directory above it was renamed or swapped; nothing was mounted there. Make sure "
+                          "a directory above it was renamed or swapped; the mount was undone. Make sure "
                           "nobody else can rename the directories above it, then mount again")
 
 

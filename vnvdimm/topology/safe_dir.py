@@ -21,6 +21,7 @@ state dir's descriptor at the end of the walk, relative to which every file in i
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pwd
 import stat
@@ -125,7 +126,7 @@ def open_checked_dir(path: Path, what: str, create: bool = False) -> tuple[int, 
         raise ValueError(f"{path}: not an absolute path")
     me = os.geteuid()
     todo = list(path.parts[1:])
-    links = 0
+    links = retries = 0
     fd = os.open("/", DIR_FLAGS)
     here = Path("/")
     try:
@@ -155,6 +156,16 @@ def open_checked_dir(path: Path, what: str, create: bool = False) -> tuple[int, 
                 link = None
                 with contextlib.suppress(OSError):
                     link = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if link is not None and stat.S_ISDIR(link.st_mode) and e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    # Not a directory when opened, one now: renamed meanwhile. Look again
+                    # (a few times: someone doing it in a loop is refused below).
+                    retries += 1
+                    if retries > MAX_LINKS:
+                        raise UnsafeStateDir(f"{child_path}: changes while vnvdimm opens it (something renames or "
+                                             f"swaps it, on the way to the {what} {path}); make sure nobody else "
+                                             "can rename the directories above it") from None
+                    todo.insert(0, name)
+                    continue
                 if leaf or link is None or not stat.S_ISLNK(link.st_mode):
                     raise _refuse_open(fd, name, child_path, e, what) from None
                 check_ancestor(st, here, link, child_path, what, path)
