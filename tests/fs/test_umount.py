@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,8 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mount_kit import kill_group
 
-from vnvdimm.mounts import is_mounted, process_alive, wait_exit
+from vnvdimm.daemon import ioctl_socket
+from vnvdimm.mounts import is_mounted, mount_record, process_alive, wait_exit
 
 pytestmark = pytest.mark.mount
 
@@ -182,3 +186,62 @@ def test_umount_of_a_mount_nothing_uses(mnt) -> None:  # type: ignore[no-untyped
     assert not mnt.is_mounted() and wait_exit(mnt.pid, 5)
     res = umount(mnt)
     assert res.returncode == 1 and "not mounted" in res.stderr
+
+
+def in_private_namespace(script: str) -> subprocess.CompletedProcess[str]:
+    """`script` (sh) in a mount namespace of its own: whatever it mounts or unmounts there
+    goes with it, so a `vnvdimm umount` that wrongly unmounted would not harm this machine."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a private mount namespace needs root and unshare")
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_umount_of_a_tmpfs_says_it_is_not_vnvdimm_and_leaves_it(tmp_path: Path) -> None:
+    t = tmp_path / "t"
+    t.mkdir()
+    cli = " ".join(shlex.quote(a) for a in VNVDIMM)
+    res = in_private_namespace(f"mount -t tmpfs vnvdimm-test {t} && echo kept > {t}/file && {cli} umount {t}; "
+                               f"echo rc=$?; cat {t}/file; findmnt -n -o FSTYPE {t}")
+    assert res.stdout.split() == ["rc=1", "kept", "tmpfs"], (res.stdout, res.stderr)
+    assert res.stderr == f"vnvdimm: {t} is not a vnvdimm mount (it is a tmpfs); nothing was unmounted\n"
+
+
+@pytest.mark.parametrize("flag", [[], ["--lazy"], ["--force"]])
+def test_umount_of_proc_is_refused_whatever_the_flag(flag: list[str]) -> None:
+    cli = " ".join(shlex.quote(a) for a in [*VNVDIMM, "umount", *flag, "/proc"])
+    res = in_private_namespace(f"{cli}; echo rc=$?; findmnt -n -o FSTYPE /proc; cat /proc/self/comm")
+    assert res.stdout.split() == ["rc=1", "proc", "cat"], (res.stdout, res.stderr)
+    assert res.stderr == "vnvdimm: /proc is not a vnvdimm mount (it is a proc); nothing was unmounted\n"
+
+
+def test_a_killed_daemons_records_are_cleaned_by_the_next_mount_and_umount(make_mount) -> None:  # type: ignore[no-untyped-def]
+    records = []
+    for _ in range(2):
+        m = make_mount()
+        record, sock = mount_record(m.root), ioctl_socket(m.root)
+        assert record.exists() and sock.exists()
+        kill_group(m.pid)
+        assert wait_exit(m.pid, 30)
+        assert record.exists() and sock.exists()  # SIGKILL: the daemon cleaned nothing
+        records.append((record, sock))
+    (record, sock), (record2, sock2) = records
+    other = make_mount()  # the next mount
+    assert not record.exists() and not sock.exists() and not record2.exists() and not sock2.exists()
+    assert mount_record(other.root).exists() and ioctl_socket(other.root).exists()  # a live one is kept
+    kill_group(other.pid)
+    assert wait_exit(other.pid, 30)
+    res = subprocess.run([*VNVDIMM, "umount", str(other.root)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert not mount_record(other.root).exists() and not ioctl_socket(other.root).exists()
+    assert not other.is_mounted()
+
+
+def test_a_state_dir_in_use_says_where_it_is_mounted(make_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    first = make_mount(state_dir=tmp_path / "shared-state")
+    second = make_mount(state_dir=tmp_path / "shared-state", mount=False)
+    res = second.mount()
+    assert res.returncode == 1 and not second.is_mounted()
+    assert res.stderr == (f"vnvdimm: {tmp_path / 'shared-state'}: state dir in use by vnvdimm pid {first.pid}, "
+                          f"mounted on {first.root}; unmount it first (vnvdimm umount {first.root}), or mount "
+                          "with another --state-dir\n")

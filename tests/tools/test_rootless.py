@@ -282,3 +282,43 @@ def test_a_runtime_dir_taken_by_someone_else_is_refused(user: User) -> None:
     assert res.returncode != 0 and fuse_mounts_under(root) == []
     assert f"{taken}: owned by root" in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert list(taken.iterdir()) == []
+
+
+def test_root_stopping_a_users_mount_is_told_whose_it_is_and_needs_force(user: User, user_mount: Path) -> None:
+    vnvdimm = [sys.executable, "-m", "vnvdimm.cli", "umount"]
+    res = subprocess.run([*vnvdimm, str(user_mount)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr == (f"vnvdimm: {user_mount}: the vnvdimm mount of user {user.name} (uid {user.uid}), not "
+                          "yours; stopping it stops their emulated platform: use `vnvdimm umount --force "
+                          f"{user_mount}` to stop it anyway; nothing was unmounted\n")
+    assert fuse_mounts_under(user_mount) == [str(user_mount)]
+    assert user.run("cat", str(user_mount / "sys/bus/nd/devices/region0/size")).returncode == 0
+    res = subprocess.run([*vnvdimm, "--force", str(user_mount)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert f"stopping the vnvdimm mount of user {user.name} (uid {user.uid})" in res.stderr
+    assert fuse_mounts_under(user_mount) == []
+
+
+def test_the_users_state_dir_and_mount_in_their_home_pass_the_checks(user: User) -> None:
+    """StrictModes as a user: their home (theirs) under / (root's) is fine; a directory of the
+    user's inside a directory of another user's is refused, naming it."""
+    root = Path(tempfile.mkdtemp(prefix="case-", dir=user.home))
+    (root / "mnt").mkdir()
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(root)], check=True)
+    res = user.vnvdimm("mount", str(root / "mnt"), "--state-dir", str(root / "state"))
+    assert res.returncode == 0, res.stderr
+    assert user.vnvdimm("umount", str(root / "mnt")).returncode == 0
+    top = Path(tempfile.mkdtemp(prefix="vnvdimm-strangers-"))  # root's, in the sticky /tmp: fine
+    try:
+        top.chmod(0o755)
+        strangers = top / "strangers"
+        (strangers / "mine").mkdir(parents=True)
+        subprocess.run(["chown", f"{user.uid}:{user.gid}", str(strangers / "mine")], check=True)
+        os.chown(strangers, 65534, 65534)
+        res = user.vnvdimm("mount", str(root / "mnt"), "--state-dir", str(strangers / "mine" / "state"))
+        assert res.returncode == 1 and fuse_mounts_under(root) == []
+        assert f"vnvdimm: {strangers}: owned by nobody, who could replace {strangers / 'mine'}" in res.stderr, (
+            res.stderr)
+        assert not (strangers / "mine" / "state").exists()
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

@@ -72,8 +72,13 @@ def check_ancestor(st: os.stat_result, path: Path, child: os.stat_result, child_
                              f"point must be owned by root or {_user(me)}: choose one elsewhere (under your home, "
                              f"or in a directory of root's), or chown root {path}")
     if st.st_mode & 0o022:
-        if st.st_mode & stat.S_ISVTX and child.st_uid == me:
-            return  # sticky (/tmp): only the owner of the entry, or root, can rename it
+        if st.st_mode & stat.S_ISVTX:
+            # Sticky (/tmp): only the entry's owner (or root) may rename or remove it there.
+            if child.st_uid in (0, me):
+                return
+            raise UnsafeStateDir(f"{child_path}: owned by {_user(child.st_uid)} in the sticky directory {path}, "
+                                 f"so {_user(child.st_uid)} could replace it with a directory or link of their own "
+                                 f"({what}); choose a state dir or mount point under a directory of your own")
         who = "group" if st.st_mode & 0o020 and not st.st_mode & 0o002 else "others"
         raise UnsafeStateDir(f"{path}: writable by {who} (mode {stat.S_IMODE(st.st_mode):04o}), who could replace "
                              f"{child_path} ({what}) with a directory or link of their own; choose a state dir "
