@@ -244,6 +244,9 @@ def runtime_dir() -> Path:
     for directory in (path,) if xdg or os.geteuid() == 0 else (path.parent, path):
         directory.mkdir(mode=safe_dir.DIR_MODE, parents=True, exist_ok=True)
         safe_dir.check_entry(os.lstat(directory), directory)
+    # And so are the directories above it (see safe_dir: StrictModes).
+    fd, _ = safe_dir.open_checked_dir(safe_dir.canonical(path), "runtime dir")
+    os.close(fd)
     return path
 
 
@@ -272,8 +275,9 @@ def runtime_records() -> list[Path]:
 
 
 def _is_daemon(pid: object) -> bool:
-    """A live vnvdimm process at `pid` (a pid reused by another program does not count)."""
-    return isinstance(pid, int) and pid > 0 and process_alive(pid) and is_vnvdimm(cmdline(pid))
+    """A live process at `pid`, the record's daemon as far as can be told. (Its command line
+    is not checked: a daemon may retitle itself; a pid reused meanwhile only keeps a record.)"""
+    return isinstance(pid, int) and pid > 0 and process_alive(pid)
 
 
 def _listened(path: Path) -> bool:
@@ -292,6 +296,11 @@ def _listened(path: Path) -> bool:
     return True
 
 
+def key_of(name: str) -> str:
+    """The mount point's key in a runtime file's name (mount-KEY.json, ioctl-KEY.sock)."""
+    return name.split("-", 1)[-1].split(".", 1)[0]
+
+
 def clean_stale_records() -> list[str]:
     """Remove the mount records and ioctl sockets that daemons killed without a chance to
     clean up left in the runtime dir (a record whose pid is not a running vnvdimm, its
@@ -301,7 +310,7 @@ def clean_stale_records() -> list[str]:
     removed = []
     names = set(os.listdir(base))
     for name in sorted(names):
-        key = name.removeprefix("mount-").removesuffix(".json")
+        key = key_of(name)
         stale = False
         if name.startswith("mount-") and name.endswith(".json"):
             stale = not _is_daemon(read_record_file(base / name).get("pid"))
@@ -312,9 +321,11 @@ def clean_stale_records() -> list[str]:
         elif name.startswith("mount-") and name.endswith(".tmp"):
             st = os.stat(base / name, follow_symlinks=False)
             stale = time.time() - st.st_mtime > 60  # a record being written is renamed at once
-        elif name.startswith("ioctl-") and name.endswith(".sock"):
-            # A daemon listens before it writes its record: only a socket nobody listens on is stale.
-            stale = not _listened(base / name)
+        elif name.startswith("ioctl-") and name.endswith(".sock") and f"mount-{key_of(name)}.json" not in names:
+            # A daemon binds and listens before it writes its record: a socket without one is
+            # stale once nobody listens on it and it is not a daemon's that is starting.
+            st = os.stat(base / name, follow_symlinks=False)
+            stale = time.time() - st.st_mtime > 60 and not _listened(base / name)
         if stale:
             with contextlib.suppress(FileNotFoundError):
                 (base / name).unlink()
