@@ -217,6 +217,28 @@ def test_mount_point_errors_say_what_is_wrong(tmp_path: Path) -> None:
     assert res.returncode != 0 and "not a directory" in res.stderr
 
 
+def test_a_state_dir_or_mount_point_that_is_a_symlink_is_refused(tmp_path: Path, victim: Path) -> None:
+    """`--state-dir LINK` and `mount LINK`: refused, naming the link and its target, and
+    nothing is created or mounted through it (the link's target stays as it was)."""
+    (tmp_path / "mnt").mkdir()
+    real_state = tmp_path / "real-state"
+    real_state.mkdir(mode=0o700)
+    (tmp_path / "state-link").symlink_to(real_state)
+    res = subprocess.run([*VNVDIMM, "mount", str(tmp_path / "mnt"), "--state-dir", str(tmp_path / "state-link")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert (f"vnvdimm: {tmp_path / 'state-link'}: the state dir is a symbolic link (to {real_state}); vnvdimm uses "
+            "no state dir through one") in res.stderr, res.stderr
+    assert list(real_state.iterdir()) == []
+    (tmp_path / "mnt-link").symlink_to(tmp_path / "mnt")
+    res = subprocess.run([*VNVDIMM, "mount", str(tmp_path / "mnt-link"), "--state-dir", str(tmp_path / "s")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert (f"vnvdimm: {tmp_path / 'mnt-link'}: the mount point is a symbolic link (to {tmp_path / 'mnt'})"
+            in res.stderr), res.stderr
+    assert not (tmp_path / "s").exists()
+
+
 def test_mounting_over_a_non_empty_directory_warns(make_mount: Callable[..., Any]) -> None:
     m = make_mount(SMALL_E820, mount=False)
     (m.root / "notes.txt").write_text("hidden while mounted\n")
