@@ -11,8 +11,9 @@ The directories above it matter as much: whoever can rename one of them can put 
 link, or a directory of their own, where the state dir was, between the check and a later open
 by path. So, as ssh's StrictModes treats a home directory, every ancestor of the state dir (and
 of a mount point) must be owned by root or by the user running vnvdimm and not writable by
-group or others; a sticky directory such as /tmp is fine for an entry the user owns (nobody
-else may rename it there). The walk opens each component relative to the one above it
+group or others; a sticky directory such as /tmp is fine for an entry root or the user owns
+(nobody else may rename it there), and a symbolic link on the way is followed only if root or
+the user owns it. The walk opens each component relative to the one above it
 (O_NOFOLLOW | O_DIRECTORY) and checks what it opened, so what is checked is what is used: the
 state dir's descriptor at the end of the walk, relative to which every file in it is opened
 (a later swap of an ancestor changes nothing).
@@ -201,11 +202,6 @@ def open_checked_dir(path: Path, what: str, create: bool = False) -> tuple[int, 
         os.close(fd)
         raise
     return fd, here
-
-
-def make_private_dir(path: Path) -> None:
-    """Create `path` (and missing parents) with the leaf 0700; an existing one is kept as is."""
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
 
 
 def check_private_tree(path: Path, dir_fd: int | None = None) -> None:
