@@ -540,6 +540,9 @@ def check_is_vnvdimm(mountpoint: Path, entry: MountEntry, mode: str) -> None:
         raise NotVnvdimm(f"{mountpoint}: the runtime record of this mount names {record.get('mountpoint')}, not "
                          "this mount point; nothing was unmounted")
     owner = owner_of(entry)
+    if owner is not None and owner != os.geteuid() and os.geteuid() != 0:
+        raise NotVnvdimm(f"{mountpoint}: the vnvdimm mount of {_user_name(owner)}, not yours: only they (or root) "
+                         "can unmount it; nothing was unmounted")
     if owner is not None and owner != os.geteuid() and mode != "force":
         raise NotVnvdimm(f"{mountpoint}: the vnvdimm mount of {_user_name(owner)}, not yours; stopping it "
                          f"stops their emulated platform: use `vnvdimm umount --force {mountpoint}` to stop it "

@@ -322,3 +322,29 @@ def test_the_users_state_dir_and_mount_in_their_home_pass_the_checks(user: User)
         assert not (strangers / "mine" / "state").exists()
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+def test_a_user_cannot_stop_roots_mount_and_is_not_told_to_force_it(user: User, tmp_path: Path) -> None:
+    top = Path(tempfile.mkdtemp(prefix="vnvdimm-roots-"))  # where the user can see the mount point
+    try:
+        top.chmod(0o755)
+        (top / "mnt").mkdir()
+        (top / "topology.toml").write_text(SMALL_E820)
+        res = subprocess.run([sys.executable, "-m", "vnvdimm.cli", "mount", str(top / "mnt"), "--state-dir",
+                              str(tmp_path / "state"), "--config", str(top / "topology.toml")],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        for flags in ([], ["--force"], ["--lazy"]):
+            res = user.vnvdimm("umount", *flags, str(top / "mnt"))
+            assert res.returncode == 1
+            assert res.stderr == (f"vnvdimm: {top / 'mnt'}: the vnvdimm mount of user root (uid 0), not yours: only "
+                                  "they (or root) can unmount it; nothing was unmounted\n")
+            assert fuse_mounts_under(top) == [str(top / "mnt")]
+        res = subprocess.run([sys.executable, "-m", "vnvdimm.cli", "umount", str(top / "mnt")],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+    finally:
+        for m in fuse_mounts_under(top):
+            subprocess.run([sys.executable, "-m", "vnvdimm.cli", "umount", "--force", m], capture_output=True,
+                           timeout=120)
+        shutil.rmtree(top, ignore_errors=True)
