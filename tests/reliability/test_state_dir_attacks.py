@@ -21,6 +21,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from reliability_kit import SMALL, e820
@@ -117,8 +118,8 @@ def stop_any(where: list[Path]) -> None:
             stop_mount(Path(m), None)
 
 
-def test_a_swap_loop_on_the_state_dirs_parent_writes_nothing_outside(tmp_path: Path, decoy: Path,
-                                                                    config: Path) -> None:
+def test_a_swap_loop_on_the_state_dirs_parent_writes_nothing_outside(tmp_path: Path, decoy: Path, config: Path,
+                                                                    figures: Any) -> None:
     """root's state dir in a directory of root's, where an attacker's link was put beside its
     parent: swapped during 20 mounts. A mount that meets the link is refused; one that does
     not writes everything into the directory it checked, wherever that is by then."""
@@ -145,6 +146,7 @@ def test_a_swap_loop_on_the_state_dirs_parent_writes_nothing_outside(tmp_path: P
                     assert "Traceback" not in res.stderr, res.stderr
                     assert "a symbolic link owned by nobody on the way to the state dir" in res.stderr, res.stderr
         assert swapper.swaps > 0
+        figures.add(swaps=swapper.swaps, **outcomes)
     finally:
         stop_any([tmp_path])
         os.close(real)
@@ -154,8 +156,8 @@ def test_a_swap_loop_on_the_state_dirs_parent_writes_nothing_outside(tmp_path: P
         assert {"lock", "platform.json", "region0.media", "region1.media", "vnvdimm.log"} <= made
 
 
-def test_a_swap_loop_on_the_mount_points_parent_mounts_nothing_elsewhere(tmp_path: Path, decoy: Path,
-                                                                        config: Path) -> None:
+def test_a_swap_loop_on_the_mount_points_parent_mounts_nothing_elsewhere(tmp_path: Path, decoy: Path, config: Path,
+                                                                        figures: Any) -> None:
     """The same for the mount point: fusermount3 looks the mount point up by path again, so a
     swap after the check can make the mount land in the decoy; the daemon sees it did not land
     on the directory it checked, detaches it and refuses."""
@@ -168,7 +170,7 @@ def test_a_swap_loop_on_the_mount_points_parent_mounts_nothing_elsewhere(tmp_pat
     mnt = base / "parent" / "mnt"
     outcomes: dict[str, int] = {}
     try:
-        with Swapper(base / "parent", base / "evil"):
+        with Swapper(base / "parent", base / "evil") as swapper:
             for i in range(MOUNTS):
                 res = mount(mnt, tmp_path / "state", config)
                 assert "Traceback" not in res.stderr, res.stderr
@@ -192,6 +194,7 @@ def test_a_swap_loop_on_the_mount_points_parent_mounts_nothing_elsewhere(tmp_pat
                 holder = (tmp_path / "state" / "lock")
                 if holder.exists() and holder.read_text().strip():
                     assert wait_exit(int(holder.read_text().split()[0]), 30)
+        figures.add(swaps=swapper.swaps, **outcomes)
     finally:
         stop_any([tmp_path])
     assert sum(outcomes.values()) == MOUNTS, outcomes
