@@ -77,11 +77,11 @@ def test_region_and_dimm_attributes(m: Machine) -> None:
     assert m.read("region0/nfit/range_index") == "1\n"
     assert [m.read(f"nmem{i}/dev") for i in range(4)] == [f"241:{i}\n" for i in range(4)]
     # what the platform's Intel-family DIMMs answer (health, label area, firmware update and
-    # activation, latch shutdown status), and the standard commands among them
+    # activation, latch shutdown status, security: functions 19-28), and the standard commands among them
     # (acpi_nfit_register_dimms)
     assert [m.read(f"nmem{i}/commands") for i in range(4)] == [
         "smart smart_thresh get_size get_data set_data cmd_call \n"] * 4
-    assert m.read("nmem0/nfit/dsm_mask") == "0x6007f476\n" and m.read("nmem0/nfit/family") == "0\n"
+    assert m.read("nmem0/nfit/dsm_mask") == "0x7ffff476\n" and m.read("nmem0/nfit/family") == "0\n"
     assert m.read("nmem0/nfit/handle") == "0\n"  # printf("%#x", 0)
     assert m.read("nmem1/nfit/handle") == "0x1\n"
     assert m.read("nmem0/nfit/phys_id") == "0x10\n"

@@ -33,6 +33,7 @@ import mfusepy as fuse
 from vnvdimm.fuse import fusermount, profile
 from vnvdimm.fuse.profile import RequestProfile
 from vnvdimm.model.disk import DataPath
+from vnvdimm.model.keyring import Caller, serving
 from vnvdimm.sysfs.kernfs import PAGE_SIZE, KAttr, KBin, KDir, KLink, KNode, OpenAttr
 from vnvdimm.sysfs.tree import KChar, KDevFile, Snapshot, Tree
 
@@ -660,7 +661,11 @@ class VnvdimmOperations(fuse.Operations):
         if isinstance(obj, OpenDevice):
             return obj.data.write(data, offset)
         if isinstance(obj, OpenAttr):
-            n = self.tree.store(obj.node, data)
+            # the writer's identity reaches the model: the kernel looks keys up in the
+            # writer's keyrings (nmemN/security, a DIMM's unlock at probe)
+            uid, gid, pid = fuse.fuse_get_context()
+            with serving(Caller(pid, uid, gid)):
+                n = self.tree.store(obj.node, data)
             log.debug("store %s <- %r", obj.node, data[:64])
             return n
         if isinstance(obj, OpenControl):

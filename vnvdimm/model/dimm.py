@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,10 @@ from vnvdimm.model.nd import ND_BUS, NMEM_MAJOR, NdDeviceType
 if TYPE_CHECKING:
     from vnvdimm.model.bus import NvdimmBus
     from vnvdimm.model.label_area import LabelArea
+    from vnvdimm.model.security import DimmSecurity
     from vnvdimm.model.system import System
+
+log = logging.getLogger("vnvdimm.model")
 
 # ACPI NFIT memory-device state flags, and the words acpi/nfit's flags_show() prints for them
 NFIT_MEM_FLAG_WORDS = ((1 << 0, "save_fail"), (1 << 1, "restore_fail"), (1 << 2, "flush_fail"),
@@ -73,9 +77,24 @@ class Nvdimm(Device):
         self.label_data: DimmLabelData | None = None
         self.labeling = False
         self.dsm_mask = 0
+        # nvdimm->sec, on DIMMs whose firmware has the security functions (None: `security`
+        # reads "disabled" and takes no writes)
+        self.security: DimmSecurity | None = None
+
+    def unique_id(self) -> str:
+        """nvdimm->dimm_id (acpi_nfit's nfit_mem->id): vendor-location-date-serial."""
+        ident = self.identity
+        return f"{ident.vendor:04x}-{ident.mfg_location:02x}-{ident.mfg_date:04x}-{self.serial:08x}"
 
     def probe(self) -> None:
-        """nvdimm_probe(): read and validate the label area (nd_label_data_init())."""
+        """nvdimm_probe(): unlock a locked DIMM with the writer's key (a failure is only
+        logged, as the kernel does), then read and validate the label area
+        (nd_label_data_init())."""
+        if self.security is not None:
+            try:
+                self.security.unlock()
+            except OSError as e:
+                log.info("%s: failed to unlock dimm: %s", self.name, e)
         self.label_data = DimmLabelData(self.label_area) if self.label_area is not None else None
         # NDD_LABELING (nvdimm_set_labeling()): the probe found a valid namespace index; set
         # at probe only, so labels initialized later show after the next enable
@@ -113,17 +132,17 @@ class Nvdimm(Device):
             ro("family", lambda: "0\n"),
             ro("dsm_mask", lambda: f"{self.dsm_mask:#x}\n"),
             ro("flags", self._nfit_flags),
-            ro("id", lambda: f"{ident.vendor:04x}-{ident.mfg_location:02x}-{ident.mfg_date:04x}-{self.serial:08x}\n"),
+            ro("id", lambda: f"{self.unique_id()}\n"),
             ro("dirty_shutdown", lambda: "0\n"),
         ])
         return [*super().entries(),
             ro("dev", lambda: f"{self.devt[0]}:{self.devt[1]}\n"),
             ro("commands", lambda: "".join(f"{c} " for c in self.commands) + "\n"),
-            ro("state", lambda: "active\n" if self._busy() else "idle\n"),
+            ro("state", lambda: "active\n" if self.busy() else "idle\n"),
             ro("flags", lambda: "label \n" if self.labeling else "\n"),
             ro("available_slots", self._available_slots),
-            ro("security", lambda: "disabled\n"),
-            ro("frozen", lambda: "0\n"),
+            *(self.security.entries() if self.security is not None
+              else [ro("security", lambda: "disabled\n"), ro("frozen", lambda: "0\n")]),
             nfit,
             *self.firmware_groups(),
         ]
@@ -136,7 +155,8 @@ class Nvdimm(Device):
             return []
         return [platform.activation.dimm_group(fw)]
 
-    def _busy(self) -> bool:
+    def busy(self) -> bool:
+        """nvdimm->busy: an enabled region maps this DIMM."""
         bus = self.parent
         assert bus is not None
         return any(r.driver is not None and any(m.dimm is self for m in r.mappings)

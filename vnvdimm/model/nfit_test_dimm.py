@@ -12,6 +12,7 @@ from vnvdimm.model.dimm import c_hex
 
 if TYPE_CHECKING:
     from vnvdimm.model.bus import NvdimmBus
+    from vnvdimm.model.commands.intel_security import IntelSecurity
 
 
 class NfitTestDimm:
@@ -23,7 +24,9 @@ class NfitTestDimm:
         self.handle = handle
         self.fail_cmd = 0  # dimm_fail_cmd_flags[]
         self.fail_cmd_code = 0  # dimm_fail_cmd_code[]
-        self.locked = False  # lock_dimm: ND_INTEL_SEC_STATE_ENABLED | LOCKED
+        # dimm_sec_info[] of this index: the DIMM firmware's security state, shared by the
+        # bus's firmware (None where no DIMM of the bus answers to this handle)
+        self.security: IntelSecurity | None = None
 
     @property
     def name(self) -> str:
@@ -51,4 +54,7 @@ class NfitTestDimm:
         self.fail_cmd_code = ((value + 2**31) % 2**32) - 2**31  # stored in an int
 
     def _lock_store(self, buf: bytes) -> None:
-        self.locked = True
+        """lock_dimm_store(): the state a power cycle leaves a DIMM with a passphrase in
+        (ND_INTEL_SEC_STATE_ENABLED | LOCKED), whatever was written."""
+        if self.security is not None:
+            self.security.lock()

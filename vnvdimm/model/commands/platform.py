@@ -43,7 +43,9 @@ from vnvdimm.model.commands.envelope import (
     CommandError,
     Request,
 )
+from vnvdimm.model.commands.intel_security import IntelSecurity, IntelSecurityOps
 from vnvdimm.model.extensions import media_errors_changed
+from vnvdimm.model.security import DimmSecurity, WipeTarget
 
 if TYPE_CHECKING:
     from vnvdimm.model.bus import NvdimmBus
@@ -93,6 +95,8 @@ class DimmFirmware:
     activated: int = 0
     missed_activate: bool = False
     knobs: Any = None
+    # the security state (nfit_test's dimm_sec_info[], shared with test_dimmN's lock_dimm)
+    security: IntelSecurity = field(default_factory=IntelSecurity)
 
     @property
     def activatable(self) -> bool:
@@ -252,7 +256,7 @@ def config_command(area: object, cmd: int, buf: bytearray) -> int:
 # ------------------------------------------------------------------ wiring a bus
 
 ACPI_BUS_DSM_MASK = 0x3BF  # what a real NFIT's root device answers (bit 0: "functions exist")
-FULL_DIMM_FUNCS = LSS_FUNCS | HEALTH_FUNCS | FIRMWARE_FUNCS | FW_ACTIVATE_FUNCS
+FULL_DIMM_FUNCS = LSS_FUNCS | HEALTH_FUNCS | FIRMWARE_FUNCS | FW_ACTIVATE_FUNCS | SECURITY_FUNCS
 
 
 @dataclass(frozen=True)
@@ -291,7 +295,14 @@ def attach(bus: NvdimmBus) -> PlatformFirmware:
     for dimm in bus.dimms:
         mask = flavor.dimm_funcs | (LABEL_FUNCS if getattr(dimm, "label_area", None) is not None else 0)
         fw = firmware.add_dimm(dimm, mask)
-        fw.knobs = knobs.get(dimm.handle)  # nfit_test's test_dimmN: fail_cmd, fail_cmd_code
+        fw.knobs = knobs.get(dimm.handle)  # nfit_test's test_dimmN: fail_cmd, fail_cmd_code, lock_dimm
+        if fw.knobs is not None:
+            fw.knobs.security = fw.security
+        if mask & SECURITY_FUNCS:
+            # libnvdimm's side; a kernel built for nfit_test (CONFIG_NVDIMM_SECURITY_TEST)
+            # asks the firmware again on each read of `security`
+            dimm.security = DimmSecurity(dimm, IntelSecurityOps(fw), poll_on_show=bus.provider.startswith("nfit_test"))
+            dimm.security.wipe = WipeTarget(dimm)
         dimm.commands = tuple(fw.commands().split())
         dimm.dsm_mask = mask
     for region in bus.regions:
