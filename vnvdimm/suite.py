@@ -18,6 +18,7 @@ the err() trap: the test failed before its own setup was done), FAIL (anything e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vnvdimm.model import keyring
 from vnvdimm.testbed import WITH_VNVDIMM, Testbed, TestbedError, with_preload
 
 SKIP_STATUS = 77
@@ -89,9 +91,37 @@ def discover(test_dir: Path, wanted: list[str]) -> list[Path]:
     return [scripts[n] for n in names]
 
 
+# ndctl keeps key blobs in /etc/ndctl/keys (NDCTL_KEYS_DIR) and the security tests write
+# there: inside the test's mount namespace the folder is a fresh tmpfs, so nothing a test
+# writes or leaves behind reaches the host's.
+KEYS_DIR_GUARD = (
+    'd=/etc/ndctl/keys; if [ -d "$d" ]; then mount -t tmpfs -o mode=0755 vnvdimm-keys "$d" || exit 1; '
+    'elif [ -d /etc/ndctl ]; then mount -t tmpfs -o mode=0755 vnvdimm-keys /etc/ndctl && mkdir "$d" || exit 1; '
+    'else echo "vnvdimm.suite: no /etc/ndctl to hide the test\'s key blobs in" >&2; exit 1; fi; exec "$@"')
+
+
 def run_one(script: Path, timeout: float, env: dict[str, str]) -> Result:
-    name, topology = platform_for(script.read_text(errors="replace"))
+    text = script.read_text(errors="replace")
+    name, topology = platform_for(text)
     started = time.monotonic()
+    uses_keys = "keyctl" in text
+    if uses_keys:
+        why = keyring.keyctl_available()
+        if why is not None:  # a container's seccomp profile, typically: no kernel keyring at all
+            return Result(script.name, "SKIP", 0.0, None, name, f"skipped: {why}; the test needs the kernel keyring")
+    before = keyring.user_keyring_links() if uses_keys else set()
+    try:
+        return _run(script, name, topology, timeout, env, uses_keys, started)
+    finally:
+        if uses_keys:
+            # keys a failed test left in root's user keyring go (its own cleanup unlinks them)
+            for serial in keyring.user_keyring_links() - before:
+                with contextlib.suppress(OSError):
+                    keyring.unlink_from_user_keyring(serial)
+
+
+def _run(script: Path, name: str, topology: dict[str, Any], timeout: float, env: dict[str, str], uses_keys: bool,
+         started: float) -> Result:
     try:
         with Testbed(topology) as tb:
             # ndctl's scripts find `common` and their data next to themselves; they write
@@ -99,6 +129,8 @@ def run_one(script: Path, timeout: float, env: dict[str, str]) -> Result:
             assert tb.dir is not None
             # as meson runs them: by their own #! line (some trace with bash -x)
             cmd = [str(script)] if os.access(script, os.X_OK) else ["bash", str(script)]
+            if uses_keys:
+                cmd = ["sh", "-c", KEYS_DIR_GUARD, "sh", *cmd]
             proc = subprocess.run([str(WITH_VNVDIMM), str(tb.root), "--", *cmd], cwd=tb.dir, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
             code: int | None = proc.returncode

@@ -47,6 +47,7 @@ NVDIMM_PASSPHRASE_LEN = 32
 KEYCTL_JOIN_SESSION_KEYRING = 1
 KEYCTL_DESCRIBE = 6
 KEYCTL_LINK = 8
+KEYCTL_UNLINK = 9
 KEYCTL_SEARCH = 10
 KEYCTL_READ = 11
 KEY_SPEC_SESSION_KEYRING = -3
@@ -251,3 +252,13 @@ def keyctl_available() -> str | None:
     except OSError as e:
         return f"the keyctl system call fails here: {e.strerror}"
     return None
+
+
+def user_keyring_links() -> set[int]:
+    """The serials linked in the calling user's user keyring (KEYCTL_READ of a keyring)."""
+    raw = _read(KEY_SPEC_USER_KEYRING)
+    return {int.from_bytes(raw[i:i + 4], "little", signed=True) for i in range(0, len(raw) - 3, 4)}
+
+
+def unlink_from_user_keyring(serial: int) -> None:
+    _keyctl(KEYCTL_UNLINK, serial, KEY_SPEC_USER_KEYRING)
