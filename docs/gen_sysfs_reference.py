@@ -104,6 +104,9 @@ NOTES = {
     "fail_cmd": "nfit_test: bitmask of ND_CMD_* numbers that fail on this DIMM",
     "fail_cmd_code": "nfit_test: the return code those commands fail with",
     "lock_dimm": "nfit_test: write anything to lock the DIMM's security state",
+    "security": "disabled/unlocked/locked/overwrite; write `update OLD NEW`, `disable K`, `freeze`, `erase K`, "
+                "`overwrite K`, `master_update OLD NEW`, `master_erase K` (key serials; see docs/limits.md)",
+    "frozen": "1 once the DIMM's security state is frozen",
 }
 
 
