@@ -45,6 +45,13 @@ ACPI_NFIT: dict[str, Any] = {
     "dimm": [{"size": "8G"}],
     "region": [{"dimms": [0]}],
 }
+# daxctl-create.sh carves the capacity of a soft-reserved (dax_hmem) region; its align test
+# wants a 1 GiB device beside the rest, so 2 GiB of it (RAM: an anonymous memory file).
+HMEM: dict[str, Any] = {
+    "template": "e820", "memmap": {"workers": 1},
+    "region": [{"size": "32M", "namespace": {"mode": "raw"}}],
+    "hmem": [{"size": "2G"}],
+}
 E820: dict[str, Any] = {
     "template": "e820", "memmap": {"workers": 1},
     "region": [{"size": "1G", "namespace": {"mode": "raw"}}],
@@ -66,6 +73,8 @@ def platform_for(script_text: str) -> tuple[str, dict[str, Any]]:
     which picks the test's victim namespace, looks for it on the e820 bus)."""
     if re.search(r"\$TEST_PATH/dax-dev\b", script_text):
         return "e820", E820
+    if re.search(r"dax_hmem|device_hmem", script_text):
+        return "hmem", HMEM
     if re.search(r"NFIT_TEST_BUS|nfit_test", script_text):
         return "nfit_test", NFIT_TEST
     if re.search(r"ACPI_BUS|ACPI\.NFIT", script_text):

@@ -34,6 +34,7 @@ from vnvdimm.model.bus import NvdimmBus
 from vnvdimm.model.dax import DaxRegion, DevDax
 from vnvdimm.model.dimm import Nvdimm
 from vnvdimm.model.disk import DataPath, Disk
+from vnvdimm.model.hmem import HmemDevDax
 from vnvdimm.model.infoblock import (
     ARENA_MIN_SIZE,
     DAX_SIG,
@@ -408,7 +409,12 @@ class DaxBusDriver(BusDriver):
             self.ids.discard(name)
 
     def probe(self, dev: Device) -> None:
-        pass
+        if isinstance(dev, HmemDevDax):  # a dynamic instance maps its ranges here
+            dev.probe_device_dax()
+
+    def remove(self, dev: Device) -> None:
+        if isinstance(dev, HmemDevDax):
+            dev.remove_device_dax()
 
 
 def dax_id(buf: bytes) -> str:

@@ -34,6 +34,18 @@ class Media:
             raise fail(errno.EINVAL, f"{path}: media is {actual} bytes, the region is {size}")
         self.badblocks = BadBlocks()  # the poison list of this SPA range
 
+    @classmethod
+    def anonymous(cls, name: str, size: int) -> Media:
+        """Memory, not a file of the state dir: a sparse anonymous memory file (memfd) that
+        lasts as long as the daemon (soft-reserved RAM: vnvdimm.model.hmem)."""
+        media = cls.__new__(cls)
+        media.fd = os.memfd_create(f"vnvdimm-{name}", os.MFD_CLOEXEC)
+        os.ftruncate(media.fd, size)
+        media.path = Path(f"/proc/self/fd/{media.fd}")
+        media.size = size
+        media.badblocks = BadBlocks()
+        return media
+
     @staticmethod
     def create(path: Path, size: int, *, dir_fd: int | None = None) -> None:
         """A new sparse media file of `size` bytes, all zeros (fresh pmem reads as zeros)."""

@@ -89,6 +89,9 @@ class System:
         self.engine = engine
         self.memmap = memmap or MemmapSettings()
         self.buses: list[NvdimmBus] = []
+        # devices outside the nd buses at the root of the tree: dax_hmem's hmem.N platform
+        # devices (vnvdimm.model.hmem)
+        self.platform_devices: list[Device] = []
         self.bus_types: dict[str, BusType] = {}
         self.drivers: dict[str, dict[str, Driver]] = {}  # per bus, in registration (= readdir) order
         self.autoprobe: dict[str, bool] = {}  # /sys/bus/<bus>/drivers_autoprobe
@@ -145,6 +148,8 @@ class System:
 
         for bus in self.buses:
             yield from walk(bus)
+        for dev in self.platform_devices:
+            yield from walk(dev)
 
     def bus_devices(self, bus_name: str) -> Iterator[Device]:
         return (d for d in self.all_devices() if d.bus_name == bus_name)
@@ -257,5 +262,7 @@ class System:
     def shutdown(self) -> None:
         """Unbind everything, deepest first: jobs are cancelled, disks closed, media closed."""
         with self.lock:
+            for dev in self.platform_devices:
+                dev.shutdown()  # type: ignore[attr-defined]
             for bus in self.buses:
                 bus.shutdown()

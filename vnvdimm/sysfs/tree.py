@@ -22,6 +22,7 @@ from vnvdimm.model.dax import DevDax
 from vnvdimm.model.dimm import Nvdimm
 from vnvdimm.model.disk import DataPath, Disk
 from vnvdimm.model.drivers import BusDriver
+from vnvdimm.model.hmem import HmemDevDax, HmemRegion
 from vnvdimm.model.system import System
 from vnvdimm.sysfs.changes import ChangeFeed
 from vnvdimm.sysfs.kernfs import Events, KAttr, KBin, KDir, KLink, KNode
@@ -29,7 +30,7 @@ from vnvdimm.sysfs.kernfs import Events, KAttr, KBin, KDir, KLink, KNode
 # Modules whose /sys/module/<name>/initstate reads "live": libkmod (daxctl) checks them
 # instead of loading anything.
 MODULES = ("libnvdimm", "nd_pmem", "nd_btt", "nd_e820", "nfit", "dax", "dax_pmem", "device_dax", "kmem",
-           "dax_hmem")
+           "dax_hmem", "device_hmem")
 
 
 # Directories of the host's /sys that with-vnvdimm mounts over the emulated tree's empty ones
@@ -142,7 +143,7 @@ class TreeBuilder:
 
     # -- paths
     def device_dir(self, dev: Device) -> str:
-        if isinstance(dev, NvdimmBus):
+        if isinstance(dev, NvdimmBus | HmemRegion):
             return "/sys" + dev.sysfs_dir
         assert dev.parent is not None, dev
         sub = getattr(dev, "subdir", None)
@@ -178,6 +179,9 @@ class TreeBuilder:
         for bus in self.system.buses:
             self._platform_dirs(s, bus)
             self._device(s, bus)
+        for dev in self.system.platform_devices:  # dax_hmem's hmem.N
+            self._platform_bus_links(s, f"platform/{dev.name}")
+            self._device(s, dev)
         self._dev(s)
         s.seal()
         return s
@@ -309,7 +313,7 @@ class TreeBuilder:
         for dev in self.system.all_devices():
             if isinstance(dev, NdCtl | Nvdimm):
                 s.add(f"/dev/{dev.name}", KDevFile(None, dev.devt, control=True))
-            elif isinstance(dev, DevDax):
+            elif isinstance(dev, DevDax | HmemDevDax):
                 # the node exists as long as the instance does (devtmpfs at device_add()); only
                 # device_dax adds the cdev behind it, so without it opens fail (ENXIO)
                 bound = dev.driver is not None and dev.driver.name == "device_dax"

@@ -34,6 +34,10 @@ SPA_ALIGN = 1 << 30  # regions start 1 GiB apart
 # x86_64's physical address space with 4-level paging (MAX_PHYSMEM_BITS 46): every region must
 # end below it, so the largest single region is 64 TiB - 16 GiB.
 SPA_LIMIT = 1 << 46
+# soft-reserved memory ([[hmem]]) lies above the pmem's address space, 1 GiB-aligned
+HMEM_BASE = SPA_LIMIT
+HMEM_GRANULE = 2 << 20  # PMD_SIZE: the dax region's alignment
+MAX_HMEM = 1 << 40
 MAX_REGION = SPA_LIMIT - SPA_BASE  # also the largest DIMM
 MAX_DIMMS = 1024
 # A namespace takes one label on each DIMM of its region. A fresh label area (128K) is given
@@ -94,12 +98,21 @@ class RegionConfig:
 
 
 @dataclass(frozen=True)
+class HmemConfig:
+    """[[hmem]]: a range of soft-reserved memory (dax_hmem), any template."""
+
+    size: int
+    numa_node: int = 0
+
+
+@dataclass(frozen=True)
 class TopologyConfig:
     template: str
     regions: tuple[RegionConfig, ...]
     dimms: tuple[int, ...] = ()
     memmap: MemmapSettings = field(default_factory=MemmapSettings)
     source: str = "<built-in default>"
+    hmem: tuple[HmemConfig, ...] = ()
 
 
 DEFAULT_TOML = """\
@@ -213,7 +226,7 @@ BTT_INFO_OFFSET = 4096  # the BTT arena starts after the first 4 KiB of the name
 
 def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
     c = _Checker(source)
-    c.unknown(doc, {"template", "memmap", "region", "dimm"}, "")
+    c.unknown(doc, {"template", "memmap", "region", "dimm", "hmem"}, "")
     template = c.choice(doc.get("template", "e820"), "template", ("e820", "nfit", "nfit_test"))
     nfit = template == "nfit"
 
@@ -225,12 +238,24 @@ def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
         ns_per_page=c.int_(mm.get("ns_per_page", 0), "memmap.ns_per_page", 0, MAX_NS_PER_PAGE),
     )
 
+    raw_hmem = doc.get("hmem", [])
+    if not isinstance(raw_hmem, list):
+        raise c.fail("hmem", "must be an array of tables ([[hmem]])")
+    hmem: list[HmemConfig] = []
+    for i, h in enumerate(raw_hmem):
+        t = c.table(h, f"hmem[{i}]")
+        c.unknown(t, {"size", "numa_node"}, f"hmem[{i}]")
+        size = c.size(t.get("size"), f"hmem[{i}].size")
+        if size < MIN_REGION or size % HMEM_GRANULE or size > MAX_HMEM:
+            raise c.fail(f"hmem[{i}].size", f"must be a multiple of 2M from 32M to {format_size(MAX_HMEM)}")
+        hmem.append(HmemConfig(size, c.int_(t.get("numa_node", 0), f"hmem[{i}].numa_node", 0, MAX_NUMA_NODE)))
+
     if template == "nfit_test":
         # the platform of the kernel's nfit_test module: its tables say what is there
         for key in ("region", "dimm"):
             if key in doc:
                 raise c.fail(key, "template = \"nfit_test\" has the module's fixed DIMMs and regions")
-        return TopologyConfig(template, (), (), memmap, source)
+        return TopologyConfig(template, (), (), memmap, source, tuple(hmem))
 
     dimms: list[int] = []
     raw_dimms = doc.get("dimm", [])
@@ -312,4 +337,4 @@ def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
             raise c.fail(f"{key}.size", f"the regions up to this one need {format_size(end - SPA_BASE)} of "
                                         f"physical address space; the platform has {format_size(MAX_REGION)}")
         spa = -(-end // SPA_ALIGN) * SPA_ALIGN
-    return TopologyConfig(template, tuple(regions), tuple(dimms), memmap, source)
+    return TopologyConfig(template, tuple(regions), tuple(dimms), memmap, source, tuple(hmem))

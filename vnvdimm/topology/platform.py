@@ -33,6 +33,7 @@ from vnvdimm.model.base import Attr, Device, Driver, align_up
 from vnvdimm.model.bus import NFIT_BUS_COMMANDS, NvdimmBus
 from vnvdimm.model.commands import platform as firmware
 from vnvdimm.model.dimm import NfitIdentity, Nvdimm
+from vnvdimm.model.hmem import HmemRegion
 from vnvdimm.model.label_area import NFIT_TEST_LABEL_SIZE, NFIT_TEST_MAX_XFER, LabelArea
 from vnvdimm.model.label_format import DimmLabelData, InterleaveSet, InterleaveSetLabels, LabelMapping, ScannedNamespace
 from vnvdimm.model.labels import DimmLabels, InterleaveLabels, write_atomically
@@ -44,7 +45,10 @@ from vnvdimm.model.region import Mapping, Region
 from vnvdimm.model.system import MemmapSettings, System
 from vnvdimm.topology import nfit_test, safe_dir
 from vnvdimm.topology.config import (
+    HMEM_BASE,
+    HMEM_GRANULE,
     MAX_DIMMS,
+    MAX_HMEM,
     MAX_NS_PER_PAGE,
     MAX_NUMA_NODE,
     MAX_REGION,
@@ -120,6 +124,15 @@ class DimmRecord:
 
 
 @dataclass(frozen=True)
+class HmemRecord:
+    """A range of soft-reserved memory: dax_hmem's hmem.N."""
+
+    start: int
+    size: int
+    numa_node: int = 0
+
+
+@dataclass(frozen=True)
 class RegionRecord:
     start: int
     size: int
@@ -179,6 +192,7 @@ class Platform:
     dimms: tuple[DimmRecord, ...] = ()
     memmap: MemmapSettings = field(default_factory=MemmapSettings)  # run-time knobs: a config's win
     buses: tuple[BusRecord, ...] = ()
+    hmem: tuple[HmemRecord, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.buses:  # records written before buses were recorded: one bus per template
@@ -190,9 +204,13 @@ class Platform:
 
     @classmethod
     def from_config(cls, cfg: TopologyConfig) -> Platform:
+        hmem, start = [], HMEM_BASE
+        for h in cfg.hmem:
+            hmem.append(HmemRecord(start, h.size, h.numa_node))
+            start = align_up(start + h.size, SPA_ALIGN)
         if cfg.template == "nfit_test":
             buses, nt_dimms, nt_regions = nfit_test_platform()
-            return cls(cfg.template, nt_regions, nt_dimms, cfg.memmap, buses=buses)
+            return cls(cfg.template, nt_regions, nt_dimms, cfg.memmap, buses=buses, hmem=tuple(hmem))
         dimms = tuple(DimmRecord(size, handle=((i // 4) << 8) | ((i // 2 % 2) << 4) | (i % 2), phys_id=0x10 + i,
                                  serial=0x1000 + i) for i, size in enumerate(cfg.dimms))
         used = [0] * len(dimms)
@@ -204,7 +222,7 @@ class Platform:
                 used[d] += r.size // len(r.dimms)
             regions.append(with_cookies(RegionRecord(start, r.size, r.numa_node, tuple(members)), dimms))
             start = align_up(start + r.size, SPA_ALIGN)
-        return cls(cfg.template, tuple(regions), dimms, cfg.memmap)
+        return cls(cfg.template, tuple(regions), dimms, cfg.memmap, hmem=tuple(hmem))
 
     def validate(self) -> None:
         """Raise InvalidPlatform if this record cannot describe a machine vnvdimm can run (a
@@ -216,6 +234,14 @@ class Platform:
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise InvalidPlatform(f"{what} = {value!r}")
             return value
+
+        end = HMEM_BASE
+        for i, h in enumerate(self.hmem):
+            count(h.size, f"hmem[{i}].size", MAX_HMEM, MIN_REGION)
+            count(h.numa_node, f"hmem[{i}].numa_node", MAX_NUMA_NODE)
+            if h.size % HMEM_GRANULE or count(h.start, f"hmem[{i}].start", 1 << 52, end) % SPA_ALIGN:
+                raise InvalidPlatform(f"hmem[{i}] = {h!r}")
+            end = h.start + h.size
 
         def text(value: object, what: str, limit: int) -> str:
             if not isinstance(value, str) or len(value.encode("utf-8", "surrogateescape")) > limit:
@@ -303,7 +329,8 @@ class Platform:
 
     def shape(self) -> tuple[object, ...]:
         """What a config must agree with to be used on existing media."""
-        return (self.template, [(r.size, r.numa_node, r.dimms) for r in self.regions], [d.size for d in self.dimms])
+        return (self.template, [(r.size, r.numa_node, r.dimms) for r in self.regions], [d.size for d in self.dimms],
+                [(h.size, h.numa_node) for h in self.hmem])
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"
@@ -313,10 +340,11 @@ class Platform:
         try:
             doc = json.loads(text)
             mm = memmap_record(doc)
+            hmem = tuple(HmemRecord(**h) for h in doc.get("hmem", ()))
             if doc["template"] == "nfit_test":
                 # the module's tables are fixed: only the run-time settings come from the record
                 buses, nt_dimms, nt_regions = nfit_test_platform()
-                return cls("nfit_test", nt_regions, nt_dimms, mm, buses=buses)
+                return cls("nfit_test", nt_regions, nt_dimms, mm, buses=buses, hmem=hmem)
             dimms = tuple(DimmRecord(**d) for d in doc.get("dimms", ()))
             regions = []
             for r in doc["regions"]:
@@ -330,7 +358,7 @@ class Platform:
                 regions.append(record)
             buses = tuple(BusRecord(**{**b, "test_dimms": tuple(b.get("test_dimms", ()))})
                           for b in doc.get("buses", ()))
-            return cls(doc["template"], tuple(regions), dimms, mm, buses=buses)
+            return cls(doc["template"], tuple(regions), dimms, mm, buses=buses, hmem=hmem)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"{source}: damaged platform record ({e!r}); move it away to start afresh") from None
 
@@ -641,6 +669,13 @@ def build_system(platform: Platform, state: StateDir, system: System, only: set[
     for i, bus in buses.items():
         if platform.buses[i].nfit:
             firmware.attach(bus)
+    if only is None:  # dax_hmem: soft-reserved memory, found at boot (no module reload brings it)
+        with system.lock:
+            for i, h in enumerate(platform.hmem):
+                hmem = HmemRegion(system, i, h.start, h.size, Media.anonymous(f"hmem.{i}", h.size), h.numa_node)
+                system.platform_devices.append(hmem)
+                system.device_add(hmem)
+                hmem.create_device(h.size)  # dax_hmem_probe(): one instance with the whole range
     with system.lock:
         for bus in buses.values():
             system.device_add(bus)
@@ -698,6 +733,9 @@ class Machine:
             return
         self._closed = True
         power_off(self.system)
+        for dev in self.system.platform_devices:
+            if isinstance(dev, HmemRegion):
+                dev.media.close()
         for bus in self.system.buses:
             for region in bus.regions:
                 region.media.close()
