@@ -25,6 +25,7 @@ from vnvdimm.memmap import JobSpec, MemStorage
 from vnvdimm.model.base import (
     PAGE_SIZE,
     Attr,
+    BinAttr,
     Device,
     Entry,
     Group,
@@ -303,9 +304,36 @@ class HmemDevDax(Device):
                 ro("pages_done", lambda: f"{sum(j.pages_done for _, j in self.jobs)}\n"),
                 ro("pages_total", lambda: f"{sum(j.pages_total for _, j in self.jobs)}\n"),
                 ro("ranges", lambda: f"{len(self.jobs)}\n"),
+                self._binary("kpageflags"),
+                self._binary("kpagecount"),
+                self._binary("raw_records"),
             ]),
             *mappings,
         ]
+
+    def _binary(self, kind: str) -> BinAttr:
+        """The memmap's per-page views in device page order: the ranges' own, one after the
+        other (an nd dax device's have the same formats)."""
+        record_size = 64 if kind == "raw_records" else 8
+
+        def size() -> int:
+            return sum(r.size for r, _ in self.jobs) // PAGE_SIZE * record_size
+
+        def read(offset: int, count: int) -> bytes:
+            out = bytearray()
+            end = min(offset + count, size())
+            for r, job in list(self.jobs):
+                lo, hi = r.pgoff * record_size, (r.pgoff + r.size // PAGE_SIZE) * record_size
+                a, b = max(offset, lo), min(end, hi)
+                if a >= b:
+                    continue
+                first, last = (a - lo) // record_size, (b - lo + record_size - 1) // record_size
+                data = getattr(job, kind)(first, last - first)
+                skip = (a - lo) - first * record_size
+                out += data[skip: skip + (b - a)]
+            return bytes(out)
+
+        return BinAttr(kind.replace("raw_", ""), 0o400, size, read)
 
     def _size_store(self, buf: bytes) -> None:
         value = kstrtoull(buf)
