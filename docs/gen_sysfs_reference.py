@@ -36,6 +36,7 @@ E820 = {
         {"size": "64M", "namespace": {"mode": "sector"}},
         {"size": "64M", "namespace": {"mode": "raw"}},
     ],
+    "hmem": [{"size": "64M"}],
 }
 NFIT = {
     "template": "nfit",
@@ -62,6 +63,7 @@ GENERIC = [
     (re.compile(r"^node\d+$"), "nodeN"),
     (re.compile(r"^test_dimm\d+$"), "test_dimmN"),
     (re.compile(r"^nfit_test\.\d+$"), "nfit_test.N"),
+    (re.compile(r"^hmem\.\d+$"), "hmem.N"),
     (re.compile(r"^\d+:\d+$"), "MAJ:MIN"),
 ]
 
@@ -104,6 +106,12 @@ NOTES = {
     "fail_cmd": "nfit_test: bitmask of ND_CMD_* numbers that fail on this DIMM",
     "fail_cmd_code": "nfit_test: the return code those commands fail with",
     "lock_dimm": "nfit_test: write anything to lock the DIMM's security state",
+    "dax_region/create": "dynamic region: write 1 for a new zero-sized instance; read: the youngest",
+    "dax_region/seed": "dynamic region: the instance to configure next",
+    "dax_region/delete": "dynamic region: write the name of an unbound, zero-sized instance to remove it",
+    "dax_region/available_size": "dynamic region: capacity no instance holds",
+    "memmap/ranges": "the memmap jobs of the instance: one per range (mappingN)",
+    "mapping": "dynamic instance: write START-END (hex) to add exactly that range",
     "security": "disabled/unlocked/locked/overwrite; write `update OLD NEW`, `disable K`, `freeze`, `erase K`, "
                 "`overwrite K`, `master_update OLD NEW`, `master_erase K` (key serials; see docs/limits.md)",
     "frozen": "1 once the DIMM's security state is frozen",
@@ -193,6 +201,9 @@ SECTIONS = [
      None),
     ("Block devices under a btt (pmemNs)", f"{BUS}/ndbusN/regionN/bttN.M/block/pmemNs/", None),
     ("Block devices under a raw namespace", f"{BUS}/ndbusN/regionN/namespaceN.M/block/pmemN/", None),
+    ("Soft-reserved memory (dax_hmem): the region", "/sys/devices/platform/hmem.N/",
+     lambda p: not re.search(r"/daxN\.M/", p)),
+    ("Soft-reserved memory: device-dax instances", "/sys/devices/platform/hmem.N/daxN.M/", None),
     ("Buses and drivers", "/sys/bus/", None),
     ("Classes, device numbers, block", "/sys/class/", None),
     ("", "/sys/dev/", None),
@@ -228,7 +239,7 @@ def render(entries: dict[str, tuple[str, int]], where: dict[str, set[str]]) -> s
     def note(p: str) -> str:
         text = note_for(p)
         only = where.get(p, set())
-        if len(only) == 1:
+        if len(only) == 1 and "hmem" not in p:  # [[hmem]] is any platform's; mounted here with e820
             text = f"({next(iter(only))} only) {text}".strip()
         return text.replace("|", "\\|")
 
