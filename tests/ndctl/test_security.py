@@ -267,3 +267,34 @@ def test_master_passphrase_and_master_erase(keys: Keys) -> None:
     res = k.ndctl("sanitize-dimm", "--crypto-erase", "--master-passphrase", DIMM)
     assert res.returncode == 0, res.stderr
     assert k.security() == "disabled"
+
+
+NFIT = '''template = "nfit"
+[memmap]
+workers = 1
+[[dimm]]
+size = "64M"
+[[region]]
+dimms = [0]
+'''
+
+
+def test_an_acpi_nfit_dimm_takes_a_passphrase_too(make_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    before = keyring.user_keyring_links()
+    folder = tmp_path / "ndctl-keys"
+    folder.mkdir()
+    k = Keys(make_mount(NFIT), folder)
+    try:
+        k.make_master()
+        dimm_id = k.mount.read("sys/bus/nd/devices/nmem0/nfit/id").strip()
+        assert k.ndctl("disable-region", "all").returncode == 0
+        res = k.ndctl("setup-passphrase", "nmem0", "-k", f"user:{k.master}")
+        assert res.returncode == 0, res.stderr
+        assert k.security() == "unlocked" and k.serial("encrypted", f"nvdimm:{dimm_id}")
+        res = k.ndctl("remove-passphrase", "nmem0")
+        assert res.returncode == 0, res.stderr
+        assert k.security() == "disabled"
+    finally:
+        for serial in keyring.user_keyring_links() - before:
+            with contextlib.suppress(OSError):
+                keyring.unlink_from_user_keyring(serial)

@@ -209,10 +209,10 @@ def _aes256_cbc_decrypt(key: bytes, iv: bytes, data: bytes) -> bytes:
 
 
 def _passphrase_of(serial: int, caller: Caller) -> bytes | None:
-    _possess_user_keyring()
-    kind, uid, _gid, desc = _describe(serial)
+    kind, uid, _gid, desc = _describe(serial)  # the owner may view its keys: no possession needed
     if kind != "encrypted" or uid != caller.uid:
         return None
+    _possess_user_keyring()
     if _search_user_keyring(kind, desc) != serial:
         return None
     blob = _read(serial)
