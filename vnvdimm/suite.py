@@ -109,11 +109,22 @@ KEYS_DIR_GUARD = (
     'else echo "vnvdimm.suite: no /etc/ndctl to hide the test\'s key blobs in" >&2; exit 1; fi; exec "$@"')
 
 
+def _sourced_scripts(script: Path, text: str) -> list[str]:
+    """The text of the test folder's other scripts this one runs or sources by name
+    (nfit-security.sh is `security.sh nfit`)."""
+    parts = []
+    for name in set(re.findall(r"\b([\w.-]+\.sh)\b", text)) - {script.name}:
+        path = script.parent / name
+        if path.is_file():
+            parts.append(path.read_text(errors="replace"))
+    return parts
+
+
 def run_one(script: Path, timeout: float, env: dict[str, str]) -> Result:
     text = script.read_text(errors="replace")
     name, topology = platform_for(text)
     started = time.monotonic()
-    uses_keys = "keyctl" in text
+    uses_keys = "keyctl" in text or any("keyctl" in part for part in _sourced_scripts(script, text))
     if uses_keys:
         why = keyring.keyctl_available()
         if why is not None:  # a container's seccomp profile, typically: no kernel keyring at all

@@ -47,3 +47,11 @@ def test_the_suite_skips_keyring_tests_where_keyctl_is_forbidden(tmp_path: Path,
     monkeypatch.setattr(keyring, "keyctl_available", lambda: why)
     result = suite.run_one(script, 10, {})
     assert result.status == "SKIP" and "Operation not permitted" in result.tail and "kernel keyring" in result.tail
+
+
+def test_the_suite_guards_the_keys_of_a_test_that_runs_security_sh(tmp_path: Path) -> None:
+    # nfit-security.sh is `$(dirname $0)/security.sh nfit`: the keyctl calls are in security.sh
+    (tmp_path / "security.sh").write_text("#!/bin/bash\nkeyctl show\n")
+    script = tmp_path / "nfit-security.sh"
+    script.write_text("#!/bin/bash -Ex\n$(dirname $0)/security.sh nfit\n")
+    assert any("keyctl" in text for text in suite._sourced_scripts(script, script.read_text()))
