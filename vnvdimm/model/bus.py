@@ -101,6 +101,9 @@ class NvdimmBus(Device):
         for region in self.regions:
             if region.driver is not None:
                 self.system.driver_detach(region)
+        for dimm in self.dimms:
+            if dimm.security is not None:
+                dimm.security.cancel()  # nvdimm_delete(): no overwrite query after this
 
 
 class NdCtl(Device):

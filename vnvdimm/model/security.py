@@ -231,7 +231,10 @@ class DimmSecurity:
     def _overwrite_query_work(self) -> None:
         """nvdimm_security_overwrite_query(): the delayed work polling the firmware."""
         with self.dimm.system.lock:
-            self.overwrite_query()
+            try:
+                self.overwrite_query()
+            except OSError as e:  # the media went away under it (a daemon stopping)
+                log.warning("%s: overwrite query: %s", self.dimm.name, e)
 
     def overwrite_query(self) -> None:
         if not self.in_overwrite:
