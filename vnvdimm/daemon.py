@@ -237,6 +237,8 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
                     break
                 except OSError:
                     time.sleep(0.01)
+            # only files of this mount have ioctls (the daemon reads the node from the descriptor)
+            ioctls.mount_dev = os.stat(opts.mountpoint).st_dev
             raise_readahead(str(opts.mountpoint))
             assert teardown is not None
             teardown.write_record()

@@ -274,22 +274,22 @@ def test_ars_and_clear_error_on_the_bus_empty_the_region_badblocks(make_mount) -
     sock = os.getxattr(nt.dev / "ndctl0", "user.vnvdimm").decode().split()[4]
 
     cap = bytearray(struct.pack("<QQ", start, count * 512) + bytes(16))
-    assert wire.call(sock, "ndctl0", ND_IOCTL_ARS_CAP, cap) == wire.Result(0, 0)
+    assert wire.call(sock, nt.dev / "ndctl0", ND_IOCTL_ARS_CAP, cap) == wire.Result(0, 0)
     max_ars_out, clear_unit = struct.unpack_from("<II", cap, 20)
     assert clear_unit == 256
     start_cmd = bytearray(struct.pack("<QQHB5x", start, count * 512, 2, 0) + bytes(8))
-    assert wire.call(sock, "ndctl0", ND_IOCTL_ARS_START, start_cmd) == wire.Result(0, 0)
+    assert wire.call(sock, nt.dev / "ndctl0", ND_IOCTL_ARS_START, start_cmd) == wire.Result(0, 0)
     status = bytearray(max_ars_out)
     struct.pack_into("<I", status, 4, max_ars_out)  # out_length, as libndctl sets it
-    assert wire.call(sock, "ndctl0", ND_IOCTL_ARS_STATUS, status) == wire.Result(0, 0)
+    assert wire.call(sock, nt.dev / "ndctl0", ND_IOCTL_ARS_STATUS, status) == wire.Result(0, 0)
     nrecs = struct.unpack_from("<I", status, 44)[0]
     records = [struct.unpack_from("<QQ", status, 48 + i * 24 + 8) for i in range(nrecs)]
     # libndctl injects block by block, each clamped to the clear unit
     assert records == [(start + i * 512, 256) for i in range(8)]
 
     clear = bytearray(struct.pack("<QQ", start, count * 512) + bytes(16))
-    assert wire.call(sock, "ndctl0", ND_IOCTL_CLEAR_ERROR, clear) == wire.Result(0, 0)
+    assert wire.call(sock, nt.dev / "ndctl0", ND_IOCTL_CLEAR_ERROR, clear) == wire.Result(0, 0)
     assert struct.unpack_from("<Q", clear, 24)[0] == count * 512  # cleared
     assert read(platform / "ndbus0/region1/badblocks") == b""
     clear = bytearray(struct.pack("<QQ", start + 128, 256) + bytes(16))  # not in clear units
-    assert wire.call(sock, "ndctl0", ND_IOCTL_CLEAR_ERROR, clear).errno == errno.EINVAL
+    assert wire.call(sock, nt.dev / "ndctl0", ND_IOCTL_CLEAR_ERROR, clear).errno == errno.EINVAL

@@ -1,31 +1,33 @@
 """The daemon's end of the ioctl channel: a unix socket (0600, in the runtime dir) served by
-a thread per connection. A client that sends garbage, stalls or vanishes costs its own
-connection only; the model is locked only while a command is answered, never while waiting
-on a client."""
+a fixed pool of threads, each accepting and answering one connection at a time.
+
+What an abusive or broken client can cost is bounded: at most POOL_SIZE connections are
+served at once (the others wait in the listen backlog, and the library's connect times out);
+each one has one deadline for its whole exchange, and a shorter one for its request; the
+bytes held for callers' buffers are capped (BYTES_IN_FLIGHT); no thread is started after the
+pool is up, and no accept() error ends a worker. The model is locked only while a command is
+answered, never while the client is talked to: what a command writes back is staged and sent
+after the answer. Only root or the daemon's own user may speak (SO_PEERCRED), and the node
+and the access mode come from the descriptor the client sends (SCM_RIGHTS), never from its
+word."""
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import socket
+import stat
+import struct
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vnvdimm.ioctl.wire import (
-    MAGIC,
-    MAX_TRANSFER,
-    OP,
-    OP_DONE,
-    OP_READ,
-    OP_WRITE,
-    REQUEST,
-    STATUS,
-    VERSION,
-    recv_exact,
-)
+from vnvdimm.ioctl.wire import MAGIC, MAX_TRANSFER, OP, OP_DONE, OP_WRITE, REQUEST, STATUS, VERSION
 from vnvdimm.model.commands.dispatch import answer
 
 if TYPE_CHECKING:
@@ -33,36 +35,140 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vnvdimm.ioctl")
 
-CLIENT_TIMEOUT = 30.0  # a client that stops answering for this long loses its ioctl (EFAULT)
+POOL_SIZE = 16  # connections served at once
+REQUEST_TIMEOUT = 5.0  # from accept() to the whole request: a client sends it right after connect
+EXCHANGE_TIMEOUT = 30.0  # from accept() to the answer, whatever the client does in between
+BYTES_IN_FLIGHT = 32 << 20  # callers' buffers held at once, all connections together
+ACCEPT_RETRY = 0.05  # after an accept() error (EMFILE, ENFILE, ENOMEM...): try again after this
+MAX_ERRNO = 4095
+UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+O_PATH = getattr(os, "O_PATH", 0o10000000)
+
+
+class ByteBudget:
+    """Bytes of callers' buffers held by all connections together."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def take(self, n: int, deadline: float) -> None:
+        """Wait for n bytes of room until `deadline`; ENOMEM then, as a failed vmalloc()."""
+        with self._cond:
+            while self.used + n > self.limit:
+                left = deadline - time.monotonic()
+                if left <= 0 or n > self.limit:
+                    raise OSError(errno.ENOMEM, f"{n} bytes for an ioctl buffer: {self.used} in flight")
+                self._cond.wait(left)
+            self.used += n
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+class Exchange:
+    """One connection with one deadline for everything said on it."""
+
+    def __init__(self, conn: socket.socket, deadline: float) -> None:
+        self.conn = conn
+        self.deadline = deadline
+
+    def _arm(self, deadline: float | None = None) -> None:
+        left = (deadline or self.deadline) - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the ioctl's deadline passed")
+        self.conn.settimeout(left)
+
+    def recv_exact(self, n: int) -> bytes:
+        chunks = []
+        while n:
+            self._arm()
+            chunk = self.conn.recv(min(n, 1 << 20))
+            if not chunk:
+                raise ConnectionError("peer closed the connection")
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            self._arm()
+            view = view[self.conn.send(view):]
+
+    def recv_request(self, deadline: float) -> tuple[bytes, int | None]:
+        """The request header and the descriptor sent with it (None if none came)."""
+        data = b""
+        fds: list[int] = []
+        try:
+            while len(data) < REQUEST.size:
+                self._arm(deadline)
+                chunk, ancillary, _, _ = self.conn.recvmsg(REQUEST.size - len(data), socket.CMSG_SPACE(4 * 4))
+                if not chunk:
+                    raise ConnectionError("peer closed the connection")
+                data += chunk
+                for level, kind, payload in ancillary:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        fds.extend(array.array("i", payload[:len(payload) - len(payload) % 4]))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        for fd in fds[1:]:
+            os.close(fd)
+        return data, fds[0] if fds else None
 
 
 class SocketMemory:
-    """The caller's ioctl argument, reached through its connection."""
+    """The caller's ioctl argument as its client sent it: the first `readable` bytes of a
+    `window` it sized. A read of anything else is EFAULT, as copy_from_user() of an address
+    that faults. Writes are staged and sent by flush(), after the model is no longer locked."""
 
-    def __init__(self, conn: socket.socket) -> None:
-        self.conn = conn
+    def __init__(self, exchange: Exchange, budget: ByteBudget, window: int, sent: bytes) -> None:
+        self.exchange = exchange
+        self.budget = budget
+        self.window = window
+        self.sent = sent
+        self.held = len(sent)
+        self.staged: list[tuple[int, bytes]] = []
 
     def read(self, offset: int, length: int) -> bytes:
-        if length > MAX_TRANSFER:
-            raise OSError(errno.EFAULT, "read too large")
-        self.conn.sendall(OP.pack(OP_READ, 0, offset, length))
-        status, = STATUS.unpack(recv_exact(self.conn, STATUS.size))
-        if status:
+        if offset + length > len(self.sent):
             raise OSError(errno.EFAULT, f"bad address at argument + {offset}")
-        return recv_exact(self.conn, length)
+        return self.sent[offset:offset + length]
 
     def write(self, offset: int, data: bytes) -> None:
-        self.conn.sendall(OP.pack(OP_WRITE, 0, offset, len(data)) + data)
-        status, = STATUS.unpack(recv_exact(self.conn, STATUS.size))
-        if status:
+        if offset + len(data) > self.window:
             raise OSError(errno.EFAULT, f"bad address at argument + {offset}")
+        self.budget.take(len(data), min(self.exchange.deadline, time.monotonic() + REQUEST_TIMEOUT))
+        self.held += len(data)
+        self.staged.append((offset, bytes(data)))
+
+    def flush(self) -> None:
+        staged, self.staged = self.staged, []
+        for offset, data in staged:
+            self.exchange.sendall(OP.pack(OP_WRITE, 0, offset, len(data)) + data)
+            status, = STATUS.unpack(self.exchange.recv_exact(STATUS.size))
+            if status:
+                raise OSError(errno.EFAULT, f"bad address at argument + {offset}")
+
+    def release(self) -> None:
+        self.budget.give(self.held)
+        self.held = 0
 
 
 class IoctlServer:
     def __init__(self, system: System, path: Path) -> None:
         self.system = system
         self.path = path
+        #: st_dev of the daemon's FUSE mount, once it is up: only its files have ioctls here
+        self.mount_dev: int | None = None
+        self.budget = ByteBudget(BYTES_IN_FLIGHT)
         self._sock: socket.socket | None = None
+        self._uid = os.geteuid()
 
     def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -75,8 +181,18 @@ class IoctlServer:
             os.umask(old)
         sock.listen(64)
         self._sock = sock
-        threading.Thread(target=self._accept, name="vnvdimm-ioctl", daemon=True).start()
-        log.info("ioctls served on %s", self.path)
+        workers = 0
+        for i in range(POOL_SIZE):
+            try:
+                threading.Thread(target=self._work, args=(sock,), name=f"vnvdimm-ioctl-{i}", daemon=True).start()
+                workers += 1
+            except RuntimeError as e:  # "can't start new thread": a process limit
+                log.warning("ioctl channel: could not start worker %d (%s): %d serve", i, e, workers)
+                break
+        if not workers:
+            self.close()
+            raise OSError(errno.EAGAIN, "no thread could be started to serve ioctls")
+        log.info("ioctls served on %s (%d workers)", self.path, workers)
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
@@ -87,35 +203,103 @@ class IoctlServer:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
-    def _accept(self) -> None:
-        while self._sock is not None:
+    def _work(self, sock: socket.socket) -> None:
+        complained = 0.0
+        while self._sock is sock:
             try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), name="vnvdimm-ioctl-conn", daemon=True).start()
+                conn, _ = sock.accept()
+            except OSError as e:
+                if self._sock is not sock or e.errno in (errno.EBADF, errno.EINVAL):
+                    return  # closed
+                if time.monotonic() - complained > 10:
+                    complained = time.monotonic()
+                    log.warning("ioctl channel: accept failed (%s), retrying", e.strerror or e)
+                time.sleep(ACCEPT_RETRY)
+                continue
+            try:
+                with conn:
+                    self._serve(conn)
+            except Exception:
+                log.exception("ioctl channel: a connection failed")
+
+    def _peer_allowed(self, conn: socket.socket) -> bool:
+        _, uid, _ = UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
+        if uid in (0, self._uid):
+            return True
+        log.warning("ioctl channel: refused a client of uid %d", uid)
+        return False
+
+    def _node_of(self, fd: int | None) -> tuple[str, int]:
+        """The node's name and the open's access mode, from the descriptor the client sent."""
+        if fd is None:
+            raise OSError(errno.EBADF, "no descriptor came with the request")
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if flags & O_PATH:
+            raise OSError(errno.EBADF, "an O_PATH descriptor has no ioctls")
+        st = os.fstat(fd)
+        if self.mount_dev is None or st.st_dev != self.mount_dev or not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.ENOTTY, "not a device file of this mount")
+        # The name its opener looked up: ours are all in the mount's dev/ (the name is the
+        # device's; /proc shows it whatever mount namespace the opener is in).
+        where = os.readlink(f"/proc/self/fd/{fd}")
+        parent, _, name = where.rpartition("/")
+        if not parent.endswith("/dev") or not name:
+            raise OSError(errno.ENOTTY, f"{where} is not a device file")
+        return name, flags & os.O_ACCMODE
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(CLIENT_TIMEOUT)
-            try:
-                magic, version, request, accmode, raw_name = REQUEST.unpack(recv_exact(conn, REQUEST.size))
-            except (OSError, ConnectionError):
-                return
-            if magic != MAGIC or version != VERSION:
+        start = time.monotonic()
+        exchange = Exchange(conn, start + EXCHANGE_TIMEOUT)
+        if not self._peer_allowed(conn):
+            return
+        try:
+            header, fd = exchange.recv_request(start + REQUEST_TIMEOUT)
+        except (OSError, ConnectionError):
+            return
+        try:
+            magic, version, request, _, window, readable = REQUEST.unpack(header)
+            if magic != MAGIC or version != VERSION or readable > window or window > MAX_TRANSFER:
                 log.warning("ioctl channel: a client spoke something else (magic %#x version %d)", magic, version)
                 return
-            name = raw_name.split(b"\0", 1)[0].decode("ascii", "replace")
-            code, ret = 0, 0
             try:
-                ret = answer(self.system, name, accmode & os.O_ACCMODE, request, SocketMemory(conn))
-            except (ConnectionError, TimeoutError, BrokenPipeError):
-                return  # the caller is gone: nothing to answer
+                name, accmode = self._node_of(fd)
             except OSError as e:
-                code = e.errno or errno.EIO
-            except Exception:
-                log.exception("ioctl %#x on %s", request, name)
-                code = errno.EIO
-            log.debug("ioctl %#x on %s -> %d (errno %d)", request, name, ret, code)
-            with contextlib.suppress(OSError):
-                conn.sendall(OP.pack(OP_DONE, 0, code, ret & 0xFFFFFFFFFFFFFFFF))
+                log.debug("ioctl %#x refused: %s", request, e)
+                self._done(exchange, e.errno or errno.EIO, 0)
+                return
+        finally:
+            if fd is not None:
+                os.close(fd)
+        code, ret = 0, 0
+        try:
+            self.budget.take(readable, min(exchange.deadline, time.monotonic() + REQUEST_TIMEOUT))
+        except OSError as e:
+            self._done(exchange, e.errno or errno.ENOMEM, 0)
+            return
+        memory: SocketMemory | None = None
+        try:
+            memory = SocketMemory(exchange, self.budget, window, exchange.recv_exact(readable))
+            ret = answer(self.system, name, accmode, request, memory)
+            memory.flush()
+        except (ConnectionError, TimeoutError):
+            return  # the caller is gone or too slow: nothing to answer
+        except OSError as e:
+            code = e.errno or errno.EIO
+        except Exception:
+            log.exception("ioctl %#x on %s", request, name)
+            code = errno.EIO
+        finally:
+            if memory is not None:
+                memory.release()
+            else:
+                self.budget.give(readable)
+        log.debug("ioctl %#x on %s -> %d (errno %d)", request, name, ret, code)
+        self._done(exchange, code, ret)
+
+    @staticmethod
+    def _done(exchange: Exchange, code: int, ret: int) -> None:
+        """DONE with a real errno, and a return value an int holds (else EIO)."""
+        if not 0 <= code <= MAX_ERRNO or not (code or 0 <= ret <= 0x7FFFFFFF):
+            code, ret = errno.EIO, 0
+        with contextlib.suppress(OSError, ConnectionError):
+            exchange.sendall(OP.pack(OP_DONE, 0, code, ret if not code else 0))

@@ -6,15 +6,27 @@
  *
  *     "<c|b> <major>:<minor> <name> <align> <socket>"
  *
- * For files that carry it (and only those: real device nodes and every other file are left
- * alone), this library, loaded with LD_PRELOAD:
+ * Trust. This library runs inside every process with-vnvdimm starts, often as root, so it
+ * believes nothing a file says about itself. with-vnvdimm hands it one mount's identity,
+ * VNVDIMM_MOUNT_DEV="<major>:<minor>" (the st_dev of MNT/dev); without it the library does
+ * nothing at all. A file is an emulated node only if it is a regular file on that very mount
+ * (fstat's st_dev, and fstatfs's f_type is FUSE's): the environment can narrow what is
+ * trusted, never widen it, and a forged attribute anywhere else is ignored. The socket is
+ * the one that mount's daemon names, and its peer must be root or the mount's owner
+ * (SO_PEERCRED). For those files, and only those:
  *
- *  - makes the stat family report a character or block device with that major:minor;
- *  - forwards ioctl() to the daemon over the unix socket named there. The daemon sizes the
- *    command's buffer as the kernel does and asks for the bytes it needs: this library only
- *    copies bytes between the caller's memory and the socket, with process_vm_readv/writev
- *    so that a bad pointer becomes EFAULT, as copy_from_user() makes it, not a crash;
- *  - refuses mmap() of a device-dax file that device-dax's check_vma() refuses (EINVAL).
+ *  - the stat family reports a character or block device with that major:minor (a file that
+ *    is a device node for real, e.g. a loop device bound over /dev/pmemN, is left alone);
+ *  - ioctl() is forwarded to the daemon with the descriptor itself (SCM_RIGHTS: the daemon
+ *    reads the node and the access mode from it). This library sizes the argument as the
+ *    kernel does (_IOC_SIZE, the block ioctls' types, __nd_ioctl()'s envelope walk) and sends
+ *    that much of it, no more; the daemon validates it as the kernel does and answers with
+ *    at most one write, which must fall inside [arg, arg + size) (else EFAULT, connection
+ *    dropped). Copies go through process_vm_readv/writev, so a bad pointer is EFAULT as
+ *    copy_from_user() makes it. One deadline bounds the whole exchange (EIO and a line on
+ *    stderr when it passes). No malloc and no stdio on that path: ioctl() is
+ *    async-signal-safe in the kernel, and so it is here;
+ *  - mmap() of a device-dax file is refused where device-dax's check_vma() refuses (EINVAL).
  *
  * Statically linked programs and raw syscall()s bypass all of this.
  */
@@ -22,27 +34,41 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <sys/xattr.h>
+#include <time.h>
 #include <unistd.h>
 
+#if __SIZEOF_LONG__ != 8 || __SIZEOF_POINTER__ != 8
+#error "vnvdimm's preload library is 64-bit only: its *64 hooks rely on struct stat64 being struct stat"
+#endif
+_Static_assert(sizeof(struct stat) == sizeof(struct stat64), "struct stat64 differs from struct stat");
+_Static_assert(sizeof(off_t) == sizeof(off64_t), "off64_t differs from off_t");
+
 #define XATTR_NAME "user.vnvdimm"
+#define FUSE_MAGIC 0x65735546 /* FUSE_SUPER_MAGIC */
 #define WIRE_MAGIC 0x564e5644u /* "VNVD" */
-#define WIRE_VERSION 1u
-#define OP_READ 1u
+#define WIRE_VERSION 2u
 #define OP_WRITE 2u
 #define OP_DONE 3u
-#define MAX_TRANSFER ((4u << 20) + 4096) /* ND_IOCTL_MAX_BUFLEN and a little: the daemon asks no more */
+#define MAX_WRITES 1 /* a command copies its answer back once (copy_to_user() of the buffer) */
+#define MAX_PUSH ((4u << 20) + ND_CMD_MAX_ENVELOPE) /* ND_IOCTL_MAX_BUFLEN and an envelope past it */
+#define DEFAULT_TIMEOUT_MS 60000
+#define CHUNK 16384 /* the stack buffer copies go through */
 
 struct node {
 	char type; /* 'c' or 'b' */
@@ -52,83 +78,293 @@ struct node {
 	char socket[sizeof(((struct sockaddr_un *)0)->sun_path)];
 };
 
-struct wire_request {
-	uint32_t magic, version, request, accmode;
-	char name[64];
-};
+/* ------------------------------------------------------------------ setup (at load time) */
 
-struct wire_op {
-	uint32_t op, pad;
-	uint64_t offset, length;
-};
+static int (*real_fstatat)(int, const char *, struct stat *, int);
+static int (*real_fstat)(int, struct stat *);
+static int (*real_statx)(int, const char *, int, unsigned int, struct statx *);
+static int (*real_ioctl)(int, unsigned long, ...);
+static void *(*real_mmap)(void *, size_t, int, int, int, off_t);
 
-static void *libc_next(const char *name)
+static int trusted;       /* VNVDIMM_MOUNT_DEV named a mount */
+static dev_t trusted_dev; /* its st_dev */
+static int fuse_checked;  /* fstatfs said the mount is FUSE (or trusted was dropped) */
+static int owner_known;
+static uid_t mount_owner; /* FUSE's user_id= of that mount, as /proc/self/mountinfo shows it */
+static int timeout_ms = DEFAULT_TIMEOUT_MS;
+
+/* A decimal number that is all of [s, end) (or up to NUL if end is NULL), at most max. */
+static int parse_uint(const char *s, const char *end, unsigned long long max, unsigned long long *out)
 {
-	return dlsym(RTLD_NEXT, name);
+	unsigned long long v = 0;
+
+	if (s == end || !*s)
+		return 0;
+	for (; end ? s < end : *s != '\0'; s++) {
+		if (*s < '0' || *s > '9' || v > (max - (unsigned)(*s - '0')) / 10)
+			return 0;
+		v = v * 10 + (unsigned)(*s - '0');
+	}
+	*out = v;
+	return 1;
 }
 
-#define REAL(ret, name, ...)                                                  \
-	static ret (*real_##name)(__VA_ARGS__);                                 \
-	if (!real_##name)                                                       \
-		real_##name = (ret (*)(__VA_ARGS__))libc_next(#name)
-
-/* ------------------------------------------------------------------ the node attribute */
-
-static int parse_node(const char *buf, ssize_t n, struct node *node)
+/* "MAJOR:MINOR" and nothing else. */
+static int parse_dev(const char *s, const char *end, dev_t *dev)
 {
-	char text[512];
+	const char *colon = memchr(s, ':', (size_t)(end - s));
+	unsigned long long major, minor;
 
-	if (n <= 0 || n >= (ssize_t)sizeof(text))
+	if (!colon || !parse_uint(s, colon, 0xfffff, &major) || !parse_uint(colon + 1, end, 0xfffff, &minor))
 		return 0;
-	memcpy(text, buf, n);
-	text[n] = '\0';
-	memset(node, 0, sizeof(*node));
-	if (sscanf(text, "%c %u:%u %63s %llu %107s", &node->type, &node->major, &node->minor,
-		   node->name, &node->align, node->socket) != 6)
-		return 0;
-	return node->type == 'c' || node->type == 'b';
+	*dev = makedev(major, minor);
+	return 1;
 }
 
-static int node_of_fd(int fd, struct node *node)
+/* The mount as the kernel lists it: it must be FUSE; FUSE records who mounted it (user_id=,
+ * the mount's owner) in the super block's options. */
+static void find_mount_owner(void)
 {
-	char buf[512];
+	static char buf[16384];
+	size_t have = 0;
+	int fd = open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0)
+		return;
+	for (;;) {
+		ssize_t n = read(fd, buf + have, sizeof(buf) - 1 - have);
+		char *line = buf, *nl;
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		have += (size_t)n;
+		buf[have] = '\0';
+		while ((nl = strchr(line, '\n'))) {
+			/* "ID PARENT MAJ:MIN ROOT POINT OPTIONS [TAGS] - FSTYPE SOURCE SUPEROPTIONS" */
+			char *devfield = strchr(line, ' '), *end, *sep, *opt;
+			dev_t dev;
+			unsigned long long uid;
+
+			*nl = '\0';
+			devfield = devfield ? strchr(devfield + 1, ' ') : NULL;
+			end = devfield ? strchr(devfield + 1, ' ') : NULL;
+			sep = strstr(line, " - fuse");
+			opt = sep ? strstr(sep, ",user_id=") : NULL;
+			if (end && parse_dev(devfield + 1, end, &dev) && dev == trusted_dev) {
+				if (!sep)
+					trusted = 0; /* the device named is not a FUSE mount: trust nothing */
+				if (opt) {
+					opt += strlen(",user_id=");
+					end = opt + strcspn(opt, ", ");
+				}
+				if (opt && parse_uint(opt, end, UINT_MAX, &uid)) {
+					mount_owner = (uid_t)uid;
+					owner_known = 1;
+				}
+				close(fd);
+				return;
+			}
+			line = nl + 1;
+		}
+		have -= (size_t)(line - buf);
+		memmove(buf, line, have);
+		if (have == sizeof(buf) - 1)
+			have = 0; /* a line longer than the buffer: not the one we look for */
+	}
+	close(fd);
+}
+
+__attribute__((constructor)) static void vnvdimm_preload_init(void)
+{
+	const char *dev = getenv("VNVDIMM_MOUNT_DEV"), *timeout = getenv("VNVDIMM_IOCTL_TIMEOUT_MS");
+	unsigned long long ms;
+
+	real_fstatat = (int (*)(int, const char *, struct stat *, int))dlsym(RTLD_NEXT, "fstatat");
+	real_fstat = (int (*)(int, struct stat *))dlsym(RTLD_NEXT, "fstat");
+	real_statx = (int (*)(int, const char *, int, unsigned int, struct statx *))dlsym(RTLD_NEXT, "statx");
+	real_ioctl = (int (*)(int, unsigned long, ...))dlsym(RTLD_NEXT, "ioctl");
+	real_mmap = (void *(*)(void *, size_t, int, int, int, off_t))dlsym(RTLD_NEXT, "mmap");
+	if (timeout && parse_uint(timeout, NULL, 3600000, &ms) && ms > 0)
+		timeout_ms = (int)ms;
+	if (dev && parse_dev(dev, dev + strlen(dev), &trusted_dev)) {
+		trusted = 1;
+		find_mount_owner();
+	}
+}
+
+/* The C library's functions, or the system call where one could not be found. */
+static int sys_fstatat(int dirfd, const char *path, struct stat *st, int flags)
+{
+	return real_fstatat ? real_fstatat(dirfd, path, st, flags) : (int)syscall(SYS_newfstatat, dirfd, path, st, flags);
+}
+
+static int sys_fstat(int fd, struct stat *st)
+{
+	return real_fstat ? real_fstat(fd, st) : (int)syscall(SYS_fstat, fd, st);
+}
+
+static int sys_statx(int dirfd, const char *path, int flags, unsigned int mask, struct statx *stx)
+{
+	return real_statx ? real_statx(dirfd, path, flags, mask, stx)
+			  : (int)syscall(SYS_statx, dirfd, path, flags, mask, stx);
+}
+
+static int sys_ioctl(int fd, unsigned long request, void *arg)
+{
+	return real_ioctl ? real_ioctl(fd, request, arg) : (int)syscall(SYS_ioctl, fd, request, arg);
+}
+
+static void *sys_mmap(void *addr, size_t length, int prot, int flags, int fd, off_t offset)
+{
+	return real_mmap ? real_mmap(addr, length, prot, flags, fd, offset)
+			 : (void *)syscall(SYS_mmap, addr, length, prot, flags, fd, offset);
+}
+
+/* A line on stderr, without stdio. */
+static void complain(const char *what)
+{
+	static const char prefix[] = "vnvdimm preload: ";
+	struct iovec iov[3] = { { (void *)prefix, sizeof(prefix) - 1 }, { (void *)what, strlen(what) }, { "\n", 1 } };
 	int saved = errno;
-	ssize_t n = fgetxattr(fd, XATTR_NAME, buf, sizeof(buf));
 
+	if (writev(STDERR_FILENO, iov, 3) < 0)
+		errno = saved;
 	errno = saved;
-	return parse_node(buf, n, node);
 }
 
-/* The node behind (dirfd, path) as the stat call resolved it (following a final symlink or not). */
-static int node_of_path(int dirfd, const char *path, int nofollow, struct node *node)
+/* ------------------------------------------------------------------ which files are ours */
+
+/* A word of [A-Za-z0-9._-] ending at a space (or at end when last); its end. */
+static const char *token(const char *s, const char *end, int last)
 {
-	char proc[64], buf[512];
-	int saved = errno, fd, ok = 0;
+	const char *p = s;
+
+	while (p < end && *p != ' ')
+		p++;
+	if (p == s || (!last && p == end) || (last && p != end))
+		return NULL;
+	return p;
+}
+
+/* The attribute, all of it: anything malformed or trailing makes the file not ours. */
+static int parse_node(const char *buf, size_t n, struct node *node)
+{
+	const char *end = buf + n, *p = buf, *q, *colon;
+	unsigned long long major, minor, align;
+
+	memset(node, 0, sizeof(*node));
+	if (n < 2 || (buf[0] != 'c' && buf[0] != 'b') || buf[1] != ' ')
+		return 0;
+	node->type = buf[0];
+	p = buf + 2;
+	if (!(q = token(p, end, 0)) || !(colon = memchr(p, ':', (size_t)(q - p))) ||
+	    !parse_uint(p, colon, 0xfff, &major) || !parse_uint(colon + 1, q, 0xfffff, &minor))
+		return 0;
+	p = q + 1;
+	if (!(q = token(p, end, 0)) || q - p >= (ptrdiff_t)sizeof(node->name))
+		return 0;
+	for (const char *c = p; c < q; c++)
+		if (!((*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9') || *c == '.'))
+			return 0;
+	memcpy(node->name, p, (size_t)(q - p));
+	p = q + 1;
+	if (!(q = token(p, end, 0)) || !parse_uint(p, q, ULLONG_MAX, &align))
+		return 0;
+	p = q + 1;
+	if (!(q = token(p, end, 1)) || *p != '/' || q - p >= (ptrdiff_t)sizeof(node->socket))
+		return 0;
+	for (const char *c = p; c < q; c++)
+		if ((unsigned char)*c < 0x21 || (unsigned char)*c == 0x7f)
+			return 0;
+	memcpy(node->socket, p, (size_t)(q - p));
+	node->major = (unsigned int)major;
+	node->minor = (unsigned int)minor;
+	node->align = align;
+	return 1;
+}
+
+/* "/proc/self/fd/N": the attribute of whatever fd is, O_PATH descriptors included. */
+static void proc_fd_path(int fd, char out[32])
+{
+	static const char prefix[] = "/proc/self/fd/";
+	char digits[12];
+	int n = 0;
+	unsigned int v = (unsigned int)fd;
+
+	do
+		digits[n++] = (char)('0' + v % 10);
+	while ((v /= 10) && n < (int)sizeof(digits));
+	memcpy(out, prefix, sizeof(prefix) - 1);
+	for (int i = 0; i < n; i++)
+		out[sizeof(prefix) - 1 + i] = digits[n - 1 - i];
+	out[sizeof(prefix) - 1 + n] = '\0';
+}
+
+/* Could st be one of ours? (cheap: no system call) */
+static int on_mount(const struct stat *st)
+{
+	return trusted && S_ISREG(st->st_mode) && st->st_dev == trusted_dev;
+}
+
+/* fd is an emulated node: a regular file on the trusted FUSE mount with a well-formed
+ * attribute; st is its stat. errno is left as it was. */
+static int node_of_fd(int fd, struct stat *st, struct node *node)
+{
+	char path[32], buf[256];
+	struct statfs fs;
+	int saved = errno, ok = 0;
 	ssize_t n;
 
-	if (path[0] == '\0')
-		return node_of_fd(dirfd, node);
-	if (dirfd == AT_FDCWD || path[0] == '/') {
-		n = nofollow ? lgetxattr(path, XATTR_NAME, buf, sizeof(buf)) : getxattr(path, XATTR_NAME, buf, sizeof(buf));
-		errno = saved;
-		return parse_node(buf, n, node);
+	if (!trusted || fd < 0 || sys_fstat(fd, st) != 0 || !on_mount(st))
+		goto out;
+	/* FUSE forwards every statfs to the daemon: ask once. The answer holds while the super
+	 * block lives, and with-vnvdimm's namespace pins it (its /dev is a bind of the mount),
+	 * so the device number cannot pass to another file system under us. */
+	if (!fuse_checked) {
+		if (fstatfs(fd, &fs) != 0)
+			goto out;
+		if (fs.f_type != FUSE_MAGIC)
+			trusted = 0;
+		fuse_checked = 1;
 	}
-	fd = openat(dirfd, path, O_PATH | O_CLOEXEC | (nofollow ? O_NOFOLLOW : 0));
-	if (fd >= 0) {
-		snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
-		n = getxattr(proc, XATTR_NAME, buf, sizeof(buf));
-		ok = parse_node(buf, n, node);
-		close(fd);
+	if (trusted) {
+		proc_fd_path(fd, path);
+		n = getxattr(path, XATTR_NAME, buf, sizeof(buf));
+		ok = n > 0 && parse_node(buf, (size_t)n, node);
 	}
+out:
 	errno = saved;
 	return ok;
 }
 
-/* Only regular files of an anonymous-device file system (FUSE is one) can be ours. */
-static int candidate(mode_t mode, dev_t dev)
+/* One O_PATH descriptor for (dirfd, path) as a stat call resolves it: what we report comes
+ * from it alone, so a rename between two lookups cannot pair one file's stat with another's
+ * attribute. -1 if there is none; *opened says whether to close it. */
+static int pin(int dirfd, const char *path, int flags, int *opened)
 {
-	return S_ISREG(mode) && major(dev) == 0;
+	int saved = errno, fd;
+
+	*opened = 0;
+	if (!path || !*path)
+		return (flags & AT_EMPTY_PATH) && dirfd != AT_FDCWD ? dirfd : -1;
+	fd = openat(dirfd, path, O_PATH | O_CLOEXEC | ((flags & AT_SYMLINK_NOFOLLOW) ? O_NOFOLLOW : 0));
+	errno = saved;
+	*opened = fd >= 0;
+	return fd;
 }
+
+static void unpin(int fd, int opened)
+{
+	int saved = errno;
+
+	if (opened)
+		close(fd);
+	errno = saved;
+}
+
+/* ------------------------------------------------------------------ the stat family */
 
 static mode_t node_mode(const struct node *node, mode_t mode)
 {
@@ -143,28 +379,32 @@ static void fix_stat(struct stat *st, const struct node *node)
 	st->st_blocks = 0;
 }
 
-/* ------------------------------------------------------------------ the stat family */
-
 static int stat_at(int dirfd, const char *path, struct stat *st, int flags)
 {
+	int rc = sys_fstatat(dirfd, path, st, flags), opened, fd;
+	struct stat again;
 	struct node node;
-	REAL(int, fstatat, int, const char *, struct stat *, int);
-	int rc = real_fstatat(dirfd, path, st, flags);
 
-	if (rc == 0 && candidate(st->st_mode, st->st_dev) &&
-	    node_of_path(dirfd, path, flags & AT_SYMLINK_NOFOLLOW, &node))
-		fix_stat(st, &node);
+	if (rc == 0 && on_mount(st) && (fd = pin(dirfd, path, flags, &opened)) >= 0) {
+		if (node_of_fd(fd, &again, &node)) {
+			*st = again;
+			fix_stat(st, &node);
+		}
+		unpin(fd, opened);
+	}
 	return rc;
 }
 
 static int stat_fd(int fd, struct stat *st)
 {
+	int rc = sys_fstat(fd, st);
+	struct stat again;
 	struct node node;
-	REAL(int, fstat, int, struct stat *);
-	int rc = real_fstat(fd, st);
 
-	if (rc == 0 && candidate(st->st_mode, st->st_dev) && node_of_fd(fd, &node))
+	if (rc == 0 && on_mount(st) && node_of_fd(fd, &again, &node)) {
+		*st = again;
 		fix_stat(st, &node);
+	}
 	return rc;
 }
 
@@ -183,7 +423,7 @@ int fstatat64(int dirfd, const char *path, struct stat64 *st, int flags)
 	return stat_at(dirfd, path, (struct stat *)st, flags);
 }
 
-/* Binaries built against glibc < 2.33 call these (x86_64: one struct layout for every version). */
+/* Binaries built against glibc < 2.33 call these (64-bit: one struct layout for every version). */
 int __xstat(int ver, const char *path, struct stat *st) { (void)ver; return stat_at(AT_FDCWD, path, st, 0); }
 int __xstat64(int ver, const char *path, struct stat64 *st)
 {
@@ -215,140 +455,419 @@ int __fxstatat64(int ver, int dirfd, const char *path, struct stat64 *st, int fl
 
 int statx(int dirfd, const char *path, int flags, unsigned int mask, struct statx *stx)
 {
+	int rc = sys_statx(dirfd, path, flags, mask, stx), opened, fd;
+	struct stat st = { 0 };
 	struct node node;
-	REAL(int, statx, int, const char *, int, unsigned int, struct statx *);
-	int rc = real_statx(dirfd, path, flags, mask, stx);
 
-	if (rc == 0 && (stx->stx_mask & STATX_TYPE) &&
-	    candidate(stx->stx_mode, makedev(stx->stx_dev_major, stx->stx_dev_minor)) &&
-	    node_of_path(dirfd, path, flags & AT_SYMLINK_NOFOLLOW, &node)) {
+	if (rc != 0 || !(stx->stx_mask & STATX_TYPE))
+		return rc;
+	st.st_mode = stx->stx_mode;
+	st.st_dev = makedev(stx->stx_dev_major, stx->stx_dev_minor);
+	if (!on_mount(&st) || (fd = pin(dirfd, path, flags, &opened)) < 0)
+		return rc;
+	if (node_of_fd(fd, &st, &node) &&
+	    sys_statx(fd, "", AT_EMPTY_PATH | (flags & AT_STATX_SYNC_TYPE), mask, stx) == 0) {
 		stx->stx_mode = node_mode(&node, stx->stx_mode);
 		stx->stx_rdev_major = node.major;
 		stx->stx_rdev_minor = node.minor;
 		stx->stx_size = 0;
 		stx->stx_blocks = 0;
 	}
+	unpin(fd, opened);
 	return rc;
 }
 
-/* ------------------------------------------------------------------ ioctl forwarding */
+/* ------------------------------------------------------------------ how much of arg an ioctl may touch */
 
-/* All of len bytes through the socket, one way or the other. */
-static int transfer(int sock, void *buf, size_t len, int sending)
+/* Copy between our own memory and the caller's without trusting the pointer: 0 or EFAULT. */
+static uint32_t user_copy(char *local, const char *user, size_t n, int to_user)
 {
-	char *p = buf;
-
-	while (len) {
-		ssize_t n = sending ? send(sock, p, len, MSG_NOSIGNAL) : recv(sock, p, len, 0);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return -1;
-		p += n;
-		len -= n;
-	}
-	return 0;
-}
-
-static int send_all(int sock, const void *buf, size_t len) { return transfer(sock, (void *)buf, len, 1); }
-static int recv_all(int sock, void *buf, size_t len) { return transfer(sock, buf, len, 0); }
-
-/* Copy between our own memory and a buffer without trusting the pointer: EFAULT, not SIGSEGV. */
-static uint32_t user_copy(char *local, char *user, size_t n, int to_user)
-{
-	struct iovec l = { local, n }, r = { user, n };
+	struct iovec l = { local, n }, r = { (void *)user, n };
 	ssize_t done = to_user ? process_vm_writev(getpid(), &l, 1, &r, 1, 0)
 			       : process_vm_readv(getpid(), &l, 1, &r, 1, 0);
 
 	return done == (ssize_t)n ? 0 : EFAULT;
 }
 
-/* READ: a status, then (if 0) the bytes; WRITE: the bytes come, then our status. */
-static int serve_op(int sock, const struct wire_op *op, char *arg)
-{
-	uint32_t status;
-	int rc = -1;
-	char *buf;
+#define ND_CMD_MAX_ENVELOPE 256
+#define ND_IOCTL_MAX_BUFLEN (4u << 20)
+#define ND_CMD_CALL 10
+#define VAR UINT32_MAX /* a size that comes from an earlier field */
 
-	if (op->length > MAX_TRANSFER)
-		return -1;
-	buf = malloc(op->length ? op->length : 1);
-	if (!buf)
-		return -1;
-	if (op->op == OP_READ) {
-		status = user_copy(buf, arg + op->offset, op->length, 0);
-		rc = send_all(sock, &status, sizeof(status));
-		if (!rc && !status)
-			rc = send_all(sock, buf, op->length);
-	} else if (!recv_all(sock, buf, op->length)) {
-		status = user_copy(buf, arg + op->offset, op->length, 1);
-		rc = send_all(sock, &status, sizeof(status));
+/* struct nd_cmd_desc of the kernel's core.c: field sizes, in then out, for the bus and a DIMM. */
+struct desc {
+	unsigned char in_num, out_num;
+	uint32_t in[5], out[4];
+};
+
+static const struct desc bus_descs[ND_CMD_CALL + 1] = {
+	[1] = { 2, 4, { 8, 8 }, { 4, 4, 4, 4 } },		 /* ARS_CAP */
+	[2] = { 5, 2, { 8, 8, 2, 1, 5 }, { 4, 4 } },		 /* ARS_START */
+	[3] = { 0, 3, { 0 }, { 4, 4, VAR } },			 /* ARS_STATUS */
+	[4] = { 2, 3, { 8, 8 }, { 4, 4, 8 } },			 /* CLEAR_ERROR */
+	[ND_CMD_CALL] = { 2, 1, { 64, VAR }, { VAR } },
+};
+
+static const struct desc dimm_descs[ND_CMD_CALL + 1] = {
+	[1] = { 0, 2, { 0 }, { 4, 128 } },			 /* SMART */
+	[2] = { 0, 2, { 0 }, { 4, 8 } },			 /* SMART_THRESHOLD */
+	[3] = { 0, 2, { 0 }, { 4, 4 } },			 /* DIMM_FLAGS */
+	[4] = { 0, 3, { 0 }, { 4, 4, 4 } },			 /* GET_CONFIG_SIZE */
+	[5] = { 2, 2, { 4, 4 }, { 4, VAR } },			 /* GET_CONFIG_DATA */
+	[6] = { 3, 1, { 4, 4, VAR }, { 4 } },			 /* SET_CONFIG_DATA */
+	[9] = { 3, 3, { 4, 4, VAR }, { 4, 4, VAR } },		 /* VENDOR */
+	[ND_CMD_CALL] = { 2, 1, { 64, VAR }, { VAR } },
+};
+
+static uint32_t u32_at(const unsigned char *env, unsigned int at)
+{
+	uint32_t v;
+
+	memcpy(&v, env + at, sizeof(v));
+	return v;
+}
+
+/* nd_cmd_in_size() / nd_cmd_out_size() for __nd_ioctl()'s walk (remainder 0). */
+static uint32_t field_size(int dimm, unsigned int cmd, const struct desc *d, int out, int i,
+			   const unsigned char *in_env, const unsigned char *out_env)
+{
+	uint32_t size = out ? d->out[i] : d->in[i], length;
+
+	if (size != VAR)
+		return size;
+	if (!out && dimm && (cmd == 6 || cmd == 9) && i == 2)
+		return u32_at(in_env, 4);
+	if (out && dimm && cmd == 5 && i == 1)
+		return u32_at(in_env, 4);
+	if (out && dimm && cmd == 9 && i == 2)
+		return u32_at(out_env, 4);
+	if (out && !dimm && cmd == 3 && i == 2) {
+		length = u32_at(out_env, 4);
+		return length < 4 ? 0 : length == 4 ? 0 : length - 8;
 	}
-	free(buf);
-	return rc;
+	if (cmd == ND_CMD_CALL)
+		return u32_at(in_env, out ? 20 : 16);
+	return VAR;
+}
+
+/* The bytes of arg __nd_ioctl() may touch: every envelope copy, then the whole buffer when its
+ * size passes the kernel's maximum. The envelope is read here as the kernel reads it (u32
+ * arithmetic included); bytes we cannot read read as zero: the daemon's copy of them fails. */
+static uint64_t nd_window(int dimm, unsigned int cmd, const char *arg)
+{
+	unsigned char in_env[ND_CMD_MAX_ENVELOPE] = { 0 }, out_env[ND_CMD_MAX_ENVELOPE] = { 0 };
+	const struct desc *d = cmd <= ND_CMD_CALL ? &(dimm ? dimm_descs : bus_descs)[cmd] : NULL;
+	uint64_t window = cmd == ND_CMD_CALL ? 64 : 0, buf_len;
+	uint32_t in_len = 0, out_len = 0, size, copy;
+
+	if (!d || d->in_num + d->out_num == 0)
+		return window;
+	for (int i = 0; i < d->in_num; i++) {
+		if ((size = field_size(dimm, cmd, d, 0, i, in_env, out_env)) == VAR)
+			return window;
+		copy = in_len < ND_CMD_MAX_ENVELOPE ? (ND_CMD_MAX_ENVELOPE - in_len < size ? ND_CMD_MAX_ENVELOPE - in_len : size) : 0;
+		if (copy) {
+			user_copy((char *)in_env + in_len, arg + in_len, copy, 0);
+			if ((uint64_t)in_len + copy > window)
+				window = (uint64_t)in_len + copy;
+		}
+		in_len += size;
+	}
+	for (int i = 0; i < d->out_num; i++) {
+		if ((size = field_size(dimm, cmd, d, 1, i, in_env, out_env)) == VAR)
+			return window;
+		copy = out_len < ND_CMD_MAX_ENVELOPE ? (ND_CMD_MAX_ENVELOPE - out_len < size ? ND_CMD_MAX_ENVELOPE - out_len : size) : 0;
+		if (copy) {
+			user_copy((char *)out_env + out_len, arg + (uint64_t)in_len + out_len, copy, 0);
+			if ((uint64_t)in_len + out_len + copy > window)
+				window = (uint64_t)in_len + out_len + copy;
+		}
+		out_len += size;
+	}
+	buf_len = (uint64_t)in_len + out_len;
+	return buf_len <= ND_IOCTL_MAX_BUFLEN && buf_len > window ? buf_len : window;
+}
+
+/* What the block ioctls copy (block/ioctl.c): their numbers say nothing (_IO) or too much. */
+static uint64_t block_window(unsigned long request)
+{
+	switch (request & 0xffffffffu) {
+	case 0x125e: /* BLKROGET: int */
+	case 0x1268: /* BLKSSZGET: int */
+	case 0x127b: /* BLKPBSZGET: unsigned int */
+		return 4;
+	case 0x1260: /* BLKGETSIZE: unsigned long */
+		return 8;
+	default:
+		return _IOC_SIZE(request);
+	}
+}
+
+static uint64_t arg_window(const struct node *node, unsigned long request, const char *arg)
+{
+	if (node->type == 'c' && strncmp(node->name, "ndctl", 5) == 0)
+		return nd_window(0, _IOC_NR(request), arg);
+	if (node->type == 'c' && strncmp(node->name, "nmem", 4) == 0)
+		return nd_window(1, _IOC_NR(request), arg);
+	if (node->type == 'b')
+		return block_window(request);
+	return _IOC_SIZE(request);
+}
+
+/* ------------------------------------------------------------------ ioctl forwarding */
+
+struct wire_request {
+	uint32_t magic, version, request, pad;
+	uint64_t window, readable; /* the argument's size as sized here; how much of it follows */
+};
+
+struct wire_op {
+	uint32_t op, pad;
+	uint64_t offset, length;
+};
+
+enum failure { GONE = 1, TIMEOUT, BROKEN };
+
+static long long now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Bound the next blocking send (or receive) on sock by what is left until the deadline.
+ * Blocking calls, not poll(): a process in an ioctl looks like one in a send or a receive,
+ * as it does in the kernel's, never like one waiting for events. */
+static int arm(int sock, int sending, long long deadline)
+{
+	long long left = deadline - now_ms();
+	struct timeval tv;
+
+	if (left <= 0)
+		return TIMEOUT;
+	tv.tv_sec = left / 1000;
+	tv.tv_usec = (left % 1000) * 1000;
+	return setsockopt(sock, SOL_SOCKET, sending ? SO_SNDTIMEO : SO_RCVTIMEO, &tv, sizeof(tv)) ? BROKEN : 0;
+}
+
+/* All of len bytes through the socket, one way or the other, before the deadline. */
+static int transfer(int sock, void *buf, size_t len, int sending, long long deadline)
+{
+	char *p = buf;
+
+	while (len) {
+		ssize_t n;
+		int rc = arm(sock, sending, deadline);
+
+		if (rc)
+			return rc;
+		n = sending ? send(sock, p, len, MSG_NOSIGNAL) : recv(sock, p, len, 0);
+		if (n > 0) {
+			p += n;
+			len -= (size_t)n;
+		} else if (n == 0 || errno == ECONNRESET || errno == EPIPE) {
+			return GONE;
+		} else if (errno != EINTR && errno != EAGAIN) {
+			return BROKEN;
+		}
+	}
+	return 0;
+}
+
+static int connect_daemon(const struct node *node, long long deadline, int *sock)
+{
+	struct sockaddr_un addr = { .sun_family = AF_UNIX };
+	struct ucred peer;
+	socklen_t len = sizeof(peer);
+	int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), rc;
+
+	if (s < 0)
+		return BROKEN;
+	memcpy(addr.sun_path, node->socket, strlen(node->socket)); /* parse_node bounded it */
+	/* a unix connect waits for room in the listener's backlog at most SO_SNDTIMEO */
+	while (!(rc = arm(s, 1, deadline)) && connect(s, (struct sockaddr *)&addr, sizeof(addr)) != 0) {
+		if (errno != EINTR) {
+			rc = errno == EAGAIN || errno == EINPROGRESS ? TIMEOUT : GONE;
+			break;
+		}
+	}
+	if (rc) {
+		close(s);
+		return rc;
+	}
+	if (getsockopt(s, SOL_SOCKET, SO_PEERCRED, &peer, &len) ||
+	    (peer.uid != 0 && !(owner_known && peer.uid == mount_owner))) {
+		complain("the ioctl socket is not served by root or the mount's owner: refused");
+		close(s);
+		return BROKEN;
+	}
+	*sock = s;
+	return 0;
+}
+
+/* How much of [arg, arg + window) reads without a fault, from its start. */
+static uint64_t readable_prefix(const char *arg, uint64_t window)
+{
+	char buf[CHUNK];
+	uint64_t done = 0;
+
+	while (done < window) {
+		size_t n = window - done < CHUNK ? window - done : CHUNK;
+		struct iovec l = { buf, n }, r = { (void *)(arg + done), n };
+		ssize_t got = process_vm_readv(getpid(), &l, 1, &r, 1, 0);
+
+		if (got <= 0)
+			break;
+		done += (uint64_t)got;
+		if ((size_t)got < n)
+			break;
+	}
+	return done;
+}
+
+/* The request, with the descriptor itself (the daemon reads the node and the open's flags
+ * from it), then the readable part of the argument: the daemon reads nothing else of ours. */
+static int send_request(int sock, int fd, unsigned long request, const char *arg, uint64_t window,
+			long long deadline)
+{
+	struct wire_request req = { WIRE_MAGIC, WIRE_VERSION, (uint32_t)request, 0, window, 0 };
+	struct iovec iov = { &req, sizeof(req) };
+	union {
+		char buf[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} control;
+	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+			      .msg_controllen = sizeof(control.buf) };
+	struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+	char buf[CHUNK];
+	uint64_t done;
+	ssize_t n;
+	int rc;
+
+	req.readable = readable_prefix(arg, window);
+	memset(control.buf, 0, sizeof(control.buf));
+	cmsg->cmsg_level = SOL_SOCKET;
+	cmsg->cmsg_type = SCM_RIGHTS;
+	cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
+	do {
+		if ((rc = arm(sock, 1, deadline)))
+			return rc;
+		n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+	} while (n < 0 && (errno == EINTR || errno == EAGAIN));
+	if (n < 0)
+		return errno == ECONNRESET || errno == EPIPE ? GONE : BROKEN;
+	if ((rc = transfer(sock, (char *)&req + n, sizeof(req) - (size_t)n, 1, deadline)))
+		return rc;
+	for (done = 0; done < req.readable; done += CHUNK) {
+		size_t len = req.readable - done < CHUNK ? req.readable - done : CHUNK;
+
+		if (user_copy(buf, arg + done, len, 0))
+			return BROKEN; /* unmapped since we looked: what we promised cannot be sent */
+		if ((rc = transfer(sock, buf, len, 1, deadline)))
+			return rc;
+	}
+	return 0;
+}
+
+/* WRITE: the bytes come, then our status (0, or EFAULT where copy_to_user() would fail). */
+static int serve_write(int sock, const struct wire_op *op, char *arg, long long deadline)
+{
+	char buf[CHUNK];
+	uint32_t status = 0;
+	uint64_t done;
+	int rc;
+
+	for (done = 0; done < op->length; done += CHUNK) {
+		size_t n = op->length - done < CHUNK ? op->length - done : CHUNK;
+
+		if ((rc = transfer(sock, buf, n, 0, deadline)))
+			return rc;
+		if (!status)
+			status = user_copy(buf, arg + op->offset + done, n, 1);
+	}
+	return transfer(sock, &status, sizeof(status), 1, deadline);
 }
 
 static int forward_ioctl(int fd, const struct node *node, unsigned long request, char *arg)
 {
-	struct sockaddr_un addr = { .sun_family = AF_UNIX };
-	struct wire_request req = { WIRE_MAGIC, WIRE_VERSION, (uint32_t)request, 0, { 0 } };
+	uint64_t window = arg_window(node, request, arg);
+	long long deadline = now_ms() + timeout_ms;
 	struct wire_op op;
-	int sock, flags = fcntl(fd, F_GETFL);
+	int sock = -1, flags = fcntl(fd, F_GETFL), rc, writes = 0;
 
 	if (flags < 0)
 		return -1;
-	req.accmode = flags & O_ACCMODE;
-	snprintf(req.name, sizeof(req.name), "%s", node->name);
-	snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", node->socket);
-	sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (sock < 0)
+	if (flags & O_PATH) {
+		errno = EBADF; /* as the kernel answers an ioctl on an O_PATH descriptor */
 		return -1;
-	if (connect(sock, (struct sockaddr *)&addr, sizeof(addr)) || send_all(sock, &req, sizeof(req)))
-		goto gone;
+	}
+	if (window > MAX_PUSH)
+		window = MAX_PUSH; /* an envelope pointing that far: the daemon's read of it faults */
+	if ((rc = connect_daemon(node, deadline, &sock)) ||
+	    (rc = send_request(sock, fd, request, arg, window, deadline)))
+		goto failed;
 	for (;;) {
-		if (recv_all(sock, &op, sizeof(op)))
-			goto gone;
+		if ((rc = transfer(sock, &op, sizeof(op), 0, deadline)))
+			goto failed;
 		if (op.op == OP_DONE) {
 			close(sock);
-			if (op.offset) {
-				errno = (int)op.offset;
+			if (op.offset) { /* the daemon's errno: a real one, or EIO */
+				errno = op.offset < 4096 ? (int)op.offset : EIO;
+				return -1;
+			}
+			if (op.length > INT_MAX) {
+				errno = EIO;
 				return -1;
 			}
 			return (int)op.length;
 		}
-		if ((op.op != OP_READ && op.op != OP_WRITE) || serve_op(sock, &op, arg))
-			goto gone;
+		if (op.op != OP_WRITE || ++writes > MAX_WRITES || op.offset > window || op.length > window - op.offset) {
+			complain("the daemon asked to write outside the ioctl's argument: refused");
+			close(sock);
+			errno = EFAULT;
+			return -1;
+		}
+		if ((rc = serve_write(sock, &op, arg, deadline)))
+			goto failed;
 	}
-gone:
-	/* the daemon is gone: as if its device had been removed under the open file */
-	close(sock);
-	errno = ENXIO;
+failed:
+	if (sock >= 0)
+		close(sock);
+	if (rc == TIMEOUT)
+		complain("the daemon did not answer an ioctl in time");
+	else if (rc == BROKEN)
+		complain("the ioctl channel failed");
+	/* GONE: the daemon is not there; as if its device had been removed under the open file */
+	errno = rc == GONE ? ENXIO : EIO;
 	return -1;
 }
 
 int ioctl(int fd, unsigned long request, ...)
 {
+	struct stat st;
 	struct node node;
 	va_list ap;
 	char *arg;
-	REAL(int, ioctl, int, unsigned long, ...);
 
 	va_start(ap, request);
 	arg = va_arg(ap, char *);
 	va_end(ap);
-	if (node_of_fd(fd, &node))
+	if (node_of_fd(fd, &st, &node))
 		return forward_ioctl(fd, &node, request, arg);
-	return real_ioctl(fd, request, arg);
+	return sys_ioctl(fd, request, arg);
 }
 
 /* ------------------------------------------------------------------ device-dax mmap checks */
 
 static int dax_refuses(int fd, void *addr, size_t length, int flags, off_t offset)
 {
+	struct stat st;
 	struct node node;
 	unsigned long long mask;
 
-	if ((flags & MAP_ANONYMOUS) || fd < 0 || !node_of_fd(fd, &node))
+	if ((flags & MAP_ANONYMOUS) || fd < 0 || !node_of_fd(fd, &st, &node))
 		return 0;
 	if (node.type != 'c' || strncmp(node.name, "dax", 3) != 0 || node.align == 0)
 		return 0;
@@ -357,18 +876,16 @@ static int dax_refuses(int fd, void *addr, size_t length, int flags, off_t offse
 	mask = node.align - 1;
 	/* the mapping starts where get_unmapped_area() puts offset on an align boundary */
 	return ((unsigned long long)offset & mask) || ((unsigned long long)length & mask) ||
-	       ((flags & MAP_FIXED) && ((unsigned long long)(uintptr_t)addr & mask));
+	       ((flags & (MAP_FIXED | MAP_FIXED_NOREPLACE)) && ((unsigned long long)(uintptr_t)addr & mask));
 }
 
 void *mmap(void *addr, size_t length, int prot, int flags, int fd, off_t offset)
 {
-	REAL(void *, mmap, void *, size_t, int, int, int, off_t);
-
 	if (dax_refuses(fd, addr, length, flags, offset)) {
 		errno = EINVAL;
 		return MAP_FAILED;
 	}
-	return real_mmap(addr, length, prot, flags, fd, offset);
+	return sys_mmap(addr, length, prot, flags, fd, offset);
 }
 
 void *mmap64(void *addr, size_t length, int prot, int flags, int fd, off64_t offset)

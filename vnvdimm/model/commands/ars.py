@@ -39,6 +39,7 @@ ARS_STATUS_HEADER = struct.Struct("<IIQQQQHHI")  # 48 bytes
 MAX_ARS_RECORDS = 4096 // ARS_RECORD.size
 INJECT_RECORD = struct.Struct("<QQ")
 MAX_INJECT_RECORDS = 4096 // INJECT_RECORD.size
+MAX_PLATFORM_ERRORS = 4096  # injected error ranges the platform keeps (a caller cannot grow it without end)
 
 NFIT_CMD_TRANSLATE_SPA = 5
 NFIT_CMD_ARS_INJECT_SET = 7
@@ -58,6 +59,9 @@ class PlatformErrors:
             if entry[0] == start:
                 entry[1] = length
                 return
+        if len(self.entries) >= MAX_PLATFORM_ERRORS:
+            # the kernel's badrange list is bounded by the memory it can allocate; ours by this
+            raise CommandError(errno.ENOMEM, f"{len(self.entries)} injected errors already")
         self.entries.append([start, length])
 
     def forget(self, start: int, length: int) -> None:
@@ -196,7 +200,11 @@ class BusFirmware:
             if length == 0:
                 struct.pack_into("<I", buf, 17, NFIT_ARS_INJECT_INVALID)
                 raise CommandError(errno.EINVAL, "inject of 0 bytes")
-            self.errors.add(base, length)
+            try:
+                self.errors.add(base, length)
+            except CommandError:
+                struct.pack_into("<I", buf, 17, NFIT_ARS_INJECT_INVALID)
+                raise
             struct.pack_into("<I", buf, 17, 0)
             log.info("platform error injected at %#x, %d bytes", base, length)
             return 0, bool(options >> ND_ARS_ERR_INJ_OPT_NOTIFY & 1)

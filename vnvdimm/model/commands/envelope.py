@@ -180,6 +180,8 @@ def nd_ioctl(target: Target, read_only: bool, ioctl_cmd: int, user: UserMemory,
     if read_only and cmd in WRITE_COMMANDS:
         raise CommandError(errno.EPERM, f"command {cmd} on a read-only open")
 
+    # in_len and out_len are u32 in the kernel: an nd_size_in of 0xFFFFFFC0 wraps in_len back
+    # to 0, and the output envelope is then read from the start of the argument, not 4 GiB on
     in_env = bytearray(ND_CMD_MAX_ENVELOPE)
     in_len = 0
     for i in range(len(desc.in_sizes)):
@@ -187,7 +189,7 @@ def nd_ioctl(target: Target, read_only: bool, ioctl_cmd: int, user: UserMemory,
         if size == UINT_MAX:
             raise CommandError(errno.ENXIO, f"unknown input size, field {i}")
         _copy_envelope(user, in_env, in_len, size)
-        in_len += size
+        in_len = (in_len + size) & UINT_MAX
     func = struct.unpack_from("<Q", in_env, 8)[0] if cmd == ND_CMD_CALL else cmd
 
     out_env = bytearray(ND_CMD_MAX_ENVELOPE)
@@ -200,7 +202,7 @@ def nd_ioctl(target: Target, read_only: bool, ioctl_cmd: int, user: UserMemory,
             copy = min(ND_CMD_MAX_ENVELOPE - out_len, size)
             if copy:
                 out_env[out_len:out_len + copy] = user.read(in_len + out_len, copy)
-        out_len += size
+        out_len = (out_len + size) & UINT_MAX
 
     buf_len = in_len + out_len
     if buf_len > ND_IOCTL_MAX_BUFLEN:
