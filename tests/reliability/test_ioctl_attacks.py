@@ -400,3 +400,82 @@ def test_a_connection_flood_with_the_daemon_out_of_descriptors(nfit) -> None:  #
     assert wire.call(socket_of(nfit), nfit.dev / "nmem0", CALL, buf, timeout=60) == wire.Result(0, 0)
     ok = victim(nfit, "/dev/nmem0", CALL, smart_package())
     assert (ok["rc"], ok["errno"]) == (0, 0)
+
+
+# ---------------------------------------------------------------- the library's own edges
+
+
+NODE_EDGES = r"""
+import ctypes, errno, json, os, stat, sys
+libc = ctypes.CDLL(None, use_errno=True)
+node = sys.argv[1]
+out = {}
+path_fd = os.open(node, os.O_PATH)
+out["fstat_o_path"] = stat.S_ISCHR(os.fstat(path_fd).st_mode)
+buf = ctypes.create_string_buffer(256)  # struct statx
+libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+rc = libc.statx(path_fd, None, 0x1000, 0xfff, buf)  # AT_EMPTY_PATH, STATX_BASIC_STATS
+mode = int.from_bytes(buf.raw[28:30], "little")
+out["statx_null"] = [rc, stat.S_ISCHR(mode)]
+libc.fstatat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
+st = ctypes.create_string_buffer(144)
+rc = libc.fstatat(path_fd, None, st, 0x1000)
+out["fstatat_null"] = [rc, stat.S_ISCHR(int.from_bytes(st.raw[24:28], "little"))]
+rc = libc.fstatat(path_fd, b"", st, 0x1000)
+out["fstatat_empty"] = [rc, stat.S_ISCHR(int.from_bytes(st.raw[24:28], "little"))]
+ctypes.set_errno(0)
+libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+rc = libc.ioctl(path_fd, 0x80081272, ctypes.c_void_p(0))
+out["ioctl_o_path"] = [rc, ctypes.get_errno()]
+print(json.dumps(out))
+"""
+
+
+def test_o_path_descriptors_and_null_paths_on_a_node(nfit) -> None:  # type: ignore[no-untyped-def]
+    """An O_PATH descriptor of /dev/nmem0 is a character device to fstat, to
+    fstatat(AT_EMPTY_PATH) and to statx with a NULL path (which the kernel allows), and an
+    ioctl on it is EBADF, as the kernel answers."""
+    res = in_mount(nfit, NODE_EDGES, "/dev/nmem0")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["fstat_o_path"] is True
+    assert out["statx_null"] == [0, True]
+    assert out["fstatat_null"] == [0, True]
+    assert out["fstatat_empty"] == [0, True]
+    assert out["ioctl_o_path"] == [-1, errno.EBADF]
+
+
+DAX_MAP = r"""
+import ctypes, json, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+node, align = sys.argv[1], int(sys.argv[2])
+fd = os.open(node, os.O_RDWR)
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANON, MAP_NOREPLACE = 0x01, 0x02, 0x10, 0x20, 0x100000
+out = {}
+def try_map(name, addr, flags):
+    ctypes.set_errno(0)
+    got = libc.mmap(addr, align, 3, flags, fd, 0)
+    out[name] = ctypes.get_errno() if got in (None, 2**64 - 1) else 0
+    if out[name] == 0:
+        libc.munmap(ctypes.c_void_p(got), align)
+base = libc.mmap(None, 4 * align, 0, MAP_PRIVATE | MAP_ANON, -1, 0)
+aligned = (base + align - 1) // align * align
+libc.munmap(ctypes.c_void_p(base), 4 * align)
+try_map("fixed_misaligned", aligned + 4096, MAP_SHARED | MAP_FIXED)
+try_map("noreplace_misaligned", aligned + 4096, MAP_SHARED | MAP_NOREPLACE)
+try_map("fixed_aligned", aligned, MAP_SHARED | MAP_FIXED)
+print(json.dumps(out))
+"""
+
+
+def test_device_dax_mmap_at_a_misaligned_fixed_address_is_einval(mnt) -> None:  # type: ignore[no-untyped-def]
+    """check_vma(): a MAP_FIXED (or MAP_FIXED_NOREPLACE) address off the device's align is
+    refused with EINVAL; the same mapping at an aligned address works."""
+    (dax,) = [p for p in mnt.dev.glob("dax*") if p.name != "dax"]
+    align = int((mnt.sys / "bus/dax/devices" / dax.name / "align").read_text())
+    res = in_mount(mnt, DAX_MAP, f"/dev/{dax.name}", str(align))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {"fixed_misaligned": errno.EINVAL, "noreplace_misaligned": errno.EINVAL,
+                                      "fixed_aligned": 0}

@@ -1,0 +1,81 @@
+"""The ioctl server alone (a stand-in for the model behind it): it serves with whatever
+workers it could start, and an accept() error costs a retry, not the channel."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vnvdimm.ioctl import server, wire
+
+
+def echo_answer(system: Any, name: str, accmode: int, request: int, user: Any) -> int:
+    """Reads 8 bytes, writes them back reversed; returns the node's name length."""
+    user.write(0, user.read(0, 8)[::-1])
+    return len(name)
+
+
+@pytest.fixture
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[server.IoctlServer, Path]]:
+    monkeypatch.setattr(server, "answer", echo_answer)
+    (tmp_path / "dev").mkdir()
+    node = tmp_path / "dev" / "nmem0"
+    node.write_bytes(b"")
+    srv = server.IoctlServer(None, tmp_path / "ioctl.sock")  # type: ignore[arg-type]
+    yield srv, node
+    srv.close()
+
+
+def call(srv: server.IoctlServer, node: Path) -> tuple[wire.Result, bytearray]:
+    arg = bytearray(b"12345678")
+    return wire.call(str(srv.path), node, 0, arg, timeout=30), arg
+
+
+def test_a_worker_that_cannot_start_is_survived(served: tuple[server.IoctlServer, Path],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    srv, node = served
+    real_start = threading.Thread.start
+    started = []
+
+    def start(self: threading.Thread) -> None:
+        if self.name.startswith("vnvdimm-ioctl") and len(started) >= 2:
+            raise RuntimeError("can't start new thread")
+        started.append(self)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    srv.start()
+    srv.mount_dev = os.stat(node).st_dev
+    assert len(started) == 2
+    assert call(srv, node) == (wire.Result(5, 0), bytearray(b"87654321"))
+
+
+def test_accept_errors_are_retried(served: tuple[server.IoctlServer, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    srv, node = served
+    monkeypatch.setattr(server, "POOL_SIZE", 1)
+    failures = [errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ECONNABORTED]
+    real_accept = server.socket.socket.accept
+
+    def accept(self: Any) -> Any:
+        if failures:
+            raise OSError(failures.pop(0), "injected")
+        return real_accept(self)
+
+    monkeypatch.setattr(server.socket.socket, "accept", accept)
+    srv.start()
+    srv.mount_dev = os.stat(node).st_dev
+    assert call(srv, node) == (wire.Result(5, 0), bytearray(b"87654321"))
+    assert not failures
+
+
+def test_only_files_of_the_mount_are_answered(served: tuple[server.IoctlServer, Path], tmp_path: Path) -> None:
+    srv, node = served
+    srv.start()
+    srv.mount_dev = os.stat(node).st_dev + 1  # the node is not on "the mount"
+    assert call(srv, node)[0] == wire.Result(0, errno.ENOTTY)
