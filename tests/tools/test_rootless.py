@@ -212,6 +212,16 @@ def test_user_runs_ndctl_and_the_tools(user: User, user_mount: Path) -> None:
     assert res.returncode == 0 and "namespace1.0" in res.stdout, res.stderr
 
 
+def test_user_ioctls_reach_their_own_daemon(user: User, user_mount: Path) -> None:
+    """The library trusts the user's daemon (the mount's owner, root in the user namespace)
+    and the daemon the user's client: a block ioctl answers with the disk's size."""
+    blockdev = shutil.which("blockdev") or "/sbin/blockdev"
+    res = user.run(str(WITH_VNVDIMM), str(user_mount), "--", blockdev, "--getsize64", "/dev/pmem0")
+    assert res.returncode == 0, res.stderr
+    sectors = int(user.run("cat", str(user_mount / "sys/block/pmem0/size")).stdout)
+    assert int(res.stdout) == sectors * 512
+
+
 def test_allow_other_is_refused_with_the_reason(user: User) -> None:
     with open("/etc/fuse.conf") as f:
         if any(line.strip() == "user_allow_other" for line in f):
