@@ -1,5 +1,5 @@
-"""The ioctl server alone (a stand-in for the model behind it): it serves with whatever
-workers it could start, and an accept() error costs a retry, not the channel."""
+"""The ioctl server alone (a stand-in for the model behind it): a thread that cannot be
+started costs its connection only, and an accept() error costs a retry, not the channel."""
 
 from __future__ import annotations
 
@@ -37,28 +37,30 @@ def call(srv: server.IoctlServer, node: Path) -> tuple[wire.Result, bytearray]:
     return wire.call(str(srv.path), node, 0, arg, timeout=30), arg
 
 
-def test_a_worker_that_cannot_start_is_survived(served: tuple[server.IoctlServer, Path],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_thread_that_cannot_start_costs_its_connection_only(served: tuple[server.IoctlServer, Path],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process limit that refuses the thread of a connection: that connection is closed,
+    the accept loop goes on and the next ioctl is answered."""
     srv, node = served
     real_start = threading.Thread.start
-    started = []
+    refusals = [RuntimeError("can't start new thread")] * 2
 
     def start(self: threading.Thread) -> None:
-        if self.name.startswith("vnvdimm-ioctl") and len(started) >= 2:
-            raise RuntimeError("can't start new thread")
-        started.append(self)
+        if self.name == "vnvdimm-ioctl-conn" and refusals:
+            raise refusals.pop()
         real_start(self)
 
     monkeypatch.setattr(threading.Thread, "start", start)
     srv.start()
     srv.mount_dev = os.stat(node).st_dev
-    assert len(started) == 2
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            call(srv, node)
     assert call(srv, node) == (wire.Result(5, 0), bytearray(b"87654321"))
 
 
 def test_accept_errors_are_retried(served: tuple[server.IoctlServer, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     srv, node = served
-    monkeypatch.setattr(server, "POOL_SIZE", 1)
     failures = [errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ECONNABORTED]
     real_accept = server.socket.socket.accept
 

@@ -1,15 +1,15 @@
-"""The daemon's end of the ioctl channel: a unix socket (0600, in the runtime dir) served by
-a fixed pool of threads, each accepting and answering one connection at a time.
+"""The daemon's end of the ioctl channel: a unix socket (0600, in the runtime dir); one thread
+accepts, and each connection is answered by a thread of its own.
 
-What an abusive or broken client can cost is bounded: at most POOL_SIZE connections are
-served at once (the others wait in the listen backlog, and the library's connect times out);
-each one has one deadline for its whole exchange, and a shorter one for its request; the
-bytes held for callers' buffers are capped (BYTES_IN_FLIGHT); no thread is started after the
-pool is up, and no accept() error ends a worker. The model is locked only while a command is
-answered, never while the client is talked to: what a command writes back is staged and sent
-after the answer. Only root or the daemon's own user may speak (SO_PEERCRED), and the node
-and the access mode come from the descriptor the client sends (SCM_RIGHTS), never from its
-word."""
+What an abusive or broken client can cost is bounded: at most MAX_CONNECTIONS are served at
+once (the others wait in the listen backlog, and the library's connect times out); each one
+has one deadline for its whole exchange, and a shorter one for its request; the bytes held for
+callers' buffers are capped (BYTES_IN_FLIGHT). A thread that cannot be started (a process
+limit) costs that connection only, and no accept() error ends the accept loop. The model is
+locked only while a command is answered, never while the client is talked to: what a command
+writes back is staged and sent after the answer. Only root or the daemon's own user may speak
+(SO_PEERCRED), and the node and the access mode come from the descriptor the client sends
+(SCM_RIGHTS), never from its word."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vnvdimm.ioctl")
 
-POOL_SIZE = 16  # connections served at once
+MAX_CONNECTIONS = 16  # connections served at once
 REQUEST_TIMEOUT = 5.0  # from accept() to the whole request: a client sends it right after connect
 EXCHANGE_TIMEOUT = 30.0  # from accept() to the answer, whatever the client does in between
 BYTES_IN_FLIGHT = 32 << 20  # callers' buffers held at once, all connections together
@@ -168,6 +168,7 @@ class IoctlServer:
         self.mount_dev: int | None = None
         self.budget = ByteBudget(BYTES_IN_FLIGHT)
         self._sock: socket.socket | None = None
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._uid = os.geteuid()
 
     def start(self) -> None:
@@ -181,18 +182,8 @@ class IoctlServer:
             os.umask(old)
         sock.listen(64)
         self._sock = sock
-        workers = 0
-        for i in range(POOL_SIZE):
-            try:
-                threading.Thread(target=self._work, args=(sock,), name=f"vnvdimm-ioctl-{i}", daemon=True).start()
-                workers += 1
-            except RuntimeError as e:  # "can't start new thread": a process limit
-                log.warning("ioctl channel: could not start worker %d (%s): %d serve", i, e, workers)
-                break
-        if not workers:
-            self.close()
-            raise OSError(errno.EAGAIN, "no thread could be started to serve ioctls")
-        log.info("ioctls served on %s (%d workers)", self.path, workers)
+        threading.Thread(target=self._accept, args=(sock,), name="vnvdimm-ioctl", daemon=True).start()
+        log.info("ioctls served on %s", self.path)
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
@@ -203,24 +194,43 @@ class IoctlServer:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
-    def _work(self, sock: socket.socket) -> None:
+    def _accept(self, sock: socket.socket) -> None:
         complained = 0.0
+
+        def complain(what: str, e: BaseException) -> None:
+            nonlocal complained
+            if time.monotonic() - complained > 10:  # a flood logs a line, not a line per connection
+                complained = time.monotonic()
+                log.warning("ioctl channel: %s (%s)", what, e)
+
         while self._sock is sock:
+            if not self._slots.acquire(timeout=1.0):
+                continue  # every slot busy: new connections wait in the backlog
             try:
                 conn, _ = sock.accept()
             except OSError as e:
+                self._slots.release()
                 if self._sock is not sock or e.errno in (errno.EBADF, errno.EINVAL):
                     return  # closed
-                if time.monotonic() - complained > 10:
-                    complained = time.monotonic()
-                    log.warning("ioctl channel: accept failed (%s), retrying", e.strerror or e)
+                complain("accept failed, retrying", e)  # EMFILE, ENFILE, ENOMEM...
                 time.sleep(ACCEPT_RETRY)
                 continue
             try:
-                with conn:
-                    self._serve(conn)
-            except Exception:
-                log.exception("ioctl channel: a connection failed")
+                threading.Thread(target=self._run, args=(conn,), name="vnvdimm-ioctl-conn", daemon=True).start()
+            except RuntimeError as e:  # "can't start new thread": a process limit
+                self._slots.release()
+                conn.close()
+                complain("no thread for a connection, dropped it", e)
+                time.sleep(ACCEPT_RETRY)
+
+    def _run(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                self._serve(conn)
+        except Exception:
+            log.exception("ioctl channel: a connection failed")
+        finally:
+            self._slots.release()
 
     def _peer_allowed(self, conn: socket.socket) -> bool:
         _, uid, _ = UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
