@@ -222,6 +222,49 @@ def test_user_ioctls_reach_their_own_daemon(user: User, user_mount: Path) -> Non
     assert int(res.stdout) == sectors * 512
 
 
+FLOOD = r"""
+import os, resource, socket, sys
+path = os.getxattr(sys.argv[1], "user.vnvdimm").decode().split()[4]
+daemon, tasks = int(sys.argv[2]), int(sys.argv[3])
+soft, hard = resource.prlimit(daemon, resource.RLIMIT_NPROC)
+resource.prlimit(daemon, resource.RLIMIT_NPROC, (max(tasks - 1, 1), hard))  # no thread more
+held, dropped = [], 0
+for _ in range(40):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(path)
+    except OSError:
+        continue  # the backlog is full
+    held.append(s)
+for s in held:
+    s.settimeout(1)  # a served connection waits 5 s for its request; a dropped one ends now
+    try:
+        dropped += s.recv(1) == b""  # the daemon closed it: no thread to serve it
+    except OSError:
+        pass
+    s.close()
+resource.prlimit(daemon, resource.RLIMIT_NPROC, (soft, hard))
+print(dropped)
+"""
+
+
+def test_a_connection_flood_under_the_users_process_limit(user: User, user_mount: Path) -> None:
+    """The user's daemon cannot start one more thread (RLIMIT_NPROC reached) while a flood
+    of connections comes: each one is dropped, the accept loop lives on, and once the limit
+    is lifted an ioctl answers. (The daemon used to lose its accept thread for good.)"""
+    pid = int((user_mount.parent / "state/lock").read_text().split()[0])
+    tasks = sum(1 for proc in Path("/proc").glob("[0-9]*/task/*")
+                if proc.exists() and proc.stat().st_uid == user.uid)
+    res = user.run(user.python, "-c", FLOOD, str(user_mount / "dev/pmem0"), str(pid), str(tasks))
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout) > 0  # the limit bit: connections went unserved
+    blockdev = shutil.which("blockdev") or "/sbin/blockdev"
+    res = user.run(str(WITH_VNVDIMM), str(user_mount), "--", blockdev, "--getsize64", "/dev/pmem0")
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout) > 0
+
+
 def test_allow_other_is_refused_with_the_reason(user: User) -> None:
     with open("/etc/fuse.conf") as f:
         if any(line.strip() == "user_allow_other" for line in f):
