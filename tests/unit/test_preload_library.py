@@ -27,36 +27,36 @@ PROGRAM = r"""
 
 static void show(const char *name, int rc, unsigned mode)
 {
-	printf("%s %d %d %o\n", name, rc, rc ? errno : 0, rc ? 0 : mode & S_IFMT);
+    printf("%s %d %d %o\n", name, rc, rc ? errno : 0, rc ? 0 : mode & S_IFMT);
 }
 
 int main(int argc, char **argv)
 {
-	int fd = open(argv[1], O_RDONLY), path_fd = open(argv[1], O_PATH), n = 0;
-	struct stat st;
-	struct statx stx;
+    int fd = open(argv[1], O_RDONLY), path_fd = open(argv[1], O_PATH), n = 0;
+    struct stat st;
+    struct statx stx;
 
-	int rc;
+    int rc;
 #define STAT(name, call) do { memset(&st, 0, sizeof(st)); errno = 0; rc = call; show(name, rc, st.st_mode); } while (0)
 #define STATX(name, call) \
-	do { memset(&stx, 0, sizeof(stx)); errno = 0; rc = call; show(name, rc, stx.stx_mode); } while (0)
-	STAT("stat-null", stat(NULL, &st));
-	STAT("stat-empty", stat("", &st));
-	STAT("lstat-null", lstat(NULL, &st));
-	STAT("fstatat-null-empty-path", fstatat(fd, NULL, &st, AT_EMPTY_PATH));
-	STAT("fstatat-empty-empty-path", fstatat(fd, "", &st, AT_EMPTY_PATH));
-	STAT("fstatat-o-path", fstatat(path_fd, "", &st, AT_EMPTY_PATH));
-	STAT("fstatat-null", fstatat(AT_FDCWD, NULL, &st, 0));
-	STAT("fstatat-cwd-empty-path", fstatat(AT_FDCWD, "", &st, AT_EMPTY_PATH));
-	STAT("fstat-o-path", fstat(path_fd, &st));
-	STATX("statx-null-empty-path", statx(fd, NULL, AT_EMPTY_PATH, STATX_BASIC_STATS, &stx));
-	STATX("statx-o-path-null", statx(path_fd, NULL, AT_EMPTY_PATH, STATX_BASIC_STATS, &stx));
-	STATX("statx-null", statx(AT_FDCWD, NULL, 0, STATX_BASIC_STATS, &stx));
-	STATX("statx-empty", statx(AT_FDCWD, "", 0, STATX_BASIC_STATS, &stx));
-	errno = 0;
-	rc = ioctl(fd, FIONREAD, &n);
-	show("ioctl-fionread", rc, S_IFREG);
-	return 0;
+    do { memset(&stx, 0, sizeof(stx)); errno = 0; rc = call; show(name, rc, stx.stx_mode); } while (0)
+    STAT("stat-null", stat(NULL, &st));
+    STAT("stat-empty", stat("", &st));
+    STAT("lstat-null", lstat(NULL, &st));
+    STAT("fstatat-null-empty-path", fstatat(fd, NULL, &st, AT_EMPTY_PATH));
+    STAT("fstatat-empty-empty-path", fstatat(fd, "", &st, AT_EMPTY_PATH));
+    STAT("fstatat-o-path", fstatat(path_fd, "", &st, AT_EMPTY_PATH));
+    STAT("fstatat-null", fstatat(AT_FDCWD, NULL, &st, 0));
+    STAT("fstatat-cwd-empty-path", fstatat(AT_FDCWD, "", &st, AT_EMPTY_PATH));
+    STAT("fstat-o-path", fstat(path_fd, &st));
+    STATX("statx-null-empty-path", statx(fd, NULL, AT_EMPTY_PATH, STATX_BASIC_STATS, &stx));
+    STATX("statx-o-path-null", statx(path_fd, NULL, AT_EMPTY_PATH, STATX_BASIC_STATS, &stx));
+    STATX("statx-null", statx(AT_FDCWD, NULL, 0, STATX_BASIC_STATS, &stx));
+    STATX("statx-empty", statx(AT_FDCWD, "", 0, STATX_BASIC_STATS, &stx));
+    errno = 0;
+    rc = ioctl(fd, FIONREAD, &n);
+    show("ioctl-fionread", rc, S_IFREG);
+    return 0;
 }
 """
 
