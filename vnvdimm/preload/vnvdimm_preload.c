@@ -123,7 +123,7 @@ static int parse_dev(const char *s, const char *end, dev_t *dev)
 
 /* The mount as the kernel lists it: it must be FUSE; FUSE records who mounted it (user_id=,
  * the mount's owner) in the super block's options. */
-static void find_mount_owner(void)
+static void read_mountinfo(void)
 {
 	static char buf[16384];
 	size_t have = 0;
@@ -190,7 +190,7 @@ __attribute__((constructor)) static void vnvdimm_preload_init(void)
 		timeout_ms = (int)ms;
 	if (dev && parse_dev(dev, dev + strlen(dev), &trusted_dev)) {
 		trusted = 1;
-		find_mount_owner();
+		read_mountinfo();
 	}
 }
 
@@ -229,8 +229,9 @@ static void complain(const char *what)
 	struct iovec iov[3] = { { (void *)prefix, sizeof(prefix) - 1 }, { (void *)what, strlen(what) }, { "\n", 1 } };
 	int saved = errno;
 
-	if (writev(STDERR_FILENO, iov, 3) < 0)
-		errno = saved;
+	if (writev(STDERR_FILENO, iov, 3) < 0) {
+		/* nowhere to say it: the ioctl's errno says enough */
+	}
 	errno = saved;
 }
 
