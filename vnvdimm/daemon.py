@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from vnvdimm.fuse import fusermount
+from vnvdimm.model.host_memory import read_host_memory
 from vnvdimm.mounts import (
     DETACH_SIGNALS,
     FORCE_SIGNAL,
@@ -34,7 +35,7 @@ from vnvdimm.mounts import (
     watch_unmount,
 )
 from vnvdimm.topology import safe_dir
-from vnvdimm.topology.config import ConfigError, TopologyConfig
+from vnvdimm.topology.config import ConfigError, TopologyConfig, host_memory_warnings
 from vnvdimm.topology.modules import PlatformModules
 from vnvdimm.topology.platform import Platform, StateDir, boot, power_off, provision, sync_media
 
@@ -175,6 +176,9 @@ def prepare(opts: MountOptions) -> tuple[StateDir, Platform, StateLock]:
     lock = StateLock(state)
     lock.acquire()
     platform, provision_config = state.open(opts.config)
+    if opts.config is not None:
+        for warning in host_memory_warnings(opts.config, read_host_memory()):
+            print(f"vnvdimm: warning: {warning}", file=sys.stderr)
     if provision_config is not None:
         provision(platform, state, provision_config)
     return state, platform, lock

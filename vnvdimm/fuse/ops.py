@@ -766,6 +766,7 @@ KERNEL_MOUNT_OPTIONS = ("fsname=vnvdimm", "subtype=vnvdimm", "default_permission
 # missed one could last. A missing name is never cached (negative_timeout 0: a device that
 # appears is seen at once; there is no node to invalidate for a name that does not exist).
 CACHE_TIMEOUT_S = 3600.0
+MAX_LOOP_THREADS = 1024
 MOUNT_OPTIONS: dict[str, Any] = {
     "attr_timeout": CACHE_TIMEOUT_S,
     "entry_timeout": CACHE_TIMEOUT_S,
@@ -773,7 +774,14 @@ MOUNT_OPTIONS: dict[str, Any] = {
     # Every request that waits (a read of a cold range, `echo sync`, wait_probe) holds one
     # loop thread until it returns; libfuse's default of 10 threads let ten such waiters
     # stall every other request of the mount, sysfs reads included.
-    "max_threads": 1024,
+    "max_threads": MAX_LOOP_THREADS,
+    # libfuse 3.14's fuse_main_real() hands its max_idle_threads to fuse_loop_cfg_set_idle_threads()
+    # even when the option was not given; the unset value (UINT_MAX) is refused there with
+    # "Ignoring invalid max threads value 4294967295 > max (100000)" on stderr (our log) at
+    # every mount. Given explicitly and equal to max_threads it means what the unset value
+    # does: an idle thread never leaves (one more idle thread than threads cannot exist), so
+    # every loop thread keeps its pinned Python thread state (pin_thread_state()).
+    "max_idle_threads": MAX_LOOP_THREADS,
 }
 
 

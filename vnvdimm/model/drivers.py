@@ -234,6 +234,12 @@ def probe_namespace(ndns: Namespace) -> None:
             dev = region.create_personality(found)
             dev.attach(ndns)
             region.system.device_add(dev)
+            if dev.driver is None and isinstance(dev, Pfn) and dev.memmap_refused:
+                # The block validated, the memmap could not be allocated: as in the kernel, where
+                # the personality is registered once nd_pfn_validate() passed and probed later,
+                # it stays (unbound) and keeps its claim on the namespace.
+                raise fail(errno.ENXIO, f"{ndns.name} is claimed by {dev.name} found on the media "
+                                        "(which failed to probe)")
             if dev.driver is None:  # the info block did not validate: nd_detach_and_reset()
                 refused = dev.probe_errno
                 dev.detach_and_reset()

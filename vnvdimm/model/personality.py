@@ -32,6 +32,7 @@ from vnvdimm.model.base import (
     rw,
     sysfs_streq,
 )
+from vnvdimm.model.host_memory import format_bytes
 from vnvdimm.model.infoblock import (
     DAX_SIG,
     INFO_BLOCK_OFFSET,
@@ -167,6 +168,7 @@ class Pfn(Personality):
         self.mode = PFN_MODE_NONE
         self.align = SZ_2M  # nd_pfn_default_alignment(): PMD_SIZE with THP
         self.geometry: PfnGeometry | None = None
+        self.memmap_refused = False  # its last probe failed for want of host memory (map=mem)
         self.job: MemmapJob | None = None
         self.pause_mark = NEVER  # memmap/pause_at: survives disable/enable, like ns_per_page
 
@@ -411,6 +413,9 @@ class Pfn(Personality):
             return
         npages = ndns.size // PAGE_SIZE
         on_media = self.mode == PFN_MODE_PMEM
+        self.memmap_refused = False
+        if not on_media:
+            self.check_host_memory(npages)
         spec = JobSpec(
             name=self.name,
             first_pfn=ndns.start // PAGE_SIZE,
@@ -437,6 +442,27 @@ class Pfn(Personality):
             # The pre-series kernel: enabling returns only once every page is initialized.
             # Wait after the store returns, outside the model lock.
             self.system.defer(job.wait)
+
+    def check_host_memory(self, npages: int) -> None:
+        """devm_memremap_pages() of a map=mem device: its struct pages come from RAM, the
+        host's here (see host_memory.py). ENOMEM, as vmemmap_populate() fails the probe, when
+        they would not fit in what the host has available less the margin, once the memmaps
+        of this machine still being filled in have taken what they will."""
+        need = npages * MAX_STRUCT_PAGE_SIZE
+        pending = sum((d.job.pages_total - d.job.pages_done) * MAX_STRUCT_PAGE_SIZE
+                      for d in self.system.all_devices()
+                      if isinstance(d, Pfn) and d is not self and d.job is not None and d.mode != PFN_MODE_PMEM
+                      and d.job.active)
+        host = self.system.host_memory()
+        if need + pending > host.usable:
+            others = f", {format_bytes(pending)} promised to memmaps still being filled in" if pending else ""
+            message = (f"{self.name}: memmap of {npages} pages (map=mem) needs {format_bytes(need)} of host "
+                       f"memory; the host has {format_bytes(host.available)} available (MemAvailable), less a "
+                       f"margin of {format_bytes(host.margin)}{others}: probe failed (ENOMEM)")
+            log.warning("%s", message)
+            self.geometry = None
+            self.memmap_refused = True
+            raise fail(errno.ENOMEM, message.removesuffix(" (ENOMEM)"))
 
     def stop_memmap(self) -> None:
         job, self.job = self.job, None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from vnvdimm.model.base import Attr, BusType, Device, Driver, Ida, fail, streq_text, uevent_store
+from vnvdimm.model.host_memory import HostMemory, read_host_memory
 from vnvdimm.model.memmap_pause import PauseController
 from vnvdimm.model.nd import BLKEXT_MAJOR, DAX_BUS, DAX_MAJOR, ND_BUS, NDCTL_MAJOR, NMEM_MAJOR
 
@@ -100,6 +101,8 @@ class System:
         self.memmap_pause = PauseController(self)
         self._notifiers: list[Notifier] = []
         self.modules: ModuleControl | None = None
+        # What a map=mem memmap may take of the host (replaced by tests that need a small host)
+        self.host_memory: Callable[[], HostMemory] = read_host_memory
 
     # ------------------------------------------------------------ registration (module init)
 

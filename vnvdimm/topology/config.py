@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vnvdimm.model.host_memory import HostMemory, format_bytes
 from vnvdimm.model.infoblock import ARENA_MIN_SIZE, PFN_MODE_PMEM, PFN_MODE_RAM, pfn_geometry
 from vnvdimm.model.label_area import NFIT_TEST_LABEL_SIZE
 from vnvdimm.model.label_format import num_label_slots
@@ -338,3 +339,25 @@ def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
                                         f"physical address space; the platform has {format_size(MAX_REGION)}")
         spa = -(-end // SPA_ALIGN) * SPA_ALIGN
     return TopologyConfig(template, tuple(regions), tuple(dimms), memmap, source, tuple(hmem))
+
+
+def ram_memmap_bytes(config: TopologyConfig) -> int:
+    """The host memory the config's `map = "mem"` namespaces take once enabled: 64 bytes of
+    struct page per 4 KiB page (1/64 of each namespace), as devm_memremap_pages() takes RAM."""
+    total = 0
+    for region in config.regions:
+        for ns in region.namespaces:
+            if ns.mode in ("fsdax", "devdax") and ns.map == "mem":
+                total += (ns.size or region.size) // 64
+    return total
+
+
+def host_memory_warnings(config: TopologyConfig, host: HostMemory) -> list[str]:
+    """What the config check says about the host's memory: the map=mem memmaps together
+    cannot all be enabled on this host (each enable that does not fit fails with ENOMEM)."""
+    need = ram_memmap_bytes(config)
+    if need <= host.total:
+        return []
+    return [f"{config.source}: the map = \"mem\" namespaces need {format_bytes(need)} of host memory for their "
+            f"memmaps (1/64 of their size) and this host has {format_bytes(host.total)}: the enables that do not "
+            "fit will fail with ENOMEM; use map = \"dev\" (the memmap on the media) or smaller namespaces"]
