@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from vnvdimm.fuse import fusermount
+from vnvdimm.logfile import RotatingLog, max_bytes_from_environment
 from vnvdimm.model.host_memory import read_host_memory
 from vnvdimm.mounts import (
     DETACH_SIGNALS,
@@ -191,7 +192,9 @@ def open_log(state: StateDir) -> int:
 
 def setup_logging(state: StateDir, verbose: int, foreground: bool) -> None:
     level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
-    handlers: list[logging.Handler] = [logging.StreamHandler(os.fdopen(open_log(state), "a", buffering=1))]
+    handlers: list[logging.Handler] = [
+        RotatingLog(state.log_path, lambda path: safe_dir.open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT),
+                    max_bytes_from_environment())]
     if foreground:
         handlers.append(logging.StreamHandler(sys.stderr))
     logging.basicConfig(level=level, handlers=handlers, force=True,

@@ -31,6 +31,17 @@ def fail(code: int, message: str) -> OSError:
     return OSError(code, f"{message} ({errno.errorcode.get(code, code)})")
 
 
+class ProbingAnswer(OSError):
+    """A refused `bind` that is the driver core's normal probing, not a mistake of the writer:
+    ndctl enables a device by writing its name to every driver's `bind` until one takes it,
+    so the drivers that do not match answer ENODEV, one already bound EBUSY, and nd_pmem ENXIO
+    for a namespace that a personality found on its media claims. Logged at debug level."""
+
+
+def probing(code: int, message: str) -> ProbingAnswer:
+    return ProbingAnswer(code, f"{message} ({errno.errorcode.get(code, code)})")
+
+
 # ---------------------------------------------------------------- attributes
 
 

@@ -26,6 +26,7 @@ from vnvdimm.model.base import (
     Entry,
     cstring,
     fail,
+    probing,
     streq_text,
     sysfs_streq,
     uevent_store,
@@ -238,8 +239,8 @@ def probe_namespace(ndns: Namespace) -> None:
                 # The block validated, the memmap could not be allocated: as in the kernel, where
                 # the personality is registered once nd_pfn_validate() passed and probed later,
                 # it stays (unbound) and keeps its claim on the namespace.
-                raise fail(errno.ENXIO, f"{ndns.name} is claimed by {dev.name} found on the media "
-                                        "(which failed to probe)")
+                log.info("%s: claimed by %s, found on its media (which failed to probe)", ndns.name, dev.name)
+                raise probing(errno.ENXIO, f"{ndns.name} is claimed by {dev.name} found on the media")
             if dev.driver is None:  # the info block did not validate: nd_detach_and_reset()
                 refused = dev.probe_errno
                 dev.detach_and_reset()
@@ -248,7 +249,8 @@ def probe_namespace(ndns: Namespace) -> None:
                     # offset, misaligned data range, settings mismatch) fails the namespace
                     raise fail(errno.EOPNOTSUPP, f"{ndns.name}: {dev.name} found on the media is unusable")
             else:
-                raise fail(errno.ENXIO, f"{ndns.name} is claimed by {dev.name} found on the media")
+                log.info("%s: claimed by %s, found on its media", ndns.name, dev.name)
+                raise probing(errno.ENXIO, f"{ndns.name} is claimed by {dev.name} found on the media")
     ndns.disk = Disk(region.system, ndns.disk_name(), ndns,
                      DataPath(region.media, ndns.size, ndns.offset, read_only=lambda: region.read_only))
 

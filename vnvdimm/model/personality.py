@@ -435,6 +435,7 @@ class Pfn(Personality):
         self.job = job
         log.info("%s: memmap of %d pages started (%s, %.1f ms)", self.name, npages,
                  "map=dev" if on_media else "map=mem", (time.monotonic() - started) * 1e3)
+        job.subscribe(log_memmap_end)
         job.subscribe(lambda _job: self.system.notify(self, "memmap_state"))
         self.system.notify(self, "memmap_state")
         self.system.memmap_pause.track(self)
@@ -482,6 +483,19 @@ class Pfn(Personality):
             "first_data_page": geometry.dataoff // PAGE_SIZE,
             "read_only": lambda: self.region.read_only,
         }
+
+
+def log_memmap_end(job: MemmapJob) -> None:
+    """One line when a memmap goes idle: how many pages, how long, how fast (or how far a
+    cancelled one got)."""
+    if job.cancelled:
+        log.info("%s: memmap cancelled after %d of %d pages (%.3f s)", job.name, job.pages_done, job.pages_total,
+                 job.elapsed)
+    elif job.error is not None:
+        log.info("%s: memmap failed after %d of %d pages: %s", job.name, job.pages_done, job.pages_total, job.error)
+    else:
+        log.info("%s: memmap of %d pages done in %.3f s (%.0f pages/s)", job.name, job.pages_total, job.elapsed,
+                 job.rate)
 
 
 class Dax(Pfn):

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from vnvdimm.model.base import Attr, BusType, Device, Driver, Ida, fail, streq_text, uevent_store
+from vnvdimm.model.base import Attr, BusType, Device, Driver, Ida, fail, probing, streq_text, uevent_store
 from vnvdimm.model.host_memory import HostMemory, read_host_memory
 from vnvdimm.model.memmap_pause import PauseController
 from vnvdimm.model.nd import BLKEXT_MAJOR, DAX_BUS, DAX_MAJOR, ND_BUS, NDCTL_MAJOR, NMEM_MAJOR
@@ -192,7 +192,7 @@ class System:
     def driver_attach(self, drv: Driver, dev: Device) -> None:
         """device_driver_attach(): EBUSY if bound; the probe's errno otherwise."""
         if dev.driver is not None:
-            raise fail(errno.EBUSY, f"{dev.name} is already bound to {dev.driver.name}")
+            raise probing(errno.EBUSY, f"{dev.name} is already bound to {dev.driver.name}")
         self.bus_types[drv.bus_name].probe(drv, dev)
         dev.driver = drv
         self.changed()
@@ -210,8 +210,10 @@ class System:
     def bind(self, drv: Driver, buf: bytes) -> None:
         """bind_store(): ENODEV unless the named device exists on the bus and matches."""
         dev = self.find_device(drv.bus_name, buf)
-        if dev is None or not self.match(drv, dev):
-            raise fail(errno.ENODEV, f"{drv.name} does not match {buf!r}")
+        if dev is None:
+            raise probing(errno.ENODEV, f"{drv.name}: no device {streq_text(buf)[:64]!r} on the {drv.bus_name} bus")
+        if not self.match(drv, dev):
+            raise probing(errno.ENODEV, f"{drv.name} does not match {dev.name}")
         self.driver_attach(drv, dev)
 
     def unbind(self, drv: Driver, buf: bytes) -> None:

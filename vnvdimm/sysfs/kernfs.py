@@ -20,7 +20,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
-from vnvdimm.model.base import Attr, BinAttr
+from vnvdimm.model.base import Attr, BinAttr, ProbingAnswer
 
 PAGE_SIZE = 4096
 
@@ -77,8 +77,16 @@ class KAttr(KNode):
         return len(data)
 
 
+#: A refused store's log line names at most this much of the value written (a store is up to
+#: a page) and of the reason, so that the log grows by a short line per refusal, whatever is written.
+LOGGED_VALUE_BYTES = 48
+LOGGED_REASON_CHARS = 200
+
+
 def log_refused_store(path: str, data: bytes, exc: OSError) -> None:
-    """Every store the model refuses is logged with its device, attribute and reason."""
+    """Every store the model refuses is logged with its device, attribute and reason; the
+    driver core's normal probing (ProbingAnswer: ndctl's bind to every driver in turn) at
+    debug level only."""
     parts = path.strip("/").split("/")
     at = next((i for i in range(len(parts) - 2, -1, -1) if _DEVICE_NAME.match(parts[i])), len(parts) - 2)
     device = parts[at] if at >= 0 else ""
@@ -87,8 +95,16 @@ def log_refused_store(path: str, data: bytes, exc: OSError) -> None:
     reason = exc.strerror or str(exc)
     if code not in reason:
         reason = f"{reason} ({code})"
-    value = data.rstrip(b"\0\n")[:64].decode("latin-1")
-    log.info("store refused: device %s, attribute %s, value %r: %s [%s]", device, attribute, value, reason, path)
+    if len(reason) > LOGGED_REASON_CHARS:
+        reason = f"{reason[:LOGGED_REASON_CHARS]}... ({code})"
+    stripped = data.rstrip(b"\0\n")
+    value = repr(stripped[:LOGGED_VALUE_BYTES].decode("latin-1"))
+    if len(stripped) > LOGGED_VALUE_BYTES:
+        value += f"... ({len(data)} bytes)"
+    if isinstance(exc, ProbingAnswer):
+        log.debug("bind probing: driver %s, device %s: %s [%s]", device, value, reason, path)
+        return
+    log.info("store refused: device %s, attribute %s, value %s: %s [%s]", device, attribute, value, reason, path)
 
 
 @dataclass(slots=True)
