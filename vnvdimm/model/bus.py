@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from vnvdimm.model.base import Attr, Device, Entry, Group, Link, fail, kstrtol, ro, uevent_store
 from vnvdimm.model.extensions import bus_extension_group
-from vnvdimm.model.nd import ND_BUS, NDCTL_MAJOR
+from vnvdimm.model.nd import ND_BUS, NDCTL_MAJOR, UuidIndex
 
 if TYPE_CHECKING:
     from vnvdimm.model.dimm import Nvdimm
@@ -35,10 +35,8 @@ class NvdimmBus(Device):
         self.dimms: list[Nvdimm] = []
         self.regions: list[Region] = []
         self.test_dimms: list[NfitTestDimm] = []  # nfit_test's test_dimmN beside the bus
-        # Every uuid a namespace, pfn, dax or btt of this bus was ever given (as ints): a uuid
-        # not in it is unique without walking the bus (nd_is_uuid_unique() does, which made
-        # creating n namespaces cost n²); one in it is looked up the kernel's way.
-        self.uuids_given: set[int] = set()
+        # The uuids the namespaces, pfn, dax and btt devices of this bus hold now (see UuidIndex)
+        self.uuids_given = UuidIndex()
         self.ctl = NdCtl(system, self)
 
     @property

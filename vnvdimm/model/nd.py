@@ -50,10 +50,37 @@ CLAIM_CLASSES = ("", CLAIM_BTT, CLAIM_PFN, CLAIM_DAX)
 CLAIM_MODE = {CLAIM_BTT: "safe", CLAIM_DAX: "dax", CLAIM_PFN: "memory"}
 
 
+class UuidIndex:
+    """How many devices of a bus hold each uuid (as ints): a uuid not in it is unique without
+    nd_is_uuid_unique()'s walk over the bus (which made creating n namespaces cost n²); one in
+    it is looked up the kernel's way. Only devices that exist count: a uuid is dropped with
+    the last device holding it, so the index is as large as the bus, whatever was created and
+    destroyed before."""
+
+    def __init__(self) -> None:
+        self._holders: dict[int, int] = {}
+
+    def __contains__(self, value: int) -> bool:
+        return value in self._holders
+
+    def __len__(self) -> int:
+        return len(self._holders)
+
+    def hold(self, value: int) -> None:
+        self._holders[value] = self._holders.get(value, 0) + 1
+
+    def drop(self, value: int) -> None:
+        left = self._holders[value] - 1
+        if left:
+            self._holders[value] = left
+        else:
+            del self._holders[value]
+
+
 class GivenUuid:
-    """The `uuid` of a namespace or of a pfn/dax/btt device: every value it is given is also
-    remembered by the device's bus (`region.bus.uuids_given`), so that a uuid never given is
-    known to be unique without nd_is_uuid_unique()'s walk over the bus."""
+    """The `uuid` of a namespace or of a pfn/dax/btt device, counted in its bus's index
+    (`region.bus.uuids_given`) while the device exists: a new value replaces the old one there,
+    and `release_uuid()` takes it out when the device is unregistered."""
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.slot = f"_{name}"
@@ -63,5 +90,21 @@ class GivenUuid:
 
     def __set__(self, obj: Any, value: uuidlib.UUID | None) -> None:
         setattr(obj, self.slot, value)
-        if value is not None:
-            obj.region.bus.uuids_given.add(value.int)
+        index: UuidIndex = obj.region.bus.uuids_given
+        held = getattr(obj, "_uuid_held", None)
+        if held is not None:
+            index.drop(held)
+        held = value.int if value is not None and not getattr(obj, "_uuid_released", False) else None
+        if held is not None:
+            index.hold(held)
+        obj._uuid_held = held
+
+
+def release_uuid(obj: Any) -> None:
+    """A device with a GivenUuid leaves its bus: its uuid no longer counts (a store through a
+    file still open on it changes the device, not the index)."""
+    held = getattr(obj, "_uuid_held", None)
+    if held is not None:
+        obj.region.bus.uuids_given.drop(held)
+    obj._uuid_held = None
+    obj._uuid_released = True

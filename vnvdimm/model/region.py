@@ -27,7 +27,7 @@ from vnvdimm.model.base import (
 )
 from vnvdimm.model.label_format import InterleaveSet, InterleaveSetLabels, LabelMapping, ScannedNamespace
 from vnvdimm.model.namespace import Namespace, NamespacePmem
-from vnvdimm.model.nd import ND_BUS, NdDeviceType
+from vnvdimm.model.nd import ND_BUS, NdDeviceType, release_uuid
 from vnvdimm.model.personality import Btt, Dax, Personality, Pfn
 
 if TYPE_CHECKING:
@@ -315,6 +315,7 @@ class Region(Device):
             dev.ndns = None
         if dev in self.personalities:
             self.personalities.remove(dev)
+            release_uuid(dev)
             ida = self.dax_ida if isinstance(dev, Dax) else self.pfn_ida if isinstance(dev, Pfn) else self.btt_ida
             ida.put(dev.id)
         for attr in ("pfn_seed", "dax_seed", "btt_seed"):
@@ -329,6 +330,7 @@ class Region(Device):
             self.system.driver_detach(ns)
         if ns in self.namespaces:
             self.namespaces.remove(ns)
+            release_uuid(ns)
             self.ns_ida.put(ns.id)
         if self.ns_seed is ns:
             self.ns_seed = None
