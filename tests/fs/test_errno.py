@@ -86,6 +86,10 @@ BAD_STORES = [
     ("bus/dax/drivers/kmem/bind", b"dax1.0\0", errno.ENODEV),  # kmem matches by id only
     ("bus/dax/drivers/kmem/new_id", b"dax1\0", errno.EINVAL),
     ("bus/nd/uevent", b"add now\0", errno.EINVAL),
+    # drivers/base/memory.c auto_online_blocks_store(): only the online types
+    ("devices/system/memory/auto_online_blocks", b"movable\n", errno.EINVAL),
+    ("devices/system/memory/auto_online_blocks", b"online \n", errno.EINVAL),
+    ("devices/system/memory/auto_online_blocks", b"\n", errno.EINVAL),
 ]
 
 
@@ -135,3 +139,16 @@ def test_each_write_on_one_open_file_is_its_own_store(mnt) -> None:  # type: ign
     finally:
         os.pwrite(fd, b"0", 0)
         os.close(fd)
+
+
+def test_auto_online_blocks_takes_the_online_types_and_shows_the_last(mnt) -> None:  # type: ignore[no-untyped-def]
+    path = mnt.sys / "devices/system/memory/auto_online_blocks"
+    assert read(path) == b"offline\n"
+    try:
+        for value in ("online_movable", "online_kernel", "online", "offline"):
+            write(path, value.encode() + b"\n")
+            assert read(path) == value.encode() + b"\n"
+        write(path, b"online")  # sysfs_streq: the newline is optional
+        assert read(path) == b"online\n"
+    finally:
+        write(path, b"offline\n")

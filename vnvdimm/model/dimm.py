@@ -95,7 +95,7 @@ class Nvdimm(Device):
                 self.security.unlock()
             except OSError as e:
                 log.info("%s: failed to unlock dimm: %s", self.name, e)
-        self.label_data = DimmLabelData(self.label_area) if self.label_area is not None else None
+        self.label_data = DimmLabelData(self.label_area, self.name) if self.label_area is not None else None
         # NDD_LABELING (nvdimm_set_labeling()): the probe found a valid namespace index; set
         # at probe only, so labels initialized later show after the next enable
         self.labeling = self.label_data is not None and self.label_data.ns_current >= 0

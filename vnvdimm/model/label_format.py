@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import struct
 import uuid as uuidlib
 from collections.abc import Sequence
@@ -41,6 +42,8 @@ from typing import Protocol
 
 from vnvdimm.model.base import fail
 from vnvdimm.model.infoblock import fletcher64
+
+log = logging.getLogger("vnvdimm.model")
 
 NSINDEX_SIGNATURE = b"NAMESPACE_INDEX\0"
 NSINDEX_ALIGN = 256
@@ -200,37 +203,30 @@ def label_checksum_ok(raw: bytes | bytearray, label_size: int) -> bool:
     return fletcher64(bytes(zeroed)) == saved
 
 
-def validate_index(data: bytes | bytearray, config_size: int, label_size: int) -> int:
+def validate_index(data: bytes | bytearray, config_size: int, label_size: int,
+                   why: list[str] | None = None) -> int:
     """__nd_label_validate(): the index block to use (0 or 1) for labels of `label_size`
-    bytes, or -1 when neither is valid."""
+    bytes, or -1 when neither is valid. `why` gets the kernel's reason for each invalid block
+    ("nsindex1 checksum invalid"), in its words."""
     isize = sizeof_namespace_index(config_size, label_size)
     if isize == 0:
         return -1
     valid = [False, False]
     blocks: list[IndexBlock | None] = [None, None]
+    reasons: list[str] = []
     for i in (0, 1):
         raw = bytearray(data[i * isize:(i + 1) * isize])
         if len(raw) < isize:
             continue
         block = IndexBlock.unpack(raw)
         blocks[i] = block
-        if block.sig != NSINDEX_SIGNATURE:
-            continue
-        size = 1 << (7 + block.labelsize) if block.version >= 102 else 128
-        if size != label_size:
-            continue
-        raw[INDEX_CHECKSUM_OFFSET:INDEX_CHECKSUM_OFFSET + 8] = bytes(8)
-        if fletcher64(bytes(raw)) != block.checksum:
-            continue
-        if block.seq & NSINDEX_SEQ_MASK == 0:
-            continue
-        if block.myoff != i * isize or block.otheroff != (1 - i) * isize:
-            continue
-        if block.mysize > isize or block.mysize < INDEX_HEADER.size:
-            continue
-        if block.nslot * label_size + 2 * isize > config_size:
-            continue
-        valid[i] = True
+        reason = index_block_fault(i, block, raw, isize, config_size, label_size)
+        if reason is None:
+            valid[i] = True
+        else:
+            reasons.append(reason)
+    if why is not None:
+        why.extend(reasons)
     if valid[0] and valid[1]:
         b0, b1 = blocks[0], blocks[1]
         assert b0 is not None and b1 is not None
@@ -240,6 +236,35 @@ def validate_index(data: bytes | bytearray, config_size: int, label_size: int) -
     if valid[1]:
         return 1
     return -1
+
+
+def index_block_fault(i: int, block: IndexBlock, raw: bytearray, isize: int, config_size: int,
+                      label_size: int) -> str | None:
+    """The first check of __nd_label_validate() index block `i` fails, in the kernel's words
+    (its dev_dbg()), or None when the block is valid. `raw` is the block's bytes (its
+    checksum field is zeroed here)."""
+    if block.sig != NSINDEX_SIGNATURE:
+        return f"nsindex{i} signature invalid"
+    size = 1 << (7 + block.labelsize) if block.version >= 102 else 128
+    if size != label_size:
+        return f"nsindex{i} labelsize {block.labelsize} invalid"
+    raw[INDEX_CHECKSUM_OFFSET:INDEX_CHECKSUM_OFFSET + 8] = bytes(8)
+    if fletcher64(bytes(raw)) != block.checksum:
+        return f"nsindex{i} checksum invalid"
+    if block.seq & NSINDEX_SEQ_MASK == 0:
+        return f"nsindex{i} sequence: {block.seq:#x} invalid"
+    if block.myoff != i * isize:
+        return f"nsindex{i} myoff: {block.myoff:#x} invalid"
+    if block.otheroff != (1 - i) * isize:
+        return f"nsindex{i} otheroff: {block.otheroff:#x} invalid"
+    if block.labeloff != 2 * isize:
+        # the labels start right after the two index blocks, nowhere else
+        return f"nsindex{i} labeloff: {block.labeloff:#x} invalid"
+    if block.mysize > isize or block.mysize < INDEX_HEADER.size:
+        return f"nsindex{i} mysize: {block.mysize:#x} invalid"
+    if block.nslot * label_size + 2 * isize > config_size:
+        return f"nsindex{i} nslot: {block.nslot} invalid, config_size: {config_size:#x}"
+    return None
 
 
 # ---------------------------------------------------------------- one DIMM (nvdimm_drvdata)
@@ -261,8 +286,9 @@ class DimmLabelData:
     """The label area of one DIMM as the nvdimm driver holds it after probe: a copy of the
     area, the current and the next index block, and the label size in use."""
 
-    def __init__(self, area: RawArea) -> None:
+    def __init__(self, area: RawArea, name: str = "") -> None:
         self.area = area
+        self.name = name  # the DIMM's (nmemN), for log lines
         self.config_size = area.size
         self.label_size = 128
         self.data = bytearray()
@@ -288,12 +314,14 @@ class DimmLabelData:
         self.data = data
         self.ns_current = self.ns_next = -1
         self._forget_parsed()
+        faults: dict[int, list[str]] = {}
         for size in LABEL_SIZES:
             self.label_size = size
-            current = validate_index(self.data, self.config_size, size)
+            current = validate_index(self.data, self.config_size, size, faults.setdefault(size, []))
             if current >= 0:
                 break
         else:
+            self._log_no_index(faults)
             return
         self.ns_current, self.ns_next = current, 1 - current
         # the next index starts as a copy of the current one; free slots read as zeroes
@@ -306,6 +334,29 @@ class DimmLabelData:
             if _bit(free, slot):
                 off = index.labeloff + slot * self.label_size
                 self.data[off:off + self.label_size] = bytes(len(self.data[off:off + self.label_size]))
+
+    def _log_no_index(self, faults: dict[int, list[str]]) -> None:
+        """Neither index block is valid (for either label size): the kernel says why at debug
+        level and leaves the DIMM unlabelled (ns_current -1). A blank area (no signature) is
+        what a new DIMM has; a damaged one (a block with the signature that fails a later
+        check) is worth a line at info level."""
+        for size, reasons in faults.items():
+            for reason in reasons:
+                log.debug("%s: %s (%d-byte labels)", self.name, reason, size)
+        # per block, the reason under the label size the block itself claims
+        said: dict[str, str] = {}
+        for reasons in faults.values():
+            for reason in reasons:
+                block, _, what = reason.partition(" ")
+                if not what.startswith("labelsize") and (block not in said or said[block].startswith("signature")):
+                    said[block] = what
+        damaged = {block: what for block, what in said.items() if not what.startswith("signature")}
+        if damaged:
+            log.info("%s: both namespace index blocks invalid (%s): the label area is not used, the DIMM has no "
+                     "labelled namespaces until its labels are initialized", self.name,
+                     ", ".join(f"{block} {what}" for block, what in sorted(said.items())))
+        else:
+            log.debug("%s: no namespace index (blank label area)", self.name)
 
     # -- geometry
     @property
@@ -548,6 +599,12 @@ class InterleaveSetLabels:
         missing = set(range(self.ways)) - self._positions_found(uuid, cookie)
         return not missing or not missing - self._positions_found(uuid, self.iset.altcookie)
 
+    def _missing(self, uuid: uuidlib.UUID, cookie: int) -> str:
+        """The DIMM at the first position without the uuid's label (the one the kernel names)."""
+        found = self._positions_found(uuid, cookie) | self._positions_found(uuid, self.iset.altcookie)
+        first = min(set(range(self.ways)) - found, default=0)
+        return self.mappings[first].dimm.name or f"position {first}"
+
     def scan(self) -> list[ScannedNamespace]:
         """scan_labels(): the namespaces the labels of mapping 0 describe, completed by the
         other DIMMs. Labels of another interleave set are skipped; a set with a label missing
@@ -568,7 +625,8 @@ class InterleaveSetLabels:
             if label.isetcookie != cookie and label.isetcookie != self.iset.altcookie:
                 continue  # another interleave set's label
             if not self._complete(label.uuid, cookie):
-                raise fail(errno.ENODEV, f"missing label for {label.uuid}")
+                missing = self._missing(label.uuid, cookie)
+                raise fail(errno.ENODEV, f"{missing} missing label for {label.uuid}")
             found[label.uuid] = self._create(label.uuid)
         return sorted(found.values(), key=lambda ns: ns.offset)
 

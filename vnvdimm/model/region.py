@@ -4,6 +4,7 @@ pfn/dax/btt devices that live below them."""
 from __future__ import annotations
 
 import errno
+import logging
 import uuid as uuidlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from vnvdimm.model.dimm import Nvdimm
     from vnvdimm.model.media import Media
 
+log = logging.getLogger("vnvdimm.model")
 
 def default_align(size: int, ways: int) -> int:
     """region_devs.c default_align(): 16 MiB (MEMREMAP_COMPAT_ALIGN_MAX), a page for regions
@@ -346,12 +348,27 @@ class Region(Device):
                 raise fail(errno.ENXIO, f"{m.dimm.name}: is disabled, failing probe")
             mappings.append(LabelMapping(m.dimm.label_data, m.dpa, m.length))
         self.labels = InterleaveSetLabels(mappings, self.iset)
-        scanned = self.labels.scan()
-        out, end = [], 0
+        try:
+            scanned = self.labels.scan()
+        except OSError as e:
+            # scan_labels()'s dev_err() on the region ("nmem1 missing label for <uuid>"): the
+            # region does not probe
+            log.info("%s: %s: namespace labels not usable, region not enabled", self.name,
+                     (e.strerror or str(e)).removesuffix(" (ENODEV)"))
+            raise
+        out: list[ScannedNamespace] = []
+        end = 0
+        dimms = ", ".join(m.dimm.name for m in self.mappings)
         for label in scanned:
             # overlapping DPA ranges: the kernel's DPA reservation at DIMM probe refuses them;
             # the region align is not looked at, it only rules allocations
-            if label.offset < end or label.offset + label.size > self.size or label.size <= 0:
+            if label.offset < end:
+                log.info("%s: labels of %s (offset %#x, size %#x, on %s) overlap those of %s (up to %#x): "
+                         "namespace skipped", self.name, label.uuid, label.offset, label.size, dimms, out[-1].uuid, end)
+                continue
+            if label.offset + label.size > self.size or label.size <= 0:
+                log.info("%s: labels of %s (offset %#x, size %#x, on %s) reach past the region (%#x): "
+                         "namespace skipped", self.name, label.uuid, label.offset, label.size, dimms, self.size)
                 continue
             out.append(label)
             end = label.offset + label.size

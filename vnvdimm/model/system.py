@@ -15,7 +15,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from vnvdimm.model.base import Attr, BusType, Device, Driver, Ida, fail, probing, streq_text, uevent_store
+from vnvdimm.model.base import (
+    Attr,
+    BusType,
+    Device,
+    Driver,
+    Ida,
+    fail,
+    probing,
+    streq_text,
+    sysfs_streq,
+    uevent_store,
+)
 from vnvdimm.model.host_memory import HostMemory, read_host_memory
 from vnvdimm.model.memmap_pause import PauseController
 from vnvdimm.model.nd import BLKEXT_MAJOR, DAX_BUS, DAX_MAJOR, ND_BUS, NDCTL_MAJOR, NMEM_MAJOR
@@ -83,6 +94,10 @@ class ModelLock:
         self._local.work.append(work)
 
 
+#: drivers/base/memory.c online_type_to_str[], in MMOP_* order: what auto_online_blocks takes
+MEMORY_ONLINE_TYPES = ("offline", "online", "online_kernel", "online_movable")
+
+
 class System:
     def __init__(self, engine: MemmapEngine | None = None, memmap: MemmapSettings | None = None) -> None:
         self.lock = ModelLock()
@@ -101,6 +116,8 @@ class System:
         self.memmap_pause = PauseController(self)
         self._notifiers: list[Notifier] = []
         self.modules: ModuleControl | None = None
+        # /sys/devices/system/memory/auto_online_blocks (mhp_default_online_type)
+        self.memory_auto_online = "offline"
         # What a map=mem memmap may take of the host (replaced by tests that need a small host)
         self.host_memory: Callable[[], HostMemory] = read_host_memory
 
@@ -253,6 +270,22 @@ class System:
                  store=autoprobe_store),
             Attr("uevent", 0o200, store=uevent_store),
             Attr("drivers_probe", 0o200, store=lambda buf: self.rescan(bus_name, buf), blocking=True),
+        ]
+
+    def memory_attrs(self) -> list[Attr]:
+        """The attributes of /sys/devices/system/memory/ that daxctl reads and writes."""
+
+        def auto_online_store(buf: bytes) -> None:
+            # auto_online_blocks_store(): mhp_online_type_from_str() or EINVAL
+            for name in MEMORY_ONLINE_TYPES:
+                if sysfs_streq(buf, name):
+                    self.memory_auto_online = name
+                    return
+            raise fail(errno.EINVAL, f"auto_online_blocks takes one of {', '.join(MEMORY_ONLINE_TYPES)}")
+
+        return [
+            Attr("block_size_bytes", 0o444, show=lambda: "8000000\n"),
+            Attr("auto_online_blocks", 0o644, show=lambda: f"{self.memory_auto_online}\n", store=auto_online_store),
         ]
 
     # ------------------------------------------------------------ lifetime

@@ -194,10 +194,8 @@ class TreeBuilder:
                   KAttr(Attr(name, 0o444, show=lambda node_list=node_list: f"{node_list}\n"), self.lock))
         for n in nodes:
             s.dir(f"/sys/devices/system/node/node{n}")
-        s.add("/sys/devices/system/memory/block_size_bytes",
-              KAttr(Attr("block_size_bytes", 0o444, show=lambda: "8000000\n"), self.lock))
-        s.add("/sys/devices/system/memory/auto_online_blocks",
-              KAttr(Attr("auto_online_blocks", 0o644, show=lambda: "offline\n", store=lambda buf: None), self.lock))
+        for attr in self.system.memory_attrs():
+            s.add(f"/sys/devices/system/memory/{attr.name}", KAttr(attr, self.lock))
 
     def _devfile_rdev(self, s: Snapshot) -> None:
         """vnvdimm's device files are regular files, so stat() reports st_rdev 0:0 for them
