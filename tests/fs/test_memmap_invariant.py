@@ -5,6 +5,7 @@ initialized and equal to the kernel's, ``active`` only while pages are still to 
 
 from __future__ import annotations
 
+import mmap
 import os
 import select
 import signal
@@ -117,6 +118,40 @@ def test_memmap_state_reads_active_while_held_at_a_mark(mnt4: Any) -> None:
             assert memmap_state(m.root, dev) == "active"
         done, total = progress(m, dev)
         assert done < total
+    finally:
+        m.write(f"sys/bus/nd/devices/{dev}/memmap/pause_at", b"1000\n")
+        m.write(f"sys/bus/nd/devices/{dev}/memmap/ns_per_page", b"0\n")
+    wait_idle_checking(m, dev)
+
+
+def test_memmap_state_reads_active_with_one_block_to_go(mnt4: Any) -> None:
+    """An early idle is caught every time, not when polling happens to land on it: the
+    background is held at its start (pause mark 1), then reads of the device file initialize
+    every block but the last in the foreground, so the device sits at 95 % or more with a
+    block to go, for as long as we look: it must read active there."""
+    m, dev = mnt4, mnt4.devices[1]  # pfn1.1: 48M fsdax map=mem, 24 blocks of 2 MiB
+    (disk,) = os.listdir(m.path(f"sys/bus/nd/devices/{dev}/block"))
+    # slow pages: background runs of one 2 MiB block (at full speed one run is the device)
+    m.write(f"sys/bus/nd/devices/{dev}/memmap/ns_per_page", b"20000\n")
+    m.write(f"sys/bus/nd/devices/{dev}/memmap/pause_at", b"1\n")
+    try:
+        restart(m, dev)
+        wait_for(lambda: (p := progress(m, dev))[0] * 1000 >= p[1], BOUND_S, f"{dev} to reach its pause mark")
+        # O_DIRECT: no readahead into the last block, no page cache answering for the daemon
+        fd = os.open(m.path(f"dev/{disk}"), os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 1 << 20)
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+            for offset in range(0, size - (2 << 20), 1 << 20):
+                assert os.preadv(fd, [buf], offset) == 1 << 20
+        finally:
+            buf.close()
+            os.close(fd)
+        done, total = progress(m, dev)
+        assert done * 100 >= total * 90 and done < total, f"{dev}: held at {done} of {total} pages"
+        for _ in range(5):
+            assert memmap_state(m.root, dev) == "active"
+        assert progress(m, dev) == (done, total)
     finally:
         m.write(f"sys/bus/nd/devices/{dev}/memmap/pause_at", b"1000\n")
         m.write(f"sys/bus/nd/devices/{dev}/memmap/ns_per_page", b"0\n")

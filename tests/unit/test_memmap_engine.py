@@ -365,20 +365,37 @@ def test_worker_sigkill_is_recovered(make_engine, expected_records) -> None:
     eng = make_engine(2)
     pids = eng.worker_pids()
     assert len(pids) == 2
-    job = eng.create_job(spec(1 << 20, ns_per_page=2000))  # ~1 s per worker: still running
     deadline = time.monotonic() + 30
+    while eng.workers_ready() < 2 and time.monotonic() < deadline:  # both take runs from the start
+        time.sleep(0.01)
+    job = eng.create_job(spec(1 << 20, ns_per_page=2000))  # ~1 s per worker: still running
     while job.pages_done == 0 and time.monotonic() < deadline:  # under way, with most to go
         time.sleep(0.001)
     assert job.active and 0 < job.pages_done < job.pages_total // 2, job
-    os.kill(pids[0], signal.SIGKILL)
-    assert job.wait(60)
+    # Kill a worker while it holds blocks: stopped (SIGSTOP) mid-run, so that what it holds
+    # can come back only through the requeue of its runs (a worker killed between two runs
+    # holds nothing, and the job would complete without the requeue).
+    held, tries = 0, 0
+    while not held:
+        assert job.active, f"the job ended before a worker was caught holding blocks ({tries} tries)"
+        victim = next(w for w in eng.pool.slots if w is not None and w.pid == pids[tries % 2])
+        tries += 1
+        os.kill(victim.pid, signal.SIGSTOP)
+        time.sleep(0.05)  # the dispatcher takes in what it sent before it stopped
+        held = int((job.block_states() == victim.owner).sum())
+        if not held:
+            os.kill(victim.pid, signal.SIGCONT)
+            time.sleep(0.002)
+    os.kill(victim.pid, signal.SIGKILL)
+    assert job.wait(60), f"the {held} blocks the killed worker held were not initialized by anyone: {job}"
     assert not job.cancelled and job.pages_done == job.pages_total
     assert (job.debug_init_counts() == 1).all()
     check_records(job, expected_records, full=True)
+    survivor = next(pid for pid in pids if pid != victim.pid)
     new = eng.worker_pids()
-    assert len(new) == 2 and pids[0] not in new and pids[1] in new
+    assert len(new) == 2 and victim.pid not in new and survivor in new
     assert eng.replacements == 1
-    assert pids[0] not in children()  # reaped
+    assert victim.pid not in children()  # reaped
     # the replacement works
     # the replacement works: a job long enough for both slots to take runs is done by both
     # (the replacement took the dead worker's slot)
