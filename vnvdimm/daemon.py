@@ -192,8 +192,11 @@ def open_log(state: StateDir) -> int:
 
 def setup_logging(state: StateDir, verbose: int, foreground: bool) -> None:
     level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
+    log_dir = state.log_path.parent
     handlers: list[logging.Handler] = [
-        RotatingLog(state.log_path, lambda path: safe_dir.open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT),
+        RotatingLog(state.log_path.name,
+                    lambda name: safe_dir.open_private(log_dir / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT),
+                    lambda old, new: os.replace(log_dir / old, log_dir / new),
                     max_bytes_from_environment())]
     if foreground:
         handlers.append(logging.StreamHandler(sys.stderr))

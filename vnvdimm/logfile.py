@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 #: Rotate once the log reaches this size.
 MAX_BYTES = 4 << 20
@@ -31,22 +30,25 @@ def max_bytes_from_environment() -> int:
         return MAX_BYTES
 
 
-def generation(path: Path, n: int) -> Path:
-    return path if n == 0 else path.with_name(f"{path.name}.{n}")
+def generation(name: str, n: int) -> str:
+    return name if n == 0 else f"{name}.{n}"
 
 
 class RotatingLog(logging.Handler):
-    """A handler appending to `path` through `opener` (the state dir's private open), rotating
-    it before a record would take it past `max_bytes`."""
+    """A handler appending to the file `name` of a directory, rotating it before a record would
+    take it past `max_bytes`. The directory is reached only through `opener` (name -> a file
+    descriptor open for appending) and `rename` (old name, new name; replacing): the state
+    dir's own private, no-symlink operations."""
 
-    def __init__(self, path: Path, opener: Callable[[Path], int], max_bytes: int = MAX_BYTES,
-                 backups: int = BACKUPS) -> None:
+    def __init__(self, name: str, opener: Callable[[str], int], rename: Callable[[str, str], None],
+                 max_bytes: int = MAX_BYTES, backups: int = BACKUPS) -> None:
         super().__init__()
-        self.path = path
+        self.name_in_dir = name
         self.opener = opener
+        self.rename = rename
         self.max_bytes = max_bytes
         self.backups = backups
-        self.fd = opener(path)
+        self.fd = opener(name)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -63,8 +65,8 @@ class RotatingLog(logging.Handler):
         old = os.fstat(self.fd)
         for n in range(self.backups, 0, -1):
             with contextlib.suppress(FileNotFoundError):
-                os.replace(generation(self.path, n - 1), generation(self.path, n))
-        new = self.opener(self.path)
+                self.rename(generation(self.name_in_dir, n - 1), generation(self.name_in_dir, n))
+        new = self.opener(self.name_in_dir)
         try:
             for name in os.listdir("/proc/self/fd"):
                 fd = int(name)

@@ -52,8 +52,7 @@ def test_the_driver_core_probing_of_an_enable_is_no_refusal(mnt) -> None:
     nd_pmem's ENXIO for a claimed namespace are what ndctl's enable loop expects: the writer
     still gets the errno, the log does not call them refused stores."""
     dax = holder(mnt, "namespace1.0")
-    for driver, name, code in (("nd_region", "namespace1.0", errno.ENODEV), ("dax_pmem", dax, errno.EBUSY),
-                               ("nd_pmem", "nosuchdevice", errno.ENODEV)):
+    for driver, name, code in (("nd_region", "namespace1.0", errno.ENODEV), ("dax_pmem", dax, errno.EBUSY)):
         with pytest.raises(OSError) as e:
             mnt.write(f"sys/bus/nd/drivers/{driver}/bind", name.encode() + b"\0")
         assert e.value.errno == code, driver
@@ -65,6 +64,12 @@ def test_the_driver_core_probing_of_an_enable_is_no_refusal(mnt) -> None:
     assert "store refused" not in log, log
     # what the enable did is there, as what it is
     assert "namespace1.0: claimed by dax1.1, found on its media" in log
+    # a name that is no device is the writer's mistake, not probing
+    with pytest.raises(OSError) as e:
+        mnt.write("sys/bus/nd/drivers/nd_pmem/bind", b"nosuchdevice\0")
+    assert e.value.errno == errno.ENODEV
+    assert "store refused: device nd_pmem, attribute bind, value 'nosuchdevice': nd_pmem: no device " \
+           "'nosuchdevice' on the nd bus (ENODEV)" in log_text(mnt)
 
 
 def test_no_libfuse_warning_at_mount_and_a_line_per_finished_memmap(mnt) -> None:

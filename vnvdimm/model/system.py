@@ -228,7 +228,8 @@ class System:
         """bind_store(): ENODEV unless the named device exists on the bus and matches."""
         dev = self.find_device(drv.bus_name, buf)
         if dev is None:
-            raise probing(errno.ENODEV, f"{drv.name}: no device {streq_text(buf)[:64]!r} on the {drv.bus_name} bus")
+            # not the driver core's probing (ndctl names devices that exist): the writer's mistake
+            raise fail(errno.ENODEV, f"{drv.name}: no device {streq_text(buf)[:64]!r} on the {drv.bus_name} bus")
         if not self.match(drv, dev):
             raise probing(errno.ENODEV, f"{drv.name} does not match {dev.name}")
         self.driver_attach(drv, dev)
