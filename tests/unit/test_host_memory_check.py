@@ -1,5 +1,5 @@
 """The host-memory check of a map=mem enable, and the config check's warning, against given
-hosts (the mount test, tests/reliability/test_host_memory.py, uses the real one)."""
+hosts (tests/reliability/test_host_memory.py mounts with the real one)."""
 
 from __future__ import annotations
 
