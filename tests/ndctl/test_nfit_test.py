@@ -6,6 +6,7 @@ module resetting the platform without touching the host."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,47 @@ def test_other_modules(nt) -> None:  # type: ignore[no-untyped-def]
     assert res.returncode == 1 and "not found" in res.stderr
     res = nt.run("sh", "-c", "journalctl -k -r --since -2s; echo rc=$?")
     assert res.stdout == "rc=0\n"
+
+
+# What ndctl_test_init() (ndctl's test/core.c) asks before it trusts a platform, asked through
+# libkmod itself: each module's path from modules.dep.bin, its initstate, its taint.
+KMOD_PROBE = r"""
+import ctypes, os, sys
+kmod = ctypes.CDLL("libkmod.so.2")
+kmod.kmod_new.restype = ctypes.c_void_p
+kmod.kmod_module_get_path.restype = ctypes.c_char_p
+kmod.kmod_module_get_path.argtypes = [ctypes.c_void_p]
+kmod.kmod_module_get_initstate.argtypes = [ctypes.c_void_p]
+ctx = kmod.kmod_new(None, None)
+for name in sys.argv[1:]:
+    mod = ctypes.c_void_p()
+    assert kmod.kmod_module_new_from_name(ctypes.c_void_p(ctx), name.encode(), ctypes.byref(mod)) == 0
+    path = kmod.kmod_module_get_path(mod)
+    state = kmod.kmod_module_get_initstate(mod)  # KMOD_MODULE_LIVE = 1
+    taint = open(f"/sys/module/{name}/taint").read().strip() if state == 1 else "-"
+    print(name, path.decode() if path else None, state, repr(taint))
+"""
+
+
+def test_ndctl_test_init_finds_the_mocked_modules_out_of_tree(nt) -> None:  # type: ignore[no-untyped-def]
+    host_lib_modules = Path("/lib/modules").exists()
+    names = ("nfit", "device_dax", "dax_pmem", "libnvdimm", "nd_btt", "nd_e820", "nd_pmem", "nfit_test", "dax")
+    res = nt.run("python3", "-c", KMOD_PROBE, *names)
+    assert res.returncode == 0, res.stderr
+    release = os.uname().release
+    seen = {line.split()[0]: line.split()[1:] for line in res.stdout.splitlines()}
+    for name in names[:7]:
+        assert seen[name] == [f"/lib/modules/{release}/extra/{name}.ko", "1", "'O'"], name
+    assert seen["nfit_test"] == [f"/lib/modules/{release}/extra/test/nfit_test.ko", "1", "'O'"]
+    assert seen["dax"] == [f"/lib/modules/{release}/kernel/drivers/dax/dax.ko", "1", "''"]  # the distribution's
+    assert Path("/lib/modules").exists() == host_lib_modules  # the view was the namespace's only
+
+    # the kernel's module graph: holders/ and refcnt of a module its users hold
+    res = nt.run("sh", "-c", "ls /sys/module/nfit/holders; cat /sys/module/nfit/refcnt; "
+                             "test -d /sys/bus/acpi/drivers/nfit && echo acpi")
+    assert (res.returncode, res.stdout) == (0, "nfit_test\n1\nacpi\n"), res.stderr
+    res = nt.run("sh", "-c", "modprobe -r nfit_test && ls /sys/module/nfit/holders; cat /sys/module/nfit/refcnt")
+    assert (res.returncode, res.stdout) == (0, "0\n"), res.stderr
 
 
 @pytest.mark.skipif(not Path("/sys/kernel/mm/hugepages").is_dir(), reason="the host has no hugepages in sysfs")

@@ -11,12 +11,15 @@ server letting its clients cache lookups and attributes can invalidate exactly t
 
 from __future__ import annotations
 
+import errno
+import os
 import posixpath
 import threading
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from vnvdimm.model.base import Attr, BinAttr, Device, Group, Link, uevent_store
+from vnvdimm.model import kmod
+from vnvdimm.model.base import Attr, BinAttr, Device, Group, Link, fail, uevent_store
 from vnvdimm.model.bus import NdCtl, NvdimmBus
 from vnvdimm.model.dax import DevDax
 from vnvdimm.model.dimm import Nvdimm
@@ -31,6 +34,11 @@ from vnvdimm.sysfs.kernfs import Events, KAttr, KBin, KDir, KLink, KNode
 # instead of loading anything.
 MODULES = ("libnvdimm", "nd_pmem", "nd_btt", "nd_e820", "nfit", "dax", "dax_pmem", "device_dax", "kmem",
            "dax_hmem", "device_hmem")
+
+
+def _refuse_store(buf: bytes) -> None:
+    """bind/unbind of the ACPI nfit driver: there is no ACPI device for it here."""
+    raise fail(errno.ENODEV, "no ACPI device to bind or unbind")
 
 
 # Directories of the host's /sys that with-vnvdimm mounts over the emulated tree's empty ones
@@ -167,10 +175,7 @@ class TreeBuilder:
             for drv in drivers.values():
                 self._driver(s, f"{base}/drivers/{drv.name}", drv)  # type: ignore[arg-type]
         modules = self.system.modules
-        loaded = [name for name in modules.names() if modules.loaded(name)] if modules is not None else []
-        for mod in (*MODULES, *loaded):
-            s.add(f"/sys/module/{mod}/initstate", KAttr(Attr("initstate", 0o444, show=lambda: "live\n"), self.lock))
-            s.add(f"/sys/module/{mod}/refcnt", KAttr(Attr("refcnt", 0o444, show=lambda: "0\n"), self.lock))
+        self._kernel_modules(s)
         if modules is not None and modules.names():  # vnvdimm extension: what the modprobe shim talks to
             s.add("/sys/module/vnvdimm/modules", KAttr(Attr(
                 "modules", 0o444, show=lambda: "".join(f"{n}\n" for n in modules.names())), self.lock))
@@ -185,6 +190,44 @@ class TreeBuilder:
         self._dev(s)
         s.seal()
         return s
+
+    def _kernel_modules(self, s: Snapshot) -> None:
+        """/sys/module/NAME of each loaded module (initstate, refcnt, taint, holders/), the
+        ACPI bus the nfit driver registers on, and the platform's /lib/modules/$(uname -r)
+        index (with-vnvdimm lays it over the host's), from which libkmod resolves a module's
+        path."""
+        modules = self.system.modules
+        loadable = modules.names() if modules is not None else []
+        loaded = [name for name in loadable if modules is not None and modules.loaded(name)]
+        installed = kmod.installed_modules(kmod.TEST_MODULE in loadable)
+        live = {*MODULES, *loaded}
+        if kmod.TEST_MODULE in loadable:  # the mocked modules keep nfit_test_iomap loaded
+            live.add(kmod.IOMAP)
+        for mod in sorted(live):
+            info = installed.get(mod)
+            users = kmod.holders(installed, live, mod) if info is not None else []
+            base = f"/sys/module/{mod}"
+            s.add(f"{base}/initstate", KAttr(Attr("initstate", 0o444, show=lambda: "live\n"), self.lock))
+            refcnt = f"{len(users)}\n"
+            s.add(f"{base}/refcnt", KAttr(Attr("refcnt", 0o444, show=lambda r=refcnt: r), self.lock))
+            taint = info.taint if info is not None else ""
+            s.add(f"{base}/taint", KAttr(Attr("taint", 0o444, show=lambda t=taint: f"{t}\n"), self.lock))
+            s.dir(f"{base}/holders")
+            for user in users:
+                s.link(f"{base}/holders/{user}", f"/sys/module/{user}")
+        # drivers/acpi/nfit registers its ACPI driver when it loads, whether or not the
+        # firmware has an NFIT (ACPI0012) device for it to bind
+        s.dir("/sys/bus/acpi/devices")
+        s.link("/sys/bus/acpi/drivers/nfit/module", "/sys/module/nfit")
+        for name in ("bind", "unbind", "uevent"):
+            s.add(f"/sys/bus/acpi/drivers/nfit/{name}",
+                  KAttr(Attr(name, 0o200, store=uevent_store if name == "uevent" else _refuse_store), self.lock))
+        release = f"/lib/modules/{os.uname().release}"
+        dep_text = kmod.modules_dep(installed).encode()
+        dep_bin = kmod.dep_index(installed)
+        for name, data in (("modules.dep", dep_text), ("modules.dep.bin", dep_bin)):
+            s.add(f"{release}/{name}", KBin(BinAttr(name, 0o444, size=lambda d=data: len(d),
+                                                    read=lambda off, size, d=data: d[off:off + size]), self.lock))
 
     def _system_dirs(self, s: Snapshot) -> None:
         nodes = sorted({0} | {r.numa_node for b in self.system.buses for r in b.regions})
