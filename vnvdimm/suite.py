@@ -1,24 +1,30 @@
-"""Run an ndctl source tree's own test scripts against vnvdimm, one fresh platform per test.
+"""Run an ndctl source tree's own tests against vnvdimm, one fresh platform per test.
 
-    python -m vnvdimm.suite NDCTL_SRC/test [TEST...] [--timeout S] [--json FILE] [-v]
+    python -m vnvdimm.suite NDCTL_SRC/test [TEST...] [--test-path BUILD/test | --build DIR]
+                            [--timeout S] [--json FILE] [-v]
 
-ndctl's `test/` folder (any version; vnvdimm ships none of it) holds shell tests that expect
-the buses of the kernel's nfit_test module (`nfit_test.0`, `nfit_test.1`), a few that use an
-ACPI.NFIT or e820 bus, and C tests that must be built against libndctl first. Each shell test
-runs here in its own mount (a platform chosen from the buses it names: nfit_test by default)
-through `with-vnvdimm`, so `/sys` and `/dev` are the emulated ones and its `modprobe`,
-`modinfo` and `journalctl` calls are answered by vnvdimm's shims. NDCTL and DAXCTL are the
-tools found on the PATH unless set in the environment. Tests that run ndctl's C helpers
-(`list-smart-dimm`, `smart-notify`, `daxdev-errors`, `dax-dev`...) find them in TEST_PATH
-(`--test-path`: the `test/` folder of an ndctl build); without them those tests fail. The
-result is a table: PASS (exit 0), SKIP (exit 77, ndctl's convention), SETUP-FAIL (exit 77 from
-the err() trap: the test failed before its own setup was done), FAIL (anything else), TIMEOUT.
+ndctl's `test/` folder (any version; vnvdimm ships none of it) lists its suite in meson.build:
+shell tests that expect the buses of the kernel's nfit_test module (`nfit_test.0`,
+`nfit_test.1`), a few that use an ACPI.NFIT or e820 bus, and C tests (libndctl, dsm-fail,
+ack-shutdown-count-set, pmem-ns, dax-dev, device-dax...) built from ndctl's source. Only that
+list runs (helper scripts beside it, such as dax.sh or security.sh, do not), in its order.
+Each test runs in its own mount (a platform chosen from the buses it or its C source names,
+nfit_test by default, sized for what the test does) through `with-vnvdimm`, so `/sys`, `/dev`
+and the kernel modules libkmod sees are the emulated ones and its `modprobe`, `modinfo` and
+`journalctl` calls are answered by vnvdimm's shims. NDCTL and DAXCTL are the tools found on the
+PATH unless set in the environment. The C tests and the helpers the shell tests run
+(`list-smart-dimm`, `smart-notify`, `daxdev-errors`, `dax-dev`...) are taken from TEST_PATH
+(`--test-path`: the `test/` folder of an ndctl build), or built by `--build DIR` from the source
+tree with meson (the Debian packages it needs: docs/tools.md). A test that needs a tool the host
+lacks (fio, uuidgen, jq...) is reported as MISSING with the tool's name. Nothing is installed
+into the host: no key in its keyrings, nothing in /etc/ndctl. The result is a table: PASS
+(exit 0), SKIP (exit 77, ndctl's convention), SETUP-FAIL (exit 77 from the err() trap: the test
+failed before its own setup was done), FAIL (anything else), TIMEOUT, MISSING, ERROR.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -30,11 +36,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vnvdimm.model import keyring
 from vnvdimm.testbed import WITH_VNVDIMM, Testbed, TestbedError, with_preload
 
 SKIP_STATUS = 77
-STATUSES = ("PASS", "SKIP", "SETUP-FAIL", "FAIL", "TIMEOUT", "ERROR")
+STATUSES = ("PASS", "SKIP", "SETUP-FAIL", "FAIL", "TIMEOUT", "MISSING", "ERROR")
 
 NFIT_TEST: dict[str, Any] = {"template": "nfit_test", "memmap": {"workers": 1}}
 # align.sh and sub-section.sh want an ACPI.NFIT bus with an empty, 1 GiB-aligned, labelled
@@ -45,17 +50,19 @@ ACPI_NFIT: dict[str, Any] = {
     "dimm": [{"size": "8G"}],
     "region": [{"dimms": [0]}],
 }
-# daxctl-create.sh carves the capacity of a soft-reserved (dax_hmem) region; its align test
-# wants a 1 GiB device beside the rest, so 2 GiB of it (RAM: an anonymous memory file).
-HMEM: dict[str, Any] = {
-    "template": "e820", "memmap": {"workers": 1},
-    "region": [{"size": "32M", "namespace": {"mode": "raw"}}],
-    "hmem": [{"size": "2G"}],
-}
 E820: dict[str, Any] = {
     "template": "e820", "memmap": {"workers": 1},
     "region": [{"size": "1G", "namespace": {"mode": "raw"}}],
 }
+# device-dax-fio.sh makes its victim a devdax namespace aligned to 4 KiB, 2 MiB and 1 GiB in
+# turn: with the memmap on the device (ndctl's default) and the data start rounded up to 1 GiB,
+# a 1 GiB region leaves nothing; 4 GiB (sparse) leave 3 GiB.
+E820_LARGE: dict[str, Any] = {**E820, "region": [{"size": "4G", "namespace": {"mode": "raw"}}]}
+# tests by name that need a bigger platform than their bus's default
+LARGE = {"device-dax-fio.sh": ("e820", E820_LARGE)}
+# programs a test runs that a host may lack (ndctl's check_prereq names them too, then skips)
+TOOLS = ("fio", "uuidgen", "jq", "parted", "mkfs.ext4", "mkfs.xfs", "xxd", "trace-cmd", "keyctl", "losetup",
+         "blockdev", "filefrag", "dd", "mount", "mkfs.ext4")
 
 
 @dataclass
@@ -73,8 +80,6 @@ def platform_for(script_text: str) -> tuple[str, dict[str, Any]]:
     which picks the test's victim namespace, looks for it on the e820 bus)."""
     if re.search(r"\$TEST_PATH/dax-dev\b", script_text):
         return "e820", E820
-    if re.search(r"dax_hmem|device_hmem", script_text):
-        return "hmem", HMEM
     if re.search(r"NFIT_TEST_BUS|nfit_test", script_text):
         return "nfit_test", NFIT_TEST
     if re.search(r"ACPI_BUS|ACPI\.NFIT", script_text):
@@ -84,87 +89,162 @@ def platform_for(script_text: str) -> tuple[str, dict[str, Any]]:
     return "nfit_test", NFIT_TEST
 
 
-def discover(test_dir: Path, wanted: list[str]) -> list[Path]:
-    """The shell tests of the folder, in meson.build's order when it has one."""
+def platform_for_c(source_text: str) -> tuple[str, dict[str, Any]]:
+    """The platform a C test expects, from its sources: pmem-ns prefers an ACPI.NFIT bus (it
+    falls back to nfit_test only without one); dax-dev.c's ndctl_get_test_dev() looks for its
+    victim on e820 (device-dax and revoke_devmem link it); the rest name nfit_test's buses."""
+    if re.search(r"ACPI\.NFIT", source_text):
+        return "ACPI.NFIT", ACPI_NFIT
+    if re.search(r"\be820\b", source_text):
+        return "e820", E820
+    return "nfit_test", NFIT_TEST
+
+
+@dataclass(frozen=True)
+class SuiteTest:
+    """One test of the suite: its name in meson.build and what runs it."""
+
+    name: str
+    script: Path | None  # a shell test
+    executable: str | None = None  # a C test: the program's name in the build's test/ folder
+    sources: tuple[Path, ...] = ()
+
+    def text(self) -> str:
+        files = [self.script] if self.script is not None else list(self.sources)
+        return "\n".join(f.read_text(errors="replace") for f in files if f.is_file())
+
+    def platform(self) -> tuple[str, dict[str, Any]]:
+        if self.name in LARGE:
+            return LARGE[self.name]
+        return platform_for(self.text()) if self.script is not None else platform_for_c(self.text())
+
+
+def _meson_call(text: str, start: int) -> str:
+    """The text of a meson call from `start` (at its opening parenthesis) to its close."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i + 1]
+    return text[start:]
+
+
+def _statement(text: str, start: int) -> str:
+    """A meson statement from `start` to the end of its line, brackets spanning lines included."""
+    depth = 0
+    for i in range(start, len(text)):
+        ch = text[i]
+        depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(ch, 0)
+        if ch == "\n" and depth <= 0:
+            return text[start:i]
+    return text[start:]
+
+
+def _c_sources(text: str, call: str, test_dir: Path) -> tuple[Path, ...]:
+    """The .c files of an executable() call, those of the *_src lists it names included."""
+    names = re.findall(r"'([\w.-]+\.c)'", call)
+    for var in re.findall(r"\b(\w+_src)\b", call):
+        for m in re.finditer(rf"^\s*{var}\s*\+?=", text, re.M):
+            names += re.findall(r"'([\w.-]+\.c)'", _statement(text, m.end()))
+    return tuple(test_dir / n for n in dict.fromkeys(names) if (test_dir / n).is_file())
+
+
+def suite_tests(test_dir: Path) -> list[SuiteTest]:
+    """The suite as meson.build declares it (its `tests` list, the destructive and keyutils
+    additions included), in its order; without such a list (an older tree, a folder laid out
+    by hand), every *.sh, those meson.build finds first."""
     scripts = {p.name: p for p in sorted(test_dir.glob("*.sh"))}
-    order: list[str] = []
     meson = test_dir / "meson.build"
-    if meson.exists():
-        order = [name for name in re.findall(r"find_program\('([^']+\.sh)'\)", meson.read_text()) if name in scripts]
-    names = order + [n for n in scripts if n not in order]
-    if wanted:
-        unknown = [w for w in wanted if w not in scripts and f"{w}.sh" not in scripts]
-        if unknown:
-            raise SystemExit(f"vnvdimm.suite: no such test in {test_dir}: {', '.join(unknown)}")
-        names = [n for n in names if n in wanted or n.removesuffix(".sh") in wanted]
-    return [scripts[n] for n in names]
+    text = meson.read_text() if meson.exists() else ""
+    entries = re.findall(r"\[\s*'([^']+)'\s*,\s*(\w+)\s*,\s*'\w+'\s*\]", text)
+    if not entries:
+        order = [n for n in re.findall(r"find_program\('([^']+\.sh)'\)", text) if n in scripts]
+        return [SuiteTest(n, scripts[n]) for n in order + [n for n in scripts if n not in order]]
+    programs: dict[str, SuiteTest] = {}
+    for m in re.finditer(r"^\s*(\w+)\s*=\s*find_program\('([^']+)'\)", text, re.M):
+        programs[m.group(1)] = SuiteTest("", test_dir / m.group(2))
+    for m in re.finditer(r"^\s*(\w+)\s*=\s*executable\(\s*'([^']+)'", text, re.M):
+        call = _meson_call(text, m.end() - len(m.group(2)) - 3)
+        programs[m.group(1)] = SuiteTest("", None, m.group(2), _c_sources(text, call, test_dir))
+    tests = []
+    for name, var in entries:
+        prog = programs.get(var)
+        if prog is not None:
+            tests.append(SuiteTest(name, prog.script, prog.executable, prog.sources))
+    return tests
 
 
-# ndctl keeps key blobs in /etc/ndctl/keys (NDCTL_KEYS_DIR) and the security tests write
-# there: inside the test's mount namespace the folder is a fresh tmpfs, so nothing a test
-# writes or leaves behind reaches the host's.
-KEYS_DIR_GUARD = (
-    'd=/etc/ndctl/keys; if [ -d "$d" ]; then mount -t tmpfs -o mode=0755 vnvdimm-keys "$d" || exit 1; '
-    'elif [ -d /etc/ndctl ]; then mount -t tmpfs -o mode=0755 vnvdimm-keys /etc/ndctl && mkdir "$d" || exit 1; '
-    'else echo "vnvdimm.suite: no /etc/ndctl to hide the test\'s key blobs in" >&2; exit 1; fi; exec "$@"')
+def discover(test_dir: Path, wanted: list[str]) -> list[SuiteTest]:
+    """The suite's tests, or those of them named in `wanted` (with or without .sh)."""
+    tests = suite_tests(test_dir)
+    if not wanted:
+        return tests
+    def known(w: str) -> bool:
+        return any(w in (t.name, t.name.removesuffix(".sh"), t.executable) for t in tests)
+    unknown = [w for w in wanted if not known(w)]
+    if unknown:
+        raise SystemExit(f"vnvdimm.suite: no such test in {test_dir}: {', '.join(unknown)}")
+    return [t for t in tests if {t.name, t.name.removesuffix(".sh"), t.executable} & set(wanted)]
 
 
-def _sourced_scripts(script: Path, text: str) -> list[str]:
-    """The text of the test folder's other scripts this one runs or sources by name
-    (nfit-security.sh is `security.sh nfit`)."""
-    parts = []
-    for name in set(re.findall(r"\b([\w.-]+\.sh)\b", text)) - {script.name}:
-        path = script.parent / name
-        if path.is_file():
-            parts.append(path.read_text(errors="replace"))
-    return parts
+def missing_tools(text: str, path: str) -> list[str]:
+    """The tools the test runs (check_prereq "X", or a command at the start of a line or pipe)
+    that are not on the PATH."""
+    needed = set(re.findall(r"check_prereq\s+\"?([\w.-]+)", text))
+    needed |= {t for t in TOOLS if re.search(rf"(^|[|;&(]|\$\()\s*{re.escape(t)}\b", text, re.M)}
+    return sorted(t for t in needed if shutil.which(t, path=path) is None)
 
 
-def run_one(script: Path, timeout: float, env: dict[str, str]) -> Result:
-    text = script.read_text(errors="replace")
-    name, topology = platform_for(text)
+def run_one(test: SuiteTest, timeout: float, env: dict[str, str]) -> Result:
+    name, topology = test.platform()
     started = time.monotonic()
-    uses_keys = "keyctl" in text or any("keyctl" in part for part in _sourced_scripts(script, text))
-    if uses_keys:
-        why = keyring.keyctl_available()
-        if why is not None:  # a container's seccomp profile, typically: no kernel keyring at all
-            return Result(script.name, "SKIP", 0.0, None, name, f"skipped: {why}; the test needs the kernel keyring")
-    before = keyring.user_keyring_links() if uses_keys else set()
-    try:
-        return _run(script, name, topology, timeout, env, uses_keys, started)
-    finally:
-        if uses_keys:
-            # keys a failed test left in root's user keyring go (its own cleanup unlinks them)
-            for serial in keyring.user_keyring_links() - before:
-                with contextlib.suppress(OSError):
-                    keyring.unlink_from_user_keyring(serial)
-
-
-def _run(script: Path, name: str, topology: dict[str, Any], timeout: float, env: dict[str, str], uses_keys: bool,
-         started: float) -> Result:
+    if test.script is not None:
+        # as meson runs them: by their own #! line (some trace with bash -x)
+        cmd = [str(test.script)] if os.access(test.script, os.X_OK) else ["bash", str(test.script)]
+        missing = missing_tools(test.text(), env.get("PATH", ""))
+    else:
+        assert test.executable is not None
+        program = Path(env.get("TEST_PATH", "")) / test.executable
+        if "TEST_PATH" not in env or not os.access(program, os.X_OK):
+            return Result(test.name, "MISSING", 0.0, None, name,
+                          f"{test.executable}: not built (give --test-path BUILD/test or --build DIR)")
+        cmd = [str(program)]
+        missing = []
+    if missing:
+        return Result(test.name, "MISSING", 0.0, None, name, f"needs {', '.join(missing)} (not on the PATH)")
     try:
         with Testbed(topology) as tb:
-            # ndctl's scripts find `common` and their data next to themselves; they write
-            # nothing there. Their working directory is a scratch dir of the test bed.
+            # ndctl's tests find `common` and their data next to themselves; they write nothing
+            # there. Their working directory is a scratch dir of the test bed, and so is HOME:
+            # nothing they write there (keys, configuration) reaches the host's.
             assert tb.dir is not None
-            # as meson runs them: by their own #! line (some trace with bash -x)
-            cmd = [str(script)] if os.access(script, os.X_OK) else ["bash", str(script)]
-            if uses_keys:
-                cmd = ["sh", "-c", KEYS_DIR_GUARD, "sh", *cmd]
-            proc = subprocess.run([str(WITH_VNVDIMM), str(tb.root), "--", *cmd], cwd=tb.dir, env=env,
+            run_env = {**env, "HOME": str(tb.dir)}
+            proc = subprocess.run([str(WITH_VNVDIMM), str(tb.root), "--", *cmd], cwd=tb.dir, env=run_env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
             code: int | None = proc.returncode
             output = proc.stdout
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return Result(script.name, "TIMEOUT", time.monotonic() - started, None, name, out[-2000:])
+        return Result(test.name, "TIMEOUT", time.monotonic() - started, None, name, out[-2000:])
     except TestbedError as e:
-        return Result(script.name, "ERROR", time.monotonic() - started, None, name, str(e))
+        return Result(test.name, "ERROR", time.monotonic() - started, None, name, str(e))
     status = "PASS" if code == 0 else "SKIP" if code == SKIP_STATUS else "FAIL"
     if status == "SKIP" and re.search(r": failed at line \d+", output):
         # err() exits with $rc, still 77 before a test's setup is done: a failure, not a skip
         status = "SETUP-FAIL"
-    return Result(script.name, status, time.monotonic() - started, code, name, output[-4000:])
+    return Result(test.name, status, time.monotonic() - started, code, name, output[-4000:])
+
+
+def build_helpers(source: Path, build: Path) -> Path:
+    """ndctl's tests and helpers built from its source tree with meson into `build`; returns
+    the build's test/ folder. Configured as ndctl's suite needs (tests, destructive ones,
+    keyutils), documentation off."""
+    if not (build / "build.ninja").exists():
+        subprocess.run(["meson", "setup", str(build), str(source), "-Dtest=enabled", "-Ddestructive=enabled",
+                        "-Ddocs=disabled", "-Dasciidoctor=disabled", "-Dsystemd=disabled", "-Dkeyutils=enabled"],
+                       check=True)
+    subprocess.run(["ninja", "-C", str(build)], check=True)
+    return build / "test"
 
 
 def table(results: list[Result]) -> str:
@@ -184,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the results (with each output's tail) here")
     p.add_argument("--test-path", type=Path,
                    help="where ndctl's built test helpers are (TEST_PATH; default: the environment's)")
+    p.add_argument("--build", type=Path, metavar="DIR",
+                   help="build ndctl's tests and helpers from the source tree with meson into DIR (reused when "
+                        "configured already) and take them from there")
     p.add_argument("-v", "--verbose", action="store_true", help="print the output tail of tests that fail")
     args = p.parse_args(argv)
     if not (args.test_dir / "common").is_file():
@@ -196,14 +279,26 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"{tool} not found on the PATH (or set {var})")
             env[var] = found
     env.setdefault("CXL", shutil.which("cxl") or "/bin/false")
+    if args.test_path is not None and args.build is not None:
+        p.error("give --test-path or --build, not both")
+    if args.build is not None:
+        for tool in ("meson", "ninja"):
+            if shutil.which(tool) is None:
+                p.error(f"--build needs {tool} (see docs/tools.md for the packages)")
+        if not (args.test_dir.parent / "meson.build").is_file():
+            p.error(f"{args.test_dir.parent}: not an ndctl source tree (no meson.build)")
+        try:
+            args.test_path = build_helpers(args.test_dir.parent.resolve(), args.build.resolve())
+        except subprocess.CalledProcessError as e:
+            p.error(f"building ndctl's tests failed: {e}")
     if args.test_path is not None:
         if not args.test_path.is_dir():
             p.error(f"{args.test_path}: not a directory")
         env["TEST_PATH"] = str(args.test_path.resolve())
     env = with_preload(env)
     results = []
-    for script in discover(args.test_dir, args.tests):
-        result = run_one(script, args.timeout, env)
+    for test in discover(args.test_dir, args.tests):
+        result = run_one(test, args.timeout, env)
         results.append(result)
         print(f"{result.test}: {result.status} ({result.seconds:.1f} s)", file=sys.stderr, flush=True)
         if args.verbose and result.status not in ("PASS", "SKIP"):

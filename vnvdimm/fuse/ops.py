@@ -597,10 +597,12 @@ class VnvdimmOperations(fuse.Operations):
                 fi.keep_cache = 1 if last is None or last == data.serial else 0
                 self._last_serial[path] = data.serial
             follow = None
-            if flags & os.O_NOATIME:
+            if flags & os.O_NOATIME and node.kind == "b":
                 # The backing file of a loop block device (vnvdimm/blockdev.py asks so): it stands
                 # for the block device of that name, which a namespace reconfiguration replaces,
                 # as the kernel replaces /dev/pmemN. Uncached: the device under it may change.
+                # Only block device files back loop devices; a character device (device-dax)
+                # opened O_NOATIME (fio does) stays mappable MAP_SHARED.
                 follow = partial(self._device_data, path)
                 fi.direct_io = 1
             if flags & os.O_DIRECT:
