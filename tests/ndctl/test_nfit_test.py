@@ -98,6 +98,29 @@ def test_the_nfit_test_dimm_class(nt) -> None:  # type: ignore[no-untyped-def]
     assert nt.path(f"{knob}/lock_dimm").stat().st_mode & 0o777 == 0o200
 
 
+def test_nfit_values_libndctl_checks(nt) -> None:  # type: ignore[no-untyped-def]
+    dimm = "sys/bus/nd/devices/nmem{}/nfit/{}"
+    # nfit_test.0's DIMMs: acpi/nfit keeps the BLK control region (code 0x201), and the
+    # shutdown count of smart_def read at registration; nfit_test.1's answer no SMART
+    assert [nt.read(dimm.format(0, a)) for a in ("format", "formats", "dirty_shutdown")] == ["0x0201\n", "1\n", "42\n"]
+    assert nt.read(dimm.format(4, "format")) == "0x0101\n"
+    assert not nt.path(dimm.format(4, "dirty_shutdown")).exists()
+    # the count is the one at registration: a dirty shutdown injected since shows in SMART only
+    res = nt.run("ndctl", "inject-smart", "-U", "nmem0")
+    assert res.returncode == 0, res.stderr
+    assert nt.ndctl("list", "-DH", "-d", "nmem0")[0]["health"]["shutdown_count"] == 43  # type: ignore[index]
+    assert nt.read(dimm.format(0, "dirty_shutdown")) == "42\n"
+
+    # a pmem disk's dax device caches writes where the region has a cache (not cpu_cache)
+    wc = "sys/block/pmem3/dax/write_cache"
+    assert nt.read(wc) == "1\n"
+    nt.write(wc, b"0")
+    assert nt.read(wc) == "0\n"
+    with pytest.raises(OSError):
+        nt.write(wc, b"maybe")
+    assert nt.read(wc) == "0\n"
+
+
 def label_area(nt, dimm: int) -> bytes:  # type: ignore[no-untyped-def]
     return Path(nt.state_dir, "labels", f"nmem{dimm}.lsa").read_bytes()
 
@@ -174,6 +197,35 @@ def test_ndctl_test_init_finds_the_mocked_modules_out_of_tree(nt) -> None:  # ty
     assert (res.returncode, res.stdout) == (0, "nfit_test\n1\nacpi\n"), res.stderr
     res = nt.run("sh", "-c", "modprobe -r nfit_test && ls /sys/module/nfit/holders; cat /sys/module/nfit/refcnt")
     assert (res.returncode, res.stdout) == (0, "0\n"), res.stderr
+
+
+KMOD_RELOAD = r"""
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+kmod = ctypes.CDLL("libkmod.so.2")
+kmod.kmod_new.restype = ctypes.c_void_p
+ctx = ctypes.c_void_p(kmod.kmod_new(None, None))
+mod = ctypes.c_void_p()
+assert kmod.kmod_module_new_from_name(ctx, b"nfit_test", ctypes.byref(mod)) == 0
+print("remove", kmod.kmod_module_remove_module(mod, 0), os.path.exists("/sys/bus/nd/devices/ndbus0"))
+print("insert", kmod.kmod_module_probe_insert_module(mod, 0, None, None, None, None),
+      os.path.exists("/sys/bus/nd/devices/ndbus0"))
+for name in (b"libnvdimm", b"nd_e820", b"no_such_module"):  # held by others; not the platform's; absent
+    print(name.decode(), libc.delete_module(name, 0), errno.errorcode[ctypes.get_errno()])
+print("init_module", libc.init_module(b"\x7fELF", 4, b""), errno.errorcode[ctypes.get_errno()])
+"""
+
+
+def test_libkmod_reloads_nfit_test_in_process(nt) -> None:  # type: ignore[no-untyped-def]
+    """ndctl_test_init()'s reset: libkmod's delete_module() and finit_module() of nfit_test,
+    made by the test itself, remove and load the emulated module; nothing reaches the host."""
+    res = nt.run("sh", "-c", "uuidgen > /sys/bus/nd/devices/namespace0.0/uuid && python3 -c \"$0\" && "
+                             "cat /sys/bus/nd/devices/namespace0.0/uuid", KMOD_RELOAD)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [
+        "remove 0 False", "insert 0 True", "libnvdimm -1 EAGAIN", "nd_e820 -1 EBUSY", "no_such_module -1 ENOENT",
+        "init_module -1 ENOEXEC",
+        ""]  # the uuid written before is gone: the module's platform, allocated anew
 
 
 @pytest.mark.skipif(not Path("/sys/kernel/mm/hugepages").is_dir(), reason="the host has no hugepages in sysfs")

@@ -113,7 +113,17 @@ def test_block_ioctls(e820: System) -> None:
     assert ioctl(e820, "pmem3s", 0x1268, buf) == 0  # BLKSSZGET: the BTT's sector size
     assert struct.unpack("<i", buf.data) == (4096,)
     assert ioctl(e820, "pmem0", 0x1268, Buffer(bytes(2))) == errno.EFAULT
-    assert ioctl(e820, "pmem0", 0x125D, Buffer(bytes(8))) == errno.ENOTTY  # BLKROSET: not emulated
+    # BLKROSET: the block device's own read-only policy, which BLKROGET and writes then see
+    assert ioctl(e820, "pmem0", 0x125D, Buffer(struct.pack("<i", 1))) == 0
+    ro = Buffer(bytes(4))
+    assert ioctl(e820, "pmem0", 0x125E, ro) == 0 and struct.unpack("<i", ro.data) == (1,)
+    with pytest.raises(OSError) as refused:
+        disk.data.write(b"x" * 512, 0)
+    assert refused.value.errno == errno.EROFS
+    assert ioctl(e820, "pmem0", 0x125D, Buffer(struct.pack("<i", 0))) == 0
+    assert ioctl(e820, "pmem0", 0x125E, ro) == 0 and struct.unpack("<i", ro.data) == (0,)
+    assert disk.data.write(b"x" * 512, 0) == 512
+    assert ioctl(e820, "pmem0", 0x125D, Buffer(bytes(2))) == errno.EFAULT
 
 
 def test_ars_reports_injected_errors_and_clear_error_clears_them(nfit: System) -> None:

@@ -77,6 +77,9 @@ class Nvdimm(Device):
         self.label_data: DimmLabelData | None = None
         self.labeling = False
         self.dsm_mask = 0
+        # nfit/dirty_shutdown: the shutdown count the Intel SMART command reported when the
+        # bus registered the DIMM (nfit_intel_shutdown_status()); None: no such attribute
+        self.dirty_shutdown: int | None = None
         # nvdimm->sec, on DIMMs whose firmware has the security functions (None: `security`
         # reads "disabled" and takes no writes)
         self.security: DimmSecurity | None = None
@@ -133,7 +136,7 @@ class Nvdimm(Device):
             ro("dsm_mask", lambda: f"{self.dsm_mask:#x}\n"),
             ro("flags", self._nfit_flags),
             ro("id", lambda: f"{self.unique_id()}\n"),
-            ro("dirty_shutdown", lambda: "0\n"),
+            *([ro("dirty_shutdown", lambda: f"{self.dirty_shutdown}\n")] if self.dirty_shutdown is not None else []),
         ])
         return [*super().entries(),
             ro("dev", lambda: f"{self.devt[0]}:{self.devt[1]}\n"),

@@ -141,6 +141,27 @@ class Disk(Device):
         self.data = data
         self.dax = dax  # the disk of an fsdax (pfn) device supports DAX
         self.devt = (BLKEXT_MAJOR, system.minors[BLKEXT_MAJOR].get())
+        # the block device's own read-only policy (BLKROSET: bdev_set_flag(BD_READ_ONLY)),
+        # on top of the disk's (the region's read_only): bdev_read_only() is either
+        self.policy_read_only = False
+        disk_read_only = data.read_only
+        data.read_only = lambda: self.policy_read_only or disk_read_only()
+        # dax/write_cache of a pmem disk (its dax_device, drivers/dax/super.c): on where the
+        # region has a cache to flush (nvdimm_has_cache(): persistence is not cpu_cache)
+        region = parent
+        while region is not None and not hasattr(region, "persistence"):
+            region = region.parent
+        self.write_cache = getattr(region, "persistence", "") != "cpu_cache"
+
+    def _write_cache_store(self, buf: bytes) -> None:
+        """write_cache_store(): kstrtobool."""
+        word = cstring(buf).strip().lower()
+        if word[:1] in (b"1", b"y", b"t") or word in (b"on",):
+            self.write_cache = True
+        elif word[:1] in (b"0", b"n", b"f") or word in (b"off",):
+            self.write_cache = False
+        else:
+            raise fail(errno.EINVAL, f"write_cache: not a boolean: {word!r}")
 
     def entries(self) -> list[Entry]:
         sectors = self.data.size // 512
@@ -154,8 +175,11 @@ class Disk(Device):
             ro("capability", lambda: "0\n"),
             ro("alignment_offset", lambda: "0\n"),
             ro("discard_alignment", lambda: "0\n"),
-            # a BTT disk has no badblocks (disk->bb is NULL: the attribute is hidden)
-            *([rw("badblocks", self._badblocks_show, self._badblocks_store)] if self.data.mapper is None else []),
+            # a BTT disk has no badblocks (disk->bb is NULL: the attribute is hidden) and no dax
+            # device (nd_pmem's disks have one, whatever the namespace's mode)
+            *([rw("badblocks", self._badblocks_show, self._badblocks_store),
+               Group("dax", [rw("write_cache", lambda: f"{int(self.write_cache)}\n", self._write_cache_store)])]
+              if self.data.mapper is None else []),
             rw("uevent", lambda: f"MAJOR={self.devt[0]}\nMINOR={self.devt[1]}\nDEVNAME={self.name}\nDEVTYPE=disk\n",
                uevent_store),
             Group("queue", [

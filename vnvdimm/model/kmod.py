@@ -82,6 +82,15 @@ def _closure(mods: dict[str, KernelModule], name: str) -> list[str]:
     return seen
 
 
+def module_file() -> bytes:
+    """What a module's path holds: an empty x86-64 relocatable ELF object (a header only).
+    libkmod opens it to load the module; the load itself never reaches a kernel (with-vnvdimm's
+    preload library answers finit_module() from the platform), so there is no code in it."""
+    ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)  # 64-bit, little-endian, version 1
+    # e_type ET_REL, e_machine EM_X86_64, e_version, entry/phoff/shoff 0, flags, e_ehsize 64
+    return ident + struct.pack("<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, 0, 0, 64, 0, 0, 0, 0, 0)
+
+
 def dep_lines(mods: dict[str, KernelModule]) -> dict[str, str]:
     """name -> its modules.dep line ("path: dep-path dep-path")."""
     return {name: f"{m.path}: " + " ".join(mods[d].path for d in _closure(mods, name))

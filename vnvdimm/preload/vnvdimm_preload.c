@@ -26,7 +26,9 @@
  *    copy_from_user() makes it. One deadline bounds the whole exchange (EIO and a line on
  *    stderr when it passes). No malloc and no stdio on that path: ioctl() is
  *    async-signal-safe in the kernel, and so it is here;
- *  - mmap() of a device-dax file is refused where device-dax's check_vma() refuses (EINVAL).
+ *  - mmap() of a device-dax file is refused where device-dax's check_vma() refuses (EINVAL);
+ *  - where /sys is vnvdimm's, answers libkmod's module loads and removals (init_module,
+ *    finit_module, delete_module) from the emulated platform (see the end of this file).
  *
  * Statically linked programs and raw syscall()s bypass all of this.
  */
@@ -892,4 +894,167 @@ void *mmap(void *addr, size_t length, int prot, int flags, int fd, off_t offset)
 void *mmap64(void *addr, size_t length, int prot, int flags, int fd, off64_t offset)
 {
 	return mmap(addr, length, prot, flags, fd, offset);
+}
+
+/* ------------------------------------------------------------------ kernel modules */
+
+/*
+ * libkmod loads a module with finit_module() (through syscall()) or init_module() and removes
+ * one with delete_module(): ndctl_test_init() reloads nfit_test so, in the C tests' own
+ * process. Where /sys is vnvdimm's (it has MODPROBE_CTL), none of that may reach the host's
+ * kernel: the platform's own modules (nfit_test) are loaded and removed by the daemon through
+ * that file, as the modprobe shim does; the others are what /sys/module shows, loaded for good.
+ * Errors are the kernel's: EEXIST for a module already loaded, ENOENT for removing one that is
+ * not, EWOULDBLOCK for one that others hold, ENOEXEC for an image the platform cannot load.
+ */
+#define MODPROBE_CTL "/sys/module/vnvdimm/modprobe"
+#define MODULES_LIST "/sys/module/vnvdimm/modules"
+
+static int vnvdimm_sysfs(void)
+{
+	return access(MODPROBE_CTL, F_OK) == 0;
+}
+
+static int module_path(const char *name, const char *leaf, char *path, size_t size)
+{
+	if (!name[0] || strchr(name, '/') || strlen(name) >= 64)
+		return -1;
+	snprintf(path, size, "/sys/module/%s%s", name, leaf);
+	return 0;
+}
+
+static int module_live(const char *name)
+{
+	char path[128];
+
+	return module_path(name, "/initstate", path, sizeof(path)) == 0 && access(path, F_OK) == 0;
+}
+
+static int module_held(const char *name)
+{
+	char path[128], buf[32] = "";
+	ssize_t n;
+	int fd;
+
+	if (module_path(name, "/refcnt", path, sizeof(path)) < 0 || (fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
+		return 0;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	return n > 0 && atoi(buf) > 0;
+}
+
+static int platform_module(const char *name)
+{
+	char line[128];
+	int found = 0;
+	FILE *list = fopen(MODULES_LIST, "re");
+
+	if (!list)
+		return 0;
+	while (!found && fgets(line, sizeof(line), list)) {
+		line[strcspn(line, "\n")] = '\0';
+		found = strcmp(line, name) == 0;
+	}
+	fclose(list);
+	return found;
+}
+
+static int modprobe_ctl(const char *verb, const char *name)
+{
+	char cmd[128];
+	int fd, len, ok;
+
+	len = snprintf(cmd, sizeof(cmd), "%s %s", verb, name);
+	fd = open(MODPROBE_CTL, O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	ok = write(fd, cmd, (size_t)len) == len;
+	close(fd);
+	return ok ? 0 : -1;
+}
+
+static long fail_with(int err)
+{
+	errno = err;
+	return -1;
+}
+
+static long emulated_delete_module(const char *name)
+{
+	if (!module_live(name))
+		return fail_with(ENOENT);
+	if (module_held(name))
+		return fail_with(EWOULDBLOCK);
+	if (!platform_module(name))
+		return fail_with(EBUSY);
+	return modprobe_ctl("remove", name) == 0 ? 0 : fail_with(EBUSY);
+}
+
+static long emulated_finit_module(int fd)
+{
+	char link[64], path[4096], name[64], *base, *dot;
+	ssize_t n;
+	size_t i;
+
+	snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+	n = readlink(link, path, sizeof(path) - 1);
+	if (n < 0)
+		return fail_with(EBADF);
+	path[n] = '\0';
+	base = strrchr(path, '/');
+	base = base ? base + 1 : path;
+	if (strlen(base) >= sizeof(name))
+		return fail_with(ENOEXEC);
+	memcpy(name, base, strlen(base) + 1);
+	dot = strstr(name, ".ko");
+	if (!dot)
+		return fail_with(ENOEXEC);
+	*dot = '\0';
+	for (i = 0; name[i]; i++)
+		if (name[i] == '-')
+			name[i] = '_';
+	if (module_live(name))
+		return fail_with(EEXIST);
+	if (!platform_module(name))
+		return fail_with(ENOEXEC);
+	return modprobe_ctl("load", name) == 0 ? 0 : fail_with(ENOEXEC);
+}
+
+int delete_module(const char *name, unsigned int flags)
+{
+	REAL(int, delete_module, const char *, unsigned int);
+
+	if (vnvdimm_sysfs())
+		return (int)emulated_delete_module(name);
+	return real_delete_module(name, flags);
+}
+
+int init_module(void *image, unsigned long len, const char *params)
+{
+	REAL(int, init_module, void *, unsigned long, const char *);
+
+	if (vnvdimm_sysfs())
+		return (int)fail_with(ENOEXEC); /* a module image: never the host kernel's from here */
+	return real_init_module(image, len, params);
+}
+
+long syscall(long number, ...)
+{
+	REAL(long, syscall, long, ...);
+	long a[6];
+	va_list ap;
+	int i;
+
+	va_start(ap, number);
+	for (i = 0; i < 6; i++)
+		a[i] = va_arg(ap, long);
+	va_end(ap);
+	if ((number == SYS_finit_module || number == SYS_init_module || number == SYS_delete_module) && vnvdimm_sysfs()) {
+		if (number == SYS_finit_module)
+			return emulated_finit_module((int)a[0]);
+		if (number == SYS_delete_module)
+			return emulated_delete_module((const char *)a[0]);
+		return fail_with(ENOEXEC);
+	}
+	return real_syscall(number, a[0], a[1], a[2], a[3], a[4], a[5]);
 }

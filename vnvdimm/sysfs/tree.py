@@ -225,7 +225,10 @@ class TreeBuilder:
         release = f"/lib/modules/{os.uname().release}"
         dep_text = kmod.modules_dep(installed).encode()
         dep_bin = kmod.dep_index(installed)
-        for name, data in (("modules.dep", dep_text), ("modules.dep.bin", dep_bin)):
+        image = kmod.module_file()
+        files = [("modules.dep", dep_text), ("modules.dep.bin", dep_bin),
+                 *((m.path, image) for m in installed.values())]
+        for name, data in files:
             s.add(f"{release}/{name}", KBin(BinAttr(name, 0o444, size=lambda d=data: len(d),
                                                     read=lambda off, size, d=data: d[off:off + size]), self.lock))
 

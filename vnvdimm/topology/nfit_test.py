@@ -42,9 +42,10 @@ ACPI_NFIT_MEM_HEALTH_OBSERVED = 1 << 4
 ACPI_NFIT_MEM_HEALTH_ENABLED = 1 << 5
 ACPI_NFIT_MEM_MAP_FAILED = 1 << 6
 
-# NFIT interface format codes
-NFIT_FIC_BYTE = 0x101
-NFIT_FIC_BYTEN = 0x301
+# NFIT interface format codes (drivers/acpi/nfit/nfit.h)
+NFIT_FIC_BYTE = 0x101  # byte-addressable, energy backed
+NFIT_FIC_BLK = 0x201  # block-addressable, not energy backed
+NFIT_FIC_BYTEN = 0x301  # byte-addressable, not energy backed
 
 MODULE = "nfit_test"
 
@@ -94,10 +95,13 @@ def serial(handle: int) -> int:
 
 
 DIMMS = (
-    TestDimm(0, 0, 0, 0, NFIT_FIC_BYTEN, ACPI_NFIT_MEM_HEALTH_ENABLED),
-    TestDimm(1, 0, 1, 1, NFIT_FIC_BYTEN, ACPI_NFIT_MEM_HEALTH_ENABLED),
-    TestDimm(2, 0, 2, 2, NFIT_FIC_BYTEN, ACPI_NFIT_MEM_HEALTH_ENABLED),
-    TestDimm(3, 0, 3, 3, NFIT_FIC_BYTEN, ACPI_NFIT_MEM_HEALTH_ENABLED),
+    # each DIMM of nfit_test.0 has two control regions, a BLK one (code 0x201, one block
+    # window) and a PM one (0x301); acpi/nfit keeps the one with windows for the DIMM
+    # (__nfit_mem_init()), so nfit/format reads 0x0201
+    TestDimm(0, 0, 0, 0, NFIT_FIC_BLK, ACPI_NFIT_MEM_HEALTH_ENABLED),
+    TestDimm(1, 0, 1, 1, NFIT_FIC_BLK, ACPI_NFIT_MEM_HEALTH_ENABLED),
+    TestDimm(2, 0, 2, 2, NFIT_FIC_BLK, ACPI_NFIT_MEM_HEALTH_ENABLED),
+    TestDimm(3, 0, 3, 3, NFIT_FIC_BLK, ACPI_NFIT_MEM_HEALTH_ENABLED),
     TestDimm(5, 1, 0, 0, NFIT_FIC_BYTE,
              ACPI_NFIT_MEM_SAVE_FAILED | ACPI_NFIT_MEM_RESTORE_FAILED | ACPI_NFIT_MEM_FLUSH_FAILED
              | ACPI_NFIT_MEM_HEALTH_OBSERVED | ACPI_NFIT_MEM_NOT_ARMED),

@@ -12,6 +12,7 @@ from vnvdimm.model.commands.envelope import CommandError, UserMemory
 if TYPE_CHECKING:
     from vnvdimm.model.disk import Disk
 
+BLKROSET = 0x125D  # _IO(0x12, 93): int in
 BLKROGET = 0x125E  # _IO(0x12, 94): int
 BLKGETSIZE = 0x1260  # _IO(0x12, 96): unsigned long, 512-byte sectors
 BLKSSZGET = 0x1268  # _IO(0x12, 104): int, logical block size
@@ -23,6 +24,12 @@ PAGE_SIZE = 4096
 
 
 def disk_ioctl(disk: Disk, request: int, user: UserMemory) -> int:
+    if request & 0xFFFFFFFF == BLKROSET:
+        # blkdev_roset(): the caller's int, nonzero for read-only; it sets the block device's
+        # policy, which a read-only disk overrides (BLKROGET still answers 1 then)
+        (value,) = struct.unpack("<i", user.read(0, 4))
+        disk.policy_read_only = value != 0
+        return 0
     size = disk.data.size
     logical = disk.logical_block_size
     answers = {

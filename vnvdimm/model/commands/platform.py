@@ -305,6 +305,9 @@ def attach(bus: NvdimmBus) -> PlatformFirmware:
             dimm.security.wipe = WipeTarget(dimm)
         dimm.commands = tuple(fw.commands().split())
         dimm.dsm_mask = mask
+        smart = fw.intel.smart
+        if mask >> intel.ND_INTEL_SMART & 1 and smart.flags & intel.SMART_SHUTDOWN_COUNT_VALID:
+            dimm.dirty_shutdown = smart.shutdown_count  # read once, at registration
     for region in bus.regions:
         region.media.badblocks.on_cleared = lambda offset, length, region=region: bus_fw.media_written(
             region, offset, length)
