@@ -121,6 +121,47 @@ def test_nfit_values_libndctl_checks(nt) -> None:  # type: ignore[no-untyped-def
     assert nt.read(wc) == "0\n"
 
 
+def test_fail_cmd_has_the_kernels_consequences(nt) -> None:  # type: ignore[no-untyped-def]
+    """dsm-fail's scenario: nfit_test's fail_cmd makes the DIMM driver's own label commands
+    fail. EACCES on GET_CONFIG_SIZE locks the DIMM's capacity: it enables, its regions enable,
+    their namespaces are listed but never enabled. EACCES on GET_CONFIG_DATA fails the DIMM's
+    probe, and with it every region it is part of."""
+    knob = "sys/devices/platform/nfit_test.0/nfit_test_dimm/test_dimm0"
+    setup = ("ndctl init-labels -f all -b nfit_test.0 >/dev/null 2>&1 && ndctl enable-dimm all -b nfit_test.0 && "
+             "ndctl enable-region all -b nfit_test.0 && "
+             "ndctl create-namespace -b nfit_test.0 -r region1 -s 16M -m raw >/dev/null && "
+             "ndctl disable-region all -b nfit_test.0 && ndctl disable-dimm nmem0")
+    res = nt.run("sh", "-c", f"ndctl disable-region all -b nfit_test.0 && {setup}")
+    assert res.returncode == 0, res.stderr
+    nt.write(f"{knob}/fail_cmd", b"0x10")  # 1 << ND_CMD_GET_CONFIG_SIZE
+    nt.write(f"{knob}/fail_cmd_code", b"-13")
+    res = nt.run("sh", "-c", "ndctl enable-dimm nmem0 && ndctl enable-region region1 && "
+                             "cat /sys/bus/nd/devices/nmem0/flags")
+    assert (res.returncode, res.stdout) == (0, "label lock \n"), res.stderr
+    namespaces = nt.ndctl("list", "-N", "-i", "-r", "region1")
+    assert [(ns["size"], ns.get("state")) for ns in namespaces] == [(16 << 20, "disabled")]  # type: ignore[union-attr,index]
+    res = nt.run("ndctl", "enable-namespace", "namespace1.0")
+    assert res.returncode != 0
+    # the user's own label reads fail the same way (the ioctl answers the override's errno)
+    res = nt.run("ndctl", "read-labels", "-j", "nmem0")
+    assert res.returncode != 0
+
+    res = nt.run("sh", "-c", "ndctl disable-region all -b nfit_test.0 && ndctl disable-dimm nmem0")
+    assert res.returncode == 0, res.stderr
+    nt.write(f"{knob}/fail_cmd", b"0x20")  # 1 << ND_CMD_GET_CONFIG_DATA
+    assert nt.run("ndctl", "enable-dimm", "nmem0").returncode != 0
+    assert nt.read("sys/bus/nd/devices/nmem0/flags") == "label lock \n"
+    res = nt.run("ndctl", "enable-region", "all", "-b", "nfit_test.0")
+    assert "enabled 0 regions" in res.stderr
+    assert not nt.path("sys/bus/nd/devices/region0/driver").exists()
+    assert not nt.path("sys/bus/nd/devices/region1/driver").exists()
+
+    nt.write(f"{knob}/fail_cmd", b"0")
+    res = nt.run("sh", "-c", "ndctl enable-dimm nmem0 && ndctl enable-region all -b nfit_test.0 && "
+                             "cat /sys/bus/nd/devices/nmem0/flags && ndctl enable-namespace namespace1.0")
+    assert res.returncode == 0 and res.stdout.startswith("label \n"), res.stderr
+
+
 def label_area(nt, dimm: int) -> bytes:  # type: ignore[no-untyped-def]
     return Path(nt.state_dir, "labels", f"nmem{dimm}.lsa").read_bytes()
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vnvdimm.model.base import Device, Entry, Group, fail, ro
 from vnvdimm.model.label_format import DimmLabelData
 from vnvdimm.model.nd import ND_BUS, NMEM_MAJOR, NdDeviceType
+
+ND_CMD_GET_CONFIG_SIZE = 4
+ND_CMD_GET_CONFIG_DATA = 5
 
 if TYPE_CHECKING:
     from vnvdimm.model.bus import NvdimmBus
@@ -83,6 +87,12 @@ class Nvdimm(Device):
         # nvdimm->sec, on DIMMs whose firmware has the security functions (None: `security`
         # reads "disabled" and takes no writes)
         self.security: DimmSecurity | None = None
+        # NDD_LOCKED: a label command failed with EACCES at the last probe (the DIMM's
+        # capacity is locked: its namespaces do not probe)
+        self.locked = False
+        # what the firmware's ctl returns for the kernel's own label command (0, or an error
+        # nfit_test's fail_cmd makes it return); None: the command always succeeds
+        self.label_command: Callable[[int], int] | None = None
 
     def unique_id(self) -> str:
         """nvdimm->dimm_id (acpi_nfit's nfit_mem->id): vendor-location-date-serial."""
@@ -98,10 +108,26 @@ class Nvdimm(Device):
                 self.security.unlock()
             except OSError as e:
                 log.info("%s: failed to unlock dimm: %s", self.name, e)
+        self.locked = False  # nvdimm_clear_locked(): revalidated at each probe
+        if self.label_area is not None:
+            # EACCES on the label-area properties: the capacity is locked, the labels are
+            # still read (nfit_test fills the answer before it overrides the return code)
+            self._label_command(ND_CMD_GET_CONFIG_SIZE, locked_is_fatal=False)
+            # EACCES on the label data: the label area is locked too, and the probe fails
+            self._label_command(ND_CMD_GET_CONFIG_DATA, locked_is_fatal=True)
         self.label_data = DimmLabelData(self.label_area, self.name) if self.label_area is not None else None
         # NDD_LABELING (nvdimm_set_labeling()): the probe found a valid namespace index; set
         # at probe only, so labels initialized later show after the next enable
         self.labeling = self.label_data is not None and self.label_data.ns_current >= 0
+
+    def _label_command(self, cmd: int, locked_is_fatal: bool) -> None:
+        rc = self.label_command(cmd) if self.label_command is not None else 0
+        if rc == -errno.EACCES:
+            self.locked = True
+            if not locked_is_fatal:
+                return
+        if rc:
+            raise fail(-rc if rc < 0 else errno.ENXIO, f"{self.name}: label command {cmd} failed ({rc})")
 
     def remove(self) -> None:
         self.label_data = None
@@ -142,7 +168,7 @@ class Nvdimm(Device):
             ro("dev", lambda: f"{self.devt[0]}:{self.devt[1]}\n"),
             ro("commands", lambda: "".join(f"{c} " for c in self.commands) + "\n"),
             ro("state", lambda: "active\n" if self.busy() else "idle\n"),
-            ro("flags", lambda: "label \n" if self.labeling else "\n"),
+            ro("flags", lambda: ("label " if self.labeling else "") + ("lock " if self.locked else "") + "\n"),
             ro("available_slots", self._available_slots),
             *(self.security.entries() if self.security is not None
               else [ro("security", lambda: "disabled\n"), ro("frozen", lambda: "0\n")]),

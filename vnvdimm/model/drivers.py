@@ -211,6 +211,9 @@ def common_probe(dev: Device) -> None:
         ndns = dev
         if ndns.claim is not None:
             raise fail(errno.ENXIO, f"{ndns.name} is claimed by {ndns.claim.name}")
+    locked = [m.dimm.name for m in ndns.region.mappings if m.dimm.locked]
+    if locked:  # nvdimm_namespace_locked(): enumerated, never probed, while a DIMM is locked
+        raise fail(errno.EACCES, f"{ndns.name}: {', '.join(locked)} locked")
     if ndns.capacity() < PAGE_SIZE:
         raise fail(errno.ENODEV, f"{ndns.name} is too small")
     if isinstance(ndns, NamespacePmem) and ndns.uuid is None:
