@@ -215,12 +215,16 @@ def run_one(test: SuiteTest, timeout: float, env: dict[str, str]) -> Result:
     try:
         with Testbed(topology) as tb:
             # ndctl's tests find `common` and their data next to themselves; they write nothing
-            # there. Their working directory is a scratch dir of the test bed, and so is HOME:
-            # nothing they write there (keys, configuration) reaches the host's.
+            # there. Their working directory is a scratch dir of the test bed, and so is HOME.
             assert tb.dir is not None
             run_env = {**env, "HOME": str(tb.dir)}
-            proc = subprocess.run([str(WITH_VNVDIMM), str(tb.root), "--", *cmd], cwd=tb.dir, env=run_env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+            argv = [str(WITH_VNVDIMM), str(tb.root), "--", *cmd]
+            keys_before = user_keys()  # any test may add keys (nfit-security.sh does, through security.sh)
+            try:
+                proc = subprocess.run(contained(argv, tb.dir), cwd=tb.dir, env=run_env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+            finally:
+                forget_new_keys(keys_before)
             code: int | None = proc.returncode
             output = proc.stdout
     except subprocess.TimeoutExpired as e:
@@ -233,6 +237,44 @@ def run_one(test: SuiteTest, timeout: float, env: dict[str, str]) -> Result:
         # err() exits with $rc, still 77 before a test's setup is done: a failure, not a skip
         status = "SETUP-FAIL"
     return Result(test.name, status, time.monotonic() - started, code, name, output[-4000:])
+
+
+def _keyctl(*args: str) -> str:
+    if shutil.which("keyctl") is None:
+        return ""
+    return subprocess.run(["keyctl", *args], capture_output=True, text=True).stdout
+
+
+def user_keys() -> set[str]:
+    """The ids of the keys in the caller's user keyring (@u)."""
+    return set(_keyctl("rlist", "@u").split())
+
+
+def forget_new_keys(before: set[str]) -> None:
+    """Unlink from @u the nvdimm keys a test added there (a user namespace would not keep them
+    out: root's user keyring is found by its uid, which such a namespace maps to itself). Only
+    keys named as security.sh names them (nvdimm-master, nvdimm:<id>) and new since `before`."""
+    for key in user_keys() - before:
+        description = _keyctl("rdescribe", key).strip().split(";")[-1]
+        if description == "nvdimm-master" or description.startswith("nvdimm:"):
+            _keyctl("unlink", key, "@u")
+
+
+# Inside the test's own mount namespace: /etc is an overlay whose writes land in the test
+# bed's scratch dir (security.sh keeps key blobs in /etc/ndctl/keys), then the test runs.
+_CONTAIN = """set -e
+mkdir -p "$1/etc-upper" "$1/etc-work"
+mount -t overlay vnvdimm-etc -o "lowerdir=/etc,upperdir=$1/etc-upper,workdir=$1/etc-work" /etc
+shift
+exec "$@"
+"""
+
+
+def contained(argv: list[str], scratch: Path) -> list[str]:
+    """argv in its own mount namespace where /etc is copied on write: nothing a test writes
+    there (security.sh's key blobs in /etc/ndctl/keys) reaches the host's."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", _CONTAIN, "vnvdimm-suite", str(scratch),
+            *argv]
 
 
 def build_helpers(source: Path, build: Path) -> Path:

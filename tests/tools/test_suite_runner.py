@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -212,3 +214,26 @@ def test_platforms_chosen_from_c_sources_and_sized_per_test(tmp_path: Path) -> N
     assert {name: t.platform()[0] for name, t in tests.items()} == {
         "pmem-ns": "ACPI.NFIT", "max_extent_ns": "nfit_test", "device-dax": "e820", "device-dax-fio.sh": "e820"}
     assert tests["device-dax-fio.sh"].platform()[1]["region"][0]["size"] == "4G"
+
+
+@pytest.mark.skipif(shutil.which("keyctl") is None, reason="needs keyctl")
+def test_a_test_leaves_no_key_and_nothing_in_etc(tmp_path: Path) -> None:
+    """As security.sh does: a master key in root's user keyring and a blob in /etc/ndctl/keys.
+    After the run the host has neither; inside, the test saw both."""
+    folder = tmp_path / "test"
+    folder.mkdir()
+    (folder / "common").write_text("")
+    marker = f"vnvdimm-suite-{os.getpid()}"
+    (folder / "keys.sh").write_text(
+        "#!/bin/bash\nset -e\nkeyctl new_session >/dev/null\nkeyctl link @u @s\n"
+        "echo secret | keyctl padd user nvdimm-master @u >/dev/null\n"
+        f"mkdir -p /etc/{marker} && echo blob > /etc/{marker}/nvdimm-master.blob\n"
+        f"keyctl search @u user nvdimm-master >/dev/null && cat /etc/{marker}/nvdimm-master.blob\n")
+    (folder / "keys.sh").chmod(0o755)
+    before = subprocess.run(["keyctl", "rlist", "@u"], capture_output=True, text=True).stdout.split()
+    out = tmp_path / "results.json"
+    assert suite.main([str(folder), "--json", str(out)]) == 0
+    assert "blob" in json.loads(out.read_text())[0]["tail"]
+    after = subprocess.run(["keyctl", "rlist", "@u"], capture_output=True, text=True).stdout.split()
+    assert after == before
+    assert not Path("/etc", marker).exists()
