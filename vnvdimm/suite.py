@@ -54,12 +54,12 @@ E820: dict[str, Any] = {
     "template": "e820", "memmap": {"workers": 1},
     "region": [{"size": "1G", "namespace": {"mode": "raw"}}],
 }
-# device-dax-fio.sh makes its victim a devdax namespace aligned to 4 KiB, 2 MiB and 1 GiB in
-# turn: with the memmap on the device (ndctl's default) and the data start rounded up to 1 GiB,
-# a 1 GiB region leaves nothing; 4 GiB (sparse) leave 3 GiB.
+# device-dax-fio.sh and device-dax make their victim an fsdax or devdax namespace aligned to
+# 4 KiB, 2 MiB and 1 GiB in turn: with the memmap on the device (ndctl's default) and the data
+# start rounded up to 1 GiB, a 1 GiB region leaves nothing; 4 GiB (sparse) leave 3 GiB.
 E820_LARGE: dict[str, Any] = {**E820, "region": [{"size": "4G", "namespace": {"mode": "raw"}}]}
 # tests by name that need a bigger platform than their bus's default
-LARGE = {"device-dax-fio.sh": ("e820", E820_LARGE)}
+LARGE = {"device-dax-fio.sh": ("e820", E820_LARGE), "device-dax": ("e820", E820_LARGE)}
 # programs a test runs that a host may lack (ndctl's check_prereq names them too, then skips)
 TOOLS = ("fio", "uuidgen", "jq", "parted", "mkfs.ext4", "mkfs.xfs", "xxd", "trace-cmd", "keyctl", "losetup",
          "blockdev", "filefrag", "dd", "mount", "mkfs.ext4")

@@ -43,6 +43,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -882,12 +883,28 @@ static int dax_refuses(int fd, void *addr, size_t length, int flags, off_t offse
 	       ((flags & (MAP_FIXED | MAP_FIXED_NOREPLACE)) && ((unsigned long long)(uintptr_t)addr & mask));
 }
 
+static int is_device_dax(const struct node *node)
+{
+	return node->type == 'c' && strncmp(node->name, "dax", 3) == 0 && node->align != 0;
+}
+
 void *mmap(void *addr, size_t length, int prot, int flags, int fd, off_t offset)
 {
+	struct stat st;
+	struct node node;
+
 	if (dax_refuses(fd, addr, length, flags, offset)) {
 		errno = EINVAL;
 		return MAP_FAILED;
 	}
+	/*
+	 * device-dax supports MAP_SYNC (dax_fops.mmap_supported_flags), which only
+	 * MAP_SHARED_VALIDATE may ask for; the file under it (FUSE) supports neither: its
+	 * shared mapping is what MAP_SYNC promises here (every store reaches the media file).
+	 */
+	if (!(flags & MAP_ANONYMOUS) && fd >= 0 && (flags & MAP_TYPE) == MAP_SHARED_VALIDATE &&
+	    node_of_fd(fd, &st, &node) && is_device_dax(&node))
+		flags = (flags & ~(MAP_TYPE | MAP_SYNC)) | MAP_SHARED;
 	return sys_mmap(addr, length, prot, flags, fd, offset);
 }
 
@@ -1057,4 +1074,87 @@ long syscall(long number, ...)
 		return fail_with(ENOEXEC);
 	}
 	return real_syscall(number, a[0], a[1], a[2], a[3], a[4], a[5]);
+}
+
+/* ------------------------------------------------------------------ device-dax poison */
+
+/*
+ * madvise(MADV_SOFT_OFFLINE / MADV_HWPOISON) on a device-dax mapping, as the kernel answers
+ * them for ZONE_DEVICE pages (mm/madvise.c madvise_inject_error(), mm/memory-failure.c):
+ * soft-offlining such a page fails with EIO; poisoning one sends the caller SIGBUS with
+ * BUS_MCEERR_AR ("action required") at the address, and the page faults with SIGBUS from then
+ * on. Here the poison is this mapping's only (the page is replaced with one that has no
+ * backing); other mappings of the device and the device's data are untouched (see
+ * docs/limits.md). Other mappings go to the kernel.
+ */
+#ifndef MADV_HWPOISON
+#define MADV_HWPOISON 100 /* linux/mman.h */
+#endif
+#ifndef MADV_SOFT_OFFLINE
+#define MADV_SOFT_OFFLINE 101
+#endif
+
+static int dax_mapping_of(const void *addr, struct node *node)
+{
+	char line[4352], path[4096];
+	unsigned long start, end, a = (unsigned long)(uintptr_t)addr;
+	int found = 0;
+	FILE *maps = fopen("/proc/self/maps", "re");
+
+	if (!maps)
+		return 0;
+	while (!found && fgets(line, sizeof(line), maps)) {
+		path[0] = '\0';
+		if (sscanf(line, "%lx-%lx %*s %*s %*s %*s %4095[^\n]", &start, &end, path) < 2)
+			continue;
+		if (a < start || a >= end)
+			continue;
+		found = path[0] == '/' && node_of_path(AT_FDCWD, path, 0, node) && is_device_dax(node);
+		break;
+	}
+	fclose(maps);
+	return found;
+}
+
+static int poison_page(void *page, const struct node *node)
+{
+	REAL(void *, mmap, void *, size_t, int, int, int, off_t);
+	siginfo_t info;
+	int fd, lsb = 12;
+	void *gone;
+
+	/* a page of an empty file: every access past its end is SIGBUS */
+	fd = (int)syscall(SYS_memfd_create, "vnvdimm-hwpoison", 1u /* MFD_CLOEXEC */);
+	if (fd < 0)
+		return -1;
+	gone = real_mmap(page, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
+	close(fd);
+	if (gone == MAP_FAILED)
+		return -1;
+	while ((1ull << (lsb + 1)) <= node->align && lsb < 30)
+		lsb++; /* the size the device maps with: what dev_pagemap_mapping_shift() reports */
+	memset(&info, 0, sizeof(info));
+	info.si_signo = SIGBUS;
+	info.si_code = BUS_MCEERR_AR;
+	info.si_addr = page;
+	info.si_addr_lsb = (short)lsb;
+	return (int)syscall(SYS_rt_tgsigqueueinfo, getpid(), (pid_t)syscall(SYS_gettid), SIGBUS, &info);
+}
+
+int madvise(void *addr, size_t length, int advice)
+{
+	REAL(int, madvise, void *, size_t, int);
+	struct node node;
+	char *page;
+
+	if ((advice != MADV_SOFT_OFFLINE && advice != MADV_HWPOISON) || !dax_mapping_of(addr, &node))
+		return real_madvise(addr, length, advice);
+	if (geteuid() != 0) /* capable(CAP_SYS_ADMIN) */
+		return (int)fail_with(EPERM);
+	if (advice == MADV_SOFT_OFFLINE)
+		return (int)fail_with(EIO); /* soft_offline_page(): not an online page */
+	for (page = (char *)((uintptr_t)addr & ~(uintptr_t)4095); page < (char *)addr + length; page += 4096)
+		if (poison_page(page, &node) < 0)
+			return -1;
+	return 0;
 }

@@ -26,6 +26,7 @@ from vnvdimm.model.dimm import Nvdimm
 from vnvdimm.model.disk import DataPath, Disk
 from vnvdimm.model.drivers import BusDriver
 from vnvdimm.model.hmem import HmemDevDax, HmemRegion
+from vnvdimm.model.memory import soft_offline_page
 from vnvdimm.model.system import System
 from vnvdimm.sysfs.changes import ChangeFeed
 from vnvdimm.sysfs.kernfs import Events, KAttr, KBin, KDir, KLink, KNode
@@ -242,6 +243,8 @@ class TreeBuilder:
             s.dir(f"/sys/devices/system/node/node{n}")
         for attr in self.system.memory_attrs():
             s.add(f"/sys/devices/system/memory/{attr.name}", KAttr(attr, self.lock))
+        s.add("/sys/devices/system/memory/soft_offline_page", KAttr(Attr(
+            "soft_offline_page", 0o200, store=lambda buf: soft_offline_page(self.system, buf)), self.lock))
 
     def _devfile_rdev(self, s: Snapshot) -> None:
         """vnvdimm's device files are regular files, so stat() reports st_rdev 0:0 for them
