@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench import figures
+from bench import figures, fio_bench
 from bench.common import REPO, Figure, missed, table, untargeted
 
-SUITES = ("mount", "attr", "devfile", "ndctl", "bind", "scale", "jobs")
+SUITES = ("mount", "attr", "devfile", "ndctl", "bind", "scale", "jobs", "fio")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         "bind": lambda: figures.bind_latency(("1G", "4G") if q else ("1G", "16G", "64G"), 3 if q else 5),
         "scale": lambda: figures.scale(16 if q else 256, 2 if q else 3),
         "jobs": lambda: figures.many_jobs(16 if q else 256, 2 if q else 5),
+        "fio": lambda: fio_bench.fio_mmap("256M" if q else "1G", 2 if q else 3),
     }
     results: list[Figure] = []
     started = time.perf_counter()
