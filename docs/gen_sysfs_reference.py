@@ -103,6 +103,14 @@ NOTES = {
     "initstate": "`live`: the module is \"loaded\" (so daxctl's kmod does not try to load it)",
     "vnvdimm/modules": "extension: the modules the platform can load and remove (nfit_test)",
     "vnvdimm/modprobe": "extension: write `load NAME` or `remove NAME` (what the modprobe shim does)",
+    "taint": "the module's taint flags: `O` (out of tree) for the modules tools/testing/nvdimm builds, "
+             "on a platform with nfit_test; empty for the others",
+    "holders": "links to the loaded modules that use this one",
+    "refcnt": "how many loaded modules hold this one",
+    "dax/write_cache": "1 where the region has a CPU cache to flush (persistence is not cpu_cache); write 0/1",
+    "soft_offline_page": "write a physical address: EIO for a page of an enabled pfn/dax device (ZONE_DEVICE), "
+                         "ENXIO for any other",
+    "dirty_shutdown": "the SMART shutdown count read when the bus registered the DIMM (Intel SMART only)",
     "fail_cmd": "nfit_test: bitmask of ND_CMD_* numbers that fail on this DIMM",
     "fail_cmd_code": "nfit_test: the return code those commands fail with",
     "lock_dimm": "nfit_test: write anything to lock the DIMM's security state",
