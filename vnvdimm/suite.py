@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vnvdimm.model import keyring
 from vnvdimm.testbed import WITH_VNVDIMM, Testbed, TestbedError, with_preload
 
 SKIP_STATUS = 77
@@ -57,6 +58,13 @@ E820: dict[str, Any] = {
 # device-dax-fio.sh and device-dax make their victim an fsdax or devdax namespace aligned to
 # 4 KiB, 2 MiB and 1 GiB in turn: with the memmap on the device (ndctl's default) and the data
 # start rounded up to 1 GiB, a 1 GiB region leaves nothing; 4 GiB (sparse) leave 3 GiB.
+# daxctl-create.sh carves the capacity of a soft-reserved (dax_hmem) region; its align test
+# wants a 1 GiB device beside the rest, so 2 GiB of it (RAM: an anonymous memory file).
+HMEM: dict[str, Any] = {
+    "template": "e820", "memmap": {"workers": 1},
+    "region": [{"size": "32M", "namespace": {"mode": "raw"}}],
+    "hmem": [{"size": "2G"}],
+}
 E820_LARGE: dict[str, Any] = {**E820, "region": [{"size": "4G", "namespace": {"mode": "raw"}}]}
 # tests by name that need a bigger platform than their bus's default
 LARGE = {"device-dax-fio.sh": ("e820", E820_LARGE), "device-dax": ("e820", E820_LARGE)}
@@ -80,6 +88,8 @@ def platform_for(script_text: str) -> tuple[str, dict[str, Any]]:
     which picks the test's victim namespace, looks for it on the e820 bus)."""
     if re.search(r"\$TEST_PATH/dax-dev\b", script_text):
         return "e820", E820
+    if re.search(r"dax_hmem|device_hmem", script_text):
+        return "hmem", HMEM
     if re.search(r"NFIT_TEST_BUS|nfit_test", script_text):
         return "nfit_test", NFIT_TEST
     if re.search(r"ACPI_BUS|ACPI\.NFIT", script_text):
@@ -195,6 +205,19 @@ def missing_tools(text: str, path: str) -> list[str]:
     return sorted(t for t in needed if shutil.which(t, path=path) is None)
 
 
+def _sourced_scripts(test: SuiteTest) -> list[str]:
+    """The text of the test folder's other scripts a shell test runs or sources by name
+    (nfit-security.sh is `security.sh nfit`)."""
+    if test.script is None:
+        return []
+    parts = []
+    for name in set(re.findall(r"\b([\w.-]+\.sh)\b", test.text())) - {test.script.name}:
+        path = test.script.parent / name
+        if path.is_file():
+            parts.append(path.read_text(errors="replace"))
+    return parts
+
+
 def run_one(test: SuiteTest, timeout: float, env: dict[str, str]) -> Result:
     name, topology = test.platform()
     started = time.monotonic()
@@ -212,6 +235,10 @@ def run_one(test: SuiteTest, timeout: float, env: dict[str, str]) -> Result:
         missing = []
     if missing:
         return Result(test.name, "MISSING", 0.0, None, name, f"needs {', '.join(missing)} (not on the PATH)")
+    if "keyctl" in test.text() or any("keyctl" in part for part in _sourced_scripts(test)):
+        why = keyring.keyctl_available()
+        if why is not None:  # a container's seccomp profile, typically: no kernel keyring at all
+            return Result(test.name, "SKIP", 0.0, None, name, f"skipped: {why}; the test needs the kernel keyring")
     try:
         with Testbed(topology) as tb:
             # ndctl's tests find `common` and their data next to themselves; they write nothing
