@@ -3,6 +3,7 @@ encrypted-key blobs, and the suite's skip where the host forbids keyctl."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def test_the_suite_skips_keyring_tests_where_keyctl_is_forbidden(tmp_path: Path,
     script.write_text("#!/bin/bash\nkeyctl show\nexit 1\n")
     why = "the keyctl system call fails here: Operation not permitted"
     monkeypatch.setattr(keyring, "keyctl_available", lambda: why)
-    result = suite.run_one(script, 10, {})
+    result = suite.run_one(suite.SuiteTest(script.name, script), 10, {"PATH": os.environ["PATH"]})
     assert result.status == "SKIP" and "Operation not permitted" in result.tail and "kernel keyring" in result.tail
 
 
@@ -54,4 +55,4 @@ def test_the_suite_guards_the_keys_of_a_test_that_runs_security_sh(tmp_path: Pat
     (tmp_path / "security.sh").write_text("#!/bin/bash\nkeyctl show\n")
     script = tmp_path / "nfit-security.sh"
     script.write_text("#!/bin/bash -Ex\n$(dirname $0)/security.sh nfit\n")
-    assert any("keyctl" in text for text in suite._sourced_scripts(script, script.read_text()))
+    assert any("keyctl" in text for text in suite._sourced_scripts(suite.SuiteTest(script.name, script)))

@@ -37,13 +37,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
+#include <stdio.h> /* snprintf and the module list, off the ioctl path (kernel modules) */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
-#include <signal.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -88,6 +89,8 @@ static int (*real_fstat)(int, struct stat *);
 static int (*real_statx)(int, const char *, int, unsigned int, struct statx *);
 static int (*real_ioctl)(int, unsigned long, ...);
 static void *(*real_mmap)(void *, size_t, int, int, int, off_t);
+static long (*real_syscall)(long, ...);
+static int (*real_madvise)(void *, size_t, int);
 
 static int trusted;       /* VNVDIMM_MOUNT_DEV named a mount */
 static dev_t trusted_dev; /* its st_dev */
@@ -189,6 +192,8 @@ __attribute__((constructor)) static void vnvdimm_preload_init(void)
 	real_statx = (int (*)(int, const char *, int, unsigned int, struct statx *))dlsym(RTLD_NEXT, "statx");
 	real_ioctl = (int (*)(int, unsigned long, ...))dlsym(RTLD_NEXT, "ioctl");
 	real_mmap = (void *(*)(void *, size_t, int, int, int, off_t))dlsym(RTLD_NEXT, "mmap");
+	real_syscall = (long (*)(long, ...))dlsym(RTLD_NEXT, "syscall");
+	real_madvise = (int (*)(void *, size_t, int))dlsym(RTLD_NEXT, "madvise");
 	if (timeout && parse_uint(timeout, NULL, 3600000, &ms) && ms > 0)
 		timeout_ms = (int)ms;
 	if (dev && parse_dev(dev, dev + strlen(dev), &trusted_dev)) {
@@ -929,9 +934,10 @@ void *mmap64(void *addr, size_t length, int prot, int flags, int fd, off64_t off
 
 static int vnvdimm_sysfs(void)
 {
-	/* /sys/class/vnvdimm is in every vnvdimm tree and in no kernel's; MODPROBE_CTL only on
+	/* only in a process with-vnvdimm started for a mount (the library trusts nothing else);
+	 * /sys/class/vnvdimm is in every vnvdimm tree and in no kernel's; MODPROBE_CTL only on
 	 * platforms with a loadable module */
-	return access("/sys/class/vnvdimm", F_OK) == 0 || access(MODPROBE_CTL, F_OK) == 0;
+	return trusted && (access("/sys/class/vnvdimm", F_OK) == 0 || access(MODPROBE_CTL, F_OK) == 0);
 }
 
 static int module_path(const char *name, const char *leaf, char *path, size_t size)
@@ -1039,27 +1045,30 @@ static long emulated_finit_module(int fd)
 	return modprobe_ctl("load", name) == 0 ? 0 : fail_with(ENOEXEC);
 }
 
+/* The C library's syscall(); without it (it always has one) the call is not made. */
+static long sys_syscall(long number, long a0, long a1, long a2, long a3, long a4, long a5)
+{
+	if (!real_syscall)
+		return fail_with(ENOSYS);
+	return real_syscall(number, a0, a1, a2, a3, a4, a5);
+}
+
 int delete_module(const char *name, unsigned int flags)
 {
-	REAL(int, delete_module, const char *, unsigned int);
-
 	if (vnvdimm_sysfs())
 		return (int)emulated_delete_module(name);
-	return real_delete_module(name, flags);
+	return (int)sys_syscall(SYS_delete_module, (long)name, (long)flags, 0, 0, 0, 0);
 }
 
 int init_module(void *image, unsigned long len, const char *params)
 {
-	REAL(int, init_module, void *, unsigned long, const char *);
-
 	if (vnvdimm_sysfs())
 		return (int)fail_with(ENOEXEC); /* a module image: never the host kernel's from here */
-	return real_init_module(image, len, params);
+	return (int)sys_syscall(SYS_init_module, (long)image, (long)len, (long)params, 0, 0, 0);
 }
 
 long syscall(long number, ...)
 {
-	REAL(long, syscall, long, ...);
 	long a[6];
 	va_list ap;
 	int i;
@@ -1075,7 +1084,7 @@ long syscall(long number, ...)
 			return emulated_delete_module((const char *)a[0]);
 		return fail_with(ENOEXEC);
 	}
-	return real_syscall(number, a[0], a[1], a[2], a[3], a[4], a[5]);
+	return sys_syscall(number, a[0], a[1], a[2], a[3], a[4], a[5]);
 }
 
 /* ------------------------------------------------------------------ device-dax poison */
@@ -1096,6 +1105,18 @@ long syscall(long number, ...)
 #define MADV_SOFT_OFFLINE 101
 #endif
 
+static int node_of_path(const char *path, struct node *node)
+{
+	struct stat st;
+	int opened, fd = pin(AT_FDCWD, path, 0, &opened), ok;
+
+	if (fd < 0)
+		return 0;
+	ok = node_of_fd(fd, &st, node);
+	unpin(fd, opened);
+	return ok;
+}
+
 static int dax_mapping_of(const void *addr, struct node *node)
 {
 	char line[4352], path[4096];
@@ -1111,7 +1132,7 @@ static int dax_mapping_of(const void *addr, struct node *node)
 			continue;
 		if (a < start || a >= end)
 			continue;
-		found = path[0] == '/' && node_of_path(AT_FDCWD, path, 0, node) && is_device_dax(node);
+		found = path[0] == '/' && node_of_path(path, node) && is_device_dax(node);
 		break;
 	}
 	fclose(maps);
@@ -1120,16 +1141,15 @@ static int dax_mapping_of(const void *addr, struct node *node)
 
 static int poison_page(void *page, const struct node *node)
 {
-	REAL(void *, mmap, void *, size_t, int, int, int, off_t);
 	siginfo_t info;
 	int fd, lsb = 12;
 	void *gone;
 
 	/* a page of an empty file: every access past its end is SIGBUS */
-	fd = (int)syscall(SYS_memfd_create, "vnvdimm-hwpoison", 1u /* MFD_CLOEXEC */);
+	fd = (int)sys_syscall(SYS_memfd_create, (long)"vnvdimm-hwpoison", 1 /* MFD_CLOEXEC */, 0, 0, 0, 0);
 	if (fd < 0)
 		return -1;
-	gone = real_mmap(page, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
+	gone = sys_mmap(page, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
 	close(fd);
 	if (gone == MAP_FAILED)
 		return -1;
@@ -1140,17 +1160,23 @@ static int poison_page(void *page, const struct node *node)
 	info.si_code = BUS_MCEERR_AR;
 	info.si_addr = page;
 	info.si_addr_lsb = (short)lsb;
-	return (int)syscall(SYS_rt_tgsigqueueinfo, getpid(), (pid_t)syscall(SYS_gettid), SIGBUS, &info);
+	return (int)sys_syscall(SYS_rt_tgsigqueueinfo, getpid(), sys_syscall(SYS_gettid, 0, 0, 0, 0, 0, 0), SIGBUS,
+				(long)&info, 0, 0);
+}
+
+static int sys_madvise(void *addr, size_t length, int advice)
+{
+	return real_madvise ? real_madvise(addr, length, advice) : (int)sys_syscall(SYS_madvise, (long)addr,
+										(long)length, advice, 0, 0, 0);
 }
 
 int madvise(void *addr, size_t length, int advice)
 {
-	REAL(int, madvise, void *, size_t, int);
 	struct node node;
 	char *page;
 
 	if ((advice != MADV_SOFT_OFFLINE && advice != MADV_HWPOISON) || !dax_mapping_of(addr, &node))
-		return real_madvise(addr, length, advice);
+		return sys_madvise(addr, length, advice);
 	if (geteuid() != 0) /* capable(CAP_SYS_ADMIN) */
 		return (int)fail_with(EPERM);
 	if (advice == MADV_SOFT_OFFLINE)
