@@ -173,7 +173,7 @@ def model_problems(system: System) -> list[str]:
                     data = p.disk.data if p.disk is not None else None
                 if data is None or data.closed:
                     out.append(f"{p.name}: enabled without an open data path")
-                elif data.mapper is None and data.media_offset + data.size > region.size:
+                elif data.spliceable and data.media_offset + data.size > region.size:
                     out.append(f"{p.name}: data path beyond the media")
             if region.driver is not None:
                 for seed in (region.pfn_seed, region.dax_seed, region.btt_seed):

@@ -298,7 +298,7 @@ def test_btt_info_block_validation_follows_nd_btt_arena_is_valid(m: Machine) -> 
     a v1.1 probe (info block at 4 KiB) wants version 1.1."""
     import struct
 
-    from vnvdimm.model.infoblock import INFO_BLOCK_OFFSET, BttInfo, btt_arenas, sb_checksum
+    from vnvdimm.model.infoblock import INFO_BLOCK_OFFSET, BttInfo, btt_arenas, btt_log_init, sb_checksum
 
     ns = create(m, 1, 64 * M)
     m.write("drivers/nd_pmem/unbind", ns)
@@ -306,6 +306,8 @@ def test_btt_info_block_validation_follows_nd_btt_arena_is_valid(m: Machine) -> 
     (arena,) = btt_arenas(64 * M - 4096, 4096)
     block = BttInfo(uuid.uuid4(), uuid.UUID(int=0), arena).pack()
     dev.write_media(block, INFO_BLOCK_OFFSET)  # type: ignore[attr-defined]
+    # (a BTT whose flog is all zeros has no log/padding indices: btt_init() would fail)
+    dev.write_media(btt_log_init(arena), INFO_BLOCK_OFFSET + arena.logoff)  # type: ignore[attr-defined]
     assert m.errno_of("drivers/nd_pmem/bind", ns) == errno.ENXIO  # found a btt: claimed
     holder = m.read(f"{ns}/holder").strip()
     assert holder.startswith("btt1.") and m.dev(holder).driver is not None

@@ -678,7 +678,9 @@ class VnvdimmOperations(fuse.Operations):
         """Every read: answered with a libfuse buffer (struct fuse_bufvec, malloc()ed: its
         address is returned and libfuse frees it), not Python bytes."""
         obj = self._handles.get(fh)
-        if isinstance(obj, OpenDevice):
+        if isinstance(obj, OpenDevice) and not obj.data.spliceable:
+            address = memory_bufvec(obj.data.read(size, offset))  # a BTT: through its map
+        elif isinstance(obj, OpenDevice):
             # The checks (and the memmap wait) here; the bytes are spliced by libfuse from
             # the media file's page cache into the reply once we return, GIL-free.
             data = obj.data
@@ -702,7 +704,7 @@ class VnvdimmOperations(fuse.Operations):
         the kernel spliced the request)."""
         size = _libfuse.fuse_buf_size(src)
         obj = self._handle_of(fh)
-        if isinstance(obj, OpenDevice):
+        if isinstance(obj, OpenDevice) and obj.data.spliceable:
             # The request's bytes go from libfuse's buffer (a pipe when spliced) straight
             # into the media file, GIL-free.
             data = obj.data

@@ -22,23 +22,23 @@ if TYPE_CHECKING:
     from vnvdimm.model.media import Media
     from vnvdimm.model.system import System
 
-# Extents: (device offset, media offset, length), sorted, contiguous in device space.
-Mapper = Callable[[int, int], Iterator[tuple[int, int]]]
-
-
 class DataPath:
-    """The bytes of one device file: a linear window of the media, or a mapper (BTT)."""
+    """The bytes of one device file: a linear window of the media (a BTT disk's bytes go
+    through its map instead: vnvdimm.model.btt.BttDataPath)."""
 
     _serial = 0
     _serial_lock = threading.Lock()
+    #: whether reads and writes may be spliced between the FUSE channel and the media file at
+    #: the extents read_extents()/write_extents() give
+    spliceable = True
+    has_badblocks = True  # the disk shows the region's bad sectors over its range
+    logical_block_size: int | None = None  # None: the parent's lbasize
 
-    def __init__(self, media: Media, size: int, media_offset: int = 0, mapper: Mapper | None = None,
-                 job: MemmapJob | None = None, first_data_page: int = 0, read_only: Callable[[], bool] | None = None
-                 ) -> None:
+    def __init__(self, media: Media, size: int, media_offset: int = 0, job: MemmapJob | None = None,
+                 first_data_page: int = 0, read_only: Callable[[], bool] | None = None) -> None:
         self.media = media
         self.size = size
         self.media_offset = media_offset
-        self.mapper = mapper
         self.job = job
         self.first_data_page = first_data_page
         self.read_only = read_only or (lambda: False)
@@ -54,10 +54,7 @@ class DataPath:
             self.serial = DataPath._serial
 
     def _extents(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
-        if self.mapper is None:
-            yield self.media_offset + offset, length
-        else:
-            yield from self.mapper(offset, length)
+        yield self.media_offset + offset, length
 
     def _sync(self, offset: int, length: int) -> None:
         job = self.job
@@ -130,6 +127,10 @@ class DataPath:
         self._check_open()
         self.media.fsync()
 
+    def close(self) -> None:
+        """The device is gone: later accesses fail with ENXIO."""
+        self.closed = True
+
 
 class Disk(Device):
     """A gendisk (class block) living in its parent's `block/` directory."""
@@ -179,7 +180,7 @@ class Disk(Device):
             # device (nd_pmem's disks have one, whatever the namespace's mode)
             *([rw("badblocks", self._badblocks_show, self._badblocks_store),
                Group("dax", [rw("write_cache", lambda: f"{int(self.write_cache)}\n", self._write_cache_store)])]
-              if self.data.mapper is None else []),
+              if self.data.has_badblocks else []),
             rw("uevent", lambda: f"MAJOR={self.devt[0]}\nMINOR={self.devt[1]}\nDEVNAME={self.name}\nDEVTYPE=disk\n",
                uevent_store),
             Group("queue", [
@@ -214,7 +215,7 @@ class Disk(Device):
 
     @property
     def logical_block_size(self) -> int:
-        return getattr(self.parent, "lbasize", 512) or 512
+        return self.data.logical_block_size or getattr(self.parent, "lbasize", 512) or 512
 
     def _badblocks_show(self) -> str:
         """The region's bad sectors over the disk's data range, relative to its first byte."""
@@ -222,5 +223,5 @@ class Disk(Device):
         return show(data.media.badblocks.within(data.media_offset // SECTOR, data.size // SECTOR))
 
     def close(self) -> None:
-        self.data.closed = True
+        self.data.close()
         self.system.minors[BLKEXT_MAJOR].put(self.devt[1])

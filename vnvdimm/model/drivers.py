@@ -16,9 +16,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from vnvdimm.model.base import (
-    NULL_UUID,
     PAGE_SIZE,
-    SZ_4K,
     Attr,
     BusType,
     Device,
@@ -31,21 +29,13 @@ from vnvdimm.model.base import (
     sysfs_streq,
     uevent_store,
 )
+from vnvdimm.model.btt import BTT_V1_1, BTT_V2_0, BttDataPath, BttEngine, BttError, BttVersion, arena_is_valid
 from vnvdimm.model.bus import NvdimmBus
 from vnvdimm.model.dax import DaxRegion, DevDax
 from vnvdimm.model.dimm import Nvdimm
 from vnvdimm.model.disk import DataPath, Disk
 from vnvdimm.model.hmem import HmemDevDax
-from vnvdimm.model.infoblock import (
-    ARENA_MIN_SIZE,
-    DAX_SIG,
-    PFN_SIG,
-    BttArena,
-    BttInfo,
-    PfnInfo,
-    btt_arenas,
-    btt_log_init,
-)
+from vnvdimm.model.infoblock import DAX_SIG, INFO_BLOCK_SIZE, PFN_SIG, PfnInfo
 from vnvdimm.model.namespace import Namespace, NamespaceIo, NamespacePmem
 from vnvdimm.model.nd import DAX_BUS, ND_BUS, NdDeviceType
 from vnvdimm.model.personality import Btt, Dax, Personality, Pfn
@@ -147,6 +137,7 @@ class NdRegionDriver(BusDriver):
                 ns.alt_name = label.name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 # create_namespace_pmem(): the claim class of a v1.2 label (BTT2 shows as btt)
                 ns.claim_class = "btt" if label.claim_class == "btt2" else label.claim_class
+                ns.claim_btt2 = label.claim_class == "btt2"
                 new.append(region.add_namespace(ns))
             if not new:  # scan_labels(): publish a zero-sized namespace for userspace to configure
                 new.append(region.add_namespace(NamespacePmem(region, region.ns_ida.get(), 0, 0)))
@@ -193,6 +184,8 @@ class NdPmemDriver(BusDriver):
         if dev.disk is not None:
             dev.disk.close()
             dev.disk = None
+        if isinstance(dev, Btt):
+            dev.engine = None
         if isinstance(dev, Pfn):
             dev.stop_memmap()
             dev.geometry = None
@@ -228,7 +221,7 @@ def probe_namespace(ndns: Namespace) -> None:
     if not ndns.force_raw:
         block = ndns.read_info_block()
         found: type[Btt] | type[Pfn] | None = None
-        if ndns.claim_class in ("", "btt") and btt_info(block, ndns) is not None:
+        if ndns.claim_class in ("", "btt") and btt_info(ndns) is not None:
             found = Btt
         elif ndns.claim_class in ("", "pfn") and PfnInfo.unpack(block, PFN_SIG) is not None:
             found = Pfn
@@ -254,6 +247,8 @@ def probe_namespace(ndns: Namespace) -> None:
             else:
                 log.info("%s: claimed by %s, found on its media", ndns.name, dev.name)
                 raise probing(errno.ENXIO, f"{ndns.name} is claimed by {dev.name} found on the media")
+    if legacy_vnvdimm_btt(ndns):
+        log.warning("%s; it stays a raw namespace", LEGACY_BTT_MESSAGE.format(ns=ndns.name))
     ndns.disk = Disk(region.system, ndns.disk_name(), ndns,
                      DataPath(region.media, ndns.size, ndns.offset, read_only=lambda: region.read_only))
 
@@ -269,75 +264,67 @@ def attach_pfn(pfn: Pfn) -> None:
                     dax=True)
 
 
-def btt_info(block: bytes, ndns: Namespace) -> dict[str, object] | None:
-    """nd_btt_version() for a v1.1 BTT (info block at 4 KiB): nd_btt_arena_is_valid()
-    (signature, checksum, a parent_uuid that is null or the namespace's) and version 1.1."""
-    info = BttInfo.unpack(block)
-    if info is None or (info["version_major"], info["version_minor"]) != (1, 1):
-        return None
-    if info["parent_uuid"] not in (NULL_UUID, ndns.parent_uuid):
+def btt_version(ndns: Namespace) -> BttVersion:
+    """nd_btt_version(): BTT 2.0 at offset 0 for the BTT2 claim class (v1.2 labels), else
+    BTT 1.1 at 4 KiB (no labels, v1.1 labels, no claim class)."""
+    return BTT_V2_0 if ndns.claim_class == "btt" and ndns.claim_btt2 else BTT_V1_1
+
+
+def btt_info(ndns: Namespace) -> dict[str, object] | None:
+    """nd_btt_version()'s check of an existing BTT: a valid info block (nd_btt_arena_is_valid():
+    signature, a parent_uuid that is null or the namespace's, checksum) of the expected version
+    where that version puts it."""
+    version = btt_version(ndns)
+    block = ndns.region.media.pread(INFO_BLOCK_SIZE, ndns.offset + version.initial_offset)
+    info = arena_is_valid(block, ndns.parent_uuid)
+    if info is None or (info["version_major"], info["version_minor"]) != (version.major, version.minor):
         return None
     return info
 
 
+def legacy_vnvdimm_btt(ndns: Namespace) -> bool:
+    """Whether a BTT2 namespace holds, instead of a BTT 2.0 at offset 0, the BTT 1.1 at 4 KiB
+    that vnvdimm before its BTT write path laid out for every namespace: its blocks are 4 KiB
+    away from where a BTT 2.0 has them, so they must not be read as one."""
+    if btt_version(ndns) != BTT_V2_0 or btt_info(ndns) is not None:
+        return False
+    block = ndns.region.media.pread(INFO_BLOCK_SIZE, ndns.offset + BTT_V1_1.initial_offset)
+    info = arena_is_valid(block, ndns.parent_uuid)
+    return info is not None and (info["version_major"], info["version_minor"]) == (1, 1)
+
+
+LEGACY_BTT_MESSAGE = ("{ns} holds a BTT 1.1 at 4 KiB written by an older vnvdimm, but its v1.2 labels call for "
+                      "a BTT 2.0 at offset 0: refusing to read it as one (see docs/limits.md, \"Sector mode\")")
+
+
 def attach_btt(btt: Btt) -> None:
     """nvdimm_namespace_attach_btt() + btt_init(): discover the arenas on the media or lay
-    out new ones (info blocks, zeroed map, initial log)."""
+    out new ones (map, flog, info blocks), then the disk over the BTT's read/write paths."""
     common_probe(btt)
     ndns = btt.ndns
     assert ndns is not None
-    initial_offset = SZ_4K  # BTT v1.1: the arena starts after the first 4 KiB
-    block = ndns.read_info_block()
-    info = btt_info(block, ndns)
-    if info is not None:
-        if btt.uuid is None:
+    if btt.uuid is None:
+        # __nd_btt_probe(): a BTT found on the media gives its device the uuid and sector size
+        info = btt_info(ndns)
+        if info is not None:
             btt.uuid = info["uuid"]  # type: ignore[assignment]
             btt.lbasize = int(info["external_lbasize"])  # type: ignore[call-overload]
-        elif info["uuid"] != btt.uuid or info["external_lbasize"] != btt.lbasize:
-            info = None
-    else:
-        info = None
     if btt.uuid is None or btt.lbasize == 0:
         raise fail(errno.ENODEV, f"{btt.name}: incomplete btt configuration")
-    rawsize = ndns.size - initial_offset
-    if rawsize < ARENA_MIN_SIZE:
-        raise fail(errno.ENXIO, f"{ndns.name} too small for a btt")
-    arenas = btt_arenas(rawsize, btt.lbasize)
-    base = ndns.offset + initial_offset
-    media = btt.region.media
-    if info is None:
-        for arena in arenas:
-            sb = BttInfo(btt.uuid, ndns.parent_uuid, arena).pack()
-            media.pwrite(sb, base + arena.offset)
-            media.pwrite(sb, base + arena.info2off)
-            media.zero(base + arena.mapoff, arena.logoff - arena.mapoff)
-            media.pwrite(btt_log_init(arena), base + arena.logoff)
-    btt.size = sum(a.external_nlba for a in arenas) * btt.lbasize
+    if legacy_vnvdimm_btt(ndns):
+        message = LEGACY_BTT_MESSAGE.format(ns=ndns.name)
+        log.error("%s", message)
+        raise fail(errno.ENXIO, message)
+    try:
+        engine = BttEngine(btt.region.media, ndns.offset, ndns.size, btt_version(ndns), btt.lbasize, btt.uuid,
+                           ndns.parent_uuid, btt.region.read_only, name=btt.name)
+    except BttError as e:
+        log.error("%s", e)
+        raise fail(e.errno, str(e)) from None
+    btt.engine = engine
+    btt.size = engine.size
     btt.disk = Disk(btt.system, ndns.disk_name("s"), btt,
-                    DataPath(media, btt.size, mapper=btt_mapper(arenas, base, btt.lbasize),
-                             read_only=lambda: btt.region.read_only))
-
-
-def btt_mapper(arenas: list[BttArena], base: int, lbasize: int):  # type: ignore[no-untyped-def]
-    """Device offset -> media extents. A fresh BTT map is the identity (premap == postmap),
-    and vnvdimm writes blocks in place, so each arena's data is a strided array of blocks."""
-
-    def extents(offset: int, length: int) -> Iterator[tuple[int, int]]:
-        end = offset + length
-        while offset < end:
-            lba, within = divmod(offset, lbasize)
-            arena = next(a for a in arenas if a.external_lba_start <= lba < a.external_lba_start + a.external_nlba)
-            rel = lba - arena.external_lba_start
-            media_off = base + arena.dataoff + rel * arena.internal_lbasize + within
-            if arena.internal_lbasize == lbasize:
-                arena_end = (arena.external_lba_start + arena.external_nlba) * lbasize
-                n = min(end, arena_end) - offset
-            else:
-                n = min(end - offset, lbasize - within)
-            yield media_off, n
-            offset += n
-
-    return extents
+                    BttDataPath(engine, read_only=lambda: btt.region.read_only))
 
 
 class DaxPmemDriver(BusDriver):

@@ -2,8 +2,8 @@
 
 * pfn / dax: `struct nd_pfn_sb` (pfn.h), 4 KiB at namespace offset 4 KiB, signature
   "NVDIMM_PFN_INFO\\0" or "NVDIMM_DAX_INFO\\0", version 1.4, fletcher64 checksum.
-* btt: `struct btt_sb` (btt.h), v1.1 arena info block at namespace offset 4 KiB (IO and
-  v1.1-labelled namespaces), with the arena geometry of btt.c's alloc_arena().
+* btt: `struct btt_sb` (btt.h), an arena's info block, with the arena geometry of btt.c's
+  alloc_arena() (the BTT itself, its map and flog: vnvdimm/model/btt.py).
 """
 
 from __future__ import annotations
@@ -221,14 +221,22 @@ class BttInfo:
         return block[:-8] + struct.pack("<Q", sb_checksum(block))
 
     @staticmethod
-    def unpack(block: bytes) -> dict[str, object] | None:
-        """The fields of a valid BTT info block (signature, checksum), else None."""
+    def unpack(block: bytes, all_fields: bool = False) -> dict[str, object] | None:
+        """The fields of a valid BTT info block (signature, checksum), else None. Without
+        `all_fields`, only a block of a sector size the kernel offers counts, and only the
+        identity and size fields are given."""
         if len(block) != INFO_BLOCK_SIZE or block[:16] != BTT_SIG:
             return None
         (checksum,) = struct.unpack_from("<Q", block, INFO_BLOCK_SIZE - 8)
         if checksum != sb_checksum(block):
             return None
         f = _BTT_HEAD.unpack_from(block)
+        if all_fields:
+            names = ("flags", "version_major", "version_minor", "external_lbasize", "external_nlba",
+                     "internal_lbasize", "internal_nlba", "nfree", "infosize", "nextoff", "dataoff", "mapoff",
+                     "logoff", "info2off")
+            return {"uuid": uuidlib.UUID(bytes=f[1]), "parent_uuid": uuidlib.UUID(bytes=f[2]),
+                    **dict(zip(names, f[3:], strict=True))}
         if f[6] not in BTT_LBASIZES:
             return None
         return {"uuid": uuidlib.UUID(bytes=f[1]), "parent_uuid": uuidlib.UUID(bytes=f[2]),

@@ -43,6 +43,9 @@ class Namespace(Device):
         self.size = size
         self.claim: Personality | None = None
         self.claim_class = ""
+        # The kernel's NVDIMM_CCLASS_BTT2 (holder_class shows "btt" for it too): a BTT here is
+        # version 2.0 at offset 0 rather than 1.1 at 4 KiB (nd_btt_version())
+        self.claim_btt2 = False
         self.force_raw = False
         self.disk: Disk | None = None
         self._uuid: uuidlib.UUID | None = None
@@ -108,6 +111,8 @@ class Namespace(Device):
         self._busy()
         for cls in CLAIM_CLASSES:
             if sysfs_streq(buf, cls):
+                # __holder_class_store(): "btt" takes the class btt_claim_class() chooses
+                self.claim_btt2 = cls == CLAIM_BTT and self.region.btt_claim_is_v2()
                 self.claim_class = cls
                 self.system.changed()
                 # holder_class_store(): the claim class is recorded in the labels (v1.2)

@@ -52,6 +52,7 @@ from vnvdimm.model.nd import CLAIM_BTT, CLAIM_DAX, CLAIM_PFN, ND_BUS, GivenUuid,
 
 if TYPE_CHECKING:
     from vnvdimm.memmap import MemmapJob
+    from vnvdimm.model.btt import BttEngine
     from vnvdimm.model.dax import DaxRegion, DevDax
     from vnvdimm.model.disk import Disk
     from vnvdimm.model.namespace import Namespace
@@ -539,6 +540,7 @@ class Btt(Personality):
         super().__init__(region, "btt", dev_id)
         self.lbasize = 0
         self.size = 0
+        self.engine: BttEngine | None = None  # the live BTT while the driver is bound
 
     def reset(self) -> None:
         super().reset()

@@ -240,6 +240,16 @@ class Region(Device):
         if ns.size and ns.uuid is not None:
             self.write_labels(ns, rename_from=old_uuid)
 
+    def btt_claim_is_v2(self) -> bool:
+        """btt_claim_class(): BTT2 where the DIMMs have v1.2 labels, BTT (1.1) where they have
+        v1.1 labels or none; ENXIO where they disagree."""
+        if self.labels is None or not self.labels.mappings:
+            return False
+        versions = {m.dimm.label_size >= 256 for m in self.labels.mappings}
+        if len(versions) > 1:
+            raise fail(errno.ENXIO, f"the DIMMs of {self.name} disagree about their label version")
+        return versions == {True}
+
     def labels_in_use(self) -> bool:
         """Whether the DIMMs of the set track labels of this region's namespaces."""
         return any(ns.size and ns.uuid is not None for ns in self.namespaces)
@@ -255,8 +265,8 @@ class Region(Device):
             return
         assert ns.uuid is not None
         claim = ns.claim_class
-        if claim == "btt" and any(m.dimm.label_size >= 256 for m in self.labels.mappings):
-            claim = "btt2"  # btt_claim_class(): v1.2 labels name the BTT2 format
+        if claim == "btt" and ns.claim_btt2:
+            claim = "btt2"  # v1.2 labels name the BTT2 format
         self.labels.update(ScannedNamespace(ns.uuid, ns.alt_name.encode("utf-8", "surrogateescape"), ns.offset,
                                             ns.size, ns.lbasize, claim), old_uuid=rename_from)
 

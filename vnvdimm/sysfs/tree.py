@@ -17,6 +17,7 @@ import posixpath
 import threading
 from collections.abc import Hashable
 from dataclasses import dataclass
+from functools import partial
 
 from vnvdimm.model import kmod
 from vnvdimm.model.base import Attr, BinAttr, Device, Group, Link, fail, uevent_store
@@ -27,6 +28,7 @@ from vnvdimm.model.disk import DataPath, Disk
 from vnvdimm.model.drivers import BusDriver
 from vnvdimm.model.hmem import HmemDevDax, HmemRegion
 from vnvdimm.model.memory import soft_offline_page
+from vnvdimm.model.personality import Btt
 from vnvdimm.model.system import System
 from vnvdimm.sysfs.changes import ChangeFeed
 from vnvdimm.sysfs.kernfs import Events, KAttr, KBin, KDir, KLink, KNode
@@ -42,9 +44,11 @@ def _refuse_store(buf: bytes) -> None:
     raise fail(errno.ENODEV, "no ACPI device to bind or unbind")
 
 
+BTT_DEBUGFS = "/sys/kernel/debug/btt"  # debugfs, which with-vnvdimm shows mounted at /sys/kernel/debug
+
 # Directories of the host's /sys that with-vnvdimm mounts over the emulated tree's empty ones
 # (vnvdimm has nothing to say there: hugepages, cgroups, cpus, firmware, ...).
-HOST_SYSFS_DIRS = ("kernel/mm", "kernel/security", "kernel/debug", "kernel/tracing", "fs", "firmware", "power",
+HOST_SYSFS_DIRS = ("kernel/mm", "kernel/security", "kernel/tracing", "fs", "firmware", "power",
                    "hypervisor", "devices/system/cpu")
 
 
@@ -168,6 +172,7 @@ class TreeBuilder:
         self._system_dirs(s)
         for host_dir in HOST_SYSFS_DIRS:
             s.dir(f"/sys/{host_dir}")
+        s.dir(BTT_DEBUGFS)  # nd_btt_init(): the module's debugfs root
         for bus_name, drivers in self.system.drivers.items():
             base = f"/sys/bus/{bus_name}"
             s.dir(f"{base}/devices")
@@ -348,6 +353,16 @@ class TreeBuilder:
         disk = getattr(dev, "disk", None)
         if isinstance(disk, Disk):
             self._device(s, disk)
+        if isinstance(dev, Btt) and dev.engine is not None:
+            self._btt_debugfs(s, dev)
+
+    def _btt_debugfs(self, s: Snapshot, btt: Btt) -> None:
+        """btt_debugfs_init(): btt/<device>/arena<N>/<field>, read-only, while the BTT is up."""
+        assert btt.engine is not None
+        for index, arena in enumerate(btt.engine.arenas):
+            for name, _ in arena.debugfs():
+                show = partial(arena.debugfs_value, name)
+                s.add(f"{BTT_DEBUGFS}/{btt.name}/arena{index}/{name}", KAttr(Attr(name, 0o444, show=show), self.lock))
 
     def _dev(self, s: Snapshot) -> None:
         s.dir("/dev")
