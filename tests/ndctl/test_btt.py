@@ -1,0 +1,176 @@
+"""Sector mode through the real ndctl on template = "nfit_test": the BTT's version and place
+follow the label version as nd_btt chooses them, its debugfs shows the arena as the kernel
+does, `ndctl check-namespace` (which reads the BTT's info blocks, map and flog from the raw
+namespace) finds it consistent after thousands of writes, and a BTT 1.1 that an older vnvdimm
+left on a v1.2-labelled namespace is refused rather than read as a BTT 2.0."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import uuid
+from pathlib import Path
+
+import kernel_oracle as K
+import pytest
+from mount_kit import have_ndctl
+
+from vnvdimm.model.infoblock import BttInfo, btt_arenas, btt_log_init
+
+pytestmark = [pytest.mark.ndctl, pytest.mark.skipif(not have_ndctl(), reason="needs ndctl and daxctl")]
+
+NFIT_TEST = 'template = "nfit_test"\n[memmap]\nworkers = 1\n'
+BUS = "nfit_test.0"
+
+
+@pytest.fixture
+def nt(make_mount):  # type: ignore[no-untyped-def]
+    return make_mount(NFIT_TEST)
+
+
+def ok(nt, *cmd: str) -> str:  # type: ignore[no-untyped-def]
+    res = nt.run(*cmd)
+    assert res.returncode == 0, f"{' '.join(cmd)}: rc {res.returncode}\n{res.stdout}\n{res.stderr}"
+    return res.stdout + res.stderr
+
+
+def relabel(nt, version: str) -> None:  # type: ignore[no-untyped-def]
+    """The suite's reset / resetV: fresh labels of that version on bus 0."""
+    ok(nt, "ndctl", "disable-region", "-b", BUS, "all")
+    ok(nt, "ndctl", "init-labels", "-f", "-V", version, "-b", BUS, "all")
+    ok(nt, "ndctl", "enable-region", "-b", BUS, "all")
+
+
+def create_sector(nt, *extra: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    res = nt.run("ndctl", "create-namespace", "-b", BUS, "-t", "pmem", "-m", "sector", *extra)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)  # type: ignore[no-any-return]
+
+
+def set_raw(nt, ns: str, raw: bool) -> None:  # type: ignore[no-untyped-def]
+    ok(nt, "ndctl", "disable-namespace", ns)
+    nt.write(f"sys/bus/nd/devices/{ns}/force_raw", b"1" if raw else b"0")
+    ok(nt, "ndctl", "enable-namespace", ns)
+
+
+def raw_head(nt, ns: str, blockdev: str) -> bytes:  # type: ignore[no-untyped-def]
+    """The first 8 KiB of the namespace, through its raw block device."""
+    set_raw(nt, ns, True)
+    head = nt.path(f"dev/{blockdev.removesuffix('s')}").read_bytes()[:8192]
+    set_raw(nt, ns, False)
+    return head
+
+
+def debugfs(nt, btt: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    arena = nt.path(f"sys/kernel/debug/btt/{btt}/arena0")
+    return {f.name: f.read_text().strip() for f in arena.iterdir()}
+
+
+@pytest.mark.parametrize(("labels", "version", "infooff"), [("1.1", (1, 1), 4096), ("1.2", (2, 0), 0)])
+def test_btt_version_and_place_follow_the_labels(nt, labels: str, version: tuple[int, int],  # type: ignore[no-untyped-def]
+                                                 infooff: int) -> None:
+    relabel(nt, labels)
+    ns = create_sector(nt)
+    btt = nt.read(f"sys/bus/nd/devices/{ns['dev']}/holder").strip()
+    assert nt.read(f"sys/bus/nd/devices/{ns['dev']}/holder_class") == "btt\n"
+    shown = debugfs(nt, btt)
+    assert (int(shown["version_major"]), int(shown["version_minor"])) == version
+    assert (shown["log_index_0"], shown["log_index_1"]) == ("0", "1")
+    assert shown["infooff"] == "0x0000000000000000" and shown["nfree"] == "256"
+    head = raw_head(nt, str(ns["dev"]), str(ns["blockdev"]))
+    sb = K.decode_btt_sb(head[infooff: infooff + 4096])
+    assert sb is not None, f"no BTT info block at namespace offset {infooff}"
+    assert (sb["version_major"], sb["version_minor"]) == version
+    assert sb["uuid"] == uuid.UUID(str(ns["uuid"]))
+    assert int(shown["external_nlba"], 16) == sb["external_nlba"]
+    assert int(shown["mapoff"], 16) == sb["mapoff"] and int(shown["info2off"], 16) == sb["info2off"]
+    other = 4096 - infooff  # nothing where the other version would have it
+    assert K.decode_btt_sb(head[other: other + 4096]) is None
+    # the disk: external_nlba sectors of 4096 bytes (ndctl's default sector size for sector mode)
+    assert os.stat(nt.path(f"dev/{ns['blockdev']}")).st_size == sb["external_nlba"] * 4096 == ns["size"]
+
+
+def test_check_namespace_is_clean_after_many_writes(nt) -> None:  # type: ignore[no-untyped-def]
+    relabel(nt, "1.2")
+    ns = create_sector(nt, "-l", "512")
+    dev = nt.path(f"dev/{ns['blockdev']}")
+    size = os.stat(dev).st_size
+    rng = random.Random(5)
+    shadow: dict[int, bytes] = {}
+    fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        for _ in range(3000):
+            block = rng.randrange(min(size // 4096, 512))  # rewrite blocks often: free blocks cycle
+            data = rng.randbytes(4096)
+            assert os.pwrite(fd, data, block * 4096) == 4096
+            shadow[block] = data
+    finally:
+        os.close(fd)
+    btt = nt.read(f"sys/bus/nd/devices/{ns['dev']}/holder").strip()
+    ok(nt, "ndctl", "disable-namespace", str(ns["dev"]))
+    out = ok(nt, "ndctl", "check-namespace", "--verbose", str(ns["dev"]))
+    assert "log_index_0 = 0" in out and "log_index_1 = 1" in out, out
+    ok(nt, "ndctl", "enable-namespace", str(ns["dev"]))
+    assert nt.read(f"sys/bus/nd/devices/{ns['dev']}/holder").strip() == btt
+    with open(dev, "rb") as f:
+        for block, data in shadow.items():
+            f.seek(block * 4096)
+            assert f.read(4096) == data, block
+
+
+def test_an_older_vnvdimm_btt_on_v12_labels_is_refused(nt) -> None:  # type: ignore[no-untyped-def]
+    """vnvdimm before its BTT write path put a BTT 1.1 at 4 KiB on every namespace; where v1.2
+    labels call for a BTT 2.0 at offset 0, enabling it in sector mode fails (its blocks are
+    4 KiB away from where a BTT 2.0 has them) and the namespace stays as it was."""
+    relabel(nt, "1.2")
+    ns = create_sector(nt)
+    name, blockdev = str(ns["dev"]), str(ns["blockdev"])
+    parent = uuid.UUID(nt.read(f"sys/bus/nd/devices/{name}/uuid").strip())
+    set_raw(nt, name, True)
+    raw = nt.path(f"dev/{blockdev.removesuffix('s')}")
+    rawsize = os.stat(raw).st_size
+    (arena,) = btt_arenas(rawsize - 4096, 4096)
+    fd = os.open(raw, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes(4096), 0)  # no BTT 2.0
+        block = BttInfo(uuid.UUID(str(ns["uuid"])), parent, arena).pack()
+        os.pwrite(fd, block, 4096)
+        os.pwrite(fd, block, 4096 + arena.info2off)
+        os.pwrite(fd, btt_log_init(arena), 4096 + arena.logoff)
+        os.pwrite(fd, b"old data" * 512, 4096 + arena.dataoff)  # lba 0, in place
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    ok(nt, "ndctl", "disable-namespace", name)
+    nt.write(f"sys/bus/nd/devices/{name}/force_raw", b"0")
+    # at probe (as at boot), the namespace is not taken for a BTT: it comes up raw, with a warning
+    ok(nt, "ndctl", "enable-namespace", name)
+    (listed,) = json.loads(ok(nt, "ndctl", "list", "-n", name))
+    assert listed["mode"] == "raw", listed
+    log_file = Path(nt.state_dir) / "vnvdimm.log"
+    assert "older vnvdimm" in log_file.read_text(errors="replace")
+    # a BTT device given that namespace refuses to start (the kernel would lay a new BTT 2.0
+    # over the data instead)
+    ok(nt, "ndctl", "disable-namespace", name)
+    region = nt.path(f"sys/bus/nd/devices/{name}").resolve().parent.name
+    seed = nt.read(f"sys/bus/nd/devices/{region}/btt_seed").strip()
+    nt.write(f"sys/bus/nd/devices/{seed}/uuid", str(ns["uuid"]).encode())
+    nt.write(f"sys/bus/nd/devices/{seed}/sector_size", b"4096")
+    nt.write(f"sys/bus/nd/devices/{seed}/namespace", name.encode())
+    fd = os.open(nt.path("sys/bus/nd/drivers/nd_pmem/bind"), os.O_WRONLY)
+    try:
+        with pytest.raises(OSError):
+            os.write(fd, seed.encode())
+    finally:
+        os.close(fd)
+    assert not nt.path(f"dev/{blockdev}").exists()
+    assert "refusing to read it as one" in log_file.read_text(errors="replace")
+    # nothing was written over it
+    if nt.path(f"sys/bus/nd/devices/{seed}").exists():
+        nt.write(f"sys/bus/nd/devices/{seed}/namespace", b"\n")
+    set_raw(nt, name, True)
+    with open(raw, "rb") as f:
+        assert K.decode_btt_sb(f.read(8192)[4096:]) is not None
+        f.seek(4096 + arena.dataoff)
+        assert f.read(4096) == b"old data" * 512
