@@ -19,7 +19,7 @@ from pathlib import Path
 from bench import figures, fio_bench
 from bench.common import REPO, Figure, missed, table, untargeted
 
-SUITES = ("mount", "attr", "devfile", "ndctl", "bind", "scale", "jobs", "fio")
+SUITES = ("mount", "attr", "devfile", "btt", "ndctl", "bind", "scale", "jobs", "fio")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         "mount": lambda: figures.mount_time(3 if q else 5),
         "attr": lambda: figures.attribute_latency(300 if q else 3000),
         "devfile": lambda: figures.device_files("512M" if q else "4G", 3 if q else 5),
+        "btt": lambda: figures.btt_writes("256M" if q else "1G", 2000 if q else 20000, 3 if q else 5),
         "ndctl": lambda: figures.ndctl_list(3 if q else 7),
         "bind": lambda: figures.bind_latency(("1G", "4G") if q else ("1G", "16G", "64G"), 3 if q else 5),
         "scale": lambda: figures.scale(16 if q else 256, 2 if q else 3),
