@@ -6,9 +6,11 @@ left on a v1.2-labelled namespace is refused rather than read as a BTT 2.0."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import struct
 import uuid
 from pathlib import Path
 
@@ -174,3 +176,65 @@ def test_an_older_vnvdimm_btt_on_v12_labels_is_refused(nt) -> None:  # type: ign
         assert K.decode_btt_sb(f.read(8192)[4096:]) is not None
         f.seek(4096 + arena.dataoff)
         assert f.read(4096) == b"old data" * 512
+
+
+def test_media_errors_through_the_btt_as_btt_errors_sh_checks_them(nt) -> None:  # type: ignore[no-untyped-def]
+    """btt-errors.sh without its file system: a block written through the BTT disk is found
+    through the map in the raw namespace (BTT 2.0 at offset 0 on v1.2 labels: mapoff at byte
+    96), poisoned with `ndctl inject-error` + a scrub; a direct read of it through the BTT
+    fails with EIO, a write of it succeeds (to a free block; the bad block is cleared), and
+    it reads back. Then a poisoned map entry fails the read of its block."""
+    relabel(nt, "1.2")
+    ns = create_sector(nt)
+    name, blockdev = str(ns["dev"]), str(ns["blockdev"])
+    # nfit_test's region comes with errors of its own: cleared first by a raw write, as there
+    set_raw(nt, name, True)
+    ok(nt, "sh", "-c", f"if read -r sector len < /sys/block/{blockdev.removesuffix('s')}/badblocks; then "
+       f"dd of=/dev/{blockdev.removesuffix('s')} if=/dev/zero oflag=direct bs=512 seek=$sector count=$len; fi")
+    set_raw(nt, name, False)
+    lba = 300  # its map entry is in the map's third sector: the second part poisons the first
+    dev = nt.path(f"dev/{blockdev}")
+    fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        assert os.pwrite(fd, b"f" * 4096, lba * 4096) == 4096
+    finally:
+        os.close(fd)
+    set_raw(nt, name, True)
+    raw = nt.path(f"dev/{blockdev.removesuffix('s')}").read_bytes()[:64 << 20]
+    (mapoff,) = struct.unpack_from("<I", raw, 96)
+    (entry,) = struct.unpack_from("<I", raw, mapoff + 4 * lba)
+    dataoff = (entry & 0x3FFFFFFF) * 4096 + 4096
+    assert raw[dataoff: dataoff + 4096] == b"f" * 4096
+    ok(nt, "ndctl", "inject-error", f"--block={dataoff // 512}", "--count=8", name)
+    ok(nt, "sh", "-c", f"ndctl start-scrub {BUS} && ndctl wait-scrub {BUS}")
+    set_raw(nt, name, False)
+
+    def read_block(block: int) -> bytes:
+        fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+        try:
+            return os.pread(fd, 4096, block * 4096)
+        finally:
+            os.close(fd)
+
+    with pytest.raises(OSError) as info:
+        read_block(lba)
+    assert info.value.errno == errno.EIO
+    fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        assert os.pwrite(fd, bytes(4096), lba * 4096) == 4096
+    finally:
+        os.close(fd)
+    assert read_block(lba) == bytes(4096)
+    assert read_block(lba + 1) == bytes(4096)
+
+    # an error in the map (its first sector: lba 0's entry)
+    set_raw(nt, name, True)
+    ok(nt, "ndctl", "inject-error", f"--block={mapoff // 512}", "--count=1", name)
+    ok(nt, "sh", "-c", f"ndctl start-scrub {BUS} && ndctl wait-scrub {BUS}")
+    set_raw(nt, name, False)
+    with pytest.raises(OSError) as info:
+        read_block(0)
+    assert info.value.errno == errno.EIO
+    assert read_block(lba) == bytes(4096)  # its map entry is in another sector
+    # (a poisoned map entry that a flog entry names fails the whole BTT at its next start, as
+    # btt_freelist_init()'s map read does)

@@ -301,6 +301,8 @@ class BttEngine:
     def _log_group(self, ai: int, lane: int) -> tuple[tuple[int, int, int, int], ...]:
         mm = self._logs[ai]
         off = self.arenas[ai].log_base + lane * LOG_GRP_SIZE
+        if self._range_is_bad(self.base + self.arenas[ai].logoff + lane * LOG_GRP_SIZE, LOG_GRP_SIZE):
+            raise BttError(errno.EIO, f"{self.name}: media error in the flog of lane {lane}")
         return tuple(_LOG_ENT.unpack_from(mm, off + 16 * j) for j in range(4))
 
     def _log_set_indices(self, ai: int) -> None:
@@ -382,6 +384,8 @@ class BttEngine:
                 continue
             if lba >= arena.external_nlba:
                 raise BttError(errno.EIO, f"{self.name}: flog lane {lane} names lba {lba:#x} past the arena")
+            if self._range_is_bad(self.base + arena.mapoff + 4 * lba, 4):
+                raise BttError(errno.EIO, f"{self.name}: media error in the map entry of lba {lba}")
             mapping = self._map_lookup(mapv, lba)[0]
             if ent_lba(new_map) != mapping and ent_lba(old_map) == mapping:
                 mapv[lba] = ent_lba(new_map) | MAP_ENT_NORMAL
@@ -410,11 +414,22 @@ class BttEngine:
         return self.base + arena.dataoff + postmap * arena.internal_lbasize
 
     def _block_is_bad(self, moff: int) -> bool:
+        return self._range_is_bad(moff, self.sector_size)
+
+    def _range_is_bad(self, moff: int, length: int) -> bool:
+        """is_bad_pmem(): whether a media range touches a bad sector (nsio_rw_bytes() fails
+        such a read with EIO, and an atomic write too: only a plain write clears poison)."""
         bb = self.media.badblocks
         if not bb:
             return False
         first = moff // 512
-        return bb.overlaps(first, -(-(moff + self.sector_size) // 512) - first)
+        return bb.overlaps(first, -(-(moff + length) // 512) - first)
+
+    def _check_map_entry(self, arena: Arena, premap: int) -> None:
+        """btt_map_read()/btt_map_write() go through arena_read/write_bytes(): a bad sector
+        under the map entry fails them with EIO."""
+        if self.media.badblocks and self._range_is_bad(self.base + arena.mapoff + 4 * premap, 4):
+            raise fail(errno.EIO, f"{self.name}: media error in the map entry of lba {premap}")
 
     def _clear_free_error(self, ai: int, entry: FreeEntry) -> None:
         """arena_clear_freelist_error(): a lane's bad free block is written with zeros (a
@@ -431,6 +446,7 @@ class BttEngine:
         ai, premap = self._lba_to_arena(lba)
         arena = self.arenas[ai]
         mapv = self._maps[ai]
+        self._check_map_entry(arena, premap)
         postmap, trim, error = self._map_lookup(mapv, premap)
         if trim:
             buf[:] = bytes(len(buf))
@@ -462,6 +478,7 @@ class BttEngine:
             raise fail(errno.EIO, f"{self.name}: free block {new_postmap:#x} past the arena")
         self.media.pwrite(data, self._block_offset(arena, new_postmap))
         mapv = self._maps[ai]
+        self._check_map_entry(arena, premap)
         old_postmap, _trim, e_flag = self._map_lookup(mapv, premap)
         if old_postmap >= arena.internal_nlba:
             raise fail(errno.EIO, f"{self.name}: lba {lba} maps to {old_postmap:#x}, past the arena")
@@ -469,6 +486,8 @@ class BttEngine:
         # btt_flog_write(): the 16-byte entry in two halves, the sequence number last
         mm = self._logs[ai]
         off = arena.log_base + lane * LOG_GRP_SIZE + arena.log_index[free.sub] * LOG_ENT_SIZE
+        if self.media.badblocks and self._range_is_bad(self.base + arena.logoff + off - arena.log_base, LOG_ENT_SIZE):
+            raise fail(errno.EIO, f"{self.name}: media error in the flog of lane {lane}")
         _LOG_HALF.pack_into(mm, off, premap, old_map)
         _LOG_HALF.pack_into(mm, off + 8, new_postmap, free.seq)
         free.sub = 1 - free.sub
