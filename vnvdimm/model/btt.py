@@ -226,6 +226,7 @@ class BttEngine:
         self._logs: list[mmap.mmap] = []
         self._windows: list[_Window] = []
         self._next_lane = 0
+        self.closed = False
         if self.rawsize < ARENA_MIN_SIZE:
             raise BttError(errno.ENXIO, f"{name}: the namespace must be at least "
                            f"{ARENA_MIN_SIZE + version.initial_offset} bytes")
@@ -502,6 +503,7 @@ class BttEngine:
         """Bytes [offset, offset + len(buf)) of the disk (sector-aligned or not)."""
         ss = self.sector_size
         with self.lock:
+            self._check_live()
             done = 0
             while done < len(buf):
                 lba, within = divmod(offset + done, ss)
@@ -519,6 +521,7 @@ class BttEngine:
         one by reading it, merging, and writing the result to a free block)."""
         ss = self.sector_size
         with self.lock:
+            self._check_live()
             done = 0
             while done < len(data):
                 lba, within = divmod(offset + done, ss)
@@ -532,7 +535,12 @@ class BttEngine:
                     self.write_sector(lba, memoryview(sector))
                 done += n
 
+    def _check_live(self) -> None:
+        if self.closed:  # the disk went away while this request waited for the lock
+            raise fail(errno.ENXIO, f"{self.name}: device is gone")
+
     def close(self) -> None:
+        self.closed = True
         for view in self._maps:
             view.release()
         self._maps = []
