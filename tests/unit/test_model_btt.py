@@ -289,3 +289,47 @@ def test_a_read_only_region_gets_no_new_btt(media: Media) -> None:
         BttEngine(media, NS_OFFSET, SIZE, BTT_V1_1, 4096, U_BTT, U_NS, read_only=True)
     assert info.value.errno == errno.ENXIO
     assert media.pread(4096, NS_OFFSET + 4096) == bytes(4096)
+
+
+def test_an_older_vnvdimm_in_place_520_byte_layout_is_refused(media: Media) -> None:
+    """Older vnvdimm wrote 520-byte sectors in place (block k: disk bytes [520k, 520k + 520))
+    with the map and flog as created: read as the kernel's BTT (512-byte sectors) it would be
+    shifted, so it is refused; a new 520-byte BTT starts with its data area punched out and is
+    not mistaken for one, before or after a write."""
+    e = engine(media, BTT_V1_1, 520)
+    a = e.arenas[0]
+    e.close()
+    for k in range(3):  # what the old in-place write path left
+        media.pwrite(bytes([k + 1]) * 520, e.base + a.dataoff + k * a.internal_lbasize)
+    with pytest.raises(BttError) as info:
+        engine(media, BTT_V1_1, 520)
+    assert info.value.errno == errno.ENXIO and "older vnvdimm" in str(info.value)
+    media.zero(NS_OFFSET + 4096, 4096)  # ndctl's reconfiguration wipes the info block
+    e = engine(media, BTT_V1_1, 520)  # a new BTT over it
+    try:
+        assert read(e, 0) == bytes(512)
+    finally:
+        e.close()
+    e = engine(media, BTT_V1_1, 520)  # found again, unwritten
+    write(e, 5, b"w" * 512)
+    e.close()
+    e = engine(media, BTT_V1_1, 520)  # found again, written
+    try:
+        assert read(e, 5) == b"w" * 512
+    finally:
+        e.close()
+
+
+def test_an_older_vnvdimm_in_place_4096_byte_layout_reads_as_it_was(media: Media) -> None:
+    """For 512 and 4096 the old in-place layout is a BTT with an identity map: used as is."""
+    e = engine(media, BTT_V1_1, 4096)
+    a = e.arenas[0]
+    e.close()
+    media.pwrite(b"k" * 4096, e.base + a.dataoff + 7 * 4096)
+    e = engine(media, BTT_V1_1, 4096)
+    try:
+        assert read(e, 7) == b"k" * 4096
+        write(e, 7, b"n" * 4096)
+        assert read(e, 7) == b"n" * 4096
+    finally:
+        e.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import logging
 import mmap
+import os
 import struct
 import threading
 import uuid as uuidlib
@@ -264,7 +265,37 @@ class BttEngine:
             cur_nlba += arena.external_nlba
             if arena.nextoff == 0:
                 break
+        self._refuse_in_place_layout()
         return True
+
+    def _refuse_in_place_layout(self) -> None:
+        """vnvdimm before its BTT write path wrote a sector of `lbasize` bytes in place: block k
+        held disk bytes [k * lbasize, (k + 1) * lbasize), its map and flog untouched. For 512
+        and 4096 that is exactly a BTT with an identity map. For the other sizes the disk now
+        has 512- or 4096-byte sectors (the rest of each block is integrity metadata), so such a
+        layout would be read shifted: refused where it can be one, i.e. where no flog lane was
+        ever used and the data area holds bytes (new BTTs of these sizes start with their data
+        area punched out, so their unwritten data area has none)."""
+        if self.lbasize == self.sector_size:
+            return
+        padding = (0, 0, 0, 0)
+        for ai, arena in enumerate(self.arenas):
+            for lane in range(arena.nfree):
+                free = arena.external_nlba + lane
+                if self._log_group(ai, lane) != ((lane, free, free, LOG_SEQ_INIT), padding, padding, padding):
+                    return  # written through a BTT write path
+        first = self.arenas[0]
+        start = self.base + first.dataoff
+        end = self.base + first.mapoff
+        try:
+            data = os.lseek(self.media.fd, start, os.SEEK_DATA)
+        except OSError:  # ENXIO: nothing but holes from there on
+            return
+        if data < end:
+            raise BttError(errno.ENXIO, f"{self.name}: its {self.lbasize}-byte sectors were written in place by an "
+                           f"older vnvdimm (block k holds bytes [{self.lbasize}k, {self.lbasize}(k+1)) of the old "
+                           f"disk), which the kernel's BTT would read as {self.sector_size}-byte sectors: refusing "
+                           "it (see docs/limits.md, \"Sector mode\")")
 
     def _create(self) -> None:
         """create_arenas() + btt_meta_init() (btt_arena_write_layout()): map zeroed (identity),
@@ -272,6 +303,8 @@ class BttEngine:
         for geometry in btt_arenas(self.rawsize, self.lbasize):
             arena = Arena.created(geometry, self.version)
             base = self.base
+            if self.lbasize != self.sector_size:  # (see _refuse_in_place_layout)
+                self.media.zero(base + arena.dataoff, arena.mapoff - arena.dataoff)
             self.media.zero(base + arena.mapoff, arena.logoff - arena.mapoff)
             self.media.zero(base + arena.logoff, arena.info2off - arena.logoff)
             self.media.pwrite(btt_log_init(geometry), base + arena.logoff)
