@@ -273,11 +273,16 @@ def check(view: View, media: Callable[[int], Path] | None = None) -> list[str]:
                 continue
             path = media(rid)
             with open(path, "rb") as f:
-                f.seek(ns_start - rstart + INFO_BLOCK_OFFSET)
-                block = f.read(INFO_BLOCK_SIZE)
+                f.seek(ns_start - rstart)
+                head = f.read(INFO_BLOCK_OFFSET + INFO_BLOCK_SIZE)
+            block = head[INFO_BLOCK_OFFSET:]
             dev_uuid = text(f"{pdir}/uuid")
             if kind == "btt":
+                # nd_btt_version(): BTT 1.1 at 4 KiB, or BTT 2.0 at offset 0 (v1.2 labels)
                 info = btt_info(block)
+                at_zero = btt_info(head[:INFO_BLOCK_SIZE])
+                if info is None and at_zero is not None and at_zero["version_major"] == 2:
+                    info = at_zero
                 if info is None:
                     bad(f"{dev} is enabled but its namespace holds no valid BTT info block")
                 elif str(info["uuid"]) != dev_uuid:
