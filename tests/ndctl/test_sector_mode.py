@@ -121,10 +121,11 @@ def test_check_namespace_is_clean_after_many_writes(nt) -> None:  # type: ignore
             assert f.read(4096) == data, block
 
 
-def test_an_older_vnvdimm_btt_on_v12_labels_is_refused(nt) -> None:  # type: ignore[no-untyped-def]
-    """vnvdimm before its BTT write path put a BTT 1.1 at 4 KiB on every namespace; where v1.2
-    labels call for a BTT 2.0 at offset 0, enabling it in sector mode fails (its blocks are
-    4 KiB away from where a BTT 2.0 has them) and the namespace stays as it was."""
+def test_an_older_vnvdimm_btt_on_v12_labels_is_converted(nt) -> None:  # type: ignore[no-untyped-def]
+    """vnvdimm before its BTT write path put a BTT 1.1 at 4 KiB on every namespace, writing
+    blocks in place; where v1.2 labels call for a BTT 2.0 at offset 0, the namespace's next
+    probe turns it into one (no data moved): it comes up in sector mode with the old sectors,
+    and ndctl check-namespace finds the new BTT consistent."""
     relabel(nt, "1.2")
     ns = create_sector(nt)
     name, blockdev = str(ns["dev"]), str(ns["blockdev"])
@@ -134,48 +135,30 @@ def test_an_older_vnvdimm_btt_on_v12_labels_is_refused(nt) -> None:  # type: ign
     rawsize = os.stat(raw).st_size
     (arena,) = btt_arenas(rawsize - 4096, 4096)
     fd = os.open(raw, os.O_RDWR)
-    try:
-        os.pwrite(fd, bytes(4096), 0)  # no BTT 2.0
+    try:  # the old layout, with sectors 0 and 9 written in place
+        os.pwrite(fd, bytes(rawsize - arena.mapoff - 4096), 4096 + arena.mapoff)
+        os.pwrite(fd, bytes(4096), 0)
         block = BttInfo(uuid.UUID(str(ns["uuid"])), parent, arena).pack()
         os.pwrite(fd, block, 4096)
         os.pwrite(fd, block, 4096 + arena.info2off)
         os.pwrite(fd, btt_log_init(arena), 4096 + arena.logoff)
-        os.pwrite(fd, b"old data" * 512, 4096 + arena.dataoff)  # lba 0, in place
+        os.pwrite(fd, b"old data" * 512, 4096 + arena.dataoff)
+        os.pwrite(fd, b"sector 9" * 512, 4096 + arena.dataoff + 9 * 4096)
         os.fsync(fd)
     finally:
         os.close(fd)
-    ok(nt, "ndctl", "disable-namespace", name)
-    nt.write(f"sys/bus/nd/devices/{name}/force_raw", b"0")
-    # at probe (as at boot), the namespace is not taken for a BTT: it comes up raw, with a warning
-    ok(nt, "ndctl", "enable-namespace", name)
+    set_raw(nt, name, False)
     (listed,) = json.loads(ok(nt, "ndctl", "list", "-n", name))
-    assert listed["mode"] == "raw", listed
-    log_file = Path(nt.state_dir) / "vnvdimm.log"
-    assert "older vnvdimm" in log_file.read_text(errors="replace")
-    # a BTT device given that namespace refuses to start (the kernel would lay a new BTT 2.0
-    # over the data instead)
-    ok(nt, "ndctl", "disable-namespace", name)
-    region = nt.path(f"sys/bus/nd/devices/{name}").resolve().parent.name
-    seed = nt.read(f"sys/bus/nd/devices/{region}/btt_seed").strip()
-    nt.write(f"sys/bus/nd/devices/{seed}/uuid", str(ns["uuid"]).encode())
-    nt.write(f"sys/bus/nd/devices/{seed}/sector_size", b"4096")
-    nt.write(f"sys/bus/nd/devices/{seed}/namespace", name.encode())
-    fd = os.open(nt.path("sys/bus/nd/drivers/nd_pmem/bind"), os.O_WRONLY)
-    try:
-        with pytest.raises(OSError):
-            os.write(fd, seed.encode())
-    finally:
-        os.close(fd)
-    assert not nt.path(f"dev/{blockdev}").exists()
-    assert "refusing to read it as one" in log_file.read_text(errors="replace")
-    # nothing was written over it
-    if nt.path(f"sys/bus/nd/devices/{seed}").exists():
-        nt.write(f"sys/bus/nd/devices/{seed}/namespace", b"\n")
-    set_raw(nt, name, True)
-    with open(raw, "rb") as f:
-        assert K.decode_btt_sb(f.read(8192)[4096:]) is not None
-        f.seek(4096 + arena.dataoff)
+    assert listed["mode"] == "sector" and listed["uuid"] == ns["uuid"], listed
+    assert "converted the BTT 1.1" in (Path(nt.state_dir) / "vnvdimm.log").read_text(errors="replace")
+    btt = nt.read(f"sys/bus/nd/devices/{name}/holder").strip()
+    assert debugfs(nt, btt)["version_major"] == "2"
+    with open(nt.path(f"dev/{blockdev}"), "rb") as f:
         assert f.read(4096) == b"old data" * 512
+        f.seek(9 * 4096)
+        assert f.read(4096) == b"sector 9" * 512
+    ok(nt, "ndctl", "disable-namespace", name)
+    ok(nt, "ndctl", "check-namespace", name)
 
 
 def test_media_errors_through_the_btt_as_btt_errors_sh_checks_them(nt) -> None:  # type: ignore[no-untyped-def]

@@ -24,6 +24,7 @@ from vnvdimm.model.btt import (
     BttEngine,
     BttError,
     BttVersion,
+    convert_in_place_v1_1,
 )
 from vnvdimm.model.media import Media
 
@@ -333,3 +334,54 @@ def test_an_older_vnvdimm_in_place_4096_byte_layout_reads_as_it_was(media: Media
         assert read(e, 7) == b"n" * 4096
     finally:
         e.close()
+
+
+@pytest.mark.parametrize("lbasize", [512, 4096])
+def test_an_older_vnvdimm_v1_1_is_converted_to_v2_0_in_place(media: Media, lbasize: int) -> None:
+    """The BTT 1.1 at 4 KiB an older vnvdimm wrote in place on a v1.2-labelled namespace
+    becomes a BTT 2.0 at offset 0 whose map finds every old sector where it was; a crash
+    before the last step converts again; the result is a consistent BTT."""
+    e = engine(media, BTT_V1_1, lbasize)  # the old layout: info blocks, zero map, fresh flog
+    a = e.arenas[0]
+    e.close()
+    rng = random.Random(lbasize)
+    old = {k: rng.randbytes(lbasize) for k in rng.sample(range(a.external_nlba), 200)}
+    old[a.external_nlba - 1] = b"L" * lbasize
+    for k, data in old.items():  # in place, as the old write path did
+        media.pwrite(data, e.base + a.dataoff + k * a.internal_lbasize)
+    old_info = media.pread(4096, NS_OFFSET + 4096)
+    convert_in_place_v1_1(media, NS_OFFSET, SIZE, lbasize, U_BTT, U_NS)
+    sb = K.decode_btt_sb(media.pread(4096, NS_OFFSET))
+    assert sb is not None and (sb["version_major"], sb["version_minor"]) == (2, 0) and sb["uuid"] == U_BTT
+    assert media.pread(4096, NS_OFFSET + 4096) == bytes(4096)  # no BTT 1.1 left to find
+    # a crash before the info block at 0 was written: the old BTT 1.1 is still the valid one
+    media.zero(NS_OFFSET, 4096)
+    media.pwrite(old_info, NS_OFFSET + 4096)
+    convert_in_place_v1_1(media, NS_OFFSET, SIZE, lbasize, U_BTT, U_NS)
+    # a crash after it, before the old info block was zeroed: the next start zeroes it
+    media.pwrite(old_info, NS_OFFSET + 4096)
+    e = engine(media, BTT_V2_0, lbasize)
+    e.drop_stale_v1_1_info()
+    assert media.pread(4096, NS_OFFSET + 4096) == bytes(4096)
+    try:
+        assert e.nlba >= a.external_nlba
+        for k, data in old.items():
+            assert read(e, k) == data, k
+        assert read(e, e.nlba - 1) == bytes(lbasize)  # a sector the old disk did not have
+        check_invariants(media, e)
+        for k in list(old)[:50]:  # the lanes' free blocks are really free
+            write(e, k, b"n" * lbasize)
+        for k, data in list(old.items())[50:]:
+            assert read(e, k) == data, k
+        check_invariants(media, e)
+    finally:
+        e.close()
+
+
+def test_an_older_vnvdimm_v1_1_of_520_byte_sectors_is_not_converted(media: Media) -> None:
+    e = engine(media, BTT_V1_1, 520)
+    e.close()
+    with pytest.raises(BttError) as info:
+        convert_in_place_v1_1(media, NS_OFFSET, SIZE, 520, U_BTT, U_NS)
+    assert info.value.errno == errno.ENXIO and "refusing" in str(info.value)
+    assert media.pread(4096, NS_OFFSET) == bytes(4096)

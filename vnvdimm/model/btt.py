@@ -568,6 +568,24 @@ class BttEngine:
                     self.write_sector(lba, memoryview(sector))
                 done += n
 
+    def drop_stale_v1_1_info(self) -> None:
+        """A BTT 2.0 whose first 8 KiB still hold the valid BTT 1.1 info block it was converted
+        from (a crash cut convert_in_place_v1_1() short before it zeroed it): zero it, if the
+        blocks under it are free (they are, after a conversion), so nothing takes it for a BTT."""
+        if self.version != BTT_V2_0 or not self.arenas:
+            return
+        arena = self.arenas[0]
+        block = self.media.pread(INFO_BLOCK_SIZE, self.base + BTT1_OFFSET)
+        info = arena_is_valid(block, self.parent_uuid)
+        if info is None or (info["version_major"], info["version_minor"]) != (1, 1):
+            return
+        first = (BTT1_OFFSET - arena.dataoff) // arena.internal_lbasize
+        last = (BTT1_OFFSET + INFO_BLOCK_SIZE - 1 - arena.dataoff) // arena.internal_lbasize
+        free = {f.block for f in arena.freelist}
+        if arena.dataoff <= BTT1_OFFSET and all(b in free for b in range(first, last + 1)):
+            self.media.zero(self.base + BTT1_OFFSET, INFO_BLOCK_SIZE)
+            log.info("%s: zeroed the BTT 1.1 info block left from its conversion", self.name)
+
     def _check_live(self) -> None:
         if self.closed:  # the disk went away while this request waited for the lock
             raise fail(errno.ENXIO, f"{self.name}: device is gone")
@@ -623,3 +641,51 @@ class BttDataPath(DataPath):
         with self.engine.lock:
             self.engine.close()
 
+
+
+def convert_in_place_v1_1(media: Media, ns_offset: int, ns_size: int, lbasize: int, uuid: uuidlib.UUID,
+                          parent_uuid: uuidlib.UUID, name: str = "btt") -> None:
+    """Turn the BTT 1.1 at 4 KiB that vnvdimm wrote, blocks in place, before its BTT write
+    path (on every namespace, whatever its labels said) into the BTT 2.0 at offset 0 that the
+    v1.2 labels of the namespace call for, moving no data: old block k (disk sector k, at
+    namespace offset 8 KiB + k * internal_lbasize) is block k + d of the new arena (whose data
+    starts at 4 KiB; d = 4096 / internal_lbasize), so the new map sends lba k there and the
+    256 blocks left over are the lanes' free blocks. Possible for one arena and a block size
+    that divides 4 KiB (512 and 4096 byte sectors); BttError otherwise.
+
+    Crash-safe by its order: the new map, flog and backup info block first (over the old
+    BTT's map and flog, which an in-place layout never used), the info block at offset 0 last;
+    until then the old info block at 4 KiB stays valid and a new start converts again."""
+    old = btt_arenas(ns_size - BTT1_OFFSET, lbasize)
+    new = btt_arenas(ns_size, lbasize)
+    if len(old) != 1 or len(new) != 1 or SZ_4K % old[0].internal_lbasize:
+        raise BttError(errno.ENXIO, f"{name}: a BTT 1.1 written in place by an older vnvdimm, with "
+                       f"{lbasize}-byte sectors{' over several arenas' if len(old) != 1 else ''}, cannot be "
+                       "turned into the BTT 2.0 that the namespace's v1.2 labels call for: refusing it "
+                       "(see docs/limits.md, \"Sector mode\")")
+    (o,), (a,) = old, new
+    ilbs = a.internal_lbasize
+    shift = SZ_4K // ilbs
+    assert a.external_nlba >= o.external_nlba and a.external_nlba + shift <= a.internal_nlba
+    # lbas the old disk did not have read as zeros
+    tail = a.dataoff + (o.external_nlba + shift) * ilbs
+    media.zero(ns_offset + tail, (a.external_nlba - o.external_nlba) * ilbs)
+    chunk = 1 << 18
+    for first in range(0, a.external_nlba, chunk):
+        entries = [(k + shift) | MAP_ENT_NORMAL for k in range(first, min(first + chunk, a.external_nlba))]
+        media.pwrite(struct.pack(f"<{len(entries)}I", *entries), ns_offset + a.mapoff + 4 * first)
+    free = [*range(shift), *range(a.external_nlba + shift, a.internal_nlba)]
+    assert len(free) == BTT_DEFAULT_NFREE
+    flog = b"".join(_LOG_ENT.pack(lane, block, block, LOG_SEQ_INIT) + bytes(LOG_GRP_SIZE - LOG_ENT_SIZE)
+                    for lane, block in enumerate(free))
+    media.zero(ns_offset + a.logoff, a.info2off - a.logoff)
+    media.pwrite(flog, ns_offset + a.logoff)
+    sb = BttInfo(uuid, parent_uuid, a, BTT_V2_0.major, BTT_V2_0.minor).pack()
+    media.pwrite(sb, ns_offset + a.info2off)
+    media.pwrite(sb, ns_offset + a.offset)
+    # The old info block is now in free blocks of the new arena; left there, it would make
+    # tools that look for a BTT 1.1 first (ndctl check-namespace) take the wrong one.
+    # (BttEngine.drop_stale_v1_1_info() finishes this after a crash right here.)
+    media.zero(ns_offset + BTT1_OFFSET, INFO_BLOCK_SIZE)
+    log.warning("%s: converted the BTT 1.1 an older vnvdimm wrote in place into the BTT 2.0 its v1.2 labels "
+                "call for (%d sectors of %d bytes, no data moved)", name, o.external_nlba, btt_sector_size(lbasize))

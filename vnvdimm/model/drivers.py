@@ -9,6 +9,7 @@ Each nd driver declares the nd device types it binds (`types`); a device carries
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import re
@@ -29,13 +30,22 @@ from vnvdimm.model.base import (
     sysfs_streq,
     uevent_store,
 )
-from vnvdimm.model.btt import BTT_V1_1, BTT_V2_0, BttDataPath, BttEngine, BttError, BttVersion, arena_is_valid
+from vnvdimm.model.btt import (
+    BTT_V1_1,
+    BTT_V2_0,
+    BttDataPath,
+    BttEngine,
+    BttError,
+    BttVersion,
+    arena_is_valid,
+    convert_in_place_v1_1,
+)
 from vnvdimm.model.bus import NvdimmBus
 from vnvdimm.model.dax import DaxRegion, DevDax
 from vnvdimm.model.dimm import Nvdimm
 from vnvdimm.model.disk import DataPath, Disk
 from vnvdimm.model.hmem import HmemDevDax
-from vnvdimm.model.infoblock import DAX_SIG, INFO_BLOCK_SIZE, PFN_SIG, PfnInfo
+from vnvdimm.model.infoblock import BTT_LBASIZES, DAX_SIG, INFO_BLOCK_SIZE, PFN_SIG, PfnInfo, btt_arenas
 from vnvdimm.model.namespace import Namespace, NamespaceIo, NamespacePmem
 from vnvdimm.model.nd import DAX_BUS, ND_BUS, NdDeviceType
 from vnvdimm.model.personality import Btt, Dax, Personality, Pfn
@@ -219,6 +229,9 @@ def probe_namespace(ndns: Namespace) -> None:
     common_probe(ndns)
     region = ndns.region
     if not ndns.force_raw:
+        if legacy_vnvdimm_btt(ndns):
+            with contextlib.suppress(OSError):  # refused: logged, and the namespace comes up raw
+                convert_legacy_btt(ndns)
         block = ndns.read_info_block()
         found: type[Btt] | type[Pfn] | None = None
         if ndns.claim_class in ("", "btt") and btt_info(ndns) is not None:
@@ -247,8 +260,6 @@ def probe_namespace(ndns: Namespace) -> None:
             else:
                 log.info("%s: claimed by %s, found on its media", ndns.name, dev.name)
                 raise probing(errno.ENXIO, f"{ndns.name} is claimed by {dev.name} found on the media")
-    if legacy_vnvdimm_btt(ndns):
-        log.warning("%s; it stays a raw namespace", LEGACY_BTT_MESSAGE.format(ns=ndns.name))
     ndns.disk = Disk(region.system, ndns.disk_name(), ndns,
                      DataPath(region.media, ndns.size, ndns.offset, read_only=lambda: region.read_only))
 
@@ -293,8 +304,27 @@ def legacy_vnvdimm_btt(ndns: Namespace) -> bool:
     return info is not None and (info["version_major"], info["version_minor"]) == (1, 1)
 
 
-LEGACY_BTT_MESSAGE = ("{ns} holds a BTT 1.1 at 4 KiB written by an older vnvdimm, but its v1.2 labels call for "
-                      "a BTT 2.0 at offset 0: refusing to read it as one (see docs/limits.md, \"Sector mode\")")
+def convert_legacy_btt(ndns: Namespace) -> None:
+    """The BTT 1.1 that an older vnvdimm left on a BTT2 namespace becomes the BTT 2.0 it
+    should be (vnvdimm.model.btt.convert_in_place_v1_1(), no data moved); where that cannot be
+    done, it is refused with a message (ENXIO), never read as a BTT 2.0."""
+    media = ndns.region.media
+    info = arena_is_valid(media.pread(INFO_BLOCK_SIZE, ndns.offset + BTT_V1_1.initial_offset), ndns.parent_uuid)
+    assert info is not None
+    lbasize = int(info["external_lbasize"])  # type: ignore[call-overload]
+    try:
+        if ndns.region.read_only:
+            raise BttError(errno.ENXIO, f"{ndns.name}: the BTT 1.1 an older vnvdimm wrote needs converting to "
+                           "the BTT 2.0 its v1.2 labels call for, and the region is read-only")
+        expected = btt_arenas(ndns.size - BTT_V1_1.initial_offset, lbasize) if lbasize in BTT_LBASIZES else []
+        if len(expected) != 1 or info["nextoff"] != 0 or info["external_nlba"] != expected[0].external_nlba:
+            raise BttError(errno.ENXIO, f"{ndns.name}: a BTT 1.1 not laid out as vnvdimm laid it out is where its "
+                           "v1.2 labels call for a BTT 2.0: refusing to read it as one")
+        convert_in_place_v1_1(media, ndns.offset, ndns.size, lbasize, info["uuid"],  # type: ignore[arg-type]
+                              ndns.parent_uuid, name=ndns.name)
+    except BttError as e:
+        log.error("%s", e)
+        raise fail(e.errno, str(e)) from None
 
 
 def attach_btt(btt: Btt) -> None:
@@ -303,6 +333,8 @@ def attach_btt(btt: Btt) -> None:
     common_probe(btt)
     ndns = btt.ndns
     assert ndns is not None
+    if legacy_vnvdimm_btt(ndns):
+        convert_legacy_btt(ndns)
     if btt.uuid is None:
         # __nd_btt_probe(): a BTT found on the media gives its device the uuid and sector size
         info = btt_info(ndns)
@@ -311,16 +343,14 @@ def attach_btt(btt: Btt) -> None:
             btt.lbasize = int(info["external_lbasize"])  # type: ignore[call-overload]
     if btt.uuid is None or btt.lbasize == 0:
         raise fail(errno.ENODEV, f"{btt.name}: incomplete btt configuration")
-    if legacy_vnvdimm_btt(ndns):
-        message = LEGACY_BTT_MESSAGE.format(ns=ndns.name)
-        log.error("%s", message)
-        raise fail(errno.ENXIO, message)
     try:
         engine = BttEngine(btt.region.media, ndns.offset, ndns.size, btt_version(ndns), btt.lbasize, btt.uuid,
                            ndns.parent_uuid, btt.region.read_only, name=btt.name)
     except BttError as e:
         log.error("%s", e)
         raise fail(e.errno, str(e)) from None
+    if not btt.region.read_only:
+        engine.drop_stale_v1_1_info()
     btt.engine = engine
     btt.size = engine.size
     btt.disk = Disk(btt.system, ndns.disk_name("s"), btt,
