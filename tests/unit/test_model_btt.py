@@ -385,3 +385,23 @@ def test_an_older_vnvdimm_v1_1_of_520_byte_sectors_is_not_converted(media: Media
         convert_in_place_v1_1(media, NS_OFFSET, SIZE, 520, U_BTT, U_NS)
     assert info.value.errno == errno.ENXIO and "refusing" in str(info.value)
     assert media.pread(4096, NS_OFFSET) == bytes(4096)
+
+
+@pytest.mark.parametrize("lbasize", [512, 520, 4096])
+def test_a_long_read_equals_its_sectors(media: Media, lbasize: int) -> None:
+    """A read of many sectors (blocks that follow each other on the media are read together)
+    returns what each sector reads on its own, at any alignment."""
+    rng = random.Random(lbasize)
+    e = engine(media, BTT_V1_1, lbasize)
+    try:
+        ss = e.sector_size
+        media.pwrite(rng.randbytes(64 * ss), e.base + e.arenas[0].dataoff)  # identity-mapped blocks
+        for lba in rng.sample(range(64), 20):  # remapped ones in between
+            write(e, lba, rng.randbytes(ss))
+        whole = b"".join(read(e, lba) for lba in range(64))
+        for start, length in ((0, 64 * ss), (ss, 10 * ss), (100, 40 * ss + 7), (3 * ss - 1, 2)):
+            buf = bytearray(length)
+            e.read(start, memoryview(buf))
+            assert bytes(buf) == whole[start: start + length], (start, length)
+    finally:
+        e.close()

@@ -477,14 +477,23 @@ class BttEngine:
 
     def read_sector(self, lba: int, buf: memoryview) -> None:
         """btt_read_pg() of one sector into `buf` (sector_size bytes)."""
+        moff = self._locate(lba)
+        if moff is None:
+            buf[:] = bytes(len(buf))
+        else:
+            self.media.preadinto(buf, moff)
+
+    def _locate(self, lba: int) -> int | None:
+        """btt_read_pg() up to the data read: the media offset of the sector's block, None for
+        a sector whose map entry has the zero flag; EIO for the error flag or a bad block
+        (which sets the error flag)."""
         ai, premap = self._lba_to_arena(lba)
         arena = self.arenas[ai]
         mapv = self._maps[ai]
         self._check_map_entry(arena, premap)
         postmap, trim, error = self._map_lookup(mapv, premap)
         if trim:
-            buf[:] = bytes(len(buf))
-            return
+            return None
         if error:
             raise fail(errno.EIO, f"{self.name}: lba {lba} has a media error")
         if postmap >= arena.internal_nlba:
@@ -494,7 +503,7 @@ class BttEngine:
             # Media error: the map entry gets its error flag, so it persists (btt_read_pg())
             mapv[premap] = postmap | MAP_ERR_MASK
             raise fail(errno.EIO, f"{self.name}: media error reading lba {lba}")
-        self.media.preadinto(buf, moff)
+        return moff
 
     def write_sector(self, lba: int, data: memoryview) -> None:
         """btt_write_pg() of one sector: free block, flog entry, map flip."""
@@ -538,16 +547,28 @@ class BttEngine:
         with self.lock:
             self._check_live()
             done = 0
+            # whole sectors whose blocks follow each other on the media are read with one pread
+            run_at, run_moff, run_len = 0, 0, 0
             while done < len(buf):
                 lba, within = divmod(offset + done, ss)
                 n = min(ss - within, len(buf) - done)
                 if within == 0 and n == ss:
-                    self.read_sector(lba, buf[done: done + ss])
+                    moff = self._locate(lba)
+                    if moff is not None and run_len and run_moff + run_len == moff and run_at + run_len == done:
+                        run_len += ss
+                    else:
+                        if run_len:
+                            self.media.preadinto(buf[run_at: run_at + run_len], run_moff)
+                        run_at, run_moff, run_len = done, moff or 0, ss if moff is not None else 0
+                        if moff is None:
+                            buf[done: done + ss] = bytes(ss)
                 else:
                     sector = bytearray(ss)
                     self.read_sector(lba, memoryview(sector))
                     buf[done: done + n] = sector[within: within + n]
                 done += n
+            if run_len:
+                self.media.preadinto(buf[run_at: run_at + run_len], run_moff)
 
     def write(self, offset: int, data: memoryview) -> None:
         """A write of whole or partial sectors; each sector is replaced atomically (a partial
