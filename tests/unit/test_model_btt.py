@@ -405,3 +405,22 @@ def test_a_long_read_equals_its_sectors(media: Media, lbasize: int) -> None:
             assert bytes(buf) == whole[start: start + length], (start, length)
     finally:
         e.close()
+
+
+def test_an_info_block_whose_data_area_overlaps_the_map_is_refused(media: Media) -> None:
+    """A damaged (yet checksummed) info block whose internal_nlba runs the data area into the
+    map would let a write land on the map: the BTT does not start, and nothing is written."""
+    from vnvdimm.model.infoblock import sb_checksum
+
+    e = engine(media)
+    e.close()
+    for off in (0, e.arenas[0].info2off):
+        block = bytearray(media.pread(4096, e.base + off))
+        struct.pack_into("<I", block, 68, struct.unpack_from("<I", block, 68)[0] + 64)  # internal_nlba
+        block[4088:] = struct.pack("<Q", sb_checksum(bytes(block)))
+        media.pwrite(bytes(block), e.base + off)
+    before = media.pread(SIZE, NS_OFFSET)
+    with pytest.raises(BttError) as info:
+        engine(media)
+    assert info.value.errno == errno.ENODEV
+    assert media.pread(SIZE, NS_OFFSET) == before

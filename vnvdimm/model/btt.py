@@ -318,6 +318,8 @@ class BttEngine:
         if arena.nfree != BTT_DEFAULT_NFREE or arena.logoff + arena.nfree * LOG_GRP_SIZE > arena.info2off \
                 or not arena.infooff < arena.dataoff <= arena.mapoff < arena.logoff < arena.info2off \
                 or arena.external_nlba * 4 > arena.logoff - arena.mapoff \
+                or arena.internal_lbasize < self.sector_size or arena.external_nlba > arena.internal_nlba \
+                or arena.dataoff + arena.internal_nlba * arena.internal_lbasize > arena.mapoff \
                 or arena.info2off + BTT_PG_SIZE > self.rawsize or arena.external_lbasize != self.lbasize:
             raise BttError(errno.ENODEV, f"{self.name}: the info block of the arena at {arena.infooff:#x} "
                            "describes an impossible layout")
