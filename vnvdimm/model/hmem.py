@@ -404,8 +404,7 @@ class HmemDevDax(Device):
                 self.jobs.append((r, job))
                 if self.system.memmap.mode == "sync":
                     self.system.defer(job.wait)
-        self.data = DataPath(self.region.media, self.size(), mapper=self._extents,  # type: ignore[arg-type]
-                             job=RangeJobs(self.jobs) if self.jobs else None)  # type: ignore[arg-type]
+        self.data = HmemDataPath(self, RangeJobs(self.jobs) if self.jobs else None)
         if self.region.seed is self:
             self.region.seed = None
         self.system.notify(self, "memmap_state")
@@ -434,6 +433,18 @@ class HmemDevDax(Device):
 
     def close(self) -> None:
         self.system.minors[DAX_MAJOR].put(self.devt[1])
+
+
+class HmemDataPath(DataPath):
+    """The bytes of a dynamic dax instance: its ranges, in page-offset order, over the
+    region's memory."""
+
+    def __init__(self, dev: HmemDevDax, job: RangeJobs | None) -> None:
+        self.dev = dev
+        super().__init__(dev.region.media, dev.size(), job=job)  # type: ignore[arg-type]
+
+    def _extents(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        return self.dev._extents(offset, length)
 
 
 class RangeJobs:
