@@ -1,22 +1,33 @@
-"""Real block devices for the emulated /dev: a loop device over each block device file of a
-mount (``MNT/dev/pmemN``, a BTT's ``MNT/dev/pmemNs``), bound over that file inside
-`with-vnvdimm`'s private mount namespace, so that `mkfs.ext4 /dev/pmem0 && mount /dev/pmem0
-/mnt`, `fsck`, `parted` and `blockdev` work there (root only: loop devices and mounts).
+"""Real block devices for the emulated disks: while a `with-vnvdimm` command runs as root,
+each disk of the mount (``/dev/pmemN``, a BTT's ``/dev/pmemNs``) is a block device node
+served by the mount itself (S_IFBLK, its rdev a loop device), and its partitions
+(``/dev/pmemNp1``) too, so that `mkfs.ext4 /dev/pmem0 && mount /dev/pmem0 /mnt`, `fsck`,
+`parted`, `partprobe`, `umount /dev/pmem0`, `stat` and `rm` behave as on a real system.
 
-Why loop devices: a FUSE file system cannot serve a block device node itself (the kernel
-routes a node's open to its driver, not to the file system), and a loop device over the device
-file keeps every read going through the daemon, which still waits for the memmap.
+Who attaches: the daemon (`LoopDisks`), which runs as root when its mount may carry device
+nodes, and does so while at least one session is open (`/.blockdev/session`, held by
+`vnvdimm blockdevs`, with-vnvdimm's helper): a disk that appears (a namespace enabled,
+reconfigured) gets its loop device before the write that made it is answered, as devtmpfs
+has the node by then, and one that goes loses it. Outside a session, and for a mount of an
+ordinary user, the nodes stay the regular device files the preload library stands in for.
 
-Nothing is left behind: each loop device is created with autoclear and held open by this
-process only, so the kernel detaches it when the last user is gone (this process, killed or
-not, a file system mounted on it when its namespace ends, a process that still has it open).
-Its backing handle follows the device behind the name (opened with O_NOATIME, which the
-daemon takes as that request): after `ndctl create-namespace -f`, writes to /dev/pmem0 reach
-the new device, as on the kernel where /dev/pmem0 is then a new disk. A disable while a file
-system is mounted on it fails with EBUSY, as on the kernel: ndctl opens the block device with
-O_EXCL first, and the mounted file system holds the loop device exclusively.
+Why loop devices: a FUSE file system cannot serve a block device itself (the kernel routes a
+node's open to the driver of its number), and a loop device over the disk's backing file
+(``MNT/.blockdev/pmemN``, the same bytes as the device file) keeps every read going through
+the daemon: memmap waits, media errors (EIO) and their clearing by a write. The backing file
+is opened with O_NOATIME, which the daemon takes as "a loop device's backing file": uncached
+(the loop's reads reach the data path, which checks the bad blocks) and following the disk
+behind the name. The loop device is configured with partition scanning, so BLKPG, BLKRRPART
+and the scan at attach work on it; the daemon lists its partitions (the host's sysfs) as the
+disk's, under the names the kernel gives partitions of that disk.
 
-Usage (from with-vnvdimm): ``vnvdimm blockdevs MNT -- CMD [ARG...]``: attach and bind, run
+Nothing is left behind: each loop device is created with autoclear and held open by the
+daemon only, so the kernel detaches it when the last user is gone (the daemon at the end of
+the session or of the disk, a file system mounted on it when its mount namespace ends). A
+disable while a file system is mounted fails with EBUSY, as on the kernel: ndctl opens the
+block device with O_EXCL first, and the mounted file system holds it exclusively.
+
+Usage (from with-vnvdimm): ``vnvdimm blockdevs MNT -- CMD [ARG...]``: open a session, run
 CMD, pass its exit status through.
 """
 
@@ -25,23 +36,34 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
-import re
 import signal
 import struct
 import subprocess
 import sys
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+
+from vnvdimm.model.disk import DataPath, Disk
+from vnvdimm.sysfs.tree import BLOCKDEV_DIR, Partition, Tree
+
+log = logging.getLogger("vnvdimm.blockdev")
 
 LOOP_CTL_GET_FREE = 0x4C82
 LOOP_CONFIGURE = 0x4C0A
 LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
+LO_FLAGS_PARTSCAN = 8
 LOOP_INFO64_SIZE = 232
 LO_FLAGS_OFFSET = 52  # lo_flags in struct loop_info64: after five u64 and three u32
 
-BLOCK_DEVICE = re.compile(r"pmem\d+s?$")
+SESSION = f"{BLOCKDEV_DIR}/session"
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+# How often the daemon looks for partitions the kernel added or removed (BLKPG, BLKRRPART)
+# and disks that changed other than by a store: udev takes about as long to make a node.
+POLL_S = 0.2
 
 
 def _loop_config(fd: int, block_size: int, flags: int) -> bytes:
@@ -51,20 +73,21 @@ def _loop_config(fd: int, block_size: int, flags: int) -> bytes:
     return struct.pack("=II", fd, block_size) + bytes(info) + bytes(64)
 
 
-def attach(path: Path, block_size: int = 512, read_only: bool = False) -> tuple[str, int]:
-    """A loop device over `path` with autoclear; returns its node and an open descriptor of it
-    (close it and the kernel detaches the device once nobody else uses it)."""
+def attach(path: Path | str, block_size: int = 512, read_only: bool = False, partscan: bool = False
+           ) -> tuple[int, int]:
+    """A loop device over `path` with autoclear (and partition scanning); returns its number
+    and an open descriptor of it (close it and the kernel detaches the device once nobody
+    else uses it)."""
     access = os.O_RDONLY if read_only else os.O_RDWR
     backing = os.open(path, access | os.O_NOATIME | os.O_CLOEXEC)
     try:
-        flags = LO_FLAGS_AUTOCLEAR | (LO_FLAGS_READ_ONLY if read_only else 0)
+        flags = LO_FLAGS_AUTOCLEAR | (LO_FLAGS_READ_ONLY if read_only else 0) | (LO_FLAGS_PARTSCAN if partscan else 0)
         config = _loop_config(backing, block_size, flags)
         control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
         try:
             for _ in range(64):
                 number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
-                node = f"/dev/loop{number}"
-                loop = os.open(node, access | os.O_CLOEXEC)
+                loop = os.open(f"/dev/loop{number}", access | os.O_CLOEXEC)
                 try:
                     fcntl.ioctl(loop, LOOP_CONFIGURE, config)
                 except OSError as e:
@@ -72,7 +95,7 @@ def attach(path: Path, block_size: int = 512, read_only: bool = False) -> tuple[
                     if e.errno == errno.EBUSY:  # another process took it first
                         continue
                     raise
-                return node, loop
+                return number, loop
             raise OSError(errno.EBUSY, "no free loop device")
         finally:
             os.close(control)
@@ -80,43 +103,187 @@ def attach(path: Path, block_size: int = 512, read_only: bool = False) -> tuple[
         os.close(backing)  # the loop device holds its own reference
 
 
-def block_size_of(mnt: Path, name: str) -> int:
-    try:
-        return int((mnt / "sys" / "block" / name / "queue" / "logical_block_size").read_text())
-    except (OSError, ValueError):
-        return 512
+def partition_name(disk: str, number: int) -> str:
+    """The kernel's name for partition `number` of `disk` (disk_name()): a "p" between
+    them when the disk's name ends in a digit (pmem0p1), none otherwise (pmem0s1)."""
+    return f"{disk}{'p' if disk[-1:].isdigit() else ''}{number}"
 
 
-def read_only(mnt: Path, name: str) -> bool:
-    try:
-        return (mnt / "sys" / "block" / name / "ro").read_text().strip() == "1"
-    except OSError:
-        return False
+@dataclass
+class Loop:
+    number: int
+    fd: int
+    rdev: tuple[int, int]
+    data: DataPath  # the device it was attached for: another one behind the name gets a new loop
 
 
-def bind_all(mnt: Path) -> list[int]:
-    """Attach a loop device to every block device file of the mount and bind it over the file
-    (in the current mount namespace). Returns the descriptors that keep them."""
-    held: list[int] = []
-    for name in sorted(os.listdir(mnt / "dev")):
-        if not BLOCK_DEVICE.match(name):
-            continue
-        node, fd = attach(mnt / "dev" / name, block_size_of(mnt, name), read_only(mnt, name))
-        held.append(fd)
-        subprocess.run(["mount", "--bind", node, str(mnt / "dev" / name)], check=True, capture_output=True,
-                       timeout=60)
-    return held
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+class LoopDisks:
+    """The daemon's side (see the module's docstring): a loop device per disk while a session
+    is open, the nodes and partitions the tree serves for them, /proc/partitions."""
+
+    def __init__(self, tree: Tree, mountpoint: Path | str) -> None:
+        self.tree = tree
+        self.mountpoint = Path(mountpoint)
+        self._lock = threading.Lock()  # one reconcile at a time
+        self._sessions = 0
+        self._loops: dict[str, Loop] = {}
+        # What the tree serves, replaced whole (read by tree builds without the lock).
+        self._rdevs: dict[str, tuple[int, int]] = {}
+        self._partitions: list[Partition] = []
+        self._wake = threading.Event()
+        self._poller: threading.Thread | None = None
+        self._closed = False
+
+    @staticmethod
+    def available() -> bool:
+        """Loop devices and device nodes on the mount: root with /dev/loop-control."""
+        return os.geteuid() == 0 and os.path.exists("/dev/loop-control")
+
+    # -- what the tree asks (vnvdimm.sysfs.tree.BlockDevices)
+
+    def disk_rdev(self, name: str) -> tuple[int, int] | None:
+        return self._rdevs.get(name)
+
+    def partitions(self) -> list[Partition]:
+        return self._partitions
+
+    def proc_partitions(self) -> str:
+        """The host's /proc/partitions, its lines for the loop devices behind the disks (and
+        their partitions) under the disks' names; nothing else (inside with-vnvdimm, /sys/block
+        has the emulated disks only)."""
+        names = {f"loop{loop.number}": name for name, loop in self._loops.items()}
+        names.update({os.path.basename(p.host_dir): p.name for p in self._partitions})
+        with open("/proc/partitions") as f:
+            lines = f.read().splitlines(keepends=True)
+        out = lines[:2]  # "major minor  #blocks  name" and a blank line
+        for line in lines[2:]:
+            fields = line.split()
+            if len(fields) == 4 and fields[3] in names:
+                out.append(line[:line.rindex(fields[3])] + names[fields[3]] + "\n")
+        return "".join(out)
+
+    # -- sessions
+
+    def session_opened(self) -> None:
+        with self._lock:
+            self._sessions += 1
+            if self._poller is None or not self._poller.is_alive():
+                self._wake.clear()
+                self._poller = threading.Thread(target=self._poll, name="vnvdimm-blockdevs", daemon=True)
+                self._poller.start()
+        self.reconcile()
+
+    def session_closed(self) -> None:
+        with self._lock:
+            self._sessions = max(0, self._sessions - 1)
+            if self._sessions == 0:
+                self._wake.set()
+        self.reconcile()
+
+    def _poll(self) -> None:
+        while not self._wake.wait(POLL_S):
+            try:
+                self.reconcile()
+            except Exception:  # a reconcile must never end the poller of a live session
+                log.exception("block devices: reconcile failed")
+
+    # -- the work
+
+    def _wanted(self) -> dict[str, tuple[DataPath, int]]:
+        """The disks that should have a block device: name -> (data path, logical block size)."""
+        if self._sessions == 0 or self._closed:
+            return {}
+        system = self.tree.system
+        wanted: dict[str, tuple[DataPath, int]] = {}
+        with system.lock:
+            for dev in system.all_devices():
+                disk = getattr(dev, "disk", None)
+                if isinstance(disk, Disk) and not disk.data.closed:
+                    wanted[disk.name] = (disk.data, disk.logical_block_size)
+        return wanted
+
+    def reconcile(self) -> None:
+        """Attach a loop device for each disk that has none, let go of those whose disk is
+        gone (or replaced), pick up partition changes; publish any change to the tree.
+        Never called with the model lock held (the backing file is opened through the mount)."""
+        with self._lock:
+            wanted = self._wanted()
+            changed = False
+            for name, loop in list(self._loops.items()):
+                if name not in wanted or wanted[name][0] is not loop.data:
+                    del self._loops[name]
+                    os.close(loop.fd)  # autoclear: detached once nothing else has it open
+                    log.info("%s: loop%d released", name, loop.number)
+                    changed = True
+            for name, (data, block_size) in wanted.items():
+                if name in self._loops:
+                    continue
+                try:
+                    number, fd = attach(self.mountpoint / BLOCKDEV_DIR.lstrip("/") / name, block_size,
+                                        data.read_only(), partscan=True)
+                except OSError as e:
+                    log.warning("%s: no loop block device: %s", name, e.strerror or e)
+                    continue
+                rdev = os.fstat(fd).st_rdev
+                self._loops[name] = Loop(number, fd, (os.major(rdev), os.minor(rdev)), data)
+                log.info("%s: block device loop%d", name, number)
+                changed = True
+            partitions = self._scan_partitions()
+            if partitions != self._partitions:
+                changed = True
+            if changed:
+                self._rdevs = {name: loop.rdev for name, loop in self._loops.items()}
+                self._partitions = partitions
+        if changed and not self._closed:
+            self.tree.refresh()
+
+    def _scan_partitions(self) -> list[Partition]:
+        found: list[Partition] = []
+        for name, loop in sorted(self._loops.items()):
+            base = f"/sys/block/loop{loop.number}"
+            try:
+                entries = sorted(os.listdir(base))
+            except OSError:
+                continue
+            for entry in entries:
+                if not entry.startswith(f"loop{loop.number}p"):
+                    continue
+                try:
+                    number = int(_read(f"{base}/{entry}/partition"))
+                    major, minor = (int(x) for x in _read(f"{base}/{entry}/dev").split(":"))
+                except (OSError, ValueError):
+                    continue  # going away while we look
+                found.append(Partition(partition_name(name, number), name, number, (major, minor),
+                                       f"{base}/{entry}"))
+        return found
+
+    def close(self) -> None:
+        """The daemon ends: let go of every loop device (no tree left to tell)."""
+        self._closed = True
+        self._wake.set()
+        with self._lock:
+            for loop in self._loops.values():
+                with contextlib.suppress(OSError):
+                    os.close(loop.fd)
+            self._loops.clear()
+            self._rdevs, self._partitions = {}, []
 
 
 def run(mnt: Path, cmd: list[str]) -> int:
-    """Bind the loop devices, run `cmd`, return its exit status (killed by a signal, this
-    process dies of the same signal). Signals sent to this process are passed on to it."""
+    """Open a block-device session on the mount, run `cmd`, return its exit status (killed by
+    a signal, this process dies of the same signal). Signals sent to this process are passed
+    on to it. The session is held by this process only (close-on-exec): it ends with it."""
+    session: int | None = None
     try:
-        held = bind_all(mnt)
-    except (OSError, subprocess.SubprocessError) as e:
-        message = e.stderr.decode(errors="replace").strip() if isinstance(e, subprocess.CalledProcessError) else e
-        print(f"with-vnvdimm: no loop block devices ({message}); /dev/pmem* are plain files", file=sys.stderr)
-        held = []
+        session = os.open(mnt / SESSION.lstrip("/"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        reason = "its daemon does not run as root" if e.errno == errno.ENOENT else e.strerror
+        print(f"with-vnvdimm: no block devices on {mnt} ({reason}); /dev/pmem* are plain files", file=sys.stderr)
     try:
         child = subprocess.Popen(cmd)
     except OSError as e:
@@ -125,9 +292,9 @@ def run(mnt: Path, cmd: list[str]) -> int:
     for signum in FORWARDED:
         signal.signal(signum, lambda s, _frame: child.send_signal(s))
     status = child.wait()
-    for fd in held:
+    if session is not None:
         with contextlib.suppress(OSError):
-            os.close(fd)
+            os.close(session)
     if status < 0:  # killed by a signal: die of it too, so that the caller sees what CMD did
         signal.signal(-status, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {-status})

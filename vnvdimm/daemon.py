@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from vnvdimm.blockdev import LoopDisks
 from vnvdimm.fuse import fusermount
 from vnvdimm.logfile import RotatingLog, max_bytes_from_environment
 from vnvdimm.model.host_memory import read_host_memory
@@ -234,10 +235,15 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
     system = machine.system
     system.modules = PlatformModules(platform, state, system)
     teardown: Teardown | None = None
+    loop_disks: LoopDisks | None = None
     ioctls = IoctlServer(system, ioctl_socket(opts.mountpoint))
     try:
         ioctls.start()
         tree = Tree(system)
+        if LoopDisks.available():
+            # root's mount carries device nodes: the disks can be block devices (vnvdimm.blockdev)
+            loop_disks = LoopDisks(tree, opts.mountpoint)
+            tree.block_devices = loop_disks
 
         def ready() -> None:
             # The loop answers once init ran; make sure a lookup goes through, then tell the parent.
@@ -275,6 +281,8 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
         if teardown is not None:
             teardown.loop_done.set()
             teardown.quiesce()
+        if loop_disks is not None:
+            loop_disks.close()
         ioctls.close()
         machine.close()
         with contextlib.suppress(FileNotFoundError):

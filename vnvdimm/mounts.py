@@ -507,7 +507,9 @@ def holders(mountpoint: Path | str, entry: MountEntry | None = None, daemon: int
 def _backing_inside(loop: str, loops: Iterable[tuple[str, str]], base: str) -> str:
     backing = dict(loops).get(loop, "")
     if backing.startswith(base + "/"):
-        return backing[len(base):]
+        inside = backing[len(base):]
+        # the backing file of a disk's block device stands for /dev/<disk> (vnvdimm.blockdev)
+        return "/dev/" + inside.rsplit("/", 1)[-1] if inside.startswith("/.blockdev/") else inside
     return "/dev/" + backing.rsplit("/", 1)[-1] if "/dev/" in backing else backing
 
 

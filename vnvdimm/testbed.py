@@ -166,12 +166,20 @@ def enter_namespace(root: Path) -> None:
         for node in HOST_CHAR_NODES:
             if os.path.exists(f"/dev/{node}") and os.path.lexists(root / "dev" / node):
                 _mount(f"/dev/{node}", str(root / "dev" / node), _MS_BIND)
+    session_open = False
     if os.geteuid() == 0:
-        # Loop block devices over /dev/pmem*, kept by this process (detached when it ends).
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            blockdev.bind_all(root)
+        # /dev/pmem* as block devices while this process lives (vnvdimm.blockdev): its
+        # session ends with it.
+        with contextlib.suppress(OSError):
+            _SESSIONS.append(os.open(root / blockdev.SESSION.lstrip("/"), os.O_RDONLY | os.O_CLOEXEC))
+            session_open = True
     _mount(str(root / "dev"), "/dev", _MS_BIND | _MS_REC)
     _mount(str(root / "sys"), "/sys", _MS_BIND)
+    if session_open:
+        _mount(str(root / "proc" / "partitions"), "/proc/partitions", _MS_BIND)
+
+
+_SESSIONS: list[int] = []  # the block-device session of a process in the namespace
 
 
 HOST_CHAR_NODES = ("null", "zero", "full", "random", "urandom", "tty", "ptmx")

@@ -35,7 +35,7 @@ from vnvdimm.fuse.profile import RequestProfile
 from vnvdimm.model.disk import DataPath
 from vnvdimm.model.keyring import Caller, serving
 from vnvdimm.sysfs.kernfs import PAGE_SIZE, KAttr, KBin, KDir, KLink, KNode, OpenAttr
-from vnvdimm.sysfs.tree import KChar, KDevFile, Snapshot, Tree
+from vnvdimm.sysfs.tree import KBlock, KChar, KDevFile, KSession, Snapshot, Tree
 
 log = logging.getLogger("vnvdimm.fuse")
 
@@ -325,6 +325,13 @@ class OpenControl:
         self.path = path
 
 
+class OpenSession(OpenControl):
+    """An open /.blockdev/session (nothing to read or write): the disks are block devices
+    until its release."""
+
+    __slots__ = ()
+
+
 # The extended attribute through which the preload library learns what a device file is.
 NODE_XATTR = "user.vnvdimm"
 _NODE_XATTR_NAME = NODE_XATTR.encode()  # as libfuse passes names to the direct callback
@@ -466,7 +473,7 @@ class VnvdimmOperations(fuse.Operations):
             st = fuse.c_stat()
             fuse.set_st_attrs(st, self._stat(node), use_ns=True)
             image = bytes(st)
-            if isinstance(node, KDir | KAttr | KLink | KChar):
+            if isinstance(node, KDir | KAttr | KLink | KChar | KBlock | KSession):
                 images[1][path] = image
         return image
 
@@ -503,6 +510,13 @@ class VnvdimmOperations(fuse.Operations):
         elif isinstance(node, KChar):
             st["st_mode"] = stat.S_IFCHR | node.mode
             st["st_rdev"] = os.makedev(*node.rdev)
+            st["st_size"] = 0
+        elif isinstance(node, KBlock):
+            st["st_mode"] = stat.S_IFBLK | node.mode
+            st["st_rdev"] = os.makedev(*node.rdev)
+            st["st_size"] = 0
+        elif isinstance(node, KSession):
+            st["st_mode"] = stat.S_IFREG | node.mode
             st["st_size"] = 0
         elif isinstance(node, KDevFile):
             st["st_mode"] = stat.S_IFREG | node.mode
@@ -582,6 +596,11 @@ class VnvdimmOperations(fuse.Operations):
         elif isinstance(node, KDevFile) and node.control:
             fi.direct_io = 1
             fi.fh = self._new_fh(OpenControl(path))
+        elif isinstance(node, KSession) and self.tree.block_devices is not None:
+            # Answered once every disk is a block device (or could not be made one).
+            fi.direct_io = 1
+            self.tree.block_devices.session_opened()
+            fi.fh = self._new_fh(OpenSession(path))
         elif isinstance(node, KDevFile):
             data = node.data
             if data is None or data.closed:
@@ -634,6 +653,8 @@ class VnvdimmOperations(fuse.Operations):
                         data.fsync()
             if self.on_device_release is not None:
                 self.on_device_release()
+        elif isinstance(obj, OpenSession) and self.tree.block_devices is not None:
+            self.tree.block_devices.session_closed()
 
     def _handle(self, fh: Any) -> OpenAttr | OpenDevice | OpenControl | KBin:
         return self._handle_of(fh.fh)

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Hashable
 from dataclasses import dataclass
 from functools import partial
+from typing import Protocol
 
 from vnvdimm.model import kmod
 from vnvdimm.model.base import Attr, BinAttr, Device, Group, Link, fail, uevent_store
@@ -76,6 +77,58 @@ class KDevFile(KNode):
     control: bool = False
 
 
+@dataclass(slots=True)
+class KBlock(KNode):
+    """A block device node served as such (/dev/pmemN while a with-vnvdimm command runs as
+    root): the kernel opens the host's block device of that number (the loop device that
+    stands for the disk), never this file system."""
+
+    rdev: tuple[int, int]
+    mode: int = 0o660
+
+
+@dataclass(slots=True)
+class KSession(KNode):
+    """/.blockdev/session: while a handle of it is open, the disks are served as block devices
+    (vnvdimm.blockdev.LoopDisks; `vnvdimm blockdevs` holds it for a with-vnvdimm command)."""
+
+    mode: int = 0o600
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """A partition of a disk as the host kernel holds it (of the loop device behind the disk):
+    its name as the kernel names a partition of the disk, its device and the host's sysfs
+    directory of it (where start, size... are read live)."""
+
+    name: str
+    disk: str
+    number: int
+    rdev: tuple[int, int]
+    host_dir: str
+
+
+class BlockDevices(Protocol):
+    """The real block devices behind the disks (vnvdimm.blockdev.LoopDisks)."""
+
+    def disk_rdev(self, name: str) -> tuple[int, int] | None: ...
+
+    def partitions(self) -> list[Partition]: ...
+
+    def proc_partitions(self) -> str: ...
+
+    def session_opened(self) -> None: ...
+
+    def session_closed(self) -> None: ...
+
+    def reconcile(self) -> None: ...
+
+
+# The files the attributes of a partition directory read live from the host's.
+PARTITION_ATTRS = ("start", "size", "ro", "alignment_offset", "discard_alignment", "stat", "inflight")
+BLOCKDEV_DIR = "/.blockdev"  # the loop devices' backing files and the session node
+
+
 STANDARD_CHAR_NODES = {
     "null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9),
     "tty": (5, 0), "ptmx": (5, 2),
@@ -101,6 +154,10 @@ def cached_identity(node: KNode) -> Hashable:
         return ("devfile", node.mode, node.rdev, None if data is None else (data.serial, data.size))
     if isinstance(node, KChar):
         return ("chr", node.mode, node.rdev)
+    if isinstance(node, KBlock):
+        return ("blk", node.mode, node.rdev)
+    if isinstance(node, KSession):
+        return ("session", node.mode)
     raise TypeError(node)
 
 
@@ -152,6 +209,7 @@ class Snapshot:
 class TreeBuilder:
     def __init__(self, system: System) -> None:
         self.system = system
+        self.block_devices: BlockDevices | None = None
         self.lock = system.lock
 
     # -- paths
@@ -346,6 +404,7 @@ class TreeBuilder:
         if isinstance(dev, Disk):
             s.link(f"/sys/block/{dev.name}", path)
             s.link(f"/sys/class/block/{dev.name}", path)
+            self._host_block_device(s, dev, path)
         if isinstance(dev, NdCtl):
             s.link(f"/sys/class/nd/{dev.name}", path)
         for child in dev.children():
@@ -382,7 +441,55 @@ class TreeBuilder:
                 s.add(f"/dev/{dev.name}", KDevFile(dev.data if bound else None, dev.devt, align=dev.align))
             disk = getattr(dev, "disk", None)
             if isinstance(disk, Disk):
-                s.add(f"/dev/{disk.name}", KDevFile(disk.data, disk.devt, kind="b"))
+                rdev = self.block_devices.disk_rdev(disk.name) if self.block_devices is not None else None
+                if rdev is None:
+                    s.add(f"/dev/{disk.name}", KDevFile(disk.data, disk.devt, kind="b"))
+                else:
+                    s.add(f"/dev/{disk.name}", KBlock(rdev))
+                if self.block_devices is not None:
+                    s.add(f"{BLOCKDEV_DIR}/{disk.name}", KDevFile(disk.data, disk.devt, kind="b"))
+        if self.block_devices is not None:
+            s.add(f"{BLOCKDEV_DIR}/session", KSession())
+            bd = self.block_devices
+            s.add("/proc/partitions", KAttr(Attr("partitions", 0o444, show=bd.proc_partitions, blocking=True),
+                                            self.lock))
+            for part in bd.partitions():
+                if isinstance(s.nodes.get(f"/dev/{part.disk}"), KBlock):
+                    s.add(f"/dev/{part.name}", KBlock(part.rdev))
+
+    def _host_block_device(self, s: Snapshot, disk: Disk, path: str) -> None:
+        """What the host kernel has of the block device behind a disk: its device number
+        (/sys/dev/block/<loop's MAJOR:MINOR>, what lsblk and blkid look up from a stat of the
+        node) and its partitions, each a directory of the disk as the kernel makes it."""
+        bd = self.block_devices
+        rdev = bd.disk_rdev(disk.name) if bd is not None else None
+        if bd is None or rdev is None:
+            return
+        s.link(f"/sys/dev/block/{rdev[0]}:{rdev[1]}", path)
+        for part in bd.partitions():
+            if part.disk != disk.name:
+                continue
+            part_path = f"{path}/{part.name}"
+            s.dir(part_path)
+            major, minor = part.rdev
+            for name in PARTITION_ATTRS:
+                show = partial(_read_host, f"{part.host_dir}/{name}")
+                s.add(f"{part_path}/{name}", KAttr(Attr(name, 0o444, show=show, blocking=True), self.lock))
+            s.add(f"{part_path}/partition", KAttr(Attr("partition", 0o444, show=lambda n=part.number: f"{n}\n"),
+                                                  self.lock))
+            s.add(f"{part_path}/dev", KAttr(Attr("dev", 0o444, show=lambda d=f"{major}:{minor}\n": d), self.lock))
+            uevent = f"MAJOR={major}\nMINOR={minor}\nDEVNAME={part.name}\nDEVTYPE=partition\nPARTN={part.number}\n"
+            s.add(f"{part_path}/uevent", KAttr(Attr("uevent", 0o644, show=lambda u=uevent: u, store=uevent_store),
+                                               self.lock))
+            s.link(f"{part_path}/subsystem", "/sys/class/block")
+            s.dir(f"{part_path}/holders")
+            s.link(f"/sys/class/block/{part.name}", part_path)
+            s.link(f"/sys/dev/block/{major}:{minor}", part_path)
+
+
+def _read_host(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 class Tree:
@@ -413,6 +520,14 @@ class Tree:
                     self.changes.publish(snap.stale_since(before))
             return snap
 
+    @property
+    def block_devices(self) -> BlockDevices | None:
+        return self.builder.block_devices
+
+    @block_devices.setter
+    def block_devices(self, value: BlockDevices | None) -> None:
+        self.builder.block_devices = value
+
     def lookup(self, path: str) -> KNode | None:
         return self.snapshot().nodes.get(path)
 
@@ -426,6 +541,18 @@ class Tree:
             if self._snapshot is None or self._snapshot.generation != self.system.generation:
                 self.snapshot()
             self.changes.flush()
+            # A disk that came or went with this store has (or no longer has) its block
+            # device before the writer is answered, as devtmpfs has its node by then.
+            if self.builder.block_devices is not None:
+                self.builder.block_devices.reconcile()
+
+    def refresh(self) -> None:
+        """Rebuild after a change the model does not know of (a block device attached or
+        detached, a partition added) and deliver the stale paths."""
+        with self.system.lock:
+            self.system.changed()
+        self.snapshot()
+        self.changes.flush()
 
     def _on_notify(self, dev: Device, attr: str) -> None:
         # Called from engine threads too: never take the model lock here (a job being
