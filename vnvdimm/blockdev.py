@@ -34,6 +34,7 @@ CMD, pass its exit status through.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -47,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vnvdimm.model.disk import DataPath, Disk
+from vnvdimm.parttable import TablePartition, read_table
 from vnvdimm.sysfs.tree import BLOCKDEV_DIR, Partition, Tree
 
 log = logging.getLogger("vnvdimm.blockdev")
@@ -58,6 +60,27 @@ LO_FLAGS_AUTOCLEAR = 4
 LO_FLAGS_PARTSCAN = 8
 LOOP_INFO64_SIZE = 232
 LO_FLAGS_OFFSET = 52  # lo_flags in struct loop_info64: after five u64 and three u32
+
+BLKPG = 0x1269
+BLKPG_ADD_PARTITION = 1
+
+
+class _BlkpgPartition(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_longlong), ("length", ctypes.c_longlong), ("pno", ctypes.c_int),
+                ("devname", ctypes.c_char * 64), ("volname", ctypes.c_char * 64)]
+
+
+class _BlkpgIoctlArg(ctypes.Structure):
+    _fields_ = [("op", ctypes.c_int), ("flags", ctypes.c_int), ("datalen", ctypes.c_int),
+                ("data", ctypes.c_void_p)]
+
+
+def add_partition(fd: int, part: TablePartition) -> None:
+    """BLKPG_ADD_PARTITION on the block device `fd` (what parted does to inform the kernel)."""
+    data = _BlkpgPartition(part.start, part.length, part.number)
+    arg = _BlkpgIoctlArg(BLKPG_ADD_PARTITION, 0, ctypes.sizeof(data), ctypes.addressof(data))
+    fcntl.ioctl(fd, BLKPG, bytes(arg))
+
 
 SESSION = f"{BLOCKDEV_DIR}/session"
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -115,6 +138,10 @@ class Loop:
     fd: int
     rdev: tuple[int, int]
     data: DataPath  # the device it was attached for: another one behind the name gets a new loop
+    block_size: int
+    # The partition numbers the kernel had at the last look (None: never looked): when they
+    # change (BLKRRPART dropped them, or this is the attach), the table is read again.
+    seen: frozenset[int] | None = None
 
 
 def _read(path: str) -> str:
@@ -230,7 +257,7 @@ class LoopDisks:
                     log.warning("%s: no loop block device: %s", name, e.strerror or e)
                     continue
                 rdev = os.fstat(fd).st_rdev
-                self._loops[name] = Loop(number, fd, (os.major(rdev), os.minor(rdev)), data)
+                self._loops[name] = Loop(number, fd, (os.major(rdev), os.minor(rdev)), data, block_size)
                 log.info("%s: block device loop%d", name, number)
                 changed = True
             partitions = self._scan_partitions()
@@ -246,21 +273,54 @@ class LoopDisks:
         found: list[Partition] = []
         for name, loop in sorted(self._loops.items()):
             base = f"/sys/block/loop{loop.number}"
-            try:
-                entries = sorted(os.listdir(base))
-            except OSError:
-                continue
-            for entry in entries:
-                if not entry.startswith(f"loop{loop.number}p"):
-                    continue
+            numbers = self._kernel_partitions(base, loop.number)
+            if loop.seen != numbers:
+                loop.seen = numbers
+                if self._scan_table(name, loop, numbers):
+                    numbers = loop.seen = self._kernel_partitions(base, loop.number)
+            for number in sorted(numbers):
+                entry = f"{base}/loop{loop.number}p{number}"
                 try:
-                    number = int(_read(f"{base}/{entry}/partition"))
-                    major, minor = (int(x) for x in _read(f"{base}/{entry}/dev").split(":"))
+                    major, minor = (int(x) for x in _read(f"{entry}/dev").split(":"))
                 except (OSError, ValueError):
                     continue  # going away while we look
-                found.append(Partition(partition_name(name, number), name, number, (major, minor),
-                                       f"{base}/{entry}"))
+                found.append(Partition(partition_name(name, number), name, number, (major, minor), entry))
         return found
+
+    @staticmethod
+    def _kernel_partitions(base: str, loop_number: int) -> frozenset[int]:
+        prefix = f"loop{loop_number}p"
+        try:
+            return frozenset(int(e[len(prefix):]) for e in os.listdir(base)
+                             if e.startswith(prefix) and e[len(prefix):].isdigit())
+        except OSError:
+            return frozenset()
+
+    @staticmethod
+    def _scan_table(name: str, loop: Loop, present: frozenset[int]) -> bool:
+        """The kernel's partition scan, for a host kernel without partition parsers: the
+        partitions of the disk's table that the kernel does not have are added (never removed:
+        a partition the kernel has stays until BLKPG or a rescan drops it, as on the kernel).
+        Runs when the kernel's partitions changed: after the scan at attach and BLKRRPART
+        (which, without parsers, drop every partition) this restores what the table says.
+        True if it added any."""
+        data = loop.data
+        try:
+            table = read_table(lambda offset, length: data.read(length, offset), data.size, loop.block_size)
+        except OSError:
+            return False
+        added = False
+        for part in table:
+            if part.number in present:
+                continue
+            try:
+                add_partition(loop.fd, part)
+                added = True
+                log.info("%s: partition %d at %d, %d bytes (from its table)", name, part.number, part.start,
+                         part.length)
+            except OSError as e:
+                log.info("%s: partition %d not added: %s", name, part.number, e.strerror)
+        return added
 
     def close(self) -> None:
         """The daemon ends: let go of every loop device (no tree left to tell)."""

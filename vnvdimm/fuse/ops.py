@@ -51,6 +51,11 @@ _libfuse.fuse_pollhandle_destroy.argtypes = [ctypes.c_void_p]
 _libfuse.fuse_exit.argtypes = [ctypes.c_void_p]
 _libfuse.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _libfuse.fuse_invalidate_path.restype = ctypes.c_int
+_libfuse.fuse_get_session.argtypes = [ctypes.c_void_p]
+_libfuse.fuse_get_session.restype = ctypes.c_void_p
+_libfuse.fuse_lowlevel_notify_inval_entry.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p,
+                                                      ctypes.c_size_t]
+_libfuse.fuse_lowlevel_notify_inval_entry.restype = ctypes.c_int
 _libfuse.fuse_buf_size.argtypes = [ctypes.c_void_p]
 _libfuse.fuse_buf_size.restype = ctypes.c_size_t
 _libfuse.fuse_buf_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -360,6 +365,7 @@ class VnvdimmOperations(fuse.Operations):
         self.mountpoint: str | None = None
         # path -> generation of the tree the last successful lookup/getattr answered from
         self._answered: dict[str, int] = {}
+        self._dev_nodeid: int | None = None  # the kernel's node id of /dev (see _dev_entry)
         # (tree, path -> struct stat bytes) of the tree getattr last answered from
         self._stat_images: tuple[Snapshot | None, dict[str, bytes]] = (None, {})
         #: Called (from a loop thread) whenever a device file's last reference is released.
@@ -435,10 +441,33 @@ class VnvdimmOperations(fuse.Operations):
             self._invalidate_path(path)
 
     def _invalidate_path(self, path: str) -> int:
+        dev_entry = self._dev_entry(path)
         with self._fuse_lock:
             if self._fuse is None:
                 return 0
-            return int(_libfuse.fuse_invalidate_path(self._fuse, path.encode("utf-8", "surrogateescape")))
+            rc = int(_libfuse.fuse_invalidate_path(self._fuse, path.encode("utf-8", "surrogateescape")))
+            if dev_entry is not None:
+                # A device node's number is fixed with its inode (the kernel never changes
+                # i_rdev): a node that went and came back with another device (a block device
+                # attached anew) needs a new inode, so its entry goes, unlike the rest.
+                # Nothing is mounted on these names (with-vnvdimm mounts on /dev/pts, /dev/shm).
+                parent, name = dev_entry
+                _libfuse.fuse_lowlevel_notify_inval_entry(_libfuse.fuse_get_session(self._fuse), parent, name,
+                                                          len(name))
+            return rc
+
+    def _dev_entry(self, path: str) -> tuple[int, bytes] | None:
+        """(nodeid of /dev, name) for a device node directly in /dev; None for anything else.
+        libfuse's high-level API reports its node ids as st_ino."""
+        parent, _, name = path.rpartition("/")
+        if parent != "/dev" or name in ("pts", "shm") or self.mountpoint is None:
+            return None
+        if self._dev_nodeid is None:
+            try:
+                self._dev_nodeid = os.lstat(self.mountpoint + "/dev").st_ino
+            except OSError:
+                return None
+        return self._dev_nodeid, name.encode("utf-8", "surrogateescape")
 
     def exit_loop(self) -> bool:
         """Make the FUSE loop end once its threads are free (libfuse's fuse_exit: a flag the

@@ -398,9 +398,12 @@ class TreeBuilder:
         if dev.driver is not None:
             s.link(f"{path}/driver", f"/sys/bus/{dev.driver.bus_name}/drivers/{dev.driver.name}")
         devt = getattr(dev, "devt", None)
+        if isinstance(dev, Disk) and self.block_devices is not None:
+            devt = self.block_devices.disk_rdev(dev.name) or devt
         if devt is not None:
             kind = "block" if isinstance(dev, Disk) else "char"
-            s.link(f"/sys/dev/{kind}/{devt[0]}:{devt[1]}", path)
+            if f"/sys/dev/{kind}/{devt[0]}:{devt[1]}" not in s.nodes:  # (a partition of the host's may have it)
+                s.link(f"/sys/dev/{kind}/{devt[0]}:{devt[1]}", path)
         if isinstance(dev, Disk):
             s.link(f"/sys/block/{dev.name}", path)
             s.link(f"/sys/class/block/{dev.name}", path)
@@ -465,7 +468,16 @@ class TreeBuilder:
         rdev = bd.disk_rdev(disk.name) if bd is not None else None
         if bd is None or rdev is None:
             return
-        s.link(f"/sys/dev/block/{rdev[0]}:{rdev[1]}", path)
+        # The disk's device number is the loop device's, as stat() of /dev/<disk> reports it.
+        uevent = f"MAJOR={rdev[0]}\nMINOR={rdev[1]}\nDEVNAME={disk.name}\nDEVTYPE=disk\n"
+        for name, text in (("dev", f"{rdev[0]}:{rdev[1]}\n"), ("uevent", uevent)):
+            attr = KAttr(Attr(name, 0o644 if name == "uevent" else 0o444, show=lambda t=text: t,
+                              store=uevent_store if name == "uevent" else None), self.lock)
+            attr.path = f"{path}/{name}"
+            s.nodes[attr.path] = attr
+            parent = s.nodes[path]
+            assert isinstance(parent, KDir)
+            parent.children[name] = attr
         for part in bd.partitions():
             if part.disk != disk.name:
                 continue
@@ -484,7 +496,8 @@ class TreeBuilder:
             s.link(f"{part_path}/subsystem", "/sys/class/block")
             s.dir(f"{part_path}/holders")
             s.link(f"/sys/class/block/{part.name}", part_path)
-            s.link(f"/sys/dev/block/{major}:{minor}", part_path)
+            if f"/sys/dev/block/{major}:{minor}" not in s.nodes:
+                s.link(f"/sys/dev/block/{major}:{minor}", part_path)
 
 
 def _read_host(path: str) -> str:
