@@ -61,6 +61,7 @@ LO_FLAGS_PARTSCAN = 8
 LOOP_INFO64_SIZE = 232
 LO_FLAGS_OFFSET = 52  # lo_flags in struct loop_info64: after five u64 and three u32
 
+BLKFLSBUF = 0x1261
 BLKPG = 0x1269
 BLKPG_ADD_PARTITION = 1
 
@@ -142,6 +143,9 @@ class Loop:
     # The partition numbers the kernel had at the last look (None: never looked): when they
     # change (BLKRRPART dropped them, or this is the attach), the table is read again.
     seen: frozenset[int] | None = None
+    # The data's serial the loop's page cache was filled under: media errors injected or
+    # cleared since make it drop (see LoopDisks._drop_stale_caches).
+    serial: int = 0
 
 
 def _read(path: str) -> str:
@@ -162,9 +166,11 @@ class LoopDisks:
         # What the tree serves, replaced whole (read by tree builds without the lock).
         self._rdevs: dict[str, tuple[int, int]] = {}
         self._partitions: list[Partition] = []
-        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._kick = threading.Event()  # look now, not at the next poll
         self._poller: threading.Thread | None = None
         self._closed = False
+        tree.system.subscribe(self._on_notify)
 
     @staticmethod
     def available() -> bool:
@@ -200,7 +206,7 @@ class LoopDisks:
         with self._lock:
             self._sessions += 1
             if self._poller is None or not self._poller.is_alive():
-                self._wake.clear()
+                self._stop.clear()
                 self._poller = threading.Thread(target=self._poll, name="vnvdimm-blockdevs", daemon=True)
                 self._poller.start()
         self.reconcile()
@@ -209,11 +215,21 @@ class LoopDisks:
         with self._lock:
             self._sessions = max(0, self._sessions - 1)
             if self._sessions == 0:
-                self._wake.set()
+                self._stop.set()
+                self._kick.set()
         self.reconcile()
 
+    def _on_notify(self, dev: object, attr: str) -> None:
+        # A disk's bad blocks changed (from any thread, maybe under the model lock: only wake).
+        if attr == "badblocks" and self._loops:
+            self._kick.set()
+
     def _poll(self) -> None:
-        while not self._wake.wait(POLL_S):
+        while True:
+            self._kick.wait(POLL_S)
+            self._kick.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.reconcile()
             except Exception:  # a reconcile must never end the poller of a live session
@@ -257,9 +273,11 @@ class LoopDisks:
                     log.warning("%s: no loop block device: %s", name, e.strerror or e)
                     continue
                 rdev = os.fstat(fd).st_rdev
-                self._loops[name] = Loop(number, fd, (os.major(rdev), os.minor(rdev)), data, block_size)
+                self._loops[name] = Loop(number, fd, (os.major(rdev), os.minor(rdev)), data, block_size,
+                                         serial=data.serial)
                 log.info("%s: block device loop%d", name, number)
                 changed = True
+            self._drop_stale_caches()
             partitions = self._scan_partitions()
             if partitions != self._partitions:
                 changed = True
@@ -268,6 +286,20 @@ class LoopDisks:
                 self._partitions = partitions
         if changed and not self._closed:
             self.tree.refresh()
+
+    def _drop_stale_caches(self) -> None:
+        """pmem_do_read() fails every read that touches a bad block: pages of the loop device
+        cached before an error was injected (or a scrub found it) must not answer for the
+        block, so the loop device's page cache is written back and dropped (BLKFLSBUF) when
+        the media errors behind it change. The backing file itself is uncached."""
+        for name, loop in self._loops.items():
+            serial = loop.data.serial
+            if serial != loop.serial:
+                loop.serial = serial
+                try:
+                    fcntl.ioctl(loop.fd, BLKFLSBUF)
+                except OSError as e:
+                    log.warning("%s: cannot drop the page cache of loop%d: %s", name, loop.number, e.strerror)
 
     def _scan_partitions(self) -> list[Partition]:
         found: list[Partition] = []
@@ -325,7 +357,8 @@ class LoopDisks:
     def close(self) -> None:
         """The daemon ends: let go of every loop device (no tree left to tell)."""
         self._closed = True
-        self._wake.set()
+        self._stop.set()
+        self._kick.set()
         with self._lock:
             for loop in self._loops.values():
                 with contextlib.suppress(OSError):

@@ -155,7 +155,9 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("namespace", metavar="NAMESPACE")
     p.add_argument("-B", "--block", type=_number, help="first 512-byte block")
     p.add_argument("-n", "--count", type=_number, default=1, help="number of blocks (default 1)")
-    p.add_argument("--uninject", action="store_true", help="remove the errors instead")
+    p.add_argument("--uninject", action="store_true",
+                   help="take the injection back (the platform forgets it; the bad blocks stay until written)")
+    p.add_argument("--clear", action="store_true", help="clear the errors (as ndctl clear-errors)")
     p.add_argument("--status", action="store_true", help="list the namespace's bad blocks (JSON)")
 
     p = sub.add_parser("run", help="run a command where MNT/sys is /sys and MNT/dev is /dev (with-vnvdimm)",
@@ -192,7 +194,8 @@ def _wait(args: argparse.Namespace) -> int:
 def _inject(args: argparse.Namespace) -> int:
     from vnvdimm import inject
 
-    return inject.run(args.mountpoint, args.namespace, args.block, args.count, args.uninject, args.status)
+    return inject.run(args.mountpoint, args.namespace, args.block, args.count, args.uninject, args.status,
+                      args.clear)
 
 
 def _run(argv: list[str]) -> int:

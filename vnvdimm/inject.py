@@ -38,11 +38,14 @@ def control_file(ns_dir: Path, name: str) -> Path:
     return bus_dir / "vnvdimm" / name
 
 
-def request(root: Root, namespace: str, block: int, count: int, uninject: bool = False) -> None:
+def request(root: Root, namespace: str, block: int, count: int, uninject: bool = False, clear: bool = False) -> None:
+    """Inject media errors, take the injection back (the kernel's bad blocks stay, as with
+    ndctl inject-error --uninject) or clear them (as ndctl clear-errors)."""
     if block < 0 or count < 1:
         raise InjectError("--block must be >= 0 and --count >= 1")
     ns_dir = namespace_dir(root, namespace)
-    path = control_file(ns_dir, "uninject_error" if uninject else "inject_error")
+    control = "clear_error" if clear else "uninject_error" if uninject else "inject_error"
+    path = control_file(ns_dir, control)
     try:
         fd = os.open(path, os.O_WRONLY)
     except OSError as e:
@@ -84,7 +87,8 @@ def namespace_badblocks(root: Root, namespace: str) -> list[dict[str, int]]:
     return out
 
 
-def run(mountpoint: str, namespace: str, block: int | None, count: int, uninject: bool, status: bool) -> int:
+def run(mountpoint: str, namespace: str, block: int | None, count: int, uninject: bool, status: bool,
+        clear: bool = False) -> int:
     try:
         root = Root.of(mountpoint)
         if status:
@@ -93,10 +97,15 @@ def run(mountpoint: str, namespace: str, block: int | None, count: int, uninject
             return 0
         if block is None:
             raise InjectError("--block is required (or --status)")
-        request(root, namespace, block, count, uninject)
+        if uninject and clear:
+            raise InjectError("--uninject and --clear exclude each other")
+        request(root, namespace, block, count, uninject, clear)
     except (NotAMount, InjectError) as e:
         print(f"vnvdimm: {e}", file=sys.stderr)
         return 1
-    verb = "uninjected" if uninject else "injected"
+    verb = "cleared" if clear else "uninjected" if uninject else "injected"
     print(f"{verb} {count} bad block(s) at block {block} of {namespace}", file=sys.stderr)
+    if uninject:
+        print("the kernel's bad blocks stay until the blocks are written or cleared (--clear), "
+              "as after ndctl inject-error --uninject", file=sys.stderr)
     return 0

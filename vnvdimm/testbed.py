@@ -607,11 +607,11 @@ class Testbed:
             raise TestbedError(str(e)) from None
 
     def clear_error(self, namespace: str, block: int, count: int = 1) -> None:
-        """Remove injected media errors (as ndctl inject-error --uninject plus a scrub)."""
+        """Clear media errors (as ndctl clear-errors: the platform and the kernel forget them)."""
         from vnvdimm import inject
 
         try:
-            inject.request(client.Root.of(self.root), namespace, block, count, uninject=True)
+            inject.request(client.Root.of(self.root), namespace, block, count, clear=True)
         except inject.InjectError as e:
             raise TestbedError(str(e)) from None
 

@@ -83,7 +83,9 @@ def test_reads_fail_with_eio_and_whole_sector_writes_clear(mnt) -> None:
         os.close(fd)
 
 
-def test_devdax_reads_fail_and_uninject_removes(mnt) -> None:
+def test_devdax_reads_fail_until_cleared_and_uninject_leaves_them(mnt) -> None:
+    """As on the kernel: --uninject takes the injection back but the bad blocks stay listed
+    and reads of them keep failing (ndctl warns so); --clear (ndctl clear-errors) removes them."""
     assert inject(mnt, "namespace1.0", "-B", "0x10", "-n", "1000").returncode == 0
     base = data_offset_sectors(mnt, "namespace1.0")
     # badblocks_show() prints ranges of at most 512 sectors, as the kernel stores them.
@@ -101,7 +103,17 @@ def test_devdax_reads_fail_and_uninject_removes(mnt) -> None:
         assert e.value.errno == errno.EIO
     finally:
         os.close(fd)
-    assert inject(mnt, "namespace1.0", "-B", "16", "-n", "1000", "--uninject").returncode == 0
+    res = inject(mnt, "namespace1.0", "-B", "16", "-n", "1000", "--uninject")
+    assert res.returncode == 0 and "bad blocks stay" in res.stderr, res.stderr
+    assert mnt.read("sys/bus/nd/devices/region1/badblocks") == f"{base + 16} 512\n{base + 528} 488\n"
+    fd = os.open(mnt.dev / "dax1.0", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 4096, 16 * 512)
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert inject(mnt, "namespace1.0", "-B", "16", "-n", "1000", "--clear").returncode == 0
     assert mnt.read("sys/bus/nd/devices/region1/badblocks") == ""
     fd = os.open(mnt.dev / "dax1.0", os.O_RDONLY)  # a new open: the page cache was dropped
     try:
@@ -112,7 +124,7 @@ def test_devdax_reads_fail_and_uninject_removes(mnt) -> None:
 
 def test_control_attributes_are_write_only_and_strict(mnt) -> None:
     ctl = mnt.path(CONTROL)
-    for name in ("inject_error", "uninject_error"):
+    for name in ("inject_error", "uninject_error", "clear_error"):
         assert stat.S_IMODE(os.stat(ctl / name).st_mode) == 0o200
         with pytest.raises(PermissionError):
             (ctl / name).read_text()

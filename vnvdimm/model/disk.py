@@ -211,6 +211,8 @@ class Disk(Device):
         if sector < sectors:
             first = self.data.media_offset // SECTOR + sector
             self.data.media.badblocks.set(first, min(count, sectors - sector))
+            # Pages cached before must not answer for them: a read of a bad sector fails.
+            self.data.contents_changed()
             self.system.notify(self, "badblocks")
 
     @property

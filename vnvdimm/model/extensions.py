@@ -1,7 +1,10 @@
 """The bus's `vnvdimm/` group: controls a real kernel has no sysfs file for (vnvdimm
 extensions, all on `ndbusN/vnvdimm/`):
 
-* ``inject_error`` / ``uninject_error`` (0200): media errors, the way nfit_test injects them.
+* ``inject_error`` / ``uninject_error`` / ``clear_error`` (0200): media errors, the way
+  nfit_test injects them (ARS_INJECT_SET with notification), takes the injection back
+  (ARS_INJECT_CLEAR: the kernel's bad blocks stay, as ndctl warns) and clears them
+  (CLEAR_ERROR, what `ndctl clear-errors` ends in: the platform and the kernel forget them).
   ioctls, which ndctl's ``inject-error`` uses, cannot reach a FUSE file system. Each takes
   exactly ``namespaceR.N BLOCK COUNT`` (one line; numbers decimal or 0x-hex): BLOCK and COUNT
   are in 512-byte blocks relative to the namespace as ``ndctl inject-error`` counts them, i.e.
@@ -36,6 +39,7 @@ def bus_extension_group(bus: NvdimmBus) -> list[Entry]:
     return [Group("vnvdimm", [
         Attr("inject_error", 0o200, store=lambda buf: _apply(bus, buf, inject=True)),
         Attr("uninject_error", 0o200, store=lambda buf: _apply(bus, buf, inject=False)),
+        Attr("clear_error", 0o200, store=lambda buf: _apply(bus, buf, inject=False, clear=True)),
         bus.system.memmap_pause.bus_attr(),
     ])]
 
@@ -74,7 +78,11 @@ def _find_namespace(bus: NvdimmBus, name: str) -> Namespace:
     raise fail(errno.ENODEV, f"{name} not found on {bus.name}")
 
 
-def _apply(bus: NvdimmBus, buf: bytes, inject: bool) -> None:
+def _apply(bus: NvdimmBus, buf: bytes, inject: bool, clear: bool = False) -> None:
+    """inject: the error is the platform's and (its notification makes the kernel scrub) a
+    bad block. uninject: the platform no longer has it; the kernel's bad blocks stay until a
+    write or a clear (the kernel never forgets poison it found; ndctl says so). clear: both
+    forget it."""
     name, block, count = parse_request(buf)
     ns = _find_namespace(bus, name)
     offset, size = injection_window(ns)
@@ -82,27 +90,32 @@ def _apply(bus: NvdimmBus, buf: bytes, inject: bool) -> None:
         raise fail(errno.EINVAL, f"blocks [{block}, {block + count}) beyond the {size // SECTOR} blocks of {name}")
     region = ns.region
     first = offset // SECTOR + block
+    verb = "injected" if inject else "cleared" if clear else "uninjected"
     firmware = getattr(bus, "firmware", None)
     if firmware is not None:
-        # an NFIT platform: what ARS_INJECT_SET with notification / ARS_INJECT_CLEAR do
-        # (a scrub makes the error known; an uninjected one is cleared as a write would)
+        # an NFIT platform: ARS_INJECT_SET with notification, ARS_INJECT_CLEAR, CLEAR_ERROR
         address, length = region.start + first * SECTOR, count * SECTOR
         if inject:
             firmware.bus.errors.add(address, length)
             firmware.notify_error()
         else:
             firmware.bus.errors.forget(address, length)
-            firmware.bus.forget_poison(address, length)
-        log.info("%s: %s %d bad block(s) at block %d through the platform", name,
-                 "injected" if inject else "uninjected", count, block)
+            if clear:
+                firmware.bus.forget_poison(address, length)
+        log.info("%s: %s %d bad block(s) at block %d through the platform", name, verb, count, block)
         return
+    # e820 has no firmware: the injection is the bad block itself, and nothing but a write or a
+    # clear takes it back
     bb = region.media.badblocks
     if inject:
         bb.set(first, count)
-    else:
+    elif clear:
         bb.clear(first, count)
-    log.info("%s: %s %d bad block(s) at block %d (%s sector %d)", name, "injected" if inject else "uninjected",
-             count, block, region.name, first)
+    else:
+        log.info("%s: uninjected %d block(s) at block %d: no platform list on %s, the bad blocks stay",
+                 name, count, block, region.name)
+        return
+    log.info("%s: %s %d bad block(s) at block %d (%s sector %d)", name, verb, count, block, region.name, first)
     media_errors_changed(region)
 
 
