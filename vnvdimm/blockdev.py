@@ -64,6 +64,7 @@ LO_FLAGS_OFFSET = 52  # lo_flags in struct loop_info64: after five u64 and three
 BLKFLSBUF = 0x1261
 BLKPG = 0x1269
 BLKPG_ADD_PARTITION = 1
+BLKPG_DEL_PARTITION = 2
 
 
 class _BlkpgPartition(ctypes.Structure):
@@ -76,10 +77,11 @@ class _BlkpgIoctlArg(ctypes.Structure):
                 ("data", ctypes.c_void_p)]
 
 
-def add_partition(fd: int, part: TablePartition) -> None:
-    """BLKPG_ADD_PARTITION on the block device `fd` (what parted does to inform the kernel)."""
+def blkpg(fd: int, op: int, part: TablePartition) -> None:
+    """BLKPG_ADD_PARTITION / BLKPG_DEL_PARTITION on the block device `fd` (what parted does
+    to inform the kernel)."""
     data = _BlkpgPartition(part.start, part.length, part.number)
-    arg = _BlkpgIoctlArg(BLKPG_ADD_PARTITION, 0, ctypes.sizeof(data), ctypes.addressof(data))
+    arg = _BlkpgIoctlArg(op, 0, ctypes.sizeof(data), ctypes.addressof(data))
     fcntl.ioctl(fd, BLKPG, bytes(arg))
 
 
@@ -143,6 +145,7 @@ class Loop:
     # The partition numbers the kernel had at the last look (None: never looked): when they
     # change (BLKRRPART dropped them, or this is the attach), the table is read again.
     seen: frozenset[int] | None = None
+    table: list[TablePartition] | None = None  # the disk's table at the last look
     # The data's serial the loop's page cache was filled under: media errors injected or
     # cleared since make it drop (see LoopDisks._drop_stale_caches).
     serial: int = 0
@@ -306,10 +309,13 @@ class LoopDisks:
         for name, loop in sorted(self._loops.items()):
             base = f"/sys/block/loop{loop.number}"
             numbers = self._kernel_partitions(base, loop.number)
-            if loop.seen != numbers:
-                loop.seen = numbers
-                if self._scan_table(name, loop, numbers):
-                    numbers = loop.seen = self._kernel_partitions(base, loop.number)
+            table = self._read_table(loop)
+            if loop.table != table or loop.seen != numbers:
+                # The table was rewritten (udev rescans a disk closed after a write) or the
+                # kernel's partitions changed (BLKRRPART, which finds none without parsers).
+                if self._sync_partitions(name, loop, table, base, table_changed=loop.table != table):
+                    numbers = self._kernel_partitions(base, loop.number)
+                loop.seen, loop.table = numbers, table
             for number in sorted(numbers):
                 entry = f"{base}/loop{loop.number}p{number}"
                 try:
@@ -329,30 +335,45 @@ class LoopDisks:
             return frozenset()
 
     @staticmethod
-    def _scan_table(name: str, loop: Loop, present: frozenset[int]) -> bool:
-        """The kernel's partition scan, for a host kernel without partition parsers: the
-        partitions of the disk's table that the kernel does not have are added (never removed:
-        a partition the kernel has stays until BLKPG or a rescan drops it, as on the kernel).
-        Runs when the kernel's partitions changed: after the scan at attach and BLKRRPART
-        (which, without parsers, drop every partition) this restores what the table says.
-        True if it added any."""
+    def _read_table(loop: Loop) -> list[TablePartition]:
         data = loop.data
-        try:
-            table = read_table(lambda offset, length: data.read(length, offset), data.size, loop.block_size)
-        except OSError:
-            return False
-        added = False
+        return read_table(lambda offset, length: data.read(length, offset), data.size, loop.block_size)
+
+    def _sync_partitions(self, name: str, loop: Loop, table: list[TablePartition], base: str,
+                         table_changed: bool) -> bool:
+        """The kernel's partition scan, for a host kernel without partition parsers: the
+        partitions of the disk's table that the kernel does not have are added with BLKPG
+        (at attach, after BLKRRPART, after a new table was written, as udev has the kernel
+        rescan a disk closed after a write); when the table changed, those it no longer has
+        (or has elsewhere) go, unless in use. True if anything changed."""
+        kernel: dict[int, tuple[int, int]] = {}
+        for number in self._kernel_partitions(base, loop.number):
+            entry = f"{base}/loop{loop.number}p{number}"
+            with contextlib.suppress(OSError, ValueError):
+                kernel[number] = (int(_read(f"{entry}/start")) * 512, int(_read(f"{entry}/size")) * 512)
+        wanted = {p.number: p for p in table}
+        changed = False
+        for number, (start, length) in kernel.items():
+            part = wanted.get(number)
+            if not table_changed or (part is not None and (part.start, part.length) == (start, length)):
+                continue
+            try:
+                blkpg(loop.fd, BLKPG_DEL_PARTITION, TablePartition(number, 0, 0))
+                changed = True
+            except OSError as e:  # EBUSY: mounted, open exclusively
+                log.info("%s: partition %d stays: %s", name, number, e.strerror)
+        present = self._kernel_partitions(base, loop.number) if changed else frozenset(kernel)
         for part in table:
             if part.number in present:
                 continue
             try:
-                add_partition(loop.fd, part)
-                added = True
+                blkpg(loop.fd, BLKPG_ADD_PARTITION, part)
+                changed = True
                 log.info("%s: partition %d at %d, %d bytes (from its table)", name, part.number, part.start,
                          part.length)
             except OSError as e:
                 log.info("%s: partition %d not added: %s", name, part.number, e.strerror)
-        return added
+        return changed
 
     def close(self) -> None:
         """The daemon ends: let go of every loop device (no tree left to tell)."""
