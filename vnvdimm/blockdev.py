@@ -408,13 +408,22 @@ def run(mnt: Path, cmd: list[str]) -> int:
     status = child.wait()
     if session is not None:
         with contextlib.suppress(OSError):
-            os.close(session)
+            end_session(session)
     if status < 0:  # killed by a signal: die of it too, so that the caller sees what CMD did
         signal.signal(-status, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {-status})
         os.kill(os.getpid(), -status)
         return 128 - status
     return status
+
+
+def end_session(fd: int) -> None:
+    """End a session and close it: the fsync returns once the daemon let go of the loop
+    devices (those nothing else uses are detached then); a close alone is answered later."""
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def main(argv: list[str]) -> int:

@@ -488,6 +488,9 @@ class Testbed:
             except BaseException:
                 code = 1
             finally:
+                for session in _SESSIONS:  # answered once the loop devices are let go
+                    with contextlib.suppress(OSError):
+                        blockdev.end_session(session)
                 os._exit(code)
         os.close(wfd)
         chunks = []

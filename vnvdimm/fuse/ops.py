@@ -332,9 +332,14 @@ class OpenControl:
 
 class OpenSession(OpenControl):
     """An open /.blockdev/session (nothing to read or write): the disks are block devices
-    until its release."""
+    until its release, or its fsync (which ends the session before it returns: a release
+    reaches the daemon after close() has returned, an fsync is answered)."""
 
-    __slots__ = ()
+    __slots__ = ("ended",)
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.ended = False
 
 
 # The extended attribute through which the preload library learns what a device file is.
@@ -682,7 +687,13 @@ class VnvdimmOperations(fuse.Operations):
                         data.fsync()
             if self.on_device_release is not None:
                 self.on_device_release()
-        elif isinstance(obj, OpenSession) and self.tree.block_devices is not None:
+        elif isinstance(obj, OpenSession):
+            self._end_session(obj)
+
+    def _end_session(self, obj: OpenSession) -> None:
+        with self._fh_lock:
+            ended, obj.ended = obj.ended, True
+        if not ended and self.tree.block_devices is not None:
             self.tree.block_devices.session_closed()
 
     def _handle(self, fh: Any) -> OpenAttr | OpenDevice | OpenControl | KBin:
@@ -785,6 +796,8 @@ class VnvdimmOperations(fuse.Operations):
         obj = self._handle(fh)
         if isinstance(obj, OpenDevice):
             obj.data.fsync()
+        elif isinstance(obj, OpenSession):
+            self._end_session(obj)
         return 0
 
     # ------------------------------------------------------------ poll
