@@ -55,6 +55,7 @@ log = logging.getLogger("vnvdimm.blockdev")
 
 LOOP_CTL_GET_FREE = 0x4C82
 LOOP_CONFIGURE = 0x4C0A
+LOOP_SET_CAPACITY = 0x4C07
 LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
 LO_FLAGS_PARTSCAN = 8
@@ -166,6 +167,7 @@ class LoopDisks:
         self._lock = threading.Lock()  # one reconcile at a time
         self._sessions = 0
         self._loops: dict[str, Loop] = {}
+        self._released: dict[str, int] = {}  # disk name -> the loop device it last had
         # What the tree serves, replaced whole (read by tree builds without the lock).
         self._rdevs: dict[str, tuple[int, int]] = {}
         self._partitions: list[Partition] = []
@@ -264,14 +266,16 @@ class LoopDisks:
                 if name not in wanted or wanted[name][0] is not loop.data:
                     del self._loops[name]
                     os.close(loop.fd)  # autoclear: detached once nothing else has it open
+                    self._released[name] = loop.number
                     log.info("%s: loop%d released", name, loop.number)
                     changed = True
             for name, (data, block_size) in wanted.items():
                 if name in self._loops:
                     continue
+                backing = self.mountpoint / BLOCKDEV_DIR.lstrip("/") / name
                 try:
-                    number, fd = attach(self.mountpoint / BLOCKDEV_DIR.lstrip("/") / name, block_size,
-                                        data.read_only(), partscan=True)
+                    number, fd = self._reuse(name, backing, data) or attach(backing, block_size, data.read_only(),
+                                                                            partscan=True)
                 except OSError as e:
                     log.warning("%s: no loop block device: %s", name, e.strerror or e)
                     continue
@@ -289,6 +293,28 @@ class LoopDisks:
                 self._partitions = partitions
         if changed and not self._closed:
             self.tree.refresh()
+
+    def _reuse(self, name: str, backing: Path, data: DataPath) -> tuple[int, int] | None:
+        """The loop device this disk had, if something still holds it open (so it is still
+        attached over this disk's backing file, which follows the name): it stands for the
+        disk again, with the new disk's size. A node's device number is fixed while its inode
+        lives (an open file of it keeps it), so a disk that came back must keep its number."""
+        number = self._released.pop(name, None)
+        if number is None:
+            return None
+        try:
+            if Path(f"/sys/block/loop{number}/loop/backing_file").read_text().strip() != str(backing):
+                return None
+            fd = os.open(f"/dev/loop{number}", (os.O_RDONLY if data.read_only() else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError:
+            return None  # detached meanwhile
+        try:
+            fcntl.ioctl(fd, LOOP_SET_CAPACITY)
+        except OSError:
+            os.close(fd)
+            return None
+        log.info("%s: loop%d was still held: it stands for the disk again", name, number)
+        return number, fd
 
     def _drop_stale_caches(self) -> None:
         """pmem_do_read() fails every read that touches a bad block: pages of the loop device
