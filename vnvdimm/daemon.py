@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from vnvdimm.blockdev import LoopDisks
 from vnvdimm.fuse import fusermount
 from vnvdimm.logfile import RotatingLog, max_bytes_from_environment
+from vnvdimm.loopdisks import LoopDisks
 from vnvdimm.model.host_memory import read_host_memory
 from vnvdimm.mounts import (
     DETACH_SIGNALS,

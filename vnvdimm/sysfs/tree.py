@@ -90,7 +90,7 @@ class KBlock(KNode):
 @dataclass(slots=True)
 class KSession(KNode):
     """/.blockdev/session: while a handle of it is open, the disks are served as block devices
-    (vnvdimm.blockdev.LoopDisks; `vnvdimm blockdevs` holds it for a with-vnvdimm command)."""
+    (vnvdimm.loopdisks.LoopDisks; `vnvdimm blockdevs` holds it for a with-vnvdimm command)."""
 
     mode: int = 0o600
 
@@ -109,7 +109,7 @@ class Partition:
 
 
 class BlockDevices(Protocol):
-    """The real block devices behind the disks (vnvdimm.blockdev.LoopDisks)."""
+    """The real block devices behind the disks (vnvdimm.loopdisks.LoopDisks)."""
 
     def disk_rdev(self, name: str) -> tuple[int, int] | None: ...
 

@@ -1,0 +1,334 @@
+"""The daemon's side of the disks' block devices (see vnvdimm.blockdev for the whole design):
+a loop device per disk while a session is open, the nodes and partitions the tree serves for
+them, /proc/partitions, the partition scan a host kernel without parsers does not do, and the
+loop devices' page caches dropped when media errors change."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from vnvdimm.blockdev import LOOP_SET_CAPACITY, attach
+from vnvdimm.model.disk import DataPath, Disk
+from vnvdimm.parttable import TablePartition, read_table
+from vnvdimm.sysfs.tree import BLOCKDEV_DIR, Partition, Tree
+
+log = logging.getLogger("vnvdimm.blockdev")
+
+BLKFLSBUF = 0x1261
+BLKPG = 0x1269
+BLKPG_ADD_PARTITION = 1
+BLKPG_DEL_PARTITION = 2
+
+
+class _BlkpgPartition(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_longlong), ("length", ctypes.c_longlong), ("pno", ctypes.c_int),
+                ("devname", ctypes.c_char * 64), ("volname", ctypes.c_char * 64)]
+
+
+class _BlkpgIoctlArg(ctypes.Structure):
+    _fields_ = [("op", ctypes.c_int), ("flags", ctypes.c_int), ("datalen", ctypes.c_int),
+                ("data", ctypes.c_void_p)]
+
+
+def blkpg(fd: int, op: int, part: TablePartition) -> None:
+    """BLKPG_ADD_PARTITION / BLKPG_DEL_PARTITION on the block device `fd` (what parted does
+    to inform the kernel)."""
+    data = _BlkpgPartition(part.start, part.length, part.number)
+    arg = _BlkpgIoctlArg(op, 0, ctypes.sizeof(data), ctypes.addressof(data))
+    fcntl.ioctl(fd, BLKPG, bytes(arg))
+
+
+# How often the daemon looks for partitions the kernel added or removed (BLKPG, BLKRRPART)
+# and disks that changed other than by a store: udev takes about as long to make a node.
+POLL_S = 0.2
+
+
+def partition_name(disk: str, number: int) -> str:
+    """The kernel's name for partition `number` of `disk` (disk_name()): a "p" between
+    them when the disk's name ends in a digit (pmem0p1), none otherwise (pmem0s1)."""
+    return f"{disk}{'p' if disk[-1:].isdigit() else ''}{number}"
+
+
+@dataclass
+class Loop:
+    number: int
+    fd: int
+    rdev: tuple[int, int]
+    data: DataPath  # the device it was attached for: another one behind the name gets a new loop
+    block_size: int
+    # The partition numbers the kernel had at the last look (None: never looked): when they
+    # change (BLKRRPART dropped them, or this is the attach), the table is read again.
+    seen: frozenset[int] | None = None
+    table: list[TablePartition] | None = None  # the disk's table at the last look
+    # The data's serial the loop's page cache was filled under: media errors injected or
+    # cleared since make it drop (see LoopDisks._drop_stale_caches).
+    serial: int = 0
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+class LoopDisks:
+    """The daemon's side (see the module's docstring): a loop device per disk while a session
+    is open, the nodes and partitions the tree serves for them, /proc/partitions."""
+
+    def __init__(self, tree: Tree, mountpoint: Path | str) -> None:
+        self.tree = tree
+        self.mountpoint = Path(mountpoint)
+        self._lock = threading.Lock()  # one reconcile at a time
+        self._sessions = 0
+        self._loops: dict[str, Loop] = {}
+        self._released: dict[str, int] = {}  # disk name -> the loop device it last had
+        # What the tree serves, replaced whole (read by tree builds without the lock).
+        self._rdevs: dict[str, tuple[int, int]] = {}
+        self._partitions: list[Partition] = []
+        self._stop = threading.Event()
+        self._kick = threading.Event()  # look now, not at the next poll
+        self._poller: threading.Thread | None = None
+        self._closed = False
+        tree.system.subscribe(self._on_notify)
+
+    @staticmethod
+    def available() -> bool:
+        """Loop devices and device nodes on the mount: root with /dev/loop-control."""
+        return os.geteuid() == 0 and os.path.exists("/dev/loop-control")
+
+    # -- what the tree asks (vnvdimm.sysfs.tree.BlockDevices)
+
+    def disk_rdev(self, name: str) -> tuple[int, int] | None:
+        return self._rdevs.get(name)
+
+    def partitions(self) -> list[Partition]:
+        return self._partitions
+
+    def proc_partitions(self) -> str:
+        """The host's /proc/partitions, its lines for the loop devices behind the disks (and
+        their partitions) under the disks' names; nothing else (inside with-vnvdimm, /sys/block
+        has the emulated disks only)."""
+        names = {f"loop{loop.number}": name for name, loop in self._loops.items()}
+        names.update({os.path.basename(p.host_dir): p.name for p in self._partitions})
+        with open("/proc/partitions") as f:
+            lines = f.read().splitlines(keepends=True)
+        out = lines[:2]  # "major minor  #blocks  name" and a blank line
+        for line in lines[2:]:
+            fields = line.split()
+            if len(fields) == 4 and fields[3] in names:
+                out.append(line[:line.rindex(fields[3])] + names[fields[3]] + "\n")
+        return "".join(out)
+
+    # -- sessions
+
+    def session_opened(self) -> None:
+        with self._lock:
+            self._sessions += 1
+            if self._poller is None or not self._poller.is_alive():
+                self._stop.clear()
+                self._poller = threading.Thread(target=self._poll, name="vnvdimm-blockdevs", daemon=True)
+                self._poller.start()
+        self.reconcile()
+
+    def session_closed(self) -> None:
+        with self._lock:
+            self._sessions = max(0, self._sessions - 1)
+            if self._sessions == 0:
+                self._stop.set()
+                self._kick.set()
+        self.reconcile()
+
+    def _on_notify(self, dev: object, attr: str) -> None:
+        # A disk's bad blocks changed (from any thread, maybe under the model lock: only wake).
+        if attr == "badblocks" and self._loops:
+            self._kick.set()
+
+    def _poll(self) -> None:
+        while True:
+            self._kick.wait(POLL_S)
+            self._kick.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.reconcile()
+            except Exception:  # a reconcile must never end the poller of a live session
+                log.exception("block devices: reconcile failed")
+
+    # -- the work
+
+    def _wanted(self) -> dict[str, tuple[DataPath, int]]:
+        """The disks that should have a block device: name -> (data path, logical block size)."""
+        if self._sessions == 0 or self._closed:
+            return {}
+        system = self.tree.system
+        wanted: dict[str, tuple[DataPath, int]] = {}
+        with system.lock:
+            for dev in system.all_devices():
+                disk = getattr(dev, "disk", None)
+                if isinstance(disk, Disk) and not disk.data.closed:
+                    wanted[disk.name] = (disk.data, disk.logical_block_size)
+        return wanted
+
+    def reconcile(self) -> None:
+        """Attach a loop device for each disk that has none, let go of those whose disk is
+        gone (or replaced), pick up partition changes; publish any change to the tree.
+        Never called with the model lock held (the backing file is opened through the mount)."""
+        with self._lock:
+            wanted = self._wanted()
+            changed = False
+            for name, loop in list(self._loops.items()):
+                if name not in wanted or wanted[name][0] is not loop.data:
+                    del self._loops[name]
+                    os.close(loop.fd)  # autoclear: detached once nothing else has it open
+                    self._released[name] = loop.number
+                    log.info("%s: loop%d released", name, loop.number)
+                    changed = True
+            for name, (data, block_size) in wanted.items():
+                if name in self._loops:
+                    continue
+                backing = self.mountpoint / BLOCKDEV_DIR.lstrip("/") / name
+                try:
+                    number, fd = self._reuse(name, backing, data) or attach(backing, block_size, data.read_only(),
+                                                                            partscan=True)
+                except OSError as e:
+                    log.warning("%s: no loop block device: %s", name, e.strerror or e)
+                    continue
+                rdev = os.fstat(fd).st_rdev
+                self._loops[name] = Loop(number, fd, (os.major(rdev), os.minor(rdev)), data, block_size,
+                                         serial=data.serial)
+                log.info("%s: block device loop%d", name, number)
+                changed = True
+            self._drop_stale_caches()
+            partitions = self._scan_partitions()
+            if partitions != self._partitions:
+                changed = True
+            if changed:
+                self._rdevs = {name: loop.rdev for name, loop in self._loops.items()}
+                self._partitions = partitions
+        if changed and not self._closed:
+            self.tree.refresh()
+
+    def _reuse(self, name: str, backing: Path, data: DataPath) -> tuple[int, int] | None:
+        """The loop device this disk had, if something still holds it open (so it is still
+        attached over this disk's backing file, which follows the name): it stands for the
+        disk again, with the new disk's size. A node's device number is fixed while its inode
+        lives (an open file of it keeps it), so a disk that came back must keep its number."""
+        number = self._released.pop(name, None)
+        if number is None:
+            return None
+        try:
+            if Path(f"/sys/block/loop{number}/loop/backing_file").read_text().strip() != str(backing):
+                return None
+            fd = os.open(f"/dev/loop{number}", (os.O_RDONLY if data.read_only() else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError:
+            return None  # detached meanwhile
+        try:
+            fcntl.ioctl(fd, LOOP_SET_CAPACITY)
+        except OSError:
+            os.close(fd)
+            return None
+        log.info("%s: loop%d was still held: it stands for the disk again", name, number)
+        return number, fd
+
+    def _drop_stale_caches(self) -> None:
+        """pmem_do_read() fails every read that touches a bad block: pages of the loop device
+        cached before an error was injected (or a scrub found it) must not answer for the
+        block, so the loop device's page cache is written back and dropped (BLKFLSBUF) when
+        the media errors behind it change. The backing file itself is uncached."""
+        for name, loop in self._loops.items():
+            serial = loop.data.serial
+            if serial != loop.serial:
+                loop.serial = serial
+                try:
+                    fcntl.ioctl(loop.fd, BLKFLSBUF)
+                except OSError as e:
+                    log.warning("%s: cannot drop the page cache of loop%d: %s", name, loop.number, e.strerror)
+
+    def _scan_partitions(self) -> list[Partition]:
+        found: list[Partition] = []
+        for name, loop in sorted(self._loops.items()):
+            base = f"/sys/block/loop{loop.number}"
+            numbers = self._kernel_partitions(base, loop.number)
+            table = self._read_table(loop)
+            if loop.table != table or loop.seen != numbers:
+                # The table was rewritten (udev rescans a disk closed after a write) or the
+                # kernel's partitions changed (BLKRRPART, which finds none without parsers).
+                if self._sync_partitions(name, loop, table, base, table_changed=loop.table != table):
+                    numbers = self._kernel_partitions(base, loop.number)
+                loop.seen, loop.table = numbers, table
+            for number in sorted(numbers):
+                entry = f"{base}/loop{loop.number}p{number}"
+                try:
+                    major, minor = (int(x) for x in _read(f"{entry}/dev").split(":"))
+                except (OSError, ValueError):
+                    continue  # going away while we look
+                found.append(Partition(partition_name(name, number), name, number, (major, minor), entry))
+        return found
+
+    @staticmethod
+    def _kernel_partitions(base: str, loop_number: int) -> frozenset[int]:
+        prefix = f"loop{loop_number}p"
+        try:
+            return frozenset(int(e[len(prefix):]) for e in os.listdir(base)
+                             if e.startswith(prefix) and e[len(prefix):].isdigit())
+        except OSError:
+            return frozenset()
+
+    @staticmethod
+    def _read_table(loop: Loop) -> list[TablePartition]:
+        data = loop.data
+        return read_table(lambda offset, length: data.read(length, offset), data.size, loop.block_size)
+
+    def _sync_partitions(self, name: str, loop: Loop, table: list[TablePartition], base: str,
+                         table_changed: bool) -> bool:
+        """The kernel's partition scan, for a host kernel without partition parsers: the
+        partitions of the disk's table that the kernel does not have are added with BLKPG
+        (at attach, after BLKRRPART, after a new table was written, as udev has the kernel
+        rescan a disk closed after a write); when the table changed, those it no longer has
+        (or has elsewhere) go, unless in use. True if anything changed."""
+        kernel: dict[int, tuple[int, int]] = {}
+        for number in self._kernel_partitions(base, loop.number):
+            entry = f"{base}/loop{loop.number}p{number}"
+            with contextlib.suppress(OSError, ValueError):
+                kernel[number] = (int(_read(f"{entry}/start")) * 512, int(_read(f"{entry}/size")) * 512)
+        wanted = {p.number: p for p in table}
+        changed = False
+        for number, (start, length) in kernel.items():
+            part = wanted.get(number)
+            if not table_changed or (part is not None and (part.start, part.length) == (start, length)):
+                continue
+            try:
+                blkpg(loop.fd, BLKPG_DEL_PARTITION, TablePartition(number, 0, 0))
+                changed = True
+            except OSError as e:  # EBUSY: mounted, open exclusively
+                log.info("%s: partition %d stays: %s", name, number, e.strerror)
+        present = self._kernel_partitions(base, loop.number) if changed else frozenset(kernel)
+        for part in table:
+            if part.number in present:
+                continue
+            try:
+                blkpg(loop.fd, BLKPG_ADD_PARTITION, part)
+                changed = True
+                log.info("%s: partition %d at %d, %d bytes (from its table)", name, part.number, part.start,
+                         part.length)
+            except OSError as e:
+                log.info("%s: partition %d not added: %s", name, part.number, e.strerror)
+        return changed
+
+    def close(self) -> None:
+        """The daemon ends: let go of every loop device (no tree left to tell)."""
+        self._closed = True
+        self._stop.set()
+        self._kick.set()
+        with self._lock:
+            for loop in self._loops.values():
+                with contextlib.suppress(OSError):
+                    os.close(loop.fd)
+            self._loops.clear()
+            self._rdevs, self._partitions = {}, []
