@@ -91,6 +91,7 @@ class LoopDisks:
         # What the tree serves, replaced whole (read by tree builds without the lock).
         self._rdevs: dict[str, tuple[int, int]] = {}
         self._partitions: list[Partition] = []
+        self._host_names: dict[str, str] = {}  # the host's names (loop3, loop3p1) -> ours
         self._stop = threading.Event()
         self._kick = threading.Event()  # look now, not at the next poll
         self._poller: threading.Thread | None = None
@@ -114,8 +115,7 @@ class LoopDisks:
         """The host's /proc/partitions, its lines for the loop devices behind the disks (and
         their partitions) under the disks' names; nothing else (inside with-vnvdimm, /sys/block
         has the emulated disks only)."""
-        names = {f"loop{loop.number}": name for name, loop in self._loops.items()}
-        names.update({os.path.basename(p.host_dir): p.name for p in self._partitions})
+        names = dict(self._host_names)
         with open("/proc/partitions") as f:
             lines = f.read().splitlines(keepends=True)
         out = lines[:2]  # "major minor  #blocks  name" and a blank line
@@ -211,6 +211,9 @@ class LoopDisks:
             if changed:
                 self._rdevs = {name: loop.rdev for name, loop in self._loops.items()}
                 self._partitions = partitions
+                names = {f"loop{loop.number}": name for name, loop in self._loops.items()}
+                names.update({os.path.basename(p.host_dir): p.name for p in partitions})
+                self._host_names = names
         if changed and not self._closed:
             self.tree.refresh()
 
@@ -331,4 +334,4 @@ class LoopDisks:
                 with contextlib.suppress(OSError):
                     os.close(loop.fd)
             self._loops.clear()
-            self._rdevs, self._partitions = {}, []
+            self._rdevs, self._partitions, self._host_names = {}, [], {}
