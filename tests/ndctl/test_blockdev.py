@@ -1,5 +1,5 @@
-"""As root, inside with-vnvdimm, /dev/pmemN are real block devices (loop devices over the
-device files): the flow every pmem guide teaches works (mkfs.ext4, mount, fsck, parted,
+"""As root, inside with-vnvdimm, /dev/pmemN are real block devices (the daemon's loop devices
+over the disks' bytes): the flow every pmem guide teaches works (mkfs.ext4, mount, fsck, parted,
 blockdev), reads still wait for the memmap, a namespace whose file system is mounted cannot
 be disabled (EBUSY), and no loop device outlives its user, also when the command is killed."""
 
