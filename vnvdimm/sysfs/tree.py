@@ -12,6 +12,7 @@ server letting its clients cache lookups and attributes can invalidate exactly t
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import posixpath
 import threading
@@ -33,6 +34,8 @@ from vnvdimm.model.personality import Btt
 from vnvdimm.model.system import System
 from vnvdimm.sysfs.changes import ChangeFeed
 from vnvdimm.sysfs.kernfs import Events, KAttr, KBin, KDir, KLink, KNode
+
+log = logging.getLogger("vnvdimm.sysfs")
 
 # Modules whose /sys/module/<name>/initstate reads "live": libkmod (daxctl) checks them
 # instead of loading anything.
@@ -120,6 +123,8 @@ class BlockDevices(Protocol):
     def session_opened(self) -> None: ...
 
     def session_closed(self) -> None: ...
+
+    def write_back(self) -> None: ...
 
     def reconcile(self) -> None: ...
 
@@ -548,6 +553,13 @@ class Tree:
         """A write to an attribute: the store, then (like a kernfs store, which returns once
         the devices it added or removed are in sysfs) the tree brought up to date and every
         stale path delivered to the change feed's sink before the writer is answered."""
+        if self.builder.block_devices is not None:
+            # What was written through a block device reaches the media before a store can
+            # take the disk away (see LoopDisks.write_back).
+            try:
+                self.builder.block_devices.write_back()
+            except Exception:  # never the store's business
+                log.exception("writing back the block devices failed")
         try:
             return node.store(data)
         finally:
