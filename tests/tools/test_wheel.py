@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,21 +48,28 @@ class Venv:
         return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=self.env)
 
 
-@pytest.fixture(scope="session")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler: the wheel would have no preload library (see test_no_compiler)")
-    base = tmp_path_factory.mktemp("wheel")
+def _build_wheel(base: Path, compiler: str | None = None) -> Path:
     source = base / "src"
     shutil.copytree(REPO, source, ignore=SOURCE_IGNORE)
     # Offline where this environment can build wheels itself; else as a user would (`pip wheel .`:
     # setuptools and wheel from the package index, in an isolated build environment).
     offline = ["--no-build-isolation", "--no-index"] if _can_build_wheels() else []
+    env = dict(os.environ)
+    env.pop("VNVDIMM_WERROR", None)
+    if compiler is not None:
+        env["CC"] = compiler  # what setuptools compiles with
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *offline,
-                          "-w", str(base / "dist"), str(source)], capture_output=True, text=True, timeout=600)
+                          "-w", str(base / "dist"), str(source)], capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     (built,) = (base / "dist").glob("vnvdimm-*.whl")
     return built
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the wheel would have no preload library (test_without_a_compiler covers that)")
+    return _build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 def _can_build_wheels() -> bool:
@@ -86,7 +94,10 @@ def _site_packages_of(package: str) -> Path | None:
 
 @pytest.fixture(scope="session")
 def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Venv:
-    root = tmp_path_factory.mktemp("venv") / "venv"
+    return _make_venv(wheel, tmp_path_factory.mktemp("venv") / "venv")
+
+
+def _make_venv(wheel: Path, root: Path) -> Venv:
     res = subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr
@@ -178,3 +189,29 @@ def test_the_wheel_runs_a_test_bed_test(venv: Venv, outside: Path) -> None:
                    f"--basetemp={outside / 'tmp'}", "test_bed.py", cwd=outside, timeout=300)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert "2 passed" in res.stdout
+
+
+def test_without_a_compiler_the_install_works_and_says_what_is_missing(outside: Path) -> None:
+    """No C compiler (CC names none): the wheel builds and installs, without the preload
+    library, and the commands that need it say so and what to do."""
+    tmp_path = outside
+    venv = _make_venv(_build_wheel(tmp_path / "build", compiler=str(tmp_path / "no-such-cc")), tmp_path / "venv")
+    with zipfile.ZipFile(next((tmp_path / "build" / "dist").glob("*.whl"))) as wheel:
+        assert not [n for n in wheel.namelist() if n.endswith(".so")], wheel.namelist()
+    res = venv.run(str(venv.bin / "vnvdimm"), "preload-path", cwd=tmp_path)
+    assert res.returncode == 1 and res.stdout == ""
+    assert "no _vnvdimm_preload" in res.stderr and "C compiler" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    # It mounts, and with-vnvdimm still runs the command, after saying what will not work.
+    vnvdimm = str(venv.bin / "vnvdimm")
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "topology.toml").write_text(SMALL_E820)
+    res = venv.run(vnvdimm, "mount", "mnt", "--config", "topology.toml", "--state-dir", "state", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    try:
+        res = venv.run(vnvdimm, "run", "mnt", "--", "cat", "/sys/bus/nd/devices/region0/size", cwd=tmp_path)
+        assert res.returncode == 0 and res.stdout == "268435456\n", res.stdout + res.stderr
+        assert "no preload library" in res.stderr and "without a C compiler" in res.stderr, res.stderr
+    finally:
+        res = venv.run(vnvdimm, "umount", "mnt", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
