@@ -236,10 +236,13 @@ class Testbed:
 
     def __init__(self, topology: dict[str, Any] | str | os.PathLike[str] | None = None, *,
                  base_dir: str | os.PathLike[str] | None = None, workers: int | None = None,
-                 ns_per_page: int | None = None, verbose: int = 0) -> None:
+                 ns_per_page: int | None = None, memmap_paused: bool = False, verbose: int = 0) -> None:
         """`topology`: a dict in the config file's schema, TOML text, or the path of a TOML
         file; None: :data:`DEFAULT_TOPOLOGY`. `workers` and `ns_per_page` override the
-        topology's [memmap] settings. `base_dir`: where the temporary directory goes."""
+        topology's [memmap] settings. `memmap_paused`: every memmap is held at 0 pages from
+        its start (``[memmap] pause_at = 0``) until :meth:`pause_memmap` moves it to a
+        fraction or :meth:`resume_memmap` lets it finish. `base_dir`: where the temporary
+        directory goes."""
         if topology is None:
             self.topology: dict[str, Any] | None = json.loads(json.dumps(DEFAULT_TOPOLOGY))
             self._toml = None
@@ -256,8 +259,11 @@ class Testbed:
                 memmap["workers"] = workers
             if ns_per_page is not None:
                 memmap["ns_per_page"] = ns_per_page
-        elif workers is not None or ns_per_page is not None:
-            raise TestbedError("workers= and ns_per_page= need the topology as a dict (or set them in the TOML)")
+            if memmap_paused:
+                memmap["pause_at"] = 0
+        elif workers is not None or ns_per_page is not None or memmap_paused:
+            raise TestbedError("workers=, ns_per_page= and memmap_paused= need the topology as a dict (or set them "
+                               "in the TOML's [memmap]: workers, ns_per_page, pause_at = 0)")
         self._base_dir = base_dir
         self.verbose = verbose
         self.dir: Path | None = None
@@ -566,21 +572,46 @@ class Testbed:
         for d in self._memmap_devices(device):
             self.write(str(d.relative_to(self.root)) + "/memmap/ns_per_page", f"{int(ns_per_page)}\n")
 
-    def pause_memmap(self, device: str | None = None, at: float = 0.5) -> None:
+    def pause_memmap(self, device: str | None = None, at: float = 0.5, *, wait: bool = False,
+                     timeout: float = 60) -> None:
         """Hold background memmap initialization once `device` (None: any pfn/dax device,
         including ones created later) has `at` (0..1) of its pages done: memmap/pause_at, or
         the bus's vnvdimm/memmap_pause_at. The worker pool is shared, so other devices'
         background init holds too; reads of a device still initialize what they touch.
-        :meth:`resume_memmap` lifts it."""
+        A device stops at the mark, past it by less than one align block (2 MiB: 512 pages),
+        provided the mark is ahead of it when set: a bed made with ``memmap_paused=True``
+        starts with every memmap held at 0, so it can be moved to any fraction. On such a
+        bed, a mark for one device lifts the start hold (the others run until that device is
+        at its mark). `wait`: return only once the device(s) reached the mark (TestbedError
+        after `timeout` s). :meth:`resume_memmap` lifts it."""
         if not 0 <= at <= 1:
             raise TestbedError("at is a fraction between 0 and 1")
-        value = f"{round(at * 1000)}\n"
+        mark = round(at * 1000)
+        value = f"{mark}\n"
         if device is None:
             for bus in self._bus_dirs():
                 self.write(str(bus.relative_to(self.root)) + "/vnvdimm/memmap_pause_at", value)
-            return
-        d = self._device_dir(device)
-        self.write(str(d.relative_to(self.root)) + "/memmap/pause_at", value)
+        else:
+            d = self._device_dir(device)
+            self.write(str(d.relative_to(self.root)) + "/memmap/pause_at", value)
+            for bus in self._bus_dirs():  # a lower bus-level mark would hold the device before its own
+                attr = bus / "vnvdimm" / "memmap_pause_at"
+                if int(attr.read_text()) < mark:
+                    self.write(str(attr.relative_to(self.root)), "1000\n")
+        if wait:
+            self._wait_for_mark(self._memmap_devices(device), mark, timeout)
+
+    def _wait_for_mark(self, devices: list[Path], mark: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for d in devices:
+            while True:
+                mm = client.read_memmap(d)
+                if mm is None or mm.state != "active" or mm.pages_done * 1000 >= mark * mm.pages_total:
+                    break
+                if time.monotonic() > deadline:
+                    raise TestbedError(f"{d.name}: memmap at {mm.pages_done}/{mm.pages_total} pages after "
+                                       f"{timeout:g} s, short of its pause mark ({mark / 1000:g})")
+                time.sleep(0.01)
 
     def resume_memmap(self, device: str | None = None) -> None:
         """Lift the pause of `device`, or every pause (None)."""

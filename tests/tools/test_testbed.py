@@ -199,3 +199,26 @@ def test_plugin_is_registered_for_other_projects(tmp_path) -> None:
                               "import json; print(json.dumps([e.value for e in entry_points(group='pytest11')]))"],
                              capture_output=True, text=True, timeout=60)
     assert "vnvdimm.pytest_plugin" in json.loads(plugins.stdout)
+
+
+def test_memmap_paused_starts_held_and_moves_to_exact_fractions(tmp_path) -> None:
+    """A bed made with memmap_paused holds every memmap at 0 from its start, even a fast one
+    (no ns_per_page floor: a pause set after the mount would come too late), and
+    pause_memmap(at=F) moves them to F: past it by less than one align block, not by a run."""
+    with Testbed(base_dir=tmp_path, memmap_paused=True) as tb:
+        devices = ["pmem0", "dax1.0"]
+        for dev in devices:
+            mm = tb.memmap(dev)
+            assert (mm.state, mm.pages_done) == ("active", 0), mm
+        for at in (0.5, 0.75):
+            tb.pause_memmap(at=at, wait=True, timeout=60)
+            for dev in devices:
+                mm = tb.memmap(dev)
+                block = 512  # the namespaces' 2 MiB align, in pages
+                assert mm.state == "active", mm
+                assert at * mm.pages_total <= mm.pages_done < at * mm.pages_total + block, (at, mm)
+        tb.resume_memmap()
+        assert tb.wait_memmap(timeout=60)
+        assert all(tb.memmap(dev).state == "idle" for dev in devices)
+    with pytest.raises(TestbedError, match="memmap_paused"):
+        Testbed("[memmap]\nworkers = 1\n", memmap_paused=True)

@@ -184,3 +184,16 @@ def test_blocks_covering_holds_exactly_the_non_reserve_pages(npages: int, align:
         assert cover is None
         return
     assert cover == (pages[0] // align, pages[-1] // align + 1)
+
+
+def test_claim_next_claims_nothing_at_or_past_the_stop_block() -> None:
+    """A hold (MemmapJob.hold_background_at): runs end before stop_block, nothing is claimed
+    from it on, and a later call without the stop claims the rest."""
+    bm = BlockMap(geometry(npages=P.PAGES_PER_SECTION * 2, align=512))
+    assert bm.claim_next(WORKER_BASE, P.PAGES_PER_SECTION, stop_block=0) is None
+    assert bm.claim_next(WORKER_BASE, P.PAGES_PER_SECTION, stop_block=5) == (0, 5)
+    assert bm.claim_next(WORKER_BASE, P.PAGES_PER_SECTION, stop_block=5) is None
+    assert bm.claim_next(WORKER_BASE, P.PAGES_PER_SECTION, stop_block=70) == (5, 64)  # a run, to the section end
+    assert bm.claim_next(WORKER_BASE, P.PAGES_PER_SECTION, stop_block=70) == (64, 70)
+    assert bm.claim_next(WORKER_BASE, P.PAGES_PER_SECTION) == (70, 128)
+    assert bm.claim_next(WORKER_BASE, P.PAGES_PER_SECTION) is None

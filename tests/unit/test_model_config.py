@@ -130,9 +130,20 @@ def test_memmap_settings_have_one_shape_and_old_records_still_open(tmp_path: Pat
     platform = Platform.from_config(config)
     assert platform.memmap is config.memmap
     record = json.loads(platform.to_json())
-    assert record["memmap"] == {"mode": "sync", "workers": 3, "ns_per_page": 7}
+    assert record["memmap"] == {"mode": "sync", "workers": 3, "ns_per_page": 7, "pause_at": 1000}
     del record["memmap"]
     record.update(memmap_mode="sync", memmap_workers=3, ns_per_page=7)
     assert Platform.from_json(json.dumps(record), "old.json") == platform
     with pytest.raises(ConfigError, match=r"^new\.json: damaged platform record"):
         Platform.from_json(json.dumps({**record, "memmap": [1]}), "new.json")
+
+
+def test_memmap_pause_at_holds_from_boot_and_is_refused_where_it_cannot_work(tmp_path: Path) -> None:
+    """`[memmap] pause_at` (per mille) is the bus-level pause mark at boot; 1000 (none) by
+    default; a sync platform cannot be held (enabling would wait for ever) and says so."""
+    assert load_config(write(tmp_path, GOOD_E820)).memmap.pause_at == 1000
+    assert load_config(write(tmp_path, GOOD_E820 + "[memmap]\npause_at = 0\n")).memmap.pause_at == 0
+    with pytest.raises(ConfigError, match=r"memmap\.pause_at: must be an integer from 0 to 1000, not 1001"):
+        load_config(write(tmp_path, GOOD_E820 + "[memmap]\npause_at = 1001\n"))
+    with pytest.raises(ConfigError, match=r"memmap\.pause_at: .*mode = \"sync\""):
+        load_config(write(tmp_path, GOOD_E820 + '[memmap]\nmode = "sync"\npause_at = 10\n'))

@@ -118,23 +118,24 @@ class BlockMap:
         return bool(self._populated[js])
 
     # -- transitions -------------------------------------------------------------------------------
-    def claim_next(self, owner: int, max_pages: int) -> tuple[int, int] | None:
+    def claim_next(self, owner: int, max_pages: int, stop_block: int | None = None) -> tuple[int, int] | None:
         """Claim the next run of PENDING blocks in block order: at least one block, at most
         ``max_pages`` (rounded down to blocks), ending at a section boundary when it reaches
-        past its first section, and stopping at the first block that is not PENDING."""
+        past its first section, and stopping at the first block that is not PENDING and at
+        ``stop_block`` (a hold: nothing at or past it is claimed)."""
         st = self._state
-        nb = len(st)
+        nb = len(st) if stop_block is None else min(len(st), stop_block)
         c = self._cursor
         b0 = c if c < nb and st[c] == PENDING else -1  # the usual case: no scan
         while b0 < 0 and c < nb:
-            window = st[c : c + _SCAN_WINDOW]
+            window = st[c : min(nb, c + _SCAN_WINDOW)]
             hit = np.flatnonzero(window == PENDING)
             if hit.size:
                 b0 = c + int(hit[0])
                 break
             c += len(window)
         if b0 < 0:
-            self._cursor = nb
+            self._cursor = max(self._cursor, nb)
             return None
         g = self.geom
         a = g.align_pages

@@ -59,6 +59,9 @@ class JobSpec:
     ns_per_page: float = 0.0
     mode: str = "async"
     vmemmap_base: int = VMEMMAP_BASE
+    # Background runs stop where this per mille of the pages is reached (MemmapJob.hold_background_at);
+    # 1000: no hold. Set at creation so that a job held from the start does not run its first run.
+    hold_permille: int = 1000
 
     def validate(self) -> None:
         if self.mode not in ("async", "sync"):
@@ -73,6 +76,10 @@ class JobSpec:
             raise ValueError("align_pages must be >= 1")
         if self.ns_per_page < 0:
             raise ValueError("ns_per_page must be >= 0")
+        if not 0 <= self.hold_permille <= 1000:
+            raise ValueError("hold_permille must be within [0, 1000]")
+        if self.hold_permille < 1000 and self.mode == "sync":
+            raise ValueError("a sync job cannot be held (its creator waits for all of it)")
         if not isinstance(self.storage, MemStorage | DevStorage):
             raise TypeError("storage must be MemStorage or DevStorage")
 
@@ -143,6 +150,7 @@ class MemmapJob:
         self._notified = self._done  # nothing can have subscribed yet
         self._cancelled = False
         self._release_requested = False
+        self._claim_stop = self._stop_block(spec.hold_permille)
 
     # -- public state ----------------------------------------------------------------------------
     @property
@@ -244,11 +252,35 @@ class MemmapJob:
         return max(self.geom.align_pages, min(most, target))
 
     def claim_run(self, owner: int) -> tuple[int, int] | None:
-        """Claim the next run of pending blocks for ``owner`` (None: nothing pending)."""
+        """Claim the next run of pending blocks for ``owner`` (None: nothing pending, or
+        nothing before the hold)."""
         with self._lock:
             if not self.active:
                 return None
-            return self._blocks.claim_next(owner, self.run_pages())
+            return self._blocks.claim_next(owner, self.run_pages(), stop_block=self._claim_stop)
+
+    def hold_background_at(self, permille: int) -> None:
+        """Background runs claim only the blocks (in block order) that bring the job to
+        ``permille`` of its pages (1000: all). A pause mark (model/memmap_pause.py) is then
+        reached within a block instead of a run (a section: half of a small device); the
+        mark's pause of the pool still holds the runs of the other devices. Foreground syncs
+        are not held. Raising the hold makes the job dispatchable again."""
+        stop = self._stop_block(permille)
+        with self._lock:
+            raised = stop > self._claim_stop
+            self._claim_stop = stop
+            active = self.active
+        if raised and active:
+            self._host.work_available(self)
+
+    def _stop_block(self, permille: int) -> int:
+        g = self.geom
+        if permille >= 1000:
+            return g.nblocks
+        pages = -(-permille * self.pages_total // 1000)  # ceil: the mark is reached, not missed
+        if pages == 0:
+            return 0
+        return min(g.nblocks, -(-(g.reserve_pages + pages) // g.align_pages))
 
     def pages_of(self, b0: int, b1: int) -> tuple[int, int]:
         return self._blocks.pages_of(b0, b1)

@@ -3,12 +3,14 @@
 A vnvdimm extension on every pfn/dax device, mode 0644: the per-mille of the device's pages
 (``pages_total``) at which background initialization pauses. ``1000`` (the default) never
 pauses. When the device's ``pages_done`` reaches the mark, the engine's worker pool stops
-taking new runs (``MemmapEngine.pause_background``: runs already handed out finish, so the
-device stops at or a little past the mark); it stays paused until every device that holds it
-has its mark raised (write a larger value, or ``1000``), or is disabled. The pool is shared, like
-the kernel's async domain, so a pause holds back every device's background work; foreground
-syncs (reads, writes and faults of the device files) still initialize the blocks they touch,
-and writing ``sync`` to ``memmap_state`` waits until the pause is lifted.
+taking new runs (``MemmapEngine.pause_background``), and the device's own background runs
+never reach past the block where the mark falls (``MemmapJob.hold_background_at``), so it
+stops at the mark, past it by less than one align block (foreground syncs excepted). It stays
+paused until every device that holds it has its mark raised (write a larger value, or
+``1000``), or is disabled. The pool is shared, like the kernel's async domain, so a pause
+holds back every device's background work; foreground syncs (reads, writes and faults of the
+device files) still initialize the blocks they touch, and writing ``sync`` to
+``memmap_state`` waits until the pause is lifted.
 
 The mark is the device's setting: it survives disable/enable (each new memmap job is held at
 the same point), like ``memmap/ns_per_page``. A device created later (ndctl create-namespace,
@@ -99,12 +101,24 @@ class PauseController:
         """Each running device with a mark below NEVER, and its effective mark."""
         with self._lock:
             running = list(self._running)
-        return [(d, mark) for d in running if (mark := min(d.pause_mark, self.default_mark)) < NEVER]
+        return [(d, mark) for d in running if (mark := self.mark_of(d)) < NEVER]
+
+    def mark_of(self, dev: PausableDevice) -> int:
+        """The device's effective mark: the lower of its own and the bus-level one."""
+        return min(dev.pause_mark, self.default_mark)
 
     def evaluate(self) -> bool:
         """Pause or resume the pool as the marks say; True while some mark is still ahead."""
         engine = self.system.engine
         hold, pending = [], False
+        with self._lock:
+            running = list(self._running)
+        for dev in running:
+            # Each job's background runs stop at its mark, so the mark is not overrun by a run
+            # handed out before the pool was paused (MemmapJob.hold_background_at).
+            job = dev.job
+            if job is not None and job.active:
+                job.hold_background_at(self.mark_of(dev))
         for dev, mark in self._marked():
             job = dev.job
             if job is None or not job.active:

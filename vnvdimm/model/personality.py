@@ -430,6 +430,8 @@ class Pfn(Personality):
                      else MemStorage()),
             ns_per_page=self.effective_ns_per_page(),
             mode="async",
+            # a mark in force when the job starts holds it from its first run (memmap_pause.py)
+            hold_permille=self.system.memmap_pause.mark_of(self),
         )
         started = time.monotonic()
         job = engine.create_job(spec)

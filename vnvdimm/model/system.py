@@ -56,11 +56,13 @@ class MemmapSettings:
 
     mode: "async" (enabling returns at once) or "sync" (enabling waits, as before the series);
     workers: the engine's worker processes (None: one per CPU); ns_per_page: a floor on the
-    time one page init takes."""
+    time one page init takes; pause_at: the bus-level memmap_pause_at at boot (per mille,
+    1000: none; 0 holds every memmap from its start, memmap_pause.py)."""
 
     mode: str = "async"
     workers: int | None = None
     ns_per_page: int = 0
+    pause_at: int = 1000
 
 
 class ModelLock:
@@ -114,6 +116,7 @@ class System:
         self.region_ida = Ida()
         self.minors = {NDCTL_MAJOR: Ida(), NMEM_MAJOR: Ida(), DAX_MAJOR: Ida(), BLKEXT_MAJOR: Ida()}
         self.memmap_pause = PauseController(self)
+        self.memmap_pause.default_mark = self.memmap.pause_at  # before any device is enabled
         self._notifiers: list[Notifier] = []
         self.modules: ModuleControl | None = None
         # /sys/devices/system/memory/auto_online_blocks (mhp_default_online_type)

@@ -232,12 +232,16 @@ def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
     nfit = template == "nfit"
 
     mm = c.table(doc.get("memmap", {}), "memmap")
-    c.unknown(mm, {"mode", "workers", "ns_per_page"}, "memmap")
+    c.unknown(mm, {"mode", "workers", "ns_per_page", "pause_at"}, "memmap")
     memmap = MemmapSettings(
         mode=c.choice(mm.get("mode", "async"), "memmap.mode", ("async", "sync")),
         workers=c.int_(mm["workers"], "memmap.workers", 0, MAX_WORKERS) if "workers" in mm else None,
         ns_per_page=c.int_(mm.get("ns_per_page", 0), "memmap.ns_per_page", 0, MAX_NS_PER_PAGE),
+        pause_at=c.int_(mm.get("pause_at", 1000), "memmap.pause_at", 0, 1000),
     )
+    if memmap.pause_at < 1000 and memmap.mode == "sync":
+        raise c.fail("memmap.pause_at", "holds the background init, which mode = \"sync\" does not have "
+                                        "(enabling would never return): use mode = \"async\"")
 
     raw_hmem = doc.get("hmem", [])
     if not isinstance(raw_hmem, list):

@@ -326,6 +326,9 @@ class Platform:
         if mm.workers is not None:
             count(mm.workers, "memmap.workers", MAX_WORKERS)
         count(mm.ns_per_page, "memmap.ns_per_page", MAX_NS_PER_PAGE)
+        count(mm.pause_at, "memmap.pause_at", 1000)
+        if mm.pause_at < 1000 and mm.mode == "sync":
+            raise InvalidPlatform("memmap.pause_at with mode sync")
 
     def shape(self) -> tuple[object, ...]:
         """What a config must agree with to be used on existing media."""
