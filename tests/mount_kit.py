@@ -29,6 +29,17 @@ TEST_USERS: dict[str, int] = {}
 WITH_VNVDIMM = TESTS.parent / "mountscripts" / "with-vnvdimm"
 
 
+def needs_root(why: str) -> pytest.MarkDecorator:
+    """Skip the test for an ordinary user, saying what only root has (the suite is run by
+    users too: their run must end without failures and say what it left out)."""
+    return pytest.mark.skipif(os.geteuid() != 0, reason=f"needs root: {why}")
+
+
+# What tests that put a file system on /dev/pmemN need (with-vnvdimm's loop devices, mount).
+ROOT_BLOCK_DEVICES = ("/dev/pmemN is a real block device (a loop device) only for root; an ordinary user's "
+                      "with-vnvdimm runs in a user namespace, without losetup, mkfs.ext4 on it or mount")
+
+
 def have_ndctl() -> bool:
     return shutil.which("ndctl") is not None and shutil.which("daxctl") is not None
 

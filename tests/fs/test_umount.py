@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mount_kit import kill_group
+from mount_kit import kill_group, needs_root
 
 from vnvdimm.daemon import ioctl_socket
 from vnvdimm.mounts import is_mounted, mount_record, process_alive, wait_exit
@@ -96,6 +96,7 @@ def loop_ext4(mnt, tmp_path: Path) -> Iterator[tuple[str, Path]]:  # type: ignor
         subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=60)
 
 
+@needs_root("losetup, mkfs.ext4 and mount of a loop device over MNT/dev/pmem0")
 def test_ext4_on_a_loop_device_blocks_umount_and_keeps_its_data(mnt, loop_ext4) -> None:  # type: ignore[no-untyped-def]
     loop, target = loop_ext4
     payload = os.urandom(1 << 20)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mount_kit import SMALL_E820, WITH_VNVDIMM, have_ndctl
+from mount_kit import ROOT_BLOCK_DEVICES, SMALL_E820, WITH_VNVDIMM, have_ndctl, needs_root
 
 from vnvdimm.mounts import loop_devices, process_alive, wait_exit
 
@@ -36,6 +36,7 @@ def wait_no_loops(m, timeout: float = 10) -> None:  # type: ignore[no-untyped-de
         time.sleep(0.02)
 
 
+@needs_root(ROOT_BLOCK_DEVICES)
 def test_mkfs_mount_fsck_parted_blockdev(mnt) -> None:  # type: ignore[no-untyped-def]
     sectors = int(mnt.read("sys/block/pmem0/size"))
     script = """
@@ -62,6 +63,7 @@ def test_mkfs_mount_fsck_parted_blockdev(mnt) -> None:  # type: ignore[no-untype
     wait_no_loops(mnt)
 
 
+@needs_root(ROOT_BLOCK_DEVICES)
 def test_disabling_a_namespace_with_a_mounted_file_system_is_ebusy(mnt) -> None:  # type: ignore[no-untyped-def]
     script = """
         set -e
@@ -115,6 +117,7 @@ def test_the_block_device_follows_a_reconfigured_namespace(mnt) -> None:  # type
     wait_no_loops(mnt)
 
 
+@needs_root(ROOT_BLOCK_DEVICES)
 def test_no_loop_device_outlives_a_killed_command(mnt, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     ready = tmp_path / "ready"
     env = {**os.environ}
@@ -144,6 +147,7 @@ def test_no_loop_device_outlives_a_killed_command(mnt, tmp_path: Path) -> None: 
                 p.wait()
 
 
+@needs_root(ROOT_BLOCK_DEVICES)
 def test_umount_refuses_while_a_file_system_on_pmem0_is_mounted(mnt, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """ext4 mounted on /dev/pmem0 inside with-vnvdimm: `vnvdimm umount MNT` refuses (exit 1,
     naming /dev/pmem0 and its loop device) and changes nothing; once the file system is

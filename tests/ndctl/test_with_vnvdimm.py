@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from mount_kit import WITH_VNVDIMM, have_ndctl
+from mount_kit import ROOT_BLOCK_DEVICES, WITH_VNVDIMM, have_ndctl, needs_root
 
 pytestmark = [pytest.mark.ndctl]
 
@@ -59,6 +59,7 @@ def test_devices_created_later_appear_at_once(mnt) -> None:  # type: ignore[no-u
 
 
 @pytest.mark.skipif(not have_ndctl(), reason="needs ndctl")
+@needs_root(ROOT_BLOCK_DEVICES)
 def test_block_devices_follow_the_namespaces_during_the_command(mnt) -> None:  # type: ignore[no-untyped-def]
     """As root, the block devices come and go with the disks while the command runs, as
     udev makes them: after a reconfiguration to sector mode, /dev/pmem0 is gone and
