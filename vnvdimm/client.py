@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vnvdimm.mounts import DEAD_ERRNOS, daemon_errno
+from vnvdimm.mounts import DEAD_ERRNOS, daemon_errno, mount_entry
 
 PAGE_SIZE = 4096
 
@@ -26,6 +26,30 @@ class GoneError(RuntimeError):
     """The mount went away while it was being read."""
 
 
+def unreadable_mount_reason(path: Path, error: OSError) -> str:
+    """Why `path` (or what is below it) cannot be read, and what to do: a FUSE mount of
+    another user without allow_other is closed to everyone else, root included."""
+    entry = None
+    for candidate in (path, *path.parents):
+        entry = mount_entry(candidate)
+        if entry is not None:
+            break
+    owner = next((int(o.split("=", 1)[1]) for o in (entry.options if entry else ()) if o.startswith("user_id=")),
+                 None)
+    if entry is not None and entry.is_fuse and owner is not None and owner != os.geteuid() \
+            and "allow_other" not in entry.options:
+        try:
+            import pwd
+
+            who = f"{pwd.getpwuid(owner).pw_name} (uid {owner})"
+        except (KeyError, ImportError):
+            who = f"uid {owner}"
+        return (f"{path}: permission denied: {entry.mountpoint} is mounted by {who} without --allow-other, so no "
+                "one else can read it, root included; run this as that user (or have them mount with "
+                "--allow-other)")
+    return f"{path}: {error.strerror or 'permission denied'}; run this as a user who can read it"
+
+
 @dataclass(frozen=True)
 class Root:
     """Where the sysfs tree and the device files of a platform are."""
@@ -35,7 +59,16 @@ class Root:
 
     @classmethod
     def of(cls, path: str | os.PathLike[str]) -> Root:
-        p = Path(path)
+        # Absolute (not resolved: a stuck mount must not hang us), so every path shown is one
+        # a user can paste anywhere.
+        p = Path(os.path.abspath(path))
+        try:
+            return cls._of(p)
+        except PermissionError as e:
+            raise NotAMount(unreadable_mount_reason(p, e)) from None
+
+    @classmethod
+    def _of(cls, p: Path) -> Root:
         if (p / "sys" / "bus" / "nd").is_dir():
             return cls(p / "sys", p / "dev")
         if (p / "bus" / "nd").is_dir():  # a sysfs root itself, e.g. /sys inside with-vnvdimm

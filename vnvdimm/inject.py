@@ -54,10 +54,24 @@ def request(root: Root, namespace: str, block: int, count: int, uninject: bool =
         os.write(fd, f"{namespace} {block} {count}\n".encode())
     except OSError as e:
         if e.errno == errno.EINVAL:
-            raise InjectError(f"{namespace}: blocks {block}..{block + count - 1} are out of range") from None
+            raise InjectError(f"{namespace}: blocks {block}..{block + count - 1} are out of range: "
+                              f"{valid_blocks(root, ns_dir)}") from None
         raise InjectError(f"{namespace}: {e.strerror}") from None
     finally:
         os.close(fd)
+
+
+def valid_blocks(root: Root, ns_dir: Path) -> str:
+    """The blocks ndctl inject-error can name in the namespace, as the daemon counts them: the
+    data area of the fsdax/devdax device that claims it (its `size`), else the namespace."""
+    holder = read_attr(ns_dir / "holder") or ""
+    size = read_int(root.nd_devices / holder / "size") if holder.startswith(("pfn", "dax")) else None
+    where = f"the data area of {holder}" if size is not None else ns_dir.name
+    if size is None:
+        size = read_int(ns_dir / "size")
+    if not size or size < SECTOR:
+        return f"{where} has no blocks"
+    return f"{where} has blocks 0..{size // SECTOR - 1} ({size // SECTOR} blocks of {SECTOR} bytes)"
 
 
 def namespace_badblocks(root: Root, namespace: str) -> list[dict[str, int]]:

@@ -157,7 +157,12 @@ def test_control_attributes_are_write_only_and_strict(mnt) -> None:
 
 def test_command_errors(mnt) -> None:
     res = inject(mnt, "namespace0.0", "--block", "511999", "--count", "2")
-    assert res.returncode == 1 and "out of range" in res.stderr
+    # the valid range, as the daemon counts it: the fsdax device's data area (250 MiB)
+    assert res.returncode == 1 and "blocks 511999..512000 are out of range" in res.stderr, res.stderr
+    assert f"the data area of {holder(mnt, 'namespace0.0')} has blocks 0..511999 (512000 blocks of 512 bytes)" \
+        in res.stderr, res.stderr
+    assert inject(mnt, "namespace0.0", "--block", "511999", "--count", "1").returncode == 0  # the last one is valid
+    assert inject(mnt, "namespace0.0", "--block", "511999", "--uninject").returncode == 0
     res = inject(mnt, "namespace5.0", "--block", "1")
     assert res.returncode == 1 and "no such namespace" in res.stderr
     res = inject(mnt, "namespace0.0")

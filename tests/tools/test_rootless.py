@@ -190,6 +190,13 @@ def test_user_mounts_and_writes_what_root_may(user: User, user_mount: Path) -> N
     # Root, here just another user of the machine, sees nothing of it (no allow_other).
     with pytest.raises(PermissionError):
         os.stat(user_mount / "sys")
+    # ... and vnvdimm's tools, run by root, say why and what to do, without a traceback.
+    for command in (["status", str(user_mount)], ["wait", str(user_mount), "--timeout", "1"]):
+        res = subprocess.run([sys.executable, "-m", "vnvdimm.cli", *command], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert f"{user_mount} is mounted by {user.name} (uid {user.uid}) without --allow-other" in res.stderr
+        assert "root included" in res.stderr and "run this as that user" in res.stderr
 
 
 def test_user_runs_ndctl_and_the_tools(user: User, user_mount: Path) -> None:
@@ -277,6 +284,7 @@ def test_allow_other_is_refused_with_the_reason(user: User) -> None:
     res = user.vnvdimm("mount", str(root / "mnt"), "--state-dir", str(root / "state"), "--allow-other")
     assert res.returncode != 0
     assert "user_allow_other" in res.stderr and "/etc/fuse.conf" in res.stderr and "Traceback" not in res.stderr
+    assert "not even root" in res.stderr  # a user's mount is closed to root too (the kernel's FUSE rule)
     assert fuse_mounts_under(root) == [] and not (root / "state").exists()
 
 

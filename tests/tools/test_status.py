@@ -32,6 +32,18 @@ def test_text_tree_without_a_terminal(mnt) -> None:
     assert any(line.startswith("└── region1") for line in lines)
 
 
+def test_a_relative_mount_point_gives_absolute_paths(mnt) -> None:
+    """`vnvdimm status mnt0` from the mount's parent: the device files it names can be used
+    from anywhere (as with --json and the devices of `wait`)."""
+    res = subprocess.run([*VNVDIMM, "status", mnt.root.name], capture_output=True, text=True, timeout=60,
+                         env=clean_env(), cwd=mnt.root.parent)
+    assert res.returncode == 0, res.stderr
+    assert f" {mnt.root}/dev/pmem0 " in res.stdout and f" {mnt.root}/dev/dax1.0 " in res.stdout, res.stdout
+    res = subprocess.run([*VNVDIMM, "status", "--json", mnt.root.name], capture_output=True, text=True, timeout=60,
+                         env=clean_env(), cwd=mnt.root.parent)
+    assert f'"{mnt.root}/dev/pmem0"' in res.stdout, res.stdout
+
+
 def test_json_agrees_with_ndctl(mnt) -> None:
     res = status(mnt, "--json")
     assert res.returncode == 0, res.stderr

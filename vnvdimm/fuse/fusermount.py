@@ -57,7 +57,7 @@ def check_can_mount(allow_other: bool) -> None:
     if allow_other and not user_allow_other():
         raise FusermountError(f"--allow-other needs 'user_allow_other' in {FUSE_CONF} when not run as root "
                               "(a line of its own; ask the administrator), or mount without --allow-other "
-                              "(only you, and root, can see the mount then)")
+                              "(then only you can see the mount: no other user, not even root)")
 
 
 def mount(mountpoint: str, options: list[str], anchor_fd: int | None = None) -> int:
