@@ -152,3 +152,31 @@ def test_auto_online_blocks_takes_the_online_types_and_shows_the_last(mnt) -> No
         assert read(path) == b"online\n"
     finally:
         write(path, b"offline\n")
+
+
+def test_changing_names_in_the_tree_answers_as_sysfs_does(mnt) -> None:  # type: ignore[no-untyped-def]
+    """Creating, linking, renaming or removing names: the errno sysfs gives its owner (root)
+    on a host (kernfs: no create, EACCES; the rest EPERM), not ENOSYS; nothing changes."""
+    before = snapshot(mnt.sys)
+    ns = mnt.sys / "bus/nd/devices/namespace0.0"
+    region = mnt.sys / E820_BUS / "region0"
+    refused = {
+        "create": (errno.EACCES, lambda: os.close(os.open(region / "new", os.O_CREAT | os.O_WRONLY, 0o644))),
+        "mknod": (errno.EACCES, lambda: os.mknod(region / "new")),
+        "mkdir": (errno.EPERM, lambda: os.mkdir(region / "new")),
+        "symlink": (errno.EPERM, lambda: os.symlink("/tmp", region / "new")),
+        "link": (errno.EPERM, lambda: os.link(region / "size", region / "new")),
+        "unlink an attribute": (errno.EPERM, lambda: os.unlink(region / "size")),
+        "unlink a link": (errno.EPERM, lambda: os.unlink(ns)),
+        "rmdir": (errno.EPERM, lambda: os.rmdir(region)),
+        "rename": (errno.EPERM, lambda: os.rename(region / "size", region / "new")),
+        "rename a directory": (errno.EPERM, lambda: os.rename(region, region.parent / "region9")),
+        "create in /dev": (errno.EACCES, lambda: os.close(os.open(mnt.dev / "new", os.O_CREAT | os.O_WRONLY))),
+        "unlink in /dev": (errno.EPERM, lambda: os.unlink(mnt.dev / "pmem0")),
+    }
+    for what, (want, change) in refused.items():
+        with pytest.raises(OSError) as e:
+            change()
+        assert e.value.errno == want, f"{what}: {errno.errorcode[e.value.errno]}, sysfs gives {errno.errorcode[want]}"
+    assert diff(before, snapshot(mnt.sys)) == {}
+    assert (mnt.dev / "pmem0").exists()

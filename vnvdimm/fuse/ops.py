@@ -34,7 +34,7 @@ from vnvdimm.fuse import fusermount, profile
 from vnvdimm.fuse.profile import RequestProfile
 from vnvdimm.model.disk import DataPath
 from vnvdimm.model.keyring import Caller, serving
-from vnvdimm.sysfs.kernfs import PAGE_SIZE, KAttr, KBin, KDir, KLink, KNode, OpenAttr
+from vnvdimm.sysfs.kernfs import PAGE_SIZE, KAttr, KBin, KDir, KLink, KNode, OpenAttr, name_change_errno
 from vnvdimm.sysfs.tree import KBlock, KChar, KDevFile, KSession, Snapshot, Tree
 
 log = logging.getLogger("vnvdimm.fuse")
@@ -603,6 +603,32 @@ class VnvdimmOperations(fuse.Operations):
 
     def chmod(self, path: str, mode: int) -> int:
         raise fuse.FuseOSError(errno.EPERM)
+
+    # Names are the model's alone: creating, linking, renaming or removing one is refused
+    # with sysfs's errno (kernfs.name_change_errno), not libfuse's ENOSYS.
+    def create(self, path: str, mode: int, fi: Any = None) -> int:
+        raise fuse.FuseOSError(name_change_errno("create"))
+
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        raise fuse.FuseOSError(name_change_errno("mknod", mode))
+
+    def mkdir(self, path: str, mode: int) -> int:
+        raise fuse.FuseOSError(name_change_errno("mkdir"))
+
+    def symlink(self, target: str, source: str) -> int:
+        raise fuse.FuseOSError(name_change_errno("symlink"))
+
+    def link(self, target: str, source: str) -> int:
+        raise fuse.FuseOSError(name_change_errno("link"))
+
+    def unlink(self, path: str) -> int:
+        raise fuse.FuseOSError(name_change_errno("unlink"))
+
+    def rmdir(self, path: str) -> int:
+        raise fuse.FuseOSError(name_change_errno("rmdir"))
+
+    def rename(self, old: str, new: str) -> int:
+        raise fuse.FuseOSError(name_change_errno("rename"))
 
     def chown(self, path: str, uid: int, gid: int) -> int:
         raise fuse.FuseOSError(errno.EPERM)

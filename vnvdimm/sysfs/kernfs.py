@@ -26,6 +26,17 @@ PAGE_SIZE = 4096
 
 log = logging.getLogger("vnvdimm.sysfs")
 
+def name_change_errno(op: str, mode: int = 0) -> int:
+    """What sysfs answers its owner (root) for a change of its names: kernfs has no create
+    (the VFS's vfs_create: EACCES, also for mknod of a regular file), and refuses mknod of a
+    device, mkdir, symlink, link, unlink, rmdir and rename with EPERM (measured on a host's
+    /sys). Anyone else gets EACCES from the VFS's permission check first (default_permissions
+    makes the kernel do it here too). `op` is the VFS operation's name."""
+    if op == "create" or (op == "mknod" and (mode & 0o170000) in (0, 0o100000)):
+        return errno.EACCES
+    return errno.EPERM
+
+
 # The path component that names a device (the rest of a path is its attribute).
 _DEVICE_NAME = re.compile(r"^(ndbus|ndctl|nmem|region|namespace|pfn|dax|btt|pmem)\d")
 
