@@ -169,6 +169,37 @@ def test_mount_helper_refuses_and_fakes(sbin_helper, tmp_path) -> None:
     assert fuse_mounted(mnt) is None
 
 
+def test_mount_helper_linked_by_hand_from_a_checkout_finds_its_venv(tmp_path) -> None:
+    """`ln -s CHECKOUT/mountscripts/mount.fuse.vnvdimm /sbin/` after the README's quick start
+    (a .venv in the checkout), with no VNVDIMM and no vnvdimm on mount(8)'s PATH: the helper
+    runs the checkout's .venv/bin/vnvdimm and the platform mounts."""
+    checkout = tmp_path / "checkout"
+    (checkout / "mountscripts").mkdir(parents=True)
+    shutil.copy2(HELPER, checkout / "mountscripts" / HELPER.name)
+    venv_bin = checkout / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    vnvdimm_wrapper(tmp_path).rename(venv_bin / "vnvdimm")
+    sbin = tmp_path / "sbin"
+    sbin.mkdir()
+    (sbin / HELPER.name).symlink_to(checkout / "mountscripts" / HELPER.name)
+    mnt, state = tmp_path / "mnt", tmp_path / "state"
+    mnt.mkdir()
+    env = clean_env()
+    env.pop("VNVDIMM", None)
+    env["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
+    if shutil.which("vnvdimm", path=env["PATH"]) is not None:
+        pytest.skip("a vnvdimm command is on the system PATH: the helper would run that one")
+    res = sh(sbin / HELPER.name, "none", mnt, "-v", "-o", f"state_dir={state},workers=1", env=env)
+    try:
+        assert res.returncode == 0, res.stderr
+        assert f"mount.fuse.vnvdimm: {venv_bin / 'vnvdimm'} mount {mnt}" in res.stderr, res.stderr
+        assert fuse_mounted(mnt) == "fuse.vnvdimm"
+    finally:
+        sh(venv_bin / "vnvdimm", "umount", mnt, env=env)
+        if fuse_mounted(mnt):
+            lazy_unmount(mnt)
+
+
 # ---------------------------------------------------------------- the systemd unit
 
 
