@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_other=args.allow_other,
             verbose=args.verbose,
             workers=args.workers,
+            source=str(args.config.resolve()) if args.config is not None else None,
         )
         return daemon.mount(opts)
     return 2

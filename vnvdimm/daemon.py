@@ -154,6 +154,7 @@ class MountOptions:
     verbose: int = 0
     workers: int | None = None
     mountpoint_fd: int | None = None  # the mount point's directory, as checked (set by prepare)
+    source: str | None = None  # the mount's source in the mount table (the config file)
 
 
 def mounted_at(state_dir: Path, pid: str) -> str:
@@ -274,7 +275,7 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
         ops.on_device_release = teardown.device_released
         threading.Thread(target=teardown.on_signals, name="vnvdimm-signals", daemon=True).start()
         serve(ops, str(opts.mountpoint), allow_other=opts.allow_other, debug=opts.verbose >= 3,
-              anchor_fd=opts.mountpoint_fd)
+              anchor_fd=opts.mountpoint_fd, source=opts.source)
         log.info("unmounted %s", opts.mountpoint)
         return 0
     finally:

@@ -5,6 +5,8 @@ nothing behind."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 
 import pytest
 from mount_kit import SMALL_E820, diff, fuse_mounts_under, snapshot, sync_memmaps
@@ -81,3 +83,17 @@ def test_config_contradicting_the_media_is_refused(make_mount) -> None:  # type:
     assert res.returncode != 0
     assert f"does not match the platform already in {first.state_dir}" in res.stderr
     assert not other.is_mounted()
+
+
+@pytest.mark.skipif(shutil.which("findmnt") is None, reason="needs findmnt (util-linux)")
+def test_the_mount_table_shows_the_config_as_the_source(make_mount) -> None:  # type: ignore[no-untyped-def]
+    """findmnt/df name the platform: the config file's absolute path, else "vnvdimm"."""
+    def source(m) -> str:  # type: ignore[no-untyped-def]
+        res = subprocess.run(["findmnt", "-n", "-o", "SOURCE,FSTYPE", str(m.root)], capture_output=True, text=True,
+                             timeout=30)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip()
+
+    with_config = make_mount()
+    assert source(with_config).split() == [str(with_config.config), "fuse.vnvdimm"]
+    assert source(make_mount(None)).split() == ["vnvdimm", "fuse.vnvdimm"]

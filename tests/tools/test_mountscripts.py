@@ -314,9 +314,17 @@ def test_install_and_uninstall(tmp_path) -> None:
     assert "/opt/vn/bin/vnvdimm-wait-memmap" in unit
     helper = (dest / "sbin/mount.fuse.vnvdimm").read_text()
     assert f"vnvdimm=${{VNVDIMM:-{wrapper}}}" in helper
+    # The unit's documentation is what was installed with it.
+    (documentation,) = [line for line in unit.splitlines() if line.startswith("Documentation=")]
+    for uri in documentation.removeprefix("Documentation=").split():
+        if uri.startswith("file://"):
+            assert uri.startswith("file:///opt/vn/share/doc/vnvdimm/"), uri
+            assert (dest / uri.removeprefix("file:///")).is_file(), uri
+    assert (dest / "opt/vn/share/doc/vnvdimm/README.md").is_file()
     assert sh(dest / "opt/vn/bin/vnvdimm-wait-memmap", "--help").returncode == 0
     res = sh(INSTALL, "--destdir", dest, "--prefix", "/opt/vn", "--uninstall")
     assert res.returncode == 0
     assert not (dest / "sbin/mount.fuse.vnvdimm").exists()
     assert not (dest / "etc/systemd/system/vnvdimm@.service").exists()
     assert not (dest / "opt/vn/bin/vnvdimm-wait-memmap").exists()
+    assert not (dest / "opt/vn/share/doc/vnvdimm").exists()

@@ -917,11 +917,15 @@ def raise_readahead(mountpoint: str) -> None:
 
 
 def serve(ops: VnvdimmOperations, mountpoint: str, *, allow_other: bool = False, debug: bool = False,
-          anchor_fd: int | None = None) -> None:
+          anchor_fd: int | None = None, source: str | None = None) -> None:
     """Mount (through fusermount3: see fusermount.py) and run the multithreaded FUSE loop
     until the file system is unmounted. A refused mount raises FusermountError. `anchor_fd`:
-    the mount point as it was checked; a mount that lands elsewhere is refused."""
+    the mount point as it was checked; a mount that lands elsewhere is refused. `source`: what
+    the mount table (findmnt, df) shows as the mount's source, e.g. the config file;
+    "vnvdimm" if None or not writable as a mount option."""
     kernel_options = [*KERNEL_MOUNT_OPTIONS]
+    if source is not None and source.isprintable() and not any(c in source for c in ", \\\t"):
+        kernel_options = [f"fsname={source}" if o.startswith("fsname=") else o for o in kernel_options]
     if os.geteuid() == 0:
         kernel_options.append("dev")
     if allow_other:
