@@ -77,3 +77,19 @@ def test_readme_links_the_docs_and_keeps_its_quick_start() -> None:
     for doc in DOCS.glob("*.md"):
         for target in re.findall(r"\]\(([^)#:]+\.md)\)", doc.read_text()):
             assert (DOCS / target).exists(), f"{doc.name} links to missing {target}"
+
+
+def test_readme_memmap_example_reads_the_device_that_holds_the_memmap(mnt) -> None:
+    """The README's "What you get" example, on a mount of this test: it reads memmap_state of
+    the dax device that claimed the namespace (the one with a memmap), not the idle seed."""
+    readme = (REPO / "README.md").read_text()
+    (block,) = [b for b in fenced_blocks(readme, "sh") if "memmap_state" in b and "create-namespace" in b]
+    script = block.replace("~/pmem", str(mnt.root)) + 'echo "$dax"\ncat ' + str(mnt.root) + \
+        '/sys/bus/nd/devices/$dax/memmap_state\n'
+    res = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, env=clean_env())
+    assert res.returncode == 0, res.stderr
+    *_, first_state, dax, synced = res.stdout.splitlines()
+    assert first_state in ("active", "idle") and synced == "idle"
+    assert dax == mnt.read("sys/bus/nd/devices/namespace0.0/holder").strip()
+    assert int(mnt.read(f"sys/bus/nd/devices/{dax}/memmap/pages_total")) > 0
