@@ -157,7 +157,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     base = factory.getbasetemp().resolve()
     leftovers = fuse_mounts_under(base)
-    daemons = vnvdimm_processes(base, "mount")
+    daemons = vnvdimm_processes(base, "daemon")
     if leftovers or daemons:
         for m in leftovers:
             lazy_unmount(m)

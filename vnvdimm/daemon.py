@@ -36,6 +36,7 @@ from vnvdimm.mounts import (
     runtime_records,
     watch_unmount,
 )
+from vnvdimm.proctitle import set_title
 from vnvdimm.topology import safe_dir
 from vnvdimm.topology.config import ConfigError, TopologyConfig, host_memory_warnings
 from vnvdimm.topology.modules import PlatformModules
@@ -215,6 +216,8 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
     from vnvdimm.sysfs.tree import Tree
 
     lock.update_pid()
+    # ps shows `vnvdimm daemon MNT` and `vnvdimm worker N MNT` (set before the workers fork).
+    set_title("vnvdimm", "daemon", str(opts.mountpoint))
     setup_logging(state, opts.verbose, opts.foreground)
     workers = opts.workers if opts.workers is not None else platform.memmap.workers
     # Stop requests are taken by a thread of ours, not by libfuse's handlers: blocked readers
@@ -225,7 +228,7 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
     # (Forked workers inherit the mask too: they exit when the daemon tells them or dies.)
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     signal.signal(WAKE_SIGNAL, lambda signum, frame: None)
-    engine = MemmapEngine(workers=workers)
+    engine = MemmapEngine(workers=workers, title=str(opts.mountpoint))
     engine.start()  # fork the workers now, before any thread exists
     # `kill -USR1 <daemon>` writes the stack of every thread into the log: what a hung call
     # waits on. (After the fork: the workers keep the default action.)

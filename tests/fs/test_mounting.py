@@ -9,7 +9,10 @@ import shutil
 import subprocess
 
 import pytest
-from mount_kit import SMALL_E820, diff, fuse_mounts_under, snapshot, sync_memmaps
+from mount_kit import SMALL_E820, children, diff, fuse_mounts_under, snapshot, sync_memmaps
+from topologies import e820
+
+from vnvdimm.mounts import vnvdimm_processes
 
 pytestmark = pytest.mark.mount
 
@@ -97,3 +100,22 @@ def test_the_mount_table_shows_the_config_as_the_source(make_mount) -> None:  # 
     with_config = make_mount()
     assert source(with_config).split() == [str(with_config.config), "fuse.vnvdimm"]
     assert source(make_mount(None)).split() == ["vnvdimm", "fuse.vnvdimm"]
+
+
+@pytest.mark.skipif(shutil.which("ps") is None, reason="needs ps (procps)")
+def test_ps_names_the_daemon_and_its_workers(make_mount) -> None:  # type: ignore[no-untyped-def]
+    """`ps` shows `vnvdimm daemon MNT` and `vnvdimm worker N MNT` (not the mount command all
+    of them inherited), and `ps -e` (comm) says which is which."""
+    m = make_mount(e820("64M fsdax dev", workers=2))
+
+    def ps(pid: int, field: str) -> str:
+        res = subprocess.run(["ps", "-ww", "-o", f"{field}=", "-p", str(pid)], capture_output=True, text=True,
+                             timeout=30)
+        return res.stdout.strip()
+
+    assert ps(m.pid, "args") == f"vnvdimm daemon {m.root}"
+    assert ps(m.pid, "comm") == "vnvdimm daemon"
+    workers = children(m.pid)
+    assert sorted(ps(w, "args") for w in workers) == [f"vnvdimm worker {n} {m.root}" for n in range(len(workers))]
+    assert {ps(w, "comm") for w in workers} == {"vnvdimm worker"}
+    assert m.pid in vnvdimm_processes(m.root, "daemon") and set(workers) <= set(vnvdimm_processes(m.root))

@@ -101,7 +101,7 @@ def clear_error(m, res, *words: str) -> None:  # type: ignore[no-untyped-def]
         pid = int(lock.read_text().split()[0])
         # The lock keeps the pid of this state dir's last daemon, long gone: on a busy machine
         # the kernel may have handed that pid to an unrelated process since.
-        assert pid not in vnvdimm_processes(m.state_dir), "a daemon stayed behind"
+        assert pid not in vnvdimm_processes(m.root), "a daemon stayed behind"  # (its title names MNT)
 
 
 def log_clean(m) -> None:  # type: ignore[no-untyped-def]

@@ -262,7 +262,7 @@ def test_systemd_unit_runs_as_a_forking_service(tmp_path) -> None:
         (pidfile,) = expand(service["PIDFile"][0])
         pid = int(Path(pidfile).read_text().split()[0])
         assert process_alive(pid)
-        assert pid in vnvdimm_processes(mnt, "mount")
+        assert pid in vnvdimm_processes(mnt, "daemon")
         assert os.getsid(pid) == pid  # the daemon runs in its own session, as a forking service must
         (stop,) = service["ExecStop"]
         # A stop with a device file open: ExecStop refuses, naming it, and the SIGTERM systemd

@@ -57,7 +57,8 @@ class MemmapEngine:
     """
 
     def __init__(self, workers: int | None = None, *, debug: bool = False,
-                 stall_timeout: float = STALL_TIMEOUT_S) -> None:
+                 stall_timeout: float = STALL_TIMEOUT_S, title: str | None = None) -> None:
+        """`title`: the workers show `vnvdimm worker N TITLE` in ps (the daemon's mount point)."""
         n = (os.cpu_count() or 1) if workers is None else workers
         if not 0 <= n <= MAX_WORKERS:
             raise ValueError(f"workers must be within [0, {MAX_WORKERS}]")
@@ -70,7 +71,7 @@ class MemmapEngine:
         self._closing = False
         self._closed = threading.Event()
         self._queue = RunQueue()
-        self.pool = WorkerPool(n, WORKER_BASE)
+        self.pool = WorkerPool(n, WORKER_BASE, title=title)
         self._dispatcher: Dispatcher | None = None
         if n:
             self._dispatcher = Dispatcher(self.pool, self._queue, stall_timeout=stall_timeout,

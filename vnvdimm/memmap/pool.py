@@ -17,6 +17,8 @@ import time
 import traceback
 from dataclasses import dataclass
 
+from vnvdimm.proctitle import set_title
+
 from . import protocol
 from .protocol import ToWorker
 from .worker import worker_main
@@ -92,9 +94,11 @@ class WorkerHandle:
 class WorkerPool:
     """A fixed number of slots, each holding a live worker, or None when it could not be replaced."""
 
-    def __init__(self, size: int, owner_base: int) -> None:
+    def __init__(self, size: int, owner_base: int, title: str | None = None) -> None:
         self.size = size
         self.owner_base = owner_base
+        # what the workers show in ps after "vnvdimm worker N" (the daemon's mount point)
+        self.title = title
         self.slots: list[WorkerHandle | None] = []
         self.replacements = 0  # workers restarted after a crash
         self._restarts: list[float] = []
@@ -117,7 +121,9 @@ class WorkerPool:
         if not fork:
             fd = child.fileno()
             code = (f"import sys; sys.path.insert(0, {_PKG_ROOT!r}); "
-                    "from vnvdimm.memmap.worker import worker_main; worker_main(int(sys.argv[1]))")
+                    + (f"from vnvdimm.proctitle import set_title; set_title(*{self._title_words(slot)!r}); "
+                       if self.title is not None else "")
+                    + "from vnvdimm.memmap.worker import worker_main; worker_main(int(sys.argv[1]))")
             popen = subprocess.Popen([sys.executable, "-c", code, str(fd)], pass_fds=(fd,),
                                      stdin=subprocess.DEVNULL, close_fds=True)
             child.close()
@@ -135,6 +141,8 @@ class WorkerPool:
                 for s in [parent, *others]:
                     with contextlib.suppress(OSError):
                         os.close(s.detach())
+                if self.title is not None:
+                    set_title(*self._title_words(slot))
                 worker_main(child.detach(), unblock=old_mask)
             except BaseException:
                 traceback.print_exc()
@@ -144,6 +152,9 @@ class WorkerPool:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         child.close()
         return WorkerHandle(slot, owner, pid, parent, None)
+
+    def _title_words(self, slot: int) -> tuple[str, ...]:
+        return ("vnvdimm", "worker", str(slot), self.title or "")
 
     def replace(self, dead: WorkerHandle) -> WorkerHandle | None:
         """A replacement for a dead worker, unless workers keep dying (then the slot stays empty)."""
