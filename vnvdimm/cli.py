@@ -27,9 +27,30 @@ def main(argv: list[str] | None = None) -> int:
 
         return blockdev.main(argv[1:])
 
-    parser = argparse.ArgumentParser(prog="vnvdimm", description="Emulated Linux persistent memory over FUSE")
+    parser = build_parser()
+    sub = subcommands(parser)
+
+    if argv and argv[0] in TOOL_COMMANDS:
+        # Options may follow the devices (`wait MNT dax1.0 --timeout 5`).
+        tool_args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
+        return TOOL_COMMANDS[argv[0]](tool_args)
+    args = parser.parse_args(argv)
+    if args.command == "mount":
+        return _mount(args)
+    return 2
+
+
+EPILOG = ("Documentation: man vnvdimm (`vnvdimm man`), docs/tutorial.md and docs/tools.md of the source (installed "
+          "by mountscripts/install in PREFIX/share/doc/vnvdimm). Shell completion: `vnvdimm completion bash`.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every command's arguments: what main() parses, and what the man page and the shell
+    completion are generated from (vnvdimm/docgen.py)."""
+    parser = argparse.ArgumentParser(prog="vnvdimm", description="Emulated Linux persistent memory over FUSE",
+                                     epilog=EPILOG)
     parser.add_argument("--version", action=_Version)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("mount", help="mount an emulated pmem platform (sysfs + /dev) at MNT")
     p.add_argument("mountpoint", metavar="MNT", type=Path)
@@ -45,39 +66,40 @@ def main(argv: list[str] | None = None) -> int:
     add_umount_arguments(p)
 
     add_tool_commands(sub)
+    return parser
 
-    if argv and argv[0] in TOOL_COMMANDS:
-        # Options may follow the devices (`wait MNT dax1.0 --timeout 5`).
-        tool_args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
-        return TOOL_COMMANDS[argv[0]](tool_args)
-    args = parser.parse_args(argv)
-    if args.command == "mount":
-        from vnvdimm import daemon
-        from vnvdimm.topology.config import ConfigError, load_config
-        from vnvdimm.topology.platform import default_state_dir
-        from vnvdimm.topology.safe_dir import canonical
 
-        config = None
-        if args.config is not None:
-            try:
-                config = load_config(args.config)
-            except ConfigError as e:
-                print(f"vnvdimm: {e}", file=sys.stderr)
-                return 2
-        opts = daemon.MountOptions(
-            # The parent's links resolved, not the last component's: a mount point or state dir
-            # that is itself a symbolic link is refused, never followed (see safe_dir).
-            mountpoint=canonical(args.mountpoint),
-            state_dir=canonical(args.state_dir or default_state_dir()),
-            config=config,
-            foreground=args.foreground,
-            allow_other=args.allow_other,
-            verbose=args.verbose,
-            workers=args.workers,
-            source=str(args.config.resolve()) if args.config is not None else None,
-        )
-        return daemon.mount(opts)
-    return 2
+def subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub
+
+
+def _mount(args: argparse.Namespace) -> int:
+    from vnvdimm import daemon
+    from vnvdimm.topology.config import ConfigError, load_config
+    from vnvdimm.topology.platform import default_state_dir
+    from vnvdimm.topology.safe_dir import canonical
+
+    config = None
+    if args.config is not None:
+        try:
+            config = load_config(args.config)
+        except ConfigError as e:
+            print(f"vnvdimm: {e}", file=sys.stderr)
+            return 2
+    opts = daemon.MountOptions(
+        # The parent's links resolved, not the last component's: a mount point or state dir
+        # that is itself a symbolic link is refused, never followed (see safe_dir).
+        mountpoint=canonical(args.mountpoint),
+        state_dir=canonical(args.state_dir or default_state_dir()),
+        config=config,
+        foreground=args.foreground,
+        allow_other=args.allow_other,
+        verbose=args.verbose,
+        workers=args.workers,
+        source=str(args.config.resolve()) if args.config is not None else None,
+    )
+    return daemon.mount(opts)
 
 
 def package_version() -> str:
@@ -172,6 +194,19 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[
                    description="The library that makes the emulated /dev/ndctlN, nmemN, daxR.M and pmemN "
                                "look like device nodes and answers their ioctls; with-vnvdimm loads it.")
 
+    p = sub.add_parser("completion", help="print the shell completion script (bash or zsh)",
+                       description="Print a completion script for SHELL. Install it for yourself with "
+                                   "`vnvdimm completion bash > ~/.local/share/bash-completion/completions/vnvdimm` "
+                                   "(bash), or for everyone in /usr/share/bash-completion/completions/vnvdimm; for "
+                                   "zsh, `vnvdimm completion zsh > ~/.zfunc/_vnvdimm` with ~/.zfunc on $fpath.")
+    p.add_argument("shell", metavar="SHELL", choices=("bash", "zsh"))
+
+    p = sub.add_parser("man", help="print the vnvdimm(1) man page (roff)",
+                       description="Print the man page, generated from the commands' arguments. Read it with "
+                                   "`vnvdimm man | man -l -`, or install it with `vnvdimm man > "
+                                   "~/.local/share/man/man1/vnvdimm.1` (mountscripts/install puts it in "
+                                   "PREFIX/share/man/man1).")
+
 
 def _number(text: str) -> int:
     try:
@@ -223,7 +258,22 @@ def _preload_path(args: argparse.Namespace) -> int:
     return 0
 
 
-TOOL_COMMANDS = {"status": _status, "wait": _wait, "inject-error": _inject, "preload-path": _preload_path}
+def _completion(args: argparse.Namespace) -> int:
+    from vnvdimm import docgen
+
+    print(docgen.completion(build_parser(), args.shell), end="")
+    return 0
+
+
+def _man(args: argparse.Namespace) -> int:
+    from vnvdimm import docgen
+
+    print(docgen.man_page(build_parser(), package_version()), end="")
+    return 0
+
+
+TOOL_COMMANDS = {"status": _status, "wait": _wait, "inject-error": _inject, "preload-path": _preload_path,
+                 "completion": _completion, "man": _man}
 
 
 if __name__ == "__main__":
