@@ -154,6 +154,9 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[
                                    "(e.g. / under with-vnvdimm).")
     p.add_argument("mountpoint", metavar="MNT")
     p.add_argument("--json", action="store_true", help="machine-readable output (JSON lines with --watch)")
+    p.add_argument("--map", action="store_true",
+                   help="draw each region's capacity: namespaces by mode over its address range, free extents, "
+                        "seeds, memmap progress")
     p.add_argument("-w", "--watch", action="store_true",
                    help="keep redrawing (in place on a terminal) until interrupted")
     p.add_argument("--interval", type=float, default=1.0, metavar="S",
@@ -218,7 +221,8 @@ def _number(text: str) -> int:
 def _status(args: argparse.Namespace) -> int:
     from vnvdimm import status
 
-    return status.run(args.mountpoint, as_json=args.json, watch=args.watch, interval=args.interval)
+    return status.run(args.mountpoint, as_json=args.json, watch=args.watch, interval=args.interval,
+                      as_map=args.map)
 
 
 def _wait(args: argparse.Namespace) -> int:

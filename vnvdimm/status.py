@@ -133,15 +133,19 @@ def make_console(file: Any = None) -> Any:
     return Console(file=file, highlight=False, soft_wrap=False, width=width)
 
 
-def run(mountpoint: str, as_json: bool = False, watch: bool = False, interval: float = 1.0) -> int:
+def run(mountpoint: str, as_json: bool = False, watch: bool = False, interval: float = 1.0,
+        as_map: bool = False) -> int:
     try:
         root = Root.of(mountpoint)
     except NotAMount as e:
         print(f"vnvdimm: {e}", file=sys.stderr)
         return 2
     try:
+        if as_map and (watch or as_json):
+            print("vnvdimm: --map draws once, as text: not with --watch or --json", file=sys.stderr)
+            return 2
         if not watch:
-            show_once(root, as_json)
+            show_once(root, as_json, as_map)
         elif as_json or not sys.stdout.isatty():
             watch_lines(root, as_json, interval)
         else:
@@ -158,8 +162,14 @@ def run(mountpoint: str, as_json: bool = False, watch: bool = False, interval: f
     return 0
 
 
-def show_once(root: Root, as_json: bool) -> None:
+def show_once(root: Root, as_json: bool, as_map: bool = False) -> None:
     status = read_status_checked(root)
+    if as_map:
+        from vnvdimm.statusmap import status_map
+
+        width = max(32, min(100, (os.get_terminal_size().columns if sys.stdout.isatty() else 80) - 4))
+        print(status_map(status, width), end="")
+        return
     if as_json:
         print(json.dumps(status.to_json(), indent=2))
         return

@@ -6,7 +6,7 @@ import json
 import re
 import subprocess
 
-from tooltest import VNVDIMM, PtyRun, clean_env, hold_memmap, holder, release_memmap, strip_ansi
+from tooltest import REPO, VNVDIMM, PtyRun, clean_env, hold_memmap, holder, release_memmap, strip_ansi
 
 
 def status(m, *args: str) -> subprocess.CompletedProcess[str]:
@@ -147,3 +147,37 @@ def test_not_a_mount(tmp_path) -> None:
     res = subprocess.run([*VNVDIMM, "status", str(tmp_path)], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
     assert "not a vnvdimm mount" in res.stderr
+
+
+def test_map_draws_each_regions_capacity(slow_mnt, make_mount) -> None:
+    """--map: a bar per region over its address range (namespaces by mode, free extents as
+    dots), the memmap's progress under the namespace it belongs to, a legend, the seeds."""
+    pfn = holder(slow_mnt, "namespace0.0")
+    hold_memmap(slow_mnt, pfn, 500)
+    try:
+        res = subprocess.run([*VNVDIMM, "status", "--map", str(slow_mnt.root)], capture_output=True, text=True,
+                             timeout=60, env=clean_env())
+    finally:
+        release_memmap(slow_mnt, pfn)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "ndbus0  provider e820"
+    r0 = lines.index(next(line for line in lines if line.startswith("region0  256.0 MiB  0x")))
+    bar, progress, legend = lines[r0 + 1: r0 + 4]
+    assert bar == "  |" + "█" * 75 + "   █ fsdax"  # a pipe: 80 columns less the indent; one fsdax namespace
+    cells = progress[2:].split("   ")[0]
+    assert set(cells) == {"━", "╌"} and cells.startswith("━") and cells.endswith("╌")
+    assert 0.45 <= cells.count("━") / len(cells) <= 0.6, cells  # held at half (pause_at 500)
+    assert re.fullmatch(rf"  █ namespace0\.0  fsdax map=dev  256\.0 MiB  at \+0x0  memmap {pfn} active \d+\.\d%",
+                        legend), legend
+    assert any(re.fullmatch(r"  seeds: namespace0\.0 pfn0\.\d dax0\.\d btt0\.0", line) for line in lines), lines
+    # An nfit region with room left: the free extent after the namespace, as dots and in words.
+    nfit = make_mount((REPO / "examples" / "nfit-errors.toml").read_text())
+    res = subprocess.run([*VNVDIMM, "status", "--map", str(nfit.root)], capture_output=True, text=True, timeout=60,
+                         env=clean_env())
+    lines = res.stdout.splitlines()
+    assert lines[2].startswith("  |" + "█" * 10) and "·" * 40 in lines[2], lines
+    assert "  · free: 6.0 GiB at +0x80000000" in lines, lines
+    res = subprocess.run([*VNVDIMM, "status", "--map", "--json", str(nfit.root)], capture_output=True, text=True,
+                         timeout=60, env=clean_env())
+    assert res.returncode == 2 and "--map" in res.stderr
