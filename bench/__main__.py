@@ -1,4 +1,4 @@
-"""python -m bench [--quick] [--check] [--json OUT] [--only NAME...]
+"""python -m bench [--quick] [--check] [--json OUT] [--only NAME...] | --plot DIR [--quick]
 
 Mounts its own platforms in temp dirs, measures every figure (median and spread over
 repetitions) against a baseline taken in the same run, prints a table and writes JSON
@@ -28,8 +28,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="where to write the results")
     ap.add_argument("--only", nargs="+", choices=SUITES, help="run only these suites")
     ap.add_argument("--check", action="store_true", help="exit 1 if a figure misses its target (listing them)")
+    ap.add_argument("--plot", type=Path, metavar="DIR",
+                    help="instead: measure the curves and write PNG charts to DIR (needs matplotlib)")
     args = ap.parse_args(argv)
     q = args.quick
+    if args.plot is not None:
+        from bench import plot
+
+        try:
+            return plot.main(args.plot, q)
+        except plot.MissingMatplotlib as e:
+            print(f"python -m bench: {e}", file=sys.stderr)
+            return 2
     plan = {
         "mount": lambda: figures.mount_time(3 if q else 5),
         "attr": lambda: figures.attribute_latency(300 if q else 3000),
