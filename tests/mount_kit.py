@@ -311,6 +311,10 @@ def daemon_tree(pid: int | None) -> list[int]:
     return [] if pid is None or not alive(pid) else [pid, *children(pid)]
 
 
+# Why the tests that count a mount's waiting requests (fuse_waiting) need root.
+ROOT_FUSECTL = "counts the mount's waiting requests in fusectl, which only root can mount"
+
+
 def fuse_waiting(m: Any) -> int:
     """Requests of this mount the daemon has not answered yet (fusectl's `waiting`, read in a
     private mount namespace so the host is left as it is)."""

@@ -23,7 +23,7 @@ import threading
 import time
 
 import numpy as np
-from mount_kit import fuse_waiting, memmap_state
+from mount_kit import ROOT_FUSECTL, fuse_waiting, memmap_state, needs_root
 from reliability_kit import DAX, PFN, SMALL, e820, wait_for
 
 KPF_NOPAGE = 1 << 20
@@ -95,6 +95,7 @@ def test_cold_reads_wait_for_their_blocks_only(make_mount, figures) -> None:  # 
     figures.note(worst_cold_read_ms=round(worst * 1e3, 1))
 
 
+@needs_root(ROOT_FUSECTL)
 def test_waiters_do_not_stall_the_mount(make_mount, figures) -> None:  # type: ignore[no-untyped-def]
     """24 callers blocked on cold blocks (10 s each) and 2 `echo sync` writers: the rest of
     the mount keeps answering at once (libfuse's default of 10 loop threads did not)."""
@@ -138,6 +139,7 @@ def test_waiters_do_not_stall_the_mount(make_mount, figures) -> None:  # type: i
             p.wait(timeout=10)
 
 
+@needs_root(ROOT_FUSECTL)
 def test_sync_and_wait_probe_are_bounded(make_mount, figures) -> None:  # type: ignore[no-untyped-def]
     ns = 100_000  # 16384 pages: ~0.8 s per memmap on 2 workers
     m = make_mount(e820(*SMALL, ns_per_page=ns))
@@ -214,6 +216,7 @@ print("read", flush=True)
 """
 
 
+@needs_root(ROOT_FUSECTL)
 def test_killed_reader_leaves_nothing_stuck(make_mount, figures) -> None:  # type: ignore[no-untyped-def]
     """A reader SIGKILLed while it waits on a cold block: it goes away, the daemon finishes
     that block (no request stays unanswered, no block stays claimed), the memmap completes,

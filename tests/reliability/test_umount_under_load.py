@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from mount_kit import fuse_waiting, memmap_state
+from mount_kit import ROOT_FUSECTL, fuse_waiting, memmap_state, needs_root
 from reliability_kit import DAX, PFN, SMALL, alive, children, e820, wait_for
 
 from vnvdimm.mounts import is_mounted
@@ -110,6 +110,7 @@ def wait_exit(pids: list[int], timeout: float) -> float:
 
 
 @pytest.mark.parametrize("how", ["vnvdimm-umount-force", "sigquit"])
+@needs_root(ROOT_FUSECTL)
 def test_forced_stop_releases_blocked_callers(make_mount, figures, shm_unchanged, how: str) -> None:  # type: ignore[no-untyped-def]
     m = make_mount(e820(*SMALL, ns_per_page=NS_PER_PAGE))
     daemon = m.pid
