@@ -26,6 +26,17 @@ class GoneError(RuntimeError):
     """The mount went away while it was being read."""
 
 
+def human_size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
 def unreadable_mount_reason(path: Path, error: OSError) -> str:
     """Why `path` (or what is below it) cannot be read, and what to do: a FUSE mount of
     another user without allow_other is closed to everyone else, root included."""

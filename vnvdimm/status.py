@@ -14,20 +14,9 @@ import sys
 import time
 from typing import Any
 
-from vnvdimm.client import GoneError, Memmap, NamespaceInfo, NotAMount, Root, Status, read_status_checked
+from vnvdimm.client import GoneError, Memmap, NamespaceInfo, NotAMount, Root, Status, human_size, read_status_checked
 
 # ---------------------------------------------------------------- rendering (rich)
-
-
-def human_size(size: int | None) -> str:
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
 
 
 def human_rate(pages_per_sec: float) -> str:

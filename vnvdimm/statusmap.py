@@ -15,8 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vnvdimm.client import NamespaceInfo, RegionInfo, Root, Status, read_attr, read_int
-from vnvdimm.status import human_size
+from vnvdimm.client import NamespaceInfo, RegionInfo, Root, Status, human_size, read_attr, read_int
 
 MODE_GLYPHS = {"fsdax": "█", "devdax": "▓", "sector": "▒", "raw": "░"}
 BOUNDARY_GLYPH = "|"
