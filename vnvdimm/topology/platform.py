@@ -437,6 +437,11 @@ class StateDir:
                     os.close(fd)
         self._fd = self._labels_fd = None
 
+    # The descriptors are this object's alone (a subdir's too): a StateDir that is dropped
+    # closes them, so a process that opens many (the test bed, provisioning's work dir, a
+    # test suite) does not run out of descriptors.
+    __del__ = close
+
     def has(self, name: str, dir_fd: int | None = None) -> bool:
         """Whether `name` exists in the state dir (or in `dir_fd`), a link included."""
         try:
