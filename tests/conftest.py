@@ -93,10 +93,11 @@ class Mount:
         finally:
             os.close(fd)
 
-    def run(self, *cmd: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def run(self, *cmd: str, check: bool = False, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """CMD inside a private mount namespace where this mount is /sys and /dev."""
         return subprocess.run([str(WITH_VNVDIMM), str(self.root), "--", *cmd], capture_output=True, text=True,
-                              timeout=timeout, check=check)
+                              timeout=timeout, check=check, env=env)
 
     def ndctl(self, *args: str) -> object:
         res = self.run("ndctl", *args)

@@ -14,9 +14,10 @@ pytestmark = [pytest.mark.ndctl, pytest.mark.skipif(not have_ndctl(), reason="ne
 M = 1 << 20
 
 
-def btt_size(size: int, lbasize: int = 4096) -> int:
-    """btt.c create_arenas()/alloc_arena() for one arena after the 4 KiB BTT v1.1 offset."""
-    available = size - 4096 - 2 * 4096 - 256 * 64
+def btt_size(size: int, lbasize: int = 4096, initial_offset: int = 0) -> int:
+    """btt.c create_arenas()/alloc_arena() for one arena. The platform's labels are v1.2, so
+    nd_btt makes a BTT 2.0 with its info block at offset 0 (v1.1: 4 KiB)."""
+    available = size - initial_offset - 2 * 4096 - 256 * 64
     internal_nlba = (available - 4096) // (-(-lbasize // 64) * 64 + 4)
     return (internal_nlba - 256) * lbasize
 
