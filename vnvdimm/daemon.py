@@ -195,11 +195,13 @@ def open_log(state: StateDir) -> int:
 
 def setup_logging(state: StateDir, verbose: int, foreground: bool) -> None:
     level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
+    # the log and its generations are opened and renamed relative to the state dir's
+    # descriptor, as every file of it (a swapped ancestor changes nothing: see StateDir)
     log_dir = state.log_path.parent
     handlers: list[logging.Handler] = [
         RotatingLog(state.log_path.name,
-                    lambda name: safe_dir.open_private(log_dir / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT),
-                    lambda old, new: os.replace(log_dir / old, log_dir / new),
+                    lambda name: state.open_file(log_dir / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT),
+                    lambda old, new: os.replace(old, new, src_dir_fd=state.fd, dst_dir_fd=state.fd),
                     max_bytes_from_environment())]
     if foreground:
         handlers.append(logging.StreamHandler(sys.stderr))
