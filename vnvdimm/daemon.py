@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -79,7 +80,11 @@ def check_mountpoint(mountpoint: Path, allow_other: bool = False) -> tuple[int, 
         lazy_unmount(mountpoint)
     if not os.path.lexists(mountpoint):
         raise MountError(f"{mountpoint}: no such directory: create it first (mkdir -p {mountpoint})")
-    if not os.path.islink(mountpoint) and not mountpoint.is_dir():
+    try:
+        is_dir = os.path.islink(mountpoint) or stat.S_ISDIR(os.stat(mountpoint).st_mode)
+    except OSError as e:  # a dead FUSE mount the cleanup did not reach: ENOTCONN
+        raise MountError(f"{mountpoint}: cannot look at the mount point: {e.strerror}") from None
+    if not is_dir:
         raise MountError(f"{mountpoint}: not a directory: mount on a directory")
     try:
         anchor, real = safe_dir.open_checked_dir(safe_dir.canonical(mountpoint), "mount point")
