@@ -43,6 +43,7 @@ SKIP_STATUS = 77
 STATUSES = ("PASS", "SKIP", "SETUP-FAIL", "FAIL", "TIMEOUT", "MISSING", "ERROR")
 
 NFIT_TEST: dict[str, Any] = {"template": "nfit_test", "memmap": {"workers": 1}}
+CXL_TEST: dict[str, Any] = {"template": "cxl_test", "memmap": {"workers": 1}}  # nfit_test's too
 # align.sh and sub-section.sh want an ACPI.NFIT bus with an empty, 1 GiB-aligned, labelled
 # region large enough for two 1 GiB namespaces (the media is sparse), not interleaved (align.sh
 # sets the region align to 4 KiB, which a 2-way set refuses).
@@ -90,6 +91,8 @@ def platform_for(script_text: str) -> tuple[str, dict[str, Any]]:
         return "e820", E820
     if re.search(r"dax_hmem|device_hmem", script_text):
         return "hmem", HMEM
+    if re.search(r"CXL_TEST_BUS|cxl_test", script_text):
+        return "cxl_test", CXL_TEST
     if re.search(r"NFIT_TEST_BUS|nfit_test", script_text):
         return "nfit_test", NFIT_TEST
     if re.search(r"ACPI_BUS|ACPI\.NFIT", script_text):

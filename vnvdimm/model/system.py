@@ -34,6 +34,7 @@ from vnvdimm.model.nd import BLKEXT_MAJOR, DAX_BUS, DAX_MAJOR, ND_BUS, NDCTL_MAJ
 if TYPE_CHECKING:
     from vnvdimm.memmap import MemmapEngine
     from vnvdimm.model.bus import NvdimmBus
+    from vnvdimm.model.cxl import CxlTopology
 
 log = logging.getLogger("vnvdimm.model")
 
@@ -110,6 +111,10 @@ class System:
         # devices outside the nd buses at the root of the tree: dax_hmem's hmem.N platform
         # devices (vnvdimm.model.hmem)
         self.platform_devices: list[Device] = []
+        # Devices at the top of /sys/devices that are no nvdimm bus (cxl_test's platform
+        # devices); each has a `sysfs_dir`.
+        self.roots: list[Device] = []
+        self.cxl_topologies: list[CxlTopology] = []  # cxl_test instances (their drivers find them here)
         self.bus_types: dict[str, BusType] = {}
         self.drivers: dict[str, dict[str, Driver]] = {}  # per bus, in registration (= readdir) order
         self.autoprobe: dict[str, bool] = {}  # /sys/bus/<bus>/drivers_autoprobe
@@ -173,6 +178,8 @@ class System:
             yield from walk(bus)
         for dev in self.platform_devices:
             yield from walk(dev)
+        for root in self.roots:
+            yield from walk(root)
 
     def bus_devices(self, bus_name: str) -> Iterator[Device]:
         return (d for d in self.all_devices() if d.bus_name == bus_name)

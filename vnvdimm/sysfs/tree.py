@@ -24,6 +24,7 @@ from typing import Protocol
 from vnvdimm.model import kmod
 from vnvdimm.model.base import Attr, BinAttr, Device, Group, Link, fail, uevent_store
 from vnvdimm.model.bus import NdCtl, NvdimmBus
+from vnvdimm.model.cxl import CXL_MODULES, CxlMemdev
 from vnvdimm.model.dax import DevDax
 from vnvdimm.model.dimm import Nvdimm
 from vnvdimm.model.disk import DataPath, Disk
@@ -219,8 +220,8 @@ class TreeBuilder:
 
     # -- paths
     def device_dir(self, dev: Device) -> str:
-        if isinstance(dev, NvdimmBus | HmemRegion):
-            return "/sys" + dev.sysfs_dir
+        if isinstance(dev, NvdimmBus | HmemRegion) or (dev.parent is None and hasattr(dev, "sysfs_dir")):
+            return "/sys" + dev.sysfs_dir  # type: ignore[attr-defined]
         assert dev.parent is not None, dev
         sub = getattr(dev, "subdir", None)
         parent = self.device_dir(dev.parent)
@@ -256,6 +257,8 @@ class TreeBuilder:
         for dev in self.system.platform_devices:  # dax_hmem's hmem.N
             self._platform_bus_links(s, f"platform/{dev.name}")
             self._device(s, dev)
+        for root in self.system.roots:
+            self._device(s, root)
         self._dev(s)
         s.seal()
         return s
@@ -270,6 +273,8 @@ class TreeBuilder:
         loaded = [name for name in loadable if modules is not None and modules.loaded(name)]
         installed = kmod.installed_modules(kmod.TEST_MODULE in loadable)
         live = {*MODULES, *loaded}
+        if self.system.cxl_topologies:
+            live.update(CXL_MODULES)
         if kmod.TEST_MODULE in loadable:  # the mocked modules keep nfit_test_iomap loaded
             live.add(kmod.IOMAP)
         for mod in sorted(live):
@@ -440,7 +445,9 @@ class TreeBuilder:
         s.dir("/dev/pts")
         s.dir("/dev/shm")
         for dev in self.system.all_devices():
-            if isinstance(dev, NdCtl | Nvdimm):
+            if isinstance(dev, CxlMemdev):
+                s.add(f"/dev/cxl/{dev.name}", KDevFile(None, dev.devt, control=True))
+            elif isinstance(dev, NdCtl | Nvdimm):
                 s.add(f"/dev/{dev.name}", KDevFile(None, dev.devt, control=True))
             elif isinstance(dev, DevDax | HmemDevDax):
                 # the node exists as long as the instance does (devtmpfs at device_add()); only

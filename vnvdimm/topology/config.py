@@ -228,7 +228,7 @@ BTT_INFO_OFFSET = 4096  # the BTT arena starts after the first 4 KiB of the name
 def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
     c = _Checker(source)
     c.unknown(doc, {"template", "memmap", "region", "dimm", "hmem"}, "")
-    template = c.choice(doc.get("template", "e820"), "template", ("e820", "nfit", "nfit_test"))
+    template = c.choice(doc.get("template", "e820"), "template", ("e820", "nfit", "nfit_test", "cxl_test"))
     nfit = template == "nfit"
 
     mm = c.table(doc.get("memmap", {}), "memmap")
@@ -255,11 +255,12 @@ def parse_config(doc: dict[str, Any], source: str) -> TopologyConfig:
             raise c.fail(f"hmem[{i}].size", f"must be a multiple of 2M from 32M to {format_size(MAX_HMEM)}")
         hmem.append(HmemConfig(size, c.int_(t.get("numa_node", 0), f"hmem[{i}].numa_node", 0, MAX_NUMA_NODE)))
 
-    if template == "nfit_test":
-        # the platform of the kernel's nfit_test module: its tables say what is there
+    if template in ("nfit_test", "cxl_test"):
+        # the platform of the kernel's nfit_test module (cxl_test: and of its cxl_test module
+        # beside it): their tables say what is there
         for key in ("region", "dimm"):
             if key in doc:
-                raise c.fail(key, "template = \"nfit_test\" has the module's fixed DIMMs and regions")
+                raise c.fail(key, f"template = \"{template}\" has the modules' fixed DIMMs and regions")
         return TopologyConfig(template, (), (), memmap, source, tuple(hmem))
 
     dimms: list[int] = []

@@ -19,6 +19,7 @@ import logging
 
 from vnvdimm.model.base import cstring, fail
 from vnvdimm.model.system import System
+from vnvdimm.topology import cxl_test
 from vnvdimm.topology.platform import Platform, StateDir, build_system
 
 log = logging.getLogger("vnvdimm.topology")
@@ -31,12 +32,17 @@ class PlatformModules:
         self.system = system
 
     def names(self) -> list[str]:
-        return sorted({b.module for b in self.platform.buses if b.module})
+        names = {b.module for b in self.platform.buses if b.module}
+        if self.platform.template == "cxl_test":
+            names.add(cxl_test.MODULE)
+        return sorted(names)
 
     def _buses(self, name: str) -> set[int]:
         return {i for i, b in enumerate(self.platform.buses) if b.module == name}
 
     def loaded(self, name: str) -> bool:
+        if name == cxl_test.MODULE:
+            return bool(self.system.cxl_topologies)
         ids = self._buses(name)
         return bool(ids) and any(bus.id in ids for bus in self.system.buses)
 
@@ -54,6 +60,11 @@ class PlatformModules:
             self.remove(name)
 
     def remove(self, name: str) -> None:
+        if name == cxl_test.MODULE:
+            for topo in list(self.system.cxl_topologies):
+                cxl_test.remove(self.system, topo)
+            log.info("module %s removed", name)
+            return
         with self.system.lock:
             ids = self._buses(name)
             gone = [bus for bus in self.system.buses if bus.id in ids]
@@ -74,6 +85,12 @@ class PlatformModules:
             log.info("module %s removed: %s", name, ", ".join(b.provider for b in gone))
 
     def load(self, name: str) -> None:
+        if name == cxl_test.MODULE:
+            with self.system.lock:
+                if not self.loaded(name):
+                    cxl_test.build(self.system)
+            log.info("module %s loaded", name)
+            return
         with self.system.lock:
             if self.loaded(name):
                 return

@@ -43,7 +43,7 @@ from vnvdimm.model.nfit_iset import DcrIdentity, SetMember, interleave_set
 from vnvdimm.model.nfit_test_dimm import NfitTestDimm
 from vnvdimm.model.region import Mapping, Region
 from vnvdimm.model.system import MemmapSettings, System
-from vnvdimm.topology import nfit_test, safe_dir
+from vnvdimm.topology import cxl_test, nfit_test, safe_dir
 from vnvdimm.topology.config import (
     HMEM_BASE,
     HMEM_GRANULE,
@@ -71,7 +71,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("vnvdimm.topology")
 
 PLATFORM_FILE = "platform.json"
-TEMPLATES = ("e820", "nfit", "nfit_test")
+TEMPLATES = ("e820", "nfit", "nfit_test", "cxl_test")
+MODULE_TEMPLATES = ("nfit_test", "cxl_test")  # the module tables of nfit_test (cxl_test: and cxl_test's)
 PERSISTENCE_DOMAINS = (None, "", "memory_controller", "cpu_cache")  # None: the template's default
 U8, U16, U32, U64 = (1 << 8) - 1, (1 << 16) - 1, (1 << 32) - 1, (1 << 64) - 1
 
@@ -200,7 +201,7 @@ class Platform:
 
     @property
     def labelled(self) -> bool:
-        return self.template in ("nfit", "nfit_test")
+        return self.template in ("nfit", *MODULE_TEMPLATES)
 
     @classmethod
     def from_config(cls, cfg: TopologyConfig) -> Platform:
@@ -208,7 +209,7 @@ class Platform:
         for h in cfg.hmem:
             hmem.append(HmemRecord(start, h.size, h.numa_node))
             start = align_up(start + h.size, SPA_ALIGN)
-        if cfg.template == "nfit_test":
+        if cfg.template in MODULE_TEMPLATES:
             buses, nt_dimms, nt_regions = nfit_test_platform()
             return cls(cfg.template, nt_regions, nt_dimms, cfg.memmap, buses=buses, hmem=tuple(hmem))
         dimms = tuple(DimmRecord(size, handle=((i // 4) << 8) | ((i // 2 % 2) << 4) | (i % 2), phys_id=0x10 + i,
@@ -250,7 +251,7 @@ class Platform:
 
         if self.template not in TEMPLATES:
             raise InvalidPlatform(f"template = {self.template!r}")
-        if self.template == "nfit_test":
+        if self.template in MODULE_TEMPLATES:
             buses, dimms, regions = nfit_test_platform()
             if (self.buses, self.dimms, self.regions) != (buses, dimms, regions):
                 raise InvalidPlatform("buses, DIMMs or regions other than the nfit_test module's")
@@ -344,10 +345,10 @@ class Platform:
             doc = json.loads(text)
             mm = memmap_record(doc)
             hmem = tuple(HmemRecord(**h) for h in doc.get("hmem", ()))
-            if doc["template"] == "nfit_test":
+            if doc["template"] in MODULE_TEMPLATES:
                 # the module's tables are fixed: only the run-time settings come from the record
                 buses, nt_dimms, nt_regions = nfit_test_platform()
-                return cls("nfit_test", nt_regions, nt_dimms, mm, buses=buses, hmem=hmem)
+                return cls(doc["template"], nt_regions, nt_dimms, mm, buses=buses, hmem=hmem)
             dimms = tuple(DimmRecord(**d) for d in doc.get("dimms", ()))
             regions = []
             for r in doc["regions"]:
@@ -761,6 +762,8 @@ def boot(platform: Platform, state: StateDir, engine: MemmapEngine | None = None
     machine = Machine(System(engine, memmap))
     try:
         build_system(platform, state, machine.system)
+        if platform.template == "cxl_test":
+            cxl_test.build(machine.system)
     except BaseException:
         machine.close()
         raise
