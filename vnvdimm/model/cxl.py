@@ -585,7 +585,7 @@ class CxlRegion(CxlDev):
             raise fail(errno.EINVAL, f"{cxled.name}: decoder size {cxled.dpa_size:#x} x {self.interleave_ways} "
                                      f"!= region size {self.res[1]:#x}")
         root = self.root_decoder
-        if dport != root.targets[pos % root.interleave_ways]:
+        if dport != self.calc_hb(pos):
             raise fail(errno.ENXIO, f"{cxled.name}: invalid target position for {root.name}")
         # cxl_port_attach_region(): each switch port on the way gives the region a decoder
         taken: list[CxlPort] = []
@@ -615,6 +615,26 @@ class CxlRegion(CxlDev):
         cxled.interleave_ways = self.interleave_ways
         cxled.interleave_granularity = self.interleave_granularity
         cxled.start, cxled.size = self.res
+
+    def calc_hb(self, pos: int) -> int:
+        """The host bridge (root dport id) a region position must be below: cxl_hb_modulo()
+        or, for an XOR window, cxl_hb_xor() (the parity of the position's HPA under each xormap)."""
+        root = self.root_decoder
+        iw = root.interleave_ways
+        if root.window is None or not root.window.xor:
+            return root.targets[pos % iw]
+        hpa = root.start + pos * root.interleave_granularity
+        n = 0
+        if iw != 3:
+            for i, xormap in enumerate(root.port.topo.xormaps):
+                n |= (bin(hpa & xormap).count("1") & 1) << i
+        if iw & (iw - 1):  # x3, x6, x12: a modulo on top
+            eiw = eiw_of(iw)
+            if eiw == 8:
+                n = (hpa // root.interleave_granularity) % 3
+            else:
+                n |= ((hpa >> (eiw - 8 + eig_of(root.interleave_granularity) + 8)) % 3) << (eiw - 8)
+        return root.targets[n]
 
     def release_port_decoders(self) -> None:
         """Give back the switch decoders no attached endpoint goes through any more."""
@@ -808,8 +828,9 @@ class CxlTopology:
     `layout` (vnvdimm.topology.cxl_test) says what the module creates."""
 
     def __init__(self, system: System, acpi: PlatformDev, host_bridges: list[PlatformDev],
-                 windows: list[Window], decoders_per_port: int) -> None:
+                 windows: list[Window], decoders_per_port: int, xormaps: tuple[int, ...] = ()) -> None:
         self.system = system
+        self.xormaps = xormaps  # the CXIMS of XOR windows
         self.acpi = acpi
         self.host_bridges = host_bridges
         self.windows = windows

@@ -39,14 +39,23 @@ WINDOWS = (
     Window(eiw=1, eig=4, ram=False, size=SZ_256M * 8, targets=(0, 1)),
     Window(eiw=0, eig=4, ram=False, size=SZ_256M * 4, targets=(2,)),
 )
+# interleave_arithmetic=1: the XOR-arithmetic windows instead (CXIMS xormaps below), an x1,
+# an x2 and an x4 pmem window, the x4 one alternating the two multi-port host bridges.
+XOR_WINDOWS = (
+    Window(eiw=0, eig=4, ram=False, size=SZ_256M * 8, targets=(0,), xor=True),
+    Window(eiw=1, eig=0, ram=False, size=SZ_256M * 8, targets=(0, 1), xor=True),
+    Window(eiw=2, eig=0, ram=False, size=SZ_256M * 16, targets=(0, 1, 0, 1), xor=True),
+)
+XORMAPS = (0x404100, 0x808200)  # cxims0, hbig 0
 # The mock pool: the top 64 GiB of a 46-bit physical address space; the host bridges'
 # component registers come first, the windows after them at 256 MiB alignment.
 POOL_BASE = (1 << 46) - (64 << 30)
 WINDOW_BASE = POOL_BASE + SZ_256M
 
 
-def build(system: System) -> CxlTopology:
-    """Register cxl_test's platform devices and let the drivers probe them (module init)."""
+def build(system: System, interleave_arithmetic: int = 0) -> CxlTopology:
+    """Register cxl_test's platform devices and let the drivers probe them (module init).
+    `interleave_arithmetic`: the module parameter (0 modulo windows, 1 XOR windows)."""
     acpi = PlatformDev(system, "cxl_acpi", 0, None)
     bridges = [PlatformDev(system, "cxl_host_bridge", i, None, physical_node=True) for i in range(NR_HOST_BRIDGES + 1)]
     root_ports = [PlatformDev(system, "cxl_root_port", i, bridges[i % NR_HOST_BRIDGES]) for i in range(NR_MULTI_ROOT)]
@@ -60,7 +69,8 @@ def build(system: System) -> CxlTopology:
                      for i in range(NR_SWITCH_PORTS)]
     mems += [PlatformDev(system, "cxl_mem", NR_MEM_MULTI + i, single_dports[i], numa_node=i % 2)
              for i in range(NR_SWITCH_PORTS)]
-    topo = CxlTopology(system, acpi, bridges, list(WINDOWS), NR_DECODERS)
+    windows = XOR_WINDOWS if interleave_arithmetic else WINDOWS
+    topo = CxlTopology(system, acpi, bridges, list(windows), NR_DECODERS, XORMAPS)
     topo.window_base = WINDOW_BASE
     cxl.register(system, lambda: system.cxl_topologies)
     system.cxl_topologies.append(topo)

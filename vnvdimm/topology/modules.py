@@ -49,13 +49,13 @@ class PlatformModules:
     def store(self, buf: bytes) -> None:
         """The /sys/module/vnvdimm/modprobe store: "load NAME" or "remove NAME"."""
         words = cstring(buf).decode("latin-1").split()
-        if len(words) != 2 or words[0] not in ("load", "remove"):
-            raise fail(errno.EINVAL, 'write "load NAME" or "remove NAME"')
-        verb, name = words
+        if len(words) < 2 or words[0] not in ("load", "remove") or (len(words) > 2 and words[0] != "load"):
+            raise fail(errno.EINVAL, 'write "load NAME [param=value...]" or "remove NAME"')
+        verb, name, params = words[0], words[1], words[2:]
         if name not in self.names():
             raise fail(errno.ENOENT, f"the platform has no module {name!r}")
         if verb == "load":
-            self.load(name)
+            self.load(name, self._params(name, params))
         else:
             self.remove(name)
 
@@ -84,11 +84,24 @@ class PlatformModules:
         if gone:
             log.info("module %s removed: %s", name, ", ".join(b.provider for b in gone))
 
-    def load(self, name: str) -> None:
+    @staticmethod
+    def _params(name: str, params: list[str]) -> dict[str, int]:
+        """The module parameters a load names: cxl_test's interleave_arithmetic (0 or 1);
+        any other is refused (EINVAL), as an unknown parameter fails the kernel's load."""
+        known = {cxl_test.MODULE: ("interleave_arithmetic",)}.get(name, ())
+        out = {}
+        for param in params:
+            key, _, value = param.partition("=")
+            if key not in known or value not in ("0", "1"):
+                raise fail(errno.EINVAL, f"{name}: unknown parameter or value {param!r}")
+            out[key] = int(value)
+        return out
+
+    def load(self, name: str, params: dict[str, int] | None = None) -> None:
         if name == cxl_test.MODULE:
             with self.system.lock:
                 if not self.loaded(name):
-                    cxl_test.build(self.system)
+                    cxl_test.build(self.system, **(params or {}))
             log.info("module %s loaded", name)
             return
         with self.system.lock:
