@@ -163,3 +163,39 @@ def test_a_region_refuses_uncommitted_binding_and_disabled_memdevs_leave_it(tree
     write(tree, f"{base}/target0", e0.encode())
     write(tree, "/sys/bus/cxl/drivers/cxl_mem/unbind", b"mem0")
     assert read(tree, f"{base}/target0") == "\n"
+
+
+def x8_region(tree: Tree, order: list[str]) -> tuple[str, list[str]]:
+    r = make_region(tree, "decoder0.3")
+    base = f"{DEV}/{r}"
+    write(tree, f"{base}/uuid", str(uuid.uuid4()).encode())
+    write(tree, f"{base}/interleave_ways", b"8")
+    write(tree, f"{base}/interleave_granularity", b"4096")
+    write(tree, f"{base}/size", str(8 * SZ_256M).encode())
+    return r, [reserve(tree, mem) for mem in order]
+
+
+def test_x8_positions_must_be_routable(tree: Tree) -> None:
+    # memN hangs below root port N % 4 of host bridge N % 2: the root alternates host bridges,
+    # each host bridge its two root ports, each switch its two memdevs
+    r, eps = x8_region(tree, [f"mem{i}" for i in (0, 1, 4, 3, 2, 5, 6, 7)])
+    for pos, ep in enumerate(eps[:7]):
+        write(tree, f"{DEV}/{r}/target{pos}", ep.encode())
+    # mem4 at position 2 shares root port 0 with mem0 at position 0, closer than the distance
+    # (4) at which host bridge 0 may reuse a root port: check_last_peer() refuses it
+    assert errno_of(tree, f"{DEV}/{r}/target7", eps[7].encode()) == errno.ENXIO
+    assert read(tree, f"{DEV}/{r}/target7") == "\n"
+    write(tree, f"{DEV}/decoder0.3/delete_region", r.encode())
+
+
+def test_x8_in_routable_order_programs_every_level(tree: Tree) -> None:
+    r, eps = x8_region(tree, [f"mem{i}" for i in range(8)])
+    for pos, ep in enumerate(eps):
+        write(tree, f"{DEV}/{r}/target{pos}", ep.encode())
+    switch = [d for d in tree.system.all_devices() if isinstance(d, CxlDecoder) and d.kind == "switch"
+              and d.region is not None]
+    # 2 host bridges (ig 8192) and 4 switches (ig 16384), each x2, as cxl-region-sysfs.sh checks
+    assert sorted((d.port.kind, d.interleave_ways, d.interleave_granularity) for d in switch) == sorted(
+        [("host_bridge", 2, 8192)] * 2 + [("switch", 2, 16384)] * 4)
+    write(tree, f"{DEV}/{r}/commit", b"1")
+    assert read(tree, f"{DEV}/{r}/commit") == "1\n"
