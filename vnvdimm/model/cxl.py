@@ -46,6 +46,7 @@ from vnvdimm.model.base import (
     streq_text,
     sysfs_streq,
 )
+from vnvdimm.model.cxl_mailbox import MockMemdevFirmware
 from vnvdimm.model.drivers import BusDriver
 
 if TYPE_CHECKING:
@@ -798,6 +799,8 @@ class CxlMemdev(CxlDev):
         self.firmware_version = firmware_version
         self.devt = (CXL_MEM_MAJOR, memdev_id)
         self.endpoint: CxlPort | None = None
+        # the device behind the mailbox (mem.c's mock): the label area lives there
+        self.firmware = MockMemdevFirmware(ram_size, pmem_size, lsa_size, payload_max, firmware_version)
         pdev.kids.append(self)
 
     def entries(self) -> list[Entry]:

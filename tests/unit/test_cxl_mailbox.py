@@ -1,0 +1,163 @@
+"""The memdev mailbox's daemon side: CXL_MEM_QUERY_COMMANDS and CXL_MEM_SEND_COMMAND as
+mbox.c validates them and cxl_test's mem.c answers them, over a fake caller memory (the
+preload library's part: the argument in place, the payload pointers by address)."""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+import pytest
+
+from vnvdimm.model.cxl_mailbox import (
+    CEL_UUID,
+    CXL_MEM_QUERY_COMMANDS,
+    CXL_MEM_SEND_COMMAND,
+    ID_GET_HEALTH_INFO,
+    ID_GET_LOG,
+    ID_GET_LSA,
+    ID_GET_PARTITION_INFO,
+    ID_GET_SUPPORTED_LOGS,
+    ID_IDENTIFY,
+    ID_SET_LSA,
+    ID_SET_PARTITION_INFO,
+    MockMemdevFirmware,
+    memdev_ioctl,
+)
+
+GiB = 1 << 30
+
+
+class Arg:
+    def __init__(self, data: bytes) -> None:
+        self.buf = bytearray(data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(self.buf[offset:offset + length])
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.buf[offset:offset + len(data)] = data
+
+
+class User:
+    """The caller's address space: a few mapped ranges; anything else is EFAULT."""
+
+    def __init__(self) -> None:
+        self.maps: dict[int, bytearray] = {}
+        self.accessed: list[tuple[str, int, int]] = []
+
+    def map(self, address: int, data: bytes) -> int:
+        self.maps[address] = bytearray(data)
+        return address
+
+    def _find(self, address: int, length: int) -> tuple[bytearray, int]:
+        for base, buf in self.maps.items():
+            if base <= address and address + length <= base + len(buf):
+                return buf, address - base
+        raise OSError(errno.EFAULT, "bad address")
+
+    def read(self, address: int, length: int) -> bytes:
+        buf, off = self._find(address, length)
+        self.accessed.append(("r", address, length))
+        return bytes(buf[off:off + length])
+
+    def write(self, address: int, data: bytes) -> None:
+        buf, off = self._find(address, len(data))
+        self.accessed.append(("w", address, len(data)))
+        buf[off:off + len(data)] = data
+
+
+@pytest.fixture
+def fw() -> MockMemdevFirmware:
+    return MockMemdevFirmware(GiB, GiB, 128 << 10, 4096, "mock fw v1 ")
+
+
+def send(fw: MockMemdevFirmware, user: User, cmd_id: int, payload_in: bytes = b"", out_size: int = 0,
+         in_size: int | None = None) -> tuple[bytes, Arg]:
+    in_ptr = user.map(0x10000, payload_in) if payload_in else 0
+    out_ptr = user.map(0x80000, bytes(out_size)) if out_size else 0
+    size_in = len(payload_in) if in_size is None else in_size
+    arg = Arg(struct.pack("<IIIIiIQiIQ", cmd_id, 0, 0, 0xFFFF, size_in, 0, in_ptr, out_size, 0, out_ptr))
+    memdev_ioctl(fw, CXL_MEM_SEND_COMMAND, arg, user)
+    (size_out,) = struct.unpack_from("<i", arg.buf, 32)
+    return (bytes(user.maps[0x80000][:size_out]) if out_size else b""), arg
+
+
+def errno_of(fn) -> int | None:  # type: ignore[no-untyped-def]
+    try:
+        fn()
+    except OSError as e:
+        return e.errno
+    return None
+
+
+def test_query_counts_then_lists_with_enabled_flags(fw: MockMemdevFirmware) -> None:
+    arg = Arg(bytes(8))
+    memdev_ioctl(fw, CXL_MEM_QUERY_COMMANDS, arg, User())
+    (n,) = struct.unpack_from("<I", arg.buf)
+    assert n == 14
+    arg = Arg(struct.pack("<II", n, 0) + bytes(16 * n))
+    memdev_ioctl(fw, CXL_MEM_QUERY_COMMANDS, arg, User())
+    infos = [struct.unpack_from("<IIii", arg.buf, 8 + 16 * i) for i in range(n)]
+    enabled = {i[0] for i in infos if i[1] & 1}
+    assert enabled == {ID_IDENTIFY, ID_GET_SUPPORTED_LOGS, ID_GET_PARTITION_INFO, ID_GET_LSA, ID_GET_HEALTH_INFO,
+                       ID_GET_LOG, ID_SET_LSA}
+    assert next(i for i in infos if i[0] == ID_GET_LSA)[2:] == (8, -1)
+    # a short query fills only what it asked for
+    arg = Arg(struct.pack("<II", 2, 0) + bytes(16 * 2) + b"\xaa" * 16)
+    memdev_ioctl(fw, CXL_MEM_QUERY_COMMANDS, arg, User())
+    assert arg.buf[-16:] == b"\xaa" * 16
+
+
+def test_identify_partition_and_health_are_mem_c_s(fw: MockMemdevFirmware) -> None:
+    user = User()
+    out, arg = send(fw, user, ID_IDENTIFY, out_size=0x43)
+    assert out[:16] == b"mock fw v1 \0\0\0\0\0"
+    total, volatile, persistent, align = struct.unpack_from("<QQQQ", out, 16)
+    assert (total, volatile, persistent, align) == (8, 0, 0, 1)  # in 256 MiB units
+    assert struct.unpack_from("<I", out, 56)[0] == 128 << 10
+    assert struct.unpack_from("<I", arg.buf, 12)[0] == 0  # retval
+    out, _ = send(fw, user, ID_GET_PARTITION_INFO, out_size=0x20)
+    assert struct.unpack("<QQQQ", out) == (4, 4, 0, 0)
+    out, _ = send(fw, user, ID_GET_HEALTH_INFO, out_size=0x12)
+    assert struct.unpack("<BBBBHIII", out) == (7, 3, 0x18, 15, 25, 10, 20, 30)
+
+
+def test_the_cel_is_reachable_through_supported_logs(fw: MockMemdevFirmware) -> None:
+    user = User()
+    out, _ = send(fw, user, ID_GET_SUPPORTED_LOGS, out_size=4096)
+    entries, log_uuid, size = struct.unpack_from("<H6x16sI", out)
+    assert (entries, log_uuid, size) == (1, CEL_UUID.bytes, 24)
+    out, _ = send(fw, user, ID_GET_LOG, CEL_UUID.bytes + struct.pack("<II", 0, 24), out_size=24)
+    assert [struct.unpack_from("<HH", out, 4 * i)[0] for i in range(6)] == [
+        0x0400, 0x4000, 0x4102, 0x4100, 0x4103, 0x4200]
+
+
+def test_label_area_round_trip_bounded_by_the_struct_sizes(fw: MockMemdevFirmware) -> None:
+    user = User()
+    send(fw, user, ID_SET_LSA, struct.pack("<II", 4096, 0) + b"label data")
+    out, _ = send(fw, user, ID_GET_LSA, struct.pack("<II", 4096, 10), out_size=10)
+    assert out == b"label data"
+    # reads and writes touched exactly in.size and out.size bytes at the payload pointers
+    assert ("r", 0x10000, 8) in user.accessed and ("w", 0x80000, 10) in user.accessed
+    # beyond the label area: EINVAL from the device, nothing written
+    assert errno_of(lambda: send(fw, user, ID_GET_LSA, struct.pack("<II", (128 << 10) - 4, 8), out_size=8)) \
+        == errno.EINVAL
+    assert errno_of(lambda: send(fw, user, ID_SET_LSA, struct.pack("<II", (128 << 10) - 4, 0) + b"12345")) \
+        == errno.EINVAL
+    assert fw.lsa[(128 << 10) - 4:] == bytes(4)
+
+
+def test_validation_as_mbox_c_does_it(fw: MockMemdevFirmware) -> None:
+    user = User()
+    assert errno_of(lambda: send(fw, user, 0)) == errno.ENOTTY
+    assert errno_of(lambda: send(fw, user, 99)) == errno.ENOTTY
+    assert errno_of(lambda: send(fw, user, ID_SET_PARTITION_INFO, bytes(10))) == errno.ENOTTY  # not in the CEL
+    assert errno_of(lambda: send(fw, user, ID_GET_LSA, bytes(4), out_size=8)) == errno.ENOMEM  # size_in is 8
+    assert errno_of(lambda: send(fw, user, ID_IDENTIFY, out_size=0x20)) == errno.ENOMEM  # room below 0x43
+    assert errno_of(lambda: send(fw, user, ID_SET_LSA, bytes(8 + 4096))) == errno.EINVAL  # > payload_max
+    # a payload pointer the caller cannot read: EFAULT, as copy_from_user() fails
+    arg = Arg(struct.pack("<IIIIiIQiIQ", ID_GET_LSA, 0, 0, 0, 8, 0, 0xdead0000, 8, 0, 0x80000))
+    user.map(0x80000, bytes(8))
+    assert errno_of(lambda: memdev_ioctl(fw, CXL_MEM_SEND_COMMAND, arg, user)) == errno.EFAULT
+    assert errno_of(lambda: memdev_ioctl(fw, 0x1234, Arg(bytes(8)), user)) == errno.ENOTTY
