@@ -88,3 +88,30 @@ def test_modprobe_resets_cxl_test(ct) -> None:  # type: ignore[no-untyped-def]
     assert len(cxl(ct, "list", "-M")) == 10  # every memdev enabled again
     # nfit_test's buses are on the same platform
     assert {b["provider"] for b in json.loads(ct.run("ndctl", "list", "-B").stdout)} >= {"nfit_test.0", "nfit_test.1"}
+
+
+def test_create_and_destroy_region_as_cxl_lists_it(ct) -> None:  # type: ignore[no-untyped-def]
+    (root,) = [d for d in cxl(ct, "list", "-D", "-d", "root") if d["decoder"] == "decoder0.3"]
+    region = cxl(ct, "create-region", "-d", "decoder0.3", "-m", "mem0", "mem1", "-s", "512M")
+    assert isinstance(region, dict)
+    name = region["region"]
+    assert {k: v for k, v in region.items() if k not in ("region", "mappings")} == {
+        "resource": root["resource"], "size": 512 << 20, "interleave_ways": 2, "interleave_granularity": 4096,
+        "decode_state": "commit"}
+    # the root alternates host bridges: mem0 (host bridge 0) at 0, mem1 (host bridge 1) at 1
+    assert sorted((m["position"], m["memdev"]) for m in region["mappings"]) == [(0, "mem0"), (1, "mem1")]
+    (listed,) = cxl(ct, "list", "-R")
+    assert listed["region"] == name and listed["size"] == 512 << 20
+    # every host bridge and switch on the way gave the region a decoder: x1, 4096 x 2
+    switch = cxl(ct, "list", "-D", "-r", str(name), "-d", "switch")
+    assert len(switch) == 4
+    assert {(d["interleave_ways"], d["size"]) for d in switch} == {(1, 512 << 20)}
+    assert {ct.read(f"sys/bus/cxl/devices/{d['decoder']}/interleave_granularity").strip() for d in switch} == {"8192"}
+    endpoints = cxl(ct, "list", "-D", "-r", str(name), "-d", "endpoint")
+    assert sorted((d["mode"], d["dpa_size"]) for d in endpoints) == [("pmem", 256 << 20)] * 2
+    res = ct.run("cxl", "destroy-region", "-f", str(name))
+    assert res.returncode == 0, res.stderr
+    assert cxl(ct, "list", "-R") == []
+    # the window is whole again
+    (root,) = [d for d in cxl(ct, "list", "-D", "-d", "root") if d["decoder"] == "decoder0.3"]
+    assert root["max_available_extent"] == root["size"]

@@ -170,3 +170,10 @@ def test_module_remove_and_load(tree: Tree) -> None:
     cxl_test.build(system)
     assert devices(tree, "mem") == [f"mem{i}" for i in range(10)]
     assert devices(tree, "root") == ["root0"]
+
+
+def test_the_cxl_bus_has_its_flush_attribute(tree: Tree) -> None:
+    write(tree, "/sys/bus/cxl/flush", b"1\n")
+    with pytest.raises(OSError) as e:
+        write(tree, "/sys/bus/cxl/flush", b"2")
+    assert e.value.errno == errno.EINVAL

@@ -383,6 +383,10 @@ class BusType:
         """The bus's probe: the driver's, by default. Raises OSError to refuse."""
         drv.probe(dev)
 
+    def bus_attrs(self) -> list[Attr]:
+        """The bus's own attributes in /sys/bus/<bus>/ (its bus_groups), beside the driver core's."""
+        return []
+
 
 class Ida:
     """The kernel's ida: the lowest free id, ids reused once released."""

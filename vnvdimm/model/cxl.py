@@ -919,6 +919,16 @@ class CxlBusType(BusType):
     def match(self, dev: Device, drv: Driver) -> bool:
         return isinstance(dev, CxlDev) and isinstance(drv, CxlDriver) and dev.cxl_type == drv.cxl_id
 
+    def bus_attrs(self) -> list[Attr]:
+        return [Attr("flush", 0o200, store=self._flush_store)]
+
+    @staticmethod
+    def _flush_store(buf: bytes) -> None:
+        """flush_store(): "1" waits for the cxl bus's queued work; nothing is ever queued
+        here (probes run inside the store that triggers them)."""
+        if not sysfs_streq(buf, "1"):
+            raise fail(errno.EINVAL, "write 1")
+
 
 class PlatformBusType(BusType):
     """The platform bus, for the cxl_test devices' drivers: matched by the device's name."""

@@ -281,6 +281,7 @@ class System:
                  store=autoprobe_store),
             Attr("uevent", 0o200, store=uevent_store),
             Attr("drivers_probe", 0o200, store=lambda buf: self.rescan(bus_name, buf), blocking=True),
+            *(bus_type.bus_attrs() if (bus_type := self.bus_types.get(bus_name)) is not None else []),
         ]
 
     def memory_attrs(self) -> list[Attr]:
