@@ -91,7 +91,7 @@ def platform_for(script_text: str) -> tuple[str, dict[str, Any]]:
         return "e820", E820
     if re.search(r"dax_hmem|device_hmem", script_text):
         return "hmem", HMEM
-    if re.search(r"CXL_TEST_BUS|cxl_test", script_text):
+    if re.search(r"CXL_TEST_BUS|cxl_test|security\.sh cxl", script_text):
         return "cxl_test", CXL_TEST
     if re.search(r"NFIT_TEST_BUS|nfit_test", script_text):
         return "nfit_test", NFIT_TEST
