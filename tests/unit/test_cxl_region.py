@@ -62,14 +62,14 @@ def test_dpa_reservation_follows_hdm_c(tree: Tree) -> None:
     write(tree, f"{DEV}/{d0}/dpa_size", str(SZ_256M).encode())
     # pmem starts after the 1 GiB ram partition
     assert (read(tree, f"{DEV}/{d0}/dpa_resource"), read(tree, f"{DEV}/{d0}/dpa_size")) == ("0x40000000\n",
-                                                                                            "0x10000000\n")
+                                                                                            "0x0000000010000000\n")
     assert errno_of(tree, f"{DEV}/{d0}/mode", b"ram") == errno.EBUSY  # has DPA
     write(tree, f"{DEV}/{d1}/dpa_size", str(SZ_256M).encode())
     assert read(tree, f"{DEV}/{d1}/dpa_resource") == "0x50000000\n"
     assert errno_of(tree, f"{DEV}/{d0}/dpa_size", b"0") == errno.EBUSY  # freed in reverse order only
     write(tree, f"{DEV}/{d1}/dpa_size", b"0")
     write(tree, f"{DEV}/{d0}/dpa_size", b"0")
-    assert read(tree, f"{DEV}/{d0}/dpa_size") == "0x0\n"
+    assert read(tree, f"{DEV}/{d0}/dpa_size") == "0x0000000000000000\n"  # "%pa"
 
 
 def make_region(tree: Tree, root: str = "decoder0.2") -> str:
@@ -87,7 +87,8 @@ def test_create_region_takes_the_advertised_name_only(tree: Tree) -> None:
     assert read(tree, f"{root}/create_pmem_region").strip() != name
     assert real(tree, f"{DEV}/{name}").endswith(f"/root0/decoder0.2/{name}")
     assert read(tree, f"{DEV}/{name}/mode") == "pmem\n"
-    assert read(tree, f"{DEV}/{name}/size") == "0x0\n"
+    assert read(tree, f"{DEV}/{name}/size") == "0\n"  # "%#llx" of 0
+    assert read(tree, f"{DEV}/{name}/resource") == "0xffffffffffffffff\n"  # no HPA yet
     assert tree.lookup(real(tree, f"{DEV}/decoder0.0") + "/create_pmem_region") is None  # a ram window
     assert errno_of(tree, f"{root}/delete_region", b"region999") == errno.ENODEV
     write(tree, f"{root}/delete_region", name.encode())

@@ -115,8 +115,9 @@ def test_endpoint_decoders_start_empty(tree: Tree) -> None:
     port_id = ep.removeprefix("endpoint")
     d = f"/sys/bus/cxl/devices/{ep}/decoder{port_id}.0"
     assert read(tree, f"{d}/mode") == "none\n"
-    assert read(tree, f"{d}/dpa_size") == "0x0\n"
-    assert read(tree, f"{d}/size") == "0x0\n"
+    assert read(tree, f"{d}/dpa_size") == "0x0000000000000000\n"  # "%pa"
+    assert read(tree, f"{d}/size") == "0\n"  # "%#llx" of 0
+    assert read(tree, "/sys/bus/cxl/devices/mem0/serial") == "0\n"
     assert read(tree, f"{d}/devtype") == "cxl_decoder_endpoint\n"
     assert len([n for n in devices(tree, "decoder") if n.startswith(f"decoder{port_id}.")]) == 8
 

@@ -176,6 +176,16 @@ def eiw_of(iw: int) -> int:
     return table[iw]
 
 
+def c_hex(value: int) -> str:
+    """printf("%#llx"): 0x-prefixed, except zero, which prints as "0"."""
+    return f"{value:#x}" if value else "0"
+
+
+def c_phys(value: int) -> str:
+    """printk's "%pa" of a resource_size_t: 0x and 16 zero-padded hex digits."""
+    return f"0x{value:016x}"
+
+
 def kstrtoint(buf: bytes) -> int:
     value = kstrtol(buf, 0)
     if not -(1 << 31) <= value < 1 << 31:
@@ -226,8 +236,8 @@ class CxlDecoder(CxlDev):
     def entries(self) -> list[Entry]:
         out: list[Entry] = [
             *super().entries(),
-            ro("start", lambda: f"{self.start:#x}\n"),
-            ro("size", lambda: f"{self.size:#x}\n"),
+            ro("start", lambda: f"{c_hex(self.start)}\n"),
+            ro("size", lambda: f"{c_hex(self.size)}\n"),
             ro("locked", lambda: "0\n"),
             ro("interleave_granularity", lambda: f"{self.interleave_granularity}\n"),
             ro("interleave_ways", lambda: f"{self.interleave_ways}\n"),
@@ -254,8 +264,8 @@ class CxlDecoder(CxlDev):
             else:
                 out += [
                     rw("mode", lambda: f"{self.mode}\n", self._mode_store),
-                    ro("dpa_resource", lambda: f"{self.dpa_resource:#x}\n"),
-                    rw("dpa_size", lambda: f"{self.dpa_size:#x}\n", self._dpa_size_store),
+                    ro("dpa_resource", lambda: f"{c_hex(self.dpa_resource)}\n"),
+                    rw("dpa_size", lambda: f"{c_phys(self.dpa_size)}\n", self._dpa_size_store),
                 ]
         return out
 
@@ -395,8 +405,8 @@ class CxlRegion(CxlDev):
             rw("commit", lambda: f"{int(self.state == CXL_CONFIG_COMMIT)}\n", self._commit_store),
             rw("interleave_ways", lambda: f"{self.interleave_ways}\n", self._ways_store),
             rw("interleave_granularity", lambda: f"{self.interleave_granularity}\n", self._granularity_store),
-            ro("resource", lambda: f"{self.res[0] if self.res else (1 << 64) - 1:#x}\n"),
-            rw("size", lambda: f"{self.res[1] if self.res else 0:#x}\n", self._size_store),
+            ro("resource", lambda: f"{c_hex(self.res[0] if self.res else (1 << 64) - 1)}\n"),
+            rw("size", lambda: f"{c_hex(self.res[1] if self.res else 0)}\n", self._size_store),
             ro("mode", lambda: f"{self.mode}\n"),
         ]
         if self.mode == "pmem":
@@ -810,10 +820,10 @@ class CxlMemdev(CxlDev):
             ro("firmware_version", lambda: f"{self.firmware_version[:16]}\n"),
             ro("payload_max", lambda: f"{self.payload_max}\n"),
             ro("label_storage_size", lambda: f"{self.lsa_size}\n"),
-            ro("serial", lambda: f"{self.serial:#x}\n"),
+            ro("serial", lambda: f"{c_hex(self.serial)}\n"),
             ro("numa_node", lambda: f"{self.pdev.numa_node}\n"),
-            Group("ram", [ro("size", lambda: f"{self.ram_size:#x}\n")]),
-            Group("pmem", [ro("size", lambda: f"{self.pmem_size:#x}\n")]),
+            Group("ram", [ro("size", lambda: f"{c_hex(self.ram_size)}\n")]),
+            Group("pmem", [ro("size", lambda: f"{c_hex(self.pmem_size)}\n")]),
         ]
 
     def uevent(self) -> str:
