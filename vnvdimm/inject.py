@@ -11,10 +11,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
 
+from vnvdimm import mounts
 from vnvdimm.client import NotAMount, Root, read_attr, read_int
 
 SECTOR = 512
@@ -38,6 +40,35 @@ def control_file(ns_dir: Path, name: str) -> Path:
     return bus_dir / "vnvdimm" / name
 
 
+def on_trusted_mount(st: os.stat_result) -> bool:
+    """Whether `st` is a regular file of a vnvdimm mount made by root or by the caller."""
+    dev = (os.major(st.st_dev), os.minor(st.st_dev))
+    for entry in mounts.mount_table():
+        if entry.dev == dev:  # every mount of one super block says the same
+            return (stat.S_ISREG(st.st_mode) and entry.fstype == mounts.VNVDIMM_FSTYPE
+                    and mounts.owner_of(entry) in (0, os.geteuid()))
+    return False
+
+
+def open_control(root: Root, path: Path) -> int:
+    """The control file, opened for writing only if it is one of a vnvdimm mount of root's or
+    the caller's: the way to it follows the tree's links, and in a tree someone else made
+    (a directory that looks like a mount) they could lead anywhere, e.g. to a file of root's."""
+    refused = InjectError(f"{root.sys.parent}: not a vnvdimm mount of yours or root's ({path} is not on one); "
+                          "nothing was written")
+    try:
+        if not on_trusted_mount(os.stat(path)):
+            raise refused
+        # O_NONBLOCK: a FIFO swapped in meanwhile does not hang us (it is refused below)
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise InjectError(f"{path}: {e.strerror}") from None
+    if not on_trusted_mount(os.fstat(fd)):
+        os.close(fd)
+        raise refused
+    return fd
+
+
 def request(root: Root, namespace: str, block: int, count: int, uninject: bool = False, clear: bool = False) -> None:
     """Inject media errors, take the injection back (the kernel's bad blocks stay, as with
     ndctl inject-error --uninject) or clear them (as ndctl clear-errors)."""
@@ -46,10 +77,7 @@ def request(root: Root, namespace: str, block: int, count: int, uninject: bool =
     ns_dir = namespace_dir(root, namespace)
     control = "clear_error" if clear else "uninject_error" if uninject else "inject_error"
     path = control_file(ns_dir, control)
-    try:
-        fd = os.open(path, os.O_WRONLY)
-    except OSError as e:
-        raise InjectError(f"{path}: {e.strerror}") from None
+    fd = open_control(root, path)
     try:
         os.write(fd, f"{namespace} {block} {count}\n".encode())
     except OSError as e:
