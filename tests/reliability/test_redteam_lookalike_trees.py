@@ -107,3 +107,4 @@ def test_inject_error_writes_nothing_through_a_users_links(tmp_path: Path) -> No
     assert res.returncode != 0
     assert "not a vnvdimm mount" in res.stderr
     assert secret.read_bytes() == SECRET
+

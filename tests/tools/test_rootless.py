@@ -411,3 +411,34 @@ def test_a_user_cannot_stop_roots_mount_and_is_not_told_to_force_it(user: User, 
             subprocess.run([sys.executable, "-m", "vnvdimm.cli", "umount", "--force", m], capture_output=True,
                            timeout=120)
         shutil.rmtree(top, ignore_errors=True)
+
+
+def test_each_others_mounts_are_a_clear_refusal(user: User, user_mount: Path, tmp_path: Path) -> None:
+    """The user points status, wait, inject-error and run at root's mount, root points them at
+    the user's: FUSE keeps each out of the other's mount (no allow_other); each command says
+    so in one line, no traceback."""
+    commands = (["status"], ["wait", "-t", "5"], ["inject-error", "namespace0.0", "-B", "0"], ["run", "--", "true"])
+    top = Path(tempfile.mkdtemp(prefix="vnvdimm-roots-"))  # where the user can see the mount point
+    try:
+        top.chmod(0o755)
+        (top / "mnt").mkdir()
+        (top / "topology.toml").write_text(SMALL_E820)
+        res = subprocess.run([sys.executable, "-m", "vnvdimm.cli", "mount", str(top / "mnt"), "--state-dir",
+                              str(tmp_path / "state"), "--config", str(top / "topology.toml")],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        for command in commands:
+            for mnt, run in ((top / "mnt", user.vnvdimm),
+                             (user_mount, lambda *a: subprocess.run([sys.executable, "-m", "vnvdimm.cli", *a],
+                                                                    capture_output=True, text=True, timeout=120))):
+                argv = [command[0], str(mnt), *command[1:]]
+                res = run(*argv)
+                assert res.returncode != 0, argv
+                assert "Traceback" not in res.stderr, res.stderr
+                assert f"{mnt}: permission denied (a vnvdimm mount is open only to the user who mounted it" in (
+                    res.stderr), res.stderr
+    finally:
+        for m in fuse_mounts_under(top):
+            subprocess.run([sys.executable, "-m", "vnvdimm.cli", "umount", "--force", m], capture_output=True,
+                           timeout=120)
+        shutil.rmtree(top, ignore_errors=True)
