@@ -198,6 +198,9 @@ def command_of(pid: int) -> str:
     if not text:
         with contextlib.suppress(OSError):
             text = Path(f"/proc/{pid}/comm").read_text().strip()
+    # Anyone chooses their own command line: no control character of theirs (a terminal's
+    # escape sequences) reaches the terminal of whoever reads this (root running umount).
+    text = "".join(c if c.isprintable() else "?" for c in text)
     return (text[:77] + "...") if len(text) > 80 else text or "?"
 
 
@@ -633,7 +636,7 @@ def stop(mountpoint: Path, mode: str = "normal", timeout: float = 10.0) -> str:
                             f"and let them finish, or --force to break them):" + describe(busy), busy)
     res = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, timeout=60)
     if res.returncode != 0:
-        others = holders(mountpoint)
+        others = holders(mountpoint, daemon=pid)
         why = res.stderr.strip().removeprefix("fusermount3: ") or "unmount failed"
         raise UmountRefused(f"{mountpoint}: {why}" + describe(others), others)
     if wait_exit(pid, timeout):
