@@ -442,3 +442,41 @@ def test_each_others_mounts_are_a_clear_refusal(user: User, user_mount: Path, tm
             subprocess.run([sys.executable, "-m", "vnvdimm.cli", "umount", "--force", m], capture_output=True,
                            timeout=120)
         shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.parametrize("planted", ["directory", "link"])
+def test_a_runtime_dir_fallback_planted_in_tmp_is_refused(user: User, planted: str) -> None:
+    """Without XDG_RUNTIME_DIR a user's mount records go to /tmp/vnvdimm-UID/vnvdimm, a name
+    anyone can take first: nobody plants it (a directory open to all, or a link to a directory
+    of nobody's) before the user's first mount. The mount is refused naming it, and nothing is
+    written there."""
+    fallback = Path(f"/tmp/vnvdimm-{user.uid}")
+    shutil.rmtree(fallback, ignore_errors=True)  # what the user's earlier mounts left (none is running)
+    target = Path(tempfile.mkdtemp(prefix="vnvdimm-nobodys-"))
+    root = Path(tempfile.mkdtemp(prefix="case-", dir=user.home))
+    try:
+        (root / "mnt").mkdir()
+        subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(root)], check=True)
+        target.chmod(0o777)
+        os.chown(target, 65534, 65534)
+        if planted == "directory":
+            fallback.mkdir(mode=0o777)
+            fallback.chmod(0o777)
+            os.chown(fallback, 65534, 65534)
+            written = fallback
+        else:
+            fallback.symlink_to(target)
+            os.lchown(fallback, 65534, 65534)
+            written = target
+        res = user.vnvdimm("mount", str(root / "mnt"), "--state-dir", str(root / "state"))
+        assert res.returncode != 0 and fuse_mounts_under(root) == [], res.stderr
+        assert f"{fallback}: " in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert list(written.iterdir()) == []
+    finally:
+        for m in fuse_mounts_under(root):
+            lazy_unmount(m)
+        if fallback.is_symlink() or fallback.is_file():
+            fallback.unlink()
+        else:
+            shutil.rmtree(fallback, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
