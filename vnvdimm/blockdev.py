@@ -137,4 +137,13 @@ def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
         print("usage: vnvdimm blockdevs MNT -- CMD [ARG...]", file=sys.stderr)
         return 2
+    # Root binds loop devices over MNT's files: only a vnvdimm mount of root's (or the
+    # caller's) decides what they are, never a tree that merely looks like one.
+    from vnvdimm.mounts import NotVnvdimm, check_trusted_tree
+
+    try:
+        check_trusted_tree(Path(argv[0]))
+    except NotVnvdimm as e:
+        print(f"with-vnvdimm: {e}", file=sys.stderr)
+        return 2
     return run(Path(argv[0]), argv[2:])

@@ -21,6 +21,7 @@ import re
 import select
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -552,6 +553,33 @@ def check_is_vnvdimm(mountpoint: Path, entry: MountEntry, mode: str) -> None:
         raise NotVnvdimm(f"{mountpoint}: the vnvdimm mount of {_user_name(owner)}, not yours; stopping it "
                          f"stops their emulated platform: use `vnvdimm umount --force {mountpoint}` to stop it "
                          "anyway; nothing was unmounted")
+
+
+def trusted_vnvdimm_dev(st_dev: int) -> bool:
+    """Whether the file system with device number `st_dev` is a vnvdimm mount made by root or
+    by the caller (FUSE's user_id=): only such a mount's files may be followed, written or
+    bound by vnvdimm's tools, which are often root (another user's FUSE file system, or a
+    directory that merely looks like a mount, would choose what they touch)."""
+    dev = (os.major(st_dev), os.minor(st_dev))
+    for entry in mount_table():
+        if entry.dev == dev:  # every mount of one super block says the same
+            return entry.fstype == VNVDIMM_FSTYPE and owner_of(entry) in (0, os.geteuid())
+    return False
+
+
+def check_trusted_tree(mnt: Path) -> None:
+    """Refuse (NotVnvdimm) a MNT whose dev/ and sys/ are not both on one trusted vnvdimm mount
+    (trusted_vnvdimm_dev) with MNT itself."""
+    try:
+        top = os.stat(mnt)
+        for sub in ("dev", "sys"):
+            st = os.lstat(mnt / sub)
+            if not stat.S_ISDIR(st.st_mode) or st.st_dev != top.st_dev:
+                raise NotVnvdimm(f"{mnt} is not a vnvdimm mount ({mnt / sub} is not on it)")
+    except OSError as e:
+        raise NotVnvdimm(f"{mnt} is not a vnvdimm mount ({e.strerror})") from None
+    if not trusted_vnvdimm_dev(top.st_dev):
+        raise NotVnvdimm(f"{mnt} is not a vnvdimm mount of root's or yours")
 
 
 def _user_name(uid: int) -> str:

@@ -108,3 +108,31 @@ def test_inject_error_writes_nothing_through_a_users_links(tmp_path: Path) -> No
     assert "not a vnvdimm mount" in res.stderr
     assert secret.read_bytes() == SECRET
 
+
+
+def test_blockdevs_binds_nothing_over_a_users_links(tmp_path: Path) -> None:
+    """with-vnvdimm's helper `vnvdimm blockdevs MNT -- CMD`, run by root on nobody's tree:
+    it attached a loop device to what dev/pmem0 linked to and bound it over that file, in
+    root's own mount namespace (the helper is meant to run in with-vnvdimm's private one)."""
+    if not os.path.exists("/dev/loop-control"):
+        pytest.skip("no loop devices here")
+    secret = victim(tmp_path)
+    tree = lookalike(tmp_path, secret)
+    (tree / "sys" / "block" / "pmem0").mkdir(parents=True)
+    (tree / "sys" / "block" / "pmem0" / "ro").write_text("0\n")
+    nobodys(tree)
+    try:
+        res = subprocess.run([sys.executable, "-m", "vnvdimm.cli", "blockdevs", str(tree), "--", "sh", "-c",
+                              f"echo overwritten > {tree / 'dev' / 'pmem0'}"],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode != 0
+        assert "is not a vnvdimm mount" in res.stderr, res.stderr
+        assert not mounted_at(secret)
+        assert secret.read_bytes() == SECRET
+    finally:
+        while mounted_at(secret):  # what the attack left: a loop device bound over root's file
+            subprocess.run(["umount", "-l", str(secret)], capture_output=True, timeout=60)
+
+
+def mounted_at(path: Path) -> bool:
+    return any(line.split()[4] == str(path) for line in Path("/proc/self/mountinfo").read_text().splitlines())
