@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vnvdimm.mounts import DEAD_ERRNOS, daemon_errno, mount_entry
+from vnvdimm.mounts import DEAD_ERRNOS, daemon_errno, mount_entry, trusted_vnvdimm_dev
 
 PAGE_SIZE = 4096
 
@@ -74,9 +74,16 @@ class Root:
         # a user can paste anywhere.
         p = Path(os.path.abspath(path))
         try:
-            return cls._of(p)
+            root = cls._of(p)
+            sys_dev = os.stat(root.sys).st_dev
         except PermissionError as e:
             raise NotAMount(unreadable_mount_reason(p, e)) from None
+        # What is read here is printed, followed and written to (inject-error): a tree
+        # someone else made (another user's file system, or a directory that merely looks
+        # like a mount) would choose it, escape sequences for the terminal included.
+        if not trusted_vnvdimm_dev(sys_dev):
+            raise NotAMount(f"{p}: not a vnvdimm mount of root's or yours (vnvdimm's tools read only those)")
+        return root
 
     @classmethod
     def _of(cls, p: Path) -> Root:

@@ -136,3 +136,22 @@ def test_blockdevs_binds_nothing_over_a_users_links(tmp_path: Path) -> None:
 
 def mounted_at(path: Path) -> bool:
     return any(line.split()[4] == str(path) for line in Path("/proc/self/mountinfo").read_text().splitlines())
+
+
+@pytest.mark.parametrize("command", [["status"], ["wait", "-t", "5"]])
+def test_status_and_wait_print_nothing_of_a_users_tree(tmp_path: Path, command: list[str]) -> None:
+    """nobody's tree's attributes hold a terminal's escape sequences (window title, clear
+    screen, colours): root's status printed them as they were."""
+    bus = tmp_path / "lookalike" / "sys" / "bus" / "nd" / "devices" / "ndbus0"
+    (bus / "region0" / "namespace0.0").mkdir(parents=True)
+    (tmp_path / "lookalike" / "dev").mkdir()
+    (bus / "provider").write_bytes(b"\x1b]0;pwned\x07\x1b[2J\x1b[31mEVIL\n")
+    (bus / "region0" / "size").write_text("4096\n")
+    (bus / "region0" / "namespace0.0" / "size").write_text("4096\n")
+    (bus / "region0" / "namespace0.0" / "mode").write_bytes(b"\x1b[31mRED\n")
+    nobodys(tmp_path / "lookalike")
+    res = subprocess.run([sys.executable, "-m", "vnvdimm.cli", command[0], str(tmp_path / "lookalike"), *command[1:]],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert "\x1b" not in res.stdout + res.stderr
+    assert "not a vnvdimm mount of root's or yours" in res.stderr, res.stderr
