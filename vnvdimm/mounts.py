@@ -602,6 +602,70 @@ class UmountRefused(RuntimeError):
         self.holders = found
 
 
+MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
+MAX_SWAPS = 40  # looks at a mount point's parent before its changing is refused (as safe_dir's walk)
+
+
+class _Target:
+    """What stop() unmounts. As root, the mount on `mountpoint.name` in the parent directory
+    as it was when stop() looked (held by a descriptor; unmounted through /proc/self/fd with
+    UMOUNT_NOFOLLOW): whoever can rename a directory on the path cannot make the unmount land
+    on another mount by swapping it for a link meanwhile (fusermount3 and umount(8) look the
+    path up again). Others unmount through fusermount3, which only lets them unmount their
+    own mounts."""
+
+    def __init__(self, mountpoint: Path) -> None:
+        self.mountpoint = mountpoint
+        self.parent_fd: int | None = None
+
+    def find(self) -> MountEntry | None:
+        """The mount at the path (mount_entry()) and, as root, its parent directory held: the
+        very directory the path names while the mount is looked up (looked at again, a few
+        times, while something renames or swaps it; then RuntimeError)."""
+        for _ in range(MAX_SWAPS):
+            self.close()
+            if os.geteuid() == 0:
+                with contextlib.suppress(OSError):
+                    self.parent_fd = os.open(self.mountpoint.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            if self.parent_fd is None:
+                return mount_entry(self.mountpoint)
+            # where the directory held is, before and after the mount table is read
+            if self._where() == str(self.mountpoint.parent):
+                entry = mount_entry(self.mountpoint)
+                if self._where() == str(self.mountpoint.parent):
+                    return entry
+            time.sleep(0.001)
+        self.close()
+        raise RuntimeError(f"{self.mountpoint.parent} keeps changing while vnvdimm looks at it (something renames it "
+                           "or swaps it for a link); nothing was unmounted")
+
+    def _where(self) -> str:
+        return os.readlink(f"/proc/self/fd/{self.parent_fd}")
+
+    def unmount(self, lazy: bool) -> str:
+        """"" when done, else why not (in fusermount3's words)."""
+        if self.parent_fd is None:
+            if lazy:
+                lazy_unmount(self.mountpoint)
+                return ""
+            res = subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True, text=True,
+                                 timeout=60)
+            return "" if res.returncode == 0 else res.stderr.strip().removeprefix("fusermount3: ") or "unmount failed"
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        path = os.fsencode(f"/proc/self/fd/{self.parent_fd}/{self.mountpoint.name}")
+        if libc.umount2(path, (MNT_DETACH if lazy else 0) | UMOUNT_NOFOLLOW) == 0:
+            return ""
+        return f"failed to unmount {self.mountpoint}: {os.strerror(ctypes.get_errno())}"
+
+    def close(self) -> None:
+        if self.parent_fd is not None:
+            os.close(self.parent_fd)
+            self.parent_fd = None
+
+
 def umount(mountpoint: Path, mode: str = "normal", timeout: float = 10.0, out: TextIO | None = None) -> int:
     """`vnvdimm umount [--lazy|--force] MNT`. Exit status: 0 gone (or, with --lazy, detached),
     1 refused or failed (a message on `out` says why)."""
@@ -637,22 +701,31 @@ def stop(mountpoint: Path, mode: str = "normal", timeout: float = 10.0) -> str:
     open files until they are closed, "force" stops the daemon whatever is open. Returns a
     note for the user ("" when there is nothing to say); raises RuntimeError when the daemon
     had to be killed or could not be stopped."""
-    entry = mount_entry(mountpoint)
+    target = _Target(mountpoint)
+    try:
+        return _stop(target, mode, timeout)
+    finally:
+        target.close()
+
+
+def _stop(target: _Target, mode: str, timeout: float) -> str:
+    mountpoint = target.mountpoint
+    entry = target.find()
     pid = daemon_pid(mountpoint)
     if entry is None:
         if pid is not None and mode == "force":
-            return _force(mountpoint, pid, [], timeout)
+            return _force(target, pid, [], timeout)
         if pid is not None:
             return f"{mountpoint}: already detached; daemon {pid} serves its open files until they are closed"
         raise RuntimeError("not mounted")
     found = holders(mountpoint, entry, daemon=pid)
     busy = [h for h in found if h.device]
     if pid is None:
-        return _without_daemon(mountpoint, mode, busy)
+        return _without_daemon(target, mode, busy)
     if mode == "force":
-        return _force(mountpoint, pid, busy, timeout)
+        return _force(target, pid, busy, timeout)
     if mode == "lazy":
-        lazy_unmount(mountpoint)
+        target.unmount(lazy=True)
         if is_mounted(mountpoint):
             raise RuntimeError("the lazy unmount failed")
         if busy:
@@ -662,10 +735,9 @@ def stop(mountpoint: Path, mode: str = "normal", timeout: float = 10.0) -> str:
     if busy:
         raise UmountRefused(f"{mountpoint}: busy, device files in use (close them, or use --lazy to detach "
                             f"and let them finish, or --force to break them):" + describe(busy), busy)
-    res = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, timeout=60)
-    if res.returncode != 0:
+    why = target.unmount(lazy=False)
+    if why:
         others = holders(mountpoint, daemon=pid)
-        why = res.stderr.strip().removeprefix("fusermount3: ") or "unmount failed"
         raise UmountRefused(f"{mountpoint}: {why}" + describe(others), others)
     if wait_exit(pid, timeout):
         return ""
@@ -678,25 +750,26 @@ def stop(mountpoint: Path, mode: str = "normal", timeout: float = 10.0) -> str:
     raise RuntimeError(f"daemon {pid} did not exit in {timeout:.0f} s (no device file was open); killed it")
 
 
-def _without_daemon(mountpoint: Path, mode: str, busy: list[Holder]) -> str:
+def _without_daemon(target: _Target, mode: str, busy: list[Holder]) -> str:
     """No record of a running daemon (it died, or was started with another runtime dir): the
     same refusal, then the kernel's own busy check; a dead mount is removed lazily."""
+    mountpoint = target.mountpoint
     if busy and mode == "normal":
         raise UmountRefused(f"{mountpoint}: busy, device files in use (close them, or use --lazy or --force):"
                             + describe(busy), busy)
     if mode == "normal":
-        res = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, timeout=60)
-        if res.returncode == 0:
+        why = target.unmount(lazy=False)
+        if not why:
             return ""
         if not is_dead_mount(mountpoint):
             others = holders(mountpoint)
-            raise UmountRefused(f"{mountpoint}: {res.stderr.strip().removeprefix('fusermount3: ')}"
-                                + describe(others), others)
-    lazy_unmount(mountpoint)
+            raise UmountRefused(f"{mountpoint}: {why}" + describe(others), others)
+    target.unmount(lazy=True)
     return ""
 
 
-def _force(mountpoint: Path, pid: int, busy: list[Holder], timeout: float) -> str:
+def _force(target: _Target, pid: int, busy: list[Holder], timeout: float) -> str:
+    mountpoint = target.mountpoint
     note = ""
     if busy:
         note = f"{mountpoint}: --force: stopping the daemon under these (their I/O fails from now on):" + describe(busy)
@@ -707,7 +780,7 @@ def _force(mountpoint: Path, pid: int, busy: list[Holder], timeout: float) -> st
         _kill(pid)
         raise RuntimeError(f"daemon {pid} did not stop in {timeout:.0f} s; killed it")
     if is_mounted(mountpoint):
-        lazy_unmount(mountpoint)
+        target.unmount(lazy=True)
     return ""
 
 

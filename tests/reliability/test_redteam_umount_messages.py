@@ -67,3 +67,47 @@ def test_a_users_command_line_reaches_roots_terminal_without_control_characters(
     finally:
         squatter.kill()
         squatter.wait()
+
+
+def test_a_parent_swapped_during_umount_unmounts_nothing_else(make_mount, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root unmounts a/mnt. Whoever can rename a/ (its owner: here a thread of the test plays
+    them) swaps it for a link to b/, where another mount of root's is, while umount looks
+    for the mount's holders (a scan of every process: a window of its own). umount then
+    unmounts what a/mnt names at the end, b/mnt. It must unmount the mount it checked
+    (a.old/mnt after the swap), and leave b/mnt alone."""
+    if os.geteuid() != 0:
+        pytest.skip("root's umount: needs root")
+    from vnvdimm import mounts
+
+    a, b = make_mount(), make_mount()
+    # Binds of the two mounts stand for mounts under a/ and b/ (what umount is given is a
+    # path through a/, a directory its owner can rename).
+    target_a = tmp_path / "a" / "mnt"
+    target_b = tmp_path / "b" / "mnt"
+    target_a.mkdir(parents=True)
+    target_b.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(a.root), str(target_a)], check=True)
+    subprocess.run(["mount", "--bind", str(b.root), str(target_b)], check=True)
+    try:
+        real_holders = mounts.holders
+        swapped = []
+
+        def holders_while_swapping(*args: object, **kwargs: object) -> list[mounts.Holder]:
+            found = real_holders(*args, **kwargs)  # type: ignore[arg-type]
+            if not swapped:
+                os.rename(tmp_path / "a", tmp_path / "a.old")
+                os.symlink(tmp_path / "b", tmp_path / "a")
+                swapped.append(True)
+            return found
+
+        monkeypatch.setattr(mounts, "holders", holders_while_swapping)
+        mounts.umount(target_a, "lazy", timeout=5, out=sys.stderr)
+        assert swapped
+        table = [e.mountpoint for e in mounts.mount_table()]
+        assert str(target_b) in table, "umount unmounted the mount the swapped path led to"
+        assert str(tmp_path / "a.old" / "mnt") not in table, "umount left the mount it checked"
+    finally:
+        for p in (tmp_path / "a.old" / "mnt", target_b, target_a):
+            while str(p) in [e.mountpoint for e in mounts.mount_table()]:
+                subprocess.run(["umount", "-l", str(p)], capture_output=True, timeout=60)
