@@ -68,9 +68,10 @@ def check_ancestor(st: os.stat_result, path: Path, child: os.stat_result, child_
     me = os.geteuid()
     what = f"{what} {target} is under it" if target is not None and target != child_path else f"it is the {what}"
     if st.st_uid not in (0, me):
+        owners = "root" if me == 0 else f"root or {_user(me)}"
         raise UnsafeStateDir(f"{path}: owned by {_user(st.st_uid)}, who could replace {child_path} ({what}) "
                              "with a directory or link of their own; every directory above a state dir or mount "
-                             f"point must be owned by root or {_user(me)}: choose one elsewhere (under your home, "
+                             f"point must be owned by {owners}: choose one elsewhere (under your home, "
                              f"or in a directory of root's), or chown root {path}")
     if st.st_mode & 0o022:
         if st.st_mode & stat.S_ISVTX:
