@@ -9,9 +9,11 @@
  * Trust. This library runs inside every process with-vnvdimm starts, often as root, so it
  * believes nothing a file says about itself. with-vnvdimm hands it one mount's identity,
  * VNVDIMM_MOUNT_DEV="<major>:<minor>" (the st_dev of MNT/dev); without it the library does
- * nothing at all. A file is an emulated node only if it is a regular file on that very mount
- * (fstat's st_dev, and fstatfs's f_type is FUSE's): the environment can narrow what is
- * trusted, never widen it, and a forged attribute anywhere else is ignored. The socket is
+ * nothing at all. That mount must be vnvdimm's (fuse.vnvdimm in /proc/self/mountinfo) and made
+ * by root or by this process's user (FUSE's user_id=), as with-vnvdimm requires. A file is an
+ * emulated node only if it is a regular file on that very mount (fstat's st_dev, and fstatfs's
+ * f_type is FUSE's): the environment can narrow what is trusted, never widen it, and a forged
+ * attribute anywhere else is ignored. The socket is
  * the one that mount's daemon names, and its peer must be root or the mount's owner
  * (SO_PEERCRED). For those files, and only those:
  *
@@ -127,14 +129,56 @@ static int parse_dev(const char *s, const char *end, dev_t *dev)
 	return 1;
 }
 
-/* The mount as the kernel lists it: it must be FUSE; FUSE records who mounted it (user_id=,
- * the mount's owner) in the super block's options. */
+/* Our effective uid as the parent user namespace knows it (/proc/self/uid_map): FUSE lists
+ * its mount's owner (user_id=) as the namespace that mounted it knows them, while a rootless
+ * with-vnvdimm runs its command as root in a user namespace of its own. -1 if unmapped. */
+static long long euid_outside(void)
+{
+	char buf[1024], *line = buf, *nl;
+	unsigned long long inside, outside, count;
+	uid_t me = geteuid();
+	ssize_t n;
+	int fd = open("/proc/self/uid_map", O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0)
+		return me;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return me;
+	buf[n] = '\0';
+	for (; (nl = strchr(line, '\n')); line = nl + 1) {
+		char *a, *b, *c;
+
+		*nl = '\0';
+		a = line + strspn(line, " ");
+		b = a + strcspn(a, " ");
+		c = b + strspn(b, " ");
+		b = c + strcspn(c, " ");
+		if (!parse_uint(a, a + strcspn(a, " "), UINT_MAX, &inside) || !parse_uint(c, b, UINT_MAX, &outside))
+			continue;
+		b += strspn(b, " ");
+		if (!parse_uint(b, NULL, UINT_MAX, &count))
+			continue;
+		if (me >= inside && me - inside < count)
+			return (long long)(outside + (me - inside));
+	}
+	return -1;
+}
+
+/* The mount as the kernel lists it: it must be vnvdimm's (fuse.vnvdimm), made (FUSE's
+ * user_id=, in the super block's options) by root or by this process's user, as with-vnvdimm
+ * requires; else, or if it is not listed, nothing is trusted: a FUSE file system of another
+ * user's would choose what this process (often root's) sees as device nodes and whom its
+ * ioctls go to. */
 static void read_mountinfo(void)
 {
+	static const char fstype[] = " - fuse.vnvdimm ";
 	static char buf[16384];
 	size_t have = 0;
 	int fd = open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC);
 
+	trusted = 0; /* until the mount is seen */
 	if (fd < 0)
 		return;
 	for (;;) {
@@ -156,18 +200,21 @@ static void read_mountinfo(void)
 			*nl = '\0';
 			devfield = devfield ? strchr(devfield + 1, ' ') : NULL;
 			end = devfield ? strchr(devfield + 1, ' ') : NULL;
-			sep = strstr(line, " - fuse");
-			opt = sep ? strstr(sep, ",user_id=") : NULL;
+			/* the fields before " - " escape their spaces: the first one is the separator */
+			sep = strstr(line, " - ");
+			/* SUPEROPTIONS follow FSTYPE and SOURCE (escaped: no space in it either) */
+			opt = sep && strncmp(sep, fstype, sizeof(fstype) - 1) == 0 ? strchr(sep + sizeof(fstype) - 1, ' ') : NULL;
+			opt = opt ? strstr(opt, ",user_id=") : NULL;
 			if (end && parse_dev(devfield + 1, end, &dev) && dev == trusted_dev) {
-				if (!sep)
-					trusted = 0; /* the device named is not a FUSE mount: trust nothing */
 				if (opt) {
 					opt += strlen(",user_id=");
 					end = opt + strcspn(opt, ", ");
 				}
-				if (opt && parse_uint(opt, end, UINT_MAX, &uid)) {
+				if (opt && parse_uint(opt, end, UINT_MAX, &uid) &&
+				    (uid == 0 || uid == geteuid() || (long long)uid == euid_outside())) {
 					mount_owner = (uid_t)uid;
 					owner_known = 1;
+					trusted = 1;
 				}
 				close(fd);
 				return;
