@@ -24,12 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mount_kit import needs_root
 from reliability_kit import SMALL, e820
 
 from vnvdimm.fuse import fusermount
 from vnvdimm.mounts import fuse_mounts_under, lazy_unmount, stop_mount, wait_exit
 
 pytestmark = pytest.mark.mount
+
+NEEDS_A_SECOND_USER = "the attacker is another user (nobody), whose links and directories only root can make"
 
 VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
 NOBODY = 65534
@@ -118,6 +121,7 @@ def stop_any(where: list[Path]) -> None:
             stop_mount(Path(m), None)
 
 
+@needs_root(NEEDS_A_SECOND_USER)
 def test_a_swap_loop_on_the_state_dirs_parent_writes_nothing_outside(tmp_path: Path, decoy: Path, config: Path,
                                                                     figures: Any) -> None:
     """root's state dir in a directory of root's, where an attacker's link was put beside its
@@ -156,6 +160,7 @@ def test_a_swap_loop_on_the_state_dirs_parent_writes_nothing_outside(tmp_path: P
         assert {"lock", "platform.json", "region0.media", "region1.media", "vnvdimm.log"} <= made
 
 
+@needs_root(NEEDS_A_SECOND_USER)
 def test_a_swap_loop_on_the_mount_points_parent_mounts_nothing_elsewhere(tmp_path: Path, decoy: Path, config: Path,
                                                                         figures: Any) -> None:
     """The same for the mount point: fusermount3 looks the mount point up by path again, so a
@@ -244,6 +249,7 @@ def swapping_as_nobody(a: Path, b: Path) -> Iterator[None]:
         os.waitpid(pid, 0)
 
 
+@needs_root(NEEDS_A_SECOND_USER)
 @pytest.mark.parametrize("what", ["state dir", "mount point"])
 def test_an_unprivileged_attacker_swapping_in_their_own_directory_gets_nothing(attackers_dir: Path, decoy: Path,
                                                                                tmp_path: Path, config: Path,
