@@ -4,6 +4,7 @@ topologies, raw attribute I/O with the errno, and snapshots of what the tree sho
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -27,6 +28,19 @@ TESTS = Path(__file__).resolve().parent
 # test, and hold no keys.
 TEST_USERS: dict[str, int] = {}
 WITH_VNVDIMM = TESTS.parent / "mountscripts" / "with-vnvdimm"
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> None:
+    """renameat2(RENAME_EXCHANGE): the two names swap what they point at, atomically (the
+    attacker's move in the state-dir and mount-point swap tests)."""
+    if _libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), str(a))
 
 
 def needs_root(why: str) -> pytest.MarkDecorator:

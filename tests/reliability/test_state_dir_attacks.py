@@ -10,7 +10,6 @@ test plays the attacker that got a link of theirs there, to swap after the check
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import os
 import signal
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mount_kit import needs_root
+from mount_kit import exchange, needs_root
 from reliability_kit import SMALL, e820
 
 from vnvdimm.fuse import fusermount
@@ -37,17 +36,6 @@ NEEDS_A_SECOND_USER = "the attacker is another user (nobody), whose links and di
 VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
 NOBODY = 65534
 MOUNTS = 20
-_libc = ctypes.CDLL(None, use_errno=True)
-RENAME_EXCHANGE = 2
-AT_FDCWD = -100
-
-
-def exchange(a: Path, b: Path) -> None:
-    if _libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), str(a))
-
-
 def tree_digest(root: Path) -> dict[str, tuple[int, int, int, str]]:
     """Every entry under `root` (itself included): mode, owner, size, content hash or link."""
     out = {}

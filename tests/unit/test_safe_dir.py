@@ -7,7 +7,6 @@ a link to a decoy changes nothing: every file still lands in the directory that 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import os
@@ -16,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from mount_kit import exchange
 from topologies import SMALL_E820, SMALL_NFIT
 
 from vnvdimm.topology import safe_dir
@@ -23,18 +23,6 @@ from vnvdimm.topology.config import ConfigError, TopologyConfig, load_config
 from vnvdimm.topology.platform import PLATFORM_FILE, PROVISIONING_DIR, StateDir, provision
 
 NOBODY = 65534
-_libc = ctypes.CDLL(None, use_errno=True)
-RENAME_EXCHANGE = 2
-AT_FDCWD = -100
-
-
-def exchange(a: Path, b: Path) -> None:
-    """renameat2(RENAME_EXCHANGE): the two names swap what they point at, atomically."""
-    if _libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), str(a))
-
-
 def tree_digest(root: Path) -> dict[str, tuple[int, int, str]]:
     """Every entry under `root`: mode, size, content hash (a link: its target)."""
     out = {}
