@@ -19,8 +19,11 @@ from vnvdimm.model.cxl_mailbox import (
     ID_GET_PARTITION_INFO,
     ID_GET_SUPPORTED_LOGS,
     ID_IDENTIFY,
+    ID_MAX,
+    ID_RAW,
     ID_SET_LSA,
     ID_SET_PARTITION_INFO,
+    NVDIMM_EXCLUSIVE_COMMANDS,
     MockMemdevFirmware,
     memdev_ioctl,
 )
@@ -67,6 +70,30 @@ class User:
         buf[off:off + len(data)] = data
 
 
+class Payloads:
+    """What the preload library offers the daemon: in.size bytes at in.payload and out.size
+    bytes of room at out.payload, as the struct said when the ioctl was made."""
+
+    def __init__(self, arg: Arg, user: User) -> None:
+        _, _, _, _, self.in_size, _, self.in_ptr, self.out_size, _, self.out_ptr = struct.unpack_from(
+            "<IIIIIIQIIQ", arg.buf) if len(arg.buf) >= 48 else (0,) * 10
+        self.user = user
+
+    def read_input(self, length: int) -> bytes:
+        if length > self.in_size:
+            raise OSError(errno.EFAULT, "beyond in.size")
+        return self.user.read(self.in_ptr, length)
+
+    def write_output(self, data: bytes) -> None:
+        if len(data) > self.out_size:
+            raise OSError(errno.EFAULT, "beyond out.size")
+        self.user.write(self.out_ptr, data)
+
+
+def ioctl(fw: MockMemdevFirmware, request: int, arg: Arg, user: User) -> None:
+    memdev_ioctl(fw, request, arg, Payloads(arg, user))
+
+
 @pytest.fixture
 def fw() -> MockMemdevFirmware:
     return MockMemdevFirmware(GiB, GiB, 128 << 10, 4096, "mock fw v1 ")
@@ -77,9 +104,9 @@ def send(fw: MockMemdevFirmware, user: User, cmd_id: int, payload_in: bytes = b"
     in_ptr = user.map(0x10000, payload_in) if payload_in else 0
     out_ptr = user.map(0x80000, bytes(out_size)) if out_size else 0
     size_in = len(payload_in) if in_size is None else in_size
-    arg = Arg(struct.pack("<IIIIiIQiIQ", cmd_id, 0, 0, 0xFFFF, size_in, 0, in_ptr, out_size, 0, out_ptr))
-    memdev_ioctl(fw, CXL_MEM_SEND_COMMAND, arg, user)
-    (size_out,) = struct.unpack_from("<i", arg.buf, 32)
+    arg = Arg(struct.pack("<IIIIIIQIIQ", cmd_id, 0, 0, 0xFFFF, size_in, 0, in_ptr, out_size, 0, out_ptr))
+    ioctl(fw, CXL_MEM_SEND_COMMAND, arg, user)
+    (size_out,) = struct.unpack_from("<I", arg.buf, 32)
     return (bytes(user.maps[0x80000][:size_out]) if out_size else b""), arg
 
 
@@ -92,21 +119,30 @@ def errno_of(fn) -> int | None:  # type: ignore[no-untyped-def]
 
 
 def test_query_counts_then_lists_with_enabled_flags(fw: MockMemdevFirmware) -> None:
+    """cxl_query_cmd() counts ARRAY_SIZE(cxl_mem_commands), an array indexed by command id:
+    the ids this kernel lacks (0, RAW without CONFIG_CXL_MEM_RAW_COMMANDS...) are zeroed."""
     arg = Arg(bytes(8))
-    memdev_ioctl(fw, CXL_MEM_QUERY_COMMANDS, arg, User())
+    ioctl(fw, CXL_MEM_QUERY_COMMANDS, arg, User())
     (n,) = struct.unpack_from("<I", arg.buf)
-    assert n == 14
+    assert n == ID_MAX == 21
     arg = Arg(struct.pack("<II", n, 0) + bytes(16 * n))
-    memdev_ioctl(fw, CXL_MEM_QUERY_COMMANDS, arg, User())
+    ioctl(fw, CXL_MEM_QUERY_COMMANDS, arg, User())
     infos = [struct.unpack_from("<IIii", arg.buf, 8 + 16 * i) for i in range(n)]
+    assert infos[0] == infos[ID_RAW] == (0, 0, 0, 0)
+    assert all(info[0] in (0, index) for index, info in enumerate(infos))
     enabled = {i[0] for i in infos if i[1] & 1}
     assert enabled == {ID_IDENTIFY, ID_GET_SUPPORTED_LOGS, ID_GET_PARTITION_INFO, ID_GET_LSA, ID_GET_HEALTH_INFO,
                        ID_GET_LOG, ID_SET_LSA}
-    assert next(i for i in infos if i[0] == ID_GET_LSA)[2:] == (8, -1)
+    assert infos[ID_GET_LSA][2:] == (8, -1)
     # a short query fills only what it asked for
     arg = Arg(struct.pack("<II", 2, 0) + bytes(16 * 2) + b"\xaa" * 16)
-    memdev_ioctl(fw, CXL_MEM_QUERY_COMMANDS, arg, User())
+    ioctl(fw, CXL_MEM_QUERY_COMMANDS, arg, User())
     assert arg.buf[-16:] == b"\xaa" * 16
+    # commands the kernel claims (cxl_pmem holding the memdev's nvdimm) are flagged exclusive
+    fw.exclusive_commands.update(NVDIMM_EXCLUSIVE_COMMANDS)
+    arg = Arg(struct.pack("<II", n, 0) + bytes(16 * n))
+    ioctl(fw, CXL_MEM_QUERY_COMMANDS, arg, User())
+    assert struct.unpack_from("<II", arg.buf, 8 + 16 * ID_SET_LSA) == (ID_SET_LSA, 0b11)
 
 
 def test_identify_partition_and_health_are_mem_c_s(fw: MockMemdevFirmware) -> None:
@@ -157,7 +193,7 @@ def test_validation_as_mbox_c_does_it(fw: MockMemdevFirmware) -> None:
     assert errno_of(lambda: send(fw, user, ID_IDENTIFY, out_size=0x20)) == errno.ENOMEM  # room below 0x43
     assert errno_of(lambda: send(fw, user, ID_SET_LSA, bytes(8 + 4096))) == errno.EINVAL  # > payload_max
     # a payload pointer the caller cannot read: EFAULT, as copy_from_user() fails
-    arg = Arg(struct.pack("<IIIIiIQiIQ", ID_GET_LSA, 0, 0, 0, 8, 0, 0xdead0000, 8, 0, 0x80000))
+    arg = Arg(struct.pack("<IIIIIIQIIQ", ID_GET_LSA, 0, 0, 0, 8, 0, 0xdead0000, 8, 0, 0x80000))
     user.map(0x80000, bytes(8))
-    assert errno_of(lambda: memdev_ioctl(fw, CXL_MEM_SEND_COMMAND, arg, user)) == errno.EFAULT
-    assert errno_of(lambda: memdev_ioctl(fw, 0x1234, Arg(bytes(8)), user)) == errno.ENOTTY
+    assert errno_of(lambda: ioctl(fw, CXL_MEM_SEND_COMMAND, arg, user)) == errno.EFAULT
+    assert errno_of(lambda: ioctl(fw, 0x1234, Arg(bytes(8)), user)) == errno.ENOTTY

@@ -27,10 +27,26 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vnvdimm.ioctl.wire import MAGIC, MAX_TRANSFER, OP, OP_DONE, OP_WRITE, REQUEST, STATUS, VERSION
+from vnvdimm.ioctl.wire import (
+    MAGIC,
+    MAX_REGIONS,
+    MAX_TRANSFER,
+    OP,
+    OP_DONE,
+    OP_READ,
+    OP_WRITE,
+    REGION,
+    REGION_READ,
+    REGION_WRITE,
+    REQUEST,
+    STATUS,
+    VERSION,
+)
 from vnvdimm.model.commands.dispatch import answer
+from vnvdimm.model.cxl_mailbox import memdev_ioctl
 
 if TYPE_CHECKING:
+    from vnvdimm.model.cxl_mailbox import MockMemdevFirmware
     from vnvdimm.model.system import System
 
 log = logging.getLogger("vnvdimm.ioctl")
@@ -124,16 +140,20 @@ class Exchange:
 
 class SocketMemory:
     """The caller's ioctl argument as its client sent it: the first `readable` bytes of a
-    `window` it sized. A read of anything else is EFAULT, as copy_from_user() of an address
-    that faults. Writes are staged and sent by flush(), after the model is no longer locked."""
+    `window` it sized (region 0), and the regions the client declared besides it (1, 2...:
+    (size, access)). A read of anything else is EFAULT, as copy_from_user() of an address that
+    faults. Reads of a region ask the client (OP_READ) at once; writes are staged and sent by
+    flush(), after the model is no longer locked."""
 
-    def __init__(self, exchange: Exchange, budget: ByteBudget, window: int, sent: bytes) -> None:
+    def __init__(self, exchange: Exchange, budget: ByteBudget, window: int, sent: bytes,
+                 regions: list[tuple[int, int]] | None = None) -> None:
         self.exchange = exchange
         self.budget = budget
         self.window = window
         self.sent = sent
+        self.regions = regions or []
         self.held = len(sent)
-        self.staged: list[tuple[int, bytes]] = []
+        self.staged: list[tuple[int, int, bytes]] = []
 
     def read(self, offset: int, length: int) -> bytes:
         if offset + length > len(self.sent):
@@ -143,21 +163,61 @@ class SocketMemory:
     def write(self, offset: int, data: bytes) -> None:
         if offset + len(data) > self.window:
             raise OSError(errno.EFAULT, f"bad address at argument + {offset}")
+        self._stage(0, offset, data)
+
+    def _region(self, index: int, access: int, offset: int, length: int) -> None:
+        if not 1 <= index <= len(self.regions):
+            raise OSError(errno.EFAULT, f"no buffer {index} came with the ioctl")
+        size, allowed = self.regions[index - 1]
+        if not allowed & access or offset + length > size:
+            raise OSError(errno.EFAULT, f"bad address at buffer {index} + {offset}")
+
+    def read_region(self, index: int, offset: int, length: int) -> bytes:
+        """The client's bytes of a region, fetched now (the model must not be locked)."""
+        self._region(index, REGION_READ, offset, length)
+        self.budget.take(length, min(self.exchange.deadline, time.monotonic() + REQUEST_TIMEOUT))
+        self.held += length
+        self.exchange.sendall(OP.pack(OP_READ, index, offset, length))
+        status, = STATUS.unpack(self.exchange.recv_exact(STATUS.size))
+        if status:
+            raise OSError(errno.EFAULT, f"bad address at buffer {index} + {offset}")
+        return self.exchange.recv_exact(length)
+
+    def write_region(self, index: int, offset: int, data: bytes) -> None:
+        self._region(index, REGION_WRITE, offset, len(data))
+        self._stage(index, offset, data)
+
+    def _stage(self, region: int, offset: int, data: bytes) -> None:
         self.budget.take(len(data), min(self.exchange.deadline, time.monotonic() + REQUEST_TIMEOUT))
         self.held += len(data)
-        self.staged.append((offset, bytes(data)))
+        self.staged.append((region, offset, bytes(data)))
 
     def flush(self) -> None:
         staged, self.staged = self.staged, []
-        for offset, data in staged:
-            self.exchange.sendall(OP.pack(OP_WRITE, 0, offset, len(data)) + data)
+        for region, offset, data in staged:
+            self.exchange.sendall(OP.pack(OP_WRITE, region, offset, len(data)) + data)
             status, = STATUS.unpack(self.exchange.recv_exact(STATUS.size))
             if status:
-                raise OSError(errno.EFAULT, f"bad address at argument + {offset}")
+                raise OSError(errno.EFAULT, f"bad address at buffer {region} + {offset}")
 
     def release(self) -> None:
         self.budget.give(self.held)
         self.held = 0
+
+
+class SendPayloads:
+    """CXL_MEM_SEND_COMMAND's in.payload and out.payload: regions 1 and 2 of the request."""
+
+    IN, OUT = 1, 2
+
+    def __init__(self, memory: SocketMemory) -> None:
+        self.memory = memory
+
+    def read_input(self, length: int) -> bytes:
+        return self.memory.read_region(self.IN, 0, length)
+
+    def write_output(self, data: bytes) -> None:
+        self.memory.write_region(self.OUT, 0, data)
 
 
 class IoctlServer:
@@ -249,13 +309,33 @@ class IoctlServer:
         st = os.fstat(fd)
         if self.mount_dev is None or st.st_dev != self.mount_dev or not stat.S_ISREG(st.st_mode):
             raise OSError(errno.ENOTTY, "not a device file of this mount")
-        # The name its opener looked up: ours are all in the mount's dev/ (the name is the
-        # device's; /proc shows it whatever mount namespace the opener is in).
+        # The name its opener looked up: ours are all in the mount's dev/, the memdevs in
+        # dev/cxl/ (the name is the device's; /proc shows it whatever mount namespace the
+        # opener is in).
         where = os.readlink(f"/proc/self/fd/{fd}")
         parent, _, name = where.rpartition("/")
+        if parent.endswith("/dev/cxl") and name:
+            return f"cxl/{name}", flags & os.O_ACCMODE
         if not parent.endswith("/dev") or not name:
             raise OSError(errno.ENOTTY, f"{where} is not a device file")
         return name, flags & os.O_ACCMODE
+
+    def _memdev_firmware(self, name: str) -> MockMemdevFirmware:
+        """The device behind /dev/cxl/NAME while its memdev is registered; ENXIO once it is
+        gone (cxl_memdev_ioctl() finds cxlmd->cxlds cleared by the memdev's shutdown)."""
+        with self.system.lock:
+            for topo in self.system.cxl_topologies:
+                for memdev in topo.memdevs:
+                    if memdev.name == name:
+                        return memdev.firmware
+        raise OSError(errno.ENXIO, f"no memdev {name}")
+
+    def _answer(self, name: str, accmode: int, request: int, memory: SocketMemory) -> int:
+        if name.startswith("cxl/"):
+            firmware = self._memdev_firmware(name.removeprefix("cxl/"))
+            memdev_ioctl(firmware, request, memory, SendPayloads(memory), lock=self.system.lock)
+            return 0
+        return answer(self.system, name, accmode, request, memory)
 
     def _serve(self, conn: socket.socket) -> None:
         start = time.monotonic()
@@ -267,9 +347,17 @@ class IoctlServer:
         except (OSError, ConnectionError):
             return
         try:
-            magic, version, request, _, window, readable = REQUEST.unpack(header)
-            if magic != MAGIC or version != VERSION or readable > window or window > MAX_TRANSFER:
+            magic, version, request, n_regions, window, readable = REQUEST.unpack(header)
+            if (magic != MAGIC or version != VERSION or readable > window or window > MAX_TRANSFER
+                    or n_regions > MAX_REGIONS):
                 log.warning("ioctl channel: a client spoke something else (magic %#x version %d)", magic, version)
+                return
+            try:
+                regions = [REGION.unpack(exchange.recv_exact(REGION.size))[:2] for _ in range(n_regions)]
+            except (OSError, ConnectionError):
+                return
+            if any(access not in (REGION_READ, REGION_WRITE) for _, access in regions):
+                log.warning("ioctl channel: a client declared a buffer neither read nor written")
                 return
             try:
                 name, accmode = self._node_of(fd)
@@ -288,8 +376,8 @@ class IoctlServer:
             return
         memory: SocketMemory | None = None
         try:
-            memory = SocketMemory(exchange, self.budget, window, exchange.recv_exact(readable))
-            ret = answer(self.system, name, accmode, request, memory)
+            memory = SocketMemory(exchange, self.budget, window, exchange.recv_exact(readable), regions)
+            ret = self._answer(name, accmode, request, memory)
             memory.flush()
         except (ConnectionError, TimeoutError):
             return  # the caller is gone or too slow: nothing to answer

@@ -3,12 +3,13 @@ cxl_query_cmd(), cxl_send_cmd()) and as cxl_test's mock device answers it
 (tools/testing/cxl/test/mem.c): identify, supported logs and the command effects log, get
 and set the label storage area, partition info, health info.
 
-Carrying the ioctl: CXL_MEM_QUERY_COMMANDS's argument is read and written in place
-(`ArgMemory`, offsets into the struct); CXL_MEM_SEND_COMMAND's struct carries two user
-pointers, in.payload (in.size bytes to read) and out.payload (room for out.size bytes), which
-are read and written through `UserMemory` (absolute addresses, each access bounded by the
-struct's own sizes, which are validated here first). Errors are OSError(errno) as the kernel
-returns them; a mailbox command's own return code goes into `retval`.
+Carrying the ioctl: the argument is read and written in place (`ArgMemory`, offsets into the
+struct); CXL_MEM_SEND_COMMAND's struct carries two more buffers, in.payload (in.size bytes to
+read) and out.payload (room for out.size bytes), reached through `PayloadMemory` (the
+caller's side holds their addresses and bounds every access by the declared sizes; here the
+sizes are validated first, as the kernel does, so nothing is read or allocated for a size it
+refuses). Errors are OSError(errno) as the kernel returns them; a mailbox command's own return
+code goes into `retval`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 import errno
 import struct
 import uuid as uuidlib
-from collections.abc import Callable, Collection
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,7 +29,8 @@ def _ioc(direction: int, kind: int, nr: int, size: int) -> int:
     return direction << 30 | size << 16 | kind << 8 | nr
 
 
-SEND_COMMAND_SIZE = 48  # struct cxl_send_command
+SEND_COMMAND = struct.Struct("<IIIIIIQIIQ")  # struct cxl_send_command (sizes are __u32)
+SEND_COMMAND_SIZE = SEND_COMMAND.size
 QUERY_HEADER_SIZE = 8  # struct cxl_mem_query_commands without its commands[]
 COMMAND_INFO_SIZE = 16  # struct cxl_command_info
 CXL_MEM_QUERY_COMMANDS = _ioc(2, 0xCE, 1, QUERY_HEADER_SIZE)
@@ -36,14 +39,18 @@ CXL_MEM_SEND_COMMAND = _ioc(3, 0xCE, 2, SEND_COMMAND_SIZE)
 CXL_MEM_COMMAND_FLAG_ENABLED = 1 << 0
 CXL_MEM_COMMAND_FLAG_EXCLUSIVE = 1 << 1
 CXL_MEM_COMMAND_FLAG_MASK = 1 << 0  # what userspace may pass in cxl_send_command.flags
-VARIABLE = -1  # CXL_VARIABLE_PAYLOAD
+VARIABLE = -1  # CXL_VARIABLE_PAYLOAD, as cxl_command_info's size_in/size_out show it
+CXL_VARIABLE_PAYLOAD_U32 = 0xFFFFFFFF  # the same, as a __u32 out.size
+INT_MAX = 0x7FFFFFFF
 
 # include/uapi/linux/cxl_mem.h's command ids
 ID_IDENTIFY, ID_RAW, ID_GET_SUPPORTED_LOGS, ID_GET_FW_INFO, ID_GET_PARTITION_INFO = 1, 2, 3, 4, 5
 ID_GET_LSA, ID_GET_HEALTH_INFO, ID_GET_LOG, ID_SET_PARTITION_INFO, ID_SET_LSA = 6, 7, 8, 9, 10
 ID_GET_ALERT_CONFIG, ID_SET_ALERT_CONFIG, ID_GET_SHUTDOWN_STATE, ID_SET_SHUTDOWN_STATE = 11, 12, 13, 14
 ID_GET_SCAN_MEDIA_CAPS = 18
-ID_MAX = 21
+ID_MAX = 21  # CXL_MEM_COMMAND_ID_MAX: also ARRAY_SIZE(cxl_mem_commands), what a query counts
+# cxl_pmem.c's exclusive_cmds: what user space may not send while an nvdimm sits on the memdev
+NVDIMM_EXCLUSIVE_COMMANDS = frozenset({ID_SET_PARTITION_INFO, ID_SET_SHUTDOWN_STATE, ID_SET_LSA})
 
 
 @dataclass(frozen=True)
@@ -89,13 +96,15 @@ class ArgMemory(Protocol):
     def write(self, offset: int, data: bytes) -> None: ...
 
 
-class UserMemory(Protocol):
-    """The caller's memory at absolute addresses (cxl_send_command's payload pointers);
-    OSError(EFAULT) for an address the caller cannot read (write)."""
+class PayloadMemory(Protocol):
+    """cxl_send_command's two buffers as the caller declared them: in.payload (in.size bytes
+    to copy in) and out.payload (room for out.size bytes). Their addresses are the caller's
+    business (the preload library holds them); OSError(EFAULT) where the caller's copy
+    faults, and for anything outside the declared sizes."""
 
-    def read(self, address: int, length: int) -> bytes: ...
+    def read_input(self, length: int) -> bytes: ...
 
-    def write(self, address: int, data: bytes) -> None: ...
+    def write_output(self, data: bytes) -> None: ...
 
 
 class MockMemdevFirmware:
@@ -108,6 +117,10 @@ class MockMemdevFirmware:
         self.payload_size = payload_size
         self.firmware_version = firmware_version
         self.lsa = bytearray(lsa_size)
+        # mds->exclusive_cmds: the command ids the kernel keeps for itself (EBUSY from user
+        # space, flagged in a query); cxl_pmem claims NVDIMM_EXCLUSIVE_COMMANDS while it has
+        # the memdev's nvdimm (set_exclusive_cxl_commands()) and gives them back after
+        self.exclusive_commands: set[int] = set()
         self.handlers: dict[int, Callable[[bytes, int], tuple[bytes, int]]] = {
             0x0400: self._supported_logs, 0x0401: self._get_log, 0x4000: self._identify,
             0x4100: self._partition_info, 0x4102: self._get_lsa, 0x4103: self._set_lsa,
@@ -186,65 +199,86 @@ class MockMemdevFirmware:
         return b"", 0
 
 
-def query_commands(fw: MockMemdevFirmware, arg: ArgMemory, exclusive: Collection[int] = ()) -> None:
-    """cxl_query_cmd(): n_commands 0 asks for the count; else up to n_commands entries."""
+def query_commands(fw: MockMemdevFirmware, arg: ArgMemory) -> None:
+    """cxl_query_cmd(): n_commands 0 asks for the count, ARRAY_SIZE(cxl_mem_commands) (the
+    array is indexed by id: CXL_MEM_COMMAND_ID_MAX entries, the ids a kernel lacks zeroed);
+    else the first min(n_commands, that) entries, flagged enabled or exclusive. One copy out
+    here (the kernel copies entry by entry: only a fault midway differs)."""
     (n_commands,) = struct.unpack("<I", arg.read(0, 4))
     if n_commands == 0:
-        arg.write(0, struct.pack("<I", len(MEM_COMMANDS)))
+        arg.write(0, struct.pack("<I", ID_MAX))
         return
+    by_id = {c.id: c for c in MEM_COMMANDS}
     enabled = fw.enabled
-    for j, cmd in enumerate(MEM_COMMANDS[:n_commands]):
+    infos = []
+    for index in range(min(n_commands, ID_MAX)):
+        cmd = by_id.get(index)
+        if cmd is None:
+            infos.append(bytes(COMMAND_INFO_SIZE))
+            continue
         flags = (CXL_MEM_COMMAND_FLAG_ENABLED if cmd.id in enabled else 0) | (
-            CXL_MEM_COMMAND_FLAG_EXCLUSIVE if cmd.id in exclusive else 0)
-        arg.write(QUERY_HEADER_SIZE + j * COMMAND_INFO_SIZE, struct.pack("<IIii", cmd.id, flags, cmd.size_in,
-                                                                         cmd.size_out))
+            CXL_MEM_COMMAND_FLAG_EXCLUSIVE if cmd.id in fw.exclusive_commands else 0)
+        infos.append(struct.pack("<IIii", cmd.id, flags, cmd.size_in, cmd.size_out))
+    arg.write(QUERY_HEADER_SIZE, b"".join(infos))
 
 
-def send_command(fw: MockMemdevFirmware, arg: ArgMemory, user: UserMemory,
-                 exclusive: Collection[int] = ()) -> None:
-    """cxl_send_cmd(): validate the struct (cxl_validate_cmd_from_user()), read in.size bytes
-    of input, run the command, write at most out.size bytes of output, then retval and
-    out.size back into the struct."""
+def send_command(fw: MockMemdevFirmware, arg: ArgMemory, payloads: PayloadMemory,
+                 lock: AbstractContextManager[object] | None = None) -> None:
+    """cxl_send_cmd(): validate the struct as cxl_validate_cmd_from_user() does (errno and
+    order are the kernel's), copy in.size bytes in, run the command (under `lock`, the model's:
+    the caller's memory is never touched while it is held), copy the output out, then the
+    struct with retval and out.size. Nothing is read or allocated for a size the checks refuse."""
     raw = arg.read(0, SEND_COMMAND_SIZE)
     cmd_id, flags, rsvd, _retval, in_size, in_rsvd, in_ptr, out_size, out_rsvd, out_ptr = struct.unpack(
-        "<IIIIiIQiIQ", raw)
+        SEND_COMMAND.format, raw)
     if cmd_id == 0 or cmd_id >= ID_MAX:
         raise fail(errno.ENOTTY, f"command id {cmd_id}")
+    if in_size > fw.payload_size:
+        raise fail(errno.EINVAL, f"input of {in_size} bytes: the mailbox payload is {fw.payload_size}")
+    if cmd_id == ID_RAW:  # cxl_to_mem_cmd_raw()
+        if rsvd >> 16:
+            raise fail(errno.EINVAL, "raw.rsvd must be zero")
+        if out_size > fw.payload_size:
+            raise fail(errno.EINVAL, f"raw output of {out_size} bytes: the mailbox payload is {fw.payload_size}")
+        raise fail(errno.EPERM, "raw commands are not enabled (CONFIG_CXL_MEM_RAW_COMMANDS)")
     if flags & ~CXL_MEM_COMMAND_FLAG_MASK:
         raise fail(errno.EINVAL, "unknown flags")
-    if in_size > fw.payload_size:
-        raise fail(errno.EINVAL, "input larger than the mailbox payload")
-    if cmd_id == ID_RAW:
-        raise fail(errno.ENOTTY, "raw commands are not enabled (CONFIG_CXL_MEM_RAW_COMMANDS)")
     if rsvd or in_rsvd or out_rsvd:
         raise fail(errno.EINVAL, "reserved fields must be zero")
     cmd = next((c for c in MEM_COMMANDS if c.id == cmd_id), None)
     if cmd is None or cmd_id not in fw.enabled:
         raise fail(errno.ENOTTY, f"command {cmd_id} is not enabled")
-    if cmd_id in exclusive:
+    if cmd_id in fw.exclusive_commands:
         raise fail(errno.EBUSY, f"command {cmd_id} is claimed by the kernel")
     if cmd.size_in != VARIABLE and cmd.size_in != in_size:
-        raise fail(errno.ENOMEM, "input size differs from the command's")
+        raise fail(errno.ENOMEM, f"input of {in_size} bytes: the command takes {cmd.size_in}")
     if cmd.size_out != VARIABLE and out_size < cmd.size_out:
-        raise fail(errno.ENOMEM, "output room smaller than the command's")
-    if in_size < 0 or out_size < 0:
-        raise fail(errno.EINVAL, "negative size")
-    room = min(out_size, fw.payload_size)  # cxl_mbox_cmd_ctor(): at most the payload size
-    payload_in = user.read(in_ptr, in_size) if in_size else b""
-    payload_out, size_out = fw.execute(cmd.opcode, payload_in, room)
+        raise fail(errno.ENOMEM, f"room for {out_size} bytes: the command returns {cmd.size_out}")
+    # cxl_mbox_cmd_ctor(): vmemdup_user() of the input, then a bounce buffer of out.size
+    # (CXL_VARIABLE_PAYLOAD: the payload size), which kvzalloc() refuses past INT_MAX
+    payload_in = payloads.read_input(in_size) if in_size else b""
+    if out_size == CXL_VARIABLE_PAYLOAD_U32:
+        out_size = fw.payload_size
+    if out_size > INT_MAX:
+        raise fail(errno.ENOMEM, f"no bounce buffer of {out_size} bytes")
+    # What the device hands back is at most its payload size (cxl_pci's mailbox copies
+    # min(size_out, payload_size)); the mock's bytes past it would be zeros.
+    room = min(out_size, fw.payload_size)
+    with lock if lock is not None else nullcontext():
+        payload_out, size_out = fw.execute(cmd.opcode, payload_in, room)
     size_out = min(size_out, room)
-    out = payload_out[:size_out].ljust(size_out, b"\0")
     if size_out:
-        user.write(out_ptr, out)
-    arg.write(12, struct.pack("<I", 0))  # retval: the mock's return code, success
-    arg.write(32, struct.pack("<i", size_out))
+        payloads.write_output(payload_out[:size_out].ljust(size_out, b"\0"))
+    arg.write(0, SEND_COMMAND.pack(cmd_id, flags, rsvd, 0, in_size, in_rsvd, in_ptr, size_out, out_rsvd, out_ptr))
 
 
-def memdev_ioctl(fw: MockMemdevFirmware, ioctl_cmd: int, arg: ArgMemory, user: UserMemory) -> None:
-    """cxl_memdev_ioctl(): the two commands of /dev/cxl/memN; ENOTTY for any other."""
-    if ioctl_cmd == CXL_MEM_QUERY_COMMANDS:
-        query_commands(fw, arg)
-    elif ioctl_cmd == CXL_MEM_SEND_COMMAND:
-        send_command(fw, arg, user)
+def memdev_ioctl(fw: MockMemdevFirmware, ioctl_cmd: int, arg: ArgMemory, payloads: PayloadMemory,
+                 lock: AbstractContextManager[object] | None = None) -> None:
+    """__cxl_memdev_ioctl(): the two commands of /dev/cxl/memN; ENOTTY for any other. (A
+    memdev that is gone answers ENXIO before this: its caller finds no memdev.)"""
+    if ioctl_cmd & 0xFFFFFFFF == CXL_MEM_QUERY_COMMANDS:
+        query_commands(fw, arg)  # membership tests of the device's sets only: no lock needed
+    elif ioctl_cmd & 0xFFFFFFFF == CXL_MEM_SEND_COMMAND:
+        send_command(fw, arg, payloads, lock)
     else:
         raise fail(errno.ENOTTY, f"ioctl {ioctl_cmd:#x}")

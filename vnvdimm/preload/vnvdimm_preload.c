@@ -1,8 +1,9 @@
 /*
  * vnvdimm's preload library: what a FUSE file system cannot do for the emulated /dev.
  *
- * The daemon serves /dev/ndctlN, /dev/nmemN, /dev/daxR.M and /dev/pmemN[s] as regular files,
- * each with an extended attribute "user.vnvdimm" that says what the kernel's node would be:
+ * The daemon serves /dev/ndctlN, /dev/nmemN, /dev/cxl/memN, /dev/daxR.M and /dev/pmemN[s] as
+ * regular files, each with an extended attribute "user.vnvdimm" that says what the kernel's
+ * node would be:
  *
  *     "<c|b> <major>:<minor> <name> <align> <socket>"
  *
@@ -21,11 +22,15 @@
  *    is a device node for real, e.g. a loop device bound over /dev/pmemN, is left alone);
  *  - ioctl() is forwarded to the daemon with the descriptor itself (SCM_RIGHTS: the daemon
  *    reads the node and the access mode from it). This library sizes the argument as the
- *    kernel does (_IOC_SIZE, the block ioctls' types, __nd_ioctl()'s envelope walk) and sends
- *    that much of it, no more; the daemon validates it as the kernel does and answers with
- *    at most one write, which must fall inside [arg, arg + size) (else EFAULT, connection
- *    dropped). Copies go through process_vm_readv/writev, so a bad pointer is EFAULT as
- *    copy_from_user() makes it. One deadline bounds the whole exchange (EIO and a line on
+ *    kernel does (_IOC_SIZE, the block ioctls' types, __nd_ioctl()'s envelope walk,
+ *    cxl_query_cmd()'s n_commands) and sends that much of it, no more. CXL_MEM_SEND_COMMAND
+ *    on /dev/cxl/memN names two more buffers, in.payload (in.size bytes) and out.payload
+ *    (out.size bytes): they are regions 1 and 2 of the request, placed and sized from one
+ *    read of the struct, which is the copy the daemon gets. The daemon validates as the
+ *    kernel does and may then fetch a readable region once and store into a writable one
+ *    (the argument included) once, each by region index and offset, inside the region (else
+ *    EFAULT, connection dropped). Copies go through process_vm_readv/writev, so a bad
+ *    pointer is EFAULT as copy_from_user() makes it. One deadline bounds the whole exchange (EIO and a line on
  *    stderr when it passes). No malloc and no stdio on that path: ioctl() is
  *    async-signal-safe in the kernel, and so it is here;
  *  - mmap() of a device-dax file is refused where device-dax's check_vma() refuses (EINVAL);
@@ -68,10 +73,13 @@ _Static_assert(sizeof(off_t) == sizeof(off64_t), "off64_t differs from off_t");
 #define XATTR_NAME "user.vnvdimm"
 #define FUSE_MAGIC 0x65735546 /* FUSE_SUPER_MAGIC */
 #define WIRE_MAGIC 0x564e5644u /* "VNVD" */
-#define WIRE_VERSION 2u
+#define WIRE_VERSION 3u
 #define OP_WRITE 2u
 #define OP_DONE 3u
-#define MAX_WRITES 1 /* a command copies its answer back once (copy_to_user() of the buffer) */
+#define OP_READ 4u
+#define REGION_READ 1u  /* the daemon may fetch the region's bytes once (OP_READ) */
+#define REGION_WRITE 2u /* the daemon may store into the region once (OP_WRITE) */
+#define MAX_REGIONS 3   /* the argument, and the two payloads of CXL_MEM_SEND_COMMAND */
 #define MAX_PUSH ((4u << 20) + ND_CMD_MAX_ENVELOPE) /* ND_IOCTL_MAX_BUFLEN and an envelope past it */
 #define DEFAULT_TIMEOUT_MS 60000
 #define CHUNK 16384 /* the stack buffer copies go through */
@@ -659,8 +667,39 @@ static uint64_t block_window(unsigned long request)
 	}
 }
 
+/*
+ * /dev/cxl/memN (include/uapi/linux/cxl_mem.h). CXL_MEM_QUERY_COMMANDS writes the count alone
+ * when n_commands is 0, else min(n_commands, CXL_MEM_COMMAND_ID_MAX) entries after its 8-byte
+ * header: cxl_query_cmd() lists at most the whole of the kernel's cxl_mem_commands[]. The
+ * struct of CXL_MEM_SEND_COMMAND carries two more buffers (see forward_ioctl()).
+ */
+#define CXL_MEM_QUERY_COMMANDS 0x8008ce01u /* _IOR(0xCE, 1, struct cxl_mem_query_commands) */
+#define CXL_MEM_SEND_COMMAND 0xc030ce02u   /* _IOWR(0xCE, 2, struct cxl_send_command) */
+#define CXL_MEM_COMMAND_ID_MAX 21u	   /* ARRAY_SIZE(cxl_mem_commands) */
+#define CXL_QUERY_HEADER 8u		   /* struct cxl_mem_query_commands without commands[] */
+#define CXL_COMMAND_INFO 16u		   /* struct cxl_command_info */
+#define CXL_SEND_SIZE 48u		   /* struct cxl_send_command */
+
+static int is_cxl_memdev(const struct node *node)
+{
+	return node->type == 'c' && strncmp(node->name, "mem", 3) == 0 && node->name[3] >= '0' && node->name[3] <= '9';
+}
+
+static uint64_t cxl_query_window(const char *arg)
+{
+	uint32_t n_commands;
+
+	if (user_copy((char *)&n_commands, arg, sizeof(n_commands), 0))
+		return CXL_QUERY_HEADER; /* unreadable: the daemon's get_user() of it faults */
+	if (n_commands > CXL_MEM_COMMAND_ID_MAX)
+		n_commands = CXL_MEM_COMMAND_ID_MAX;
+	return CXL_QUERY_HEADER + (uint64_t)n_commands * CXL_COMMAND_INFO;
+}
+
 static uint64_t arg_window(const struct node *node, unsigned long request, const char *arg)
 {
+	if (is_cxl_memdev(node) && (request & 0xffffffffu) == CXL_MEM_QUERY_COMMANDS)
+		return cxl_query_window(arg);
 	if (node->type == 'c' && strncmp(node->name, "ndctl", 5) == 0)
 		return nd_window(0, _IOC_NR(request), arg);
 	if (node->type == 'c' && strncmp(node->name, "nmem", 4) == 0)
@@ -673,13 +712,28 @@ static uint64_t arg_window(const struct node *node, unsigned long request, const
 /* ------------------------------------------------------------------ ioctl forwarding */
 
 struct wire_request {
-	uint32_t magic, version, request, pad;
+	uint32_t magic, version, request, regions; /* regions: how many wire_regions follow */
 	uint64_t window, readable; /* the argument's size as sized here; how much of it follows */
 };
 
+/* A buffer of the caller's besides the argument (region 0), as this library sized it. */
+struct wire_region {
+	uint64_t size;
+	uint32_t access, pad; /* REGION_READ or REGION_WRITE */
+};
+
 struct wire_op {
-	uint32_t op, pad;
+	uint32_t op, region;
 	uint64_t offset, length;
+};
+
+/* What the daemon may touch: [base, base + size), once each way that access allows. The
+ * addresses are this process's own (its ioctl argument and the pointers in it, read once):
+ * the daemon names a region by its index and an offset, never by an address. */
+struct region {
+	uint64_t base, size;
+	uint32_t access;
+	int reads, writes;
 };
 
 enum failure { GONE = 1, TIMEOUT, BROKEN };
@@ -783,25 +837,36 @@ static uint64_t readable_prefix(const char *arg, uint64_t window)
 }
 
 /* The request, with the descriptor itself (the daemon reads the node and the open's flags
- * from it), then the readable part of the argument: the daemon reads nothing else of ours. */
-static int send_request(int sock, int fd, unsigned long request, const char *arg, uint64_t window,
-			long long deadline)
+ * from it), the sizes of the other regions, then the readable part of the argument (of
+ * `copy`, when the argument was read already: what the regions were sized from is what the
+ * daemon sees): the daemon reads nothing else of ours unless it asks (OP_READ). */
+static int send_request(int sock, int fd, unsigned long request, const struct region *regions, int nregions,
+			const char *copy, long long deadline)
 {
-	struct wire_request req = { WIRE_MAGIC, WIRE_VERSION, (uint32_t)request, 0, window, 0 };
-	struct iovec iov = { &req, sizeof(req) };
+	const char *arg = (const char *)(uintptr_t)regions[0].base;
+	uint64_t window = regions[0].size;
+	struct wire_request req = { WIRE_MAGIC, WIRE_VERSION, (uint32_t)request, (uint32_t)(nregions - 1), window, 0 };
+	struct wire_region extra[MAX_REGIONS - 1];
+	struct iovec iov[2] = { { &req, sizeof(req) }, { extra, sizeof(extra[0]) * (size_t)(nregions - 1) } };
 	union {
 		char buf[CMSG_SPACE(sizeof(int))];
 		struct cmsghdr align;
 	} control;
-	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+	struct msghdr msg = { .msg_iov = iov, .msg_iovlen = 2, .msg_control = control.buf,
 			      .msg_controllen = sizeof(control.buf) };
 	struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
 	char buf[CHUNK];
 	uint64_t done;
 	ssize_t n;
+	size_t head = sizeof(req) + iov[1].iov_len;
 	int rc;
 
-	req.readable = readable_prefix(arg, window);
+	memset(extra, 0, sizeof(extra));
+	for (int i = 1; i < nregions; i++) {
+		extra[i - 1].size = regions[i].size;
+		extra[i - 1].access = regions[i].access;
+	}
+	req.readable = copy ? window : readable_prefix(arg, window);
 	memset(control.buf, 0, sizeof(control.buf));
 	cmsg->cmsg_level = SOL_SOCKET;
 	cmsg->cmsg_type = SCM_RIGHTS;
@@ -814,12 +879,20 @@ static int send_request(int sock, int fd, unsigned long request, const char *arg
 	} while (n < 0 && (errno == EINTR || errno == EAGAIN));
 	if (n < 0)
 		return errno == ECONNRESET || errno == EPIPE ? GONE : BROKEN;
-	if ((rc = transfer(sock, (char *)&req + n, sizeof(req) - (size_t)n, 1, deadline)))
+	if ((size_t)n < sizeof(req) && (rc = transfer(sock, (char *)&req + n, sizeof(req) - (size_t)n, 1, deadline)))
 		return rc;
+	if ((size_t)n < head) {
+		size_t from = (size_t)n > sizeof(req) ? (size_t)n - sizeof(req) : 0;
+
+		if ((rc = transfer(sock, (char *)extra + from, iov[1].iov_len - from, 1, deadline)))
+			return rc;
+	}
 	for (done = 0; done < req.readable; done += CHUNK) {
 		size_t len = req.readable - done < CHUNK ? req.readable - done : CHUNK;
 
-		if (user_copy(buf, arg + done, len, 0))
+		if (copy)
+			memcpy(buf, copy + done, len);
+		else if (user_copy(buf, arg + done, len, 0))
 			return BROKEN; /* unmapped since we looked: what we promised cannot be sent */
 		if ((rc = transfer(sock, buf, len, 1, deadline)))
 			return rc;
@@ -827,12 +900,20 @@ static int send_request(int sock, int fd, unsigned long request, const char *arg
 	return 0;
 }
 
+/* [start, start + length) of a region, unless it wraps past the end of the address space
+ * (access_ok() refuses such a range: EFAULT). */
+static int region_span(const struct region *r, const struct wire_op *op, uint64_t *start)
+{
+	*start = r->base + op->offset;
+	return *start >= r->base && *start + op->length >= *start;
+}
+
 /* WRITE: the bytes come, then our status (0, or EFAULT where copy_to_user() would fail). */
-static int serve_write(int sock, const struct wire_op *op, char *arg, long long deadline)
+static int serve_write(int sock, const struct wire_op *op, const struct region *r, long long deadline)
 {
 	char buf[CHUNK];
-	uint32_t status = 0;
-	uint64_t done;
+	uint64_t start, done;
+	uint32_t status = region_span(r, op, &start) ? 0 : EFAULT;
 	int rc;
 
 	for (done = 0; done < op->length; done += CHUNK) {
@@ -841,17 +922,58 @@ static int serve_write(int sock, const struct wire_op *op, char *arg, long long 
 		if ((rc = transfer(sock, buf, n, 0, deadline)))
 			return rc;
 		if (!status)
-			status = user_copy(buf, arg + op->offset + done, n, 1);
+			status = user_copy(buf, (char *)(uintptr_t)(start + done), n, 1);
 	}
 	return transfer(sock, &status, sizeof(status), 1, deadline);
+}
+
+/* READ: our status (0, or EFAULT where copy_from_user() would fault), then, if 0, the bytes. */
+static int serve_read(int sock, const struct wire_op *op, const struct region *r, long long deadline)
+{
+	char buf[CHUNK];
+	uint64_t start, done;
+	uint32_t status = 0;
+	int rc;
+
+	if (!region_span(r, op, &start) || readable_prefix((const char *)(uintptr_t)start, op->length) < op->length)
+		status = EFAULT;
+	if ((rc = transfer(sock, &status, sizeof(status), 1, deadline)) || status)
+		return rc;
+	for (done = 0; done < op->length; done += CHUNK) {
+		size_t n = op->length - done < CHUNK ? op->length - done : CHUNK;
+
+		if (user_copy(buf, (const char *)(uintptr_t)(start + done), n, 0))
+			return BROKEN; /* unmapped since we looked: what we promised cannot be sent */
+		if ((rc = transfer(sock, buf, n, 1, deadline)))
+			return rc;
+	}
+	return 0;
+}
+
+/* An op the daemon may ask for: inside one region, the way it allows, once each way (the
+ * kernel copies each buffer in once and out once). */
+static struct region *allowed(const struct wire_op *op, struct region *regions, int nregions)
+{
+	struct region *r = op->region < (uint32_t)nregions ? &regions[op->region] : NULL;
+
+	if (!r || op->offset > r->size || op->length > r->size - op->offset)
+		return NULL;
+	if (op->op == OP_WRITE && (r->access & REGION_WRITE) && !r->writes++)
+		return r;
+	if (op->op == OP_READ && (r->access & REGION_READ) && !r->reads++)
+		return r;
+	return NULL;
 }
 
 static int forward_ioctl(int fd, const struct node *node, unsigned long request, char *arg)
 {
 	uint64_t window = arg_window(node, request, arg);
 	long long deadline = now_ms() + timeout_ms;
+	struct region regions[MAX_REGIONS];
+	unsigned char send_cmd[CXL_SEND_SIZE];
+	const char *copy = NULL;
 	struct wire_op op;
-	int sock = -1, flags = fcntl(fd, F_GETFL), rc, writes = 0;
+	int sock = -1, flags = fcntl(fd, F_GETFL), rc, nregions = 1;
 
 	if (flags < 0)
 		return -1;
@@ -861,10 +983,33 @@ static int forward_ioctl(int fd, const struct node *node, unsigned long request,
 	}
 	if (window > MAX_PUSH)
 		window = MAX_PUSH; /* an envelope pointing that far: the daemon's read of it faults */
+	regions[0] = (struct region){ (uint64_t)(uintptr_t)arg, window, REGION_WRITE, 0, 0 };
+	/*
+	 * CXL_MEM_SEND_COMMAND: the kernel copies in.size bytes in from in.payload and at most
+	 * out.size bytes out to out.payload. Those are regions 1 and 2, sized from one read of the
+	 * struct, which is also what the daemon gets. An unreadable struct: no regions (the
+	 * daemon's copy_from_user() of it faults).
+	 */
+	if (is_cxl_memdev(node) && (request & 0xffffffffu) == CXL_MEM_SEND_COMMAND && window == CXL_SEND_SIZE &&
+	    user_copy((char *)send_cmd, arg, sizeof(send_cmd), 0) == 0) {
+		uint32_t in_size, out_size;
+		uint64_t in_payload, out_payload;
+
+		memcpy(&in_size, send_cmd + 16, sizeof(in_size));
+		memcpy(&in_payload, send_cmd + 24, sizeof(in_payload));
+		memcpy(&out_size, send_cmd + 32, sizeof(out_size));
+		memcpy(&out_payload, send_cmd + 40, sizeof(out_payload));
+		regions[1] = (struct region){ in_payload, in_size, REGION_READ, 0, 0 };
+		regions[2] = (struct region){ out_payload, out_size, REGION_WRITE, 0, 0 };
+		nregions = 3;
+		copy = (const char *)send_cmd;
+	}
 	if ((rc = connect_daemon(node, deadline, &sock)) ||
-	    (rc = send_request(sock, fd, request, arg, window, deadline)))
+	    (rc = send_request(sock, fd, request, regions, nregions, copy, deadline)))
 		goto failed;
 	for (;;) {
+		struct region *r;
+
 		if ((rc = transfer(sock, &op, sizeof(op), 0, deadline)))
 			goto failed;
 		if (op.op == OP_DONE) {
@@ -879,13 +1024,13 @@ static int forward_ioctl(int fd, const struct node *node, unsigned long request,
 			}
 			return (int)op.length;
 		}
-		if (op.op != OP_WRITE || ++writes > MAX_WRITES || op.offset > window || op.length > window - op.offset) {
-			complain("the daemon asked to write outside the ioctl's argument: refused");
+		if (!(r = allowed(&op, regions, nregions))) {
+			complain("the daemon asked for memory outside the ioctl's buffers: refused");
 			close(sock);
 			errno = EFAULT;
 			return -1;
 		}
-		if ((rc = serve_write(sock, &op, arg, deadline)))
+		if ((rc = op.op == OP_WRITE ? serve_write(sock, &op, r, deadline) : serve_read(sock, &op, r, deadline)))
 			goto failed;
 	}
 failed:
