@@ -372,28 +372,35 @@ static int on_mount(const struct stat *st)
 	return trusted && S_ISREG(st->st_mode) && st->st_dev == trusted_dev;
 }
 
+/* The trusted mount is FUSE's, fd being a file on it. FUSE forwards every statfs to the
+ * daemon: ask once. The answer holds while the super block lives, and with-vnvdimm's
+ * namespace pins it (its /dev is a bind of the mount), so the device number cannot pass to
+ * another file system under us. */
+static int mount_is_fuse(int fd)
+{
+	struct statfs fs;
+
+	if (!fuse_checked) {
+		if (fstatfs(fd, &fs) != 0)
+			return 0;
+		if (fs.f_type != FUSE_MAGIC)
+			trusted = 0;
+		fuse_checked = 1;
+	}
+	return trusted;
+}
+
 /* fd is an emulated node: a regular file on the trusted FUSE mount with a well-formed
  * attribute; st is its stat. errno is left as it was. */
 static int node_of_fd(int fd, struct stat *st, struct node *node)
 {
 	char path[32], buf[256];
-	struct statfs fs;
 	int saved = errno, ok = 0;
 	ssize_t n;
 
 	if (!trusted || fd < 0 || sys_fstat(fd, st) != 0 || !on_mount(st))
 		goto out;
-	/* FUSE forwards every statfs to the daemon: ask once. The answer holds while the super
-	 * block lives, and with-vnvdimm's namespace pins it (its /dev is a bind of the mount),
-	 * so the device number cannot pass to another file system under us. */
-	if (!fuse_checked) {
-		if (fstatfs(fd, &fs) != 0)
-			goto out;
-		if (fs.f_type != FUSE_MAGIC)
-			trusted = 0;
-		fuse_checked = 1;
-	}
-	if (trusted) {
+	if (mount_is_fuse(fd)) {
 		proc_fd_path(fd, path);
 		n = getxattr(path, XATTR_NAME, buf, sizeof(buf));
 		ok = n > 0 && parse_node(buf, (size_t)n, node);
@@ -1045,6 +1052,36 @@ failed:
 	return -1;
 }
 
+/* fd was a memdev's node of the trusted mount (/dev/cxl/memN) whose memdev is gone since it
+ * was opened (cxl_test unloaded): the file is no longer in the tree, so it has no attribute
+ * left. The kernel's cxl_memdev_ioctl() answers ENXIO for such a file, whatever the command. */
+static int vanished_memdev(int fd)
+{
+	static const char prefix[] = "/dev/cxl/mem";
+	char path[32], where[64], attr[256];
+	struct statx stx;
+	struct stat st = { 0 };
+	ssize_t n;
+	int saved = errno, gone = 0;
+
+	/* fstat() asks the daemon, which no longer knows the file (ENOENT): the attributes the
+	 * kernel cached when it was opened say what it was */
+	if (trusted && fd >= 0 &&
+	    sys_statx(fd, "", AT_EMPTY_PATH | AT_STATX_DONT_SYNC, STATX_TYPE, &stx) == 0 && (stx.stx_mask & STATX_TYPE)) {
+		st.st_mode = stx.stx_mode;
+		st.st_dev = makedev(stx.stx_dev_major, stx.stx_dev_minor);
+	}
+	if (on_mount(&st) && mount_is_fuse(fd)) {
+		proc_fd_path(fd, path);
+		n = readlink(path, where, sizeof(where) - 1);
+		if (n > (ssize_t)(sizeof(prefix) - 1) && memcmp(where, prefix, sizeof(prefix) - 1) == 0 &&
+		    getxattr(path, XATTR_NAME, attr, sizeof(attr)) < 0 && errno == ENOENT)
+			gone = 1;
+	}
+	errno = saved;
+	return gone;
+}
+
 int ioctl(int fd, unsigned long request, ...)
 {
 	struct stat st;
@@ -1057,6 +1094,10 @@ int ioctl(int fd, unsigned long request, ...)
 	va_end(ap);
 	if (node_of_fd(fd, &st, &node))
 		return forward_ioctl(fd, &node, request, arg);
+	if (vanished_memdev(fd)) {
+		errno = ENXIO;
+		return -1;
+	}
 	return sys_ioctl(fd, request, arg);
 }
 
