@@ -5,6 +5,7 @@ payload_max), as they do on the kernel's cxl_test."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -96,3 +97,19 @@ def test_labels_survive_a_cxl_disable_and_enable_of_the_memdev(ct, tmp_path: Pat
     cxl(ct, "enable-memdev", "mem4")
     cxl(ct, "read-labels", "-s", "500", "-o", str(tmp_path / "after"), "mem4")
     assert (tmp_path / "while").read_bytes() == (tmp_path / "after").read_bytes() == b"label" * 100
+
+
+def test_health_and_partition_info_are_mem_c_s(ct) -> None:  # type: ignore[no-untyped-def]
+    """`cxl list -H -I` asks each memdev's mailbox (GET_HEALTH_INFO, GET_PARTITION_INFO) and
+    shows what mem.c's mock answers."""
+    res = ct.run("cxl", "list", "-m", "mem0", "-H", "-I")
+    assert res.returncode == 0, res.stderr
+    (mem0,) = json.loads(res.stdout)
+    health = mem0["health"]
+    assert (health["maintenance_needed"], health["media_data_lost"], health["ext_temperature"]) == (
+        True, True, "critical")
+    assert (health["life_used_percent"], health["temperature"], health["dirty_shutdowns"]) == (15, 25, 10)
+    assert (health["volatile_errors"], health["pmem_errors"]) == (20, 30)
+    info = mem0["partition_info"]
+    assert (info["total_size"], info["partition_alignment_size"]) == (2 << 30, 256 << 20)
+    assert (info["active_volatile_size"], info["active_persistent_size"]) == (1 << 30, 1 << 30)
