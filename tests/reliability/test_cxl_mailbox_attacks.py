@@ -111,7 +111,7 @@ def send(mnt, cmd_id: int, payload_in: bytes = b"", out_size: int = 0, out_len: 
 
 @pytest.fixture(scope="module")
 def ct(request):  # type: ignore[no-untyped-def]
-    """One cxl_test mount for the module (no test here changes the label areas it reads)."""
+    """One cxl_test mount for the module (labels are read on mem0, written on mem5 only)."""
     with mounted(request, CXL_TEST) as m:
         yield m
 
@@ -356,3 +356,20 @@ def test_an_unloaded_memdev_answers_enxio(tmp_path, make_mount) -> None:  # type
     out = victim(m, CXL_MEM_QUERY_COMMANDS, bytes(8), before="modprobe -r cxl_test")
     assert (out["rc"], out["errno"]) == (-1, errno.ENXIO)
     assert out["outside_intact"]
+
+
+def test_the_python_client_carries_both_payloads(ct) -> None:  # type: ignore[no-untyped-def]
+    """wire.call() (tests' and tools' client) declares the two buffers as the library does: a
+    SET_LSA then a GET_LSA of the same bytes, at the end of mem5's label area."""
+    data = os.urandom(40)
+    payload_in = struct.pack("<II", LSA_SIZE - 40, 0) + data
+    arg = bytearray(SEND_COMMAND.pack(ID_SET_LSA, 0, 0, 0, len(payload_in), 0, 0, 0, 0, 0))
+    got = wire.call(socket_of(ct), ct.dev / "cxl/mem5", CXL_MEM_SEND_COMMAND, arg, payload_in=payload_in,
+                    payload_out=bytearray())
+    assert (got.ret, got.errno) == (0, 0)
+    out = bytearray(40)
+    arg = bytearray(SEND_COMMAND.pack(ID_GET_LSA, 0, 0, 0, 8, 0, 0, 40, 0, 0))
+    got = wire.call(socket_of(ct), ct.dev / "cxl/mem5", CXL_MEM_SEND_COMMAND, arg,
+                    payload_in=struct.pack("<II", LSA_SIZE - 40, 40), payload_out=out)
+    assert (got.ret, got.errno, bytes(out)) == (0, 0, data)
+    assert SEND_COMMAND.unpack(arg)[7] == 40  # out.size

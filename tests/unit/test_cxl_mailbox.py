@@ -5,10 +5,13 @@ preload library's part: the argument in place, the payload pointers by address).
 from __future__ import annotations
 
 import errno
+import re
 import struct
+from pathlib import Path
 
 import pytest
 
+from vnvdimm.ioctl import wire
 from vnvdimm.model.cxl_mailbox import (
     CEL_UUID,
     CXL_MEM_QUERY_COMMANDS,
@@ -24,6 +27,7 @@ from vnvdimm.model.cxl_mailbox import (
     ID_SET_LSA,
     ID_SET_PARTITION_INFO,
     NVDIMM_EXCLUSIVE_COMMANDS,
+    SEND_COMMAND,
     MockMemdevFirmware,
     memdev_ioctl,
 )
@@ -197,3 +201,74 @@ def test_validation_as_mbox_c_does_it(fw: MockMemdevFirmware) -> None:
     user.map(0x80000, bytes(8))
     assert errno_of(lambda: ioctl(fw, CXL_MEM_SEND_COMMAND, arg, user)) == errno.EFAULT
     assert errno_of(lambda: ioctl(fw, 0x1234, Arg(bytes(8)), user)) == errno.ENOTTY
+
+
+PAYLOAD_ROOM = 8192  # the fake caller's output buffer: larger than any answer may be
+
+
+class Recording(Payloads):
+    """The caller's buffers, declared with whatever sizes the struct says, counting what the
+    daemon's side asks of them."""
+
+    def __init__(self, arg: Arg, user: User) -> None:
+        super().__init__(arg, user)
+        self.asked: list[tuple[str, int]] = []
+
+    def read_input(self, length: int) -> bytes:
+        self.asked.append(("read", length))
+        return super().read_input(length)
+
+    def write_output(self, data: bytes) -> None:
+        self.asked.append(("write", len(data)))
+        super().write_output(data)
+
+
+def raw_send(fw: MockMemdevFirmware, cmd_id: int, in_size: int, out_size: int, flags: int = 0,
+             rsvd: int = 0) -> tuple[int | None, list[tuple[str, int]], Arg]:
+    user = User()
+    user.map(0x10000, struct.pack("<II", 0, 16))
+    user.map(0x80000, bytes(PAYLOAD_ROOM))
+    arg = Arg(struct.pack("<IIIIIIQIIQ", cmd_id, flags, rsvd, 0, in_size, 0, 0x10000, out_size, 0, 0x80000))
+    before = bytes(arg.buf)
+    payloads = Recording(arg, user)
+    code = errno_of(lambda: memdev_ioctl(fw, CXL_MEM_SEND_COMMAND, arg, payloads))
+    if code is not None:
+        assert bytes(arg.buf) == before  # the struct is copied back on success only
+    return code, payloads.asked, arg
+
+
+def test_huge_sizes_get_the_kernels_errno_before_a_byte_is_asked_for(fw: MockMemdevFirmware) -> None:
+    """The attacker is the client: sizes the kernel refuses are refused in its order and with
+    its errno, before the input is read or any output room is taken."""
+    assert raw_send(fw, 0, 0xFFFFFFFF, 0)[:2] == (errno.ENOTTY, [])  # the id first
+    assert raw_send(fw, ID_MAX, 0xFFFFFFFF, 0)[:2] == (errno.ENOTTY, [])
+    assert raw_send(fw, ID_SET_LSA, 0xFFFFFFFF, 0)[:2] == (errno.EINVAL, [])  # > payload_max
+    assert raw_send(fw, ID_SET_LSA, 4097, 0)[:2] == (errno.EINVAL, [])
+    assert raw_send(fw, ID_RAW, 8, 16)[:2] == (errno.EPERM, [])  # no CONFIG_CXL_MEM_RAW_COMMANDS
+    assert raw_send(fw, ID_RAW, 8, 4097)[:2] == (errno.EINVAL, [])  # raw output checked first
+    assert raw_send(fw, ID_RAW, 8, 16, rsvd=1 << 16)[:2] == (errno.EINVAL, [])  # raw.rsvd
+    assert raw_send(fw, ID_GET_LSA, 8, 16, flags=1 << 1)[:2] == (errno.EINVAL, [])
+    assert raw_send(fw, ID_GET_LSA, 4, 16)[:2] == (errno.ENOMEM, [])  # GET_LSA takes 8
+    # out.size past INT_MAX: kvzalloc() refuses the bounce buffer after vmemdup_user()
+    assert raw_send(fw, ID_GET_LSA, 8, 0x80000000)[:2] == (errno.ENOMEM, [("read", 8)])
+    # 2 GiB - 1 or CXL_VARIABLE_PAYLOAD: at most payload_max bytes come back
+    for out_size in (0x7FFFFFFF, 0xFFFFFFFF):
+        code, asked, arg = raw_send(fw, ID_GET_LSA, 8, out_size)
+        assert (code, asked) == (None, [("read", 8), ("write", 4096)])
+        assert struct.unpack_from("<I", arg.buf, 32)[0] == 4096
+
+
+def test_the_c_librarys_constants_are_the_models() -> None:
+    """The preload library sizes QUERY_COMMANDS with its own copy of the kernel's table size
+    and speaks the wire's version and ops: one value each, on both sides."""
+    source = (Path(__file__).resolve().parents[2] / "vnvdimm/preload/vnvdimm_preload.c").read_text()
+    defines = dict(re.findall(r"^#define (\w+) (0x[0-9a-f]+|\d+)u?\b", source, re.MULTILINE))
+    assert int(defines["CXL_MEM_COMMAND_ID_MAX"], 0) == ID_MAX
+    assert int(defines["CXL_MEM_QUERY_COMMANDS"], 0) == CXL_MEM_QUERY_COMMANDS
+    assert int(defines["CXL_MEM_SEND_COMMAND"], 0) == CXL_MEM_SEND_COMMAND
+    assert int(defines["CXL_SEND_SIZE"], 0) == SEND_COMMAND.size == 48
+    assert int(defines["WIRE_VERSION"], 0) == wire.VERSION
+    assert (int(defines["OP_WRITE"]), int(defines["OP_DONE"]), int(defines["OP_READ"])) == (
+        wire.OP_WRITE, wire.OP_DONE, wire.OP_READ)
+    assert (int(defines["REGION_READ"]), int(defines["REGION_WRITE"])) == (wire.REGION_READ, wire.REGION_WRITE)
+    assert int(defines["MAX_REGIONS"]) == wire.MAX_REGIONS + 1
