@@ -30,7 +30,9 @@
  *    kernel does and may then fetch a readable region once and store into a writable one
  *    (the argument included) once, each by region index and offset, inside the region (else
  *    EFAULT, connection dropped). Copies go through process_vm_readv/writev, so a bad
- *    pointer is EFAULT as copy_from_user() makes it. One deadline bounds the whole exchange (EIO and a line on
+ *    pointer is EFAULT as copy_from_user() makes it. An ioctl on a /dev/cxl/memN that has
+ *    left the mount's tree since it was opened (its memdev unregistered) is ENXIO, as
+ *    cxl_memdev_ioctl() answers it. One deadline bounds the whole exchange (EIO and a line on
  *    stderr when it passes). No malloc and no stdio on that path: ioctl() is
  *    async-signal-safe in the kernel, and so it is here;
  *  - mmap() of a device-dax file is refused where device-dax's check_vma() refuses (EINVAL);
