@@ -252,7 +252,8 @@ class TreeBuilder:
             s.add("/sys/module/vnvdimm/modprobe", KAttr(Attr("modprobe", 0o200, store=modules.store), self.lock))
         self._devfile_rdev(s)
         for bus in self.system.buses:
-            self._platform_dirs(s, bus)
+            if bus.platform_path:  # (a CXL bus hangs below its bridge, a cxl device)
+                self._platform_dirs(s, bus)
             self._device(s, bus)
         for dev in self.system.platform_devices:  # dax_hmem's hmem.N
             self._platform_bus_links(s, f"platform/{dev.name}")

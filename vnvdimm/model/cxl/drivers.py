@@ -39,6 +39,21 @@ from vnvdimm.model.cxl.common import (
 )
 from vnvdimm.model.cxl.decoder import CxlDecoder
 from vnvdimm.model.cxl.memdev import CxlMemdev
+from vnvdimm.model.cxl.pmem import (
+    CXL_DEVICE_NVDIMM,
+    CXL_DEVICE_NVDIMM_BRIDGE,
+    CXL_DEVICE_PMEM_REGION,
+    CxlNvdimm,
+    CxlNvdimmBridge,
+    CxlPmemRegion,
+    create_nd_region,
+    create_nmem,
+    lowest_free,
+    register_nvdimm_bus,
+    remove_nd_region,
+    remove_nmem,
+    unregister_nvdimm_bus,
+)
 from vnvdimm.model.cxl.port import CxlPort, CxlTopology
 from vnvdimm.model.cxl.region import CxlRegion
 from vnvdimm.model.drivers import BusDriver
@@ -99,10 +114,26 @@ class CxlAcpiDriver(BusDriver):
         return topo
 
     def probe(self, dev: Device) -> None:
-        self._topology(dev).add_root()
+        topo = self._topology(dev)
+        topo.add_root()
+        root = topo.root
+        assert root is not None
+        if any(not w.ram for w in topo.windows):
+            # add_root_nvdimm_bridge(): a root with a pmem window gets a bridge for cxl_pmem
+            used = (t.root.bridge.id for t in self.topologies()
+                    if t.root is not None and isinstance(t.root.bridge, CxlNvdimmBridge))
+            bridge = CxlNvdimmBridge(root, lowest_free(used))
+            root.bridge = bridge
+            self.system.device_add(bridge)
 
     def remove(self, dev: Device) -> None:
-        self._topology(dev).remove_root()
+        topo = self._topology(dev)
+        bridge = topo.root.bridge if topo.root is not None else None
+        topo.remove_root()
+        if bridge is not None:
+            self.system.driver_detach(bridge)
+            assert isinstance(bridge.parent, CxlPort)
+            bridge.parent.bridge = None
 
 
 class CxlPortDriver(CxlDriver):
@@ -161,9 +192,21 @@ class CxlMemDriver(CxlDriver):
         switch.ports.append(endpoint)
         dev.endpoint = endpoint
         self.system.device_add(endpoint)
+        if dev.pmem_size:
+            # devm_cxl_add_nvdimm(): pmemN for the memdev's nmem; no bridge, no probe
+            root = topo.root
+            bridge = root.bridge if root is not None else None
+            if not isinstance(bridge, CxlNvdimmBridge):
+                raise fail(errno.ENODEV, f"{dev.name}: PMEM disabled by platform")
+            dev.cxl_nvd = CxlNvdimm(dev, bridge)
+            self.system.device_add(dev.cxl_nvd)
 
     def remove(self, dev: Device) -> None:
         assert isinstance(dev, CxlMemdev)
+        if dev.cxl_nvd is not None:
+            self.system.driver_detach(dev.cxl_nvd)
+            dev.cxl_nvd = None
+            self.system.changed()
         endpoint, dev.endpoint = dev.endpoint, None
         if endpoint is None:
             return
@@ -186,6 +229,65 @@ class CxlRegionDriver(CxlDriver):
         assert isinstance(dev, CxlRegion)
         if dev.state < CXL_CONFIG_COMMIT:
             raise fail(errno.ENXIO, f"{dev.name}: config state {dev.state}")
+        if dev.mode == "pmem":
+            # devm_cxl_add_pmem_region(): pmem_regionN, for cxl_pmem to make an nd region of
+            bridge = dev.root_decoder.port.bridge
+            if not isinstance(bridge, CxlNvdimmBridge):
+                raise fail(errno.ENODEV, f"{dev.name}: no nvdimm bridge")
+            dev.pmem_region = CxlPmemRegion(dev, bridge)
+            self.system.device_add(dev.pmem_region)
+
+    def remove(self, dev: Device) -> None:
+        assert isinstance(dev, CxlRegion)
+        if dev.pmem_region is not None:
+            self.system.driver_detach(dev.pmem_region)
+            dev.pmem_region = None
+            self.system.changed()
+
+
+class CxlNvdimmBridgeDriver(CxlDriver):
+    """cxl_nvdimm_bridge: registers the nvdimm bus below the bridge."""
+
+    module = "cxl_pmem"
+    cxl_id = CXL_DEVICE_NVDIMM_BRIDGE
+
+    def probe(self, dev: Device) -> None:
+        assert isinstance(dev, CxlNvdimmBridge)
+        register_nvdimm_bus(dev)
+
+    def remove(self, dev: Device) -> None:
+        assert isinstance(dev, CxlNvdimmBridge)
+        unregister_nvdimm_bus(dev)
+
+
+class CxlNvdimmDriver(CxlDriver):
+    """cxl_nvdimm: creates the memdev's nmem on the bridge's bus."""
+
+    module = "cxl_pmem"
+    cxl_id = CXL_DEVICE_NVDIMM
+
+    def probe(self, dev: Device) -> None:
+        assert isinstance(dev, CxlNvdimm)
+        create_nmem(dev)
+
+    def remove(self, dev: Device) -> None:
+        assert isinstance(dev, CxlNvdimm)
+        remove_nmem(dev)
+
+
+class CxlPmemRegionDriver(CxlDriver):
+    """cxl_pmem_region: creates the nd region of an enabled pmem region."""
+
+    module = "cxl_pmem"
+    cxl_id = CXL_DEVICE_PMEM_REGION
+
+    def probe(self, dev: Device) -> None:
+        assert isinstance(dev, CxlPmemRegion)
+        create_nd_region(dev)
+
+    def remove(self, dev: Device) -> None:
+        assert isinstance(dev, CxlPmemRegion)
+        remove_nd_region(dev)
 
 
 def register(system: System, topologies: Callable[[], list[CxlTopology]]) -> None:
@@ -196,5 +298,8 @@ def register(system: System, topologies: Callable[[], list[CxlTopology]]) -> Non
     system.register_bus_type(PlatformBusType())
     system.register_driver(CxlAcpiDriver(system, topologies))
     for drv in (CxlMemDriver(system, "cxl_mem", CXL_BUS), CxlPortDriver(system, "cxl_port", CXL_BUS),
-                CxlRegionDriver(system, "cxl_region", CXL_BUS)):
+                CxlRegionDriver(system, "cxl_region", CXL_BUS),
+                CxlNvdimmBridgeDriver(system, "cxl_nvdimm_bridge", CXL_BUS),
+                CxlNvdimmDriver(system, "cxl_nvdimm", CXL_BUS),
+                CxlPmemRegionDriver(system, "cxl_pmem_region", CXL_BUS)):
         system.register_driver(drv)

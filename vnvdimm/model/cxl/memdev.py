@@ -3,9 +3,11 @@ mailbox (cxl_mailbox.MockMemdevFirmware), where its label storage lives."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from vnvdimm.model.base import (
+    Device,
     Entry,
     Group,
     ro,
@@ -42,6 +44,7 @@ class CxlMemdev(CxlDev):
         self.firmware_version = firmware_version
         self.devt = (CXL_MEM_MAJOR, memdev_id)
         self.endpoint: CxlPort | None = None
+        self.cxl_nvd: Device | None = None  # pmemN, cxl_mem's bridge to the memdev's nmem
         # the device behind the mailbox (mem.c's mock): the label area lives there
         self.firmware = MockMemdevFirmware(ram_size, pmem_size, lsa_size, payload_max, firmware_version)
         pdev.kids.append(self)
@@ -58,6 +61,9 @@ class CxlMemdev(CxlDev):
             Group("ram", [ro("size", lambda: f"{c_hex(self.ram_size)}\n")]),
             Group("pmem", [ro("size", lambda: f"{c_hex(self.pmem_size)}\n")]),
         ]
+
+    def children(self) -> Iterable[Device]:
+        return [self.cxl_nvd] if self.cxl_nvd is not None else []
 
     def uevent(self) -> str:
         return f"MAJOR={self.devt[0]}\nMINOR={self.devt[1]}\nDEVNAME=cxl/{self.name}\n" + super().uevent()

@@ -48,6 +48,7 @@ class CxlPort(CxlDev):
         self.hdm_end = -1  # the last decoder with DPA (allocation is in decoder order)
         self.commit_end = -1  # the last committed decoder (commit is in decoder order)
         self.parent_port = parent if isinstance(parent, CxlPort) else None
+        self.bridge: Device | None = None  # root ports: the nvdimm-bridgeN cxl_pmem hangs below
 
     def entries(self) -> list[Entry]:
         out: list[Entry] = [*super().entries(), Link("uport", self.uport)]
@@ -57,7 +58,7 @@ class CxlPort(CxlDev):
         return out
 
     def children(self) -> Iterable[Device]:
-        return [*self.decoders, *self.ports]
+        return [*self.decoders, *self.ports, *([self.bridge] if self.bridge is not None else [])]
 
     def endpoints(self) -> list[CxlPort]:
         return [p for p in self.ports if p.kind == "endpoint"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import re
 import uuid as uuidlib
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
 from vnvdimm.model.base import (
@@ -60,6 +61,10 @@ class CxlRegion(CxlDev):
         self.state = CXL_CONFIG_IDLE
         self.targets: list[CxlDecoder | None] = [None] * MAX_REGION_TARGETS
         self.port_decoders: dict[int, CxlDecoder] = {}  # id(port) -> the switch decoder it gave
+        self.pmem_region: Device | None = None  # pmem_regionN while the region is enabled (pmem)
+
+    def children(self) -> Iterable[Device]:
+        return [self.pmem_region] if self.pmem_region is not None else []
 
     @property
     def nr_targets(self) -> int:
