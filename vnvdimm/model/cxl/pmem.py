@@ -18,9 +18,11 @@ The nmem answers the three label commands of its provider (cxl_pmem_nvdimm_ctl()
 from __future__ import annotations
 
 import errno
+import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vnvdimm.model.base import NULL_UUID, Device, Entry, Group, fail, ro
@@ -314,7 +316,13 @@ def create_nd_region(pmem_region: CxlPmemRegion) -> None:
         nmems.append(nmem)
     start, size = cxlr.res
     iset = interleave_set(nmems, [m.dpa for m in mappings])
-    media = Media.anonymous(f"cxl-{cxlr.name}", size)
+    if cxlr.media is None:
+        media = Media.anonymous(f"cxl-{cxlr.name}", size)
+        # the memmap workers (other processes) open a map=dev memmap's media by path:
+        # /proc/self/fd/N would be theirs, so name this process's descriptor
+        media.path = Path(f"/proc/{os.getpid()}/fd/{media.fd}")
+        cxlr.media = media
+    media = cxlr.media
     region = Region(bus, cxlr.id, start, size, media, numa_node=0, mappings=mappings, iset=iset,
                     persistence=PMEM_PERSISTENCE)
     pmem_region.nd_region = region
@@ -334,6 +342,5 @@ def remove_nd_region(pmem_region: CxlPmemRegion) -> None:
 def delete_nd_region(bus: NvdimmBus, region: Region) -> None:
     system = bus.system
     system.driver_detach(region)
-    bus.regions.remove(region)
-    region.media.close()
+    bus.regions.remove(region)  # (its media is the CXL region's: it stays while the region has its range)
     system.changed()

@@ -42,6 +42,7 @@ from vnvdimm.model.cxl.common import (
 if TYPE_CHECKING:
     from vnvdimm.model.cxl.decoder import CxlDecoder
     from vnvdimm.model.cxl.port import CxlPort
+    from vnvdimm.model.media import Media
 
 class CxlRegion(CxlDev):
     """struct cxl_region regionN below its root decoder (drivers/cxl/core/region.c)."""
@@ -62,6 +63,9 @@ class CxlRegion(CxlDev):
         self.targets: list[CxlDecoder | None] = [None] * MAX_REGION_TARGETS
         self.port_decoders: dict[int, CxlDecoder] = {}  # id(port) -> the switch decoder it gave
         self.pmem_region: Device | None = None  # pmem_regionN while the region is enabled (pmem)
+        # the bytes behind the HPA range: made when cxl_pmem first maps the region, kept while
+        # the region has its range (a disable and enable finds its namespaces' data again)
+        self.media: Media | None = None
 
     def children(self) -> Iterable[Device]:
         return [self.pmem_region] if self.pmem_region is not None else []
@@ -162,6 +166,13 @@ class CxlRegion(CxlDev):
             raise fail(errno.EBUSY, f"{self.name} is active")
         self.res = None
         self.state = CXL_CONFIG_IDLE
+        self.drop_media()
+
+    def drop_media(self) -> None:
+        """The HPA range is given back: what was stored there is gone."""
+        if self.media is not None:
+            self.media.close()
+            self.media = None
 
     def _target_show(self, pos: int) -> str:
         target = self.targets[pos]
@@ -413,6 +424,7 @@ class CxlRegion(CxlDev):
             self.detach(pos)
         self.res = None
         self.state = CXL_CONFIG_IDLE
+        self.drop_media()
         self.root_decoder.regions.remove(self)
         self.system.region_ida.put(self.id)
         self.system.changed()
