@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import posixpath
 import struct
 
 import pytest
@@ -23,7 +24,9 @@ from vnvdimm.model.commands.envelope import (
 )
 from vnvdimm.model.cxl import CxlMemdev
 from vnvdimm.model.cxl.pmem import CxlNmem, CxlNvdimmBus
+from vnvdimm.model.cxl.security import CxlSecurityOps
 from vnvdimm.model.cxl_mailbox import CXL_MEM_SEND_COMMAND, ID_GET_LSA, ID_SET_LSA, memdev_ioctl
+from vnvdimm.model.security import ZERO_KEY, PassphraseType, SecFlag, bit
 from vnvdimm.model.system import System
 from vnvdimm.sysfs.tree import Tree
 from vnvdimm.topology import cxl_test
@@ -161,3 +164,48 @@ def test_bridge_devices_follow_the_cxl_devices(tree: Tree) -> None:
     assert not [b for b in tree.system.buses if isinstance(b, CxlNvdimmBus)]
     assert not exists(tree, "/sys/bus/cxl/devices/nvdimm-bridge0")
     assert not exists(tree, f"/sys/bus/nd/devices/{bus.name}")
+
+
+def test_cxl_security_as_mem_c_answers_it(tree: Tree) -> None:
+    """The nmem's `security` over the memdev's mock security: a passphrase set, guessed wrong
+    until the try limit freezes it, cxl_mem.N's security_lock, unlock, freeze and erase."""
+    nmem, memdev = nmem_and_memdev(tree, "mem2")
+    security = f"/sys/bus/nd/devices/{nmem.name}/security"
+    lock = posixpath.join(posixpath.dirname(real(tree, "/sys/bus/cxl/devices/mem2")), "security_lock")
+    ops = CxlSecurityOps(memdev.mock_security)
+    key, other = os.urandom(32), os.urandom(32)
+    assert read(tree, security) == "disabled\n"
+    with pytest.raises(OSError) as e:  # nothing to lock with yet
+        write(tree, lock, b"1")
+    assert e.value.errno == errno.ENXIO
+
+    ops.change_key(ZERO_KEY, key, PassphraseType.USER)
+    assert read(tree, security) == "unlocked\n" and read(tree, lock) == "0\n"
+    write(tree, lock, b"1")  # behind the kernel's back: the next read asks the device
+    assert read(tree, security) == "locked\n"
+    with pytest.raises(OSError) as e:
+        ops.unlock(other)
+    assert e.value.errno == errno.ENXIO and read(tree, security) == "locked\n"
+    ops.unlock(key)
+    assert read(tree, security) == "unlocked\n"
+
+    # three wrong passphrases: the user passphrase is frozen, the right one no longer works
+    for _ in range(3):
+        with pytest.raises(OSError):
+            ops.change_key(other, other, PassphraseType.USER)
+    assert ops.get_flags(PassphraseType.USER, False) & bit(SecFlag.FROZEN)
+    with pytest.raises(OSError):
+        ops.disable(key)
+    # a lock resets the limit (mem.c's security_lock_store); a secure erase removes the passphrase
+    write(tree, lock, b"1")
+    ops.unlock(key)
+    ops.erase(key, PassphraseType.USER)
+    assert read(tree, security) == "disabled\n"
+
+    # frozen: nothing changes any more
+    ops.change_key(ZERO_KEY, key, PassphraseType.USER)
+    ops.freeze()
+    with pytest.raises(OSError):
+        ops.disable(key)
+    assert ops.get_flags(PassphraseType.USER, False) == bit(SecFlag.FROZEN) | bit(SecFlag.UNLOCKED)
+    assert read(tree, security) == "unlocked\n" and read(tree, f"/sys/bus/nd/devices/{nmem.name}/frozen") == "1\n"

@@ -8,7 +8,7 @@ Errors are OSError(errno) where the kernel returns -errno.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -77,6 +77,8 @@ class PlatformDev(Device):
         self.numa_node = numa_node
         self.physical_node = physical_node  # cxl_test links host bridges to themselves
         self.kids: list[Device] = []
+        # the attributes its driver adds (cxl_mock_mem's security_lock on cxl_mem.N)
+        self.driver_entries: Callable[[], list[Entry]] | None = None
         if parent is not None:
             parent.kids.append(self)
 
@@ -92,6 +94,8 @@ class PlatformDev(Device):
         ]
         if self.physical_node:
             out.append(Link("physical_node", self))
+        if self.driver_entries is not None:
+            out += self.driver_entries()
         return super().entries() + out
 
     def uevent(self) -> str:

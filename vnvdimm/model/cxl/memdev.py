@@ -19,6 +19,7 @@ from vnvdimm.model.cxl.common import (
     PlatformDev,
     c_hex,
 )
+from vnvdimm.model.cxl.security import MockSecurity
 from vnvdimm.model.cxl_mailbox import MockMemdevFirmware
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ class CxlMemdev(CxlDev):
         self.cxl_nvd: Device | None = None  # pmemN, cxl_mem's bridge to the memdev's nmem
         # the device behind the mailbox (mem.c's mock): the label area lives there
         self.firmware = MockMemdevFirmware(ram_size, pmem_size, lsa_size, payload_max, firmware_version)
+        self.mock_security = MockSecurity()  # and its security state (mem.c's)
+        pdev.driver_entries = self.mock_security.platform_entries
         pdev.kids.append(self)
 
     def entries(self) -> list[Entry]:

@@ -36,12 +36,14 @@ from vnvdimm.model.commands.envelope import (
 )
 from vnvdimm.model.commands.platform import config_command
 from vnvdimm.model.cxl.common import CxlDev
+from vnvdimm.model.cxl.security import CxlSecurityOps
 from vnvdimm.model.cxl_mailbox import MockMemdevFirmware
 from vnvdimm.model.dimm import Nvdimm
 from vnvdimm.model.infoblock import fletcher64
 from vnvdimm.model.label_format import InterleaveSet
 from vnvdimm.model.media import Media
 from vnvdimm.model.region import Mapping, Region
+from vnvdimm.model.security import DimmSecurity, WipeTarget
 
 if TYPE_CHECKING:
     from vnvdimm.model.cxl.memdev import CxlMemdev
@@ -171,6 +173,10 @@ class CxlNmem(Nvdimm):
         self.label_area = MailboxLabelArea(memdev.firmware, memdev.lsa_size)  # type: ignore[assignment]
         self.commands = ("get_size", "get_data", "set_data")
 
+    def unique_id(self) -> str:
+        """nvdimm->dimm_id: cxl_nvd->dev_id, the serial in hex (the key is nvdimm:<it>)."""
+        return f"{self.cxl_nvd.memdev.serial:x}"
+
     def probe(self) -> None:
         super().probe()
         self.labeling = True  # set by the provider at creation, whatever the labels hold
@@ -264,6 +270,10 @@ def create_nmem(cxl_nvd: CxlNvdimm) -> None:
     system = cxl_nvd.system
     dimm_id = lowest_free(d.id for b in system.buses for d in b.dimms)
     nmem = CxlNmem(bus, dimm_id, cxl_nvd)
+    # cxl_security_ops over the memdev's security commands; a kernel built for cxl_test
+    # (CONFIG_NVDIMM_SECURITY_TEST) asks the device again on each read of `security`
+    nmem.security = DimmSecurity(nmem, CxlSecurityOps(cxl_nvd.memdev.mock_security), poll_on_show=True)
+    nmem.security.wipe = WipeTarget(nmem)
     cxl_nvd.nvdimm = nmem
     bus.dimms.append(nmem)
     system.device_add(nmem)
@@ -282,6 +292,8 @@ def remove_nmem(cxl_nvd: CxlNvdimm) -> None:
 
 def delete_nmem(bus: NvdimmBus, nmem: Nvdimm) -> None:
     system = bus.system
+    if nmem.security is not None:
+        nmem.security.cancel()
     system.driver_detach(nmem)
     bus.dimms.remove(nmem)
     system.minors[nmem.devt[0]].put(nmem.devt[1])
