@@ -173,3 +173,29 @@ def test_an_fsdax_namespace_there_gets_its_memmap_from_the_engine(make_mount) ->
     assert m.read(f"{pfn}/memmap_state") == "active\n"  # the rest still is being initialized
     wait_for(lambda: m.read(f"{pfn}/memmap_state") == "idle\n", 300, "the memmap to finish")
     assert int(m.read(f"{pfn}/memmap/pages_done")) == int(m.read(f"{pfn}/memmap/pages_total"))
+
+
+def test_a_devdax_namespace_there_gets_its_memmap_from_the_engine(make_mount) -> None:  # type: ignore[no-untyped-def]
+    m = make_mount(SLOW_CXL_TEST)
+    region = create_pmem_region(m, "decoder0.4", "mem8", size="256M")
+    res = m.run("ndctl", "create-namespace", "-r", region, "-m", "devdax", "-s", "64M")
+    assert res.returncode == 0, res.stderr
+    ns = json.loads(res.stdout)
+    chardev = ns["daxregion"]["devices"][0]["chardev"]
+    holder = m.read(f"sys/bus/nd/devices/{ns['dev']}/holder").strip()
+    dax = f"sys/bus/nd/devices/{holder}"
+    assert m.read(f"{dax}/memmap_state") == "active\n"  # enable returned before the memmap was done
+    # a cold read of the device's last page waits for its block only
+    dev = m.path(f"dev/{chardev}")
+    size = os.stat(dev).st_size
+    data_page = int(m.read(f"{dax}/resource"), 16) // 4096 - int(m.read(f"{dax}/memmap/start_pfn"), 16)
+    with open(dev, "rb") as f:
+        f.seek(size - 4096)
+        assert f.read(4096) == bytes(4096)
+    with open(m.path(f"{dax}/memmap/kpageflags"), "rb") as f:
+        f.seek((data_page + size // 4096 - 1) * 8)
+        flags = int.from_bytes(f.read(8), "little")
+    assert not flags & KPF_NOPAGE, "the page read was not initialized"
+    assert m.read(f"{dax}/memmap_state") == "active\n"
+    wait_for(lambda: m.read(f"{dax}/memmap_state") == "idle\n", 300, "the memmap to finish")
+    assert int(m.read(f"{dax}/memmap/pages_done")) == int(m.read(f"{dax}/memmap/pages_total"))
