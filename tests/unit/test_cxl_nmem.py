@@ -1,4 +1,4 @@
-"""The cxl_pmem bridge in the model (no FUSE): an nmem's label commands and the memdev's mailbox
+"""The cxl_pmem bridge's nmems in the model (no FUSE): an nmem's label commands and the memdev's mailbox
 (the ioctl /dev/cxl/memN answers) are two views of the same label storage bytes; the bridge's
 devices follow the CXL devices they hang below."""
 
