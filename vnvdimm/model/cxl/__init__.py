@@ -5,8 +5,9 @@ endpoint ports (`endpointN`), HDM decoders (`decoderP.D`), memory devices (`memN
 regions (`regionN`), and the drivers that bind them.
 
 Modules, each importing only those listed before it: `common` (constants, encodings, the
-platform devices, the cxl device base), `memdev`, `region`, `decoder`, `port` (ports and the
-topology), `drivers` (bus types, drivers, register()).
+platform devices, the cxl device base), `security` (cxl_security_ops, mem.c's mock security),
+`memdev`, `region`, `decoder`, `pmem` (cxl_pmem's bridge to libnvdimm), `port` (ports and
+the topology), `drivers` (bus types, drivers, register()).
 """
 
 from vnvdimm.model.cxl.common import CXL_BUS, CXL_MODULES, PLATFORM_BUS, PlatformDev, Window
