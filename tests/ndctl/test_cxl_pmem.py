@@ -199,3 +199,15 @@ def test_a_devdax_namespace_there_gets_its_memmap_from_the_engine(make_mount) ->
     assert m.read(f"{dax}/memmap_state") == "active\n"
     wait_for(lambda: m.read(f"{dax}/memmap_state") == "idle\n", 300, "the memmap to finish")
     assert int(m.read(f"{dax}/memmap/pages_done")) == int(m.read(f"{dax}/memmap/pages_total"))
+
+
+def test_nfit_test_reloaded_beside_cxl_test_keeps_its_own_ids(ct) -> None:  # type: ignore[no-untyped-def]
+    """nfit_test's buses and DIMMs come back with their fixed ids: the CXL bus and nmems,
+    registered while nfit_test was out, must not have taken them."""
+    res = ct.run("sh", "-c", "modprobe -r nfit_test && modprobe -r cxl_test && modprobe cxl_test && modprobe nfit_test")
+    assert res.returncode == 0, res.stderr
+    buses = ct.ndctl("list", "-B")
+    assert sorted(b["provider"] for b in buses) == ["cxl_test", "nfit_test.0", "nfit_test.1"]
+    assert len({b["dev"] for b in buses}) == 3
+    dimms = [d["dev"] for b in ("nfit_test.0", "nfit_test.1", "cxl_test") for d in ct.ndctl("list", "-b", b, "-D")]
+    assert len(dimms) == len(set(dimms)) == 16

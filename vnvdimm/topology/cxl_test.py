@@ -16,6 +16,7 @@ from __future__ import annotations
 from vnvdimm.model import cxl
 from vnvdimm.model.cxl import CxlMemdev, CxlTopology, PlatformDev, Window
 from vnvdimm.model.system import System
+from vnvdimm.topology import nfit_test
 
 MODULE = "cxl_test"
 
@@ -72,6 +73,8 @@ def build(system: System, interleave_arithmetic: int = 0) -> CxlTopology:
     windows = XOR_WINDOWS if interleave_arithmetic else WINDOWS
     topo = CxlTopology(system, acpi, bridges, list(windows), NR_DECODERS, XORMAPS)
     topo.window_base = WINDOW_BASE
+    # nfit_test's buses and DIMMs (the same platform) keep their ids across its reloads
+    topo.nd_bus_floor, topo.nmem_floor = len(nfit_test.BUSES), len(nfit_test.DIMMS)
     cxl.register(system, lambda: system.cxl_topologies)
     system.cxl_topologies.append(topo)
     with system.lock:

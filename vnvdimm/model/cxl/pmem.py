@@ -232,15 +232,15 @@ class CxlPmemRegion(CxlDev):
 # ---------------------------------------------------------------- what the drivers do
 
 
-def lowest_free(used: Iterable[int]) -> int:
+def lowest_free(used: Iterable[int], floor: int = 0) -> int:
     taken = set(used)
-    return next(i for i in range(len(taken) + 1) if i not in taken)
+    return next(i for i in range(floor, floor + len(taken) + 1) if i not in taken)
 
 
 def register_nvdimm_bus(bridge: CxlNvdimmBridge) -> None:
     """cxl_nvdimm_bridge_probe(): nvdimm_bus_register() below the bridge."""
     system = bridge.system
-    bus = CxlNvdimmBus(system, lowest_free(b.id for b in system.buses), bridge)
+    bus = CxlNvdimmBus(system, lowest_free((b.id for b in system.buses), bridge.root.topo.nd_bus_floor), bridge)
     bridge.nvdimm_bus = bus
     system.buses.append(bus)
     system.buses.sort(key=lambda b: b.id)
@@ -268,7 +268,7 @@ def create_nmem(cxl_nvd: CxlNvdimm) -> None:
     if bus is None:
         raise fail(errno.ENXIO, f"{cxl_nvd.name}: {cxl_nvd.bridge.name} has no nvdimm bus")
     system = cxl_nvd.system
-    dimm_id = lowest_free(d.id for b in system.buses for d in b.dimms)
+    dimm_id = lowest_free((d.id for b in system.buses for d in b.dimms), cxl_nvd.bridge.root.topo.nmem_floor)
     nmem = CxlNmem(bus, dimm_id, cxl_nvd)
     # cxl_security_ops over the memdev's security commands; a kernel built for cxl_test
     # (CONFIG_NVDIMM_SECURITY_TEST) asks the device again on each read of `security`

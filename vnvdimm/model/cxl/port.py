@@ -93,6 +93,10 @@ class CxlTopology:
         self.memdevs: list[CxlMemdev] = []
         self.root: CxlPort | None = None
         self.window_base = 0
+        # nd bus and nmem ids below these are the platform's own (nfit_test's buses and DIMMs
+        # come back with their fixed ids when that module is reloaded): cxl_pmem's start here
+        self.nd_bus_floor = 0
+        self.nmem_floor = 0
 
     # -- what cxl_acpi's probe does
     def add_root(self) -> None:
