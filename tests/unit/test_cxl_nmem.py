@@ -25,7 +25,7 @@ from vnvdimm.model.commands.envelope import (
 from vnvdimm.model.cxl import CxlMemdev
 from vnvdimm.model.cxl.pmem import CxlNmem, CxlNvdimmBus
 from vnvdimm.model.cxl.security import CxlSecurityOps
-from vnvdimm.model.cxl_mailbox import CXL_MEM_SEND_COMMAND, ID_GET_LSA, ID_SET_LSA, memdev_ioctl
+from vnvdimm.model.cxl_mailbox import CXL_MEM_SEND_COMMAND, ID_GET_LSA, ID_SET_LSA, ID_SET_SHUTDOWN_STATE, memdev_ioctl
 from vnvdimm.model.security import ZERO_KEY, PassphraseType, SecFlag, bit
 from vnvdimm.model.system import System
 from vnvdimm.sysfs.tree import Tree
@@ -209,3 +209,15 @@ def test_cxl_security_as_mem_c_answers_it(tree: Tree) -> None:
         ops.disable(key)
     assert ops.get_flags(PassphraseType.USER, False) == bit(SecFlag.FROZEN) | bit(SecFlag.UNLOCKED)
     assert read(tree, security) == "unlocked\n" and read(tree, f"/sys/bus/nd/devices/{nmem.name}/frozen") == "1\n"
+
+
+def test_cxl_pmem_drivers_have_no_bind_files_and_hold_the_label_writes(tree: Tree) -> None:
+    for drv in ("cxl_nvdimm_bridge", "cxl_nvdimm", "cxl_pmem_region"):  # suppress_bind_attrs
+        assert tree.lookup(f"/sys/bus/cxl/drivers/{drv}/uevent") is not None
+        assert tree.lookup(f"/sys/bus/cxl/drivers/{drv}/bind") is None
+        assert tree.lookup(f"/sys/bus/cxl/drivers/{drv}/unbind") is None
+    _, memdev = nmem_and_memdev(tree, "mem1")
+    # while cxl_pmem holds the memdev, SET_LSA (and SET_SHUTDOWN_STATE) are the kernel's
+    assert memdev.exclusive_commands() == {ID_SET_LSA, ID_SET_SHUTDOWN_STATE}
+    write(tree, "/sys/bus/cxl/drivers/cxl_mem/unbind", b"mem1")
+    assert memdev.exclusive_commands() == frozenset()

@@ -23,6 +23,7 @@ from vnvdimm.model.base import (
     BusType,
     Device,
     Driver,
+    Entry,
     fail,
     sysfs_streq,
 )
@@ -245,10 +246,18 @@ class CxlRegionDriver(CxlDriver):
             self.system.changed()
 
 
-class CxlNvdimmBridgeDriver(CxlDriver):
-    """cxl_nvdimm_bridge: registers the nvdimm bus below the bridge."""
+class CxlPmemDriver(CxlDriver):
+    """A driver of cxl_pmem: suppress_bind_attrs, no bind or unbind files."""
 
     module = "cxl_pmem"
+
+    def entries(self) -> list[Entry]:
+        return [e for e in super().entries() if e.name not in ("bind", "unbind")]
+
+
+class CxlNvdimmBridgeDriver(CxlPmemDriver):
+    """cxl_nvdimm_bridge: registers the nvdimm bus below the bridge."""
+
     cxl_id = CXL_DEVICE_NVDIMM_BRIDGE
 
     def probe(self, dev: Device) -> None:
@@ -260,10 +269,9 @@ class CxlNvdimmBridgeDriver(CxlDriver):
         unregister_nvdimm_bus(dev)
 
 
-class CxlNvdimmDriver(CxlDriver):
+class CxlNvdimmDriver(CxlPmemDriver):
     """cxl_nvdimm: creates the memdev's nmem on the bridge's bus."""
 
-    module = "cxl_pmem"
     cxl_id = CXL_DEVICE_NVDIMM
 
     def probe(self, dev: Device) -> None:
@@ -275,10 +283,9 @@ class CxlNvdimmDriver(CxlDriver):
         remove_nmem(dev)
 
 
-class CxlPmemRegionDriver(CxlDriver):
+class CxlPmemRegionDriver(CxlPmemDriver):
     """cxl_pmem_region: creates the nd region of an enabled pmem region."""
 
-    module = "cxl_pmem"
     cxl_id = CXL_DEVICE_PMEM_REGION
 
     def probe(self, dev: Device) -> None:
