@@ -202,10 +202,14 @@ def test_a_devdax_namespace_there_gets_its_memmap_from_the_engine(make_mount) ->
 
 
 def test_nfit_test_reloaded_beside_cxl_test_keeps_its_own_ids(ct) -> None:  # type: ignore[no-untyped-def]
-    """nfit_test's buses and DIMMs come back with their fixed ids: the CXL bus and nmems,
-    registered while nfit_test was out, must not have taken them."""
-    res = ct.run("sh", "-c", "modprobe -r nfit_test && modprobe -r cxl_test && modprobe cxl_test && modprobe nfit_test")
+    """nfit_test's buses, DIMMs and regions come back with their fixed ids: the CXL bus,
+    nmems and regions, registered while nfit_test was out, must not have taken them."""
+    res = ct.run("sh", "-c", "modprobe -r nfit_test && modprobe -r cxl_test && modprobe cxl_test && "
+                             "cxl create-region -m -t pmem -d decoder0.2 mem0 -s 256M && modprobe nfit_test")
     assert res.returncode == 0, res.stderr
+    (cxl_region,) = nd_regions(ct)
+    nfit_regions = [r["dev"] for b in ("nfit_test.0", "nfit_test.1") for r in ct.ndctl("list", "-b", b, "-Ri") or []]
+    assert nfit_regions and cxl_region["dev"] not in nfit_regions
     buses = ct.ndctl("list", "-B")
     assert sorted(b["provider"] for b in buses) == ["cxl_test", "nfit_test.0", "nfit_test.1"]
     assert len({b["dev"] for b in buses}) == 3

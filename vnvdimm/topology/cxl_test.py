@@ -75,6 +75,7 @@ def build(system: System, interleave_arithmetic: int = 0) -> CxlTopology:
     topo.window_base = WINDOW_BASE
     # nfit_test's buses and DIMMs (the same platform) keep their ids across its reloads
     topo.nd_bus_floor, topo.nmem_floor = len(nfit_test.BUSES), len(nfit_test.DIMMS)
+    topo.region_floor = len(nfit_test.REGIONS)
     cxl.register(system, lambda: system.cxl_topologies)
     system.cxl_topologies.append(topo)
     with system.lock:

@@ -124,7 +124,7 @@ class CxlDecoder(CxlDev):
         region_id = int(m.group(1))
         if region_id != self.region_id:
             raise fail(errno.EBUSY, f"region{region_id} is not the next region of {self.name}")
-        self.region_id = self.system.region_ida.get()
+        self.region_id = self.port.topo.memregion_alloc()
         assert self.window is not None
         region = CxlRegion(self, region_id, "ram" if self.window.ram else "pmem")
         self.regions.append(region)

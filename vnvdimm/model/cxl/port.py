@@ -97,6 +97,19 @@ class CxlTopology:
         # come back with their fixed ids when that module is reloaded): cxl_pmem's start here
         self.nd_bus_floor = 0
         self.nmem_floor = 0
+        self.region_floor = 0  # likewise the region ids of the platform's own nd regions
+
+    def memregion_alloc(self) -> int:
+        """memregion_alloc(): the lowest free region id at or above the platform's own."""
+        ida = self.system.region_ida
+        below: list[int] = []
+        region_id = ida.get()
+        while region_id < self.region_floor:
+            below.append(region_id)
+            region_id = ida.get()
+        for i in below:
+            ida.put(i)
+        return region_id
 
     # -- what cxl_acpi's probe does
     def add_root(self) -> None:
@@ -106,7 +119,7 @@ class CxlTopology:
         start = self.window_base
         for i, window in enumerate(self.windows):
             decoder = CxlDecoder(root, i, "root", window, start)
-            decoder.region_id = self.system.region_ida.get()  # memregion_alloc(): the next region's id
+            decoder.region_id = self.memregion_alloc()  # the next region's id
             root.decoders.append(decoder)
             start += -(-window.size // (256 << 20)) * (256 << 20)
         self.system.device_add(root)
