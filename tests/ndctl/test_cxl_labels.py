@@ -31,10 +31,12 @@ def cxl(m, *args: str) -> str:  # type: ignore[no-untyped-def]
 
 def writable(m, memdev: str) -> None:  # type: ignore[no-untyped-def]
     """`cxl write-labels` refuses a memdev whose nvdimm bridge device is bound (libcxl reads
-    memN/pmemX/driver): unbind it, as one would on the kernel's cxl_test."""
-    for pmem in sorted((m.sys / "bus/cxl/devices" / memdev).glob("pmem*")):
-        if (pmem / "driver").exists():
-            m.write("sys/bus/cxl/drivers/cxl_nvdimm/unbind", pmem.name.encode())
+    memN/pmemX/driver), and cxl_nvdimm has no unbind file (suppress_bind_attrs): on the
+    kernel's cxl_test one disables the memdev, which takes its pmemX with it while
+    /dev/cxl/memN and its mailbox stay."""
+    if any((pmem / "driver").exists() for pmem in (m.sys / "bus/cxl/devices" / memdev).glob("pmem*")):
+        cxl(m, "disable-memdev", "--force", memdev)
+    assert not list((m.sys / "bus/cxl/devices" / memdev).glob("pmem*/driver"))
 
 
 def test_read_labels_of_every_memdev(ct, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -361,6 +361,9 @@ def test_an_unloaded_memdev_answers_enxio(tmp_path, make_mount) -> None:  # type
 def test_the_python_client_carries_both_payloads(ct) -> None:  # type: ignore[no-untyped-def]
     """wire.call() (tests' and tools' client) declares the two buffers as the library does: a
     SET_LSA then a GET_LSA of the same bytes, at the end of mem5's label area."""
+    # SET_LSA is cxl_pmem's while it holds mem5's nvdimm (EBUSY): disable the memdev first
+    res = ct.run("cxl", "disable-memdev", "--force", "mem5")
+    assert res.returncode == 0, res.stderr
     data = os.urandom(40)
     payload_in = struct.pack("<II", LSA_SIZE - 40, 0) + data
     arg = bytearray(SEND_COMMAND.pack(ID_SET_LSA, 0, 0, 0, len(payload_in), 0, 0, 0, 0, 0))

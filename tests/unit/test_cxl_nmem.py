@@ -47,16 +47,17 @@ class Arg:
 
 
 class Caller:
-    """The calling process's memory: the input payload at IN_PTR, room for output at OUT_PTR."""
+    """The calling process's two payload buffers: the input it offers and room for the output."""
 
     def __init__(self, payload_in: bytes, out_size: int) -> None:
-        self.regions = {IN_PTR: bytearray(payload_in), OUT_PTR: bytearray(out_size)}
+        self.payload_in = payload_in
+        self.out = bytearray(out_size)
 
-    def read(self, address: int, length: int) -> bytes:
-        return bytes(self.regions[address][:length])
+    def read_input(self, length: int) -> bytes:
+        return self.payload_in[:length]
 
-    def write(self, address: int, data: bytes) -> None:
-        self.regions[address][:len(data)] = data
+    def write_output(self, data: bytes) -> None:
+        self.out[:len(data)] = data
 
 
 def mailbox(memdev: CxlMemdev, cmd_id: int, payload_in: bytes, out_size: int) -> bytes:
@@ -65,7 +66,7 @@ def mailbox(memdev: CxlMemdev, cmd_id: int, payload_in: bytes, out_size: int) ->
     arg = Arg(struct.pack("<IIIIiIQiIQ", cmd_id, 0, 0, 0, len(payload_in), 0, IN_PTR, out_size, 0, OUT_PTR))
     memdev_ioctl(memdev.firmware, CXL_MEM_SEND_COMMAND, arg, caller)
     (size_out,) = struct.unpack_from("<i", arg.buf, 32)
-    return bytes(caller.regions[OUT_PTR][:size_out])
+    return bytes(caller.out[:size_out])
 
 
 @pytest.fixture
@@ -109,9 +110,19 @@ def test_label_commands_and_the_mailbox_share_the_label_storage(tree: Tree) -> N
     assert rc == 0
     assert mailbox(memdev, ID_GET_LSA, struct.pack("<II", 8192, len(data)), len(data)) == data
 
-    # written through the mailbox (SET_LSA), read as ndctl read-labels does (GET_CONFIG_DATA)
+    # while cxl_pmem holds the nvdimm, SET_LSA is the kernel's: EBUSY, and nothing written
     other = os.urandom(1024)
-    assert mailbox(memdev, ID_SET_LSA, struct.pack("<II", LSA_SIZE - len(other), 0) + other, 0) == b""
+    set_lsa = struct.pack("<II", LSA_SIZE - len(other), 0) + other
+    with pytest.raises(OSError) as busy:
+        mailbox(memdev, ID_SET_LSA, set_lsa, 0)
+    assert busy.value.errno == errno.EBUSY
+    assert memdev.firmware.lsa[-len(other):] == bytes(len(other))
+    # with the memdev disabled (its nvdimm gone) the mailbox writes; the nmem of the next
+    # enable reads it as ndctl read-labels does (GET_CONFIG_DATA)
+    write(tree, "/sys/bus/cxl/drivers/cxl_mem/unbind", b"mem5")
+    assert mailbox(memdev, ID_SET_LSA, set_lsa, 0) == b""
+    write(tree, "/sys/bus/cxl/drivers/cxl_mem/bind", b"mem5")
+    nmem, _ = nmem_and_memdev(tree, "mem5")
     rc, buf = ctl(tree, nmem, ND_CMD_GET_CONFIG_DATA,
                   struct.pack("<III", LSA_SIZE - len(other), len(other), 0xFFFF) + bytes(len(other)))
     assert rc == 0 and struct.unpack_from("<I", buf, 8) == (0,) and bytes(buf[12:]) == other

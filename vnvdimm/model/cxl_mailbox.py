@@ -50,7 +50,8 @@ ID_GET_ALERT_CONFIG, ID_SET_ALERT_CONFIG, ID_GET_SHUTDOWN_STATE, ID_SET_SHUTDOWN
 ID_GET_SCAN_MEDIA_CAPS = 18
 ID_MAX = 21  # CXL_MEM_COMMAND_ID_MAX: also ARRAY_SIZE(cxl_mem_commands), what a query counts
 # cxl_pmem.c's exclusive_cmds: what user space may not send while an nvdimm sits on the memdev
-NVDIMM_EXCLUSIVE_COMMANDS = frozenset({ID_SET_PARTITION_INFO, ID_SET_SHUTDOWN_STATE, ID_SET_LSA})
+# cxl_pmem_init(): the commands cxl_pmem keeps while it holds a memdev's nvdimm
+NVDIMM_EXCLUSIVE_COMMANDS = frozenset({ID_SET_SHUTDOWN_STATE, ID_SET_LSA})
 
 
 @dataclass(frozen=True)

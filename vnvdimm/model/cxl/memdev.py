@@ -20,7 +20,7 @@ from vnvdimm.model.cxl.common import (
     c_hex,
 )
 from vnvdimm.model.cxl.security import MockSecurity
-from vnvdimm.model.cxl_mailbox import ID_SET_LSA, ID_SET_SHUTDOWN_STATE, MockMemdevFirmware
+from vnvdimm.model.cxl_mailbox import MockMemdevFirmware
 
 if TYPE_CHECKING:
     from vnvdimm.model.cxl.port import CxlPort, CxlTopology
@@ -66,12 +66,10 @@ class CxlMemdev(CxlDev):
         ]
 
     def exclusive_commands(self) -> frozenset[int]:
-        """set_exclusive_cxl_commands(): while cxl_pmem's nvdimm driver holds pmemN, SET_LSA
-        and SET_SHUTDOWN_STATE are the kernel's (the mailbox ioctl flags them exclusive in
+        """mds->exclusive_cmds: while cxl_pmem's nvdimm driver holds pmemN, SET_LSA and
+        SET_SHUTDOWN_STATE are the kernel's (the mailbox ioctl flags them exclusive in
         QUERY_COMMANDS and refuses them with EBUSY)."""
-        if self.cxl_nvd is not None and self.cxl_nvd.driver is not None:
-            return frozenset({ID_SET_LSA, ID_SET_SHUTDOWN_STATE})
-        return frozenset()
+        return frozenset(self.firmware.exclusive_commands)
 
     def children(self) -> Iterable[Device]:
         return [self.cxl_nvd] if self.cxl_nvd is not None else []

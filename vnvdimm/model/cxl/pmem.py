@@ -37,7 +37,7 @@ from vnvdimm.model.commands.envelope import (
 from vnvdimm.model.commands.platform import config_command
 from vnvdimm.model.cxl.common import CxlDev
 from vnvdimm.model.cxl.security import CxlSecurityOps
-from vnvdimm.model.cxl_mailbox import MockMemdevFirmware
+from vnvdimm.model.cxl_mailbox import NVDIMM_EXCLUSIVE_COMMANDS, MockMemdevFirmware
 from vnvdimm.model.dimm import Nvdimm
 from vnvdimm.model.infoblock import fletcher64
 from vnvdimm.model.label_format import InterleaveSet
@@ -277,11 +277,14 @@ def create_nmem(cxl_nvd: CxlNvdimm) -> None:
     cxl_nvd.nvdimm = nmem
     bus.dimms.append(nmem)
     system.device_add(nmem)
+    # set_exclusive_cxl_commands(): user space loses the label and shutdown-state writes
+    cxl_nvd.memdev.firmware.exclusive_commands.update(NVDIMM_EXCLUSIVE_COMMANDS)
 
 
 def remove_nmem(cxl_nvd: CxlNvdimm) -> None:
     """nvdimm_delete() of the nmem: the nd regions that map it go with it."""
     nmem, cxl_nvd.nvdimm = cxl_nvd.nvdimm, None
+    cxl_nvd.memdev.firmware.exclusive_commands.difference_update(NVDIMM_EXCLUSIVE_COMMANDS)
     bus = cxl_nvd.bridge.nvdimm_bus
     if nmem is None or bus is None or nmem not in bus.dimms:
         return
