@@ -76,9 +76,9 @@ def subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction: 
 
 def _mount(args: argparse.Namespace) -> int:
     from vnvdimm import daemon
+    from vnvdimm.safe_files import canonical
     from vnvdimm.topology.config import ConfigError, load_config
     from vnvdimm.topology.platform import default_state_dir
-    from vnvdimm.topology.safe_dir import canonical
 
     config = None
     if args.config is not None:
@@ -89,7 +89,7 @@ def _mount(args: argparse.Namespace) -> int:
             return 2
     opts = daemon.MountOptions(
         # The parent's links resolved, not the last component's: a mount point or state dir
-        # that is itself a symbolic link is refused, never followed (see safe_dir).
+        # that is itself a symbolic link is refused, never followed (see safe_files).
         mountpoint=canonical(args.mountpoint),
         state_dir=canonical(args.state_dir or default_state_dir()),
         config=config,

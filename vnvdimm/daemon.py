@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from vnvdimm import safe_files
 from vnvdimm.fuse import fusermount
 from vnvdimm.logfile import RotatingLog, max_bytes_from_environment
 from vnvdimm.loopdisks import LoopDisks
@@ -38,7 +39,6 @@ from vnvdimm.mounts import (
     watch_unmount,
 )
 from vnvdimm.proctitle import set_title
-from vnvdimm.topology import safe_dir
 from vnvdimm.topology.config import ConfigError, TopologyConfig, host_memory_warnings
 from vnvdimm.topology.modules import PlatformModules
 from vnvdimm.topology.platform import Platform, StateDir, boot, power_off, provision, sync_media
@@ -67,7 +67,7 @@ def ioctl_socket(mountpoint: Path) -> Path:
 def check_mountpoint(mountpoint: Path, allow_other: bool = False) -> tuple[int, Path]:
     """Refuse a mount point vnvdimm cannot or must not mount on, with what to do. Returns the
     descriptor of the directory that was checked (its every ancestor owned by root or the user
-    and writable by nobody else, see safe_dir), on which the mount must land, and its path
+    and writable by nobody else, see safe_files), on which the mount must land, and its path
     (links on the way resolved)."""
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse) or run with --device /dev/fuse")
@@ -87,8 +87,8 @@ def check_mountpoint(mountpoint: Path, allow_other: bool = False) -> tuple[int, 
     if not is_dir:
         raise MountError(f"{mountpoint}: not a directory: mount on a directory")
     try:
-        anchor, real = safe_dir.open_checked_dir(safe_dir.canonical(mountpoint), "mount point")
-    except safe_dir.UnsafeStateDir as e:
+        anchor, real = safe_files.open_checked_dir(safe_files.canonical(mountpoint), "mount point")
+    except safe_files.UnsafeStateDir as e:
         raise MountError(str(e)) from None
     except OSError as e:
         raise MountError(f"{mountpoint}: cannot open the mount point: {e.strerror}") from None
@@ -105,7 +105,7 @@ def _check_free(mountpoint: Path) -> None:
         raise MountError(f"{mountpoint}: already a mount point (busy); unmount it first")
     try:
         earlier = daemon_pid(mountpoint)
-    except safe_dir.UnsafeStateDir as e:
+    except safe_files.UnsafeStateDir as e:
         raise MountError(str(e)) from None
     if earlier is not None:
         # Detached lazily, still serving open files: a new mount here would be taken down by
@@ -166,7 +166,7 @@ class MountOptions:
 def mounted_at(state_dir: Path, pid: str) -> str:
     """Where the daemon `pid` serving `state_dir` is mounted, from its runtime record ("" if
     no record of ours says)."""
-    with contextlib.suppress(OSError, safe_dir.UnsafeStateDir):
+    with contextlib.suppress(OSError, safe_files.UnsafeStateDir):
         for record in runtime_records():
             doc = read_record_file(record)
             if str(doc.get("pid")) == pid and doc.get("state_dir") == str(state_dir):
@@ -177,7 +177,7 @@ def mounted_at(state_dir: Path, pid: str) -> str:
 def prepare(opts: MountOptions) -> tuple[StateDir, Platform, StateLock]:
     """Everything that can fail with a clear message, before daemonizing. Keeps the mount
     point's checked directory open in `opts.mountpoint_fd` (the mount must land on it)."""
-    with contextlib.suppress(OSError, safe_dir.UnsafeStateDir):
+    with contextlib.suppress(OSError, safe_files.UnsafeStateDir):
         clean_stale_records()
     opts.mountpoint_fd, opts.mountpoint = check_mountpoint(opts.mountpoint, opts.allow_other)
     state = StateDir(opts.state_dir)
@@ -345,7 +345,7 @@ class Teardown:
         if serving:
             doc["serving"] = serving
         tmp = self.record.with_suffix(".tmp")
-        with os.fdopen(safe_dir.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
+        with os.fdopen(safe_files.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
             f.write(json.dumps(doc))
         tmp.replace(self.record)
 

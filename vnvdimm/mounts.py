@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from vnvdimm.topology import safe_dir
+from vnvdimm import safe_files
 
 #: The daemon detaches its mount (like `umount -l`) on these and exits once no device file is
 #: open any more: the open files keep working until they are closed.
@@ -246,10 +246,10 @@ def runtime_dir() -> Path:
     # Private, as the state dir: /tmp/vnvdimm-UID is a name anyone can take first, and a
     # link planted in it would choose which file a mount record overwrites.
     for directory in (path,) if xdg or os.geteuid() == 0 else (path.parent, path):
-        directory.mkdir(mode=safe_dir.DIR_MODE, parents=True, exist_ok=True)
-        safe_dir.check_entry(os.lstat(directory), directory)
-    # And so are the directories above it (see safe_dir: StrictModes).
-    fd, _ = safe_dir.open_checked_dir(safe_dir.canonical(path), "runtime dir")
+        directory.mkdir(mode=safe_files.DIR_MODE, parents=True, exist_ok=True)
+        safe_files.check_entry(os.lstat(directory), directory)
+    # And so are the directories above it (see safe_files: StrictModes).
+    fd, _ = safe_files.open_checked_dir(safe_files.canonical(path), "runtime dir")
     os.close(fd)
     return path
 
@@ -262,7 +262,7 @@ def mount_record(mountpoint: Path) -> Path:
 
 def read_record_file(path: Path) -> dict[str, object]:
     with contextlib.suppress(OSError, ValueError):
-        doc = json.loads(safe_dir.read_private(path))
+        doc = json.loads(safe_files.read_private(path))
         if isinstance(doc, dict):
             return doc
     return {}
@@ -604,7 +604,7 @@ class UmountRefused(RuntimeError):
 
 MNT_DETACH = 2
 UMOUNT_NOFOLLOW = 8
-MAX_SWAPS = 40  # looks at a mount point's parent before its changing is refused (as safe_dir's walk)
+MAX_SWAPS = 40  # looks at a mount point's parent before its changing is refused (as safe_files' walk)
 
 
 class _Target:
@@ -670,7 +670,7 @@ def umount(mountpoint: Path, mode: str = "normal", timeout: float = 10.0, out: T
     """`vnvdimm umount [--lazy|--force] MNT`. Exit status: 0 gone (or, with --lazy, detached),
     1 refused or failed (a message on `out` says why)."""
     out = out or sys.stderr
-    with contextlib.suppress(OSError, safe_dir.UnsafeStateDir):
+    with contextlib.suppress(OSError, safe_files.UnsafeStateDir):
         clean_stale_records()
     entry = mount_entry(mountpoint)
     try:

@@ -48,9 +48,9 @@ from typing import Any
 from vnvdimm import blockdev, client
 from vnvdimm import wait as wait_mod
 from vnvdimm.fuse import fusermount
-from vnvdimm.model.labels import write_atomically
 from vnvdimm.mounts import Holder, describe, is_mounted, stop_mount
 from vnvdimm.preload import PreloadMissing, library_path
+from vnvdimm.safe_files import write_atomically
 from vnvdimm.scripts import WITH_VNVDIMM
 from vnvdimm.topology.config import ConfigError, parse_config
 from vnvdimm.topology.platform import Platform, StateDir

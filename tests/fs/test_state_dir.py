@@ -23,8 +23,8 @@ from mount_kit import SMALL_E820
 from topologies import SMALL_NFIT
 
 from vnvdimm.model.label_area import NFIT_TEST_LABEL_SIZE, NFIT_TEST_MAX_XFER, LabelArea
-from vnvdimm.model.labels import write_atomically
 from vnvdimm.model.media import Media
+from vnvdimm.safe_files import write_atomically
 
 VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vnvdimm.model.labels import DimmLabels, InterleaveLabels, NamespaceLabel, write_atomically
+from vnvdimm.model.labels import DimmLabels, InterleaveLabels, NamespaceLabel
+from vnvdimm.safe_files import write_atomically
 
 M = 1 << 20
 COOKIE = 0x1234_5678_9ABC_0000

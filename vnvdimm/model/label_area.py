@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 
 from vnvdimm.model.base import fail
-from vnvdimm.model.labels import write_atomically
+from vnvdimm.safe_files import write_atomically
 
 # tools/testing/nvdimm/test/nfit.c: LABEL_SIZE (SZ_128K) and the 4 KiB max_xfer its
 # GET_CONFIG_SIZE answers with.

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vnvdimm import safe_files
 from vnvdimm.model import drivers
 from vnvdimm.model.base import Attr, Device, Driver, align_up
 from vnvdimm.model.bus import NFIT_BUS_COMMANDS, NvdimmBus
@@ -36,14 +37,15 @@ from vnvdimm.model.dimm import NfitIdentity, Nvdimm
 from vnvdimm.model.hmem import HmemRegion
 from vnvdimm.model.label_area import NFIT_TEST_LABEL_SIZE, NFIT_TEST_MAX_XFER, LabelArea
 from vnvdimm.model.label_format import DimmLabelData, InterleaveSet, InterleaveSetLabels, LabelMapping, ScannedNamespace
-from vnvdimm.model.labels import DimmLabels, InterleaveLabels, write_atomically
+from vnvdimm.model.labels import DimmLabels, InterleaveLabels
 from vnvdimm.model.media import Media
 from vnvdimm.model.namespace import Namespace
 from vnvdimm.model.nfit_iset import DcrIdentity, SetMember, interleave_set
 from vnvdimm.model.nfit_test_dimm import NfitTestDimm
 from vnvdimm.model.region import Mapping, Region
 from vnvdimm.model.system import MemmapSettings, System
-from vnvdimm.topology import cxl_test, nfit_test, safe_dir
+from vnvdimm.safe_files import write_atomically
+from vnvdimm.topology import cxl_test, nfit_test
 from vnvdimm.topology.config import (
     HMEM_BASE,
     HMEM_GRANULE,
@@ -391,7 +393,7 @@ def damaged(path: Path, what: str) -> ConfigError:
 class StateDir:
     """The state dir, and every file in it opened relative to one directory descriptor.
 
-    The descriptor comes from a walk from / that checks every ancestor (safe_dir: owned by
+    The descriptor comes from a walk from / that checks every ancestor (safe_files: owned by
     root or the user, not writable by others, no symbolic link met); after it, no name of the
     state dir is looked up from / again, so renaming or swapping a directory above it (for a
     symbolic link, say) changes nothing: the lock, the platform record, the media, the label
@@ -409,11 +411,11 @@ class StateDir:
 
     @property
     def fd(self) -> int:
-        """The state dir's descriptor, opened by a checked walk on first use (see safe_dir)."""
+        """The state dir's descriptor, opened by a checked walk on first use (see safe_files)."""
         if self._fd is None:
             try:
-                self._fd, _ = safe_dir.open_checked_dir(safe_dir.canonical(self.path), "state dir", create=True)
-            except safe_dir.UnsafeStateDir as e:
+                self._fd, _ = safe_files.open_checked_dir(safe_files.canonical(self.path), "state dir", create=True)
+            except safe_files.UnsafeStateDir as e:
                 raise ConfigError(str(e)) from None
             except OSError as e:
                 raise ConfigError(f"{self.path}: cannot create the state dir: {e.strerror}") from None
@@ -483,7 +485,7 @@ class StateDir:
     def open_file(self, path: Path, flags: int) -> int:
         """os.open of a file at the top of the state dir (the lock, the log): relative to its
         descriptor, never through a symbolic link, created 0600."""
-        return safe_dir.open_private(path, flags, self.fd)
+        return safe_files.open_private(path, flags, self.fd)
 
     def write_platform(self, platform: Platform) -> None:
         write_atomically(self.platform_path, platform.to_json().encode(), dir_fd=self.fd)
@@ -501,11 +503,11 @@ class StateDir:
         return self.path / PROVISIONING_DIR
 
     def ensure(self) -> None:
-        """Create the state dir (0700) or check that it is private (see safe_dir), and finish
+        """Create the state dir (0700) or check that it is private (see safe_files), and finish
         or undo a provisioning that was interrupted."""
         try:
-            safe_dir.check_private_tree(self.path, self.fd)
-        except safe_dir.UnsafeStateDir as e:
+            safe_files.check_private_tree(self.path, self.fd)
+        except safe_files.UnsafeStateDir as e:
             raise ConfigError(str(e)) from None
         self.labels_fd  # noqa: B018 (created if missing)
         if self.has(PROVISIONING_DIR):
@@ -551,7 +553,7 @@ class StateDir:
     def read_platform(self) -> Platform:
         """The platform record, refused with a message naming it if it cannot describe a machine."""
         try:
-            text = safe_dir.read_private(self.platform_path, self.fd).decode()
+            text = safe_files.read_private(self.platform_path, self.fd).decode()
         except UnicodeDecodeError:
             raise damaged(self.platform_path, "not text") from None
         except OSError as e:
@@ -575,23 +577,23 @@ class StateDir:
                     if label.endswith(MIGRATED):  # the boot moved JSON labels into the label areas
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(label.removesuffix(MIGRATED), dir_fd=self.labels_fd)
-                safe_dir.fsync_dir(self.path / "labels", self.labels_fd)
+                safe_files.fsync_dir(self.path / "labels", self.labels_fd)
             for media in sorted(n for n in os.listdir(work.fd) if re.fullmatch(r"region.*\.media", n)):
                 os.rename(media, media, src_dir_fd=work.fd, dst_dir_fd=self.fd)
             if self.has(PLATFORM_FILE, work.fd):
                 os.rename(PLATFORM_FILE, PLATFORM_FILE, src_dir_fd=work.fd, dst_dir_fd=self.fd)
         finally:
             work.close()
-        safe_dir.fsync_dir(self.path, self.fd)
+        safe_files.fsync_dir(self.path, self.fd)
         shutil.rmtree(PROVISIONING_DIR, dir_fd=self.fd)
-        safe_dir.fsync_dir(self.path, self.fd)
+        safe_files.fsync_dir(self.path, self.fd)
 
 
 def _subdir(dir_fd: int, name: str) -> int:
     """Open directory `name` in `dir_fd` (made 0700 if missing), never through a link."""
     with contextlib.suppress(FileExistsError):
-        os.mkdir(name, safe_dir.DIR_MODE, dir_fd=dir_fd)
-    return os.open(name, safe_dir.DIR_FLAGS, dir_fd=dir_fd)
+        os.mkdir(name, safe_files.DIR_MODE, dir_fd=dir_fd)
+    return os.open(name, safe_files.DIR_FLAGS, dir_fd=dir_fd)
 
 
 PROVISIONING_DIR = ".provisioning"
@@ -817,9 +819,9 @@ def provision(platform: Platform, state: StateDir, config: TopologyConfig) -> li
             for path, copy in ((state.label_area_path(d), work.label_area_path(d)),
                                (state.label_path(d), work.label_path(d))):
                 if state.has(path.name, state.labels_fd):
-                    write_atomically(copy, safe_dir.read_private(path, state.labels_fd), dir_fd=work.labels_fd)
+                    write_atomically(copy, safe_files.read_private(path, state.labels_fd), dir_fd=work.labels_fd)
         format_regions(platform, work, config, created)
-        safe_dir.fsync_dir(work.path / "labels", work.labels_fd)  # the label areas it created
+        safe_files.fsync_dir(work.path / "labels", work.labels_fd)  # the label areas it created
         if new_record:
             work.write_platform(platform)
         write_atomically(work.path / PROVISIONING_COMPLETE, b"", dir_fd=work.fd)

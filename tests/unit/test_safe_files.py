@@ -18,7 +18,7 @@ import pytest
 from mount_kit import exchange
 from topologies import SMALL_E820, SMALL_NFIT
 
-from vnvdimm.topology import safe_dir
+from vnvdimm import safe_files
 from vnvdimm.topology.config import ConfigError, TopologyConfig, load_config
 from vnvdimm.topology.platform import PLATFORM_FILE, PROVISIONING_DIR, StateDir, provision
 
@@ -76,7 +76,7 @@ def test_a_link_of_roots_above_the_state_dir_is_followed(base: Path) -> None:
     can write is part of the layout, and the walk goes on from its target."""
     (base / "real").mkdir()
     (base / "alias").symlink_to("real")
-    fd, where = safe_dir.open_checked_dir(base / "alias" / "state", "state dir", create=True)
+    fd, where = safe_files.open_checked_dir(base / "alias" / "state", "state dir", create=True)
     os.close(fd)
     assert where == base / "real" / "state" and (base / "real" / "state").is_dir()
 
@@ -87,9 +87,9 @@ def test_a_link_of_another_users_above_the_state_dir_is_refused(base: Path, deco
     before = tree_digest(decoy)
     (base / "parent").symlink_to(decoy)
     os.chown(base / "parent", NOBODY, NOBODY, follow_symlinks=False)
-    with pytest.raises(safe_dir.UnsafeStateDir, match=r"base/parent: a symbolic link owned by nobody on the way to "
+    with pytest.raises(safe_files.UnsafeStateDir, match=r"base/parent: a symbolic link owned by nobody on the way to "
                                                       r"the state dir .*give the real path"):
-        safe_dir.open_checked_dir(base / "parent" / "state", "state dir", create=True)
+        safe_files.open_checked_dir(base / "parent" / "state", "state dir", create=True)
     assert tree_digest(decoy) == before
 
 
@@ -191,11 +191,11 @@ def _provisioning(s: StateDir) -> object:
 
 
 def _read_private(s: StateDir) -> object:
-    return safe_dir.read_private(s.platform_path, s.fd)
+    return safe_files.read_private(s.platform_path, s.fd)
 
 
 def _fsync_dir(s: StateDir) -> object:
-    return safe_dir.fsync_dir(s.path / "labels")
+    return safe_files.fsync_dir(s.path / "labels")
 
 
 def _install(s: StateDir) -> object:

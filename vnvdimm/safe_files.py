@@ -266,3 +266,34 @@ def fsync_dir(path: Path, dir_fd: int | None = None) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes, *, dir_fd: int | None = None) -> None:
+    """Replace `path` with `data`, durably: a temporary file, fsync'ed, renamed over it, then
+    the directory fsync'ed. `dir_fd`: the descriptor of `path`'s directory; every name is then
+    looked up in it (a rename of a directory above changes nothing)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    name, tmp_name = (path.name, tmp.name) if dir_fd is not None else (path, tmp)
+    # O_NOFOLLOW: never write through a symbolic link someone planted in the state dir.
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name, dir_fd=dir_fd)
+        raise
+    if dir_fd is not None:
+        os.fsync(dir_fd)
+        return
+    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
