@@ -15,10 +15,12 @@ from topologies import four_modes, nfit
 
 from vnvdimm.model.base import Attr, BinAttr, Device, Group
 from vnvdimm.model.system import System
+from vnvdimm.topology.boot import Machine as BootedMachine
+from vnvdimm.topology.boot import boot
 from vnvdimm.topology.config import parse_config
 from vnvdimm.topology.modules import PlatformModules
-from vnvdimm.topology.platform import Machine as BootedMachine
-from vnvdimm.topology.platform import StateDir, boot, provision
+from vnvdimm.topology.provision import provision
+from vnvdimm.topology.statedir import StateDir
 
 E820_FOUR = four_modes()
 

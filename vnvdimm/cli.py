@@ -78,7 +78,7 @@ def _mount(args: argparse.Namespace) -> int:
     from vnvdimm import daemon
     from vnvdimm.safe_files import canonical
     from vnvdimm.topology.config import ConfigError, load_config
-    from vnvdimm.topology.platform import default_state_dir
+    from vnvdimm.topology.statedir import default_state_dir
 
     config = None
     if args.config is not None:

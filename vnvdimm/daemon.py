@@ -39,9 +39,12 @@ from vnvdimm.mounts import (
     watch_unmount,
 )
 from vnvdimm.proctitle import set_title
+from vnvdimm.topology.boot import boot, power_off, sync_media
 from vnvdimm.topology.config import ConfigError, TopologyConfig, host_memory_warnings
 from vnvdimm.topology.modules import PlatformModules
-from vnvdimm.topology.platform import Platform, StateDir, boot, power_off, provision, sync_media
+from vnvdimm.topology.provision import provision
+from vnvdimm.topology.record import Platform
+from vnvdimm.topology.statedir import StateDir
 
 if TYPE_CHECKING:
     from vnvdimm.fuse.ops import VnvdimmOperations

@@ -53,7 +53,8 @@ from vnvdimm.preload import PreloadMissing, library_path
 from vnvdimm.safe_files import write_atomically
 from vnvdimm.scripts import WITH_VNVDIMM
 from vnvdimm.topology.config import ConfigError, parse_config
-from vnvdimm.topology.platform import Platform, StateDir
+from vnvdimm.topology.record import Platform
+from vnvdimm.topology.statedir import StateDir
 
 
 def with_preload(env: dict[str, str] | None) -> dict[str, str]:

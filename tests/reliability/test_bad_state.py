@@ -25,8 +25,11 @@ from vnvdimm.model.infoblock import DAX_SIG, INFO_BLOCK_OFFSET, PFN_SIG, PfnGeom
 from vnvdimm.model.personality import Pfn
 from vnvdimm.mounts import vnvdimm_processes
 from vnvdimm.sysfs.tree import Tree
+from vnvdimm.topology.boot import boot
 from vnvdimm.topology.config import ConfigError, load_config, parse_config
-from vnvdimm.topology.platform import Platform, StateDir, boot, provision
+from vnvdimm.topology.provision import provision
+from vnvdimm.topology.record import Platform
+from vnvdimm.topology.statedir import StateDir
 
 VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
 PLATFORM = """\

@@ -185,7 +185,7 @@ def test_the_system_imports_no_driver() -> None:
         return False
 
     assert not reaches("vnvdimm.model.system", "vnvdimm.model.drivers")
-    assert reaches("vnvdimm.topology.platform", "vnvdimm.model.drivers")
+    assert reaches("vnvdimm.topology.boot", "vnvdimm.model.drivers")
 
 
 @pytest.mark.parametrize("source, counted", [

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vnvdimm.model.namespace import Namespace
+from vnvdimm.topology.boot import boot
 from vnvdimm.topology.config import (
     MAX_DIMMS,
     MAX_NAMESPACES_PER_DIMM,
@@ -29,7 +30,9 @@ from vnvdimm.topology.config import (
     format_size,
     parse_config,
 )
-from vnvdimm.topology.platform import InvalidPlatform, Platform, StateDir, boot, provision
+from vnvdimm.topology.provision import provision
+from vnvdimm.topology.record import InvalidPlatform, Platform
+from vnvdimm.topology.statedir import StateDir
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 G16M = 16 << 20

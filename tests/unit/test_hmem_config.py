@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from vnvdimm.topology.config import HMEM_BASE, ConfigError, parse_config
-from vnvdimm.topology.platform import InvalidPlatform, Platform
+from vnvdimm.topology.record import InvalidPlatform, Platform
 
 E820 = {"template": "e820", "region": [{"size": "32M"}]}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from label_image import read_image
 from model_kit import NFIT_TWO, Machine
 
-from vnvdimm.model.labels import DimmLabels, InterleaveLabels, NamespaceLabel
+from vnvdimm.topology.legacy_labels import DimmLabels, InterleaveLabels, NamespaceLabel
 
 M = 1 << 20
 OLD_COOKIE = 0x1234_5678_9ABC_0000  # vnvdimm's old cookie: a hash of its own

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from vnvdimm.topology.config import ConfigError, default_config, load_config, parse_size
-from vnvdimm.topology.platform import Platform, StateDir, provision
+from vnvdimm.topology.provision import provision
+from vnvdimm.topology.record import Platform
+from vnvdimm.topology.statedir import StateDir
 
 GOOD_E820 = """\
 template = "e820"

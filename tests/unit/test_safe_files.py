@@ -20,7 +20,9 @@ from topologies import SMALL_E820, SMALL_NFIT
 
 from vnvdimm import safe_files
 from vnvdimm.topology.config import ConfigError, TopologyConfig, load_config
-from vnvdimm.topology.platform import PLATFORM_FILE, PROVISIONING_DIR, StateDir, provision
+from vnvdimm.topology.legacy_labels import dimm_labels
+from vnvdimm.topology.provision import provision
+from vnvdimm.topology.statedir import PLATFORM_FILE, PROVISIONING_DIR, StateDir
 
 NOBODY = 65534
 def tree_digest(root: Path) -> dict[str, tuple[int, int, str]]:
@@ -183,7 +185,7 @@ def _label_area_new(s: StateDir) -> object:
 
 
 def _json_labels(s: StateDir) -> object:
-    return s.dimm_labels(0).read()
+    return dimm_labels(s, 0).read()
 
 
 def _provisioning(s: StateDir) -> object:

@@ -20,7 +20,9 @@ import logging
 from vnvdimm.model.base import cstring, fail
 from vnvdimm.model.system import System
 from vnvdimm.topology import cxl_test
-from vnvdimm.topology.platform import Platform, StateDir, build_system
+from vnvdimm.topology.boot import build_system
+from vnvdimm.topology.record import Platform
+from vnvdimm.topology.statedir import StateDir
 
 log = logging.getLogger("vnvdimm.topology")
 

@@ -9,12 +9,23 @@ label on every DIMM of its interleave set (position, nlabel, isetcookie, dpa, ra
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from vnvdimm.model.label_format import DimmLabelData, InterleaveSet, InterleaveSetLabels, LabelMapping, ScannedNamespace
 from vnvdimm.safe_files import write_atomically
+from vnvdimm.topology.config import format_size
+from vnvdimm.topology.statedir import MIGRATED, StateDir
+
+if TYPE_CHECKING:
+    from vnvdimm.model.dimm import Nvdimm
+    from vnvdimm.topology.record import Platform
+
+log = logging.getLogger("vnvdimm.topology")
 
 
 @dataclass(frozen=True)
@@ -99,3 +110,34 @@ class InterleaveLabels:
                     "dpa": dpa + ns.offset // ways, "rawsize": ns.size // ways, "lbasize": ns.lbasize,
                 })
             area.write(keep)
+
+
+def dimm_labels(state: StateDir, dimm: int) -> DimmLabels:
+    """DIMM `dimm`'s namespaces as the JSON of old state dirs."""
+    return DimmLabels(state.label_path(dimm), dir_fd=state.labels_fd)
+
+
+def migrate_json_labels(platform: Platform, state: StateDir, dimms: list[Nvdimm]) -> None:
+    """State dirs of vnvdimm before label areas kept each DIMM's namespaces as JSON
+    (labels/nmemN.json). Their namespaces are written into the label areas as the kernel
+    writes labels, then the JSON files are kept as nmemN.json.migrated."""
+    paths = [state.label_path(i) for i in range(len(dimms))]
+    if not any(state.has(p.name, state.labels_fd) for p in paths):
+        return
+    data = {i: DimmLabelData(d.label_area) for i, d in enumerate(dimms) if d.label_area is not None}
+    for r in platform.regions:
+        if not r.dimms:
+            continue
+        old = InterleaveLabels([(dimm_labels(state, d), dpa) for d, dpa in r.dimms], r.json_label_cookie).load()
+        if not old:
+            continue
+        share = r.size // len(r.dimms)
+        labels = InterleaveSetLabels([LabelMapping(data[d], dpa, share) for d, dpa in r.dimms],
+                                     InterleaveSet(r.set_cookie, r.cookie2, r.altcookie))
+        for ns in old:
+            labels.update(ScannedNamespace(ns.uuid, ns.name.encode("utf-8", "surrogateescape"), ns.offset, ns.size,
+                                           ns.lbasize, ""))
+            log.info("migrated namespace %s (%s) into the label areas", ns.uuid, format_size(ns.size))
+    for p in paths:
+        if state.has(p.name, state.labels_fd):
+            os.replace(p.name, p.name + MIGRATED, src_dir_fd=state.labels_fd, dst_dir_fd=state.labels_fd)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vnvdimm.model.labels import DimmLabels, InterleaveLabels, NamespaceLabel
 from vnvdimm.safe_files import write_atomically
+from vnvdimm.topology.legacy_labels import DimmLabels, InterleaveLabels, NamespaceLabel
 
 M = 1 << 20
 COOKIE = 0x1234_5678_9ABC_0000
