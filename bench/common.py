@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vnvdimm.mounts import describe, is_mounted, stop_mount
+from vnvdimm.mounts import describe, is_mounted
+from vnvdimm.umount import stop_mount
 
 REPO = Path(__file__).resolve().parent.parent
 WITH_VNVDIMM = REPO / "mountscripts" / "with-vnvdimm"

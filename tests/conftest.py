@@ -20,8 +20,9 @@ import pytest
 from mount_kit import TEST_USERS, WITH_VNVDIMM, alive, children, fuse_mounts_under, memfds
 from topologies import SMALL_E820, SMALL_NFIT
 
-from vnvdimm.mounts import describe, lazy_unmount, loop_devices, process_group_of, stop_mount, vnvdimm_processes
+from vnvdimm.mounts import describe, lazy_unmount, loop_devices, process_group_of, vnvdimm_processes
 from vnvdimm.preload import library_path
+from vnvdimm.umount import stop_mount
 
 # Every command the tests run through with-vnvdimm gets the preload library of this checkout,
 # whether or not `vnvdimm` is on PATH.

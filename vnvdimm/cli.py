@@ -140,11 +140,11 @@ def add_umount_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _umount(args: argparse.Namespace) -> int:
-    from vnvdimm import mounts
+    from vnvdimm import umount
 
     # Resolve the parent only: stat()ing the mount point itself would hang on a stuck daemon.
     mode = "lazy" if args.lazy else "force" if args.force else "normal"
-    return mounts.umount(args.mountpoint.absolute().parent.resolve() / args.mountpoint.name, mode)
+    return umount.umount(args.mountpoint.absolute().parent.resolve() / args.mountpoint.name, mode)
 
 
 def add_tool_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -48,13 +48,14 @@ from typing import Any
 from vnvdimm import blockdev, client
 from vnvdimm import wait as wait_mod
 from vnvdimm.fuse import fusermount
-from vnvdimm.mounts import Holder, describe, is_mounted, stop_mount
+from vnvdimm.mounts import Holder, describe, is_mounted
 from vnvdimm.preload import PreloadMissing, library_path
 from vnvdimm.safe_files import write_atomically
 from vnvdimm.scripts import WITH_VNVDIMM
 from vnvdimm.topology.config import ConfigError, parse_config
 from vnvdimm.topology.record import Platform
 from vnvdimm.topology.statedir import StateDir
+from vnvdimm.umount import stop_mount
 
 
 def with_preload(env: dict[str, str] | None) -> dict[str, str]:

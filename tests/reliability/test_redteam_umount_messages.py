@@ -78,7 +78,7 @@ def test_a_parent_swapped_during_umount_unmounts_nothing_else(make_mount, tmp_pa
     (a.old/mnt after the swap), and leave b/mnt alone."""
     if os.geteuid() != 0:
         pytest.skip("root's umount: needs root")
-    from vnvdimm import mounts
+    from vnvdimm import mounts, umount
 
     a, b = make_mount(), make_mount()
     # Binds of the two mounts stand for mounts under a/ and b/ (what umount is given is a
@@ -101,8 +101,8 @@ def test_a_parent_swapped_during_umount_unmounts_nothing_else(make_mount, tmp_pa
                 swapped.append(True)
             return found
 
-        monkeypatch.setattr(mounts, "holders", holders_while_swapping)
-        mounts.umount(target_a, "lazy", timeout=5, out=sys.stderr)
+        monkeypatch.setattr(umount, "holders", holders_while_swapping)
+        umount.umount(target_a, "lazy", timeout=5, out=sys.stderr)
         assert swapped
         table = [e.mountpoint for e in mounts.mount_table()]
         assert str(target_b) in table, "umount unmounted the mount the swapped path led to"

@@ -27,7 +27,8 @@ from mount_kit import exchange, needs_root
 from reliability_kit import SMALL, e820
 
 from vnvdimm.fuse import fusermount
-from vnvdimm.mounts import fuse_mounts_under, lazy_unmount, stop_mount, wait_exit
+from vnvdimm.mounts import fuse_mounts_under, lazy_unmount, wait_exit
+from vnvdimm.umount import stop_mount
 
 pytestmark = pytest.mark.mount
 
