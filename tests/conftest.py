@@ -6,10 +6,8 @@ memfds, loop devices, child processes, users' keys)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -17,93 +15,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from mount_kit import TEST_USERS, WITH_VNVDIMM, alive, children, fuse_mounts_under, memfds
+from mount_kit import LIVE_MOUNTS, TEST_USERS, VNVDIMM, Mount, alive, children, fuse_mounts_under, memfds
 from topologies import SMALL_E820, SMALL_NFIT
 
-from vnvdimm.mounts import describe, lazy_unmount, loop_devices, process_group_of, vnvdimm_processes
+from vnvdimm.mounts import lazy_unmount, loop_devices, process_group_of, vnvdimm_processes
 from vnvdimm.preload import library_path
-from vnvdimm.umount import stop_mount
 
 # Every command the tests run through with-vnvdimm gets the preload library of this checkout,
 # whether or not `vnvdimm` is on PATH.
 os.environ.setdefault("VNVDIMM_PRELOAD", str(library_path()))
 
 REPO = Path(__file__).resolve().parent.parent
-VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
 # with-vnvdimm's loop block devices come from `vnvdimm blockdevs`: the vnvdimm under test,
 # whether or not its venv is on the PATH.
 os.environ.setdefault("VNVDIMM", " ".join(VNVDIMM))
-
-
-# Every mount a test made and has not unmounted yet: what the watchdog looks after.
-LIVE_MOUNTS: list[Mount] = []
-
-
-class Mount:
-    """A vnvdimm mount made by the test: root, sys and dev paths, and helpers."""
-
-    def __init__(self, root: Path, state_dir: Path, config: Path | None, extra_args: list[str]) -> None:
-        self.root = root
-        self.state_dir = state_dir
-        self.config = config
-        self.extra_args = extra_args
-        self.sys = root / "sys"
-        self.dev = root / "dev"
-        self.pid: int | None = None
-
-    # -- lifecycle
-    def mount(self) -> subprocess.CompletedProcess[str]:
-        args = [*VNVDIMM, "mount", str(self.root), "--state-dir", str(self.state_dir), *self.extra_args]
-        if self.config is not None:
-            args += ["--config", str(self.config)]
-        res = subprocess.run(args, capture_output=True, text=True, timeout=120)
-        if res.returncode == 0:
-            self.pid = int((self.state_dir / "lock").read_text().split()[0])
-            LIVE_MOUNTS.append(self)
-        return res
-
-    def umount(self, force: bool = False) -> None:
-        """Unmount by `vnvdimm umount`'s rules: a mount with device files still in use is only
-        detached (its daemon serves them until they are closed) and fails the test; `force`:
-        `vnvdimm umount --force` (the test killed their users itself)."""
-        busy = stop_mount(self.root, self.pid, force=force)
-        self.pid = None
-        if self in LIVE_MOUNTS:
-            LIVE_MOUNTS.remove(self)
-        assert not busy, f"{self.root}: device files still in use at teardown (detached):" + describe(busy)
-
-    def is_mounted(self) -> bool:
-        return str(self.root) in fuse_mounts_under(self.root)
-
-    def remount(self) -> None:
-        self.umount()
-        res = self.mount()
-        assert res.returncode == 0, res.stderr
-
-    # -- access
-    def path(self, rel: str) -> Path:
-        return self.root / rel.lstrip("/")
-
-    def read(self, rel: str) -> str:
-        return self.path(rel).read_text()
-
-    def write(self, rel: str, data: bytes) -> int:
-        fd = os.open(self.path(rel), os.O_WRONLY)
-        try:
-            return os.write(fd, data)
-        finally:
-            os.close(fd)
-
-    def run(self, *cmd: str, check: bool = False, timeout: float = 120,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        """CMD inside a private mount namespace where this mount is /sys and /dev."""
-        return subprocess.run([str(WITH_VNVDIMM), str(self.root), "--", *cmd], capture_output=True, text=True,
-                              timeout=timeout, check=check, env=env)
-
-    def ndctl(self, *args: str) -> object:
-        res = self.run("ndctl", *args)
-        assert res.returncode == 0, f"ndctl {' '.join(args)}: rc {res.returncode}: {res.stderr}"
-        return json.loads(res.stdout) if res.stdout.strip() else None
 
 
 @pytest.fixture

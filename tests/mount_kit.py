@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import kernel_oracle as K
@@ -21,13 +22,16 @@ import numpy as np
 import pytest
 from topologies import SMALL_E820  # noqa: F401 (tests take it from here too)
 
-from vnvdimm.mounts import fuse_mounts_under, pids, process_alive, process_group_of  # noqa: F401 - the tests take them from here
+from vnvdimm.mounts import describe, fuse_mounts_under, pids, process_alive, process_group_of
+from vnvdimm.umount import stop_mount
 
 TESTS = Path(__file__).resolve().parent
 # The users the tests created (name -> uid), for the leak check: each must be gone after its
 # test, and hold no keys.
 TEST_USERS: dict[str, int] = {}
 WITH_VNVDIMM = TESTS.parent / "mountscripts" / "with-vnvdimm"
+# The vnvdimm under test (this checkout), whether or not its venv is on the PATH.
+VNVDIMM = [sys.executable, "-m", "vnvdimm.cli"]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -58,13 +62,76 @@ def have_ndctl() -> bool:
     return shutil.which("ndctl") is not None and shutil.which("daxctl") is not None
 
 
-def root_conftest(config: pytest.Config) -> ModuleType:
-    """tests/conftest.py as pytest loaded it (for its Mount class)."""
-    for plugin in config.pluginmanager.get_plugins():
-        path = getattr(plugin, "__file__", None)
-        if path and Path(path).resolve() == TESTS / "conftest.py":
-            return plugin  # type: ignore[no-any-return]
-    raise LookupError("tests/conftest.py is not loaded")
+# Every mount a test made and has not unmounted yet: what the watchdog looks after.
+LIVE_MOUNTS: list[Mount] = []
+
+
+class Mount:
+    """A vnvdimm mount made by the test: root, sys and dev paths, and helpers."""
+
+    def __init__(self, root: Path, state_dir: Path, config: Path | None, extra_args: list[str]) -> None:
+        self.root = root
+        self.state_dir = state_dir
+        self.config = config
+        self.extra_args = extra_args
+        self.sys = root / "sys"
+        self.dev = root / "dev"
+        self.pid: int | None = None
+
+    # -- lifecycle
+    def mount(self) -> subprocess.CompletedProcess[str]:
+        args = [*VNVDIMM, "mount", str(self.root), "--state-dir", str(self.state_dir), *self.extra_args]
+        if self.config is not None:
+            args += ["--config", str(self.config)]
+        res = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        if res.returncode == 0:
+            self.pid = int((self.state_dir / "lock").read_text().split()[0])
+            LIVE_MOUNTS.append(self)
+        return res
+
+    def umount(self, force: bool = False) -> None:
+        """Unmount by `vnvdimm umount`'s rules: a mount with device files still in use is only
+        detached (its daemon serves them until they are closed) and fails the test; `force`:
+        `vnvdimm umount --force` (the test killed their users itself)."""
+        busy = stop_mount(self.root, self.pid, force=force)
+        self.pid = None
+        if self in LIVE_MOUNTS:
+            LIVE_MOUNTS.remove(self)
+        assert not busy, f"{self.root}: device files still in use at teardown (detached):" + describe(busy)
+
+    def is_mounted(self) -> bool:
+        return str(self.root) in fuse_mounts_under(self.root)
+
+    def remount(self) -> None:
+        self.umount()
+        res = self.mount()
+        assert res.returncode == 0, res.stderr
+
+    # -- access
+    def path(self, rel: str) -> Path:
+        return self.root / rel.lstrip("/")
+
+    def read(self, rel: str) -> str:
+        return self.path(rel).read_text()
+
+    def write(self, rel: str, data: bytes) -> int:
+        fd = os.open(self.path(rel), os.O_WRONLY)
+        try:
+            return os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    def run(self, *cmd: str, check: bool = False, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """CMD inside a private mount namespace where this mount is /sys and /dev."""
+        return subprocess.run([str(WITH_VNVDIMM), str(self.root), "--", *cmd], capture_output=True, text=True,
+                              timeout=timeout, check=check, env=env)
+
+    def ndctl(self, *args: str) -> object:
+        res = self.run("ndctl", *args)
+        assert res.returncode == 0, f"ndctl {' '.join(args)}: rc {res.returncode}: {res.stderr}"
+        return json.loads(res.stdout) if res.stdout.strip() else None
+
 
 E820_BUS = "devices/platform/e820_pmem/ndbus0"
 NFIT_BUS = "devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0012:00/ndbus0"
@@ -157,7 +224,6 @@ def mounted(request: pytest.FixtureRequest, config_text: str | None, *extra_args
     """A mount for a whole module (tests that only read, or that restore what they change):
     the same Mount as the make_mount fixture, in a temp dir of this session, unmounted
     however the block exits."""
-    Mount = root_conftest(request.config).Mount
     base = request.getfixturevalue("tmp_path_factory").mktemp(request.module.__name__.rsplit(".", 1)[-1])
     base.mkdir(parents=True, exist_ok=True)
     root = base / "mnt"
