@@ -1,12 +1,11 @@
-"""What vnvdimm knows of a mount from the outside: the mount table, the processes and loop
-devices that hold its files, whether a daemon still runs, and how a mount is stopped without
-losing data. Used by `vnvdimm umount`, the daemon, the test bed, the tests and the benchmarks.
+"""What vnvdimm knows of a mount from the outside: the mount table, whether a daemon still
+answers, the mount records of the runtime dir, the processes and loop devices that hold its
+files, and whether it is a vnvdimm mount that may be touched. Used by the daemon, the tools,
+the test bed, the tests and the benchmarks; stopping a mount by these facts is umount.py's.
 
 A mount is *busy* when a device file under it (``MNT/dev/pmemN``, ``daxR.M``...) is open,
-mapped, or the backing file of a loop device: those hold data in flight, and stopping the
-daemon under them makes the kernel fail their I/O. `umount` then refuses, as umount(8) and a
-kernel namespace disable (EBUSY) do; `--lazy` detaches the mount and lets the daemon serve the
-open files until they are closed; `--force` says what it breaks and stops the daemon at once.
+mapped, or the backing file of a loop device (`Holder.device`): those hold data in flight, and
+stopping the daemon under them makes the kernel fail their I/O.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""A private directory, safe to use as root: the state dir (and the runtime dir of mount records).
+"""Private files and directories, safe to use as root: the state dir, the runtime dir of mount
+records, and `write_atomically` (a file replaced whole and durably, never through a link).
 
 Whoever can write the state dir (or replace a file in it) decides what a root daemon
 truncates, rewrites and serves as /dev/pmem: a symbolic link named `lock` or `regionN.media`

@@ -1,5 +1,6 @@
-"""Namespace labels kept per DIMM in the state dir: round trip, interleave-set bookkeeping, and
-atomic replacement (a failed write leaves the previous label area intact)."""
+"""The JSON namespace labels of old state dirs (legacy_labels): round trip, interleave-set
+bookkeeping, damaged files named, and atomic replacement (a failed write leaves the previous
+labels intact)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from vnvdimm.safe_files import write_atomically
 from vnvdimm.topology.legacy_labels import DimmLabels, InterleaveLabels, NamespaceLabel
 
 M = 1 << 20
@@ -69,16 +69,6 @@ def test_missing_label_area_is_empty_and_garbage_is_an_error_naming_the_file(tmp
     area.path.write_text('{"labels": 3}')
     with pytest.raises(ValueError, match=r"nmem0\.json"):
         area.read()
-
-
-def test_write_atomically_replaces_whole_files(tmp_path: Path) -> None:
-    path = tmp_path / "nmem0.json"
-    write_atomically(path, b"old")
-    inode = path.stat().st_ino
-    write_atomically(path, b"new contents")
-    assert path.read_bytes() == b"new contents"
-    assert path.stat().st_ino != inode  # a new file renamed over the old one
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nmem0.json"]  # no temp file left
 
 
 def test_a_failed_write_leaves_the_previous_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -262,3 +262,13 @@ def test_a_platform_record_write_refuses_a_planted_temporary(base: Path, decoy: 
     assert e.value.errno == errno.ELOOP
     assert tree_digest(decoy) == before and not (base / "state" / PLATFORM_FILE).exists()
     state.close()
+
+
+def test_write_atomically_replaces_whole_files(tmp_path: Path) -> None:
+    path = tmp_path / "platform.json"
+    safe_files.write_atomically(path, b"old")
+    inode = path.stat().st_ino
+    safe_files.write_atomically(path, b"new contents")
+    assert path.read_bytes() == b"new contents"
+    assert path.stat().st_ino != inode  # a new file renamed over the old one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["platform.json"]  # no temp file left

@@ -1,9 +1,12 @@
-"""Namespace labels, kept the way the kernel keeps them: per DIMM, outside the data media.
+"""The namespace labels of old state dirs, and their migration into the label areas.
 
-A real DIMM holds its labels in its label storage area; vnvdimm keeps one JSON file per DIMM
-in the state dir, written atomically (temp file, fsync, rename, fsync dir), so a killed
-daemon leaves either the old or the new set, never a torn one. Each pmem namespace has one
-label on every DIMM of its interleave set (position, nlabel, isetcookie, dpa, rawsize).
+Before DIMMs had label storage areas (labels/nmemN.lsa, written as the kernel writes labels),
+vnvdimm kept each DIMM's namespaces as JSON in labels/nmemN.json: one label per namespace on
+every DIMM of its interleave set (uuid, name, isetcookie, position, nlabel, dpa, rawsize,
+lbasize). The first boot of such a state dir (boot.build_system) reads them here and writes
+their namespaces into the label areas (migrate_json_labels); the JSON files are then kept as
+nmemN.json.migrated. The writer (DimmLabels.write, InterleaveLabels.save) makes such state
+dirs for the tests of the migration.
 """
 
 from __future__ import annotations

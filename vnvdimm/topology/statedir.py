@@ -1,16 +1,22 @@
-"""The state dir: what the DIMMs and their media are to a real machine.
+"""The state dir: what the DIMMs and the firmware's tables are to a real machine, kept in one
+private directory (see safe_files), every file opened relative to its descriptor.
 
 State dir layout:
-    platform.json        the platform as created (template, regions, DIMMs, memmap defaults)
+    platform.json        the platform record (record.py: template, buses, DIMMs, regions,
+                         soft-reserved ranges, memmap settings)
     region<N>.media      sparse media of region N (its SPA range, byte for byte)
-    labels/nmem<N>.json  the namespaces of DIMM N (nfit)
-    labels/nmem<N>.lsa   the label storage area of DIMM N, raw bytes (nfit)
-    lock                 flock'ed by the daemon that serves this state dir
-    vnvdimm.log          the daemon's log
+    labels/nmem<N>.lsa   the label storage area of DIMM N, raw bytes (nfit, nfit_test, cxl_test)
+    labels/nmem<N>.json.migrated
+                         the JSON labels of a state dir written before label areas, kept once
+                         legacy_labels.py moved their namespaces into the label areas
+    .provisioning/       a provisioning under way (provision.py): moved into place once
+                         complete, finished or discarded by the next mount if interrupted
+    lock                 flock'ed by the daemon that serves this state dir (its pid inside)
+    vnvdimm.log          the daemon's log (and vnvdimm.log.1, .2: logfile.py's rotations)
 
-A config provisions: a region whose media file is missing is created and formatted as the
-config says (through the same model calls ndctl's create-namespace makes); everything else
-is brought back from the media and labels, exactly as a kernel finds it at boot.
+A config provisions (provision.py): a region whose media file is missing is created and
+formatted as the config says; everything else is brought back from the media and labels
+(boot.py), exactly as a kernel finds it at boot.
 """
 
 from __future__ import annotations
