@@ -32,12 +32,7 @@ from vnvdimm import safe_files
 from vnvdimm.model.label_area import LabelArea
 from vnvdimm.model.media import Media
 from vnvdimm.safe_files import write_atomically
-from vnvdimm.topology.config import (
-    ConfigError,
-    TopologyConfig,
-    default_config,
-    format_size,
-)
+from vnvdimm.topology.config import ConfigError, TopologyConfig, default_config, format_size
 from vnvdimm.topology.record import InvalidPlatform, Platform
 
 log = logging.getLogger("vnvdimm.topology")
