@@ -8,7 +8,7 @@ vnvdimm attribute it is compared with (each component costs the kernel a lookup)
 
 As the binding comes, each callback from a libfuse thread creates and destroys a Python
 thread state; with --pinned each thread keeps its own, as vnvdimm's loop does
-(vnvdimm.fuse.ops.pin_thread_state): the floor for the same per-request plumbing.
+(vnvdimm.fuse.libfuse.pin_thread_state): the floor for the same per-request plumbing.
 """
 
 from __future__ import annotations
@@ -51,14 +51,14 @@ class TrivialFs(fuse.Operations):
 
 class PinnedLoop(fuse.FUSE):
     def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
-        from vnvdimm.fuse.ops import pin_thread_state
+        from vnvdimm.fuse.libfuse import pin_thread_state
 
         pin_thread_state()
         return super()._wrapper(func, *args, **kwargs)
 
 
 def main() -> None:
-    from vnvdimm.fuse.ops import MOUNT_OPTIONS  # exactly vnvdimm's options: same kernel behaviour
+    from vnvdimm.fuse.options import MOUNT_OPTIONS  # exactly vnvdimm's options: same kernel behaviour
 
     loop = PinnedLoop if "--pinned" in sys.argv[2:] else fuse.FUSE
     loop(TrivialFs(), sys.argv[1], raw_fi=True, foreground=True, fsname="trivialfs", subtype="trivialfs",

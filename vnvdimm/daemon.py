@@ -220,7 +220,9 @@ def setup_logging(state: StateDir, verbose: int, foreground: bool) -> None:
 
 def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock, ready_fd: int | None) -> int:
     """The daemon proper: returns when the file system is unmounted."""
-    from vnvdimm.fuse.ops import VnvdimmOperations, raise_readahead, serve
+    from vnvdimm.fuse.libfuse import serve
+    from vnvdimm.fuse.ops import VnvdimmOperations
+    from vnvdimm.fuse.options import raise_readahead
     from vnvdimm.ioctl.server import IoctlServer
     from vnvdimm.memmap import MemmapEngine
     from vnvdimm.sysfs.tree import Tree

@@ -8,7 +8,7 @@ import ctypes
 import os
 from pathlib import Path
 
-from vnvdimm.fuse.ops import MEMORY_BUFVEC, FuseBuf, _libfuse, bufvec_type, file_bufvec, memory_bufvec
+from vnvdimm.fuse.libfuse import MEMORY_BUFVEC, FuseBuf, _libfuse, bufvec_type, file_bufvec, memory_bufvec
 
 
 def memory_target(size: int) -> tuple[ctypes.Structure, ctypes.Array[ctypes.c_char]]:

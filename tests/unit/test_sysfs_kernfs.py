@@ -4,6 +4,7 @@ the FUSE adapter's mapping of those (st_size 4096, open flags, errno)."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
@@ -14,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 from model_kit import machine
 
+from vnvdimm.fuse.libfuse import _libfuse, bufvec_type, memory_bufvec
 from vnvdimm.fuse.ops import VnvdimmOperations
 from vnvdimm.model.base import Attr
 from vnvdimm.sysfs.kernfs import Events, KAttr, OpenAttr
@@ -133,6 +135,37 @@ def fi(flags: int) -> SimpleNamespace:
 
 
 REGION0 = "/sys/devices/platform/e820_pmem/ndbus0/region0"
+_libc = ctypes.CDLL(None)
+_libc.free.argtypes = [ctypes.c_void_p]
+
+
+def read(o: VnvdimmOperations, h: SimpleNamespace, size: int, offset: int) -> bytes:
+    """A READ as libfuse makes it: the reply buffer read_reply() hands over, copied out as
+    libfuse copies it into the reply, then freed as libfuse frees it."""
+    address = o.read_reply(h.fh, size, offset)
+    try:
+        length = _libfuse.fuse_buf_size(address)
+        mem = ctypes.create_string_buffer(length)
+        dst = bufvec_type(1)()
+        dst.count = 1
+        dst.buf[0].size, dst.buf[0].mem = length, ctypes.addressof(mem)
+        assert _libfuse.fuse_buf_copy(ctypes.byref(dst), address, 0) == length
+        return mem.raw
+    finally:
+        vec = bufvec_type(1).from_address(address)
+        if vec.count and vec.buf[0].fd < 0:  # a memory reply: its copy is malloc()ed too
+            _libc.free(vec.buf[0].mem)
+        _libc.free(address)
+
+
+def write(o: VnvdimmOperations, h: SimpleNamespace, data: bytes, offset: int) -> int:
+    """A WRITE as libfuse makes it: its bytes in a struct fuse_bufvec handed to write_from()."""
+    address = memory_bufvec(data)
+    try:
+        return o.write_from(h.fh, address, offset)
+    finally:
+        _libc.free(bufvec_type(1).from_address(address).buf[0].mem)
+        _libc.free(address)
 
 
 def test_getattr(ops) -> None:  # type: ignore[no-untyped-def]
@@ -169,7 +202,7 @@ def test_open_checks_the_direction_like_kernfs_fop_open(ops) -> None:  # type: i
     assert e.value.errno == errno.EISDIR
     h = fi(os.O_RDWR)
     o.open("/dev/ndctl0", h)  # ioctl-only node: it opens, but has no read() or write()
-    for op in (lambda: o.read("/dev/ndctl0", 16, 0, h), lambda: o.write("/dev/ndctl0", b"x", 0, h)):
+    for op in (lambda: read(o, h, 16, 0), lambda: write(o, h, b"x", 0)):
         with pytest.raises(OSError) as e:
             op()
         assert e.value.errno == errno.EINVAL
@@ -180,14 +213,14 @@ def test_read_write_through_the_adapter(ops) -> None:  # type: ignore[no-untyped
     h = fi(os.O_RDWR)
     o.open(f"{REGION0}/read_only", h)
     assert h.direct_io == 1
-    assert o.read(f"{REGION0}/read_only", 4096, 0, h) == b"0\n"
+    assert read(o, h, 4096, 0) == b"0\n"
     assert o.truncate(f"{REGION0}/read_only", 0, h) == 0  # echo > attr opens with O_TRUNC: ignored
-    assert o.write(f"{REGION0}/read_only", b"1\n", 0, h) == 2
-    assert o.read(f"{REGION0}/read_only", 4096, 0, h) == b"1\n"
+    assert write(o, h, b"1\n", 0) == 2
+    assert read(o, h, 4096, 0) == b"1\n"
     with pytest.raises(OSError) as e:
-        o.write(f"{REGION0}/read_only", b"maybe", 0, h)
+        write(o, h, b"maybe", 0)
     assert e.value.errno == errno.EINVAL
-    o.release(f"{REGION0}/read_only", h)
+    o.close(h.fh)
     assert m.read("region0/read_only") == "1\n"
 
 
@@ -196,7 +229,7 @@ def test_reads_fail_with_the_show_errno(ops) -> None:  # type: ignore[no-untyped
     h = fi(os.O_RDONLY)
     o.open(f"{REGION0}/pfn0.0/resource", h)
     with pytest.raises(OSError) as e:
-        o.read(f"{REGION0}/pfn0.0/resource", 4096, 0, h)
+        read(o, h, 4096, 0)
     assert e.value.errno == errno.ENXIO
 
 
@@ -210,3 +243,51 @@ def test_readdir_and_readlink(ops) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(OSError) as e:
         o.readdir(f"{REGION0}/size", 0)
     assert e.value.errno == errno.ENOTDIR
+
+
+def test_device_bytes_through_the_adapter(ops) -> None:  # type: ignore[no-untyped-def]
+    """read_reply() answers a device read with the media file's ranges (libfuse splices
+    them), write_from() moves a write's bytes into them; both cut at the device's end."""
+    o, m = ops
+    size = o.getattr("/dev/pmem0")["st_size"]
+    h = fi(os.O_RDWR)
+    o.open("/dev/pmem0", h)
+    payload = os.urandom(5000)
+    assert write(o, h, payload, 12345) == 5000
+    assert read(o, h, 5000, 12345) == payload
+    assert write(o, h, b"tail" * 4, size - 6) == 6  # cut at the end
+    assert read(o, h, 100, size - 6) == b"tailta"
+    assert read(o, h, 100, size) == b""
+    with pytest.raises(OSError) as e:
+        write(o, h, b"x", size)
+    assert e.value.errno == errno.ENOSPC
+    o.close(h.fh)
+    assert m.dev("pmem0").data.read(5000, 12345) == payload  # type: ignore[attr-defined]
+
+
+def test_a_device_write_clears_the_bad_sectors_it_covers(ops) -> None:  # type: ignore[no-untyped-def]
+    o, m = ops
+    m.write("pmem0/badblocks", b"8 2\n")
+    h = fi(os.O_RDWR)
+    o.open("/dev/pmem0", h)
+    with pytest.raises(OSError) as e:
+        read(o, h, 512, 8 * 512)
+    assert e.value.errno == errno.EIO
+    with pytest.raises(OSError) as e:  # part of a bad sector: refused (pmem_do_write())
+        write(o, h, bytes(100), 8 * 512)
+    assert e.value.errno == errno.EIO
+    assert write(o, h, b"\x5a" * 512, 8 * 512) == 512
+    assert read(o, h, 512, 8 * 512) == b"\x5a" * 512
+    assert m.read("pmem0/badblocks") == "9 1\n"
+    o.close(h.fh)
+
+
+def test_a_short_write_clears_only_the_sectors_it_reached(ops) -> None:  # type: ignore[no-untyped-def]
+    """DataPath.written() with fewer bytes than the extents hold (libfuse moved part of a
+    request): only whole sectors within what reached the media turn good."""
+    _, m = ops
+    data = m.dev("pmem0").data  # type: ignore[attr-defined]
+    m.write("pmem0/badblocks", b"8 4\n")
+    extents = data.write_extents(8 * 512, 4 * 512)
+    data.written(extents, 512 + 100)  # sector 8 whole, 100 bytes of sector 9
+    assert m.read("pmem0/badblocks") == "9 3\n"

@@ -109,9 +109,16 @@ class DataPath:
         self._sync(offset, length)
         return extents
 
-    def written(self, extents: list[tuple[int, int]]) -> None:
-        """The bytes of these extents were written: whole bad sectors they cover are good again."""
-        self.media.badblocks.clear_written(extents, self.media.path.name)
+    def written(self, extents: list[tuple[int, int]], length: int) -> None:
+        """The first `length` bytes of a write to these extents (write_extents()) are on the
+        media (a short write stops early): whole bad sectors they cover are good again."""
+        done: list[tuple[int, int]] = []
+        for moff, n in extents:
+            if length <= 0:
+                break
+            done.append((moff, min(n, length)))
+            length -= n
+        self.media.badblocks.clear_written(done, self.media.path.name)
 
     def write(self, data: bytes | memoryview, offset: int) -> int:
         extents = self.write_extents(offset, len(data))
@@ -120,7 +127,7 @@ class DataPath:
         for moff, n in extents:
             self.media.pwrite(view[done: done + n], moff)
             done += n
-        self.written(extents)
+        self.written(extents, done)
         return done
 
     def fsync(self) -> None:
