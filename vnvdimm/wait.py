@@ -43,10 +43,6 @@ class Target:
     def state_path(self) -> Path:
         return self.dev_dir / "memmap_state"
 
-    @property
-    def has_memmap(self) -> bool:
-        return self.state_path.exists()
-
 
 class UnknownDevice(LookupError):
     pass

@@ -227,10 +227,6 @@ class MemmapJob:
         """Phase 1 progress: sections whose record storage exists."""
         return self._blocks.sections_populated
 
-    @property
-    def blocks_total(self) -> int:
-        return self.geom.nblocks
-
     def block_states(self) -> np.ndarray:
         """A copy of the per-block state array (PENDING/DONE/claimed-by-owner)."""
         return self._blocks.states()

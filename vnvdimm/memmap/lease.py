@@ -101,10 +101,6 @@ class StorageLease:
         return False
 
     @property
-    def release_started(self) -> bool:
-        return self._closing
-
-    @property
     def released(self) -> bool:
         return self._released.is_set()
 

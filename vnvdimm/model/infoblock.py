@@ -12,7 +12,7 @@ import struct
 import uuid as uuidlib
 from dataclasses import dataclass
 
-from vnvdimm.model.base import NULL_UUID, PAGE_SIZE, SZ_4K, SZ_8K, align_down, align_up
+from vnvdimm.model.base import PAGE_SIZE, SZ_4K, SZ_8K, align_down, align_up
 
 INFO_BLOCK_OFFSET = SZ_4K
 INFO_BLOCK_SIZE = 4096
@@ -251,7 +251,3 @@ def btt_log_init(arena: BttArena) -> bytes:
         post = arena.external_nlba + lane
         out += struct.pack("<IIII", lane, post, post, 1) + b"\0" * 48
     return bytes(out)
-
-
-def uuid_or_null(u: uuidlib.UUID | None) -> uuidlib.UUID:
-    return u if u is not None else NULL_UUID

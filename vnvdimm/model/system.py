@@ -29,7 +29,7 @@ from vnvdimm.model.base import (
 )
 from vnvdimm.model.host_memory import HostMemory, read_host_memory
 from vnvdimm.model.memmap_pause import PauseController
-from vnvdimm.model.nd import BLKEXT_MAJOR, DAX_BUS, DAX_MAJOR, ND_BUS, NDCTL_MAJOR, NMEM_MAJOR
+from vnvdimm.model.nd import BLKEXT_MAJOR, DAX_MAJOR, ND_BUS, NDCTL_MAJOR, NMEM_MAJOR
 
 if TYPE_CHECKING:
     from vnvdimm.memmap import MemmapEngine
@@ -144,10 +144,6 @@ class System:
     @property
     def nd_drivers(self) -> dict[str, Driver]:
         return self.drivers_of(ND_BUS)
-
-    @property
-    def dax_drivers(self) -> dict[str, Driver]:
-        return self.drivers_of(DAX_BUS)
 
     # ------------------------------------------------------------ change notification
 
