@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vnvdimm.blockdev import LOOP_SET_CAPACITY, attach
-from vnvdimm.model.disk import DataPath, Disk
+from vnvdimm.model.disk import DataPath
 from vnvdimm.parttable import TablePartition, read_table
 from vnvdimm.sysfs.tree import BLOCKDEV_DIR, Partition, Tree
 
@@ -175,8 +175,8 @@ class LoopDisks:
         wanted: dict[str, tuple[DataPath, int]] = {}
         with system.lock:
             for dev in system.all_devices():
-                disk = getattr(dev, "disk", None)
-                if isinstance(disk, Disk) and not disk.data.closed:
+                disk = dev.disk
+                if disk is not None and not disk.data.closed:
                     wanted[disk.name] = (disk.data, disk.logical_block_size)
         return wanted
 

@@ -273,15 +273,17 @@ class TemplateCache:
         return tmpl
 
 
-_tls = threading.local()
+class _ThreadCache(threading.local):
+    def __init__(self) -> None:
+        self.cache = TemplateCache()
+
+
+_tls = _ThreadCache()
 
 
 def thread_cache() -> TemplateCache:
     """The calling thread's :class:`TemplateCache`."""
-    cache = getattr(_tls, "cache", None)
-    if cache is None:
-        cache = _tls.cache = TemplateCache()
-    return cache
+    return _tls.cache
 
 
 def init_range(

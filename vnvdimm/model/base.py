@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from vnvdimm.model.nd import NdDeviceType
 
 if TYPE_CHECKING:
+    from vnvdimm.model.disk import DataPath, Disk
     from vnvdimm.model.system import System
 
 PAGE_SIZE = 4096
@@ -292,6 +293,22 @@ NULL_UUID = uuidlib.UUID(int=0)
 # ---------------------------------------------------------------- devices and drivers
 
 
+@dataclass(frozen=True)
+class DevNode:
+    """A device's node in /dev, as devtmpfs makes it at device_add() for a device with a
+    devt: its name there, "c" or "b", and what opening it reaches. `data` None: the node
+    exists but cannot be opened (a dax instance without device_dax), unless it is a `control`
+    node (ndctl, nmem), which opens but has only ioctls; `align` is a device-dax instance's
+    mapping alignment (the preload library reports and enforces it)."""
+
+    name: str
+    devt: tuple[int, int]
+    kind: str = "c"
+    data: DataPath | None = None
+    control: bool = False
+    align: int = 0
+
+
 class Device:
     """A struct device: a named node with a parent, a bus, maybe a driver and a devt.
 
@@ -303,6 +320,11 @@ class Device:
     devtype: str | None = None  # the kernel's device_type name, shown in `devtype`
     nd_type: NdDeviceType | None = None  # to_nd_device_type(): modalias "nd:t%d", what nd drivers match
     probe_errno: int | None = None  # the errno of its last failed probe (set by the driver core)
+    devt: tuple[int, int] | None = None  # (major, minor) of a device with a node: /sys/dev, `dev`
+    subdir: str | None = None  # the directory of its parent's it lives in ("block" for a gendisk)
+    # the gendisk a block driver added for it (nd_pmem on a namespace or pfn, nd_btt); a disk
+    # is not a child of the device model's walk: it comes and goes with the driver
+    disk: Disk | None = None
 
     def __init__(self, system: System, name: str, parent: Device | None) -> None:
         self.system = system
@@ -339,6 +361,11 @@ class Device:
 
     def children(self) -> Iterable[Device]:
         return ()
+
+    def devnode(self) -> DevNode | None:
+        """Its node in /dev, if it has one (the one rule for what /dev shows and what an
+        ioctl can be sent to)."""
+        return None
 
     # -- driver model
     @property

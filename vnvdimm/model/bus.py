@@ -6,11 +6,12 @@ import errno
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from vnvdimm.model.base import Attr, Device, Entry, Group, Link, fail, kstrtol, ro, uevent_store
+from vnvdimm.model.base import Attr, Device, DevNode, Entry, Group, Link, fail, kstrtol, ro, uevent_store
 from vnvdimm.model.extensions import bus_extension_group
 from vnvdimm.model.nd import ND_BUS, NDCTL_MAJOR, UuidIndex
 
 if TYPE_CHECKING:
+    from vnvdimm.model.commands.platform import PlatformFirmware
     from vnvdimm.model.dimm import Nvdimm
     from vnvdimm.model.nfit_test_dimm import NfitTestDimm
     from vnvdimm.model.region import Region
@@ -35,6 +36,9 @@ class NvdimmBus(Device):
         self.dimms: list[Nvdimm] = []
         self.regions: list[Region] = []
         self.test_dimms: list[NfitTestDimm] = []  # nfit_test's test_dimmN beside the bus
+        # the NFIT platform firmware behind the bus's ioctls (acpi_nfit_desc); None: e820,
+        # whose bus has no commands (set by the topology once the DIMMs are registered)
+        self.firmware: PlatformFirmware | None = None
         # The uuids the namespaces, pfn, dax and btt devices of this bus hold now (see UuidIndex)
         self.uuids_given = UuidIndex()
         self.ctl = NdCtl(system, self)
@@ -57,9 +61,8 @@ class NvdimmBus(Device):
                 Attr("hw_error_scrub", 0o644, show=lambda: f"{self.hw_error_scrub}\n",
                      store=self._hw_error_scrub_store),
             ]))
-        activation = getattr(getattr(self, "firmware", None), "activation", None)
-        if activation is not None:
-            out.append(activation.bus_group())  # firmware/: capability, activate
+        if self.firmware is not None and self.firmware.activation is not None:
+            out.append(self.firmware.activation.bus_group())  # firmware/: capability, activate
         return super().entries() + out + bus_extension_group(self)
 
     def _wait_probe(self) -> str:
@@ -77,10 +80,9 @@ class NvdimmBus(Device):
         at once here, so the count of completed scrubs goes up and nothing stays busy ('+')."""
         if kstrtol(buf) != 1:
             raise fail(errno.EINVAL, "only 1 starts a scrub")
-        firmware = getattr(self, "firmware", None)
-        if firmware is not None:
+        if self.firmware is not None:
             with self.system.lock:
-                firmware.bus.scrub()  # what the platform reports becomes the kernel's poison list
+                self.firmware.bus.scrub()  # what the platform reports becomes the kernel's poison list
         self.scrub_count += 1
 
     def _hw_error_scrub_store(self, buf: bytes) -> None:
@@ -109,7 +111,10 @@ class NdCtl(Device):
 
     def __init__(self, system: System, bus: NvdimmBus) -> None:
         super().__init__(system, f"ndctl{bus.id}", bus)
-        self.devt = (NDCTL_MAJOR, system.minors[NDCTL_MAJOR].get())
+        self.devt: tuple[int, int] = (NDCTL_MAJOR, system.minors[NDCTL_MAJOR].get())
+
+    def devnode(self) -> DevNode:
+        return DevNode(self.name, self.devt, control=True)  # /dev/ndctlN: ioctls only
 
     def entries(self) -> list[Entry]:
         return [

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vnvdimm.model.base import Device, Entry, Group, ro, rw, uevent_store
+from vnvdimm.model.base import Device, DevNode, Entry, Group, ro, rw, uevent_store
 from vnvdimm.model.nd import DAX_BUS, DAX_MAJOR
 
 if TYPE_CHECKING:
@@ -32,6 +32,13 @@ class DaxRegion:
         ])
 
 
+def dax_devnode(dev: Device, devt: tuple[int, int], data: DataPath | None, align: int) -> DevNode:
+    """/dev/daxR.M: the node exists as long as the instance does (devtmpfs at device_add());
+    only device_dax adds the cdev behind it, so without it (unbound, or kmem) opens fail."""
+    bound = dev.driver is not None and dev.driver.name == "device_dax"
+    return DevNode(dev.name, devt, data=data if bound else None, align=align)
+
+
 class DevDax(Device):
     """daxR.M: named after the namespace id, bound to device_dax (or kmem)."""
 
@@ -42,8 +49,11 @@ class DevDax(Device):
         self.nd_dax = nd_dax
         self.region = region
         self.data = data
-        self.devt = (DAX_MAJOR, nd_dax.system.minors[DAX_MAJOR].get())
+        self.devt: tuple[int, int] = (DAX_MAJOR, nd_dax.system.minors[DAX_MAJOR].get())
         self.align = region.align
+
+    def devnode(self) -> DevNode:
+        return dax_devnode(self, self.devt, self.data, self.align)
 
     def entries(self) -> list[Entry]:
         r = self.region

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vnvdimm.model.base import Device, Entry, Group, fail, ro
+from vnvdimm.model.base import Device, DevNode, Entry, Group, fail, ro
 from vnvdimm.model.label_format import DimmLabelData
 from vnvdimm.model.nd import ND_BUS, NMEM_MAJOR, NdDeviceType
 
@@ -65,13 +65,14 @@ class Nvdimm(Device):
     def __init__(self, system: System, bus: NvdimmBus, dimm_id: int, size: int, handle: int, phys_id: int,
                  serial: int, identity: NfitIdentity | None = None) -> None:
         super().__init__(system, f"nmem{dimm_id}", bus)
+        self.bus = bus
         self.id = dimm_id
         self.size = size
         self.handle = handle
         self.phys_id = phys_id
         self.serial = serial
         self.identity = identity or NfitIdentity()
-        self.devt = (NMEM_MAJOR, system.minors[NMEM_MAJOR].get())
+        self.devt: tuple[int, int] = (NMEM_MAJOR, system.minors[NMEM_MAJOR].get())
         # What the platform firmware answers (vnvdimm.model.commands.platform): the nd
         # commands by name, the family's functions as a mask. None without firmware (e820).
         self.commands: tuple[str, ...] = ()
@@ -93,6 +94,9 @@ class Nvdimm(Device):
         # what the firmware's ctl returns for the kernel's own label command (0, or an error
         # nfit_test's fail_cmd makes it return); None: the command always succeeds
         self.label_command: Callable[[int], int] | None = None
+
+    def devnode(self) -> DevNode:
+        return DevNode(self.name, self.devt, control=True)  # /dev/nmemN: ioctls only
 
     def unique_id(self) -> str:
         """nvdimm->dimm_id (acpi_nfit's nfit_mem->id): vendor-location-date-serial."""
@@ -178,7 +182,7 @@ class Nvdimm(Device):
 
     def firmware_groups(self) -> list[Entry]:
         """firmware/ (activate, result) when the bus's platform can activate this DIMM's firmware."""
-        platform = getattr(self.parent, "firmware", None)
+        platform = self.bus.firmware
         fw = platform.of(self) if platform is not None else None
         if fw is None or platform.activation is None or not fw.activatable:
             return []
@@ -186,7 +190,5 @@ class Nvdimm(Device):
 
     def busy(self) -> bool:
         """nvdimm->busy: an enabled region maps this DIMM."""
-        bus = self.parent
-        assert bus is not None
         return any(r.driver is not None and any(m.dimm is self for m in r.mappings)
-                   for r in bus.regions)  # type: ignore[attr-defined]
+                   for r in self.bus.regions)

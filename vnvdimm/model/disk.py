@@ -14,12 +14,14 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from vnvdimm.model.badblocks import SECTOR, show
-from vnvdimm.model.base import PAGE_SIZE, Device, Entry, Group, Link, cstring, fail, ro, rw, uevent_store
+from vnvdimm.model.base import PAGE_SIZE, Device, DevNode, Entry, Group, Link, cstring, fail, ro, rw, uevent_store
 from vnvdimm.model.nd import BLKEXT_MAJOR
 
 if TYPE_CHECKING:
     from vnvdimm.memmap import MemmapJob
     from vnvdimm.model.media import Media
+    from vnvdimm.model.namespace import Namespace
+    from vnvdimm.model.personality import Personality
     from vnvdimm.model.system import System
 
 class DataPath:
@@ -32,7 +34,7 @@ class DataPath:
     #: the extents read_extents()/write_extents() give
     spliceable = True
     has_badblocks = True  # the disk shows the region's bad sectors over its range
-    logical_block_size: int | None = None  # None: the parent's lbasize
+    logical_block_size: int | None = None  # None: the disk's (its namespace's sector size)
 
     def __init__(self, media: Media, size: int, media_offset: int = 0, job: MemmapJob | None = None,
                  first_data_page: int = 0, read_only: Callable[[], bool] | None = None) -> None:
@@ -144,11 +146,13 @@ class Disk(Device):
 
     subdir = "block"
 
-    def __init__(self, system: System, name: str, parent: Device, data: DataPath, dax: bool = False) -> None:
+    def __init__(self, system: System, name: str, parent: Namespace | Personality, data: DataPath,
+                 dax: bool = False, lbasize: int = 512) -> None:
         super().__init__(system, name, parent)
         self.data = data
         self.dax = dax  # the disk of an fsdax (pfn) device supports DAX
-        self.devt = (BLKEXT_MAJOR, system.minors[BLKEXT_MAJOR].get())
+        self.lbasize = lbasize  # the logical block size, where the data path has none of its own
+        self.devt: tuple[int, int] = (BLKEXT_MAJOR, system.minors[BLKEXT_MAJOR].get())
         # the block device's own read-only policy (BLKROSET: bdev_set_flag(BD_READ_ONLY)),
         # on top of the disk's (the region's read_only): bdev_read_only() is either
         self.policy_read_only = False
@@ -156,10 +160,10 @@ class Disk(Device):
         data.read_only = lambda: self.policy_read_only or disk_read_only()
         # dax/write_cache of a pmem disk (its dax_device, drivers/dax/super.c): on where the
         # region has a cache to flush (nvdimm_has_cache(): persistence is not cpu_cache)
-        region = parent
-        while region is not None and not hasattr(region, "persistence"):
-            region = region.parent
-        self.write_cache = getattr(region, "persistence", "") != "cpu_cache"
+        self.write_cache = parent.region.persistence != "cpu_cache"
+
+    def devnode(self) -> DevNode:
+        return DevNode(self.name, self.devt, kind="b", data=self.data)
 
     def _write_cache_store(self, buf: bytes) -> None:
         """write_cache_store(): kstrtobool."""
@@ -224,7 +228,7 @@ class Disk(Device):
 
     @property
     def logical_block_size(self) -> int:
-        return self.data.logical_block_size or getattr(self.parent, "lbasize", 512) or 512
+        return self.data.logical_block_size or self.lbasize
 
     def _badblocks_show(self) -> str:
         """The region's bad sectors over the disk's data range, relative to its first byte."""

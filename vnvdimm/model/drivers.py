@@ -260,8 +260,10 @@ def probe_namespace(ndns: Namespace) -> None:
             else:
                 log.info("%s: claimed by %s, found on its media", ndns.name, dev.name)
                 raise probing(errno.ENXIO, f"{ndns.name} is claimed by {dev.name} found on the media")
+    # the namespace's sector size cannot change while its driver holds it (EBUSY)
     ndns.disk = Disk(region.system, ndns.disk_name(), ndns,
-                     DataPath(region.media, ndns.size, ndns.offset, read_only=lambda: region.read_only))
+                     DataPath(region.media, ndns.size, ndns.offset, read_only=lambda: region.read_only),
+                     lbasize=ndns.lbasize)
 
 
 def attach_pfn(pfn: Pfn) -> None:

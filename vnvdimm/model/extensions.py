@@ -91,7 +91,7 @@ def _apply(bus: NvdimmBus, buf: bytes, inject: bool, clear: bool = False) -> Non
     region = ns.region
     first = offset // SECTOR + block
     verb = "injected" if inject else "cleared" if clear else "uninjected"
-    firmware = getattr(bus, "firmware", None)
+    firmware = bus.firmware
     if firmware is not None:
         # an NFIT platform: ARS_INJECT_SET with notification, ARS_INJECT_CLEAR, CLEAR_ERROR
         address, length = region.start + first * SECTOR, count * SECTOR
@@ -125,8 +125,7 @@ def media_errors_changed(region: Region) -> None:
     system = region.system
     system.notify(region, "badblocks")
     for dev in system.all_devices():
-        disk = getattr(dev, "disk", None)
-        for obj in (dev, disk):
+        for obj in (dev, dev.disk):  # (an unbound dax instance's too: it may be bound again)
             if isinstance(obj, Disk | DevDax) and obj.data.media is region.media:
                 obj.data.contents_changed()
                 if isinstance(obj, Disk):

@@ -27,6 +27,7 @@ from vnvdimm.model.base import (
     Attr,
     BinAttr,
     Device,
+    DevNode,
     Entry,
     Group,
     Ida,
@@ -40,6 +41,7 @@ from vnvdimm.model.base import (
     sysfs_streq,
     uevent_store,
 )
+from vnvdimm.model.dax import dax_devnode
 from vnvdimm.model.disk import DataPath
 from vnvdimm.model.nd import DAX_BUS, DAX_MAJOR
 
@@ -194,12 +196,15 @@ class HmemDevDax(Device):
         super().__init__(region.system, f"dax{region.id}.{instance_id}", region)
         self.region = region
         self.id = instance_id
-        self.devt = (DAX_MAJOR, region.system.minors[DAX_MAJOR].get())
+        self.devt: tuple[int, int] = (DAX_MAJOR, region.system.minors[DAX_MAJOR].get())
         self.align = region.align
         self.ranges: list[DaxRange] = []
         self.mapping_ids = Ida()
         self.jobs: list[tuple[DaxRange, MemmapJob]] = []
         self.data: DataPath | None = None
+
+    def devnode(self) -> DevNode:
+        return dax_devnode(self, self.devt, self.data, self.align)
 
     def size(self) -> int:
         return sum(r.size for r in self.ranges)

@@ -104,13 +104,17 @@ def _keyctl(op: int, *args: int | bytes | ctypes.Array[ctypes.c_char] | None) ->
     return int(res)
 
 
-_thread = threading.local()
+class _Possession(threading.local):
+    joined = False  # this thread joined the session keyring that possesses the user keyring
+
+
+_thread = _Possession()
 
 
 def _possess_user_keyring() -> None:
     """Join an anonymous session keyring linked to the user keyring, once per thread, so that
     keys in the user keyring are possessed (readable) by this thread."""
-    if getattr(_thread, "joined", False):
+    if _thread.joined:
         return
     _keyctl(KEYCTL_JOIN_SESSION_KEYRING, None)
     _keyctl(KEYCTL_LINK, KEY_SPEC_USER_KEYRING, KEY_SPEC_SESSION_KEYRING)

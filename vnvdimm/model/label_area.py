@@ -38,6 +38,8 @@ def nfit_test_fill(index: int) -> bytes:
 class LabelArea:
     """The label storage area of one DIMM, backed by a file of exactly `size` bytes."""
 
+    _fd = -1  # until the file is open (__del__ of an area whose open failed)
+
     def __init__(self, path: Path, size: int, max_xfer: int, *, sync_each_write: bool = True,
                  dir_fd: int | None = None) -> None:
         """`sync_each_write` False: writes reach the disk when the area is closed, not each on
@@ -131,7 +133,7 @@ class LabelArea:
 
     def __del__(self) -> None:
         # an area dropped without close() (a failed boot) does not keep its descriptor
-        if getattr(self, "_fd", -1) >= 0:
+        if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 

@@ -53,6 +53,8 @@ class Namespace(Device):
         self.lbasize = 512
 
     uuid = GivenUuid()
+    _uuid_held: int | None = None  # the value GivenUuid counts in the bus's index
+    _uuid_released = False  # release_uuid(): it left the bus, its uuid no longer counts
 
     # -- geometry
     @property

@@ -80,7 +80,8 @@ class UuidIndex:
 class GivenUuid:
     """The `uuid` of a namespace or of a pfn/dax/btt device, counted in its bus's index
     (`region.bus.uuids_given`) while the device exists: a new value replaces the old one there,
-    and `release_uuid()` takes it out when the device is unregistered."""
+    and `release_uuid()` takes it out when the device is unregistered. The owner declares
+    `_uuid_held` (None) and `_uuid_released` (False)."""
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.slot = f"_{name}"
@@ -91,10 +92,9 @@ class GivenUuid:
     def __set__(self, obj: Any, value: uuidlib.UUID | None) -> None:
         setattr(obj, self.slot, value)
         index: UuidIndex = obj.region.bus.uuids_given
-        held = getattr(obj, "_uuid_held", None)
-        if held is not None:
-            index.drop(held)
-        held = value.int if value is not None and not getattr(obj, "_uuid_released", False) else None
+        if obj._uuid_held is not None:
+            index.drop(obj._uuid_held)
+        held = value.int if value is not None and not obj._uuid_released else None
         if held is not None:
             index.hold(held)
         obj._uuid_held = held
@@ -103,8 +103,7 @@ class GivenUuid:
 def release_uuid(obj: Any) -> None:
     """A device with a GivenUuid leaves its bus: its uuid no longer counts (a store through a
     file still open on it changes the device, not the index)."""
-    held = getattr(obj, "_uuid_held", None)
-    if held is not None:
-        obj.region.bus.uuids_given.drop(held)
+    if obj._uuid_held is not None:
+        obj.region.bus.uuids_given.drop(obj._uuid_held)
     obj._uuid_held = None
     obj._uuid_released = True

@@ -96,6 +96,8 @@ class Personality(Device):
         self.disk: Disk | None = None
 
     uuid = GivenUuid()
+    _uuid_held: int | None = None  # the value GivenUuid counts in the bus's index
+    _uuid_released = False  # release_uuid(): it left the bus, its uuid no longer counts
 
     @property
     def nd_type(self) -> NdDeviceType:  # type: ignore[override]

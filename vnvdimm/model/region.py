@@ -330,9 +330,12 @@ class Region(Device):
             release_uuid(dev)
             ida = self.dax_ida if isinstance(dev, Dax) else self.pfn_ida if isinstance(dev, Pfn) else self.btt_ida
             ida.put(dev.id)
-        for attr in ("pfn_seed", "dax_seed", "btt_seed"):
-            if getattr(self, attr) is dev:
-                setattr(self, attr, None)
+        if self.pfn_seed is dev:
+            self.pfn_seed = None
+        if self.dax_seed is dev:
+            self.dax_seed = None
+        if self.btt_seed is dev:
+            self.btt_seed = None
         self.system.changed()
 
     def unregister_namespace(self, ns: Namespace) -> None:

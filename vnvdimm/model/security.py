@@ -298,9 +298,7 @@ class WipeTarget:
         self.dimm = dimm
 
     def _media(self) -> list[object]:
-        bus = self.dimm.parent
-        regions = getattr(bus, "regions", [])
-        return [r.media for r in regions if any(m.dimm is self.dimm for m in r.mappings)]
+        return [r.media for r in self.dimm.bus.regions if any(m.dimm is self.dimm for m in r.mappings)]
 
     def scramble(self) -> None:
         """A new media key: every byte of the capacity reads as cipher text."""

@@ -19,6 +19,7 @@ from vnvdimm.model.base import (
     Attr,
     BusType,
     Device,
+    DevNode,
     Driver,
     Ida,
     fail,
@@ -66,6 +67,14 @@ class MemmapSettings:
     pause_at: int = 1000
 
 
+class _LockDepth(threading.local):
+    """Per thread: how deep it holds the model lock, and the work deferred until it lets go."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.work: list[Callable[[], None]] = []
+
+
 class ModelLock:
     """A re-entrant lock whose outermost release runs the work deferred while it was held.
 
@@ -74,11 +83,11 @@ class ModelLock:
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._local = threading.local()
+        self._local = _LockDepth()
 
     def __enter__(self) -> ModelLock:
         self._lock.acquire()
-        self._local.depth = getattr(self._local, "depth", 0) + 1
+        self._local.depth += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -86,14 +95,12 @@ class ModelLock:
         outermost = self._local.depth == 0
         work: list[Callable[[], None]] = []
         if outermost:
-            work, self._local.work = getattr(self._local, "work", []), []
+            work, self._local.work = self._local.work, []
         self._lock.release()
         for item in work:
             item()
 
     def defer(self, work: Callable[[], None]) -> None:
-        if not hasattr(self._local, "work"):
-            self._local.work = []
         self._local.work.append(work)
 
 
@@ -176,6 +183,15 @@ class System:
             yield from walk(dev)
         for root in self.roots:
             yield from walk(root)
+
+    def device_nodes(self) -> Iterator[tuple[Device, DevNode]]:
+        """Every /dev node the devices have now, with its device: theirs and their disks'."""
+        for dev in self.all_devices():
+            node = dev.devnode()
+            if node is not None:
+                yield dev, node
+            if dev.disk is not None:
+                yield dev.disk, dev.disk.devnode()
 
     def bus_devices(self, bus_name: str) -> Iterator[Device]:
         return (d for d in self.all_devices() if d.bus_name == bus_name)

@@ -22,14 +22,12 @@ from functools import partial
 from typing import Protocol
 
 from vnvdimm.model import kmod
-from vnvdimm.model.base import Attr, BinAttr, Device, Group, Link, fail, uevent_store
+from vnvdimm.model.base import Attr, BinAttr, Device, DevNode, Group, Link, fail, uevent_store
 from vnvdimm.model.bus import NdCtl, NvdimmBus
 from vnvdimm.model.cxl import CXL_MODULES, CxlMemdev
-from vnvdimm.model.dax import DevDax
-from vnvdimm.model.dimm import Nvdimm
 from vnvdimm.model.disk import DataPath, Disk
 from vnvdimm.model.drivers import BusDriver
-from vnvdimm.model.hmem import HmemDevDax, HmemRegion
+from vnvdimm.model.hmem import HmemRegion
 from vnvdimm.model.memory import soft_offline_page
 from vnvdimm.model.personality import Btt
 from vnvdimm.model.system import System
@@ -79,6 +77,10 @@ class KDevFile(KNode):
     kind: str = "c"
     align: int = 0
     control: bool = False
+
+
+def dev_file(node: DevNode) -> KDevFile:
+    return KDevFile(node.data, node.devt, kind=node.kind, align=node.align, control=node.control)
 
 
 @dataclass(slots=True)
@@ -223,9 +225,8 @@ class TreeBuilder:
         if isinstance(dev, NvdimmBus | HmemRegion) or (dev.parent is None and hasattr(dev, "sysfs_dir")):
             return "/sys" + dev.sysfs_dir  # type: ignore[attr-defined]
         assert dev.parent is not None, dev
-        sub = getattr(dev, "subdir", None)
         parent = self.device_dir(dev.parent)
-        return f"{parent}/{sub}/{dev.name}" if sub else f"{parent}/{dev.name}"
+        return f"{parent}/{dev.subdir}/{dev.name}" if dev.subdir else f"{parent}/{dev.name}"
 
     # -- build
     def build(self) -> Snapshot:
@@ -408,7 +409,7 @@ class TreeBuilder:
             s.link(f"/sys/bus/{dev.bus_name}/devices/{dev.name}", path)
         if dev.driver is not None:
             s.link(f"{path}/driver", f"/sys/bus/{dev.driver.bus_name}/drivers/{dev.driver.name}")
-        devt = getattr(dev, "devt", None)
+        devt = dev.devt
         if isinstance(dev, Disk) and self.block_devices is not None:
             devt = self.block_devices.disk_rdev(dev.name) or devt
         if devt is not None:
@@ -423,9 +424,8 @@ class TreeBuilder:
             s.link(f"/sys/class/nd/{dev.name}", path)
         for child in dev.children():
             self._device(s, child)
-        disk = getattr(dev, "disk", None)
-        if isinstance(disk, Disk):
-            self._device(s, disk)
+        if dev.disk is not None:
+            self._device(s, dev.disk)
         if isinstance(dev, Btt) and dev.engine is not None:
             self._btt_debugfs(s, dev)
 
@@ -446,24 +446,15 @@ class TreeBuilder:
         s.dir("/dev/pts")
         s.dir("/dev/shm")
         for dev in self.system.all_devices():
-            if isinstance(dev, CxlMemdev):
+            if isinstance(dev, CxlMemdev):  # (the cxl package's to declare as its devnode())
                 s.add(f"/dev/cxl/{dev.name}", KDevFile(None, dev.devt, control=True))
-            elif isinstance(dev, NdCtl | Nvdimm):
-                s.add(f"/dev/{dev.name}", KDevFile(None, dev.devt, control=True))
-            elif isinstance(dev, DevDax | HmemDevDax):
-                # the node exists as long as the instance does (devtmpfs at device_add()); only
-                # device_dax adds the cdev behind it, so without it opens fail (ENXIO)
-                bound = dev.driver is not None and dev.driver.name == "device_dax"
-                s.add(f"/dev/{dev.name}", KDevFile(dev.data if bound else None, dev.devt, align=dev.align))
-            disk = getattr(dev, "disk", None)
-            if isinstance(disk, Disk):
-                rdev = self.block_devices.disk_rdev(disk.name) if self.block_devices is not None else None
-                if rdev is None:
-                    s.add(f"/dev/{disk.name}", KDevFile(disk.data, disk.devt, kind="b"))
-                else:
-                    s.add(f"/dev/{disk.name}", KBlock(rdev))
-                if self.block_devices is not None:
-                    s.add(f"{BLOCKDEV_DIR}/{disk.name}", KDevFile(disk.data, disk.devt, kind="b"))
+        for _, node in self.system.device_nodes():
+            rdev = None
+            if node.kind == "b" and self.block_devices is not None:
+                rdev = self.block_devices.disk_rdev(node.name)
+            s.add(f"/dev/{node.name}", KBlock(rdev) if rdev is not None else dev_file(node))
+            if node.kind == "b" and self.block_devices is not None:
+                s.add(f"{BLOCKDEV_DIR}/{node.name}", dev_file(node))
         if self.block_devices is not None:
             s.add(f"{BLOCKDEV_DIR}/session", KSession())
             bd = self.block_devices

@@ -20,14 +20,12 @@ from vnvdimm.model.commands.envelope import (
     UserMemory,
     nd_ioctl,
 )
-from vnvdimm.model.dax import DevDax
 from vnvdimm.model.dimm import Nvdimm
 from vnvdimm.model.disk import Disk
 from vnvdimm.model.personality import Dax
 
 if TYPE_CHECKING:
     from vnvdimm.model.base import Device
-    from vnvdimm.model.commands.platform import PlatformFirmware
     from vnvdimm.model.system import System
 
 log = logging.getLogger("vnvdimm.model")
@@ -46,38 +44,21 @@ class _NoCommands:
         return 0
 
 
-def firmware_of(bus: NvdimmBus) -> PlatformFirmware | None:
-    return getattr(bus, "firmware", None)
-
-
 def find_node(system: System, name: str) -> Device | None:
     """The device whose /dev node is `name` (the node carries the name the kernel gave it)."""
     with system.lock:
-        for dev in system.all_devices():
-            if isinstance(dev, NdCtl | Nvdimm | DevDax) and dev.name == name:
-                return dev
-            disk = getattr(dev, "disk", None)
-            if isinstance(disk, Disk) and disk.name == name:
-                return disk
-    return None
-
-
-def dimm_busy(dimm: Nvdimm) -> bool:
-    """nvdimm->busy: an enabled region maps the DIMM."""
-    bus = dimm.parent
-    return any(r.driver is not None and any(m.dimm is dimm for m in r.mappings)
-               for r in getattr(bus, "regions", ()))
+        return next((dev for dev, node in system.device_nodes() if node.name == name), None)
 
 
 def clear_to_send(bus: NvdimmBus, dimm: Nvdimm | None, req: Request) -> None:
     """nd_cmd_clear_to_send(): the provider's refusals first; labels of a busy DIMM belong
     to the kernel; a CLEAR_ERROR that would cover an enabled namespace entirely must go
     through its driver (a write)."""
-    firmware = firmware_of(bus)
+    firmware = bus.firmware
     if firmware is not None:
         firmware.clear_to_send(dimm, req)
     if dimm is not None:
-        if req.func == ND_CMD_SET_CONFIG_DATA and dimm_busy(dimm):
+        if req.func == ND_CMD_SET_CONFIG_DATA and dimm.busy():
             raise CommandError(errno.EBUSY, f"{dimm.name} is in use by an enabled region")
         return
     if req.cmd != ND_CMD_CLEAR_ERROR or len(req.buf) < 16:
@@ -108,7 +89,7 @@ def answer(system: System, name: str, accmode: int, request: int, user: UserMemo
     dimm = dev if isinstance(dev, Nvdimm) else None
     bus = dev.parent
     assert isinstance(bus, NvdimmBus)
-    firmware = firmware_of(bus)
+    firmware = bus.firmware
     read_only = accmode == os.O_RDONLY
     if firmware is None:
         return nd_ioctl(_NoCommands(dimm is not None), read_only, request, user, _refuse)
