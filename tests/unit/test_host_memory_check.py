@@ -23,10 +23,10 @@ def test_enable_needs_its_memmap_within_available_less_the_margin(tmp_path) -> N
     npages = (64 * MiB) // 4096  # a 1 MiB memmap
     # 16 MiB total: a margin of 1 MiB; 2 MiB available leaves 1 MiB: just enough
     system.host_memory = lambda: HostMemory(total=16 * MiB, available=2 * MiB)
-    dax.check_host_memory(npages)  # type: ignore[attr-defined]
+    dax.memmap.check_host_memory(npages)  # type: ignore[attr-defined]
     system.host_memory = lambda: HostMemory(total=16 * MiB, available=2 * MiB - 4096)
     with pytest.raises(OSError) as e:
-        dax.check_host_memory(npages)  # type: ignore[attr-defined]
+        dax.memmap.check_host_memory(npages)  # type: ignore[attr-defined]
     assert e.value.errno == errno.ENOMEM
     assert "needs 1.0 MiB of host memory" in str(e.value) and "margin of 1.0 MiB" in str(e.value)
     m.shutdown()

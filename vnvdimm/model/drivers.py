@@ -197,7 +197,7 @@ class NdPmemDriver(BusDriver):
         if isinstance(dev, Btt):
             dev.engine = None
         if isinstance(dev, Pfn):
-            dev.stop_memmap()
+            dev.memmap.stop()
             dev.geometry = None
 
 
@@ -244,7 +244,7 @@ def probe_namespace(ndns: Namespace) -> None:
             dev = region.create_personality(found)
             dev.attach(ndns)
             region.system.device_add(dev)
-            if dev.driver is None and isinstance(dev, Pfn) and dev.memmap_refused:
+            if dev.driver is None and isinstance(dev, Pfn) and dev.memmap.refused:
                 # The block validated, the memmap could not be allocated: as in the kernel, where
                 # the personality is registered once nd_pfn_validate() passed and probed later,
                 # it stays (unbound) and keeps its claim on the namespace.
@@ -271,7 +271,7 @@ def attach_pfn(pfn: Pfn) -> None:
     common_probe(pfn)
     geometry = pfn.setup()
     pfn.geometry = geometry
-    pfn.start_memmap(geometry)
+    pfn.memmap.start(geometry)
     assert pfn.ndns is not None
     pfn.disk = Disk(pfn.system, pfn.ndns.disk_name(), pfn, DataPath(**pfn.data_path_args(geometry)),  # type: ignore[arg-type]
                     dax=True)
@@ -372,7 +372,7 @@ class DaxPmemDriver(BusDriver):
         dev.geometry = geometry
         ndns = dev.ndns
         assert ndns is not None
-        dev.start_memmap(geometry)
+        dev.memmap.start(geometry)
         dev.dax_region = DaxRegion(dev.region.id, ndns.start + geometry.dataoff, geometry.data_size, dev.align)
         dev.dev_dax = DevDax(dev, ndns.id, dev.dax_region, DataPath(**dev.data_path_args(geometry)))  # type: ignore[arg-type]
         dev.system.device_add(dev.dev_dax)
@@ -385,7 +385,7 @@ class DaxPmemDriver(BusDriver):
             dev.dev_dax = None
             dev.system.changed()
         dev.dax_region = None
-        dev.stop_memmap()
+        dev.memmap.stop()
         dev.geometry = None
 
 

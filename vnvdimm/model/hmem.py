@@ -25,7 +25,6 @@ from vnvdimm.memmap import JobSpec, MemStorage
 from vnvdimm.model.base import (
     PAGE_SIZE,
     Attr,
-    BinAttr,
     Device,
     DevNode,
     Entry,
@@ -43,6 +42,7 @@ from vnvdimm.model.base import (
 )
 from vnvdimm.model.dax import dax_devnode
 from vnvdimm.model.disk import DataPath
+from vnvdimm.model.memmap_control import page_views, pgmap_of, start_job, sync_store
 from vnvdimm.model.nd import DAX_BUS, DAX_MAJOR
 
 if TYPE_CHECKING:
@@ -55,7 +55,6 @@ log = logging.getLogger("vnvdimm.model")
 SZ_4K, SZ_2M, SZ_1G = 4096, 2 << 20, 1 << 30
 HMEM_ALIGN = SZ_2M  # dax_hmem_probe(): alloc_dax_region(..., PMD_SIZE, ...)
 MEMREMAP_COMPAT_ALIGN = 2 << 20  # memremap_compat_align(): a subsection on x86-64
-PGMAP_BASE = 0xFFFF888100000000
 
 
 def kernfs_name_hash(name: str) -> int:
@@ -309,36 +308,12 @@ class HmemDevDax(Device):
                 ro("pages_done", lambda: f"{sum(j.pages_done for _, j in self.jobs)}\n"),
                 ro("pages_total", lambda: f"{sum(j.pages_total for _, j in self.jobs)}\n"),
                 ro("ranges", lambda: f"{len(self.jobs)}\n"),
-                self._binary("kpageflags"),
-                self._binary("kpagecount"),
-                self._binary("raw_records"),
+                # the ranges' own views one after the other, in page-offset order
+                *page_views(lambda: sum(r.size for r, _ in self.jobs) // PAGE_SIZE,
+                            lambda: [(r.pgoff, r.size // PAGE_SIZE, job) for r, job in self.jobs]),
             ]),
             *mappings,
         ]
-
-    def _binary(self, kind: str) -> BinAttr:
-        """The memmap's per-page views in device page order: the ranges' own, one after the
-        other (an nd dax device's have the same formats)."""
-        record_size = 64 if kind == "raw_records" else 8
-
-        def size() -> int:
-            return sum(r.size for r, _ in self.jobs) // PAGE_SIZE * record_size
-
-        def read(offset: int, count: int) -> bytes:
-            out = bytearray()
-            end = min(offset + count, size())
-            for r, job in list(self.jobs):
-                lo, hi = r.pgoff * record_size, (r.pgoff + r.size // PAGE_SIZE) * record_size
-                a, b = max(offset, lo), min(end, hi)
-                if a >= b:
-                    continue
-                first, last = (a - lo) // record_size, (b - lo + record_size - 1) // record_size
-                data = getattr(job, kind)(first, last - first)
-                skip = (a - lo) - first * record_size
-                out += data[skip: skip + (b - a)]
-            return bytes(out)
-
-        return BinAttr(kind.replace("raw_", ""), 0o400, size, read)
 
     def _size_store(self, buf: bytes) -> None:
         value = kstrtoull(buf)
@@ -379,10 +354,7 @@ class HmemDevDax(Device):
         return "active\n" if any(j.active for _, j in self.jobs) else "idle\n"
 
     def _memmap_state_store(self, buf: bytes) -> None:
-        if not sysfs_streq(buf, "sync"):
-            raise fail(errno.EINVAL, "memmap_state only accepts 'sync'")
-        for _, job in list(self.jobs):
-            job.wait()
+        sync_store(buf, [job for _, job in self.jobs])
 
     # -- device_dax (dev_dax_probe / dev_dax_kill)
     def probe_device_dax(self) -> None:
@@ -399,16 +371,11 @@ class HmemDevDax(Device):
                     npages=r.size // PAGE_SIZE,
                     align_pages=max(1, self.align // PAGE_SIZE),
                     nid=self.region.target_node,
-                    pgmap=PGMAP_BASE + (r.start >> 12 << 6) % (1 << 32),
+                    pgmap=pgmap_of(r.start),
                     storage=MemStorage(),
                     ns_per_page=self.system.memmap.ns_per_page,
-                    mode="async",
                 )
-                job = engine.create_job(spec)
-                job.subscribe(lambda _job: self.system.notify(self, "memmap_state"))
-                self.jobs.append((r, job))
-                if self.system.memmap.mode == "sync":
-                    self.system.defer(job.wait)
+                self.jobs.append((r, start_job(self.system, self, spec)))
         self.data = HmemDataPath(self, RangeJobs(self.jobs) if self.jobs else None)
         if self.region.seed is self:
             self.region.seed = None

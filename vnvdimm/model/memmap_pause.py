@@ -79,6 +79,11 @@ class PauseController:
                 self._running.append(dev)
         self._rearm()
 
+    def running(self) -> list[PausableDevice]:
+        """The devices whose memmap job started and was not cancelled (it may be done)."""
+        with self._lock:
+            return list(self._running)
+
     def untrack(self, dev: PausableDevice) -> None:
         """A device's memmap job was cancelled (disable): it holds the pool no more."""
         with self._lock:
@@ -99,9 +104,7 @@ class PauseController:
 
     def _marked(self) -> list[tuple[PausableDevice, int]]:
         """Each running device with a mark below NEVER, and its effective mark."""
-        with self._lock:
-            running = list(self._running)
-        return [(d, mark) for d in running if (mark := self.mark_of(d)) < NEVER]
+        return [(d, mark) for d in self.running() if (mark := self.mark_of(d)) < NEVER]
 
     def mark_of(self, dev: PausableDevice) -> int:
         """The device's effective mark: the lower of its own and the bus-level one."""
@@ -111,9 +114,7 @@ class PauseController:
         """Pause or resume the pool as the marks say; True while some mark is still ahead."""
         engine = self.system.engine
         hold, pending = [], False
-        with self._lock:
-            running = list(self._running)
-        for dev in running:
+        for dev in self.running():
             # Each job's background runs stop at its mark, so the mark is not overrun by a run
             # handed out before the pool was paused (MemmapJob.hold_background_at).
             job = dev.job

@@ -1,16 +1,15 @@
 """Namespace personalities: pfn (fsdax), nd dax (devdax) and btt (sector) devices
-(pfn_devs.c, dax_devs.c, btt_devs.c, claim.c), and their memmap_state attribute (the seed
-series' "Publish page structure init state / control")."""
+(pfn_devs.c, dax_devs.c, btt_devs.c, claim.c): their attributes and the info block's
+validation. A pfn/dax device's memmap (the series' memmap_state and memmap/) is its
+`memmap` controller's (memmap_control.py)."""
 
 from __future__ import annotations
 
 import errno
 import logging
-import time
 import uuid as uuidlib
 from typing import TYPE_CHECKING
 
-from vnvdimm.memmap import DevStorage, JobSpec, MemStorage
 from vnvdimm.model.badblocks import SECTOR
 from vnvdimm.model.base import (
     PAGE_SIZE,
@@ -19,20 +18,15 @@ from vnvdimm.model.base import (
     SZ_4K,
     SZ_8K,
     SZ_16M,
-    Attr,
-    BinAttr,
     Device,
     Entry,
-    Group,
     fail,
     kstrtoull,
     parse_uuid,
     ro,
     rstrim,
     rw,
-    sysfs_streq,
 )
-from vnvdimm.model.host_memory import format_bytes
 from vnvdimm.model.infoblock import (
     DAX_SIG,
     INFO_BLOCK_OFFSET,
@@ -47,11 +41,10 @@ from vnvdimm.model.infoblock import (
     PfnInfo,
     pfn_geometry,
 )
-from vnvdimm.model.memmap_pause import NEVER, parse_permille
+from vnvdimm.model.memmap_control import MemmapControl
 from vnvdimm.model.nd import CLAIM_BTT, CLAIM_DAX, CLAIM_PFN, ND_BUS, GivenUuid, NdDeviceType
 
 if TYPE_CHECKING:
-    from vnvdimm.memmap import MemmapJob
     from vnvdimm.model.btt import BttEngine
     from vnvdimm.model.dax import DaxRegion, DevDax
     from vnvdimm.model.disk import Disk
@@ -63,8 +56,6 @@ log = logging.getLogger("vnvdimm.model")
 PFN_MODES = {"none": PFN_MODE_NONE, "ram": PFN_MODE_RAM, "pmem": PFN_MODE_PMEM}
 PFN_MODE_NAMES = {v: k for k, v in PFN_MODES.items()}
 SUPPORTED_ALIGNMENTS = (PAGE_SIZE, SZ_2M, SZ_1G)
-VMEMMAP_BASE = 0xFFFFEA0000000000
-PGMAP_BASE = 0xFFFF888100000000
 
 
 def c_strncmp_eq(buf: bytes, word: str, n: int) -> bool:
@@ -171,9 +162,7 @@ class Pfn(Personality):
         self.mode = PFN_MODE_NONE
         self.align = SZ_2M  # nd_pfn_default_alignment(): PMD_SIZE with THP
         self.geometry: PfnGeometry | None = None
-        self.memmap_refused = False  # its last probe failed for want of host memory (map=mem)
-        self.job: MemmapJob | None = None
-        self.pause_mark = NEVER  # memmap/pause_at: survives disable/enable, like ns_per_page
+        self.memmap = MemmapControl(self)  # the series' memmap_state and memmap/
 
     def reset(self) -> None:
         super().reset()
@@ -192,9 +181,7 @@ class Pfn(Personality):
             ro("supported_alignments", lambda: "".join(f"{a} " for a in SUPPORTED_ALIGNMENTS) + "\n"),
             ro("numa_node", lambda: f"{self.region.numa_node}\n"),
             ro("target_node", lambda: f"{self.region.target_node}\n"),
-            Attr("memmap_state", 0o644, show=self._memmap_state_show, store=self._memmap_state_store,
-                 blocking=True),
-            self._memmap_group(),
+            *self.memmap.entries(),
         ]
 
     def _mode_store(self, buf: bytes) -> None:
@@ -229,86 +216,6 @@ class Pfn(Personality):
         if self.driver is None or self.geometry is None:
             raise fail(errno.ENXIO, "no size to convey while disabled")
         return f"{self.geometry.data_size}\n"
-
-    # -- memmap ABI
-    def _memmap_state_show(self) -> str:
-        job = self.job
-        return "active\n" if job is not None and job.active else "idle\n"
-
-    def _memmap_state_store(self, buf: bytes) -> None:
-        if not sysfs_streq(buf, "sync"):
-            raise fail(errno.EINVAL, "memmap_state only accepts 'sync'")
-        job = self.job
-        if job is not None:
-            job.wait()
-
-    def _memmap_group(self) -> Group:
-        def stat(name: str, value: object) -> str:
-            job = self.job
-            return f"{getattr(job, name) if job is not None else value}\n"
-
-        def elapsed_us() -> str:
-            job = self.job
-            return f"{round(job.elapsed * 1e6) if job is not None else 0}\n"
-
-        def rate() -> str:
-            job = self.job
-            return f"{round(job.rate) if job is not None else 0}\n"
-
-        def ns_per_page_store(buf: bytes) -> None:
-            value = kstrtoull(buf)
-            if value > 10**9:
-                raise fail(errno.EINVAL, "ns_per_page above one second")
-            self.ns_per_page_override = value
-            if self.job is not None:
-                self.job.ns_per_page = value
-
-        def binary(kind: str) -> BinAttr:
-            record_size = 64 if kind == "raw_records" else 8
-
-            def size() -> int:
-                return self.ndns.size // PAGE_SIZE * record_size if self.ndns is not None else 0
-
-            def read(offset: int, count: int) -> bytes:
-                job = self.job
-                total = size()
-                if job is None or offset >= total:
-                    return b""
-                count = min(count, total - offset)
-                first = offset // record_size
-                last = (offset + count + record_size - 1) // record_size
-                data = getattr(job, kind)(first, last - first)
-                skip = offset - first * record_size
-                return data[skip: skip + count]
-
-            return BinAttr(kind.replace("raw_", ""), 0o400, size, read)
-
-        return Group("memmap", [
-            ro("pages_done", lambda: stat("pages_done", 0)),
-            ro("pages_total", lambda: stat("pages_total", 0)),
-            ro("elapsed_us", elapsed_us),
-            ro("pages_per_sec", rate),
-            ro("workers", lambda: f"{self.system.engine.workers if self.system.engine else 0}\n"),
-            ro("start_pfn", lambda: f"{self.ndns.start // PAGE_SIZE if self.ndns else 0:#x}\n"),
-            rw("ns_per_page", lambda: f"{self.effective_ns_per_page()}\n", ns_per_page_store),
-            rw("pause_at", lambda: f"{self.pause_mark}\n", self._pause_at_store),
-            binary("kpageflags"),
-            binary("kpagecount"),
-            binary("raw_records"),
-        ])
-
-    def _pause_at_store(self, buf: bytes) -> None:
-        self.pause_mark = parse_permille(buf)
-        self.system.memmap_pause.mark_changed(self)
-
-    ns_per_page_override: int | None = None
-
-    def effective_ns_per_page(self) -> int:
-        if self.job is not None:
-            return int(self.job.ns_per_page)
-        if self.ns_per_page_override is not None:
-            return self.ns_per_page_override
-        return self.system.memmap.ns_per_page
 
     def check_info_block(self, info: PfnInfo) -> None:
         """nd_pfn_validate()'s checks of a block whose signature, checksum and parent match,
@@ -407,76 +314,6 @@ class Pfn(Personality):
             log.info("%s: cleared %d bad sectors of the memmap area at sector %d", self.name, count,
                      meta_start + start)
 
-    def start_memmap(self, geometry: PfnGeometry) -> None:
-        """devm_memremap_pages() with the series' async state: returns at once."""
-        engine = self.system.engine
-        ndns = self.ndns
-        assert ndns is not None
-        if engine is None:
-            return
-        npages = ndns.size // PAGE_SIZE
-        on_media = self.mode == PFN_MODE_PMEM
-        self.memmap_refused = False
-        if not on_media:
-            self.check_host_memory(npages)
-        spec = JobSpec(
-            name=self.name,
-            first_pfn=ndns.start // PAGE_SIZE,
-            npages=npages,
-            reserve_pages=2 if on_media else 0,  # altmap->reserve: the 8 KiB info-block area
-            altmap_pages=geometry.dataoff // PAGE_SIZE if on_media else 0,
-            align_pages=max(1, self.align // PAGE_SIZE),
-            nid=self.region.numa_node,
-            pgmap=PGMAP_BASE + (ndns.start >> 12 << 6) % (1 << 32),
-            storage=(DevStorage(path=str(self.region.media.path), offset=ndns.offset + 8192) if on_media
-                     else MemStorage()),
-            ns_per_page=self.effective_ns_per_page(),
-            mode="async",
-            # a mark in force when the job starts holds it from its first run (memmap_pause.py)
-            hold_permille=self.system.memmap_pause.mark_of(self),
-        )
-        started = time.monotonic()
-        job = engine.create_job(spec)
-        self.job = job
-        log.info("%s: memmap of %d pages started (%s, %.1f ms)", self.name, npages,
-                 "map=dev" if on_media else "map=mem", (time.monotonic() - started) * 1e3)
-        job.subscribe(log_memmap_end)
-        job.subscribe(lambda _job: self.system.notify(self, "memmap_state"))
-        self.system.notify(self, "memmap_state")
-        self.system.memmap_pause.track(self)
-        if self.system.memmap.mode == "sync":
-            # The pre-series kernel: enabling returns only once every page is initialized.
-            # Wait after the store returns, outside the model lock.
-            self.system.defer(job.wait)
-
-    def check_host_memory(self, npages: int) -> None:
-        """devm_memremap_pages() of a map=mem device: its struct pages come from RAM, the
-        host's here (see host_memory.py). ENOMEM, as vmemmap_populate() fails the probe, when
-        they would not fit in what the host has available less the margin, once the memmaps
-        of this machine still being filled in have taken what they will."""
-        need = npages * MAX_STRUCT_PAGE_SIZE
-        pending = sum((d.job.pages_total - d.job.pages_done) * MAX_STRUCT_PAGE_SIZE
-                      for d in self.system.all_devices()
-                      if isinstance(d, Pfn) and d is not self and d.job is not None and d.mode != PFN_MODE_PMEM
-                      and d.job.active)
-        host = self.system.host_memory()
-        if need + pending > host.usable:
-            others = f", {format_bytes(pending)} promised to memmaps still being filled in" if pending else ""
-            message = (f"{self.name}: memmap of {npages} pages (map=mem) needs {format_bytes(need)} of host "
-                       f"memory; the host has {format_bytes(host.available)} available (MemAvailable), less a "
-                       f"margin of {format_bytes(host.margin)}{others}: probe failed (ENOMEM)")
-            log.warning("%s", message)
-            self.geometry = None
-            self.memmap_refused = True
-            raise fail(errno.ENOMEM, message.removesuffix(" (ENOMEM)"))
-
-    def stop_memmap(self) -> None:
-        job, self.job = self.job, None
-        if job is not None:
-            job.cancel()
-            self.system.memmap_pause.untrack(self)
-            self.system.notify(self, "memmap_state")
-
     def data_path_args(self, geometry: PfnGeometry) -> dict[str, object]:
         ndns = self.ndns
         assert ndns is not None
@@ -484,23 +321,10 @@ class Pfn(Personality):
             "media": self.region.media,
             "size": geometry.data_size,
             "media_offset": ndns.offset + geometry.dataoff,
-            "job": self.job,
+            "job": self.memmap.job,
             "first_data_page": geometry.dataoff // PAGE_SIZE,
             "read_only": lambda: self.region.read_only,
         }
-
-
-def log_memmap_end(job: MemmapJob) -> None:
-    """One line when a memmap goes idle: how many pages, how long, how fast (or how far a
-    cancelled one got)."""
-    if job.cancelled:
-        log.info("%s: memmap cancelled after %d of %d pages (%.3f s)", job.name, job.pages_done, job.pages_total,
-                 job.elapsed)
-    elif job.error is not None:
-        log.info("%s: memmap failed after %d of %d pages: %s", job.name, job.pages_done, job.pages_total, job.error)
-    else:
-        log.info("%s: memmap of %d pages done in %.3f s (%.0f pages/s)", job.name, job.pages_total, job.elapsed,
-                 job.rate)
 
 
 class Dax(Pfn):
