@@ -49,7 +49,8 @@ Model
   acknowledge by then is killed: released storage is never written).
 * ``ns_per_page``: a floor on the time any initialization takes (emulates a slow platform). A
   new value applies at once, to the runs in flight too.
-* ``mode="sync"``: ``create_job`` returns when the job is done (the pre-series kernel).
+* ``create_job`` always returns at once; the pre-series kernel's synchronous memmap is the
+  model's sync mode, which waits for the job (vnvdimm.model.memmap_control).
 
 API beyond what the model needs: ``job.release()``, ``job.records()``, ``job.block_states()``,
 ``job.workers_used``, ``job.sections_populated``/``sections_total``, ``job.error``,

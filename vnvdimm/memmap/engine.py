@@ -166,7 +166,8 @@ class MemmapEngine:
 
     # -- jobs ------------------------------------------------------------------------------------
     def create_job(self, spec: JobSpec) -> MemmapJob:
-        """Create a job: returns at once in async mode, when it is done in sync mode."""
+        """Create a job and return at once: the pool initializes it in the background (a
+        caller that wants it complete, as the pre-series kernel had it, waits for it)."""
         spec.validate()
         if not self._started:
             self.start()
@@ -188,12 +189,6 @@ class MemmapEngine:
                 self._dispatcher.add_job(job)
             else:
                 self._queue.add(job)
-        if spec.mode == "sync":
-            if not self._nworkers:
-                job.help()  # no pool: the caller is the initializer, as before the series
-            job.wait()
-            if job.cancelled:
-                raise JobCancelled()
         return job
 
     # -- JobHost: what the jobs call ---------------------------------------------------------------

@@ -57,15 +57,12 @@ class JobSpec:
     pgmap: int = 0
     storage: MemStorage | DevStorage = field(default_factory=MemStorage)
     ns_per_page: float = 0.0
-    mode: str = "async"
     vmemmap_base: int = VMEMMAP_BASE
     # Background runs stop where this per mille of the pages is reached (MemmapJob.hold_background_at);
     # 1000: no hold. Set at creation so that a job held from the start does not run its first run.
     hold_permille: int = 1000
 
     def validate(self) -> None:
-        if self.mode not in ("async", "sync"):
-            raise ValueError(f"mode must be 'async' or 'sync', not {self.mode!r}")
         if self.npages < 0 or self.first_pfn < 0:
             raise ValueError("first_pfn and npages must be >= 0")
         if not 0 <= self.reserve_pages <= self.npages:
@@ -78,8 +75,6 @@ class JobSpec:
             raise ValueError("ns_per_page must be >= 0")
         if not 0 <= self.hold_permille <= 1000:
             raise ValueError("hold_permille must be within [0, 1000]")
-        if self.hold_permille < 1000 and self.mode == "sync":
-            raise ValueError("a sync job cannot be held (its creator waits for all of it)")
         if not isinstance(self.storage, MemStorage | DevStorage):
             raise TypeError("storage must be MemStorage or DevStorage")
 
@@ -353,14 +348,6 @@ class MemmapJob:
                     self._progress.wait()
                     continue
             self._initialize_here(runs, FG, raise_errors=True)
-
-    def help(self) -> None:
-        """Initialize runs in the calling thread until none is pending (sync mode, no pool)."""
-        while True:
-            r = self.claim_run(FG)
-            if r is None:
-                return
-            self._initialize_here([r], FG, raise_errors=True)
 
     def _initialize_here(self, runs: list[tuple[int, int]], owner: int, raise_errors: bool) -> None:
         """Initialize claimed runs in this process; completed run by run, the rest given back."""
