@@ -52,7 +52,7 @@ from vnvdimm.mounts import Holder, describe, is_mounted
 from vnvdimm.preload import PreloadMissing, library_path
 from vnvdimm.safe_files import write_atomically
 from vnvdimm.scripts import WITH_VNVDIMM
-from vnvdimm.topology.config import ConfigError, parse_config
+from vnvdimm.topology.config import MODES, ConfigError, parse_config
 from vnvdimm.topology.record import Platform
 from vnvdimm.topology.statedir import StateDir
 from vnvdimm.umount import stop_mount
@@ -77,7 +77,6 @@ DEFAULT_TOPOLOGY: dict[str, Any] = {
     ],
 }
 
-MODES = ("raw", "fsdax", "devdax", "sector")
 
 
 class TestbedError(RuntimeError):

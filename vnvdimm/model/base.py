@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import re
 import uuid as uuidlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -25,6 +25,9 @@ SZ_8K = 8192
 SZ_16M = 16 << 20
 SZ_2M = 2 << 20
 SZ_1G = 1 << 30
+# The mapping alignments the kernel supports: PAGE_SIZE and, where transparent huge pages of
+# those sizes exist (x86_64), PMD and PUD (nd_pfn_supported_alignments(), dax_align_valid())
+SUPPORTED_ALIGNMENTS = (PAGE_SIZE, SZ_2M, SZ_1G)
 
 
 def fail(code: int, message: str) -> OSError:
@@ -193,6 +196,22 @@ def kstrtoull(buf: bytes, base: int = 0) -> int:
     if s[:1] == b"+":
         s = s[1:]
     return _kstrtoull(s, base)
+
+
+def nd_size_select_show(current: int, supported: Sequence[int]) -> str:
+    """nd_size_select_show(): the supported sizes, the current one in brackets."""
+    return "".join(f"[{s}] " if s == current else f"{s} " for s in supported) + "\n"
+
+
+def nd_size_select_store(dev: Device, buf: bytes, supported: Sequence[int], what: str) -> int:
+    """nd_size_select_store(): EBUSY while a driver holds `dev`, then the value (kstrtoul,
+    any base) if it is one of `supported`, else EINVAL. Returns it; the caller stores it."""
+    if dev.driver is not None:
+        raise fail(errno.EBUSY, f"{dev.name} is active")
+    value = kstrtoull(buf)
+    if value not in supported:
+        raise fail(errno.EINVAL, f"unsupported {what} {value}")
+    return value
 
 
 def kstrtol(buf: bytes, base: int = 0) -> int:

@@ -45,7 +45,7 @@ from vnvdimm.model.dax import DaxRegion, DevDax
 from vnvdimm.model.dimm import Nvdimm
 from vnvdimm.model.disk import DataPath, Disk
 from vnvdimm.model.hmem import HmemDevDax
-from vnvdimm.model.infoblock import BTT_LBASIZES, DAX_SIG, INFO_BLOCK_SIZE, PFN_SIG, PfnInfo, btt_arenas
+from vnvdimm.model.infoblock import BTT_SECTOR_SIZES, DAX_SIG, INFO_BLOCK_SIZE, PFN_SIG, PfnInfo, btt_arenas
 from vnvdimm.model.namespace import Namespace, NamespaceIo, NamespacePmem
 from vnvdimm.model.nd import DAX_BUS, ND_BUS, NdDeviceType
 from vnvdimm.model.personality import Btt, Dax, Personality, Pfn
@@ -318,7 +318,7 @@ def convert_legacy_btt(ndns: Namespace) -> None:
         if ndns.region.read_only:
             raise BttError(errno.ENXIO, f"{ndns.name}: the BTT 1.1 an older vnvdimm wrote needs converting to "
                            "the BTT 2.0 its v1.2 labels call for, and the region is read-only")
-        expected = btt_arenas(ndns.size - BTT_V1_1.initial_offset, lbasize) if lbasize in BTT_LBASIZES else []
+        expected = btt_arenas(ndns.size - BTT_V1_1.initial_offset, lbasize) if lbasize in BTT_SECTOR_SIZES else []
         if len(expected) != 1 or info["nextoff"] != 0 or info["external_nlba"] != expected[0].external_nlba:
             raise BttError(errno.ENXIO, f"{ndns.name}: a BTT 1.1 not laid out as vnvdimm laid it out is where its "
                            "v1.2 labels call for a BTT 2.0: refusing to read it as one")

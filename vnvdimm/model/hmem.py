@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 from vnvdimm.memmap import JobSpec, MemStorage
 from vnvdimm.model.base import (
     PAGE_SIZE,
+    SUPPORTED_ALIGNMENTS,
+    SZ_2M,
     Attr,
     Device,
     DevNode,
@@ -52,7 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vnvdimm.model")
 
-SZ_4K, SZ_2M, SZ_1G = 4096, 2 << 20, 1 << 30
 HMEM_ALIGN = SZ_2M  # dax_hmem_probe(): alloc_dax_region(..., PMD_SIZE, ...)
 MEMREMAP_COMPAT_ALIGN = 2 << 20  # memremap_compat_align(): a subsection on x86-64
 
@@ -70,7 +71,7 @@ def kernfs_name_hash(name: str) -> int:
 
 def dax_align_valid(align: int) -> bool:
     """dax_align_valid(): 4K, or 2M / 1G where transparent huge pages of that size exist."""
-    return align in (SZ_4K, SZ_2M, SZ_1G)
+    return align in SUPPORTED_ALIGNMENTS
 
 
 @dataclass

@@ -146,7 +146,8 @@ BTT_DEFAULT_NFREE = 256  # ND_MAX_LANES
 LOG_GRP_SIZE = 64
 MAP_ENT_SIZE = 4
 INT_LBASIZE_ALIGNMENT = 64
-BTT_LBASIZES = (512, 520, 528, 4096, 4104, 4160, 4224)
+# btt_lbasize_supported[]: the sector sizes a BTT takes (sector_size, external_lbasize)
+BTT_SECTOR_SIZES = (512, 520, 528, 4096, 4104, 4160, 4224)
 
 _BTT_HEAD = struct.Struct("<16s16s16sIHHIIIIIIQQQQQ")
 
@@ -237,7 +238,7 @@ class BttInfo:
                      "logoff", "info2off")
             return {"uuid": uuidlib.UUID(bytes=f[1]), "parent_uuid": uuidlib.UUID(bytes=f[2]),
                     **dict(zip(names, f[3:], strict=True))}
-        if f[6] not in BTT_LBASIZES:
+        if f[6] not in BTT_SECTOR_SIZES:
             return None
         return {"uuid": uuidlib.UUID(bytes=f[1]), "parent_uuid": uuidlib.UUID(bytes=f[2]),
                 "version_major": f[4], "version_minor": f[5], "external_lbasize": f[6],

@@ -14,6 +14,8 @@ from vnvdimm.model.base import (
     fail,
     kstrtobool,
     kstrtoull,
+    nd_size_select_show,
+    nd_size_select_store,
     parse_uuid,
     ro,
     rw,
@@ -158,14 +160,11 @@ class NamespacePmem(Namespace):
         ]
 
     def _sector_size_show(self) -> str:
-        return "".join(f"[{s}] " if s == self.lbasize else f"{s} " for s in PMEM_LBASIZES) + "\n"
+        return nd_size_select_show(self.lbasize, PMEM_LBASIZES)
 
     def _sector_size_store(self, buf: bytes) -> None:
-        self._busy()
-        size = kstrtoull(buf)
-        if size not in PMEM_LBASIZES:
-            raise fail(errno.EINVAL, f"unsupported sector size {size}")
-        self.lbasize = size
+        self._busy()  # a claimed namespace too
+        self.lbasize = nd_size_select_store(self, buf, PMEM_LBASIZES, "sector size")
         self.region.update_labels(self)
 
     def _uuid_store(self, buf: bytes) -> None:

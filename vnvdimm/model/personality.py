@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from vnvdimm.model.badblocks import SECTOR
 from vnvdimm.model.base import (
     PAGE_SIZE,
-    SZ_1G,
+    SUPPORTED_ALIGNMENTS,
     SZ_2M,
     SZ_4K,
     SZ_8K,
@@ -21,13 +21,15 @@ from vnvdimm.model.base import (
     Device,
     Entry,
     fail,
-    kstrtoull,
+    nd_size_select_show,
+    nd_size_select_store,
     parse_uuid,
     ro,
     rstrim,
     rw,
 )
 from vnvdimm.model.infoblock import (
+    BTT_SECTOR_SIZES,
     DAX_SIG,
     INFO_BLOCK_OFFSET,
     INFO_BLOCK_SIZE,
@@ -55,7 +57,6 @@ log = logging.getLogger("vnvdimm.model")
 
 PFN_MODES = {"none": PFN_MODE_NONE, "ram": PFN_MODE_RAM, "pmem": PFN_MODE_PMEM}
 PFN_MODE_NAMES = {v: k for k, v in PFN_MODES.items()}
-SUPPORTED_ALIGNMENTS = (PAGE_SIZE, SZ_2M, SZ_1G)
 
 
 def c_strncmp_eq(buf: bytes, word: str, n: int) -> bool:
@@ -200,12 +201,7 @@ class Pfn(Personality):
 
     def _align_store(self, buf: bytes) -> None:
         """nd_size_select_store() over nd_pfn_supported_alignments()."""
-        if self.driver is not None:
-            raise fail(errno.EBUSY, f"{self.name} is active")
-        align = kstrtoull(buf)
-        if align not in SUPPORTED_ALIGNMENTS:
-            raise fail(errno.EINVAL, f"unsupported alignment {align}")
-        self.align = align
+        self.align = nd_size_select_store(self, buf, SUPPORTED_ALIGNMENTS, "alignment")
 
     def _resource_show(self) -> str:
         if self.driver is None or self.ndns is None or self.geometry is None:
@@ -355,8 +351,6 @@ class Dax(Pfn):
             yield self.dev_dax
 
 
-BTT_SECTOR_SIZES = (512, 520, 528, 4096, 4104, 4160, 4224)
-
 
 class Btt(Personality):
     """An nd_btt device: sector mode, block writes made atomic by the BTT on the media."""
@@ -387,15 +381,10 @@ class Btt(Personality):
         ]
 
     def _sector_size_show(self) -> str:
-        return "".join(f"[{s}] " if s == self.lbasize else f"{s} " for s in BTT_SECTOR_SIZES) + "\n"
+        return nd_size_select_show(self.lbasize, BTT_SECTOR_SIZES)
 
     def _sector_size_store(self, buf: bytes) -> None:
-        if self.driver is not None:
-            raise fail(errno.EBUSY, f"{self.name} is active")
-        size = kstrtoull(buf)
-        if size not in BTT_SECTOR_SIZES:
-            raise fail(errno.EINVAL, f"unsupported sector size {size}")
-        self.lbasize = size
+        self.lbasize = nd_size_select_store(self, buf, BTT_SECTOR_SIZES, "sector size")
 
     def _size_show(self) -> str:
         if self.driver is None:

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vnvdimm.model.base import SUPPORTED_ALIGNMENTS
 from vnvdimm.model.host_memory import HostMemory, format_bytes
-from vnvdimm.model.infoblock import ARENA_MIN_SIZE, PFN_MODE_PMEM, PFN_MODE_RAM, pfn_geometry
+from vnvdimm.model.infoblock import ARENA_MIN_SIZE, BTT_SECTOR_SIZES, PFN_MODE_PMEM, PFN_MODE_RAM, pfn_geometry
 from vnvdimm.model.label_area import NFIT_TEST_LABEL_SIZE
 from vnvdimm.model.label_format import num_label_slots
 from vnvdimm.model.region import default_align
@@ -19,8 +20,6 @@ from vnvdimm.model.system import MemmapSettings
 
 MODES = ("raw", "fsdax", "devdax", "sector")
 MAPS = ("mem", "dev")
-ALIGNS = (4096, 2 << 20, 1 << 30)
-SECTOR_SIZES = (512, 520, 528, 4096, 4104, 4160, 4224)
 MIN_REGION = 32 << 20
 REGION_GRANULE = 16 << 20
 # The ranges below are the one source for the config's validation, the platform record's
@@ -191,11 +190,11 @@ class _Checker:
         mode = self.choice(t.get("mode", "raw"), f"{key}.mode", MODES)
         nsmap = self.choice(t.get("map", "dev"), f"{key}.map", MAPS)
         align = self.size(t.get("align", "2M"), f"{key}.align")
-        if align not in ALIGNS:
+        if align not in SUPPORTED_ALIGNMENTS:
             raise self.fail(f"{key}.align", "must be 4K, 2M or 1G")
         sector = self.int_(t.get("sector_size", 4096), f"{key}.sector_size", 0)
-        if sector not in SECTOR_SIZES:
-            raise self.fail(f"{key}.sector_size", f"must be one of {', '.join(map(str, SECTOR_SIZES))}")
+        if sector not in BTT_SECTOR_SIZES:
+            raise self.fail(f"{key}.sector_size", f"must be one of {', '.join(map(str, BTT_SECTOR_SIZES))}")
         size = self.size(t["size"], f"{key}.size") if "size" in t else 0
         if nfit and (size == 0 or size % REGION_GRANULE):
             raise self.fail(f"{key}.size", "must be a non-zero multiple of 16M")
