@@ -15,16 +15,13 @@ from label_image import ImageLabel, geometry, image, read_image
 
 from vnvdimm.model.label_area import NFIT_TEST_LABEL_SIZE, nfit_test_fill
 from vnvdimm.model.label_format import (
-    CLAIM_CLASS_GUIDS,
-    NSLABEL_FLAG_UPDATING,
     DimmLabelData,
     InterleaveSet,
     InterleaveSetLabels,
     LabelMapping,
     ScannedNamespace,
-    best_seq,
-    sizeof_namespace_index,
 )
+from vnvdimm.model.label_layout import CLAIM_CLASS_GUIDS, NSLABEL_FLAG_UPDATING, best_seq, sizeof_namespace_index
 from vnvdimm.model.nfit_iset import DcrIdentity, SetMember, interleave_set
 
 M = 1 << 20

@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vnvdimm.model.infoblock import fletcher64
-from vnvdimm.model.label_format import UUID_PERSISTENT_MEMORY, InterleaveSet
+from vnvdimm.model.label_format import InterleaveSet
+from vnvdimm.model.label_layout import UUID_PERSISTENT_MEMORY
 
 SET_INFO = struct.Struct("<QII")  # struct nfit_set_info
 SET_INFO2 = struct.Struct("<QIHHB31s")  # struct nfit_set_info2

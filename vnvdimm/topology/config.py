@@ -14,7 +14,7 @@ from vnvdimm.model.base import SUPPORTED_ALIGNMENTS
 from vnvdimm.model.host_memory import HostMemory, format_bytes
 from vnvdimm.model.infoblock import ARENA_MIN_SIZE, BTT_SECTOR_SIZES, PFN_MODE_PMEM, PFN_MODE_RAM, pfn_geometry
 from vnvdimm.model.label_area import NFIT_TEST_LABEL_SIZE
-from vnvdimm.model.label_format import num_label_slots
+from vnvdimm.model.label_layout import num_label_slots
 from vnvdimm.model.region import default_align
 from vnvdimm.model.system import MemmapSettings
 
