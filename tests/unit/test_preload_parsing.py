@@ -4,13 +4,11 @@ kernel's sizes, u32 arithmetic included: drivers/nvdimm/bus.c, __nd_ioctl())."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-
-SOURCE = Path(__file__).resolve().parents[2] / "vnvdimm" / "preload" / "vnvdimm_preload.c"
+from preload_program import compile_program
 
 PROGRAM = r"""
 #include "SOURCE"
@@ -60,13 +58,7 @@ int main(int argc, char **argv)
 
 @pytest.fixture(scope="module")
 def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("cc") is None:
-        pytest.skip("needs a C compiler")
-    src = tmp_path_factory.mktemp("parsing") / "judge.c"
-    src.write_text(PROGRAM.replace("SOURCE", str(SOURCE)))
-    subprocess.run(["cc", "-O1", "-Wall", "-Werror", "-Wno-unused-function", "-o", src.with_suffix(""), src, "-ldl"],
-                   check=True, capture_output=True)
-    return src.with_suffix("")
+    return compile_program(tmp_path_factory.mktemp("parsing"), PROGRAM)
 
 
 def parse(program: Path, attribute: str) -> str:

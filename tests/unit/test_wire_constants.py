@@ -6,16 +6,13 @@ this test instead of only the end-to-end ones."""
 
 from __future__ import annotations
 
-import shutil
 import struct
 import subprocess
-from pathlib import Path
 
 import pytest
+from preload_program import compile_program
 
 from vnvdimm.ioctl import wire
-
-SOURCE = Path(__file__).resolve().parents[2] / "vnvdimm" / "preload" / "vnvdimm_preload.c"
 
 # The C struct fields in order, as wire.py packs them (REQUEST, OP).
 REQUEST_FIELDS = ("magic", "version", "request", "pad", "window", "readable")
@@ -49,13 +46,8 @@ int main(void)
 @pytest.fixture(scope="module")
 def c_side(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[int]]:
     """What the compiled library defines: name -> its numbers."""
-    if shutil.which("cc") is None:
-        pytest.skip("needs a C compiler")
-    src = tmp_path_factory.mktemp("wire") / "wire.c"
-    src.write_text(PROGRAM.replace("SOURCE", str(SOURCE)))
-    subprocess.run(["cc", "-O0", "-Wall", "-Werror", "-Wno-unused-function", "-o", src.with_suffix(""), src, "-ldl"],
-                   check=True, capture_output=True)
-    res = subprocess.run([str(src.with_suffix(""))], capture_output=True, text=True, timeout=60, check=True)
+    program = compile_program(tmp_path_factory.mktemp("wire"), PROGRAM)
+    res = subprocess.run([str(program)], capture_output=True, text=True, timeout=60, check=True)
     return {name: [int(v) for v in values] for name, *values in (line.split() for line in res.stdout.splitlines())}
 
 
