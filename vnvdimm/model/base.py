@@ -341,6 +341,8 @@ class Device:
     probe_errno: int | None = None  # the errno of its last failed probe (set by the driver core)
     devt: tuple[int, int] | None = None  # (major, minor) of a device with a node: /sys/dev, `dev`
     subdir: str | None = None  # the directory of its parent's it lives in ("block" for a gendisk)
+    # where a device at the top of the tree (no parent: a bus, a platform device) is, below /sys
+    sysfs_dir: str | None = None
     # the gendisk a block driver added for it (nd_pmem on a namespace or pfn, nd_btt); a disk
     # is not a child of the device model's walk: it comes and goes with the driver
     disk: Disk | None = None

@@ -27,7 +27,6 @@ from vnvdimm.model.bus import NdCtl, NvdimmBus
 from vnvdimm.model.cxl import CXL_MODULES, CxlMemdev
 from vnvdimm.model.disk import DataPath, Disk
 from vnvdimm.model.drivers import BusDriver
-from vnvdimm.model.hmem import HmemRegion
 from vnvdimm.model.memory import soft_offline_page
 from vnvdimm.model.personality import Btt
 from vnvdimm.model.system import System
@@ -222,9 +221,9 @@ class TreeBuilder:
 
     # -- paths
     def device_dir(self, dev: Device) -> str:
-        if isinstance(dev, NvdimmBus | HmemRegion) or (dev.parent is None and hasattr(dev, "sysfs_dir")):
-            return "/sys" + dev.sysfs_dir  # type: ignore[attr-defined]
-        assert dev.parent is not None, dev
+        if dev.parent is None:
+            assert dev.sysfs_dir is not None, dev
+            return "/sys" + dev.sysfs_dir
         parent = self.device_dir(dev.parent)
         return f"{parent}/{dev.subdir}/{dev.name}" if dev.subdir else f"{parent}/{dev.name}"
 
