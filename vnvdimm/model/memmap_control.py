@@ -151,9 +151,10 @@ class MemmapControl:
             ndns = self.dev.ndns
             return ndns.size // PAGE_SIZE if ndns is not None else 0
 
-        def pieces() -> list[tuple[int, int, MemmapJob]]:  # one: the whole namespace
+        def pieces() -> list[tuple[int, int, MemmapJob]]:
+            # one: every page of the namespace (pages_total leaves out the altmap reserve)
             job = self.job
-            return [(0, job.pages_total, job)] if job is not None else []
+            return [(0, total_pages(), job)] if job is not None else []
 
         engine = self.system.engine
         return Group("memmap", [
