@@ -15,8 +15,9 @@ from preload_program import compile_program
 from vnvdimm.ioctl import wire
 
 # The C struct fields in order, as wire.py packs them (REQUEST, OP).
-REQUEST_FIELDS = ("magic", "version", "request", "pad", "window", "readable")
-OP_FIELDS = ("op", "pad", "offset", "length")
+REQUEST_FIELDS = ("magic", "version", "request", "regions", "window", "readable")
+REGION_FIELDS = ("size", "access", "pad")
+OP_FIELDS = ("op", "region", "offset", "length")
 
 PROGRAM = r"""
 #include "SOURCE"
@@ -32,12 +33,18 @@ int main(void)
     printf("WIRE_VERSION %llu\n", (unsigned long long)WIRE_VERSION);
     printf("OP_WRITE %llu\n", (unsigned long long)OP_WRITE);
     printf("OP_DONE %llu\n", (unsigned long long)OP_DONE);
+    printf("OP_READ %llu\n", (unsigned long long)OP_READ);
+    printf("REGION_READ %llu\n", (unsigned long long)REGION_READ);
+    printf("REGION_WRITE %llu\n", (unsigned long long)REGION_WRITE);
+    printf("MAX_REGIONS %llu\n", (unsigned long long)MAX_REGIONS);
     printf("MAX_PUSH %llu\n", (unsigned long long)MAX_PUSH);
     printf("sizeof.wire_request %zu\n", sizeof(struct wire_request));
     printf("sizeof.wire_op %zu\n", sizeof(struct wire_op));
+    printf("sizeof.wire_region %zu\n", sizeof(struct wire_region));
     FIELD(wire_request, magic); FIELD(wire_request, version); FIELD(wire_request, request);
-    FIELD(wire_request, pad); FIELD(wire_request, window); FIELD(wire_request, readable);
-    FIELD(wire_op, op); FIELD(wire_op, pad); FIELD(wire_op, offset); FIELD(wire_op, length);
+    FIELD(wire_request, regions); FIELD(wire_request, window); FIELD(wire_request, readable);
+    FIELD(wire_region, size); FIELD(wire_region, access); FIELD(wire_region, pad);
+    FIELD(wire_op, op); FIELD(wire_op, region); FIELD(wire_op, offset); FIELD(wire_op, length);
     return 0;
 }
 """
@@ -68,10 +75,15 @@ def test_the_numbers_on_the_wire_are_the_same_on_both_sides(c_side: dict[str, li
     assert c_side["WIRE_VERSION"] == [wire.VERSION]
     assert c_side["OP_WRITE"] == [wire.OP_WRITE]
     assert c_side["OP_DONE"] == [wire.OP_DONE]
+    assert c_side["OP_READ"] == [wire.OP_READ]
+    assert (c_side["REGION_READ"], c_side["REGION_WRITE"]) == ([wire.REGION_READ], [wire.REGION_WRITE])
+    assert c_side["MAX_REGIONS"] == [wire.MAX_REGIONS + 1]  # the C count includes the argument
 
 
 def test_the_headers_have_the_same_layout_on_both_sides(c_side: dict[str, list[int]]) -> None:
-    for c_name, fmt, fields in (("wire_request", wire.REQUEST, REQUEST_FIELDS), ("wire_op", wire.OP, OP_FIELDS)):
+    headers = (("wire_request", wire.REQUEST, REQUEST_FIELDS), ("wire_region", wire.REGION, REGION_FIELDS),
+               ("wire_op", wire.OP, OP_FIELDS))
+    for c_name, fmt, fields in headers:
         assert c_side[f"sizeof.{c_name}"] == [fmt.size], c_name
         for name, (offset, size) in python_layout(fmt, fields).items():
             assert c_side[f"{c_name}.{name}"] == [offset, size], f"{c_name}.{name}"

@@ -24,7 +24,7 @@ from typing import Protocol
 from vnvdimm.model import kmod
 from vnvdimm.model.base import Attr, BinAttr, Device, DevNode, Group, Link, fail, uevent_store
 from vnvdimm.model.bus import NdCtl, NvdimmBus
-from vnvdimm.model.cxl import CXL_MODULES, CxlMemdev
+from vnvdimm.model.cxl import CXL_MODULES
 from vnvdimm.model.disk import DataPath, Disk
 from vnvdimm.model.drivers import BusDriver
 from vnvdimm.model.memory import soft_offline_page
@@ -444,9 +444,6 @@ class TreeBuilder:
             s.add(f"/dev/{name}", KLink(target))
         s.dir("/dev/pts")
         s.dir("/dev/shm")
-        for dev in self.system.all_devices():
-            if isinstance(dev, CxlMemdev):  # (the cxl package's to declare as its devnode())
-                s.add(f"/dev/cxl/{dev.name}", KDevFile(None, dev.devt, control=True))
         for _, node in self.system.device_nodes():
             rdev = None
             if node.kind == "b" and self.block_devices is not None:

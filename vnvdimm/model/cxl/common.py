@@ -117,7 +117,7 @@ class CxlDev(Device):
         return [
             ro("devtype", lambda: f"{self.devtype}\n"),
             ro("modalias", lambda: f"cxl:t{self.cxl_type}\n"),
-            *[e for e in super().entries() if getattr(e, "name", "") == "uevent"],
+            *[e for e in super().entries() if e.name == "uevent"],
         ]
 
     def uevent(self) -> str:

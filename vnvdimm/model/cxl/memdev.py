@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from vnvdimm.model.base import (
     Device,
+    DevNode,
     Entry,
     Group,
     ro,
@@ -70,6 +71,10 @@ class CxlMemdev(CxlDev):
         SET_SHUTDOWN_STATE are the kernel's (the mailbox ioctl flags them exclusive in
         QUERY_COMMANDS and refuses them with EBUSY)."""
         return frozenset(self.firmware.exclusive_commands)
+
+    def devnode(self) -> DevNode:
+        """/dev/cxl/memN (cxl_memdev_alloc(): "cxl/%s" in devtmpfs): ioctls only."""
+        return DevNode(f"cxl/{self.name}", self.devt, control=True)
 
     def children(self) -> Iterable[Device]:
         return [self.cxl_nvd] if self.cxl_nvd is not None else []
