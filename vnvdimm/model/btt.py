@@ -25,13 +25,36 @@ import errno
 import logging
 import mmap
 import os
-import struct
 import threading
 import uuid as uuidlib
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from vnvdimm.model.base import NULL_UUID, SZ_4K, fail
+from vnvdimm.model.base import fail
+from vnvdimm.model.btt_layout import (
+    BTT1_OFFSET,
+    BTT_V1_1,
+    BTT_V2_0,
+    IB_FLAG_ERROR_MASK,
+    LOG_ENT,
+    LOG_ENT_SIZE,
+    LOG_HALF,
+    LOG_SEQ_INIT,
+    MAP_ENT_NORMAL,
+    MAP_ERR_MASK,
+    MAP_ERR_SHIFT,
+    MAP_LBA_MASK,
+    Arena,
+    BttError,
+    BttVersion,
+    FreeEntry,
+    arena_is_valid,
+    btt_sector_size,
+    convert_in_place_v1_1,
+    ent_e_flag,
+    ent_lba,
+    ent_normal,
+    nd_inc_seq,
+)
 from vnvdimm.model.disk import DataPath
 from vnvdimm.model.infoblock import (
     ARENA_MIN_SIZE,
@@ -39,7 +62,6 @@ from vnvdimm.model.infoblock import (
     BTT_PG_SIZE,
     INFO_BLOCK_SIZE,
     LOG_GRP_SIZE,
-    BttArena,
     BttInfo,
     btt_arenas,
     btt_log_init,
@@ -50,147 +72,13 @@ if TYPE_CHECKING:
 
     from vnvdimm.model.media import Media
 
+# the format's names that drivers and tests use, with the engine's
+__all__ = [
+    "BTT_V1_1", "BTT_V2_0", "MAP_ENT_NORMAL", "MAP_ERR_MASK", "BttDataPath", "BttEngine", "BttError",
+    "BttVersion", "arena_is_valid", "convert_in_place_v1_1",
+]
+
 log = logging.getLogger("vnvdimm.model")
-
-# btt.h: the two top bits of a map entry are its flags
-MAP_TRIM_SHIFT, MAP_ERR_SHIFT = 31, 30
-MAP_TRIM_MASK, MAP_ERR_MASK = 1 << MAP_TRIM_SHIFT, 1 << MAP_ERR_SHIFT
-MAP_LBA_MASK = ~(MAP_TRIM_MASK | MAP_ERR_MASK) & 0xFFFFFFFF
-MAP_ENT_NORMAL = MAP_TRIM_MASK | MAP_ERR_MASK  # both set: a plain mapping (both clear: identity)
-LOG_ENT_SIZE = 16
-LOG_SEQ_INIT = 1
-IB_FLAG_ERROR_MASK = 0x00000001
-
-BTT1_OFFSET = SZ_4K  # nd_btt_version(): v1.1 starts after the first 4 KiB of the namespace
-BTT2_OFFSET = 0
-
-_LOG_HALF = struct.Struct("<II")
-_LOG_ENT = struct.Struct("<IIII")
-
-
-def ent_lba(entry: int) -> int:
-    return entry & MAP_LBA_MASK
-
-
-def ent_e_flag(entry: int) -> bool:
-    return bool(entry & MAP_ERR_MASK)
-
-
-def ent_normal(entry: int) -> bool:
-    return entry & MAP_ENT_NORMAL == MAP_ENT_NORMAL
-
-
-def nd_inc_seq(seq: int) -> int:
-    """The flog's sequence numbers cycle 1, 2, 3, 1... (0 means never written)."""
-    return {0: 0, 1: 2, 2: 3, 3: 1}[seq & 3]
-
-
-def btt_sector_size(lbasize: int) -> int:
-    """btt_init(): the disk's sector is 4096 bytes for lbasize >= 4096, else 512 (the rest
-    of each block is integrity metadata)."""
-    return 4096 if lbasize >= 4096 else 512
-
-
-@dataclass(frozen=True)
-class BttVersion:
-    major: int
-    minor: int
-    initial_offset: int
-
-
-BTT_V1_1 = BttVersion(1, 1, BTT1_OFFSET)
-BTT_V2_0 = BttVersion(2, 0, BTT2_OFFSET)
-
-
-class BttError(Exception):
-    """The BTT on the media cannot be used (the kernel's btt_init() fails): the message says why."""
-
-    def __init__(self, err: int, message: str) -> None:
-        super().__init__(message)
-        self.errno = err
-
-
-@dataclass
-class FreeEntry:
-    """struct free_entry: a lane's free block and where its next flog entry goes."""
-
-    block: int
-    sub: int
-    seq: int
-    has_err: bool = False
-
-
-@dataclass
-class Arena:
-    """struct arena_info, its offsets relative to the BTT's start (as debugfs shows them)."""
-
-    size: int
-    external_lba_start: int
-    internal_nlba: int
-    internal_lbasize: int
-    external_nlba: int
-    external_lbasize: int
-    nfree: int
-    version_major: int
-    version_minor: int
-    nextoff: int
-    infooff: int
-    dataoff: int
-    mapoff: int
-    logoff: int
-    info2off: int
-    flags: int = 0
-    log_index: list[int] = field(default_factory=lambda: [0, 1])
-    freelist: list[FreeEntry] = field(default_factory=list)
-    log_base: int = 0  # where the flog starts in its mmap
-
-    @classmethod
-    def created(cls, a: BttArena, version: BttVersion) -> Arena:
-        """alloc_arena() + create_arenas(): nextoff is the arena's size (relative)."""
-        return cls(a.size, a.external_lba_start, a.internal_nlba, a.internal_lbasize, a.external_nlba,
-                   a.external_lbasize, BTT_DEFAULT_NFREE, version.major, version.minor, a.nextoff, a.offset,
-                   a.dataoff, a.mapoff, a.logoff, a.info2off)
-
-    @classmethod
-    def parsed(cls, sb: dict[str, int], arena_off: int, lba_start: int) -> Arena:
-        """parse_arena_meta(): offsets in the info block are relative to the arena."""
-        nextoff = 0 if sb["nextoff"] == 0 else arena_off + sb["nextoff"]
-        info2off = arena_off + sb["info2off"]
-        size = sb["nextoff"] if sb["nextoff"] > 0 else info2off - arena_off + BTT_PG_SIZE
-        return cls(size, lba_start, sb["internal_nlba"], sb["internal_lbasize"], sb["external_nlba"],
-                   sb["external_lbasize"], sb["nfree"], sb["version_major"], sb["version_minor"], nextoff,
-                   arena_off, arena_off + sb["dataoff"], arena_off + sb["mapoff"], arena_off + sb["logoff"],
-                   info2off, sb["flags"])
-
-    def debugfs_value(self, name: str) -> str:
-        return dict(self.debugfs())[name]
-
-    def debugfs(self) -> list[tuple[str, str]]:
-        """arena_debugfs_init(): (file, contents); x64/x32 files print %#018llx / %#010x."""
-        def x64(v: int) -> str:
-            return f"0x{v:016x}\n"
-
-        def x32(v: int) -> str:
-            return f"0x{v:08x}\n"
-
-        return [
-            ("size", x64(self.size)), ("external_lba_start", x64(self.external_lba_start)),
-            ("internal_nlba", x32(self.internal_nlba)), ("internal_lbasize", f"{self.internal_lbasize}\n"),
-            ("external_nlba", x32(self.external_nlba)), ("external_lbasize", f"{self.external_lbasize}\n"),
-            ("nfree", f"{self.nfree}\n"), ("version_major", f"{self.version_major}\n"),
-            ("version_minor", f"{self.version_minor}\n"), ("nextoff", x64(self.nextoff)),
-            ("infooff", x64(self.infooff)), ("dataoff", x64(self.dataoff)), ("mapoff", x64(self.mapoff)),
-            ("logoff", x64(self.logoff)), ("info2off", x64(self.info2off)), ("flags", x32(self.flags)),
-            ("log_index_0", f"{self.log_index[0]}\n"), ("log_index_1", f"{self.log_index[1]}\n"),
-        ]
-
-
-def arena_is_valid(block: bytes, parent_uuid: uuidlib.UUID) -> dict[str, object] | None:
-    """nd_btt_arena_is_valid(): signature, a null parent uuid or the namespace's, checksum."""
-    info = BttInfo.unpack(block, all_fields=True)
-    if info is None or info["parent_uuid"] not in (NULL_UUID, parent_uuid):
-        return None
-    return info
 
 
 class _Window:
@@ -339,7 +227,7 @@ class BttEngine:
         off = self.arenas[ai].log_base + lane * LOG_GRP_SIZE
         if self._range_is_bad(self.base + self.arenas[ai].logoff + lane * LOG_GRP_SIZE, LOG_GRP_SIZE):
             raise BttError(errno.EIO, f"{self.name}: media error in the flog of lane {lane}")
-        return tuple(_LOG_ENT.unpack_from(mm, off + 16 * j) for j in range(4))
+        return tuple(LOG_ENT.unpack_from(mm, off + 16 * j) for j in range(4))
 
     def _log_set_indices(self, ai: int) -> None:
         """log_set_indices(): which two of a log group's four slots hold entries, (0, 1) for
@@ -533,8 +421,8 @@ class BttEngine:
         off = arena.log_base + lane * LOG_GRP_SIZE + arena.log_index[free.sub] * LOG_ENT_SIZE
         if self.media.badblocks and self._range_is_bad(self.base + arena.logoff + off - arena.log_base, LOG_ENT_SIZE):
             raise fail(errno.EIO, f"{self.name}: media error in the flog of lane {lane}")
-        _LOG_HALF.pack_into(mm, off, premap, old_map)
-        _LOG_HALF.pack_into(mm, off + 8, new_postmap, free.seq)
+        LOG_HALF.pack_into(mm, off, premap, old_map)
+        LOG_HALF.pack_into(mm, off + 8, new_postmap, free.seq)
         free.sub = 1 - free.sub
         free.seq = nd_inc_seq(free.seq)
         free.has_err = e_flag
@@ -663,52 +551,3 @@ class BttDataPath(DataPath):
         self.closed = True
         with self.engine.lock:
             self.engine.close()
-
-
-
-def convert_in_place_v1_1(media: Media, ns_offset: int, ns_size: int, lbasize: int, uuid: uuidlib.UUID,
-                          parent_uuid: uuidlib.UUID, name: str = "btt") -> None:
-    """Turn the BTT 1.1 at 4 KiB that vnvdimm wrote, blocks in place, before its BTT write
-    path (on every namespace, whatever its labels said) into the BTT 2.0 at offset 0 that the
-    v1.2 labels of the namespace call for, moving no data: old block k (disk sector k, at
-    namespace offset 8 KiB + k * internal_lbasize) is block k + d of the new arena (whose data
-    starts at 4 KiB; d = 4096 / internal_lbasize), so the new map sends lba k there and the
-    256 blocks left over are the lanes' free blocks. Possible for one arena and a block size
-    that divides 4 KiB (512 and 4096 byte sectors); BttError otherwise.
-
-    Crash-safe by its order: the new map, flog and backup info block first (over the old
-    BTT's map and flog, which an in-place layout never used), the info block at offset 0 last;
-    until then the old info block at 4 KiB stays valid and a new start converts again."""
-    old = btt_arenas(ns_size - BTT1_OFFSET, lbasize)
-    new = btt_arenas(ns_size, lbasize)
-    if len(old) != 1 or len(new) != 1 or SZ_4K % old[0].internal_lbasize:
-        raise BttError(errno.ENXIO, f"{name}: a BTT 1.1 written in place by an older vnvdimm, with "
-                       f"{lbasize}-byte sectors{' over several arenas' if len(old) != 1 else ''}, cannot be "
-                       "turned into the BTT 2.0 that the namespace's v1.2 labels call for: refusing it "
-                       "(see docs/limits.md, \"Sector mode\")")
-    (o,), (a,) = old, new
-    ilbs = a.internal_lbasize
-    shift = SZ_4K // ilbs
-    assert a.external_nlba >= o.external_nlba and a.external_nlba + shift <= a.internal_nlba
-    # lbas the old disk did not have read as zeros
-    tail = a.dataoff + (o.external_nlba + shift) * ilbs
-    media.zero(ns_offset + tail, (a.external_nlba - o.external_nlba) * ilbs)
-    chunk = 1 << 18
-    for first in range(0, a.external_nlba, chunk):
-        entries = [(k + shift) | MAP_ENT_NORMAL for k in range(first, min(first + chunk, a.external_nlba))]
-        media.pwrite(struct.pack(f"<{len(entries)}I", *entries), ns_offset + a.mapoff + 4 * first)
-    free = [*range(shift), *range(a.external_nlba + shift, a.internal_nlba)]
-    assert len(free) == BTT_DEFAULT_NFREE
-    flog = b"".join(_LOG_ENT.pack(lane, block, block, LOG_SEQ_INIT) + bytes(LOG_GRP_SIZE - LOG_ENT_SIZE)
-                    for lane, block in enumerate(free))
-    media.zero(ns_offset + a.logoff, a.info2off - a.logoff)
-    media.pwrite(flog, ns_offset + a.logoff)
-    sb = BttInfo(uuid, parent_uuid, a, BTT_V2_0.major, BTT_V2_0.minor).pack()
-    media.pwrite(sb, ns_offset + a.info2off)
-    media.pwrite(sb, ns_offset + a.offset)
-    # The old info block is now in free blocks of the new arena; left there, it would make
-    # tools that look for a BTT 1.1 first (ndctl check-namespace) take the wrong one.
-    # (BttEngine.drop_stale_v1_1_info() finishes this after a crash right here.)
-    media.zero(ns_offset + BTT1_OFFSET, INFO_BLOCK_SIZE)
-    log.warning("%s: converted the BTT 1.1 an older vnvdimm wrote in place into the BTT 2.0 its v1.2 labels "
-                "call for (%d sectors of %d bytes, no data moved)", name, o.external_nlba, btt_sector_size(lbasize))
