@@ -75,6 +75,10 @@ class Loop:
     # The data's serial the loop's page cache was filled under: media errors injected or
     # cleared since make it drop (see LoopDisks._drop_stale_caches).
     serial: int = 0
+    # Whether it was attached read-only (the disk's state then): a loop device's read-only
+    # flag is fixed at attach, so when the disk's changes (set_disk_ro() on a write to the
+    # region's read_only) the disk gets a new loop device attached the new way.
+    read_only: bool = False
 
 
 def _read(path: str) -> str:
@@ -188,25 +192,28 @@ class LoopDisks:
             wanted = self._wanted()
             changed = False
             for name, loop in list(self._loops.items()):
-                if name not in wanted or wanted[name][0] is not loop.data:
+                turned = name in wanted and wanted[name][0] is loop.data and loop.read_only != loop.data.read_only()
+                if name not in wanted or wanted[name][0] is not loop.data or turned:
                     del self._loops[name]
                     os.close(loop.fd)  # autoclear: detached once nothing else has it open
-                    self._released[name] = loop.number
-                    log.info("%s: loop%d released", name, loop.number)
+                    if not turned:  # (one attached the other way cannot stand for the disk again)
+                        self._released[name] = loop.number
+                    log.info("%s: loop%d released%s", name, loop.number, " (read-only changed)" if turned else "")
                     changed = True
             for name, (data, block_size) in wanted.items():
                 if name in self._loops:
                     continue
                 backing = self.mountpoint / BLOCKDEV_DIR.lstrip("/") / name
                 try:
-                    number, fd = self._reuse(name, backing, data) or attach(backing, block_size, data.read_only(),
+                    read_only = data.read_only()
+                    number, fd = self._reuse(name, backing, data) or attach(backing, block_size, read_only,
                                                                             partscan=True)
                 except OSError as e:
                     log.warning("%s: no loop block device: %s", name, e.strerror or e)
                     continue
                 rdev = os.fstat(fd).st_rdev
                 self._loops[name] = Loop(number, fd, (os.major(rdev), os.minor(rdev)), data, block_size,
-                                         serial=data.serial)
+                                         serial=data.serial, read_only=read_only)
                 log.info("%s: block device loop%d", name, number)
                 changed = True
             self._drop_stale_caches()
@@ -233,6 +240,8 @@ class LoopDisks:
         try:
             if Path(f"/sys/block/loop{number}/loop/backing_file").read_text().strip() != str(backing):
                 return None
+            if Path(f"/sys/block/loop{number}/ro").read_text().strip() != str(int(data.read_only())):
+                return None  # attached the other way (see Loop.read_only)
             fd = os.open(f"/dev/loop{number}", (os.O_RDONLY if data.read_only() else os.O_RDWR) | os.O_CLOEXEC)
         except OSError:
             return None  # detached meanwhile

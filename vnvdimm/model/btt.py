@@ -105,6 +105,7 @@ class BttEngine:
         self.version = version
         self.base = ns_offset + version.initial_offset  # media offset of the BTT's start
         self.rawsize = ns_size - version.initial_offset
+        self.ns_end = ns_offset + ns_size
         self.lbasize = lbasize
         self.sector_size = btt_sector_size(lbasize)
         self.uuid = uuid
@@ -163,8 +164,11 @@ class BttEngine:
         has 512- or 4096-byte sectors (the rest of each block is integrity metadata), so such a
         layout would be read shifted: refused where it can be one, i.e. where no flog lane was
         ever used and the data area holds bytes (new BTTs of these sizes start with their data
-        area punched out, so their unwritten data area has none)."""
-        if self.lbasize == self.sector_size:
+        area punched out, so their unwritten data area has none). The sizes are the arena's,
+        which laid the blocks out, whatever the sector size this BTT was enabled with."""
+        first = self.arenas[0]
+        lbasize = first.external_lbasize
+        if lbasize == btt_sector_size(lbasize):
             return
         padding = (0, 0, 0, 0)
         for ai, arena in enumerate(self.arenas):
@@ -172,7 +176,6 @@ class BttEngine:
                 free = arena.external_nlba + lane
                 if self._log_group(ai, lane) != ((lane, free, free, LOG_SEQ_INIT), padding, padding, padding):
                     return  # written through a BTT write path
-        first = self.arenas[0]
         start = self.base + first.dataoff
         end = self.base + first.mapoff
         try:
@@ -180,10 +183,10 @@ class BttEngine:
         except OSError:  # ENXIO: nothing but holes from there on
             return
         if data < end:
-            raise BttError(errno.ENXIO, f"{self.name}: its {self.lbasize}-byte sectors were written in place by an "
-                           f"older vnvdimm (block k holds bytes [{self.lbasize}k, {self.lbasize}(k+1)) of the old "
-                           f"disk), which the kernel's BTT would read as {self.sector_size}-byte sectors: refusing "
-                           "it (see docs/limits.md, \"Sector mode\")")
+            raise BttError(errno.ENXIO, f"{self.name}: its {lbasize}-byte sectors were written in place by an "
+                           f"older vnvdimm (block k holds bytes [{lbasize}k, {lbasize}(k+1)) of the old disk), "
+                           f"which the kernel's BTT would read as {btt_sector_size(lbasize)}-byte sectors: "
+                           "refusing it (see docs/limits.md, \"Sector mode\")")
 
     def _create(self) -> None:
         """create_arenas() + btt_meta_init() (btt_arena_write_layout()): map zeroed (identity),
@@ -203,12 +206,17 @@ class BttEngine:
             self._freelist_init(len(self.arenas) - 1)
 
     def _open_arena(self, arena: Arena) -> None:
+        # vnvdimm's own guard (the kernel trusts a valid info block): offsets that would put the
+        # map, the flog or the data outside the arena. Not a geometry check: discover_arenas()
+        # takes an arena whatever its lbasize, so a BTT set to 4096-byte sectors runs over an
+        # arena laid out for 512 (its disk then has the arena's block count of 4096-byte
+        # sectors; see _block_offset()).
         if arena.nfree != BTT_DEFAULT_NFREE or arena.logoff + arena.nfree * LOG_GRP_SIZE > arena.info2off \
                 or not arena.infooff < arena.dataoff <= arena.mapoff < arena.logoff < arena.info2off \
                 or arena.external_nlba * 4 > arena.logoff - arena.mapoff \
-                or arena.internal_lbasize < self.sector_size or arena.external_nlba > arena.internal_nlba \
+                or arena.internal_lbasize < 512 or arena.external_nlba > arena.internal_nlba \
                 or arena.dataoff + arena.internal_nlba * arena.internal_lbasize > arena.mapoff \
-                or arena.info2off + BTT_PG_SIZE > self.rawsize or arena.external_lbasize != self.lbasize:
+                or arena.info2off + BTT_PG_SIZE > self.rawsize:
             raise BttError(errno.ENODEV, f"{self.name}: the info block of the arena at {arena.infooff:#x} "
                            "describes an impossible layout")
         map_window = _Window(self.media, self.base + arena.mapoff, arena.external_nlba * 4)
@@ -335,7 +343,15 @@ class BttEngine:
         raise fail(errno.EIO, f"{self.name}: lba past the end")
 
     def _block_offset(self, arena: Arena, postmap: int) -> int:
-        return self.base + arena.dataoff + postmap * arena.internal_lbasize
+        """to_namespace_offset() on the media: where a block's sector starts. A sector is read
+        and written whole from there even when it is larger than the arena's blocks (an arena
+        discovered with another lbasize), running over the next blocks as the kernel's does; only
+        past the namespace's end does nsio_rw_bytes() refuse it (-EFAULT, an I/O error)."""
+        moff = self.base + arena.dataoff + postmap * arena.internal_lbasize
+        if moff + self.sector_size > self.ns_end:
+            raise fail(errno.EIO, f"{self.name}: block {postmap:#x}'s {self.sector_size}-byte sector runs past "
+                       "the namespace")
+        return moff
 
     def _block_is_bad(self, moff: int) -> bool:
         return self._range_is_bad(moff, self.sector_size)

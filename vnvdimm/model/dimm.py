@@ -80,6 +80,9 @@ class Nvdimm(Device):
         self.label_area: LabelArea | None = None
         # nvdimm_drvdata: the label area as the nvdimm driver read it at probe (None unbound)
         self.label_data: DimmLabelData | None = None
+        # NDD_LABELING: the DIMM's labels decide its regions' namespaces. Set by the bus when
+        # it creates the DIMM (acpi_nfit: PM capacity aliased by BLK windows; cxl: always),
+        # or by a probe that finds a valid label index.
         self.labeling = False
         self.dsm_mask = 0
         # nfit/dirty_shutdown: the shutdown count the Intel SMART command reported when the
@@ -121,8 +124,10 @@ class Nvdimm(Device):
             self._label_command(ND_CMD_GET_CONFIG_DATA, locked_is_fatal=True)
         self.label_data = DimmLabelData(self.label_area, self.name) if self.label_area is not None else None
         # NDD_LABELING (nvdimm_set_labeling()): the probe found a valid namespace index; set
-        # at probe only, so labels initialized later show after the next enable
-        self.labeling = self.label_data is not None and self.label_data.ns_current >= 0
+        # at probe only, so labels initialized later show after the next enable, and never
+        # cleared (a DIMM whose labels are zeroed stays labelling)
+        if self.label_data is not None and self.label_data.ns_current >= 0:
+            self.labeling = True
 
     def _label_command(self, cmd: int, locked_is_fatal: bool) -> None:
         rc = self.label_command(cmd) if self.label_command is not None else 0

@@ -137,7 +137,7 @@ class NdRegionDriver(BusDriver):
         for m in region.mappings:  # nd_region_activate(): not while a DIMM is being overwritten
             if m.dimm.security is not None and m.dimm.security.in_overwrite:
                 raise fail(errno.EBUSY, f"{m.dimm.name}: overwrite in progress")
-        if region.iset is None:
+        if not region.labelled:
             new: list[Namespace] = [region.add_namespace(NamespaceIo(region, region.ns_ida.get(), 0, region.size))]
         else:
             new = []

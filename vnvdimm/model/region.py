@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import uuid as uuidlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -98,8 +98,17 @@ class Region(Device):
 
     @property
     def nstype(self) -> NdDeviceType:
-        """nd_region_to_nstype(): labelled regions host pmem namespaces, others one IO namespace."""
-        return NdDeviceType.NAMESPACE_PMEM if self.iset is not None else NdDeviceType.NAMESPACE_IO
+        """nd_region_to_nstype(): a PM region one of whose DIMMs is labelling (NDD_LABELING)
+        hosts pmem namespaces; any other one IO namespace over all of it. Asked when the
+        region probes (and by `nstype`), so a label-less region of label-capable DIMMs turns
+        labelled at its next enable once a DIMM probe has found a valid label index."""
+        if self.iset is not None and any(m.dimm.labeling for m in self.mappings):
+            return NdDeviceType.NAMESPACE_PMEM
+        return NdDeviceType.NAMESPACE_IO
+
+    @property
+    def labelled(self) -> bool:
+        return self.nstype == NdDeviceType.NAMESPACE_PMEM
 
     # ------------------------------------------------------------ sysfs
 
@@ -196,12 +205,25 @@ class Region(Device):
     def available_size(self) -> int:
         if self.iset is None:
             return 0
+        if not self.labelled:
+            return self._unlabelled_dpa(sum)
         return sum(size for _, size in self._extents())
 
     def max_available_extent(self) -> int:
         if self.iset is None:
             return 0
+        if not self.labelled:
+            return self._unlabelled_dpa(lambda lengths: min(lengths) * len(self.mappings))
         return max((size for _, size in self._extents()), default=0)
+
+    def _unlabelled_dpa(self, combine: Callable[[list[int]], int]) -> int:
+        """nd_region_available_dpa() / nd_region_allocatable_dpa() of a PM region whose DIMMs
+        have no labels: no DPA is allocated on them, so each mapping is free whole (aligned to
+        the region's per-DIMM align), and nothing is while one of its DIMMs is disabled."""
+        if any(m.dimm.label_data is None for m in self.mappings):
+            return 0
+        per_dimm = self.align // len(self.mappings)
+        return combine([align_down(m.length, per_dimm) for m in self.mappings])
 
     def resize_namespace(self, ns: NamespacePmem, size: int) -> None:
         """__size_store(): grow in place, shrink, allocate (first fit) or free."""
@@ -283,7 +305,7 @@ class Region(Device):
         return ns
 
     def create_ns_seed(self) -> None:
-        if self.iset is None:
+        if not self.labelled:
             return
         ns = NamespacePmem(self, self.ns_ida.get(), 0, 0)
         self.ns_seed = self.add_namespace(ns)
