@@ -69,12 +69,16 @@ def test_ndctl_lists_both_buses_as_the_kernel_module_makes_them(nt) -> None:  # 
         "persistence_domain": "memory_controller",
         "namespaces": [{"dev": "namespace1.0", **seed}]}
     r1 = by(b1["regions"], "dev")  # type: ignore[arg-type]
+    # nmem4 answers the label commands but has no BLK windows, and its label area holds no
+    # index: its region is label-less, one IO namespace over all of it (ndctl shows no
+    # interleave set and nothing available for a region that is not a pmem nstype)
     assert r1["region2"] == {
-        "dev": "region2", "size": 32 * M, "align": 16 * M, "available_size": 32 * M, "max_available_extent": 32 * M,
-        "type": "pmem", "numa_node": 0, "target_node": 0, "iset_id": 0xE03B0A7BE006ABD6,
+        "dev": "region2", "size": 32 * M, "align": 16 * M, "available_size": 0, "max_available_extent": 0,
+        "type": "pmem", "numa_node": 0, "target_node": 0,
         "mappings": [{"dimm": "nmem4", "offset": 0, "length": 32 * M, "position": 0}],
         "persistence_domain": "unknown",
-        "namespaces": [{"dev": "namespace2.0", **seed}]}
+        "namespaces": [{"dev": "namespace2.0", "mode": "raw", "size": 32 * M, "sector_size": 512,
+                        "blockdev": "pmem2", "numa_node": 0, "target_node": 0}]}
     assert r1["region3"] == {  # the virtual CD: no DIMM, no labels, one IO namespace
         "dev": "region3", "size": 4 * M, "align": 4096, "available_size": 0, "max_available_extent": 0,
         "type": "pmem", "numa_node": 0, "target_node": 0, "persistence_domain": "unknown",
@@ -83,6 +87,31 @@ def test_ndctl_lists_both_buses_as_the_kernel_module_makes_them(nt) -> None:  # 
     assert nt.read("sys/bus/nd/devices/region2/read_only") == "1\n"  # nmem4 is not armed
     assert nt.read("sys/bus/nd/devices/nmem5/nfit/flags") == "map_fail \n"
     assert nt.read("sys/bus/nd/devices/nmem0/nfit/flags") == "smart_notify \n"
+
+
+def test_nfit_test_1s_region_turns_labelled_once_its_dimm_probes_with_labels(nt) -> None:  # type: ignore[no-untyped-def]
+    region, dimm = "sys/bus/nd/devices/region2", "sys/bus/nd/devices/nmem4"
+    # label-less: nstype 4 (IO); the attribute still shows the DIMM's free capacity
+    # (nd_region_available_dpa(): no DPA is allocated on a DIMM without labels)
+    assert (nt.read(f"{region}/nstype"), nt.read(f"{region}/available_size")) == ("4\n", f"{32 * M}\n")
+    assert nt.read(f"{dimm}/flags") == "\n"
+
+    def reprobe(action: str) -> None:
+        res = nt.run("sh", "-c", f"ndctl disable-region -b nfit_test.1 all && ndctl {action} nmem4 && "
+                                 "ndctl disable-dimm nmem4 && ndctl enable-dimm nmem4 && "
+                                 "ndctl enable-region -b nfit_test.1 all")
+        assert res.returncode == 0, res.stderr
+
+    # labels written, the DIMM re-probed: it labels (NDD_LABELING), its region hosts pmem
+    # namespaces: a zero-sized seed and the whole region available
+    reprobe("init-labels")
+    assert (nt.read(f"{region}/nstype"), nt.read(f"{dimm}/flags")) == ("5\n", "label \n")
+    assert [r["available_size"] for r in nt.ndctl("list", "-R", "-r", "region2")] == [32 * M]  # type: ignore[union-attr,index]
+    namespaces = nt.ndctl("list", "-Ni", "-r", "region2")
+    assert [(ns["dev"], ns["size"]) for ns in namespaces] == [("namespace2.0", 0)]  # type: ignore[union-attr,index]
+    # NDD_LABELING is never cleared: zeroed labels leave the region labelled (and empty)
+    reprobe("zero-labels")
+    assert (nt.read(f"{region}/nstype"), nt.read(f"{dimm}/flags")) == ("5\n", "label \n")
 
 
 def test_the_nfit_test_dimm_class(nt) -> None:  # type: ignore[no-untyped-def]
@@ -181,7 +210,8 @@ def test_namespaces_are_labels_and_modprobe_reloads_the_module(nt) -> None:  # t
     assert (res.returncode, res.stdout) == (0, ""), res.stderr
     res = nt.run("sh", "-c", "modprobe nfit_test && modprobe nfit_test && cat /sys/module/nfit_test/initstate")
     assert (res.returncode, res.stdout) == (0, "live\n"), res.stderr
-    assert [ns["dev"] for ns in nt.ndctl("list", "-N")] == ["namespace3.0"]  # type: ignore[union-attr]
+    # active: the IO namespaces of nfit_test.1's label-less regions
+    assert sorted(ns["dev"] for ns in nt.ndctl("list", "-N")) == ["namespace2.0", "namespace3.0"]  # type: ignore[union-attr]
     assert [label_area(nt, d)[:7] for d in range(4)] == [f"label{d}\0".encode() for d in range(4)]
     assert len(nt.ndctl("list", "-D")) == 6  # type: ignore[arg-type]
 
