@@ -304,3 +304,19 @@ def test_host_sysfs_shows_through_where_vnvdimm_has_nothing_to_say(nt) -> None: 
     host = sorted(p.name for p in Path("/sys/kernel/mm/hugepages").iterdir())
     res = nt.run("sh", "-c", "ls /sys/kernel/mm/hugepages && ls /sys/bus/nd/devices/ndbus1 >/dev/null")
     assert (res.returncode, res.stdout.split()) == (0, host), res.stderr
+
+
+def test_the_disk_follows_its_regions_read_only_state(nt) -> None:  # type: ignore[no-untyped-def]
+    """read_only_store() -> nvdimm_check_and_set_ro(): nmem4 is not armed, so region2 and its
+    disk start read-only; writing 0 makes /dev/pmem2 writable at once, 1 read-only again."""
+    write = ("head -c 4096 /dev/urandom > s && dd if=s of=/dev/pmem2 bs=4096 oflag=direct conv=notrunc "
+             "status=none && dd if=/dev/pmem2 bs=4096 count=1 iflag=direct status=none | cmp - s")
+    assert nt.run("blockdev", "--getro", "/dev/pmem2").stdout == "1\n"
+    assert nt.run("sh", "-c", write).returncode != 0
+    nt.write("sys/bus/nd/devices/region2/read_only", b"0")
+    assert nt.run("blockdev", "--getro", "/dev/pmem2").stdout == "0\n"
+    res = nt.run("sh", "-c", write)
+    assert res.returncode == 0, res.stderr
+    nt.write("sys/bus/nd/devices/region2/read_only", b"1")
+    assert nt.run("blockdev", "--getro", "/dev/pmem2").stdout == "1\n"
+    assert nt.run("sh", "-c", write).returncode != 0

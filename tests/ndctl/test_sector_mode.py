@@ -221,3 +221,27 @@ def test_media_errors_through_the_btt_as_btt_errors_sh_checks_them(nt) -> None: 
     assert read_block(lba) == bytes(4096)  # its map entry is in another sector
     # (a poisoned map entry that a flog entry names fails the whole BTT at its next start, as
     # btt_freelist_init()'s map read does)
+
+
+def test_a_btt_re_enabled_with_another_sector_size_keeps_the_arena_on_the_media(nt) -> None:  # type: ignore[no-untyped-def]
+    """btt_init() -> discover_arenas(): the info block already on the namespace decides the
+    geometry, whatever sector size the btt device was set to since; the disk then has the
+    arena's block count of sectors of the new size (libndctl.c's check_btt_size() table)."""
+    relabel(nt, "1.2")
+    nt.write("sys/bus/nd/devices/region0/align", b"8192")  # a page per DIMM, as libndctl sets it
+    ns = create_sector(nt, "-r", "region0", "-s", "18M", "-l", "512")
+    dev, blockdev = str(ns["dev"]), str(ns["blockdev"])
+    btt_dir = next(p for p in nt.path("sys/bus/nd/devices").iterdir()
+                   if p.name.startswith("btt") and (p / "namespace").exists()
+                   and (p / "namespace").read_text().strip() == dev)
+    assert (btt_dir / "size").read_text() == f"{0x11B5400}\n"  # 18 MiB, 512-byte sectors (BTT 2.0)
+    # what libndctl's ndctl_btt_disable() / set_sector_size() / enable() write
+    nt.write(f"sys/bus/nd/devices/{btt_dir.name}/driver/unbind", btt_dir.name.encode())
+    nt.write(f"sys/bus/nd/devices/{btt_dir.name}/sector_size", b"4096")
+    nt.write("sys/bus/nd/drivers_probe", btt_dir.name.encode())
+    assert (btt_dir / "sector_size").read_text() == "512 520 528 [4096] 4104 4160 4224 \n"
+    assert (btt_dir / "size").read_text() == f"{0x8DAA000}\n"  # the same blocks, 4096 bytes each
+    # the 4096-byte sector at lba 0 reads back as written
+    script = (f"head -c 4096 /dev/urandom > s && dd if=s of=/dev/{blockdev} bs=4096 oflag=direct status=none && "
+              f"dd if=/dev/{blockdev} bs=4096 count=1 iflag=direct status=none | cmp - s")
+    ok(nt, "sh", "-c", script)

@@ -424,3 +424,34 @@ def test_an_info_block_whose_data_area_overlaps_the_map_is_refused(media: Media)
         engine(media)
     assert info.value.errno == errno.ENODEV
     assert media.pread(SIZE, NS_OFFSET) == before
+
+
+def test_an_existing_arena_keeps_its_geometry_whatever_the_sector_size(media: Media) -> None:
+    """discover_arenas(): a valid info block is taken as it is; a BTT enabled with another
+    sector size runs over the arena laid out for the first one (libndctl's check_btt_size()
+    expects exactly this: nlba of the 512-byte arena times 4096 for a 4096-byte BTT)."""
+    first = engine(media, BTT_V1_1, 512)
+    nlba = first.arenas[0].external_nlba
+    info = media.pread(4096, first.base)
+    first.close()
+
+    big = engine(media, BTT_V1_1, 4096)
+    try:
+        a = big.arenas[0]
+        assert (a.external_lbasize, a.internal_lbasize, a.external_nlba) == (512, 512, nlba)
+        assert (big.sector_size, big.size) == (4096, nlba * 4096)  # more than the namespace holds
+        data = bytes(range(256)) * 16
+        write(big, 0, data)
+        assert read(big, 0) == data
+    finally:
+        big.close()
+    assert media.pread(4096, NS_OFFSET + 4096) == info  # nothing re-created
+
+    # the sector went whole into lane 0's free block and the seven blocks after it: a BTT of
+    # 512-byte sectors over the same arena reads its first 512 bytes at lba 0
+    again = engine(media, BTT_V1_1, 520)
+    try:
+        assert (again.sector_size, again.size) == (512, nlba * 512)
+        assert read(again, 0) == data[:512]
+    finally:
+        again.close()
