@@ -306,17 +306,21 @@ def test_host_sysfs_shows_through_where_vnvdimm_has_nothing_to_say(nt) -> None: 
     assert (res.returncode, res.stdout.split()) == (0, host), res.stderr
 
 
-def test_the_disk_follows_its_regions_read_only_state(nt) -> None:  # type: ignore[no-untyped-def]
+def test_the_disk_follows_its_regions_read_only_state(nt, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """read_only_store() -> nvdimm_check_and_set_ro(): nmem4 is not armed, so region2 and its
-    disk start read-only; writing 0 makes /dev/pmem2 writable at once, 1 read-only again."""
-    write = ("head -c 4096 /dev/urandom > s && dd if=s of=/dev/pmem2 bs=4096 oflag=direct conv=notrunc "
-             "status=none && dd if=/dev/pmem2 bs=4096 count=1 iflag=direct status=none | cmp - s")
-    assert nt.run("blockdev", "--getro", "/dev/pmem2").stdout == "1\n"
-    assert nt.run("sh", "-c", write).returncode != 0
-    nt.write("sys/bus/nd/devices/region2/read_only", b"0")
-    assert nt.run("blockdev", "--getro", "/dev/pmem2").stdout == "0\n"
-    res = nt.run("sh", "-c", write)
-    assert res.returncode == 0, res.stderr
-    nt.write("sys/bus/nd/devices/region2/read_only", b"1")
-    assert nt.run("blockdev", "--getro", "/dev/pmem2").stdout == "1\n"
-    assert nt.run("sh", "-c", write).returncode != 0
+    disk start read-only; writing 0 makes /dev/pmem2 writable at once, 1 read-only again,
+    all within one session (one program holding the platform, as libndctl's test does)."""
+    sector = tmp_path / "sector"
+    script = f"""
+        ro=/sys/bus/nd/devices/region2/read_only
+        put() {{ dd if={sector} of=/dev/pmem2 bs=4096 oflag=direct conv=notrunc status=none 2>/dev/null; }}
+        head -c 4096 /dev/urandom > {sector}
+        echo "start $(blockdev --getro /dev/pmem2) $(put && echo wrote || echo refused)"
+        echo 0 > $ro
+        echo "rw $(blockdev --getro /dev/pmem2) $(put && echo wrote || echo refused)"
+        dd if=/dev/pmem2 bs=4096 count=1 iflag=direct status=none | cmp - {sector} && echo "read back"
+        echo 1 > $ro
+        echo "ro $(blockdev --getro /dev/pmem2) $(put && echo wrote || echo refused)"
+    """
+    res = nt.run("sh", "-c", script)
+    assert res.stdout.splitlines() == ["start 1 refused", "rw 0 wrote", "read back", "ro 1 refused"], res.stderr
