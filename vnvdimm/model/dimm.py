@@ -80,10 +80,12 @@ class Nvdimm(Device):
         self.label_area: LabelArea | None = None
         # nvdimm_drvdata: the label area as the nvdimm driver read it at probe (None unbound)
         self.label_data: DimmLabelData | None = None
-        # NDD_LABELING: the DIMM's labels decide its regions' namespaces. Set by the bus when
-        # it creates the DIMM (acpi_nfit: PM capacity aliased by BLK windows; cxl: always),
-        # or by a probe that finds a valid label index.
-        self.labeling = False
+        # NDD_LABELING: the DIMM's labels decide its regions' namespaces. Given by the bus when
+        # it creates the DIMM (cxl_nvdimm: always; acpi_nfit: for PM capacity aliased by BLK
+        # windows, and vnvdimm's ACPI.NFIT platform presents its DIMMs so), which is why it
+        # starts set; a bus that creates a DIMM without it clears it before the first probe,
+        # after which only a probe that finds a valid label index sets it (nfit_test.1).
+        self.labeling = True
         self.dsm_mask = 0
         # nfit/dirty_shutdown: the shutdown count the Intel SMART command reported when the
         # bus registered the DIMM (nfit_intel_shutdown_status()); None: no such attribute

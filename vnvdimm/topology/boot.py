@@ -50,11 +50,9 @@ def build_system(platform: Platform, state: StateDir, system: System, only: set[
             vendor=d.vendor, device=d.device, revision=d.revision, mfg_location=d.mfg_location, mfg_date=d.mfg_date,
             format=d.format, flags=d.flags, **({"subsystem_vendor": 0, "subsystem_device": 0, "subsystem_revision": 0}
                                                if d.label_fill else {})))
-        # NDD_LABELING from the DIMM's creation: nfit_test's table gives it to the DIMMs whose
-        # PM capacity BLK windows alias, not to nfit_test.1's; vnvdimm's other labelled
-        # platforms present every DIMM as labelling from the start
-        dimm.labeling = platform.labelled and not (platform.template in MODULE_TEMPLATES
-                                                   and d.handle in nfit_test.LABELLED_BY_PROBE_ONLY)
+        # NDD_LABELING from the DIMM's creation: not for nfit_test.1's (no BLK windows)
+        if platform.template in MODULE_TEMPLATES and d.handle in nfit_test.LABELLED_BY_PROBE_ONLY:
+            dimm.labeling = False
         if platform.labelled:
             fill = d.label_fill.encode() + b"\0" if d.label_fill else b""
             dimm.label_area = state.label_area(i, NFIT_TEST_LABEL_SIZE, NFIT_TEST_MAX_XFER, fill)
