@@ -262,7 +262,8 @@ def check(view: View, media: Callable[[int], Path] | None = None) -> list[str]:
             ns_size = number(f"{devices[ns]}/size") or 0
             ns_start = number(f"{devices[ns]}/resource") or 0
             size = number(f"{pdir}/size")
-            if not size or size > ns_size:
+            # (a BTT's disk can be larger than its namespace: see the btt check below)
+            if not size or (size > ns_size and kind != "btt"):
                 bad(f"{dev}: size {size} for a namespace of {ns_size}")
                 continue
             if kind == "pfn" and not view.exists(f"{pdir}/block"):
@@ -283,10 +284,19 @@ def check(view: View, media: Callable[[int], Path] | None = None) -> list[str]:
                 at_zero = btt_info(head[:INFO_BLOCK_SIZE])
                 if info is None and at_zero is not None and at_zero["version_major"] == 2:
                     info = at_zero
+                # discover_arenas() takes any info block nd_btt_arena_is_valid() accepts (its
+                # parent uuid null or the namespace's, whatever the btt's own uuid and sector
+                # size), and the disk has the arena's blocks of the btt's sector size
+                ns_uuid = text(f"{devices[ns]}/uuid") or str(uuid.UUID(int=0))
+                chosen = re.search(r"\[(\d+)\]", text(f"{pdir}/sector_size") or "")  # "512 [4096] 4104 ..."
+                lbasize = int(chosen.group(1)) if chosen else 0
                 if info is None:
                     bad(f"{dev} is enabled but its namespace holds no valid BTT info block")
-                elif str(info["uuid"]) != dev_uuid:
-                    bad(f"{dev}: BTT info block uuid {info['uuid']} != {dev_uuid}")
+                elif str(info["parent_uuid"]) not in (str(uuid.UUID(int=0)), ns_uuid):
+                    bad(f"{dev}: BTT info block parent uuid {info['parent_uuid']} != {ns_uuid}")
+                elif info["nextoff"] == 0 and size != int(info["external_nlba"]) * (  # type: ignore[call-overload]
+                        4096 if lbasize >= 4096 else 512):
+                    bad(f"{dev}: size {size} for {info['external_nlba']} blocks of a {lbasize}-byte btt")
                 continue
             pinfo = pfn_info(block, K.PFN_SIGNATURE if kind == "pfn" else K.DAX_SIGNATURE)
             if pinfo is None:
