@@ -214,7 +214,7 @@ class PlatformFirmware:
             return fw.override(req.func, rc)
         if not fw.cmd_mask() >> req.cmd & 1 or not fw.dsm_mask >> req.func & 1:
             raise CommandError(errno.ENOTTY, f"command {req.cmd} not advertised by {dimm.name}")
-        area = getattr(dimm, "label_area", None)
+        area = dimm.label_area
         if area is None or req.cmd not in (ND_CMD_GET_CONFIG_SIZE, ND_CMD_GET_CONFIG_DATA, ND_CMD_SET_CONFIG_DATA):
             raise CommandError(errno.ENOTTY, f"command {req.cmd} on {dimm.name}")
         return fw.override(req.func, config_command(area, req.cmd, req.buf))
@@ -300,9 +300,9 @@ def attach(bus: NvdimmBus) -> PlatformFirmware:
 
     firmware = PlatformFirmware(bus_fw, flavor.bus_cmd_mask, flavor.bus_dsm_mask,
                                 lambda dimm: bus.system.notify(dimm, "flags"), uc_memory_error)
-    knobs = {getattr(t, "handle", None): t for t in getattr(bus, "test_dimms", ())}
+    knobs = {t.handle: t for t in bus.test_dimms}
     for dimm in bus.dimms:
-        mask = flavor.dimm_funcs | (LABEL_FUNCS if getattr(dimm, "label_area", None) is not None else 0)
+        mask = flavor.dimm_funcs | (LABEL_FUNCS if dimm.label_area is not None else 0)
         fw = firmware.add_dimm(dimm, mask)
         fw.knobs = knobs.get(dimm.handle)  # nfit_test's test_dimmN: fail_cmd, fail_cmd_code, lock_dimm
         if fw.knobs is not None:
@@ -324,7 +324,7 @@ def attach(bus: NvdimmBus) -> PlatformFirmware:
     if flavor.activation:
         firmware.activation = Activation(firmware)
     bus.commands = tuple(firmware.bus_commands().split())
-    bus.firmware = firmware  # type: ignore[attr-defined]
+    bus.firmware = firmware
     return firmware
 
 

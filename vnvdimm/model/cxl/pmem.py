@@ -154,10 +154,10 @@ class CxlNvdimmBus(NvdimmBus):
     def sysfs_dir(self) -> str:
         parts = [self.name]
         dev: Device | None = self.bridge
-        while dev is not None and not hasattr(dev, "sysfs_dir"):
+        while dev is not None and dev.sysfs_dir is None:
             parts.append(dev.name)
             dev = dev.parent
-        base = dev.sysfs_dir if dev is not None else "/devices"  # type: ignore[attr-defined]
+        base = dev.sysfs_dir if dev is not None and dev.sysfs_dir is not None else "/devices"
         return "/".join([base, *reversed(parts)])
 
 
