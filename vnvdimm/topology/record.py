@@ -8,6 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 
 from vnvdimm.model.base import align_up
+from vnvdimm.model.dimm import NfitIdentity
 from vnvdimm.model.nfit_iset import DcrIdentity, SetMember, interleave_set
 from vnvdimm.model.system import MemmapSettings
 from vnvdimm.topology import nfit_test
@@ -61,12 +62,13 @@ class DimmRecord:
     phys_id: int
     serial: int
     bus: int = 0
-    vendor: int = 0x8089
-    device: int = 0x0979
-    revision: int = 0x0001
-    mfg_location: int = 0xA2
-    mfg_date: int = 0x1740
-    format: int = 0x0301
+    # the NFIT's identity of a DIMM: the model's defaults (an Intel DIMM, as nfit_test's)
+    vendor: int = NfitIdentity.vendor
+    device: int = NfitIdentity.device
+    revision: int = NfitIdentity.revision
+    mfg_location: int = NfitIdentity.mfg_location
+    mfg_date: int = NfitIdentity.mfg_date
+    format: int = NfitIdentity.format
     flags: int = 0  # ACPI_NFIT_MEM_*: the OR of every memory-device entry of this DIMM
     label_fill: str = ""  # initial content of the label area (nfit_test: "label<i>")
 
