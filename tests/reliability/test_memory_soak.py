@@ -16,8 +16,11 @@ CYCLES = int(os.environ.get("VNVDIMM_SOAK_MOUNT_CYCLES", "450"))
 # A leak of a kernfs node or a memmap job per cycle is kilobytes a cycle. Measured: the daemon
 # settles by about 100 B a cycle for the first 1500 cycles (170 KiB), then stays flat.
 MAX_GROWTH = 1 << 20
-
-
+# The cycles after warm-up are measured in windows. A leak grows the daemon in every one of
+# them; what a loaded machine adds is a step, not a slope: libfuse starts another worker
+# thread when requests queue up (its stack and malloc arena become resident once), so one
+# window may jump while the others stay flat. The test fails when no window is flat.
+WINDOWS = 3
 def rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) << 10
@@ -41,9 +44,13 @@ def test_reconfiguring_through_the_mount_keeps_the_daemon_flat(make_mount) -> No
     assert m.pid is not None
     for _ in range(WARM_UP):
         cycle()
-    before = rss(m.pid)
-    for _ in range(CYCLES):
-        cycle()
-    grown = rss(m.pid) - before
-    assert grown < MAX_GROWTH, f"the daemon grew by {grown} bytes in {CYCLES} cycles after warm-up " \
-                               f"({grown / CYCLES:.0f} B a cycle)"
+    window = max(CYCLES // WINDOWS, 1)
+    growths = []
+    for _ in range(WINDOWS):
+        before = rss(m.pid)
+        for _ in range(window):
+            cycle()
+        growths.append(rss(m.pid) - before)
+    assert min(growths) < MAX_GROWTH // WINDOWS, (
+        f"the daemon grew in every window of {window} cycles after warm-up: {growths} bytes "
+        f"(at least {min(growths) / window:.0f} B a cycle)")
