@@ -39,3 +39,32 @@ def test_a_write_at_or_past_the_end_is_enospc(mnt, dev: str) -> None:  # type: i
         assert os.fstat(fd).st_size == size  # the device did not grow
     finally:
         os.close(fd)
+
+
+def test_a_read_only_disk_opens_for_writing_and_refuses_each_write(make_mount) -> None:  # type: ignore[no-untyped-def]
+    """As the kernel's block layer: bdev_open() lets a read-only disk open for writing (ndctl
+    opens /dev/pmemN O_RDWR|O_EXCL to see whether it is busy before disabling it); each
+    write is refused by blkdev_write_iter() with EPERM, and the media keeps its bytes."""
+    m = make_mount()
+    read_only = m.sys / "bus/nd/devices/region0/read_only"
+    dev = m.dev / "pmem0"
+    with open(dev, "rb") as f:
+        before = f.read(4096)
+    read_only.write_bytes(b"1")
+    fd = os.open(dev, os.O_RDWR | os.O_EXCL)
+    try:
+        with pytest.raises(OSError) as refused:
+            os.pwrite(fd, b"\xa5" * 4096, 0)
+        assert refused.value.errno == errno.EPERM
+    finally:
+        os.close(fd)
+    with open(dev, "rb") as f:
+        assert f.read(4096) == before
+    read_only.write_bytes(b"0")
+    fd = os.open(dev, os.O_RDWR | os.O_EXCL)
+    try:
+        assert os.pwrite(fd, b"\xa5" * 4096, 0) == 4096
+    finally:
+        os.close(fd)
+    with open(dev, "rb") as f:
+        assert f.read(4096) == b"\xa5" * 4096

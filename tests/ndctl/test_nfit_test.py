@@ -312,6 +312,7 @@ def test_the_disk_follows_its_regions_read_only_state(nt, tmp_path: Path) -> Non
     all within one session (one program holding the platform, as libndctl's test does)."""
     sector = tmp_path / "sector"
     script = f"""
+        PATH=$PATH:/usr/sbin:/sbin  # blockdev, for an ordinary user too (BLKROGET is emulated)
         ro=/sys/bus/nd/devices/region2/read_only
         put() {{ dd if={sector} of=/dev/pmem2 bs=4096 oflag=direct conv=notrunc status=none 2>/dev/null; }}
         head -c 4096 /dev/urandom > {sector}

@@ -388,8 +388,8 @@ class VnvdimmOperations(fuse.Operations):
             data = node.data
             if data is None or data.closed:
                 raise fuse.FuseOSError(errno.ENXIO)
-            if wants_write and data.read_only():
-                raise fuse.FuseOSError(errno.EACCES)
+            # (a read-only disk opens for writing as the kernel's does: bdev_open() does not
+            # look at bdev_read_only(); each write is refused, EPERM, by the data path)
             # Keep the page cache across opens only while the same device is behind the name.
             # A name never opened has nothing cached: dropping its (empty) cache would make
             # this open wait for every read in flight through an open that came just before

@@ -556,7 +556,7 @@ class BttDataPath(DataPath):
     def write(self, data: bytes | memoryview, offset: int) -> int:
         self._check_open()
         if self.read_only():
-            raise fail(errno.EROFS, "read-only")
+            raise fail(errno.EPERM, "read-only")  # blkdev_write_iter(): bdev_read_only()
         if offset >= self.size:
             raise fail(errno.ENOSPC, "write past the end of the device")
         n = min(len(data), self.size - offset)

@@ -97,12 +97,13 @@ class DataPath:
 
     def write_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Where a write of `length` bytes at `offset` goes on the media (cut at the end of the
-        device), once it may proceed: ENXIO if the device is gone, EROFS, ENOSPC at or past
+        device), once it may proceed: ENXIO if the device is gone, EPERM if it is read-only
+        (blkdev_write_iter()), ENOSPC at or past
         the end, EIO if it covers part of a bad sector, the memmap pages covered
         initialized. Call written() with the extents once the bytes are on the media."""
         self._check_open()
         if self.read_only():
-            raise fail(errno.EROFS, "read-only")
+            raise fail(errno.EPERM, "read-only")  # blkdev_write_iter(): bdev_read_only()
         if offset >= self.size:
             raise fail(errno.ENOSPC, "write past the end of the device")
         length = min(length, self.size - offset)
