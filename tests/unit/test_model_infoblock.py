@@ -228,7 +228,8 @@ def test_btt_info_round_trip_and_layout() -> None:
     assert struct.unpack_from("<Q", block, 4088)[0] == fletcher64_reference(block[:4088] + bytes(8))
     parsed = BttInfo.unpack(block)
     assert parsed is not None
-    assert (parsed["uuid"], parsed["parent_uuid"], parsed["external_lbasize"]) == (U1, U2, 4096)
+    assert (parsed.uuid, parsed.parent_uuid, parsed.external_lbasize, parsed.version) == (U1, U2, 4096, (1, 1))
+    assert (parsed.external_nlba, parsed.nfree, parsed.info2off) == (a.external_nlba, 256, a.info2off)
     corrupted = bytearray(block)
     corrupted[100] ^= 1
     assert BttInfo.unpack(bytes(corrupted)) is None

@@ -145,7 +145,7 @@ class BttEngine:
                 if remaining == self.rawsize:
                     return False
                 raise BttError(errno.ENODEV, f"{self.name}: found corrupted metadata in the arena at {cur_off:#x}")
-            arena = Arena.parsed(sb, cur_off, cur_nlba)  # type: ignore[arg-type]
+            arena = Arena.parsed(sb, cur_off, cur_nlba)
             self._open_arena(arena)
             self._log_set_indices(len(self.arenas) - 1)
             self._freelist_init(len(self.arenas) - 1)
@@ -504,7 +504,7 @@ class BttEngine:
         arena = self.arenas[0]
         block = self.media.pread(INFO_BLOCK_SIZE, self.base + BTT1_OFFSET)
         info = arena_is_valid(block, self.parent_uuid)
-        if info is None or (info["version_major"], info["version_minor"]) != (1, 1):
+        if info is None or info.version != (1, 1):
             return
         first = (BTT1_OFFSET - arena.dataoff) // arena.internal_lbasize
         last = (BTT1_OFFSET + INFO_BLOCK_SIZE - 1 - arena.dataoff) // arena.internal_lbasize

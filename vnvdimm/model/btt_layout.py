@@ -22,6 +22,7 @@ from vnvdimm.model.infoblock import (
     LOG_GRP_SIZE,
     BttArena,
     BttInfo,
+    BttSuperblock,
     btt_arenas,
 )
 
@@ -130,15 +131,14 @@ class Arena:
                    a.dataoff, a.mapoff, a.logoff, a.info2off)
 
     @classmethod
-    def parsed(cls, sb: dict[str, int], arena_off: int, lba_start: int) -> Arena:
+    def parsed(cls, sb: BttSuperblock, arena_off: int, lba_start: int) -> Arena:
         """parse_arena_meta(): offsets in the info block are relative to the arena."""
-        nextoff = 0 if sb["nextoff"] == 0 else arena_off + sb["nextoff"]
-        info2off = arena_off + sb["info2off"]
-        size = sb["nextoff"] if sb["nextoff"] > 0 else info2off - arena_off + BTT_PG_SIZE
-        return cls(size, lba_start, sb["internal_nlba"], sb["internal_lbasize"], sb["external_nlba"],
-                   sb["external_lbasize"], sb["nfree"], sb["version_major"], sb["version_minor"], nextoff,
-                   arena_off, arena_off + sb["dataoff"], arena_off + sb["mapoff"], arena_off + sb["logoff"],
-                   info2off, sb["flags"])
+        nextoff = 0 if sb.nextoff == 0 else arena_off + sb.nextoff
+        info2off = arena_off + sb.info2off
+        size = sb.nextoff if sb.nextoff > 0 else info2off - arena_off + BTT_PG_SIZE
+        return cls(size, lba_start, sb.internal_nlba, sb.internal_lbasize, sb.external_nlba, sb.external_lbasize,
+                   sb.nfree, sb.version_major, sb.version_minor, nextoff, arena_off, arena_off + sb.dataoff,
+                   arena_off + sb.mapoff, arena_off + sb.logoff, info2off, sb.flags)
 
     def debugfs_value(self, name: str) -> str:
         return dict(self.debugfs())[name]
@@ -163,10 +163,10 @@ class Arena:
         ]
 
 
-def arena_is_valid(block: bytes, parent_uuid: uuidlib.UUID) -> dict[str, object] | None:
+def arena_is_valid(block: bytes, parent_uuid: uuidlib.UUID) -> BttSuperblock | None:
     """nd_btt_arena_is_valid(): signature, a null parent uuid or the namespace's, checksum."""
-    info = BttInfo.unpack(block, all_fields=True)
-    if info is None or info["parent_uuid"] not in (NULL_UUID, parent_uuid):
+    info = BttInfo.unpack(block)
+    if info is None or info.parent_uuid not in (NULL_UUID, parent_uuid):
         return None
     return info
 

@@ -45,7 +45,15 @@ from vnvdimm.model.dax import DaxRegion, DevDax
 from vnvdimm.model.dimm import Nvdimm
 from vnvdimm.model.disk import DataPath, Disk
 from vnvdimm.model.hmem import HmemDevDax
-from vnvdimm.model.infoblock import BTT_SECTOR_SIZES, DAX_SIG, INFO_BLOCK_SIZE, PFN_SIG, PfnInfo, btt_arenas
+from vnvdimm.model.infoblock import (
+    BTT_SECTOR_SIZES,
+    DAX_SIG,
+    INFO_BLOCK_SIZE,
+    PFN_SIG,
+    BttSuperblock,
+    PfnInfo,
+    btt_arenas,
+)
 from vnvdimm.model.namespace import Namespace, NamespaceIo, NamespacePmem
 from vnvdimm.model.nd import DAX_BUS, ND_BUS, NdDeviceType
 from vnvdimm.model.personality import Btt, Dax, Personality, Pfn
@@ -283,14 +291,14 @@ def btt_version(ndns: Namespace) -> BttVersion:
     return BTT_V2_0 if ndns.claim_class == "btt" and ndns.claim_btt2 else BTT_V1_1
 
 
-def btt_info(ndns: Namespace) -> dict[str, object] | None:
+def btt_info(ndns: Namespace) -> BttSuperblock | None:
     """nd_btt_version()'s check of an existing BTT: a valid info block (nd_btt_arena_is_valid():
     signature, a parent_uuid that is null or the namespace's, checksum) of the expected version
     where that version puts it."""
     version = btt_version(ndns)
     block = ndns.region.media.pread(INFO_BLOCK_SIZE, ndns.offset + version.initial_offset)
     info = arena_is_valid(block, ndns.parent_uuid)
-    if info is None or (info["version_major"], info["version_minor"]) != (version.major, version.minor):
+    if info is None or info.version != (version.major, version.minor):
         return None
     return info
 
@@ -303,7 +311,7 @@ def legacy_vnvdimm_btt(ndns: Namespace) -> bool:
         return False
     block = ndns.region.media.pread(INFO_BLOCK_SIZE, ndns.offset + BTT_V1_1.initial_offset)
     info = arena_is_valid(block, ndns.parent_uuid)
-    return info is not None and (info["version_major"], info["version_minor"]) == (1, 1)
+    return info is not None and info.version == (1, 1)
 
 
 def convert_legacy_btt(ndns: Namespace) -> None:
@@ -313,16 +321,16 @@ def convert_legacy_btt(ndns: Namespace) -> None:
     media = ndns.region.media
     info = arena_is_valid(media.pread(INFO_BLOCK_SIZE, ndns.offset + BTT_V1_1.initial_offset), ndns.parent_uuid)
     assert info is not None
-    lbasize = int(info["external_lbasize"])  # type: ignore[call-overload]
+    lbasize = info.external_lbasize
     try:
         if ndns.region.read_only:
             raise BttError(errno.ENXIO, f"{ndns.name}: the BTT 1.1 an older vnvdimm wrote needs converting to "
                            "the BTT 2.0 its v1.2 labels call for, and the region is read-only")
         expected = btt_arenas(ndns.size - BTT_V1_1.initial_offset, lbasize) if lbasize in BTT_SECTOR_SIZES else []
-        if len(expected) != 1 or info["nextoff"] != 0 or info["external_nlba"] != expected[0].external_nlba:
+        if len(expected) != 1 or info.nextoff != 0 or info.external_nlba != expected[0].external_nlba:
             raise BttError(errno.ENXIO, f"{ndns.name}: a BTT 1.1 not laid out as vnvdimm laid it out is where its "
                            "v1.2 labels call for a BTT 2.0: refusing to read it as one")
-        convert_in_place_v1_1(media, ndns.offset, ndns.size, lbasize, info["uuid"],  # type: ignore[arg-type]
+        convert_in_place_v1_1(media, ndns.offset, ndns.size, lbasize, info.uuid,
                               ndns.parent_uuid, name=ndns.name)
     except BttError as e:
         log.error("%s", e)
@@ -341,8 +349,8 @@ def attach_btt(btt: Btt) -> None:
         # __nd_btt_probe(): a BTT found on the media gives its device the uuid and sector size
         info = btt_info(ndns)
         if info is not None:
-            btt.uuid = info["uuid"]  # type: ignore[assignment]
-            btt.lbasize = int(info["external_lbasize"])  # type: ignore[call-overload]
+            btt.uuid = info.uuid
+            btt.lbasize = info.external_lbasize
     if btt.uuid is None or btt.lbasize == 0:
         raise fail(errno.ENODEV, f"{btt.name}: incomplete btt configuration")
     try:

@@ -222,27 +222,41 @@ class BttInfo:
         return block[:-8] + struct.pack("<Q", sb_checksum(block))
 
     @staticmethod
-    def unpack(block: bytes, all_fields: bool = False) -> dict[str, object] | None:
-        """The fields of a valid BTT info block (signature, checksum), else None. Without
-        `all_fields`, only a block of a sector size the kernel offers counts, and only the
-        identity and size fields are given."""
+    def unpack(block: bytes) -> BttSuperblock | None:
+        """The fields of a valid BTT info block (signature and checksum), else None."""
         if len(block) != INFO_BLOCK_SIZE or block[:16] != BTT_SIG:
             return None
         (checksum,) = struct.unpack_from("<Q", block, INFO_BLOCK_SIZE - 8)
         if checksum != sb_checksum(block):
             return None
         f = _BTT_HEAD.unpack_from(block)
-        if all_fields:
-            names = ("flags", "version_major", "version_minor", "external_lbasize", "external_nlba",
-                     "internal_lbasize", "internal_nlba", "nfree", "infosize", "nextoff", "dataoff", "mapoff",
-                     "logoff", "info2off")
-            return {"uuid": uuidlib.UUID(bytes=f[1]), "parent_uuid": uuidlib.UUID(bytes=f[2]),
-                    **dict(zip(names, f[3:], strict=True))}
-        if f[6] not in BTT_SECTOR_SIZES:
-            return None
-        return {"uuid": uuidlib.UUID(bytes=f[1]), "parent_uuid": uuidlib.UUID(bytes=f[2]),
-                "version_major": f[4], "version_minor": f[5], "external_lbasize": f[6],
-                "external_nlba": f[7]}
+        return BttSuperblock(uuidlib.UUID(bytes=f[1]), uuidlib.UUID(bytes=f[2]), *f[3:])
+
+
+@dataclass(frozen=True)
+class BttSuperblock:
+    """struct btt_sb as read from the media (offsets relative to its arena)."""
+
+    uuid: uuidlib.UUID
+    parent_uuid: uuidlib.UUID
+    flags: int
+    version_major: int
+    version_minor: int
+    external_lbasize: int
+    external_nlba: int
+    internal_lbasize: int
+    internal_nlba: int
+    nfree: int
+    infosize: int
+    nextoff: int
+    dataoff: int
+    mapoff: int
+    logoff: int
+    info2off: int
+
+    @property
+    def version(self) -> tuple[int, int]:
+        return self.version_major, self.version_minor
 
 
 def btt_log_init(arena: BttArena) -> bytes:
