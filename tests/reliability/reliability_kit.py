@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import topologies
 from mount_kit import alive, children, kill_group, memmap_state, process_group, wait_for  # noqa: F401 (re-exported)
+
+from vnvdimm.ioctl import wire
 
 WITH_VNVDIMM = Path(__file__).resolve().parents[2] / "mountscripts" / "with-vnvdimm"
 STRESS_SECONDS = float(os.environ.get("VNVDIMM_STRESS_SECONDS", "8"))
@@ -48,3 +53,47 @@ def check_records(m: Any, dev: str) -> int:
     memmap_state invariant, mount_kit.memmap_state). Returns the number of records verified."""
     assert memmap_state(m.root, dev) == "idle", f"{dev}: memmap still active"
     return int(m.read(f"{dev}/memmap/pages_total"))
+
+
+@contextlib.contextmanager
+def fake_daemon(path: str, behave: Callable[[socket.socket], None]) -> Iterator[list[bytes]]:
+    """A mount's ioctl socket answered by `behave` after each request (its header, the
+    regions' descriptors, the readable argument), the real one set aside meanwhile: the
+    daemon as an attacker would write it. Yields what each connection sent."""
+    os.rename(path, path + ".real")
+    received: list[bytes] = []
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(30)
+                got = b""
+                with contextlib.suppress(OSError, ConnectionError):
+                    header, _, _, _ = conn.recvmsg(wire.REQUEST.size, socket.CMSG_SPACE(16))
+                    got = header
+                    if len(header) == wire.REQUEST.size:
+                        _, _, _, regions, _, readable = wire.REQUEST.unpack(header)
+                        got += wire.recv_exact(conn, regions * wire.REGION.size + readable)
+                        behave(conn)
+                        conn.shutdown(socket.SHUT_WR)
+                        while chunk := conn.recv(4096):
+                            got += chunk
+                received.append(got)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield received
+    finally:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(30)
+        os.unlink(path)
+        os.rename(path + ".real", path)

@@ -20,11 +20,10 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
 
 import pytest
 from mount_kit import WITH_VNVDIMM, have_ndctl, mounted
+from reliability_kit import fake_daemon
 
 from vnvdimm.ioctl import wire
 from vnvdimm.model.cxl_mailbox import (
@@ -123,49 +122,6 @@ def socket_of(mnt) -> str:  # type: ignore[no-untyped-def]
 # ---------------------------------------------------------------- a fake daemon
 
 
-@contextlib.contextmanager
-def fake_daemon(mnt, behave: Callable[[socket.socket], None]) -> Iterator[list[bytes]]:  # type: ignore[no-untyped-def]
-    """The mount's socket path answered by `behave` after the request (header, the regions'
-    descriptors, the argument); yields what each connection sent."""
-    path = socket_of(mnt)
-    os.rename(path, path + ".real")
-    received: list[bytes] = []
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(8)
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(30)
-                got = b""
-                with contextlib.suppress(OSError, ConnectionError):
-                    header, _, _, _ = conn.recvmsg(wire.REQUEST.size, socket.CMSG_SPACE(16))
-                    got = header
-                    _, _, _, regions, _, readable = wire.REQUEST.unpack(header)
-                    got += wire.recv_exact(conn, regions * wire.REGION.size + readable)
-                    behave(conn)
-                    conn.shutdown(socket.SHUT_WR)
-                    while chunk := conn.recv(4096):
-                        got += chunk
-                received.append(got)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield received
-    finally:
-        server.shutdown(socket.SHUT_RDWR)
-        server.close()
-        thread.join(30)
-        os.unlink(path)
-        os.rename(path + ".real", path)
-
-
 def op(kind: int, region: int, offset: int, length: int, data: bytes | None = None) -> bytes:
     if kind == wire.OP_WRITE:
         return wire.OP.pack(kind, region, offset, length) + (data if data is not None else b"\x00" * length)
@@ -204,7 +160,7 @@ def test_a_fake_daemon_cannot_reach_past_the_declared_buffers(ct, attack: str) -
             with contextlib.suppress(OSError):  # a legitimate op's status (and bytes)
                 replies += conn.recv(4 + 8)
 
-    with fake_daemon(ct, behave) as received:
+    with fake_daemon(socket_of(ct), behave) as received:
         out = send(ct, ID_GET_LSA, GET_LSA_IN, out_size=16)
     assert (out["rc"], out["errno"]) == (-1, errno.EFAULT)
     assert out["outside_intact"]
@@ -237,7 +193,7 @@ def test_the_daemon_reads_exactly_the_input_and_nothing_past_it(ct) -> None:  # 
         replies.append(wire.recv_exact(conn, 4 + len(payload)))
         conn.sendall(wire.OP.pack(wire.OP_DONE, 0, 0, 0))
 
-    with fake_daemon(ct, behave) as received:
+    with fake_daemon(socket_of(ct), behave) as received:
         out = send(ct, ID_SET_LSA, payload)
     assert (out["rc"], out["errno"]) == (0, 0)
     assert out["outside_intact"]

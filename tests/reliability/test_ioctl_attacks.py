@@ -20,11 +20,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from mount_kit import WITH_VNVDIMM, have_ndctl, wait_for
+from reliability_kit import fake_daemon
 from topologies import SMALL_NFIT
 
 from vnvdimm.ioctl import wire
@@ -151,50 +151,6 @@ def test_the_library_trusts_only_the_mount_it_was_given(mnt, tmp_path: Path) -> 
 # ---------------------------------------------------------------- a fake daemon
 
 
-@contextlib.contextmanager
-def fake_daemon(mnt, behave: Callable[[socket.socket], None]) -> Iterator[list[bytes]]:  # type: ignore[no-untyped-def]
-    """The mount's socket path answered by `behave` (the real one set aside meanwhile);
-    yields what each connection sent."""
-    path = socket_of(mnt)
-    os.rename(path, path + ".real")
-    received: list[bytes] = []
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(8)
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(30)
-                got = b""
-                with contextlib.suppress(OSError):
-                    header, _, _, _ = conn.recvmsg(wire.REQUEST.size, socket.CMSG_SPACE(16))
-                    got = header
-                    if len(header) == wire.REQUEST.size:
-                        readable = wire.REQUEST.unpack(header)[5]
-                        got += wire.recv_exact(conn, readable)
-                        behave(conn)
-                        conn.shutdown(socket.SHUT_WR)
-                        while chunk := conn.recv(4096):
-                            got += chunk
-                received.append(got)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield received
-    finally:
-        server.shutdown(socket.SHUT_RDWR)
-        server.close()
-        thread.join(30)
-        os.unlink(path)
-        os.rename(path + ".real", path)
-
-
 def write_op(offset: int, data: bytes) -> bytes:
     return wire.OP.pack(wire.OP_WRITE, 0, offset, len(data)) + data
 
@@ -218,7 +174,7 @@ def test_a_fake_daemon_cannot_reach_past_the_argument(nfit, attack: str) -> None
             conn.recv(4)
 
     package = smart_package()
-    with fake_daemon(nfit, behave) as received:
+    with fake_daemon(socket_of(nfit), behave) as received:
         out = victim(nfit, "/dev/nmem0", CALL, package)
     assert (out["rc"], out["errno"]) == (-1, errno.EFAULT)
     assert out["outside_intact"]
@@ -231,7 +187,7 @@ def test_a_fake_daemon_cannot_reach_past_the_argument(nfit, attack: str) -> None
 
 
 def test_a_silent_daemon_costs_a_timeout_not_a_hang(nfit) -> None:  # type: ignore[no-untyped-def]
-    with fake_daemon(nfit, lambda conn: time.sleep(5)):
+    with fake_daemon(socket_of(nfit), lambda conn: time.sleep(5)):
         out = victim(nfit, "/dev/nmem0", CALL, smart_package(), VNVDIMM_IOCTL_TIMEOUT_MS="1000")
     assert (out["rc"], out["errno"]) == (-1, errno.EIO)
     assert "did not answer an ioctl in time" in out["stderr"]  # type: ignore[operator]

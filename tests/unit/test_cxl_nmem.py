@@ -10,6 +10,7 @@ import posixpath
 import struct
 
 import pytest
+from test_cxl_mailbox import Arg
 from test_cxl_topology import read, real, write
 
 from vnvdimm.model import drivers
@@ -33,17 +34,6 @@ from vnvdimm.topology import cxl_test
 
 LSA_SIZE = 128 << 10
 IN_PTR, OUT_PTR = 0x10000, 0x100000
-
-
-class Arg:
-    def __init__(self, data: bytes) -> None:
-        self.buf = bytearray(data)
-
-    def read(self, offset: int, length: int) -> bytes:
-        return bytes(self.buf[offset:offset + length])
-
-    def write(self, offset: int, data: bytes) -> None:
-        self.buf[offset:offset + len(data)] = data
 
 
 class Caller:
