@@ -5,12 +5,15 @@ initializes like any other's."""
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
-from mount_kit import have_ndctl, wait_for
+from mount_kit import VNVDIMM, have_ndctl, wait_for
 from test_cxl import CXL_TEST, cxl
 
 pytestmark = [pytest.mark.ndctl, pytest.mark.skipif(not have_ndctl(), reason="needs ndctl")]
@@ -215,3 +218,24 @@ def test_nfit_test_reloaded_beside_cxl_test_keeps_its_own_ids(ct) -> None:  # ty
     assert len({b["dev"] for b in buses}) == 3
     dimms = [d["dev"] for b in ("nfit_test.0", "nfit_test.1", "cxl_test") for d in ct.ndctl("list", "-b", b, "-D")]
     assert len(dimms) == len(set(dimms)) == 16
+
+
+def test_vnvdimm_injects_errors_into_a_namespace_there(ct) -> None:  # type: ignore[no-untyped-def]
+    """`vnvdimm inject-error` on a CXL region's namespace: no NFIT platform behind its bus, so
+    the bad blocks go straight to the region's poison list (as on e820) and reads of them fail."""
+    region = create_pmem_region(ct, "decoder0.3", "mem0", "mem1", size="512M")
+    res = ct.run("ndctl", "create-namespace", "-r", region, "-m", "raw", "-s", "64M")
+    assert res.returncode == 0, res.stderr
+    ns = json.loads(res.stdout)
+    res = subprocess.run([*VNVDIMM, "inject-error", str(ct.root), ns["dev"], "-B", "16", "-n", "8"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert ct.read(f"sys/block/{ns['blockdev']}/badblocks") == "16 8\n"
+    fd = os.open(ct.dev / ns["blockdev"], os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 4096)
+        with pytest.raises(OSError) as bad:
+            os.preadv(fd, [buf], 16 * 512)
+        assert bad.value.errno == errno.EIO
+    finally:
+        os.close(fd)

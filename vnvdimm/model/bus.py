@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from vnvdimm.model.base import Attr, Device, DevNode, Entry, Group, Link, fail, kstrtol, ro, uevent_store
 from vnvdimm.model.extensions import bus_extension_group
 from vnvdimm.model.nd import ND_BUS, NDCTL_MAJOR, UuidIndex
 
 if TYPE_CHECKING:
-    from vnvdimm.model.commands.platform import PlatformFirmware
+    from vnvdimm.model.commands.activate import Activation
+    from vnvdimm.model.commands.envelope import Request, Target
+    from vnvdimm.model.commands.platform import DimmFirmware, PlatformFirmware
     from vnvdimm.model.dimm import Nvdimm
     from vnvdimm.model.nfit_test_dimm import NfitTestDimm
     from vnvdimm.model.region import Region
@@ -19,6 +21,26 @@ if TYPE_CHECKING:
 
 # The bus commands an NFIT provider advertises (ND_CMD_ARS_CAP..ND_CMD_CLEAR_ERROR). e820 has none.
 NFIT_BUS_COMMANDS = ("ars_cap", "ars_start", "ars_status", "clear_error")
+
+
+class BusFirmware(Protocol):
+    """What libnvdimm asks of a bus's provider (struct nvdimm_bus_descriptor): the command
+    masks the ioctl envelope checks, ndctl() for the bus and its DIMMs, the provider's own
+    refusals, and firmware activation where the provider has it."""
+
+    activation: Activation | None
+
+    def bus_target(self) -> Target: ...
+
+    def dimm_target(self, dimm: Nvdimm) -> Target: ...
+
+    def of(self, dimm: Nvdimm) -> DimmFirmware | None: ...
+
+    def clear_to_send(self, dimm: Nvdimm | None, req: Request) -> None: ...
+
+    def ctl_bus(self, req: Request) -> int: ...
+
+    def ctl_dimm(self, dimm: Nvdimm, req: Request) -> int: ...
 
 
 class NvdimmBus(Device):
@@ -36,9 +58,12 @@ class NvdimmBus(Device):
         self.dimms: list[Nvdimm] = []
         self.regions: list[Region] = []
         self.test_dimms: list[NfitTestDimm] = []  # nfit_test's test_dimmN beside the bus
-        # the NFIT platform firmware behind the bus's ioctls (acpi_nfit_desc); None: e820,
-        # whose bus has no commands (set by the topology once the DIMMs are registered)
-        self.firmware: PlatformFirmware | None = None
+        # the provider behind the bus's ioctls; None: e820, whose bus has no commands (set by
+        # the topology once the DIMMs are registered, or by cxl_pmem)
+        self.firmware: BusFirmware | None = None
+        # an NFIT platform's firmware (acpi_nfit_desc: ARS, error injection, scrub), which is
+        # also its `firmware`; None on e820 and on a CXL bridge's bus
+        self.platform: PlatformFirmware | None = None
         # The uuids the namespaces, pfn, dax and btt devices of this bus hold now (see UuidIndex)
         self.uuids_given = UuidIndex()
         self.ctl = NdCtl(system, self)
@@ -80,9 +105,9 @@ class NvdimmBus(Device):
         at once here, so the count of completed scrubs goes up and nothing stays busy ('+')."""
         if kstrtol(buf) != 1:
             raise fail(errno.EINVAL, "only 1 starts a scrub")
-        if self.firmware is not None:
+        if self.platform is not None:
             with self.system.lock:
-                self.firmware.bus.scrub()  # what the platform reports becomes the kernel's poison list
+                self.platform.bus.scrub()  # what the platform reports becomes the kernel's poison list
         self.scrub_count += 1
 
     def _hw_error_scrub_store(self, buf: bytes) -> None:

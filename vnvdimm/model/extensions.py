@@ -91,7 +91,7 @@ def _apply(bus: NvdimmBus, buf: bytes, inject: bool, clear: bool = False) -> Non
     region = ns.region
     first = offset // SECTOR + block
     verb = "injected" if inject else "cleared" if clear else "uninjected"
-    firmware = bus.firmware
+    firmware = bus.platform
     if firmware is not None:
         # an NFIT platform: ARS_INJECT_SET with notification, ARS_INJECT_CLEAR, CLEAR_ERROR
         address, length = region.start + first * SECTOR, count * SECTOR

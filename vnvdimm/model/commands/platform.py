@@ -324,7 +324,7 @@ def attach(bus: NvdimmBus) -> PlatformFirmware:
     if flavor.activation:
         firmware.activation = Activation(firmware)
     bus.commands = tuple(firmware.bus_commands().split())
-    bus.firmware = firmware
+    bus.firmware = bus.platform = firmware
     return firmware
 
 
