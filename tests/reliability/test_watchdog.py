@@ -45,7 +45,7 @@ def test_a_hung_echo_sync_fails_its_test_within_its_bound(tmp_path: Path) -> Non
     # the sync), and the caller released with ENOTCONN.
     assert f"still running after {bound} s" in out, out[-3000:]
     assert f"daemon {daemon} (workers" in out and "killed after dumping its stacks" in out, out[-3000:]
-    assert re.search(r"Thread 0x[0-9a-f]+", out) and "_memmap_state_store" in out, out[-3000:]
+    assert re.search(r"Thread 0x[0-9a-f]+", out) and "in sync_store" in out, out[-3000:]
     # (a request in flight when the connection dies ends with ECONNABORTED, later ones ENOTCONN)
     assert "ConnectionAbortedError" in out or "Transport endpoint is not connected" in out, out[-3000:]
     assert not alive(daemon)
