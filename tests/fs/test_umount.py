@@ -96,6 +96,18 @@ def loop_ext4(mnt, tmp_path: Path) -> Iterator[tuple[str, Path]]:  # type: ignor
         subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=60)
 
 
+def detach_loop(loop: str) -> None:
+    """losetup -d, then wait for the detach: while anything still holds the loop device (udev
+    probes it after the umount of its file system), the kernel only marks it autoclear and
+    detaches it at the last close; until then its backing file still counts as held."""
+    subprocess.run(["losetup", "-d", loop], check=True, capture_output=True, timeout=60)
+    backing = Path(f"/sys/block/{Path(loop).name}/loop/backing_file")
+    deadline = time.monotonic() + 60
+    while backing.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not backing.exists(), f"{loop} still attached 60 s after losetup -d"
+
+
 @needs_root("losetup, mkfs.ext4 and mount of a loop device over MNT/dev/pmem0")
 def test_ext4_on_a_loop_device_blocks_umount_and_keeps_its_data(mnt, loop_ext4) -> None:  # type: ignore[no-untyped-def]
     loop, target = loop_ext4
@@ -108,7 +120,7 @@ def test_ext4_on_a_loop_device_blocks_umount_and_keeps_its_data(mnt, loop_ext4) 
     for mode in ("normal", "lazy"):  # the test bed's and the fixtures' teardown take the same view
         assert mnt.is_mounted()
         subprocess.run(["umount", str(target)], check=True, capture_output=True, timeout=60)
-        subprocess.run(["losetup", "-d", loop], check=True, capture_output=True, timeout=60)
+        detach_loop(loop)
         res = umount(mnt) if mode == "normal" else umount(mnt, "--lazy")
         assert res.returncode == 0, res.stderr
         assert not mnt.is_mounted() and wait_exit(mnt.pid, 5)
