@@ -10,6 +10,7 @@ import ctypes
 import fcntl
 import logging
 import os
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,15 @@ def blkpg(fd: int, op: int, part: TablePartition) -> None:
 # and disks that changed other than by a store: udev takes about as long to make a node.
 POLL_S = 0.2
 
+# inotify(7), which Python's os does not bind: udev's watch on a disk node. A disk's table is
+# read again when a writer closes its node (IN_CLOSE_WRITE), never while one writes it.
+_libc.inotify_init1.argtypes = [ctypes.c_int]
+_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+_libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+IN_CLOSE_WRITE = 0x8
+IN_IGNORED = 0x8000
+_IN_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
+
 
 def partition_name(disk: str, number: int) -> str:
     """The kernel's name for partition `number` of `disk` (disk_name()): a "p" between
@@ -72,6 +82,15 @@ class Loop:
     # change (BLKRRPART dropped them, or this is the attach), the table is read again.
     seen: frozenset[int] | None = None
     table: list[TablePartition] | None = None  # the disk's table at the last look
+    # udev's watch on the disk's node (an inotify watch descriptor; None: not yet placed) and
+    # whether a writer closed the node since the table was last read.
+    watch: int | None = None
+    written: bool = False
+    # The kernel dropped every partition (BLKRRPART, which finds none without parsers) at the
+    # last look: if they are still gone at this one, the table is read again. One look of
+    # grace, because a tool that moves its only partition (BLKPG delete, then add) passes
+    # through the same state and must not find its partition added under it.
+    dropped: bool = False
     # The data's serial the loop's page cache was filled under: media errors injected or
     # cleared since make it drop (see LoopDisks._drop_stale_caches).
     serial: int = 0
@@ -105,6 +124,9 @@ class LoopDisks:
         self._kick = threading.Event()  # look now, not at the next poll
         self._poller: threading.Thread | None = None
         self._closed = False
+        # udev's watch (see Loop.watch): one inotify instance, watch descriptor -> its loop.
+        self._inotify = -1
+        self._watches: dict[int, Loop] = {}
         tree.system.subscribe(self._on_notify)
 
     @staticmethod
@@ -141,6 +163,11 @@ class LoopDisks:
             self._sessions += 1
             if self._poller is None or not self._poller.is_alive():
                 self._stop.clear()
+                if self._inotify < 0:
+                    self._inotify = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+                    if self._inotify < 0:
+                        log.warning("no inotify (%s): tables written to a disk are read again only at its "
+                                    "attach and after a BLKRRPART", os.strerror(ctypes.get_errno()))
                 self._poller = threading.Thread(target=self._poll, name="vnvdimm-blockdevs", daemon=True)
                 self._poller.start()
         self.reconcile()
@@ -165,7 +192,9 @@ class LoopDisks:
             if self._stop.is_set():
                 return
             try:
+                self._read_watch_events()
                 self.reconcile()
+                self._watch_disks()
             except Exception:  # a reconcile must never end the poller of a live session
                 log.exception("block devices: reconcile failed")
 
@@ -195,6 +224,7 @@ class LoopDisks:
                 turned = name in wanted and wanted[name][0] is loop.data and loop.read_only != loop.data.read_only()
                 if name not in wanted or wanted[name][0] is not loop.data or turned:
                     del self._loops[name]
+                    self._unwatch(loop)
                     os.close(loop.fd)  # autoclear: detached once nothing else has it open
                     if not turned:  # (one attached the other way cannot stand for the disk again)
                         self._released[name] = loop.number
@@ -284,13 +314,22 @@ class LoopDisks:
         for name, loop in sorted(self._loops.items()):
             base = f"/sys/block/loop{loop.number}"
             numbers = self._kernel_partitions(base, loop.number)
-            table = self._read_table(loop)
-            if loop.table != table or loop.seen != numbers:
-                # The table was rewritten (udev rescans a disk closed after a write) or the
-                # kernel's partitions changed (BLKRRPART, which finds none without parsers).
-                if self._sync_partitions(name, loop, table, base, table_changed=loop.table != table):
-                    numbers = self._kernel_partitions(base, loop.number)
-                loop.seen, loop.table = numbers, table
+            if loop.seen is None or loop.written:
+                # Attached, or a writer closed the node: udev has the kernel read the table
+                # again (BLKRRPART on close-write), which drops what it no longer has.
+                loop.written = loop.dropped = False
+                numbers = self._rescan(name, loop, base, numbers, drop_stale=True)
+            elif not numbers and (loop.seen or loop.dropped):
+                # Every partition gone: a BLKRRPART (which finds none without parsers), or a
+                # tool between the delete and the add of its only partition: look once more.
+                if loop.dropped:
+                    loop.dropped = False
+                    numbers = self._rescan(name, loop, base, numbers, drop_stale=False)
+                else:
+                    loop.dropped = True
+            else:
+                loop.dropped = False
+            loop.seen = numbers
             for number in sorted(numbers):
                 entry = f"{base}/loop{loop.number}p{number}"
                 try:
@@ -299,6 +338,67 @@ class LoopDisks:
                     continue  # going away while we look
                 found.append(Partition(partition_name(name, number), name, number, (major, minor), entry))
         return found
+
+    def _rescan(self, name: str, loop: Loop, base: str, numbers: frozenset[int],
+                drop_stale: bool) -> frozenset[int]:
+        """Read the disk's table (the writer's pages written back first: the table is read
+        from the media, under the loop device's page cache) and bring the kernel's partitions
+        to it; the kernel's partitions after."""
+        if _libc.sync_file_range(loop.fd, 0, 0, SYNC_FILE_RANGE_ALL) != 0:
+            log.warning("%s: cannot write back loop%d: %s", name, loop.number, os.strerror(ctypes.get_errno()))
+        table = self._read_table(loop)
+        changed = self._sync_partitions(name, loop, table, base, table_changed=drop_stale and loop.table != table)
+        loop.table = table
+        return self._kernel_partitions(base, loop.number) if changed else numbers
+
+    # -- udev's watch on the disks' nodes
+
+    def _watch_disks(self) -> None:
+        """Place a watch on the node of each disk that has none. Never under a lock: the path
+        is looked up through this daemon's own mount."""
+        if self._inotify < 0:
+            return
+        for name, loop in list(self._loops.items()):
+            if loop.watch is not None:
+                continue
+            node = os.fsencode(self.mountpoint / "dev" / name)
+            wd = _libc.inotify_add_watch(self._inotify, node, IN_CLOSE_WRITE)
+            if wd < 0:
+                continue  # not served yet (or gone): the next look tries again
+            with self._lock:
+                if self._loops.get(name) is loop:
+                    loop.watch = wd
+                    self._watches[wd] = loop
+                elif wd not in self._watches:
+                    _libc.inotify_rm_watch(self._inotify, wd)
+
+    def _unwatch(self, loop: Loop) -> None:
+        if loop.watch is not None:
+            self._watches.pop(loop.watch, None)
+            _libc.inotify_rm_watch(self._inotify, loop.watch)
+            loop.watch = None
+
+    def _read_watch_events(self) -> bool:
+        """Take what the watches saw; True if a writer closed a disk's node."""
+        written = False
+        while self._inotify >= 0:
+            try:
+                buf = os.read(self._inotify, 4096)
+            except OSError:  # EAGAIN: nothing more
+                break
+            offset = 0
+            while offset + _IN_EVENT.size <= len(buf):
+                wd, mask, _cookie, length = _IN_EVENT.unpack_from(buf, offset)
+                offset += _IN_EVENT.size + length
+                loop = self._watches.get(wd)
+                if loop is None:
+                    continue
+                if mask & IN_CLOSE_WRITE:
+                    loop.written = written = True
+                if mask & IN_IGNORED:  # the node's inode went: place a new watch
+                    self._watches.pop(wd, None)
+                    loop.watch = None
+        return written
 
     @staticmethod
     def _kernel_partitions(base: str, loop_number: int) -> frozenset[int]:
@@ -355,9 +455,16 @@ class LoopDisks:
         self._closed = True
         self._stop.set()
         self._kick.set()
+        poller = self._poller
+        if poller is not None and poller is not threading.current_thread():
+            poller.join(timeout=5)  # it reads the inotify descriptor closed below
         with self._lock:
             for loop in self._loops.values():
                 with contextlib.suppress(OSError):
                     os.close(loop.fd)
             self._loops.clear()
+            self._watches.clear()
+            if self._inotify >= 0 and (poller is None or not poller.is_alive()):
+                os.close(self._inotify)
+                self._inotify = -1
             self._rdevs, self._partitions, self._host_names = {}, [], {}

@@ -74,6 +74,9 @@ def test_partitions_come_and_go_with_blkpg_rescans_and_the_namespace(nfit_mnt, t
         mkfs.ext4 -q -F /dev/pmem1p2
         mount /dev/pmem1p2 {fs} && echo on-a-partition > {fs}/f && umount /dev/pmem1p2
         blockdev --rereadpt /dev/pmem1
+        # /proc/partitions is the kernel's own list (the nodes follow): right after the
+        # BLKRRPART it has none, until the partition scan found them again.
+        i=0; until grep -q 'pmem1p2$' /proc/partitions; do i=$((i+1)); [ $i -lt 300 ]; sleep 0.1; done
         wait_for -b /dev/pmem1p2
         partprobe /dev/pmem1
         parted --script /dev/pmem1 rm 1
@@ -158,3 +161,44 @@ def test_a_disk_back_while_its_old_node_is_held_keeps_its_loop_device(nfit_mnt) 
     assert sysfs_dev == ":".join(str(int(x, 16)) for x in after.split(":"))
     size, sectors = sizes.split()
     assert int(size) == int(sectors) * 512 == 64 << 20
+
+
+def test_a_table_is_read_when_its_writer_closes_the_disk_not_while_it_writes(nfit_mnt) -> None:  # type: ignore[no-untyped-def]
+    # udev reads a disk's table again when a writer closes its node (IN_CLOSE_WRITE), never
+    # halfway through the writing: a look at a table half written would add partitions that a
+    # tool such as parted is about to add itself (its BLKPG then fails with EBUSY).
+    held = """
+import os, struct, sys, time
+entry = bytes([0, 0, 0, 0, 0x83, 0, 0, 0]) + struct.pack("<II", 2048, 8192)
+mbr = bytes(446) + entry + bytes(48) + b"\\x55\\xaa"
+fd = os.open("/dev/pmem1", os.O_RDWR)
+os.write(fd, mbr)
+os.fsync(fd)
+time.sleep(1.5)  # several looks of the daemon
+print("while held:", os.path.exists("/sys/block/pmem1/pmem1p1"))
+os.close(fd)
+"""
+    res = sh(nfit_mnt, f"""
+        ndctl create-namespace -r region1 -m raw -s 64M >/dev/null
+        python3 -c '{held}'
+        wait_for -b /dev/pmem1p1
+        echo "after close: $(cat /sys/block/pmem1/pmem1p1/start /sys/block/pmem1/pmem1p1/size | tr '\\n' ' ')"
+    """)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ["while held: False", "after close: 2048 8192 "]
+
+
+@pytest.mark.skipif(not shutil.which("delpart"), reason="delpart not installed (util-linux)")
+def test_a_partition_deleted_with_blkpg_stays_deleted_while_its_table_still_has_it(nfit_mnt) -> None:  # type: ignore[no-untyped-def]
+    # BLKPG_DEL_PARTITION tells the kernel, which does not read the table again on its own.
+    res = sh(nfit_mnt, """
+        ndctl create-namespace -r region1 -m raw -s 64M >/dev/null
+        parted --script /dev/pmem1 mklabel gpt mkpart one 1MiB 9MiB mkpart two 9MiB 41MiB
+        wait_for -b /dev/pmem1p2
+        delpart /dev/pmem1 1
+        wait_for ! -e /dev/pmem1p1
+        sleep 1.5
+        echo "$(test -e /dev/pmem1p1 && echo p1) $(test -b /dev/pmem1p2 && echo p2)"
+    """)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["p2"]
