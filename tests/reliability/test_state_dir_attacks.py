@@ -295,3 +295,46 @@ def test_a_mount_that_lands_on_another_directory_is_undone(tmp_path: Path) -> No
         os.close(anchor)
         for m in fuse_mounts_under(tmp_path):
             lazy_unmount(m)
+
+
+def test_a_mount_that_reuses_a_freed_mount_id_is_still_ours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel gives a freed mount id to the next mount: a mount unmounted anywhere on the
+    machine between the daemon's two looks at mountinfo (another user's test run, say) frees
+    the id that its own mount then gets. That mount is still the one on the checked directory
+    and must be kept. Made deterministic: the first look also lists, elsewhere, every id the
+    new mount could get."""
+    real = fusermount._mountinfo
+    looks = 0
+
+    def mountinfo_with_freed_ids() -> list[Any]:
+        nonlocal looks
+        looks += 1
+        mounts = real()
+        if looks > 1:
+            return mounts
+        used = {m.mount_id for m in mounts}
+        root = mounts[0]
+        freed = []
+        for mount_id in range(1, max(used) + 1000):
+            if mount_id not in used:
+                line = (f"{mount_id} {root.mount_id} 0:99 / /elsewhere/{mount_id} rw - "
+                        f"fuse.vnvdimm vnvdimm rw,user_id={os.geteuid()},group_id=0")
+                freed.append(fusermount._Mount(line))
+        return mounts + freed
+
+    monkeypatch.setattr(fusermount, "_mountinfo", mountinfo_with_freed_ids)
+    options = ["fsname=vnvdimm", "subtype=vnvdimm", "default_permissions"]
+    checked = tmp_path / "mnt"
+    checked.mkdir()
+    anchor = os.open(checked, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fd = fusermount.mount(str(checked), options, anchor)
+        try:
+            assert fuse_mounts_under(tmp_path) == [str(checked)]
+        finally:
+            fusermount.unmount(str(checked))
+            os.close(fd)
+    finally:
+        os.close(anchor)
+        for m in fuse_mounts_under(tmp_path):
+            lazy_unmount(m)

@@ -66,7 +66,7 @@ def mount(mountpoint: str, options: list[str], anchor_fd: int | None = None) -> 
     `anchor_fd`: the mount point's directory as it was checked (opened O_NOFOLLOW at the end
     of a checked walk); the mount must land on that very directory (see `check_landing`)."""
     helper = fusermount_path()
-    before = {m.mount_id for m in _mountinfo()}
+    before = {m.identity for m in _mountinfo()}
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
@@ -107,6 +107,13 @@ class _Mount:
         self.fstype = tail[0] if tail else ""
         self.super_options = tail[2].split(",") if len(tail) > 2 else []
 
+    @property
+    def identity(self) -> tuple[int, int, str]:
+        """What tells this mount from one made later: its id alone does not, the kernel gives
+        a freed id to the next mount (an unmount anywhere on the machine between two looks
+        would make a new mount seem old)."""
+        return self.mount_id, self.parent_id, self.mountpoint
+
 
 def _mountinfo() -> list[_Mount]:
     with open("/proc/self/mountinfo") as f:
@@ -129,7 +136,7 @@ def mount_id_of(fd: int) -> int:
     raise OSError(f"no mnt_id in /proc/self/fdinfo/{fd}")
 
 
-def check_landing(mountpoint: str, anchor_fd: int, before: set[int], fstype: str) -> None:
+def check_landing(mountpoint: str, anchor_fd: int, before: set[tuple[int, int, str]], fstype: str) -> None:
     """fusermount3 looks `mountpoint` up by its path again: should a directory above it have
     been swapped since the check (for a link to elsewhere), the mount lands on another
     directory. It is ours only if a new mount of `fstype` sits at `mountpoint` on top of the
@@ -143,7 +150,7 @@ def check_landing(mountpoint: str, anchor_fd: int, before: set[int], fstype: str
     except OSError:
         where = ""
     me = f"user_id={os.geteuid()}"
-    new = [m for m in _mountinfo() if m.mount_id not in before and m.fstype == fstype and me in m.super_options]
+    new = [m for m in _mountinfo() if m.identity not in before and m.fstype == fstype and me in m.super_options]
     if where == mountpoint and any(m.mountpoint == mountpoint and m.parent_id == parent for m in new):
         return
     # Every mount of this user's of this type that appeared during our call goes (one at
