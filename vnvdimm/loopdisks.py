@@ -258,6 +258,9 @@ class LoopDisks:
                 self._host_names = names
         if changed and not self._closed:
             self.tree.refresh()
+            # The watch goes on as soon as the node is served, before the store that made the
+            # disk is answered: a tool may write its table and close the disk right after.
+            self._watch_disks()
 
     def _reuse(self, name: str, backing: Path, data: DataPath) -> tuple[int, int] | None:
         """The loop device this disk had, if something still holds it open (so it is still
@@ -369,6 +372,10 @@ class LoopDisks:
                 if self._loops.get(name) is loop:
                     loop.watch = wd
                     self._watches[wd] = loop
+                    # A writer may have closed the disk between its attach and now: read its
+                    # table once more at the next look.
+                    loop.written = True
+                    self._kick.set()
                 elif wd not in self._watches:
                     _libc.inotify_rm_watch(self._inotify, wd)
 
