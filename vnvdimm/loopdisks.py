@@ -194,7 +194,7 @@ class LoopDisks:
             try:
                 self._read_watch_events()
                 self.reconcile()
-                self._watch_disks()
+                self._watch_disks(late=True)
             except Exception:  # a reconcile must never end the poller of a live session
                 log.exception("block devices: reconcile failed")
 
@@ -260,7 +260,7 @@ class LoopDisks:
             self.tree.refresh()
             # The watch goes on as soon as the node is served, before the store that made the
             # disk is answered: a tool may write its table and close the disk right after.
-            self._watch_disks()
+            self._watch_disks(late=False)
 
     def _reuse(self, name: str, backing: Path, data: DataPath) -> tuple[int, int] | None:
         """The loop device this disk had, if something still holds it open (so it is still
@@ -356,9 +356,10 @@ class LoopDisks:
 
     # -- udev's watch on the disks' nodes
 
-    def _watch_disks(self) -> None:
+    def _watch_disks(self, late: bool) -> None:
         """Place a watch on the node of each disk that has none. Never under a lock: the path
-        is looked up through this daemon's own mount."""
+        is looked up through this daemon's own mount. `late`: placed by a later look than the
+        one that attached the disk, so a writer may have closed it unseen meanwhile."""
         if self._inotify < 0:
             return
         for name, loop in list(self._loops.items()):
@@ -372,10 +373,9 @@ class LoopDisks:
                 if self._loops.get(name) is loop:
                     loop.watch = wd
                     self._watches[wd] = loop
-                    # A writer may have closed the disk between its attach and now: read its
-                    # table once more at the next look.
-                    loop.written = True
-                    self._kick.set()
+                    if late:  # read its table once more at the next look
+                        loop.written = True
+                        self._kick.set()
                 elif wd not in self._watches:
                     _libc.inotify_rm_watch(self._inotify, wd)
 

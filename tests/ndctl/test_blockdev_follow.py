@@ -191,9 +191,13 @@ os.close(fd)
 @pytest.mark.skipif(not shutil.which("delpart"), reason="delpart not installed (util-linux)")
 def test_a_partition_deleted_with_blkpg_stays_deleted_while_its_table_still_has_it(nfit_mnt) -> None:  # type: ignore[no-untyped-def]
     # BLKPG_DEL_PARTITION tells the kernel, which does not read the table again on its own.
+    # The disable and enable read the table at the attach, before ndctl returns: no rescan of
+    # parted's close is still to come (as `udevadm settle` would make sure on a real system).
     res = sh(nfit_mnt, """
         ndctl create-namespace -r region1 -m raw -s 64M >/dev/null
         parted --script /dev/pmem1 mklabel gpt mkpart one 1MiB 9MiB mkpart two 9MiB 41MiB
+        ndctl disable-namespace namespace1.0 2>/dev/null
+        ndctl enable-namespace namespace1.0 2>/dev/null
         wait_for -b /dev/pmem1p2
         delpart /dev/pmem1 1
         wait_for ! -e /dev/pmem1p1
