@@ -267,34 +267,48 @@ def test_an_unprivileged_attacker_swapping_in_their_own_directory_gets_nothing(a
     assert not fuse_mounts_under(attackers_dir.parent) and not fuse_mounts_under(tmp_path)
 
 
-def test_a_mount_that_lands_on_another_directory_is_undone(tmp_path: Path) -> None:
-    """What the daemon does when fusermount3 mounts elsewhere than on the directory it
-    checked (the swap above at its worst moment, made deterministic): the mount is detached,
-    the /dev/fuse descriptor closed, and the message says what happened."""
-    options = ["fsname=vnvdimm", "subtype=vnvdimm", "default_permissions"]
+LANDING_OPTIONS = ["fsname=vnvdimm", "subtype=vnvdimm", "default_permissions"]
+
+
+@contextlib.contextmanager
+def checked_mount_point(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """The mount point `tmp_path/mnt` and its directory opened as the daemon's check leaves it
+    (the anchor); every mount left under `tmp_path` is detached after."""
     checked = tmp_path / "mnt"
     checked.mkdir()
     anchor = os.open(checked, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        # First the good case: the mount is on the checked directory, and is kept.
-        fd = fusermount.mount(str(checked), options, anchor)
-        try:
-            assert fuse_mounts_under(tmp_path) == [str(checked)]
-        finally:
-            fusermount.unmount(str(checked))
-            os.close(fd)
+        yield checked, anchor
+    finally:
+        os.close(anchor)
+        for m in fuse_mounts_under(tmp_path):
+            lazy_unmount(m)
+
+
+def mount_is_kept(checked: Path, anchor: int) -> None:
+    """The mount lands on the checked directory and is kept (then unmounted)."""
+    fd = fusermount.mount(str(checked), LANDING_OPTIONS, anchor)
+    try:
+        assert fuse_mounts_under(checked.parent) == [str(checked)]
+    finally:
+        fusermount.unmount(str(checked))
+        os.close(fd)
+
+
+def test_a_mount_that_lands_on_another_directory_is_undone(tmp_path: Path) -> None:
+    """What the daemon does when fusermount3 mounts elsewhere than on the directory it
+    checked (the swap above at its worst moment, made deterministic): the mount is detached,
+    the /dev/fuse descriptor closed, and the message says what happened."""
+    with checked_mount_point(tmp_path) as (checked, anchor):
+        mount_is_kept(checked, anchor)  # first the good case
         # Then another directory put where the checked one was (moved away).
         os.rename(checked, tmp_path / "moved")
         (tmp_path / "mnt").mkdir()
         with pytest.raises(fusermount.FusermountError,
                            match=r"mnt: the mount point changed between its check and the mount \(the directory "
                                  r"checked is now at .*/moved\)"):
-            fusermount.mount(str(checked), options, anchor)
+            fusermount.mount(str(checked), LANDING_OPTIONS, anchor)
         assert fuse_mounts_under(tmp_path) == []
-    finally:
-        os.close(anchor)
-        for m in fuse_mounts_under(tmp_path):
-            lazy_unmount(m)
 
 
 def test_a_mount_that_reuses_a_freed_mount_id_is_still_ours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -323,18 +337,5 @@ def test_a_mount_that_reuses_a_freed_mount_id_is_still_ours(tmp_path: Path, monk
         return mounts + freed
 
     monkeypatch.setattr(fusermount, "_mountinfo", mountinfo_with_freed_ids)
-    options = ["fsname=vnvdimm", "subtype=vnvdimm", "default_permissions"]
-    checked = tmp_path / "mnt"
-    checked.mkdir()
-    anchor = os.open(checked, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        fd = fusermount.mount(str(checked), options, anchor)
-        try:
-            assert fuse_mounts_under(tmp_path) == [str(checked)]
-        finally:
-            fusermount.unmount(str(checked))
-            os.close(fd)
-    finally:
-        os.close(anchor)
-        for m in fuse_mounts_under(tmp_path):
-            lazy_unmount(m)
+    with checked_mount_point(tmp_path) as (checked, anchor):
+        mount_is_kept(checked, anchor)
