@@ -78,8 +78,8 @@ class Loop:
     rdev: tuple[int, int]
     data: DataPath  # the device it was attached for: another one behind the name gets a new loop
     block_size: int
-    # The partition numbers the kernel had at the last look (None: never looked): when they
-    # change (BLKRRPART dropped them, or this is the attach), the table is read again.
+    # The partition numbers the kernel had at the last look (None: never looked, the table is
+    # read at the first look after the attach).
     seen: frozenset[int] | None = None
     table: list[TablePartition] | None = None  # the disk's table at the last look
     # udev's watch on the disk's node (an inotify watch descriptor; None: not yet placed) and
@@ -294,9 +294,12 @@ class LoopDisks:
         the page cache, and a disable right after would take the disk away under them. Called
         before every store (a bind, unbind, reconfiguration); cheap when nothing is dirty."""
         for name, loop in list(self._loops.items()):
-            if _libc.sync_file_range(loop.fd, 0, 0, SYNC_FILE_RANGE_ALL) != 0:
-                log.warning("%s: cannot write back loop%d: %s", name, loop.number,
-                            os.strerror(ctypes.get_errno()))
+            self._write_back(name, loop)
+
+    @staticmethod
+    def _write_back(name: str, loop: Loop) -> None:
+        if _libc.sync_file_range(loop.fd, 0, 0, SYNC_FILE_RANGE_ALL) != 0:
+            log.warning("%s: cannot write back loop%d: %s", name, loop.number, os.strerror(ctypes.get_errno()))
 
     def _drop_stale_caches(self) -> None:
         """pmem_do_read() fails every read that touches a bad block: pages of the loop device
@@ -347,8 +350,7 @@ class LoopDisks:
         """Read the disk's table (the writer's pages written back first: the table is read
         from the media, under the loop device's page cache) and bring the kernel's partitions
         to it; the kernel's partitions after."""
-        if _libc.sync_file_range(loop.fd, 0, 0, SYNC_FILE_RANGE_ALL) != 0:
-            log.warning("%s: cannot write back loop%d: %s", name, loop.number, os.strerror(ctypes.get_errno()))
+        self._write_back(name, loop)
         table = self._read_table(loop)
         changed = self._sync_partitions(name, loop, table, base, table_changed=drop_stale and loop.table != table)
         loop.table = table
@@ -385,9 +387,8 @@ class LoopDisks:
             _libc.inotify_rm_watch(self._inotify, loop.watch)
             loop.watch = None
 
-    def _read_watch_events(self) -> bool:
-        """Take what the watches saw; True if a writer closed a disk's node."""
-        written = False
+    def _read_watch_events(self) -> None:
+        """Take what the watches saw: mark the disks whose node a writer closed."""
         while self._inotify >= 0:
             try:
                 buf = os.read(self._inotify, 4096)
@@ -401,11 +402,10 @@ class LoopDisks:
                 if loop is None:
                     continue
                 if mask & IN_CLOSE_WRITE:
-                    loop.written = written = True
+                    loop.written = True
                 if mask & IN_IGNORED:  # the node's inode went: place a new watch
                     self._watches.pop(wd, None)
                     loop.watch = None
-        return written
 
     @staticmethod
     def _kernel_partitions(base: str, loop_number: int) -> frozenset[int]:
