@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +75,45 @@ def test_accept_errors_are_retried(served: tuple[server.IoctlServer, Path], monk
     srv.mount_dev = os.stat(node).st_dev
     assert call(srv, node) == (wire.Result(5, 0), bytearray(b"87654321"))
     assert not failures
+
+
+def test_a_call_waits_for_room_in_a_full_backlog(served: tuple[server.IoctlServer, Path],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stalled accept loop and a listen backlog full of idle connections: a call waits
+    for room, as the preload library's blocking connect does, and does not fail at once
+    with EAGAIN. (CI met this after a flood beside an out-of-descriptors daemon.)"""
+    srv, node = served
+    stalled = threading.Event()
+    real_accept = server.socket.socket.accept
+
+    def accept(self: Any) -> Any:
+        stalled.wait()
+        return real_accept(self)
+
+    monkeypatch.setattr(server.socket.socket, "accept", accept)
+    srv.start()
+    srv.mount_dev = os.stat(node).st_dev
+    flood: list[socket.socket] = []
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        flood.append(s)
+        try:
+            s.connect(str(srv.path))
+        except BlockingIOError:
+            break
+    assert len(flood) > 1
+
+    def release() -> None:
+        for s in flood:
+            s.close()
+        stalled.set()
+
+    threading.Timer(0.5, release).start()
+    try:
+        assert call(srv, node) == (wire.Result(5, 0), bytearray(b"87654321"))
+    finally:
+        release()
 
 
 def test_only_files_of_the_mount_are_answered(served: tuple[server.IoctlServer, Path], tmp_path: Path) -> None:

@@ -91,13 +91,25 @@ def call(path: str, node: str | Path | int, request: int, arg: bytearray | None,
         buffers += [payload_in, payload_out]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
+            _arm(sock, timeout)
             sock.connect(path)
             send_request(sock, request, fd, bytes(arg or b""), regions=regions)
             return _serve(sock, buffers)
+    except BlockingIOError as e:  # SO_SNDTIMEO or SO_RCVTIMEO ran out
+        raise TimeoutError(f"the daemon did not answer in {timeout} s") from e
     finally:
         if not isinstance(node, int):
             os.close(fd)
+
+
+def _arm(sock: socket.socket, timeout: float) -> None:
+    """A blocking socket with kernel timeouts, as the preload library's: a unix connect()
+    then waits (at most SO_SNDTIMEO) for room in a full listen backlog. Python's own
+    settimeout() makes the socket non-blocking, and such a connect fails at once (EAGAIN)."""
+    sec, frac = divmod(max(timeout, 0.001), 1.0)
+    timeval = struct.pack("@ll", int(sec), int(frac * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
 
 
 def _serve(sock: socket.socket, buffers: list[bytes | bytearray | None]) -> Result:
