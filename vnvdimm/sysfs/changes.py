@@ -29,33 +29,39 @@ FLUSH_TIMEOUT_S = 10.0
 
 
 class ChangeFeed:
-    def __init__(self) -> None:
+    """Batches of paths, delivered in order to every connected sink (one server per
+    connection: each caches on its own)."""
+
+    def __init__(self, name: str = "vnvdimm-sysfs-changes") -> None:
+        self._name = name
         self._cond = threading.Condition()
         self._queue: deque[tuple[int, Sequence[str]]] = deque()
         self._published = 0  # sequence number of the last batch queued
-        self._delivered = 0  # ... and of the last batch the sink has returned from
-        self._sink: Sink | None = None
+        self._delivered = 0  # ... and of the last batch every sink has returned from
+        self._sinks: list[Sink] = []
+        self._running: Sink | None = None  # the sink being called
         self._thread: threading.Thread | None = None
 
     def connect(self, sink: Sink) -> None:
-        """Start delivering to `sink` (from a thread of the feed's own)."""
+        """Start delivering to `sink` too (from a thread of the feed's own)."""
         with self._cond:
-            self._sink = sink
+            self._sinks.append(sink)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._deliver, name="vnvdimm-sysfs-changes", daemon=True)
+                self._thread = threading.Thread(target=self._deliver, name=self._name, daemon=True)
                 self._thread.start()
 
-    def disconnect(self) -> None:
-        """Stop delivering: returns once the sink is not running and will not run again (the
-        server may free what the sink uses). Batches not delivered are dropped."""
+    def disconnect(self, sink: Sink | None = None) -> None:
+        """Stop delivering to `sink` (every sink if None): returns once it is not running and
+        will not run again (its server may free what it uses). With no sink left, batches not
+        delivered are dropped."""
         with self._cond:
-            self._sink = None
-            self._queue.clear()
-            self._delivered = self._published
+            self._sinks = [s for s in self._sinks if sink is not None and s != sink]
+            if not self._sinks:
+                self._queue.clear()
+                self._delivered = self._published
             self._cond.notify_all()
-            thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            if threading.current_thread() is not self._thread:
+                self._cond.wait_for(lambda: self._running is None or (sink is not None and self._running != sink))
 
     def publish(self, paths: Sequence[str]) -> None:
         """Queue stale paths; never blocks. Without a sink (no server caches anything) they
@@ -63,7 +69,7 @@ class ChangeFeed:
         if not paths:
             return
         with self._cond:
-            if self._sink is None:
+            if not self._sinks:
                 return
             self._published += 1
             self._queue.append((self._published, paths))
@@ -81,17 +87,24 @@ class ChangeFeed:
     def _deliver(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._sink is None)
-                if self._sink is None:
-                    return
-                sink = self._sink
+                self._cond.wait_for(lambda: self._queue)
                 batches = list(self._queue)
                 self._queue.clear()
+                sinks = list(self._sinks)
             paths = [p for _, batch in batches for p in batch]
-            try:
-                sink(paths)
-            except Exception:
-                log.exception("cache invalidation failed")
+            for sink in sinks:
+                with self._cond:
+                    if sink not in self._sinks:
+                        continue  # disconnected meanwhile
+                    self._running = sink
+                try:
+                    sink(paths)
+                except Exception:
+                    log.exception("cache invalidation failed")
+                finally:
+                    with self._cond:
+                        self._running = None
+                        self._cond.notify_all()
             with self._cond:
                 self._delivered = max(self._delivered, batches[-1][0])
                 self._cond.notify_all()
