@@ -56,7 +56,9 @@ class Attr:
     `show()` returns the whole file content (with its trailing newline) or raises OSError.
     `store(buf)` receives exactly the bytes of one write(2) and raises OSError to reject it.
     `blocking` attributes may sleep (memmap sync, wait_probe); the sysfs layer calls them
-    without holding the model lock.
+    without holding the model lock. `volatile` ones change value on their own (progress
+    counters, clocks), with no store, ioctl or notification to tell: a server caching
+    attribute contents must not keep theirs (blocking ones count as volatile too).
     """
 
     name: str
@@ -64,6 +66,7 @@ class Attr:
     show: Callable[[], str] | None = None
     store: Callable[[bytes], None] | None = None
     blocking: bool = False
+    volatile: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,8 @@ class Link:
 Entry = Attr | BinAttr | Group | Link
 
 
-def ro(name: str, show: Callable[[], str], mode: int = 0o444) -> Attr:
-    return Attr(name, mode, show=show)
+def ro(name: str, show: Callable[[], str], mode: int = 0o444, volatile: bool = False) -> Attr:
+    return Attr(name, mode, show=show, volatile=volatile)
 
 
 def rw(name: str, show: Callable[[], str], store: Callable[[bytes], None], mode: int = 0o644) -> Attr:

@@ -306,7 +306,7 @@ class HmemDevDax(Device):
             rw("memmap_on_memory", lambda: "0\n", self._memmap_on_memory_store),
             Attr("memmap_state", 0o644, show=self._memmap_state_show, store=self._memmap_state_store, blocking=True),
             Group("memmap", [
-                ro("pages_done", lambda: f"{sum(j.pages_done for _, j in self.jobs)}\n"),
+                ro("pages_done", lambda: f"{sum(j.pages_done for _, j in self.jobs)}\n", volatile=True),
                 ro("pages_total", lambda: f"{sum(j.pages_total for _, j in self.jobs)}\n"),
                 ro("ranges", lambda: f"{len(self.jobs)}\n"),
                 # the ranges' own views one after the other, in page-offset order

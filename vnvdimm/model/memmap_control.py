@@ -158,10 +158,10 @@ class MemmapControl:
 
         engine = self.system.engine
         return Group("memmap", [
-            ro("pages_done", stat(lambda job: job.pages_done)),
+            ro("pages_done", stat(lambda job: job.pages_done), volatile=True),
             ro("pages_total", stat(lambda job: job.pages_total)),
-            ro("elapsed_us", stat(lambda job: round(job.elapsed * 1e6))),
-            ro("pages_per_sec", stat(lambda job: round(job.rate))),
+            ro("elapsed_us", stat(lambda job: round(job.elapsed * 1e6)), volatile=True),
+            ro("pages_per_sec", stat(lambda job: round(job.rate)), volatile=True),
             ro("workers", lambda: f"{engine.workers if engine else 0}\n"),
             ro("start_pfn", lambda: f"{self.dev.ndns.start // PAGE_SIZE if self.dev.ndns else 0:#x}\n"),
             rw("ns_per_page", lambda: f"{self.effective_ns_per_page()}\n", self._ns_per_page_store),

@@ -61,6 +61,11 @@ class KAttr(KNode):
     def mode(self) -> int:
         return self.attr.mode
 
+    @property
+    def volatile(self) -> bool:
+        """Its value may change with nothing to tell a cache (see Attr.volatile)."""
+        return self.attr.volatile or self.attr.blocking
+
     def show(self) -> bytes:
         if self.attr.show is None:
             raise OSError(errno.EACCES, "attribute is write-only")

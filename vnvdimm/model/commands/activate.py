@@ -94,14 +94,16 @@ class Activation:
 
     # ------------------------------------------------------------ sysfs
 
+    # (volatile: "busy" turns "idle" BUSY_SECONDS after an activation, with nothing to tell)
     def bus_group(self) -> Group:
         return Group("firmware", [
             ro("capability", lambda: "quiesce\n"),
-            Attr("activate", 0o644, show=lambda: f"{self.bus_state()}\n", store=self.activate),
+            Attr("activate", 0o644, show=lambda: f"{self.bus_state()}\n", store=self.activate, volatile=True),
         ])
 
     def dimm_group(self, fw: DimmFirmware) -> Group:
         return Group("firmware", [
-            Attr("activate", 0o644, show=lambda: f"{self.dimm_state(fw)}\n", store=lambda buf: self.arm(fw, buf)),
-            ro("result", lambda: f"{self.dimm_result(fw)}\n"),
+            Attr("activate", 0o644, show=lambda: f"{self.dimm_state(fw)}\n", store=lambda buf: self.arm(fw, buf),
+                 volatile=True),
+            ro("result", lambda: f"{self.dimm_result(fw)}\n", volatile=True),
         ])
