@@ -7,6 +7,12 @@ cached here: they are produced by the model's show() on every read.
 Every rebuild is compared with the tree it replaces: each path that vanished, or whose kind,
 mode, size, link target or device changed, is published on the tree's change feed, so that a
 server letting its clients cache lookups and attributes can invalidate exactly those.
+
+A server that lets its clients cache attribute *contents* too (the /sys connection) follows
+the value feed: ALL_VALUES is published whenever attribute values may have changed (a store,
+a rebuild, a sysfs_notify(), an ioctl that is not a pure query: see `values_changed`), and a
+store or ioctl returns only once it was delivered. Volatile attributes (KAttr.volatile) are
+never announced: such a server must not keep their contents at all.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ from vnvdimm.model.personality import Btt
 from vnvdimm.model.system import System
 from vnvdimm.sysfs.changes import ChangeFeed
 from vnvdimm.sysfs.kernfs import Events, KAttr, KBin, KDir, KLink, KNode
+
+#: On the value feed: every attribute's value may have changed.
+ALL_VALUES = "*"
 
 log = logging.getLogger("vnvdimm.sysfs")
 
@@ -434,7 +443,9 @@ class TreeBuilder:
         for index, arena in enumerate(btt.engine.arenas):
             for name, _ in arena.debugfs():
                 show = partial(arena.debugfs_value, name)
-                s.add(f"{BTT_DEBUGFS}/{btt.name}/arena{index}/{name}", KAttr(Attr(name, 0o444, show=show), self.lock))
+                # (volatile: the flog and map move with every write)
+                s.add(f"{BTT_DEBUGFS}/{btt.name}/arena{index}/{name}",
+                      KAttr(Attr(name, 0o444, show=show, volatile=True), self.lock))
 
     def _dev(self, s: Snapshot) -> None:
         s.dir("/dev")
@@ -514,6 +525,7 @@ class Tree:
         self.builder = TreeBuilder(system)
         self.events = Events()
         self.changes = ChangeFeed()
+        self.values = ChangeFeed("vnvdimm-sysfs-values")
         self._snapshot: Snapshot | None = None
         self._build_lock = threading.Lock()
         system.subscribe(self._on_notify)
@@ -531,6 +543,7 @@ class Tree:
                     # Published under the build lock: batches reach the feed in the order
                     # the snapshots replaced each other, none skipped.
                     self.changes.publish(snap.stale_since(before))
+                    self.values.publish([ALL_VALUES])
             return snap
 
     @property
@@ -561,10 +574,17 @@ class Tree:
             if self._snapshot is None or self._snapshot.generation != self.system.generation:
                 self.snapshot()
             self.changes.flush()
+            self.values_changed()
             # A disk that came or went with this store has (or no longer has) its block
             # device before the writer is answered, as devtmpfs has its node by then.
             if self.builder.block_devices is not None:
                 self.builder.block_devices.reconcile()
+
+    def values_changed(self) -> None:
+        """Attribute values may have changed (a store, an ioctl): returns once the value
+        feed's sinks have heard of it."""
+        self.values.publish([ALL_VALUES])
+        self.values.flush()
 
     def refresh(self) -> None:
         """Rebuild after a change the model does not know of (a block device attached or
@@ -581,4 +601,5 @@ class Tree:
         path = snap.notify_paths.get((id(dev), attr)) if snap is not None else None
         if path is not None:
             self.events.notify(path)
+        self.values.publish([ALL_VALUES])  # (never blocks: engine threads call this)
 
