@@ -7,6 +7,7 @@ import errno
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,3 +122,54 @@ def test_only_files_of_the_mount_are_answered(served: tuple[server.IoctlServer, 
     srv.start()
     srv.mount_dev = os.stat(node).st_dev + 1  # the node is not on "the mount"
     assert call(srv, node)[0] == wire.Result(0, errno.ENOTTY)
+
+
+ND_IOCTL_SMART = 0xC004_4E01  # _IOWR('N', ND_CMD_SMART, ...): a query
+ND_IOCTL_SET_CONFIG_DATA = 0xC008_4E06  # _IOWR('N', ND_CMD_SET_CONFIG_DATA, ...): writes labels
+
+
+@pytest.mark.parametrize(("request_number", "changes"), [(ND_IOCTL_SET_CONFIG_DATA, True), (ND_IOCTL_SMART, False)])
+def test_values_change_before_an_ioctl_is_answered_unless_it_is_a_query(
+        served: tuple[server.IoctlServer, Path], request_number: int, changes: bool) -> None:
+    """Sysfs values may have changed after any ioctl but a query: the /sys connection hears
+    of it before the caller gets its answer (a read right after the ioctl is fresh)."""
+    srv, node = served
+    heard: list[float] = []
+
+    def values_changed() -> None:
+        time.sleep(0.2)  # a slow invalidation: the answer must still come after it
+        heard.append(time.monotonic())
+
+    srv.on_values_changed = values_changed
+    srv.start()
+    srv.mount_dev = os.stat(node).st_dev
+    arg = bytearray(b"12345678")
+    assert wire.call(str(srv.path), node, request_number, arg, timeout=30) == wire.Result(5, 0)
+    answered = time.monotonic()
+    assert len(heard) == (1 if changes else 0)
+    assert all(t <= answered for t in heard)
+
+
+def test_a_sysfs_connection_request_must_carry_dev_fuse(served: tuple[server.IoctlServer, Path]) -> None:
+    """ATTACH_SYSFS with any other descriptor (here a file of the mount) is refused with
+    EBADF and nothing is served; with /dev/fuse, the request reaches on_attach, which owns
+    the descriptor it is given."""
+    srv, node = served
+    attached: list[server.SysfsAttach] = []
+
+    def on_attach(request: server.SysfsAttach) -> None:
+        attached.append(request)
+        os.close(request.fd)
+
+    srv.on_attach = on_attach
+    srv.start()
+    srv.mount_dev = os.stat(node).st_dev
+    target = bytearray(b"/somewhere/sys")
+    assert wire.call(str(srv.path), node, wire.ATTACH_SYSFS, target, timeout=30) == wire.Result(0, errno.EBADF)
+    assert attached == []
+    fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        assert wire.call(str(srv.path), fuse_fd, wire.ATTACH_SYSFS, target, timeout=30) == wire.Result(0, 0)
+    finally:
+        os.close(fuse_fd)
+    assert [(a.target, a.pid, a.uid) for a in attached] == [("/somewhere/sys", os.getpid(), os.getuid())]

@@ -21,13 +21,15 @@ import logging
 import os
 import socket
 import stat
-import struct
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vnvdimm.ioctl.wire import (
+    ATTACH_SYSFS,
     MAGIC,
     MAX_REGIONS,
     MAX_TRANSFER,
@@ -40,9 +42,10 @@ from vnvdimm.ioctl.wire import (
     REGION_WRITE,
     REQUEST,
     STATUS,
+    UCRED,
     VERSION,
 )
-from vnvdimm.model.commands.dispatch import answer
+from vnvdimm.model.commands.dispatch import answer, is_query
 from vnvdimm.model.cxl_mailbox import memdev_ioctl
 
 if TYPE_CHECKING:
@@ -57,7 +60,6 @@ EXCHANGE_TIMEOUT = 30.0  # from accept() to the answer, whatever the client does
 BYTES_IN_FLIGHT = 32 << 20  # callers' buffers held at once, all connections together
 ACCEPT_RETRY = 0.05  # after an accept() error (EMFILE, ENFILE, ENOMEM...): try again after this
 MAX_ERRNO = 4095
-UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 
@@ -220,6 +222,21 @@ class SendPayloads:
         self.memory.write_region(self.OUT, 0, data)
 
 
+FUSE_DEVICE = (10, 229)  # /dev/fuse
+
+
+@dataclass(frozen=True)
+class SysfsAttach:
+    """A /sys connection to serve: its /dev/fuse descriptor (the receiver's to close), where
+    the client mounted it, and who the client is."""
+
+    fd: int
+    target: str
+    pid: int
+    uid: int
+    gid: int
+
+
 class IoctlServer:
     def __init__(self, system: System, path: Path) -> None:
         self.system = system
@@ -230,6 +247,11 @@ class IoctlServer:
         self._sock: socket.socket | None = None
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._uid = os.geteuid()
+        #: Called after every ioctl but a query (is_query), before it is answered: sysfs
+        #: values may have changed (Tree.values_changed).
+        self.on_values_changed: Callable[[], None] | None = None
+        #: Serves a /sys connection (see ATTACH_SYSFS); raises OSError to refuse it.
+        self.on_attach: Callable[[SysfsAttach], None] | None = None
 
     def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -359,6 +381,9 @@ class IoctlServer:
             if any(access not in (REGION_READ, REGION_WRITE) for _, access in regions):
                 log.warning("ioctl channel: a client declared a buffer neither read nor written")
                 return
+            if request == ATTACH_SYSFS:
+                self._attach(conn, exchange, fd, readable, n_regions)
+                return
             try:
                 name, accmode = self._node_of(fd)
             except OSError as e:
@@ -376,9 +401,14 @@ class IoctlServer:
             return
         memory: SocketMemory | None = None
         try:
-            memory = SocketMemory(exchange, self.budget, window, exchange.recv_exact(readable), regions)
-            ret = self._answer(name, accmode, request, memory)
-            memory.flush()
+            sent = exchange.recv_exact(readable)
+            memory = SocketMemory(exchange, self.budget, window, sent, regions)
+            try:
+                ret = self._answer(name, accmode, request, memory)
+                memory.flush()
+            finally:
+                if self.on_values_changed is not None and not is_query(name, request, sent):
+                    self.on_values_changed()
         except (ConnectionError, TimeoutError):
             return  # the caller is gone or too slow: nothing to answer
         except OSError as e:
@@ -393,6 +423,28 @@ class IoctlServer:
                 self.budget.give(readable)
         log.debug("ioctl %#x on %s -> %d (errno %d)", request, name, ret, code)
         self._done(exchange, code, ret)
+
+    def _attach(self, conn: socket.socket, exchange: Exchange, fd: int | None, readable: int, n_regions: int) -> None:
+        """ATTACH_SYSFS: serve the /dev/fuse descriptor sent as a /sys connection; the
+        argument is where the client mounted it (in its own mount namespace)."""
+        code = 0
+        try:
+            if self.on_attach is None or n_regions or not 0 < readable <= 4096:
+                raise OSError(errno.EINVAL, "not a /sys connection request")
+            target = exchange.recv_exact(readable).decode("utf-8", "surrogateescape")
+            if fd is None:
+                raise OSError(errno.EBADF, "no /dev/fuse descriptor came with the request")
+            st = os.fstat(fd)
+            if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(*FUSE_DEVICE):
+                raise OSError(errno.EBADF, "the descriptor is not /dev/fuse")
+            pid, uid, gid = UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
+            self.on_attach(SysfsAttach(os.dup(fd), target, pid, uid, gid))
+        except (ConnectionError, TimeoutError):
+            return
+        except OSError as e:
+            log.info("ioctl channel: a /sys connection refused: %s", e)
+            code = e.errno or errno.EIO
+        self._done(exchange, code, 0)
 
     @staticmethod
     def _done(exchange: Exchange, code: int, ret: int) -> None:

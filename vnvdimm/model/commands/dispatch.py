@@ -13,13 +13,23 @@ from typing import TYPE_CHECKING
 from vnvdimm.model.bus import NdCtl, NvdimmBus
 from vnvdimm.model.commands.block import disk_ioctl
 from vnvdimm.model.commands.envelope import (
+    ND_CMD_ARS_CAP,
+    ND_CMD_CALL,
     ND_CMD_CLEAR_ERROR,
+    ND_CMD_DIMM_FLAGS,
+    ND_CMD_GET_CONFIG_DATA,
+    ND_CMD_GET_CONFIG_SIZE,
     ND_CMD_SET_CONFIG_DATA,
+    ND_CMD_SMART,
+    ND_CMD_SMART_THRESHOLD,
     CommandError,
     Request,
     UserMemory,
     nd_ioctl,
 )
+from vnvdimm.model.commands.intel import ND_INTEL_FW_GET_INFO, ND_INTEL_SMART, ND_INTEL_SMART_THRESHOLD
+from vnvdimm.model.commands.intel_security import NVDIMM_INTEL_GET_SECURITY_STATE
+from vnvdimm.model.commands.platform import NVDIMM_FAMILY_INTEL
 from vnvdimm.model.dimm import Nvdimm
 from vnvdimm.model.disk import Disk
 from vnvdimm.model.personality import Dax
@@ -42,6 +52,30 @@ class _NoCommands:
 
     def family_mask(self) -> int:
         return 0
+
+
+ND_IOCTL_TYPE = ord("N")
+# What ndctl asks of every DIMM and bus when it lists them: answers that change nothing sysfs
+# shows. Any other ioctl may (labels, ARS, injections, security, firmware updates...).
+_DIMM_QUERIES = frozenset({ND_CMD_SMART, ND_CMD_SMART_THRESHOLD, ND_CMD_DIMM_FLAGS, ND_CMD_GET_CONFIG_SIZE,
+                           ND_CMD_GET_CONFIG_DATA})
+_INTEL_QUERIES = frozenset({ND_INTEL_SMART, ND_INTEL_SMART_THRESHOLD, ND_INTEL_FW_GET_INFO,
+                            NVDIMM_INTEL_GET_SECURITY_STATE})
+_BUS_QUERIES = frozenset({ND_CMD_ARS_CAP})
+
+
+def is_query(name: str, request: int, arg: bytes) -> bool:
+    """Whether the ioctl `request` on /dev/`name` (its argument as sent: `arg`) is a pure
+    query, after which every sysfs value is what it was (a server caching values keeps them)."""
+    if (request >> 8) & 0xFF != ND_IOCTL_TYPE:
+        return False
+    command = request & 0xFF
+    if name.startswith("nmem"):
+        if command == ND_CMD_CALL and len(arg) >= 16:
+            family, function = struct.unpack_from("<QQ", arg)
+            return family == NVDIMM_FAMILY_INTEL and function in _INTEL_QUERIES
+        return command in _DIMM_QUERIES
+    return name.startswith("ndctl") and command in _BUS_QUERIES
 
 
 def find_node(system: System, name: str) -> Device | None:
