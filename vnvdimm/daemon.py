@@ -48,6 +48,7 @@ from vnvdimm.topology.statedir import StateDir
 
 if TYPE_CHECKING:
     from vnvdimm.fuse.ops import VnvdimmOperations
+    from vnvdimm.fuse.sysfs_ops import SysfsConnections
     from vnvdimm.model.system import System
 
 log = logging.getLogger("vnvdimm")
@@ -223,6 +224,7 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
     from vnvdimm.fuse.libfuse import serve
     from vnvdimm.fuse.ops import VnvdimmOperations
     from vnvdimm.fuse.options import raise_readahead
+    from vnvdimm.fuse.sysfs_ops import SysfsConnections
     from vnvdimm.ioctl.server import IoctlServer
     from vnvdimm.memmap import MemmapEngine
     from vnvdimm.sysfs.tree import Tree
@@ -286,7 +288,11 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
             teardown.watch_mount()
 
         ops = VnvdimmOperations(tree, on_ready=on_ready, ioctl_socket=str(ioctls.path))
+        sysfs_connections = SysfsConnections(tree, WAKE_SIGNAL)
+        ioctls.on_attach = sysfs_connections.attach
+        ioctls.on_values_changed = tree.values_changed
         teardown = Teardown(system, opts.mountpoint, ops, state, record, stacks)
+        teardown.sysfs_connections = sysfs_connections
         ops.on_device_release = teardown.device_released
         threading.Thread(target=teardown.on_signals, name="vnvdimm-signals", daemon=True).start()
         serve(ops, str(opts.mountpoint), allow_other=opts.allow_other, debug=opts.verbose >= 3,
@@ -343,6 +349,7 @@ class Teardown:
         self._stopping = False
         self._quiesce_lock = threading.Lock()
         self._quiesced = False
+        self.sysfs_connections: SysfsConnections | None = None
 
     def write_record(self, serving: list[str] | None = None) -> None:
         doc: dict[str, object] = {"pid": os.getpid(), "state_dir": str(self.state.path),
@@ -402,6 +409,8 @@ class Teardown:
         else:
             log.info("stopping: %s", why)
         self.quiesce()
+        if self.sysfs_connections is not None:
+            self.sysfs_connections.end_all()
         if is_mounted(self.mountpoint):
             lazy_unmount(self.mountpoint)
         self.end_loop()

@@ -16,6 +16,7 @@ import errno
 import functools
 import logging
 import os
+import signal
 import struct
 import threading
 import time
@@ -185,6 +186,12 @@ def notify_poll(handle: int) -> None:
     _libfuse.fuse_pollhandle_destroy(handle)
 
 
+def poll_kernel_handle(handle: int) -> int:
+    """The kernel's handle of the polled file (struct fuse_pollhandle begins with it): one
+    per open file, the same at each poll() of it."""
+    return int(ctypes.c_uint64.from_address(handle).value)
+
+
 def destroy_pollhandle(handle: int) -> None:
     _libfuse.fuse_pollhandle_destroy(handle)
 
@@ -192,6 +199,8 @@ def destroy_pollhandle(handle: int) -> None:
 # ---------------------------------------------------------------- the loop
 
 _pinned = threading.local()
+#: The request profile of the daemon's mount, if profiling (its /sys connections count there too).
+active_profile: RequestProfile | None = None
 
 
 def pin_thread_state() -> None:
@@ -218,6 +227,8 @@ class DirectOperations(Protocol):
     mountpoint: str | None
 
     def open(self, path: str, fi: Any) -> int: ...
+    # (a file system without OPEN has no handles: it sets `reads_by_path` and answers
+    # read_path/write_path, given the file's path, instead of read_reply/write_from)
     def read_reply(self, fh: int, size: int, offset: int) -> int: ...
     def write_from(self, fh: int, src: int, offset: int) -> int: ...
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes: ...
@@ -269,9 +280,14 @@ class Loop(fuse.FUSE):
         argv = (ctypes.c_char_p * len(args))(*args)
         table = fuse.fuse_operations()
         callbacks = []  # referenced until the loop ends
+        by_path = getattr(ops, "reads_by_path", False)
         for name, prototype, *_ in fuse.fuse_operations._fields_:
             if name in _DIRECT_CALLBACKS:
                 raw_type, method = _DIRECT_CALLBACKS[name]
+                if by_path and name in ("read_buf", "write_buf"):
+                    method += "_path"
+                elif by_path and name == "release":
+                    continue  # no OPEN, no RELEASE
                 callback = raw_type(self._guarded(name, getattr(self, method)))
                 field = getattr(fuse.fuse_operations, name)
                 ctypes.c_void_p.from_address(ctypes.addressof(table) + field.offset).value = \
@@ -348,6 +364,16 @@ class Loop(fuse.FUSE):
         ctypes.c_void_p.from_address(bufpp).value = address
         return 0
 
+    def _read_buf_path(self, path: int | None, bufpp: int, size: int, offset: int, fip: int) -> int:
+        name = ctypes.string_at(path) if path else b""
+        address = self.operations.read_path(name.decode(self.encoding, self.errors), size, offset)  # type: ignore[attr-defined]
+        ctypes.c_void_p.from_address(bufpp).value = address
+        return 0
+
+    def _write_buf_path(self, path: int | None, bufp: int, offset: int, fip: int) -> int:
+        name = ctypes.string_at(path) if path else b""
+        return self.operations.write_path(name.decode(self.encoding, self.errors), bufp, offset)  # type: ignore[attr-defined, no-any-return]
+
     def _write_buf(self, path: int, bufp: int, offset: int, fip: int) -> int:
         return self.operations.write_from(ctypes.c_uint64.from_address(fip + _FH_OFFSET).value, bufp, offset)
 
@@ -390,8 +416,22 @@ def serve(ops: DirectOperations, mountpoint: str, *, allow_other: bool = False, 
     profiling = profile.from_environment()
     if profiling is not None:
         profile.dump_on_sigusr2(*profiling)
+        global active_profile
+        active_profile = profiling[0]
     try:
         Loop(ops, f"/dev/fd/{fd}", profiling[0] if profiling is not None else None, **options)
     except BaseException:
         fusermount.unmount(mountpoint)  # the loop never answered: no mount may stay behind
         raise
+
+
+def serve_descriptor(ops: DirectOperations, fd: int, request_profile: RequestProfile | None = None) -> None:
+    """Run the loop on a connection someone else mounted (its /dev/fuse descriptor, which
+    libfuse closes when the loop ends) until the connection ends: its last mount gone (a
+    mount namespace that died), or exit_loop()."""
+    try:
+        Loop(ops, f"/dev/fd/{fd}", request_profile, foreground=True, **MOUNT_OPTIONS)
+    finally:
+        # fuse_main_real() takes SIGPIPE from Python's SIG_IGN to a handler of its own and, on
+        # its way out, to SIG_DFL: a peer that goes away would then kill the daemon.
+        _libc.signal(signal.SIGPIPE, signal.SIG_IGN)

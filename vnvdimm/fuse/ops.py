@@ -31,6 +31,7 @@ import mfusepy as fuse
 from vnvdimm.fuse import libfuse
 from vnvdimm.fuse.libfuse import FUSE_CAP_AUTO_INVAL_DATA, FUSE_CAP_CACHE_SYMLINKS, FUSE_CAP_SPLICE_WRITE
 from vnvdimm.fuse.options import REQUEST_BYTES
+from vnvdimm.ioctl.wire import NODE_XATTR
 from vnvdimm.model.disk import DataPath
 from vnvdimm.model.keyring import Caller, serving
 from vnvdimm.sysfs.kernfs import PAGE_SIZE, KAttr, KBin, KDir, KLink, KNode, OpenAttr, name_change_errno
@@ -85,10 +86,6 @@ class OpenSession(OpenControl):
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.ended = False
-
-
-# The extended attribute through which the preload library learns what a device file is.
-NODE_XATTR = "user.vnvdimm"
 
 
 class VnvdimmOperations(fuse.Operations):
@@ -157,7 +154,7 @@ class VnvdimmOperations(fuse.Operations):
 
     def destroy(self, path: str) -> None:
         # libfuse frees its struct fuse after this returns: no invalidation may run after it.
-        self.tree.changes.disconnect()
+        self.tree.changes.disconnect(self._invalidate)
         with self._fuse_lock:
             self._fuse = None
 
@@ -299,8 +296,12 @@ class VnvdimmOperations(fuse.Operations):
 
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
         """`user.vnvdimm` of a device file: "<c|b> MAJOR:MINOR NAME ALIGN SOCKET" (what the
-        preload library needs to stand in for the kernel's node). Nothing else has xattrs."""
+        preload library needs to stand in for the kernel's node); of /sys: "sysfs SOCKET".
+        Nothing else has xattrs."""
         node = self._node(path)
+        if path == "/sys" and name == NODE_XATTR and self.ioctl_socket:
+            # where with-vnvdimm asks for a /sys connection of its own (vnvdimm/fuse/attach.py)
+            return f"sysfs {self.ioctl_socket}".encode()
         if name != NODE_XATTR or not isinstance(node, KDevFile) or node.rdev is None or not self.ioctl_socket:
             raise fuse.FuseOSError(errno.ENODATA)
         major, minor = node.rdev
@@ -308,6 +309,8 @@ class VnvdimmOperations(fuse.Operations):
 
     def listxattr(self, path: str) -> list[str]:
         node = self._node(path)
+        if path == "/sys" and self.ioctl_socket:
+            return [NODE_XATTR]
         return [NODE_XATTR] if isinstance(node, KDevFile) and node.rdev is not None and self.ioctl_socket else []
 
     def statfs(self, path: str) -> dict[str, int]:
