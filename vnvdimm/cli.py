@@ -21,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
         return _umount(p.parse_args(argv[1:]))
     if argv and argv[0] == "run":
         return _run(argv[1:])
+    if argv and argv[0] == "sysfs-attach":
+        # with-vnvdimm's helper (in its private mount namespace): a /sys connection of its own.
+        from vnvdimm.fuse import attach
+
+        return attach.main(argv[1:])
     if argv and argv[0] == "blockdevs":
         # with-vnvdimm's helper (root, in its private mount namespace): loop block devices.
         from vnvdimm import blockdev
