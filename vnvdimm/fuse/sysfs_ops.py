@@ -88,7 +88,10 @@ class SysfsOperations(VnvdimmOperations):
         self.caller_ids = caller_ids
         self.root_path = root_path
         self.on_end = on_end
-        self._served: set[str] = set()  # tree paths read since their last invalidation
+        # tree paths whose value (or its size) the kernel may hold since their last
+        # invalidation; of those, the ones whose page a READ filled
+        self._served: set[str] = set()
+        self._paged: set[str] = set()
         self._shown: dict[str, bytes] = {}  # tree path -> the value the kernel has the size of
         self._writing: dict[str, int] = {}  # tree path -> WRITEs in flight
         self._served_lock = threading.Lock()
@@ -97,6 +100,8 @@ class SysfsOperations(VnvdimmOperations):
         self._read_events: dict[str, dict[int, float]] = {}
         self._poll_seen: OrderedDict[int, int] = OrderedDict()  # kh -> event count it was told of
         self._poll_lock = threading.Lock()
+        self._fuse_users = 0  # calls into libfuse's struct fuse in flight (see _with_fuse)
+        self._fuse_users_cond = threading.Condition()
         self._work: queue.SimpleQueue[tuple[str, int | None, threading.Event | None] | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
 
@@ -137,8 +142,9 @@ class SysfsOperations(VnvdimmOperations):
         self._work.put(None)
         if self._worker is not None:
             self._worker.join()
-        with self._fuse_lock:
+        with self._fuse_lock, self._fuse_users_cond:
             self._fuse = None
+            self._fuse_users_cond.wait_for(lambda: not self._fuse_users)
         if self.on_end is not None:
             self.on_end()
 
@@ -150,7 +156,14 @@ class SysfsOperations(VnvdimmOperations):
         for tree_path in paths:
             self._shown.pop(tree_path, None)  # (a node that went or changed: its next size is asked for)
             conn = self._conn_path(tree_path)
-            if conn is not None and self._invalidate_conn(conn) == -errno.ENOENT:
+            if conn is None:
+                continue
+            with self._served_lock:
+                writing = tree_path in self._writing
+            if writing:
+                # its WRITE may hold the page (and wait for this very feed): after it, then
+                self._work.put((tree_path, None, None))
+            elif self._invalidate_conn(conn) == -errno.ENOENT:
                 late.append(tree_path)
         if not late or self.root_path is None:
             return
@@ -165,10 +178,23 @@ class SysfsOperations(VnvdimmOperations):
             self._invalidate_conn(conn)
 
     def _invalidate_conn(self, conn_path: str) -> int:
-        with self._fuse_lock:
-            if self._fuse is None:
+        return self._with_fuse(lambda handle: libfuse.invalidate_path(handle, conn_path))
+
+    def _with_fuse(self, call: Callable[[int], int]) -> int:
+        """call(libfuse's struct fuse) unless the loop is over; 0 then. Not under a lock held
+        across the call: an invalidation may wait (in the kernel) for a page that a request in
+        flight holds, and that request may be a store waiting for another invalidation."""
+        with self._fuse_users_cond:
+            handle = self._fuse
+            if handle is None:
                 return 0
-            return libfuse.invalidate_path(self._fuse, conn_path)
+            self._fuse_users += 1
+        try:
+            return call(handle)
+        finally:
+            with self._fuse_users_cond:
+                self._fuse_users -= 1
+                self._fuse_users_cond.notify_all()
 
     def _values_changed(self, paths: Sequence[str]) -> None:
         """The value feed's sink: every cached value that may be stale goes, but for files
@@ -179,6 +205,7 @@ class SysfsOperations(VnvdimmOperations):
             else:
                 stale = [p for p in paths if p in self._served and p not in self._writing]
             self._served.difference_update(stale)
+            self._paged.difference_update(stale)
         for tree_path in stale:
             conn = self._conn_path(tree_path)
             if conn is not None:
@@ -195,10 +222,8 @@ class SysfsOperations(VnvdimmOperations):
             conn = self._conn_path(tree_path)
             if conn is not None:
                 self._invalidate_conn(conn)
-            if poll_handle is not None:
-                with self._fuse_lock:
-                    if self._fuse is not None:
-                        libfuse.notify_poll(poll_handle)
+            if poll_handle is not None and not self._with_fuse(lambda _, ph=poll_handle: libfuse.notify_poll(ph) or 1):
+                libfuse.destroy_pollhandle(poll_handle)  # the loop is over: nobody to wake
             if done is not None:
                 done.set()
 
@@ -206,7 +231,10 @@ class SysfsOperations(VnvdimmOperations):
 
     def _show(self, tree_path: str, node: KAttr) -> bytes:
         """The value now, remembered as the one the kernel will have the size of."""
-        if not node.volatile:
+        if node.volatile:
+            # nothing announces its next value: the kernel must ask again at the next open
+            self._work.put((tree_path, None, None))
+        else:
             with self._served_lock:
                 self._served.add(tree_path)  # before show(): a change from now on invalidates it
         data = node.show()
@@ -240,6 +268,9 @@ class SysfsOperations(VnvdimmOperations):
                 data = self._show(tree_path, node)
             if node.volatile:
                 self._work.put((tree_path, None, None))  # after this READ: the next open asks again
+            else:
+                with self._served_lock:
+                    self._paged.add(tree_path)
             return libfuse.memory_bufvec(data[offset: offset + size])
         if isinstance(node, KBin):
             data = node.read(size, offset)
@@ -259,8 +290,11 @@ class SysfsOperations(VnvdimmOperations):
         data = bytes(libfuse.copy_to_memory(src))
         with self._served_lock:
             self._writing[tree_path] = self._writing.get(tree_path, 0) + 1
-            cached = tree_path in self._served or len(data) >= PAGE_SIZE
+            # (a page a READ filled is up to date, so the WRITE does not hold its lock; a page
+            # this write fills wholly becomes up to date, and is not held either)
+            cached = tree_path in self._paged or len(data) >= PAGE_SIZE
             self._served.discard(tree_path)
+            self._paged.discard(tree_path)
         try:
             uid, gid, pid = fuse.fuse_get_context()
             if uid == 0 and self.caller_ids[0] != 0:
@@ -330,6 +364,13 @@ class SysfsOperations(VnvdimmOperations):
         return 0
 
     # ------------------------------------------------------------ what /sys has not
+
+    def truncate(self, path: str, length: int, fh: Any = None) -> int:
+        """O_TRUNC (`echo x > attr`): ignored, as sysfs does; the kernel drops the page."""
+        tree_path = self._tree_path(path)
+        with self._served_lock:
+            self._paged.discard(tree_path)
+        return super().truncate(path, length, fh)
 
     def fsync(self, path: str, datasync: int, fh: Any) -> int:
         return 0  # kernfs: noop_fsync
