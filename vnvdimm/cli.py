@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
         return _run(argv[1:])
     if argv and argv[0] == "sysfs-attach":
         # with-vnvdimm's helper (in its private mount namespace): a /sys connection of its own.
-        from vnvdimm.fuse import attach
+        from vnvdimm.scripts import sysfs_attach
 
-        return attach.main(argv[1:])
+        return sysfs_attach.main(argv[1:])
     if argv and argv[0] == "blockdevs":
         # with-vnvdimm's helper (root, in its private mount namespace): loop block devices.
         from vnvdimm import blockdev

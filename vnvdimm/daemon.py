@@ -289,7 +289,7 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
 
         ops = VnvdimmOperations(tree, on_ready=on_ready, ioctl_socket=str(ioctls.path))
         sysfs_connections = SysfsConnections(tree, WAKE_SIGNAL)
-        ioctls.on_attach = sysfs_connections.attach
+        ioctls.on_attach = lambda a: sysfs_connections.attach(a.fd, a.target, a.pid, a.uid, a.gid)
         ioctls.on_values_changed = tree.values_changed
         teardown = Teardown(system, opts.mountpoint, ops, state, record, stacks)
         teardown.sysfs_connections = sysfs_connections

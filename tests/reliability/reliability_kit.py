@@ -9,6 +9,7 @@ Durations: ``VNVDIMM_STRESS_SECONDS`` (default 8) scales the stress tests; the f
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import threading
@@ -79,8 +80,13 @@ def fake_daemon(path: str, behave: Callable[[socket.socket], None]) -> Iterator[
                     header, _, _, _ = conn.recvmsg(wire.REQUEST.size, socket.CMSG_SPACE(16))
                     got = header
                     if len(header) == wire.REQUEST.size:
-                        _, _, _, regions, _, readable = wire.REQUEST.unpack(header)
+                        _, _, request, regions, _, readable = wire.REQUEST.unpack(header)
                         got += wire.recv_exact(conn, regions * wire.REGION.size + readable)
+                        if request == wire.ATTACH_SYSFS:
+                            # with-vnvdimm asking for its /sys connection: not what this
+                            # daemon is about; refused, /sys is MNT/sys
+                            conn.sendall(wire.OP.pack(wire.OP_DONE, 0, errno.ENOTTY, 0))
+                            continue
                         behave(conn)
                         conn.shutdown(socket.SHUT_WR)
                         while chunk := conn.recv(4096):

@@ -8,9 +8,10 @@ import struct
 
 import pytest
 
-from vnvdimm.fuse import attach
+from vnvdimm.fuse.ops import NODE_XATTR
 from vnvdimm.ioctl import wire
 from vnvdimm.model.commands.dispatch import is_query
+from vnvdimm.scripts import sysfs_attach as attach
 
 
 def nd_ioctl(command: int) -> int:
@@ -43,6 +44,6 @@ def test_only_queries_keep_cached_values(name: str, request_number: int, arg: by
 
 def test_the_attach_helper_speaks_the_wire_protocol() -> None:
     assert (attach.NODE_XATTR, attach.MAGIC, attach.VERSION, attach.ATTACH_SYSFS, attach.OP_DONE) == \
-        (wire.NODE_XATTR, wire.MAGIC, wire.VERSION, wire.ATTACH_SYSFS, wire.OP_DONE)
+        (NODE_XATTR, wire.MAGIC, wire.VERSION, wire.ATTACH_SYSFS, wire.OP_DONE)
     assert (attach.REQUEST.format, attach.OP.format, attach.UCRED.format) == \
         (wire.REQUEST.format, wire.OP.format, wire.UCRED.format)

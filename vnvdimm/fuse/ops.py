@@ -31,7 +31,6 @@ import mfusepy as fuse
 from vnvdimm.fuse import libfuse
 from vnvdimm.fuse.libfuse import FUSE_CAP_AUTO_INVAL_DATA, FUSE_CAP_CACHE_SYMLINKS, FUSE_CAP_SPLICE_WRITE
 from vnvdimm.fuse.options import REQUEST_BYTES
-from vnvdimm.ioctl.wire import NODE_XATTR
 from vnvdimm.model.disk import DataPath
 from vnvdimm.model.keyring import Caller, serving
 from vnvdimm.sysfs.kernfs import PAGE_SIZE, KAttr, KBin, KDir, KLink, KNode, OpenAttr, name_change_errno
@@ -86,6 +85,11 @@ class OpenSession(OpenControl):
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.ended = False
+
+
+# The extended attribute through which the preload library learns what a device file is, and
+# with-vnvdimm where to ask for its /sys connection (vnvdimm/scripts/sysfs_attach.py).
+NODE_XATTR = "user.vnvdimm"
 
 
 class VnvdimmOperations(fuse.Operations):
@@ -300,7 +304,7 @@ class VnvdimmOperations(fuse.Operations):
         Nothing else has xattrs."""
         node = self._node(path)
         if path == "/sys" and name == NODE_XATTR and self.ioctl_socket:
-            # where with-vnvdimm asks for a /sys connection of its own (vnvdimm/fuse/attach.py)
+            # where with-vnvdimm asks for a /sys connection of its own (vnvdimm/scripts/sysfs_attach.py)
             return f"sysfs {self.ioctl_socket}".encode()
         if name != NODE_XATTR or not isinstance(node, KDevFile) or node.rdev is None or not self.ioctl_socket:
             raise fuse.FuseOSError(errno.ENODATA)

@@ -1,5 +1,5 @@
 """The /sys connection: the tree's /sys served on a FUSE connection of its own, with no OPEN
-and no RELEASE, as with-vnvdimm mounts it in its namespace (vnvdimm/fuse/attach.py).
+and no RELEASE, as with-vnvdimm mounts it in its namespace (vnvdimm/scripts/sysfs_attach.py).
 
 Every opened attribute costs the kernel one READ, or nothing at all while its value has not
 changed since the last one: answering OPEN with ENOSYS makes the kernel stop sending OPEN
@@ -52,7 +52,6 @@ import mfusepy as fuse
 from vnvdimm.fuse import libfuse
 from vnvdimm.fuse.libfuse import FUSE_CAP_AUTO_INVAL_DATA, FUSE_CAP_CACHE_SYMLINKS
 from vnvdimm.fuse.ops import DEFAULT_POLLMASK, POLLERR, POLLPRI, VnvdimmOperations
-from vnvdimm.ioctl.server import SysfsAttach
 from vnvdimm.model.keyring import Caller, serving
 from vnvdimm.sysfs.kernfs import PAGE_SIZE, KAttr, KBin, KDir, KNode
 from vnvdimm.sysfs.tree import ALL_VALUES, Tree
@@ -399,25 +398,27 @@ class SysfsConnections:
         self._live: dict[SysfsOperations, threading.Thread] = {}
         self._ended = False
 
-    def attach(self, request: SysfsAttach) -> None:
-        """Serve the connection; raises OSError (closing the descriptor) to refuse it."""
+    def attach(self, fd: int, target: str, pid: int, uid: int, gid: int) -> None:
+        """Serve the connection of /dev/fuse descriptor `fd` (ours from now on), mounted at
+        `target` in the mount namespace of the client `pid` (uid, gid); raises OSError
+        (closing the descriptor) to refuse it."""
         try:
             with self._lock:
                 if self._ended:
                     raise OSError(errno.ESHUTDOWN, "the daemon is stopping")
                 if len(self._live) >= MAX_SYSFS_CONNECTIONS:
                     raise OSError(errno.EBUSY, f"{MAX_SYSFS_CONNECTIONS} /sys connections are served already")
-                ops = SysfsOperations(self.tree, (request.uid, request.gid), _reach(request))
-                thread = threading.Thread(target=self._serve, args=(ops, request.fd), name="vnvdimm-sysfs",
+                ops = SysfsOperations(self.tree, (uid, gid), _reach(pid, target))
+                thread = threading.Thread(target=self._serve, args=(ops, fd), name="vnvdimm-sysfs",
                                           daemon=True)
                 self._live[ops] = thread
             thread.start()
         except BaseException:
             with self._lock:
                 self._live = {o: t for o, t in self._live.items() if t.is_alive()}
-            os.close(request.fd)
+            os.close(fd)
             raise
-        log.info("serving a /sys connection for pid %d (uid %d) at %s", request.pid, request.uid, request.target)
+        log.info("serving a /sys connection for pid %d (uid %d) at %s", pid, uid, target)
 
     def _serve(self, ops: SysfsOperations, fd: int) -> None:
         try:
@@ -444,14 +445,14 @@ class SysfsConnections:
                     signal.pthread_kill(thread.ident, self.wake_signal)
 
 
-def _reach(request: SysfsAttach) -> str | None:
+def _reach(pid: int, target: str) -> str | None:
     """The connection's mount as the daemon reaches it: through the mount namespace of the
     client's parent (the with-vnvdimm shell that goes on to run the command; the client itself
     exits once attached)."""
     try:
-        with open(f"/proc/{request.pid}/stat") as f:
+        with open(f"/proc/{pid}/stat") as f:
             ppid = int(f.read().rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return None
-    target = request.target if request.target.startswith("/") else "/" + request.target
+    target = target if target.startswith("/") else "/" + target
     return f"/proc/{ppid}/root{target.rstrip('/')}"

@@ -46,10 +46,6 @@ STATUS = struct.Struct("<I")
 UCRED = struct.Struct("iII")  # struct ucred (SO_PEERCRED): pid, uid, gid
 OP_WRITE, OP_DONE, OP_READ = 2, 3, 4
 REGION_READ, REGION_WRITE = 1, 2
-#: The extended attribute through which the preload library learns what a device file is
-#: ("<c|b> MAJOR:MINOR NAME ALIGN SOCKET"), and with-vnvdimm where to ask for a /sys
-#: connection (of the mount's sys directory: "sysfs SOCKET").
-NODE_XATTR = "user.vnvdimm"
 #: Not an ioctl: "serve this /dev/fuse descriptor as a /sys connection" (with-vnvdimm's
 #: `vnvdimm sysfs-attach`); the argument is the path where the client mounted it.
 ATTACH_SYSFS = 0x564E5301
