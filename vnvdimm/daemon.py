@@ -240,7 +240,10 @@ def run(opts: MountOptions, state: StateDir, platform: Platform, lock: StateLock
     # the first thread exists (the engine's start threads, and every thread inherits the mask
     # of its creator): a process signal is delivered to any thread that does not block it.
     # (Forked workers inherit the mask too: they exit when the daemon tells them or dies.)
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    # SIGPIPE too: each /sys connection's loop (libfuse's fuse_main_real) takes its disposition
+    # for its own handler and leaves SIG_DFL behind when it ends, and one write to a peer that
+    # went away would then kill the daemon without a word. Blocked, a write gets EPIPE.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {*STOP_SIGNALS, signal.SIGPIPE})
     signal.signal(WAKE_SIGNAL, lambda signum, frame: None)
     engine = MemmapEngine(workers=workers, title=str(opts.mountpoint))
     engine.start()  # fork the workers now, before any thread exists

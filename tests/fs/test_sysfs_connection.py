@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -20,6 +22,8 @@ from pathlib import Path
 import pytest
 from mount_kit import WITH_VNVDIMM, Mount, wait_for
 from topologies import SMALL_NFIT, e820
+
+from vnvdimm.ioctl import wire
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 and not Path("/proc/self/ns/user").exists(),
                                 reason="with-vnvdimm needs root or user namespaces")
@@ -245,3 +249,30 @@ def test_a_read_only_attribute_refuses_root_s_write(make_mount: Callable[..., Mo
         print(json.dumps({"errno": err, "same": open(p).read() == before}))
     """))
     assert got == {"errno": 13, "same": True}
+
+
+def test_the_daemon_outlives_a_client_that_hangs_up_after_sys_connections_ended(
+        make_mount: Callable[..., Mount]) -> None:
+    """Each /sys connection's loop leaves SIGPIPE at its default action when it ends: a write
+    to a client that hung up (here an ioctl's answer) must cost that client only, not kill
+    the daemon without a word (the stress test saw every request fail at once)."""
+    m = make_mount(SMALL_NFIT)
+    for _ in range(3):
+        assert inside(m, "pass").returncode == 0
+    log = m.state_dir / "vnvdimm.log"
+    wait_for(lambda: log.read_text().count("a /sys connection ended") >= 3, 10, "the /sys connections to end")
+    path = os.getxattr(m.sys, "user.vnvdimm").decode().split()[1]
+    smart = struct.pack("<QQII40x", 0, 1, 0, 132) + bytes(132)  # ND_CMD_CALL, Intel SMART
+    call = 3 << 30 | 64 << 16 | ord("N") << 8 | 10
+    for _ in range(20):
+        fd = os.open(m.dev / "nmem0", os.O_RDWR)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(path)
+                wire.send_request(sock, call, fd, smart)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            os.close(fd)
+    time.sleep(0.5)
+    assert m.pid is not None and os.path.exists(f"/proc/{m.pid}")
+    assert m.read("sys/bus/nd/devices/region0/size").strip().isdigit()

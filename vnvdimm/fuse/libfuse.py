@@ -16,7 +16,6 @@ import errno
 import functools
 import logging
 import os
-import signal
 import struct
 import threading
 import time
@@ -26,7 +25,7 @@ from typing import Any, Protocol
 import mfusepy as fuse
 
 from vnvdimm.fuse import fusermount, profile
-from vnvdimm.fuse.options import KERNEL_MOUNT_OPTIONS, MOUNT_OPTIONS
+from vnvdimm.fuse.options import KERNEL_MOUNT_OPTIONS, MAX_LOOP_THREADS, MOUNT_OPTIONS
 from vnvdimm.fuse.profile import RequestProfile
 
 log = logging.getLogger("vnvdimm.fuse")
@@ -58,6 +57,28 @@ _libfuse.fuse_get_session.restype = ctypes.c_void_p
 _libfuse.fuse_lowlevel_notify_inval_entry.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p,
                                                       ctypes.c_size_t]
 _libfuse.fuse_lowlevel_notify_inval_entry.restype = ctypes.c_int
+class FuseArgs(ctypes.Structure):
+    _fields_ = [("argc", ctypes.c_int), ("argv", ctypes.POINTER(ctypes.c_char_p)), ("allocated", ctypes.c_int)]
+
+
+_libfuse.fuse_new_31.argtypes = [ctypes.POINTER(FuseArgs), ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libfuse.fuse_new_31.restype = ctypes.c_void_p
+_libfuse.fuse_mount.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_libfuse.fuse_mount.restype = ctypes.c_int
+_libfuse.fuse_unmount.argtypes = [ctypes.c_void_p]
+_libfuse.fuse_unmount.restype = None
+_libfuse.fuse_destroy.argtypes = [ctypes.c_void_p]
+_libfuse.fuse_destroy.restype = None
+_libfuse.fuse_loop_cfg_create.argtypes = []
+_libfuse.fuse_loop_cfg_create.restype = ctypes.c_void_p
+_libfuse.fuse_loop_cfg_set_max_threads.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+_libfuse.fuse_loop_cfg_set_max_threads.restype = None
+_libfuse.fuse_loop_cfg_set_idle_threads.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+_libfuse.fuse_loop_cfg_set_idle_threads.restype = ctypes.c_int
+_libfuse.fuse_loop_cfg_destroy.argtypes = [ctypes.c_void_p]
+_libfuse.fuse_loop_cfg_destroy.restype = None
+_libfuse.fuse_loop_mt_312.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_libfuse.fuse_loop_mt_312.restype = ctypes.c_int
 _libfuse.fuse_buf_size.argtypes = [ctypes.c_void_p]
 _libfuse.fuse_buf_size.restype = ctypes.c_size_t
 _libfuse.fuse_buf_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -261,10 +282,11 @@ class Loop(fuse.FUSE):
     _failed) and is counted by operation when profiling (see profile.py), all in _guarded.
     OPEN, READ, WRITE, RELEASE and GETXATTR come straight from libfuse to the operations (the
     methods below); every other callback is the binding's, as its own constructor would
-    register it."""
+    register it. With `ended`, `mountpoint` is a descriptor someone else mounted (/dev/fd/N)
+    and the loop runs without libfuse's signal handlers (see _run_on)."""
 
     def __init__(self, ops: DirectOperations, mountpoint: str, request_profile: RequestProfile | None,
-                 **options: Any) -> None:
+                 ended: Callable[[], None] | None = None, **options: Any) -> None:
         # what mfusepy's constructor sets, read by its callback wrappers (MFUSEPY_PRIVATE_MEMBERS)
         self.operations = ops
         self.raw_fi = True
@@ -300,11 +322,44 @@ class Loop(fuse.FUSE):
                 callback = prototype(self._guarded(name, wrapper, none_is_zero=True))
                 setattr(table, name, callback)
             callbacks.append(callback)
-        err = fuse.fuse_main_real(len(args), argv, ctypes.pointer(table), ctypes.sizeof(table), None)
+        if ended is None:
+            err = fuse.fuse_main_real(len(args), argv, ctypes.pointer(table), ctypes.sizeof(table), None)
+        else:
+            err = self._run_on(mountpoint, options, table, ended)
         if self._critical is not None:
             raise self._critical
         if err:
             raise RuntimeError(err)
+
+    @staticmethod
+    def _run_on(descriptor_path: str, options: dict[str, Any], table: Any, ended: Callable[[], None]) -> int:
+        """fuse_main_real()'s steps without its signal handlers (they would take SIGPIPE and
+        the stop signals from the daemon, and give them back as SIG_DFL at the end), and with
+        `ended` called between the loop's end and fuse_destroy(): libfuse frees its node table
+        there before it calls the operations' destroy, so nothing may look a path up in it
+        from then on (fuse_invalidate_path() would walk freed nodes)."""
+        kept = {k: v for k, v in options.items() if k in ("attr_timeout", "entry_timeout", "negative_timeout")}
+        args = [b"vnvdimm", b"-o", ",".join(Loop._normalize_fuse_options(**kept)).encode()]
+        argv = (ctypes.c_char_p * len(args))(*args)
+        fargs = FuseArgs(len(args), ctypes.cast(argv, ctypes.POINTER(ctypes.c_char_p)), 0)
+        handle = _libfuse.fuse_new_31(ctypes.byref(fargs), ctypes.byref(table), ctypes.sizeof(table), None)
+        if not handle:
+            return -errno.EINVAL
+        try:
+            if _libfuse.fuse_mount(handle, descriptor_path.encode()) != 0:
+                return -errno.EBADF
+            config = _libfuse.fuse_loop_cfg_create()
+            _libfuse.fuse_loop_cfg_set_max_threads(config, options.get("max_threads", MAX_LOOP_THREADS))
+            _libfuse.fuse_loop_cfg_set_idle_threads(config, options.get("max_idle_threads", MAX_LOOP_THREADS))
+            try:
+                err = int(_libfuse.fuse_loop_mt_312(handle, config))
+            finally:
+                _libfuse.fuse_loop_cfg_destroy(config)
+                ended()
+            _libfuse.fuse_unmount(handle)
+            return 0 if err == -errno.ENODEV or err > 0 else err  # (the connection ended: the usual way)
+        finally:
+            _libfuse.fuse_destroy(handle)
 
     def _guarded(self, op: str, body: Callable[..., Any], none_is_zero: bool = False) -> Callable[..., int]:
         """`body` as libfuse may call it: on a pinned thread state, an exception answered
@@ -428,10 +483,6 @@ def serve(ops: DirectOperations, mountpoint: str, *, allow_other: bool = False, 
 def serve_descriptor(ops: DirectOperations, fd: int, request_profile: RequestProfile | None = None) -> None:
     """Run the loop on a connection someone else mounted (its /dev/fuse descriptor, which
     libfuse closes when the loop ends) until the connection ends: its last mount gone (a
-    mount namespace that died), or exit_loop()."""
-    try:
-        Loop(ops, f"/dev/fd/{fd}", request_profile, foreground=True, **MOUNT_OPTIONS)
-    finally:
-        # fuse_main_real() takes SIGPIPE from Python's SIG_IGN to a handler of its own and, on
-        # its way out, to SIG_DFL: a peer that goes away would then kill the daemon.
-        _libc.signal(signal.SIGPIPE, signal.SIG_IGN)
+    mount namespace that died), or exit_loop(). `ops.loop_ended()` is called once the loop
+    is over and before libfuse frees what it kept of the tree."""
+    Loop(ops, f"/dev/fd/{fd}", request_profile, ended=ops.loop_ended, **MOUNT_OPTIONS)  # type: ignore[attr-defined]

@@ -10,7 +10,8 @@ opens (it then opens files with FOPEN_KEEP_CACHE). What that asks of the daemon:
   invalidation is remembered (`_served`); the tree's value feed announces every moment
   values may have changed (a store, a rebuild, a notification, an ioctl other than a query),
   and all of them are invalidated before the store or ioctl is answered. Volatile attributes
-  (progress counters, host files, anything blocking) are invalidated after every read.
+  (progress counters, the BTT's debugfs, a partition's I/O statistics) are also invalidated
+  after every read (a value of theirs read right after a stat() is the one of the stat()).
 * The kernel reads a cached file up to its size (i_size), which it takes from LOOKUP and
   GETATTR, and shrinks after a short READ unless its attributes changed meanwhile (then the
   page is zero-filled up to the old size). So each attribute's size is its value's length,
@@ -91,6 +92,7 @@ class SysfsOperations(VnvdimmOperations):
         # invalidation; of those, the ones whose page a READ filled
         self._served: set[str] = set()
         self._paged: set[str] = set()
+        self._reads: dict[str, int] = {}  # tree path -> READs served (which one a drop follows)
         self._shown: dict[str, bytes] = {}  # tree path -> the value the kernel has the size of
         self._writing: dict[str, int] = {}  # tree path -> WRITEs in flight
         self._served_lock = threading.Lock()
@@ -100,8 +102,11 @@ class SysfsOperations(VnvdimmOperations):
         self._poll_seen: OrderedDict[int, int] = OrderedDict()  # kh -> event count it was told of
         self._poll_lock = threading.Lock()
         self._fuse_users = 0  # calls into libfuse's struct fuse in flight (see _with_fuse)
+        self._ended = False
         self._fuse_users_cond = threading.Condition()
-        self._work: queue.SimpleQueue[tuple[str, int | None, threading.Event | None] | None] = queue.SimpleQueue()
+        # (path, poll handle to wake after, event to set after, the READ count it follows)
+        self._work: queue.SimpleQueue[tuple[str, int | None, threading.Event | None, int | None] | None] = \
+            queue.SimpleQueue()
         self._worker: threading.Thread | None = None
 
     # ------------------------------------------------------------ paths
@@ -135,15 +140,24 @@ class SysfsOperations(VnvdimmOperations):
         self.tree.changes.connect(self._invalidate)
         self.tree.values.connect(self._values_changed)
 
-    def destroy(self, path: str) -> None:
+    def loop_ended(self) -> None:
+        """The loop is over (libfuse.serve_descriptor): from now on nothing calls into
+        libfuse's struct fuse, which frees its node table next. Once."""
+        with self._fuse_lock:
+            if self._ended:
+                return
+            self._ended = True
         self.tree.values.disconnect(self._values_changed)
         self.tree.changes.disconnect(self._invalidate)
-        self._work.put(None)
-        if self._worker is not None:
-            self._worker.join()
         with self._fuse_lock, self._fuse_users_cond:
             self._fuse = None
             self._fuse_users_cond.wait_for(lambda: not self._fuse_users)
+        self._work.put(None)
+        if self._worker is not None:
+            self._worker.join()
+
+    def destroy(self, path: str) -> None:
+        self.loop_ended()
         if self.on_end is not None:
             self.on_end()
 
@@ -161,7 +175,7 @@ class SysfsOperations(VnvdimmOperations):
                 writing = tree_path in self._writing
             if writing:
                 # its WRITE may hold the page (and wait for this very feed): after it, then
-                self._work.put((tree_path, None, None))
+                self._work.put((tree_path, None, None, None))
             elif self._invalidate_conn(conn) == -errno.ENOENT:
                 late.append(tree_path)
         if not late or self.root_path is None:
@@ -217,10 +231,14 @@ class SysfsOperations(VnvdimmOperations):
             item = self._work.get()
             if item is None:
                 return
-            tree_path, poll_handle, done = item
+            tree_path, poll_handle, done, after_read = item
             conn = self._conn_path(tree_path)
             if conn is not None:
                 self._invalidate_conn(conn)
+            if after_read is not None:
+                with self._served_lock:
+                    if self._reads.get(tree_path) == after_read:  # no READ filled it again since
+                        self._paged.discard(tree_path)
             if poll_handle is not None and not self._with_fuse(lambda _, ph=poll_handle: libfuse.notify_poll(ph) or 1):
                 libfuse.destroy_pollhandle(poll_handle)  # the loop is over: nobody to wake
             if done is not None:
@@ -230,12 +248,8 @@ class SysfsOperations(VnvdimmOperations):
 
     def _show(self, tree_path: str, node: KAttr) -> bytes:
         """The value now, remembered as the one the kernel will have the size of."""
-        if node.volatile:
-            # nothing announces its next value: the kernel must ask again at the next open
-            self._work.put((tree_path, None, None))
-        else:
-            with self._served_lock:
-                self._served.add(tree_path)  # before show(): a change from now on invalidates it
+        with self._served_lock:
+            self._served.add(tree_path)  # before show(): a change from now on invalidates it
         data = node.show()
         self._shown[tree_path] = data
         return data
@@ -265,15 +279,15 @@ class SysfsOperations(VnvdimmOperations):
             data = self._shown.get(tree_path) if offset == 0 else None
             if data is None:
                 data = self._show(tree_path, node)
+            with self._served_lock:
+                self._paged.add(tree_path)
+                reads = self._reads[tree_path] = self._reads.get(tree_path, 0) + 1
             if node.volatile:
-                self._work.put((tree_path, None, None))  # after this READ: the next open asks again
-            else:
-                with self._served_lock:
-                    self._paged.add(tree_path)
+                self._work.put((tree_path, None, None, reads))  # after this READ: the next open asks again
             return libfuse.memory_bufvec(data[offset: offset + size])
         if isinstance(node, KBin):
             data = node.read(size, offset)
-            self._work.put((tree_path, None, None))  # bin attributes: read afresh each time
+            self._work.put((tree_path, None, None, None))  # bin attributes: read afresh each time
             return libfuse.memory_bufvec(data)
         if node is None:
             raise fuse.FuseOSError(errno.ENOENT)
@@ -305,7 +319,7 @@ class SysfsOperations(VnvdimmOperations):
                 # The write copied its bytes into the file's cached page (up to date, so not
                 # locked now): drop it before the writer can read it back.
                 done = threading.Event()
-                self._work.put((tree_path, None, done))
+                self._work.put((tree_path, None, done, None))
                 done.wait(WRITE_INVALIDATION_WAIT_S)
             with self._served_lock:
                 left = self._writing[tree_path] - 1
@@ -351,7 +365,7 @@ class SysfsOperations(VnvdimmOperations):
             seen = self._poll_seen.pop(kh, None)
         if seen is None:
             seen = self._oldest_read_event(tree_path)
-        changed = events.wait(tree_path, seen, lambda: self._work.put((tree_path, ph, None)))
+        changed = events.wait(tree_path, seen, lambda: self._work.put((tree_path, ph, None, None)))
         if changed:
             libfuse.destroy_pollhandle(ph)
             seen = events.count(tree_path)  # reported once: the reader reads again (sysfs' protocol)

@@ -58,7 +58,7 @@ class Attr:
     `blocking` attributes may sleep (memmap sync, wait_probe); the sysfs layer calls them
     without holding the model lock. `volatile` ones change value on their own (progress
     counters, clocks), with no store, ioctl or notification to tell: a server caching
-    attribute contents must not keep theirs (blocking ones count as volatile too).
+    attribute contents must not keep theirs.
     """
 
     name: str

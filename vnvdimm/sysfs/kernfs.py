@@ -64,7 +64,7 @@ class KAttr(KNode):
     @property
     def volatile(self) -> bool:
         """Its value may change with nothing to tell a cache (see Attr.volatile)."""
-        return self.attr.volatile or self.attr.blocking
+        return self.attr.volatile
 
     def show(self) -> bytes:
         if self.attr.show is None:

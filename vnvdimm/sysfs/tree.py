@@ -497,7 +497,9 @@ class TreeBuilder:
             major, minor = part.rdev
             for name in PARTITION_ATTRS:
                 show = partial(_read_host, f"{part.host_dir}/{name}")
-                s.add(f"{part_path}/{name}", KAttr(Attr(name, 0o444, show=show, blocking=True), self.lock))
+                # (stat and inflight move with every I/O: volatile)
+                s.add(f"{part_path}/{name}", KAttr(Attr(name, 0o444, show=show, blocking=True,
+                                                        volatile=name in ("stat", "inflight")), self.lock))
             s.add(f"{part_path}/partition", KAttr(Attr("partition", 0o444, show=lambda n=part.number: f"{n}\n"),
                                                   self.lock))
             s.add(f"{part_path}/dev", KAttr(Attr("dev", 0o444, show=lambda d=f"{major}:{minor}\n": d), self.lock))

@@ -18,7 +18,9 @@ sysfs, not ioctls (the kernel refuses the activation DSMs from userspace):
 from __future__ import annotations
 
 import errno
+import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vnvdimm.model.base import Attr, Group, fail, ro, streq_text
@@ -35,8 +37,9 @@ BUSY_SECONDS = 3.0  # after an activation the platform reports busy this long
 class Activation:
     """The platform side (nfit_test's businfo / activate / dimminfo / arm answers)."""
 
-    def __init__(self, firmware: PlatformFirmware) -> None:
+    def __init__(self, firmware: PlatformFirmware, busy_ended: Callable[[], None] | None = None) -> None:
         self.firmware = firmware
+        self.busy_ended = busy_ended  # told when "busy" turns "idle" (nothing else changes then)
         self.last_activate = 0.0  # monotonic time of the last activation, 0 for never
         self.generation = 0  # which activation a DIMM's result refers to
 
@@ -83,6 +86,10 @@ class Activation:
         # (overflow: the platform times out, but activates what it can, as nfit_test does)
         self.last_activate = time.monotonic()
         self.generation += 1
+        if self.busy_ended is not None:
+            timer = threading.Timer(BUSY_SECONDS, self.busy_ended)
+            timer.daemon = True
+            timer.start()
         for fw in self._dimms():
             if not fw.armed:
                 continue
@@ -94,16 +101,14 @@ class Activation:
 
     # ------------------------------------------------------------ sysfs
 
-    # (volatile: "busy" turns "idle" BUSY_SECONDS after an activation, with nothing to tell)
     def bus_group(self) -> Group:
         return Group("firmware", [
             ro("capability", lambda: "quiesce\n"),
-            Attr("activate", 0o644, show=lambda: f"{self.bus_state()}\n", store=self.activate, volatile=True),
+            Attr("activate", 0o644, show=lambda: f"{self.bus_state()}\n", store=self.activate),
         ])
 
     def dimm_group(self, fw: DimmFirmware) -> Group:
         return Group("firmware", [
-            Attr("activate", 0o644, show=lambda: f"{self.dimm_state(fw)}\n", store=lambda buf: self.arm(fw, buf),
-                 volatile=True),
-            ro("result", lambda: f"{self.dimm_result(fw)}\n", volatile=True),
+            Attr("activate", 0o644, show=lambda: f"{self.dimm_state(fw)}\n", store=lambda buf: self.arm(fw, buf)),
+            ro("result", lambda: f"{self.dimm_result(fw)}\n"),
         ])

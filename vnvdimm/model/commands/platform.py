@@ -322,7 +322,7 @@ def attach(bus: NvdimmBus) -> PlatformFirmware:
         region.media.badblocks.on_cleared = lambda offset, length, region=region: bus_fw.media_written(
             region, offset, length)
     if flavor.activation:
-        firmware.activation = Activation(firmware)
+        firmware.activation = Activation(firmware, lambda: bus.system.notify(bus, "activate"))
     bus.commands = tuple(firmware.bus_commands().split())
     bus.firmware = bus.platform = firmware
     return firmware
