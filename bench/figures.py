@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import WITH_VNVDIMM, BenchMount, Figure, median_minmax, percentile, trivial_fs
+from bench.common import REPO, WITH_VNVDIMM, BenchMount, Figure, median_minmax, percentile, trivial_fs
 
 E820_4x64 = """\
 template = "e820"
@@ -138,30 +138,17 @@ def _latency_figures(label: str, ours: list[float], floor: list[float], floor_na
 # connection of its own (the floor, the trivial file system, is mounted before the namespace is
 # made, so it is there too). Prints [ours, floor] samples (us) as JSON.
 _LATENCY_INSIDE = """
-import json, os, sys, time
-def lat(path, n):
-    out = []
-    for _ in range(n):
-        t = time.perf_counter_ns()
-        fd = os.open(path, os.O_RDONLY)
-        os.read(fd, 4096)
-        os.close(fd)
-        out.append((time.perf_counter_ns() - t) / 1e3)
-    return out
-ours_path, floor_path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-lat(ours_path, 50)
-lat(floor_path, 50)
-ours, floor = [], []
-for _ in range(10):
-    ours += lat(ours_path, n // 10)
-    floor += lat(floor_path, n // 10)
-print(json.dumps([ours, floor]))
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[4])
+from bench.figures import _interleaved
+print(json.dumps(_interleaved(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))))
 """
 
 
 def _latency_inside(m: BenchMount, ours: str, floor: Path, n: int) -> tuple[list[float], list[float]]:
     res = subprocess.run([str(WITH_VNVDIMM), str(m.root), "--", sys.executable, "-c", _LATENCY_INSIDE, ours,
-                          str(floor), str(n)], check=True, capture_output=True, text=True)
+                          str(floor), str(n), str(REPO)], check=True, capture_output=True, text=True)
     samples = json.loads(res.stdout)
     return samples[0], samples[1]
 

@@ -79,15 +79,13 @@ class SysfsOperations(VnvdimmOperations):
     reads_by_path = True  # the Loop passes paths to read_path/write_path (there is no fh)
     xattr_names = frozenset()
 
-    def __init__(self, tree: Tree, caller_ids: tuple[int, int] = (0, 0), root_path: str | None = None,
-                 on_end: Callable[[], None] | None = None) -> None:
+    def __init__(self, tree: Tree, caller_ids: tuple[int, int] = (0, 0), root_path: str | None = None) -> None:
         super().__init__(tree)
         # Everything belongs to the connection's root: root, or the user who is root in the
         # user namespace that mounted it (uids are the mounter's namespace's).
         self.uid, self.gid = 0, 0
         self.caller_ids = caller_ids
         self.root_path = root_path
-        self.on_end = on_end
         # tree paths whose value (or its size) the kernel may hold since their last
         # invalidation; of those, the ones whose page a READ filled
         self._served: set[str] = set()
@@ -158,8 +156,6 @@ class SysfsOperations(VnvdimmOperations):
 
     def destroy(self, path: str) -> None:
         self.loop_ended()
-        if self.on_end is not None:
-            self.on_end()
 
     # ------------------------------------------------------------ invalidation
 
