@@ -6,6 +6,9 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -173,3 +176,44 @@ def test_a_sysfs_connection_request_must_carry_dev_fuse(served: tuple[server.Ioc
     finally:
         os.close(fuse_fd)
     assert [(a.target, a.pid, a.uid) for a in attached] == [("/somewhere/sys", os.getpid(), os.getuid())]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_another_user_cannot_have_a_sysfs_connection_served() -> None:
+    """The attacker: uid 65534, with a /dev/fuse descriptor of its own, asks root's daemon to
+    serve it as a /sys connection (it would then be the root of what it mounts: every
+    attribute writable). Refused before a byte is read: nothing is attached, no answer comes."""
+    attached: list[server.SysfsAttach] = []
+
+    def on_attach(request: server.SysfsAttach) -> None:
+        attached.append(request)
+        os.close(request.fd)
+
+    # (the runtime dir is private: here the peer check is all that stands in the way)
+    with tempfile.TemporaryDirectory(prefix="vnvdimm-attach-") as tmp:
+        os.chmod(tmp, 0o755)
+        srv = server.IoctlServer(None, Path(tmp) / "ioctl.sock")  # type: ignore[arg-type]
+        srv.on_attach = on_attach
+        srv.start()
+        try:
+            os.chmod(srv.path, 0o666)
+            attacker = subprocess.run([sys.executable, "-c", """
+import array, os, socket, struct, sys
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+fd = os.open("/dev/fuse", os.O_RDWR)
+target = b"/tmp/attacker/sys"
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(sys.argv[1])
+header = struct.pack("<IIIIQQ", 0x564E5644, 3, 0x564E5301, 0, len(target), len(target))
+try:
+    s.sendmsg([header + target], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())])
+    print("answered" if s.recv(64) else "hung up")
+except (BrokenPipeError, ConnectionResetError):
+    print("hung up")
+""", str(srv.path)], capture_output=True, text=True, timeout=30)
+        finally:
+            srv.close()
+    assert attacker.returncode == 0, attacker.stderr
+    assert attacker.stdout.strip() == "hung up"
+    assert attached == []
