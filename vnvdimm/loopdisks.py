@@ -368,6 +368,17 @@ class LoopDisks:
             if loop.watch is not None:
                 continue
             node = os.fsencode(self.mountpoint / "dev" / name)
+            try:
+                stale = os.stat(node).st_rdev != os.makedev(*loop.rdev)
+            except OSError:
+                continue  # not served yet (or gone): the next look tries again
+            if stale:
+                # The kernel gave the name an inode of its previous device (an opener still
+                # holds it, and a device node's number never changes): a watch would keep that
+                # inode for good. The name is dropped again; the next look watches it.
+                self.tree.changes.publish([f"/dev/{name}"])
+                self.tree.changes.flush()
+                continue
             wd = _libc.inotify_add_watch(self._inotify, node, IN_CLOSE_WRITE)
             if wd < 0:
                 continue  # not served yet (or gone): the next look tries again

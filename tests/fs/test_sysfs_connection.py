@@ -276,3 +276,25 @@ def test_the_daemon_outlives_a_client_that_hangs_up_after_sys_connections_ended(
     time.sleep(0.5)
     assert m.pid is not None and os.path.exists(f"/proc/{m.pid}")
     assert m.read("sys/bus/nd/devices/region0/size").strip().isdigit()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="block devices need root")
+def test_a_write_that_clears_poison_is_seen_in_badblocks_at_once(make_mount: Callable[..., Mount]) -> None:
+    """inject-error.sh's flow: an error injected (an ioctl), its badblocks read (and cached),
+    the sectors written with O_DIRECT through the block device: the next read of badblocks in
+    the same namespace is empty, as pmem_clear_poison() leaves it before the write returns."""
+    m = make_mount(SMALL_NFIT)
+    got = result(inside(m, """
+        import json, subprocess
+        def read(p):
+            with open(p) as f:
+                return f.read()
+        subprocess.run(["ndctl", "inject-error", "-B", "42", "-n", "8", "namespace0.0"], check=True,
+                       capture_output=True)
+        before = read("/sys/block/pmem0/badblocks")
+        subprocess.run(["dd", "if=/dev/zero", "of=/dev/pmem0", "bs=512", "seek=42", "count=8", "oflag=direct"],
+                       check=True, capture_output=True)
+        print(json.dumps({"before": before, "after": read("/sys/block/pmem0/badblocks")}))
+    """))
+    assert isinstance(got, dict)
+    assert got["before"] == "42 8\n" and got["after"] == ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,28 @@ def test_a_partition_deleted_with_blkpg_stays_deleted_while_its_table_still_has_
     """)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["p2"]
+
+
+def test_a_disk_reopened_after_a_read_only_toggle_is_its_new_block_device(nfit_mnt) -> None:  # type: ignore[no-untyped-def]
+    """libndctl's validate_bdev: /dev/pmemN held open while its region turns read-write (the
+    loop device behind it is replaced), then reopened O_DIRECT and read. The name must lead
+    to the new device, not to the released one (size 0: the read returned nothing). The
+    daemon's watch on the node used to keep the old inode, device number and all."""
+    res = nfit_mnt.run(sys.executable, "-c", """
+import fcntl, mmap, os, struct
+ro = "/sys/bus/nd/devices/region0/read_only"
+with open(ro, "w") as f:
+    f.write("1")
+fd = os.open("/dev/pmem0", os.O_RDONLY)
+with open(ro, "w") as f:
+    f.write("0")
+fcntl.ioctl(fd, 0x125d, struct.pack("i", 0))  # BLKROSET 0
+os.close(fd)
+fd = os.open("/dev/pmem0", os.O_RDWR | os.O_DIRECT)
+size = struct.unpack("Q", fcntl.ioctl(fd, 0x80081272, bytes(8)))[0]  # BLKGETSIZE64
+buf = mmap.mmap(-1, 4096)
+print(size, os.readv(fd, [buf]))
+""")
+    assert res.returncode == 0, res.stderr
+    size, got = map(int, res.stdout.split())
+    assert size > 0 and got == 4096

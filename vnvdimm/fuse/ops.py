@@ -502,9 +502,12 @@ class VnvdimmOperations(fuse.Operations):
             extents = data.write_extents(offset, libfuse.request_size(src))
             done = libfuse.copy_to_file(src, data.media.fd, extents)
             data.written(extents, done)
+            self.tree.values.flush()  # (a write that cleared poison changed badblocks: seen at once)
             return done
         if isinstance(obj, OpenDevice):  # a BTT disk: its write path takes the bytes in place
-            return obj.data.write(libfuse.copy_to_memory(src), offset)
+            done = obj.data.write(libfuse.copy_to_memory(src), offset)
+            self.tree.values.flush()
+            return done
         if isinstance(obj, OpenAttr):
             return self._store(obj, bytes(libfuse.copy_to_memory(src)))
         if isinstance(obj, OpenControl):

@@ -44,6 +44,8 @@ class BadBlocks:
         # The platform's side of a clear by write (the CLEAR_ERROR the pmem driver sends):
         # called with the media byte range a write made good again.
         self.on_cleared: Callable[[int, int], None] | None = None
+        # The kernel's side: pmem_clear_poison() ends with a sysfs_notify() of badblocks.
+        self.on_write_cleared: Callable[[], None] | None = None
 
     def __bool__(self) -> bool:
         return bool(self._starts)
@@ -128,13 +130,17 @@ class BadBlocks:
         """pmem_clear_poison(): the whole sectors a successful write covered are good again."""
         if not self:
             return
+        cleared = False
         for moff, n in extents:
             first, count = _sectors(moff, n, whole=True)
             if self.clear(first, count):
+                cleared = True
                 log.info("%s: media errors cleared by a write of sectors [%d, %d)", media_name, first,
                          first + count)
                 if self.on_cleared is not None:
                     self.on_cleared(first * SECTOR, count * SECTOR)
+        if cleared and self.on_write_cleared is not None:
+            self.on_write_cleared()
 
 
 def show(ranges: Iterable[tuple[int, int]]) -> str:

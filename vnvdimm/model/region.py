@@ -73,6 +73,7 @@ class Region(Device):
         self.start = start
         self.size = size
         self.media = media
+        media.badblocks.on_write_cleared = lambda: self.system.notify(self, "badblocks")
         self.numa_node = numa_node
         self.target_node = numa_node if target_node is None else target_node
         self.mappings = list(mappings)
